@@ -1,7 +1,25 @@
-"""dask_sweep: streaming slab sweeps for dask image pipelines on volumes larger than RAM."""
+"""dask_sweep: streaming slab sweeps for dask image pipelines on volumes larger than RAM.
+
+Importing dask_sweep makes ``dask.config.set(optimizations=[dask_sweep.sweep()])``
+effective again (dask stopped reading that key in 2025.4).
+"""
 
 from dask_sweep import config as _config  # noqa: F401  (registers sweep.* defaults)
 from dask_sweep.errors import BudgetError, PlanError, SinkError, SourceError, SweepError
+from dask_sweep.explain import explain
+from dask_sweep.integration.optimize import enable, install_shim, optimize, sweep
 
-__all__ = ["BudgetError", "PlanError", "SinkError", "SourceError", "SweepError"]
+install_shim()
+
+__all__ = [
+    "BudgetError",
+    "PlanError",
+    "SinkError",
+    "SourceError",
+    "SweepError",
+    "enable",
+    "explain",
+    "optimize",
+    "sweep",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""Plan → dask tasks: one task per slab step, chained, plus the output keys.
+
+::
+
+    sweep-plan-T ─┬─► (sweep-step-T, 0) ─► (sweep-step-T, 1) ─► ... ─► (sweep-step-T, S-1)
+                  │        │                     │
+                  │        ▼                     ▼
+                  │   (_trim-…, 0, j, k)    (_trim-…, 1, j, k)        output keys keep
+                  │   (store-map-…, 0, …)                            dask's names
+
+Each step depends on the previous one (the carried ring buffers), so no step
+can start before its predecessor ends and no read can run ahead of the sweep:
+the graph's structure, not the scheduler's heuristics, bounds memory.  The
+output keys keep their names so ``finalize`` and downstream layers are
+untouched; every key whose meaning changed starts with ``sweep-``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from dask._task_spec import DataNode, Task, TaskRef
+from dask.base import tokenize
+from dask.highlevelgraph import MaterializedLayer
+
+from dask_sweep.plan.ir import Plan, Source
+from dask_sweep.runtime.executor import Trace, run_step
+
+
+def _step(plan, prev, t, externals):
+    state = None if prev is None else prev[0]
+    new_state, emitted = run_step(plan, state, t, externals)
+    for k, o in enumerate(plan.outputs):
+        if o.sink is not None and emitted[k][1] is not None:
+            _write(plan, o, *emitted[k])
+    return new_state, emitted
+
+
+def _write(plan: Plan, o, a: int, planes) -> None:
+    axis = plan.axis
+    bnds = [np.cumsum((0, *c)).tolist() for c in o.chunks]
+    r0 = bnds[axis].index(a)
+    r1 = bnds[axis].index(a + planes.shape[axis])
+    ranges = [range(len(c)) for c in o.chunks]
+    ranges[axis] = range(r0, r1)
+    for ix in np.ndindex(*[len(r) for r in ranges]):
+        idx = tuple(ranges[d][i] for d, i in enumerate(ix))
+        sl = tuple(
+            slice(bnds[d][q] - (a if d == axis else 0), bnds[d][q + 1] - (a if d == axis else 0))
+            for d, q in enumerate(idx)
+        )
+        o.sink.write_block(idx, planes[sl])
+
+
+def _done(*_):
+    return None
+
+
+def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict]:
+    """Tasks of the sweep: ``({layer name: MaterializedLayer}, {layer name: deps})``.
+
+    The output layers keep the output names; one extra layer ``sweep-T`` holds
+    the plan and the step chain.
+    """
+    token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
+    axis = plan.axis
+    plan_key = f"sweep-plan-{token}"
+    step_name = f"sweep-step-{token}"
+    tasks: dict = {plan_key: DataNode(plan_key, plan)}
+    ext_layers: set[str] = set()
+    for t in range(len(plan.steps)):
+        externals = {}
+        for j, r in trace.rows_read[t]:
+            st = plan.stages[j]
+            if isinstance(st, Source) and st.external:
+                for key in st.reader.row_keys(r):
+                    externals[key] = TaskRef(key)
+                    ext_layers.add(key[0])
+        prev = TaskRef((step_name, t - 1)) if t else None
+        key = (step_name, t)
+        tasks[key] = Task(key, _step, TaskRef(plan_key), prev, t, externals)
+    out_layers: dict[str, dict] = {}
+    for k, o in enumerate(plan.outputs):
+        bnds = [np.cumsum((0, *c)).tolist() for c in o.chunks]
+        # the step at which each block row along the axis is complete
+        step_of_row = []
+        for q in range(len(o.chunks[axis])):
+            end = bnds[axis][q + 1]
+            step_of_row.append(next(t for t, b in enumerate(plan.steps) if b >= end))
+        layer = {}
+        for idx in np.ndindex(*[len(c) for c in o.chunks]):
+            t = step_of_row[idx[axis]]
+            key = (o.name, *idx)
+            if o.sink is not None:
+                layer[key] = Task(key, _done, TaskRef((step_name, t)))
+            else:
+                # slices relative to the step's emission, in the axis-first convention
+                sl = [slice(bnds[d][q], bnds[d][q + 1]) for d, q in enumerate(idx)]
+                order = [axis] + [d for d in range(len(sl)) if d != axis]
+                sl_axis_first = [sl[d] for d in order]
+                layer[key] = Task(key, _extract_axis, TaskRef((step_name, t)), k, axis,
+                                  tuple(sl_axis_first), tuple(order))
+        out_layers[o.name] = layer
+    layers = {f"sweep-{token}": tasks, **out_layers}
+    deps = {f"sweep-{token}": ext_layers}
+    for name in out_layers:
+        deps[name] = {f"sweep-{token}"}
+    return {n: MaterializedLayer(v) for n, v in layers.items()}, deps
+
+
+def _extract_axis(step_result, k, axis, sl_axis_first, order):
+    a, planes = step_result[1][k]
+    sl = [None] * len(order)
+    for pos, d in enumerate(order):
+        sl[d] = sl_axis_first[pos]
+    s = sl[axis]
+    sl[axis] = slice(s.start - a, s.stop - a)
+    return planes[tuple(sl)]

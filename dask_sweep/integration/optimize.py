@@ -1,0 +1,285 @@
+"""The hooks: dask's ``array_optimize`` slot and the old ``optimizations`` key.
+
+dask 2026.8 calls ``dask.config.get("array_optimize")(dsk, keys)`` once per
+compute / persist / store.  There is one slot, so everything here chains:
+
+* importing dask_sweep installs :func:`array_optimize_shim`, which applies the
+  callables listed under the ``optimizations`` key (removed from dask in 2025.4,
+  still used by our users' code) and then whatever optimiser was installed
+  before (dask's default);
+* :func:`optimize` is a drop-in ``array_optimize``: sweep, then dask's default;
+* :class:`sweep` is a configured pass (settings travel with the object, because
+  under ``distributed`` the optimiser runs on the scheduler);
+* :func:`enable` switches it on for a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from dask.array.optimization import optimize as dask_default_optimize
+from dask.highlevelgraph import HighLevelGraph
+
+from dask_sweep.config import SweepSettings
+from dask_sweep.emit.graph import emit
+from dask_sweep.errors import BudgetError, SweepError
+from dask_sweep.passes.slabs import choose_steps
+from dask_sweep.patterns.recognise import Fallback, find_regions
+from dask_sweep.patterns.to_plan import region_to_plan
+from dask_sweep.plan.ir import Plan
+from dask_sweep.runtime.executor import Trace
+
+
+@dataclass
+class SweepResult:
+    """What one pass decided: the plans it emits and what it left to dask."""
+
+    plans: list[tuple[Plan, Trace]] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    settings: SweepSettings | None = None
+
+
+def _choose_axis(region, settings: SweepSettings) -> tuple[int | None, str]:
+    ndim = len(next(iter(region.stages.values())).meta.shape)
+    periodic = set()
+    for s in region.stages.values():
+        for b in s.boundary:
+            for ax, v in b.items():
+                if isinstance(v, str) and v == "periodic":
+                    periodic.add(ax)
+    if settings.axis is not None:
+        if settings.axis >= ndim:
+            raise dask_sweep_config_error(settings.axis, ndim)
+        if settings.axis in periodic:
+            return None, f"periodic boundary along the configured sweep axis {settings.axis}"
+        return settings.axis, ""
+    for ax in range(ndim):
+        if ax not in periodic:
+            note = "" if ax == 0 else f"swept along axis {ax}: axis 0 has a periodic boundary"
+            return ax, note
+    return None, "periodic boundary on every axis (a sweep would need the far end first)"
+
+
+def dask_sweep_config_error(axis, ndim):
+    from dask_sweep.errors import SweepConfigError
+
+    return SweepConfigError(
+        f"Expected sweep.axis < {ndim} (the arrays have {ndim} dimensions). Got {axis}."
+    )
+
+
+def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
+    """Recognise and plan without emitting (used by the pass and by ``explain``)."""
+    res = SweepResult(settings=settings)
+    if not isinstance(dsk, HighLevelGraph):
+        res.fallbacks.append(Fallback("graph", "not a HighLevelGraph (a plain dict graph)"))
+        return res
+    regions, res.fallbacks = find_regions(dsk, keys)
+    for region in regions:
+        axis, note = _choose_axis(region, settings)
+        where = region.outputs[0] if region.outputs else "region"
+        if axis is None:
+            res.fallbacks.append(Fallback(where, note))
+            continue
+        notes = [note] if note else []
+        try:
+            plan = region_to_plan(dsk, region, axis, settings, notes)
+            plan, trace = choose_steps(plan, settings.target_slab_bytes)
+        except BudgetError as e:
+            if settings.fallback == "raise":
+                raise
+            if settings.fallback == "warn":
+                warnings.warn(f"{e} Falling back to stock dask.", RuntimeWarning, stacklevel=4)
+            res.fallbacks.append(Fallback(where, str(e)))
+            continue
+        plan.info["absorbed"] = set().union(
+            *(s.internal for s in region.stages.values())
+        ) | set(region.stages) | set(region.stores)
+        res.plans.append((plan, trace))
+    return res
+
+
+def rewrite(dsk: HighLevelGraph, result: SweepResult) -> HighLevelGraph:
+    """Replace each planned region by its sweep tasks; leave the rest as dask built it."""
+    if not result.plans:
+        return dsk
+    layers = dict(dsk.layers)
+    deps = {k: set(v) for k, v in dsk.dependencies.items()}
+    for plan, trace in result.plans:
+        new_layers, new_deps = emit(plan, trace)
+        absorbed = plan.info["absorbed"]
+        keep_names = set(new_layers)
+        for name in absorbed:
+            if name not in keep_names:
+                layers.pop(name, None)
+                deps.pop(name, None)
+        layers.update(new_layers)
+        deps.update(new_deps)
+    # drop layers nothing needs any more (e.g. source layers now read inline)
+    needed = set()
+    users: dict[str, set[str]] = {}
+    for n, ds in deps.items():
+        for d in ds:
+            users.setdefault(d, set()).add(n)
+    roots = [n for n in layers if not users.get(n)]
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(deps.get(n, ()))
+    layers = {n: v for n, v in layers.items() if n in needed}
+    deps = {n: {d for d in deps.get(n, set()) if d in needed} for n in layers}
+    return HighLevelGraph(layers, deps)
+
+
+class SweepPass:
+    """A configured sweep pass, usable in ``optimizations=[...]`` or as ``array_optimize``.
+
+    Parameters
+    ----------
+    memory_limit
+        Budget for buffers and slabs in flight, bytes or a string (``"512MiB"``).
+    fallback
+        ``"raise"``, ``"warn"`` or ``"silent"`` when a plan cannot fit the budget.
+    axis
+        Sweep axis (default: 0, or the first axis without a periodic boundary).
+    threads
+        Threads used inside one slab task.
+    target_slab_bytes
+        Input bytes one slab task aims at.
+    reblock
+        Let kernels proven block-invariant choose their own slab boundaries.
+
+    Notes
+    -----
+    Settings not given here are read from ``dask.config`` (``sweep.*``) when the
+    pass runs.  Called as ``f(dsk, keys)`` it returns the rewritten graph only;
+    chain it before dask's own optimiser (the ``optimizations`` shim and
+    :func:`optimize` do).
+    """
+
+    def __init__(self, memory_limit: int | str | None = None, *, fallback: str | None = None,
+                 axis: int | None = None, threads: int | None = None,
+                 target_slab_bytes: int | str | None = None, reblock: bool | None = None) -> None:
+        self.overrides = dict(memory_limit=memory_limit, fallback=fallback, axis=axis,
+                              threads=threads, target_slab_bytes=target_slab_bytes,
+                              reblock=reblock)
+        SweepSettings.resolve(**self.overrides)  # validate now, not at compute time
+
+    def settings(self) -> SweepSettings:
+        return SweepSettings.resolve(**self.overrides)
+
+    def analyse(self, dsk, keys) -> SweepResult:
+        return analyse(dsk, keys, self.settings())
+
+    def __call__(self, dsk, keys, **kwargs):
+        try:
+            result = self.analyse(dsk, keys)
+        except SweepError:
+            raise
+        return rewrite(dsk, result)
+
+    def __repr__(self) -> str:
+        given = {k: v for k, v in self.overrides.items() if v is not None}
+        return f"dask_sweep.sweep({', '.join(f'{k}={v!r}' for k, v in given.items())})"
+
+
+def sweep(dsk: Any = None, keys: Any = None, /, **settings: Any):
+    """The sweep pass: ``sweep(dsk, keys)`` rewrites a graph; ``sweep(**settings)`` configures.
+
+    Both spellings users write work::
+
+        dask.config.set(optimizations=[dask_sweep.sweep])
+        dask.config.set(optimizations=[dask_sweep.sweep(memory_limit="512MiB")])
+
+    Parameters
+    ----------
+    dsk, keys
+        A dask graph and its output keys (when used as an optimisation).
+    **settings
+        ``memory_limit``, ``fallback``, ``axis``, ``threads``, ``target_slab_bytes``,
+        ``reblock`` (see :class:`SweepPass`).
+
+    Returns
+    -------
+    HighLevelGraph or SweepPass
+    """
+    if dsk is None:
+        return SweepPass(**settings)
+    if not hasattr(dsk, "keys") or keys is None:
+        from dask_sweep.errors import SweepConfigError
+
+        raise SweepConfigError(
+            "dask_sweep.sweep takes settings as keywords, e.g. sweep(memory_limit='512MiB'); "
+            f"got a positional {type(dsk).__name__}."
+        )
+    return SweepPass(**settings)(dsk, keys)
+
+
+def optimize(dsk, keys, **kwargs):
+    """Drop-in ``array_optimize``: the sweep pass, then dask's default optimiser.
+
+    Use as ``dask.config.set(array_optimize=dask_sweep.optimize)``.
+    """
+    return dask_default_optimize(SweepPass()(dsk, keys), keys, **kwargs)
+
+
+class _Chained:
+    """``array_optimize`` that runs a pass, then the optimiser installed before it."""
+
+    def __init__(self, first, then) -> None:
+        self.first = first
+        self.then = then
+
+    def __call__(self, dsk, keys, **kwargs):
+        return self.then(self.first(dsk, keys), keys, **kwargs)
+
+
+def array_optimize_shim(dsk, keys, **kwargs):
+    """Apply the ``optimizations`` list (dask < 2025.4 semantics), then dask's default."""
+    for f in dask.config.get("optimizations", None) or ():
+        dsk = f(dsk, keys)
+    return dask_default_optimize(dsk, keys, **kwargs)
+
+
+def install_shim() -> None:
+    """Make ``dask.config.set(optimizations=[...])`` effective again (idempotent)."""
+    current = dask.config.get("array_optimize", None)
+    if current is None or current is dask_default_optimize:
+        dask.config.set(array_optimize=array_optimize_shim)
+
+
+class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
+    """Switch the sweep on for a ``with`` block (or until ``disable()``).
+
+    Parameters are those of :class:`sweep`.  The current ``sweep.*`` config is
+    captured now, so the settings travel to a remote scheduler.
+
+    Examples
+    --------
+    >>> import dask_sweep
+    >>> with dask_sweep.enable(memory_limit="512MiB"):  # doctest: +SKIP
+    ...     y.compute()
+    """
+
+    def __init__(self, memory_limit: int | str | None = None, **kwargs: Any) -> None:
+        s = SweepSettings.resolve(memory_limit=memory_limit, **kwargs)
+        self.pass_ = SweepPass(memory_limit=s.memory_limit, fallback=s.fallback, axis=s.axis,
+                           threads=s.threads, target_slab_bytes=s.target_slab_bytes,
+                           reblock=s.reblock)
+        prev = dask.config.get("array_optimize", None) or dask_default_optimize
+        self._cfg = dask.config.set(array_optimize=_Chained(self.pass_, prev))
+
+    def __enter__(self) -> SweepPass:
+        return self.pass_
+
+    def __exit__(self, *exc) -> None:
+        self._cfg.__exit__(*exc)
+
+    def disable(self) -> None:
+        self._cfg.__exit__(None, None, None)

@@ -1,0 +1,174 @@
+"""Kernels known to be block-invariant, so the sweep may choose its own slabs.
+
+A ``map_overlap`` of an opaque function is evaluated on dask's own blocks (the
+function might look beyond its declared depth, or accumulate floating-point
+sums that depend on where a line starts).  For the scipy.ndimage functions
+listed here, computing on *any* slab padded by the halo gives the same bits as
+one call on the whole (boundary-padded) volume, provided the footprint's radius
+fits in the depth dask was given.  Then dask's own result equals that global
+result too, and the sweep can pick slab thickness from the memory budget and
+skip recomputing halos.
+
+Invariance is a property of (function, dtype): order statistics (min, max,
+median, rank, morphology) select values and are exact for every dtype;
+correlations (gaussian, correlate) sum a fixed set of taps in a fixed order per
+output voxel; ``uniform_filter`` keeps a *running* sum along each line, which is
+exact only for integer and boolean inputs.  ``tests/test_kernels.py`` checks each
+entry against scipy on blocks cut at random places.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from dask_sweep.plan.ir import Kernel
+
+ALL = frozenset("biuf")
+EXACT_SUM = frozenset("biu")
+
+
+def _per_axis(v, ndim):
+    if np.ndim(v) == 0:
+        return [v] * ndim
+    v = list(v)
+    if len(v) != ndim:
+        raise ValueError
+    return v
+
+
+def _axes(kw, ndim):
+    axes = kw.get("axes")
+    if axes is None:
+        return list(range(ndim))
+    return [a % ndim for a in (axes if np.ndim(axes) else [axes])]
+
+
+def _gauss_radius(kw, ndim):
+    axes = _axes(kw, ndim)
+    sig = _per_axis(kw.get("sigma"), len(axes))
+    trunc = float(kw.get("truncate", 4.0))
+    rad = kw.get("radius")
+    rads = _per_axis(rad, len(axes)) if rad is not None else [None] * len(axes)
+    out = [0] * ndim
+    for a, s, r in zip(axes, sig, rads):
+        out[a] = int(r) if r is not None else int(trunc * float(s) + 0.5)
+    return out
+
+
+def _size_radius(kw, ndim, key="size"):
+    if kw.get("origin", 0) not in (0, None) and np.any(np.asarray(kw.get("origin")) != 0):
+        return None
+    fp = kw.get("footprint")
+    st = kw.get("structure")
+    shp = None
+    if fp is not None:
+        shp = np.shape(fp)
+    elif st is not None:
+        shp = np.shape(st)
+    if shp is not None:
+        if len(shp) != ndim:
+            return None
+        return [s // 2 if s % 2 else s // 2 for s in shp]
+    size = kw.get(key)
+    if size is None:
+        return None
+    axes = _axes(kw, ndim)
+    sizes = _per_axis(size, len(axes))
+    out = [0] * ndim
+    for a, s in zip(axes, sizes):
+        out[a] = int(s) // 2
+    return out
+
+
+def _weights_radius(kw, ndim):
+    w = kw.get("weights")
+    if w is None or np.ndim(w) != ndim or np.any(np.asarray(kw.get("origin", 0)) != 0):
+        return None
+    return [s // 2 for s in np.shape(w)]
+
+
+def _binary_radius(kw, ndim, factor=1):
+    it = kw.get("iterations", 1)
+    if not isinstance(it, (int, np.integer)) or it < 1 or kw.get("mask") is not None:
+        return None
+    if np.any(np.asarray(kw.get("origin", 0)) != 0):
+        return None
+    st = kw.get("structure")
+    r = [1] * ndim if st is None else ([s // 2 for s in np.shape(st)] if np.ndim(st) == ndim else None)
+    if r is None:
+        return None
+    return [x * it * factor for x in r]
+
+
+# name -> (radius(kwargs, ndim) -> per-axis radius | None, dtype kinds, allowed kwargs)
+_COMMON = {"mode", "cval", "origin", "axes"}
+REGISTRY: dict[Callable, tuple] = {
+    ndi.gaussian_filter: (_gauss_radius, ALL, {"sigma", "order", "truncate", "radius"} | _COMMON),
+    ndi.uniform_filter: (_size_radius, EXACT_SUM, {"size"} | _COMMON),
+    ndi.median_filter: (_size_radius, ALL, {"size", "footprint"} | _COMMON),
+    ndi.minimum_filter: (_size_radius, ALL, {"size", "footprint"} | _COMMON),
+    ndi.maximum_filter: (_size_radius, ALL, {"size", "footprint"} | _COMMON),
+    ndi.grey_erosion: (_size_radius, ALL, {"size", "footprint", "structure"} | _COMMON),
+    ndi.grey_dilation: (_size_radius, ALL, {"size", "footprint", "structure"} | _COMMON),
+    ndi.correlate: (_weights_radius, ALL, {"weights"} | _COMMON),
+    ndi.convolve: (_weights_radius, ALL, {"weights"} | _COMMON),
+    ndi.binary_erosion: (_binary_radius, ALL, {"structure", "iterations", "border_value",
+                                               "origin", "brute_force"}),
+    ndi.binary_dilation: (_binary_radius, ALL, {"structure", "iterations", "border_value",
+                                                "origin", "brute_force"}),
+    ndi.binary_opening: (functools.partial(_binary_radius, factor=2), ALL,
+                         {"structure", "iterations", "origin", "brute_force", "border_value"}),
+    ndi.binary_closing: (functools.partial(_binary_radius, factor=2), ALL,
+                         {"structure", "iterations", "origin", "brute_force", "border_value"}),
+}
+
+
+def kernel_radius(func, kwargs: dict, ndim: int) -> list[int] | None:
+    """Footprint radius per axis of a known kernel call, or ``None`` if unknown."""
+    entry = REGISTRY.get(func)
+    if entry is None:
+        return None
+    radius_fn, _, allowed = entry
+    if set(kwargs) - allowed:
+        return None
+    try:
+        return radius_fn(kwargs, ndim)
+    except (ValueError, TypeError):
+        return None
+
+
+def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kernel | None, str]:
+    """A re-blockable :class:`Kernel` for a map_overlap spec, or why not."""
+    func, kwargs = spec.kernel
+    entry = REGISTRY.get(func)
+    name = getattr(func, "__name__", repr(func))
+    if entry is None:
+        return None, f"{name} is not a kernel known to be block-invariant"
+    if np.dtype(in_dtype).kind not in entry[1]:
+        return None, f"{name} on {np.dtype(in_dtype)} is not block-invariant"
+    ndim = len(spec.meta.shape)
+    rad = kernel_radius(func, kwargs, ndim)
+    if rad is None:
+        return None, f"{name} called with options whose footprint is not known"
+    depth = []
+    for ax in range(ndim):
+        lo, hi = spec.depth[0][ax]
+        if lo != hi:
+            return None, "asymmetric depth"
+        if rad[ax] > lo:
+            return None, (f"footprint radius {rad[ax]} > depth {lo} on axis {ax}: dask's blocks "
+                          "differ from one global filter, so they are kept")
+        depth.append(lo)
+    bnd = tuple(spec.boundary[0][ax] for ax in range(ndim))
+    if any(b != "none" and depth[ax] * 2 > spec.meta.shape[ax] for ax, b in enumerate(bnd)):
+        return None, "boundary padding deeper than the array"
+    st = Kernel(
+        label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
+        fn=functools.partial(func, **kwargs), depth=tuple(depth), boundary=bnd,
+        temps=3.0 if func in (ndi.median_filter,) else 2.0, sweep_axis=axis,
+    )
+    return st, ""

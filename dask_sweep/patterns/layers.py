@@ -1,0 +1,172 @@
+"""Reading dask's layers: the one place that knows their internals.
+
+Everything dask-version-specific about ``Blockwise``, ``ArrayOverlapLayer``,
+``MaterializedLayer`` and ``_task_spec`` lives here, so a dask upgrade touches
+this module (and :mod:`dask_sweep.patterns.recognise`) only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from dask._task_spec import GraphNode, convert_legacy_task
+from dask.blockwise import Blockwise
+from dask.highlevelgraph import HighLevelGraph
+
+try:  # the only private import of an overlap helper; checked by tests
+    from dask.array.overlap import _trim as _dask_trim
+except ImportError:  # pragma: no cover
+    _dask_trim = None
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """Shape, chunks and dtype dask recorded for a layer's array."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numblocks(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.chunks)
+
+
+def array_meta(layer) -> ArrayMeta | None:
+    ann = getattr(layer, "collection_annotations", None) or {}
+    if "chunks" not in ann or "dtype" not in ann:
+        return None
+    chunks = tuple(tuple(int(c) for c in cc) for cc in ann["chunks"])
+    if any(any(np.isnan(c) for c in cc) for cc in chunks):
+        return None
+    shape = tuple(sum(c) for c in chunks)
+    return ArrayMeta(shape, chunks, np.dtype(ann["dtype"]))
+
+
+def task_of(value: Any, key) -> GraphNode:
+    """A graph value as a ``GraphNode`` (legacy tuples are converted)."""
+    if isinstance(value, GraphNode):
+        return value
+    return convert_legacy_task(key, value, ())
+
+
+class BlockwiseEval:
+    """Evaluate one block of a ``Blockwise`` layer from its task template.
+
+    Picklable (the template, indices and ``io_deps`` are dask's own objects) so
+    that a slab task on a worker evaluates blocks exactly as dask would.
+    """
+
+    def __init__(self, layer: Blockwise) -> None:
+        self.task = layer.task
+        self.indices = tuple(layer.indices)
+        self.io_deps = dict(layer.io_deps)
+        self.out_ind = tuple(layer.output_indices)
+        self.numblocks = dict(layer.numblocks)
+
+    def array_args(self) -> list[tuple[int, str]]:
+        """Positions and names of the array (non-literal, non-io) arguments."""
+        return [
+            (k, name)
+            for k, (name, ind) in enumerate(self.indices)
+            if ind is not None and name not in self.io_deps
+        ]
+
+    def _block_of(self, name: str, ind, idx: tuple[int, ...]) -> tuple[int, ...]:
+        nb = self.numblocks.get(name)
+        out = []
+        for n, c in enumerate(ind):
+            q = idx[self.out_ind.index(c)]
+            if nb is not None and nb[n] == 1:
+                q = 0
+            out.append(q)
+        return tuple(out)
+
+    def __call__(self, idx: tuple[int, ...], arrays: dict[int, Any]) -> Any:
+        values = {}
+        for k, (arg, ind) in enumerate(self.indices):
+            tok = f"__dask_blockwise__{k}"
+            if ind is None:
+                values[tok] = arg
+            elif arg in self.io_deps:
+                values[tok] = self.io_deps[arg][self._block_of(arg, ind, idx)]
+            else:
+                values[tok] = arrays[k]
+        return self.task(values)
+
+
+def is_simple_blockwise(layer) -> bool:
+    """A Blockwise whose array inputs are indexed exactly like its output."""
+    if not isinstance(layer, Blockwise) or layer.concatenate or layer.new_axes:
+        return False
+    out = tuple(layer.output_indices)
+    if len(set(out)) != len(out):
+        return False
+    for name, ind in layer.indices:
+        if ind is None:
+            continue
+        if tuple(ind) != out:
+            return False
+    return True
+
+
+def trim_params(layer) -> tuple[dict, dict] | None:
+    """``(depth, boundary)`` if ``layer`` is map_overlap's ``_trim`` Blockwise."""
+    if not isinstance(layer, Blockwise):
+        return None
+    for arg, ind in layer.indices:
+        if ind is None and isinstance(arg, functools.partial) and arg.func is _dask_trim:
+            return dict(arg.keywords["axes"]), dict(arg.keywords["boundary"])
+    return None
+
+
+def layer_root_closure(hlg: HighLevelGraph, name: str, max_keys: int = 8) -> set[str] | None:
+    """Layers a source layer needs, if they are all small roots (e.g. the zarr array).
+
+    ``None`` when the source depends on real computation.
+    """
+    out = set()
+    for dep in hlg.dependencies.get(name, ()):
+        if hlg.dependencies.get(dep):
+            return None
+        layer = hlg.layers[dep]
+        try:
+            if len(layer) > max_keys:
+                return None
+        except TypeError:  # pragma: no cover
+            return None
+        out.add(dep)
+    return out
+
+
+def kernel_call(layer) -> tuple[Any, dict] | None:
+    """``(function, kwargs)`` of a single-input Blockwise ``f(block, **kwargs)``."""
+    if not isinstance(layer, Blockwise):
+        return None
+    task = layer.task
+    func = getattr(task, "func", None)
+    if func is None:
+        return None
+    args = getattr(task, "args", ())
+    kwargs = getattr(task, "kwargs", {}) or {}
+    if len(args) != 1:
+        return None
+    if isinstance(func, functools.partial):
+        kwargs = {**func.keywords, **kwargs}
+        if func.args:
+            return None
+        func = func.func
+    try:
+        kw = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(kwargs).items()}
+    except Exception:  # pragma: no cover - exotic kwargs containers
+        return None
+    if any(isinstance(v, GraphNode) for v in kw.values()):
+        return None
+    return func, kw

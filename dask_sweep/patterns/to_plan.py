@@ -1,0 +1,131 @@
+"""Recognised region → sweep plan (stages in topological order, outputs, sinks)."""
+
+from __future__ import annotations
+
+from dask.highlevelgraph import HighLevelGraph
+
+from dask_sweep.patterns.kernels import kernel_stage
+from dask_sweep.patterns.layers import BlockwiseEval, array_meta
+from dask_sweep.patterns.readers import make_reader
+from dask_sweep.patterns.recognise import Region
+from dask_sweep.plan.ir import Blocked, Identity, Output, Plan, Source, Stage
+
+
+class OverlapBlockFn:
+    """One block of ``map_overlap``: dask's function, then dask's trim."""
+
+    def __init__(self, func_eval: BlockwiseEval, trim_eval: BlockwiseEval, positions) -> None:
+        self.func_eval = func_eval
+        self.trim_eval = trim_eval
+        self.positions = list(positions)
+        self.trim_pos = trim_eval.array_args()[0][0]
+
+    def __call__(self, idx, *regions):
+        out = self.func_eval(idx, dict(zip(self.positions, regions)))
+        return self.trim_eval(idx, {self.trim_pos: out})
+
+
+class ElementwiseBlockFn:
+    """One block of an elementwise / map_blocks layer, from dask's template."""
+
+    def __init__(self, ev: BlockwiseEval, positions) -> None:
+        self.ev = ev
+        self.positions = list(positions)
+
+    def __call__(self, idx, *blocks):
+        return self.ev(idx, dict(zip(self.positions, blocks)))
+
+
+class StoreWriter:
+    """Run dask's own ``store-map`` task for each block, inside the slab task."""
+
+    def __init__(self, ev: BlockwiseEval) -> None:
+        self.ev = ev
+        self.pos = ev.array_args()[0][0]
+
+    def write_block(self, idx, block) -> None:
+        self.ev(idx, {self.pos: block})
+
+
+def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
+                   notes: list[str]) -> Plan:
+    metas = {n: array_meta(hlg.layers[n]) for n in region.sources}
+    index: dict[str, int] = {}
+    stages: list[Stage] = []
+    for src in region.sources:
+        m = metas[src]
+        reader = make_reader(hlg, src, m.numblocks, axis)
+        plane = m.dtype.itemsize
+        for ax, s in enumerate(m.shape):
+            if ax != axis:
+                plane *= s
+        index[src] = len(stages)
+        stages.append(Source(
+            label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if not hasattr(reader, "tasks") else ""),
+            shape=m.shape, dtype=m.dtype, row_bounds=_bounds(m.chunks[axis]), reader=reader,
+            external=not hasattr(reader, "tasks"),
+            bytes_per_row=tuple(c * plane for c in m.chunks[axis]),
+        ))
+    # topological order of region stages
+    order, seen = [], set()
+
+    def visit(n):
+        if n in seen or n not in region.stages:
+            return
+        seen.add(n)
+        for i in region.stages[n].inputs:
+            visit(i)
+        order.append(n)
+
+    for n in region.stages:
+        visit(n)
+    for n in order:
+        spec = region.stages[n]
+        ins = tuple(index[i] for i in spec.inputs)
+        if spec.kind == "rechunk":
+            st = Identity(label="rechunk", shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins)
+        elif spec.kind == "elementwise":
+            st = Blocked(
+                label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
+                chunks=spec.meta.chunks,
+                depth=tuple(tuple((0, 0) for _ in spec.meta.shape) for _ in ins),
+                boundary=tuple(tuple("none" for _ in spec.meta.shape) for _ in ins),
+                block_fn=ElementwiseBlockFn(spec.func_eval, spec.func_positions),
+                kind="elementwise", sweep_axis=axis,
+            )
+        else:
+            st = None
+            if settings.reblock and spec.kernel is not None:
+                st, why = kernel_stage(spec, ins, axis, stages[ins[0]].dtype)
+                if st is None:
+                    notes.append(f"{spec.label}: kept dask's blocks ({why})")
+            if st is None:
+                st = Blocked(
+                    label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
+                    chunks=spec.meta.chunks,
+                    depth=tuple(tuple(d[ax] for ax in range(len(spec.meta.shape))) for d in spec.depth),
+                    boundary=tuple(tuple(b[ax] for ax in range(len(spec.meta.shape))) for b in spec.boundary),
+                    block_fn=OverlapBlockFn(spec.func_eval, spec.trim_eval, spec.func_positions),
+                    kind="map_overlap", sweep_axis=axis,
+                )
+        index[n] = len(stages)
+        stages.append(st)
+    outputs = []
+    for m in region.outputs:
+        spec = region.stages[m]
+        only_stored = m in region.stores.values() and not region.extra_users.get(m, True)
+        if not only_stored:
+            outputs.append(Output(stage=index[m], name=m, chunks=spec.meta.chunks))
+    for store, m in region.stores.items():
+        spec = region.stages[m]
+        outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
+                              sink=StoreWriter(BlockwiseEval(hlg.layers[store]))))
+    return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
+                budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes))
+
+
+def _bounds(chunks) -> tuple[int, ...]:
+    out = [0]
+    for c in chunks:
+        out.append(out[-1] + c)
+    return tuple(out)

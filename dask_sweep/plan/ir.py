@@ -1,0 +1,211 @@
+"""The sweep plan: one intermediate representation for both front ends.
+
+A plan is a small DAG of *stages*.  Every stage produces an array of the same
+extent along the sweep axis, plane by plane, in increasing order::
+
+    source ──► stage ──► stage ──► output
+                 │                   ▲
+                 └──────► stage ─────┘        (tee and zip are just fan-out / fan-in)
+
+A stage declares, per input, the *window* it needs along the sweep axis
+(``lo`` planes before and ``hi`` planes after the planes it produces) and a
+*grid*: the plane indices at which its computation must start and stop
+(``None`` means any boundary will do; a block-exact stage that must reproduce
+dask's own block decomposition uses dask's chunk boundaries).  The runtime keeps
+for every stage a ring buffer of exactly the planes that its consumers' windows
+still need.
+
+The dataclasses here are frozen descriptions; what a stage *does* lives in
+:mod:`dask_sweep.runtime`.  Front ends (the dask graph patterns, the DSL) build
+these objects; passes and the runtime never know which front end made them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BoundaryT = Any  # "none" | "reflect" | "periodic" | "nearest" | a constant value
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """Base of every stage.
+
+    Parameters
+    ----------
+    label
+        Human-readable name shown by ``explain``.
+    shape, dtype
+        Shape and dtype of the array the stage produces.
+    inputs
+        Indices of the stages it reads, in the plan's ``stages`` tuple.
+    """
+
+    label: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    inputs: tuple[int, ...] = ()
+
+    def window(self, i: int) -> tuple[int, int]:
+        """Planes of input ``i`` needed before and after the produced range."""
+        return (0, 0)
+
+    def grid(self, axis: int) -> tuple[int, ...] | None:
+        """Plane boundaries the stage must compute between (``None``: free)."""
+        return None
+
+    def temp_factor(self) -> float:
+        """Kernel temporaries, as a multiple of the bytes of one computed slab."""
+        return 1.0
+
+    def plane_bytes(self, axis: int) -> int:
+        n = int(np.prod([s for i, s in enumerate(self.shape) if i != axis], dtype=np.int64))
+        return n * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, eq=False)
+class Source(Stage):
+    """Planes read from storage (or from upstream dask blocks) one chunk row at a time.
+
+    ``read_row(r)`` returns the planes of chunk row ``r`` (along the sweep axis);
+    ``row_bounds`` are the chunk boundaries along the sweep axis.  ``external``
+    rows are not read by the stage but handed to the slab task by the scheduler
+    (their keys are ``row_keys[r]``).
+    """
+
+    row_bounds: tuple[int, ...] = ()
+    reader: Any = None  # object with .read_row(r, externals) -> ndarray
+    external: bool = False
+    bytes_per_row: tuple[int, ...] = ()
+
+    def grid(self, axis: int) -> tuple[int, ...] | None:
+        return self.row_bounds
+
+
+@dataclass(frozen=True, eq=False)
+class Blocked(Stage):
+    """A stage evaluated block by block, exactly as dask would evaluate it.
+
+    Used for opaque functions (``map_overlap`` / ``map_blocks`` / elementwise
+    Blockwise layers): the function sees the very same block, with the very
+    same halo and boundary padding, as under stock dask, so results are
+    bit-identical whatever the function does.
+
+    Parameters
+    ----------
+    chunks
+        dask's chunks of the stage's *output* (= of each input; block grid).
+    depth
+        Per input, per axis ``(lo, hi)`` halo depth.
+    boundary
+        Per input, per axis boundary kind as dask spells it.
+    block_fn
+        ``block_fn(index, *regions) -> ndarray``: evaluate one block.
+    """
+
+    chunks: tuple[tuple[int, ...], ...] = ()
+    depth: tuple[tuple[tuple[int, int], ...], ...] = ()
+    boundary: tuple[tuple[BoundaryT, ...], ...] = ()
+    block_fn: Callable[..., np.ndarray] | None = None
+    kind: str = "blockwise"
+
+    def window(self, i: int) -> tuple[int, int]:
+        return self._axis_depth[i]
+
+    @property
+    def _axis_depth(self) -> tuple[tuple[int, int], ...]:
+        return tuple(d[self.sweep_axis] for d in self.depth)
+
+    sweep_axis: int = 0
+
+    def grid(self, axis: int) -> tuple[int, ...] | None:
+        return tuple(np.cumsum((0,) + tuple(self.chunks[axis])).tolist())
+
+    def temp_factor(self) -> float:
+        # padded input copy + per-block region copies + output blocks + assembly
+        return 3.0
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel(Stage):
+    """A windowed kernel known to equal one global operation on the whole volume.
+
+    The kernel (e.g. a scipy.ndimage filter whose footprint fits in the halo)
+    gives the same bits whatever the slab boundaries, so the sweep chooses them
+    from the memory budget.  ``fn(padded_slab) -> slab`` runs on a slab padded
+    by ``depth`` on every side (boundary padding at the volume's faces, real
+    neighbours elsewhere) and the result is cropped by ``depth``.
+    """
+
+    fn: Callable[[np.ndarray], np.ndarray] | None = None
+    depth: tuple[int, ...] = ()  # symmetric halo per axis
+    boundary: tuple[BoundaryT, ...] = ()  # per axis: 'none' lets the kernel's own mode act
+    temps: float = 2.0
+    kind: str = "kernel"
+
+    def window(self, i: int) -> tuple[int, int]:
+        d = self.depth[self.sweep_axis]
+        return (d, d)
+
+    sweep_axis: int = 0
+
+    def temp_factor(self) -> float:
+        return self.temps
+
+
+@dataclass(frozen=True, eq=False)
+class Identity(Stage):
+    """Same values, other chunks (a rechunk): a sweep sees planes, not chunks."""
+
+    kind: str = "rechunk"
+
+
+@dataclass(frozen=True, eq=False)
+class Output:
+    """Where a stage's planes go: dask blocks for output keys, or a store."""
+
+    stage: int
+    name: str  # dask key name of the output blocks
+    chunks: tuple[tuple[int, ...], ...]
+    sink: Any = None  # object with .write(region_slices, data) when writing in-task
+    keys_needed: frozenset = frozenset()
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A sweep: stages in topological order, outputs, sweep axis and step bounds."""
+
+    stages: tuple[Stage, ...]
+    outputs: tuple[Output, ...]
+    axis: int
+    steps: tuple[int, ...] = ()  # plane boundaries of the slab steps (0 < b1 < ... = N)
+    notes: tuple[str, ...] = ()
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    budget: int = 0
+    threads: int = 1
+    info: dict = field(default_factory=dict)
+
+    @property
+    def extent(self) -> int:
+        return self.stages[0].shape[self.axis]
+
+    def consumers(self) -> list[list[tuple[int, int]]]:
+        """For each stage, the ``(consumer, input position)`` pairs that read it."""
+        out: list[list[tuple[int, int]]] = [[] for _ in self.stages]
+        for j, st in enumerate(self.stages):
+            for pos, i in enumerate(st.inputs):
+                out[i].append((j, pos))
+        return out
+
+
+def bounds(chunks: Sequence[int]) -> tuple[int, ...]:
+    """Cumulative boundaries of a chunk tuple.
+
+    >>> bounds((2, 3, 1))
+    (0, 2, 5, 6)
+    """
+    return tuple(np.cumsum((0, *chunks)).tolist())

@@ -1,0 +1,201 @@
+"""How each kind of stage turns the planes of its inputs into its own planes.
+
+Every function here takes the planes its stage asked for (``[a - lo, b + hi)``
+clipped to the volume) and returns the planes ``[a, b)`` of its output.  In a
+dry run the inputs are :class:`~dask_sweep.runtime.ring.Shape` placeholders and
+only the output's shape is computed.
+
+Boundary padding reproduces dask's ``overlap.boundaries`` exactly:
+
+============  ==================  =====================================
+dask          numpy ``np.pad``    picture (depth 2, values ``a b c``)
+============  ==================  =====================================
+reflect       symmetric           ``b a | a b c | c b``
+nearest       edge                ``a a | a b c | c c``
+periodic      wrap                ``b c | a b c | a b``
+constant v    constant (cast)     ``v v | a b c | v v``
+none          no padding          the function's own edge handling
+============  ==================  =====================================
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+from dask.array.core import concatenate3
+
+from dask_sweep.plan.ir import Blocked, Kernel, Source
+from dask_sweep.runtime.ring import Shape
+
+_NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
+
+
+@lru_cache(maxsize=8)
+def pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool for in-plane work inside one slab task."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sweep")
+
+
+def pmap(fn, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1 or os.environ.get("DASK_SWEEP_NO_THREADS"):
+        return [fn(x) for x in items]
+    return list(pool(threads).map(fn, items))
+
+
+def pad_axis(x: np.ndarray, axis: int, lo: int, hi: int, boundary) -> np.ndarray:
+    """Pad ``x`` along ``axis`` as dask's ``overlap.boundaries`` would."""
+    if lo == 0 and hi == 0:
+        return x
+    if isinstance(x, Shape):
+        s = list(x.shape)
+        s[axis] += lo + hi
+        return Shape(tuple(s), x.dtype)
+    if boundary in _NP_MODE:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (lo, hi)
+        return np.pad(x, widths, mode=_NP_MODE[boundary])
+    # constant: dask uses full_like(x, value, dtype=x.dtype)
+    parts = []
+    if lo:
+        s = list(x.shape)
+        s[axis] = lo
+        parts.append(np.full(s, boundary, dtype=x.dtype))
+    parts.append(x)
+    if hi:
+        s = list(x.shape)
+        s[axis] = hi
+        parts.append(np.full(s, boundary, dtype=x.dtype))
+    return np.concatenate(parts, axis=axis)
+
+
+def _bounds(chunks) -> list[int]:
+    return np.cumsum((0, *chunks)).tolist()
+
+
+def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: bool):
+    rb = st.row_bounds
+    r0 = rb.index(a)
+    r1 = rb.index(b)
+    if dry:
+        s = list(st.shape)
+        s[axis] = b - a
+        return Shape(tuple(s), st.dtype)
+    rows = [st.reader.read_row(r, externals) for r in range(r0, r1)]
+    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=axis)
+
+
+def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool):
+    """Evaluate every dask block of rows ``[a, b)`` with its own halo and padding."""
+    n = st.shape[axis]
+    if dry:
+        s = list(st.shape)
+        s[axis] = b - a
+        return Shape(tuple(s), st.dtype)
+    ndim = len(st.shape)
+    # Pad each input once (sweep axis at the volume's faces only, in-plane fully),
+    # and remember where real coordinate 0 sits in the padded slab.
+    padded, offsets = [], []
+    for i, x in enumerate(inputs):
+        off = [0] * ndim
+        for ax in range(ndim):
+            lo, hi = st.depth[i][ax]
+            bnd = st.boundary[i][ax]
+            if ax == axis:
+                pa = max(0, a - lo)
+                if bnd != "none":
+                    plo = lo - (a - pa)
+                    phi = max(0, b + hi - n)
+                    x = pad_axis(x, ax, plo, phi, bnd)
+                    off[ax] = -(a - lo)
+                else:
+                    off[ax] = -pa
+            elif bnd != "none" and (lo or hi):
+                x = pad_axis(x, ax, lo, hi, bnd)
+                off[ax] = lo
+        padded.append(x)
+        offsets.append(off)
+
+    bnds = [_bounds(c) for c in st.chunks]
+    nblocks = [len(c) for c in st.chunks]
+    r0 = bnds[axis].index(a)
+    r1 = bnds[axis].index(b)
+    grid = [range(nb) for nb in nblocks]
+    grid[axis] = range(r0, r1)
+    indices = list(np.ndindex(*[len(g) for g in grid]))
+    indices = [tuple(grid[ax][q] for ax, q in enumerate(idx)) for idx in indices]
+
+    def region(i: int, idx: tuple[int, ...]) -> np.ndarray:
+        sl = []
+        for ax in range(ndim):
+            q = idx[ax]
+            s, e = bnds[ax][q], bnds[ax][q + 1]
+            lo, hi = st.depth[i][ax]
+            if st.boundary[i][ax] != "none":
+                s, e = s - lo, e + hi
+            else:
+                if q > 0:
+                    s -= lo
+                if q < nblocks[ax] - 1:
+                    e += hi
+            sl.append(slice(s + offsets[i][ax], e + offsets[i][ax]))
+        return np.ascontiguousarray(padded[i][tuple(sl)])
+
+    def one(idx):
+        return st.block_fn(idx, *[region(i, idx) for i in range(len(padded))])
+
+    results = pmap(one, indices, threads)
+    shape = [len(g) for g in grid]
+    nested = np.empty(shape, dtype=object)
+    for pos, res in zip(np.ndindex(*shape), results):
+        nested[pos] = res
+    return concatenate3(nested.tolist())
+
+
+def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool):
+    """Run a block-invariant kernel on a slab padded by its halo, then crop."""
+    (x,) = inputs
+    n = st.shape[axis]
+    d = st.depth[axis]
+    pa, pb = max(0, a - d), min(n, b + d)
+    ndim = len(st.shape)
+    if dry:
+        s = list(st.shape)
+        s[axis] = b - a
+        return Shape(tuple(s), st.dtype)
+    crop = [slice(None)] * ndim
+    bnd = st.boundary[axis]
+    if bnd != "none":
+        x = pad_axis(x, axis, d - (a - pa), d - (pb - b), bnd)
+        crop[axis] = slice(d, d + (b - a))
+    else:
+        crop[axis] = slice(a - pa, a - pa + (b - a))
+    for ax in range(ndim):
+        if ax != axis and st.boundary[ax] != "none" and st.depth[ax]:
+            x = pad_axis(x, ax, st.depth[ax], st.depth[ax], st.boundary[ax])
+            crop[ax] = slice(st.depth[ax], st.depth[ax] + st.shape[ax])
+    # Only the planes [a, b) are wanted, but the kernel needs the whole padded
+    # slab; split it in-plane into strips (each with its halo) for the threads.
+    tile_ax = next((ax for ax in range(ndim) if ax != axis and x.shape[ax] > 1), None)
+    if threads > 1 and tile_ax is not None and x.shape[tile_ax] >= 4 * threads * (st.depth[tile_ax] + 1):
+        m = x.shape[tile_ax]
+        h = st.depth[tile_ax]
+        cuts = np.linspace(0, m, threads + 1).astype(int).tolist()
+
+        def strip(k):
+            s, e = cuts[k], cuts[k + 1]
+            hs, he = max(0, s - h), min(m, e + h)
+            idx = [slice(None)] * ndim
+            idx[tile_ax] = slice(hs, he)
+            y = st.fn(np.ascontiguousarray(x[tuple(idx)]))
+            idx2 = [slice(None)] * ndim
+            idx2[tile_ax] = slice(s - hs, s - hs + (e - s))
+            return y[tuple(idx2)]
+
+        parts = pmap(strip, list(range(threads)), threads)
+        y = np.concatenate(parts, axis=tile_ax)
+    else:
+        y = st.fn(x)
+    return np.ascontiguousarray(y[tuple(crop)])

@@ -1,0 +1,179 @@
+"""The slab executor: one step of a sweep, pulled from the outputs.
+
+At step ``t`` every output asks its stage for the planes up to the step's upper
+bound.  A stage that does not hold them yet computes the missing planes
+(rounded up to its grid), asking its inputs for the planes its window needs,
+recursively down to the sources, which read whole chunk rows::
+
+    step t:   output ◄── stage 2 ◄── stage 1 ◄── source ◄── storage
+                       [a2,b2)    [a2-d2,b2+d2)  ...         chunk rows
+
+After the step, every ring drops the planes that no consumer's next window
+reaches.  The same code runs *dry* (placeholders instead of arrays) at planning
+time, which is how the plan knows, before any I/O, the bytes held at each
+moment, the bytes read and the rows each step reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Source
+from dask_sweep.runtime import compute as C
+from dask_sweep.runtime.ring import Ring
+
+
+@dataclass
+class State:
+    """What one slab task hands to the next: the rings and the progress of outputs."""
+
+    rings: list[Ring]
+    done: list[int]  # per output: planes emitted so far
+
+    def copy(self) -> State:
+        return State([r.copy() for r in self.rings], list(self.done))
+
+
+@dataclass
+class Trace:
+    """Book-keeping of a (dry or real) run: bytes read, rows read per step, peaks."""
+
+    bytes_read: int = 0
+    rows_read: list = field(default_factory=list)  # per step: [(stage, row)]
+    peak: int = 0
+    peak_step: int = 0
+    peak_stage: str = ""
+    held_after: list = field(default_factory=list)  # per step: bytes held between steps
+    computes: int = 0
+    ring_peak: dict = field(default_factory=dict)  # stage index -> max bytes held
+
+
+def initial_state(plan: Plan) -> State:
+    return State([Ring(plan.axis) for _ in plan.stages], [0] * len(plan.outputs))
+
+
+def _round_up(grid, b: int) -> int:
+    if grid is None:
+        return b
+    for g in grid:
+        if g >= b:
+            return g
+    return grid[-1]
+
+
+class _Step:
+    def __init__(self, plan: Plan, state: State, externals: dict, dry: bool, trace: Trace | None):
+        self.plan = plan
+        self.state = state
+        self.externals = externals
+        self.dry = dry
+        self.trace = trace
+        self.n = plan.extent
+        self.grids = [st.grid(plan.axis) for st in plan.stages]
+
+    def held(self) -> int:
+        return sum(r.nbytes for r in self.state.rings)
+
+    def pull(self, j: int, a: int, b: int):
+        ring = self.state.rings[j]
+        if b > ring.stop:
+            self._compute(j, ring.stop, _round_up(self.grids[j], b))
+        return ring.get(a, b)
+
+    def _compute(self, j: int, a: int, b: int) -> None:
+        plan, axis = self.plan, self.plan.axis
+        st = plan.stages[j]
+        if isinstance(st, Source):
+            out = C.compute_source(st, a, b, axis, self.externals, self.dry)
+            if self.trace is not None:
+                r0, r1 = st.row_bounds.index(a), st.row_bounds.index(b)
+                for r in range(r0, r1):
+                    self.trace.rows_read[-1].append((j, r))
+                    self.trace.bytes_read += st.bytes_per_row[r] if st.bytes_per_row else 0
+            transient = 0
+        else:
+            ins = []
+            for pos, i in enumerate(st.inputs):
+                lo, hi = st.window(pos)
+                ins.append(self.pull(i, max(0, a - lo), min(self.n, b + hi)))
+            transient = sum(int(x.nbytes) for x in ins)
+            if isinstance(st, Blocked):
+                out = C.compute_blocked(st, a, b, axis, ins, plan.threads, self.dry)
+            elif isinstance(st, Identity):
+                out = ins[0]
+            elif isinstance(st, Kernel):
+                out = C.compute_kernel(st, a, b, axis, ins, plan.threads, self.dry)
+            else:  # pragma: no cover - a new stage kind must be added here
+                raise TypeError(f"unknown stage kind {type(st).__name__}")
+        if self.trace is not None:
+            self.trace.computes += 1
+            peak = self.held() + int(out.nbytes) * (1 + st.temp_factor()) + transient
+            if peak > self.trace.peak:
+                self.trace.peak = int(peak)
+                self.trace.peak_stage = st.label
+                self.trace.peak_step = len(self.trace.rows_read) - 1
+        self.state.rings[j].append(a, out)
+        if self.trace is not None:
+            nb = self.state.rings[j].nbytes
+            if nb > self.trace.ring_peak.get(j, 0):
+                self.trace.ring_peak[j] = nb
+
+    def release(self) -> None:
+        """Drop planes no consumer will ask for again."""
+        plan = self.plan
+        keep = [self.n] * len(plan.stages)
+        for j, st in enumerate(plan.stages):
+            for pos, i in enumerate(st.inputs):
+                lo, _ = st.window(pos)
+                keep[i] = min(keep[i], max(0, self.state.rings[j].stop - lo))
+        for k, o in enumerate(plan.outputs):
+            keep[o.stage] = min(keep[o.stage], self.state.done[k])
+        for j, ring in enumerate(self.state.rings):
+            ring.drop_below(keep[j])
+
+
+def output_upper(plan: Plan, k: int, step: int) -> int:
+    """Planes of output ``k`` complete after step ``step`` (on the output's chunk grid)."""
+    b = plan.steps[step]
+    if b >= plan.extent:
+        return plan.extent
+    o = plan.outputs[k]
+    grid = C._bounds(o.chunks[plan.axis])
+    return max(g for g in grid if g <= b)
+
+
+def run_step(
+    plan: Plan, state: State | None, step: int, externals: dict | None = None,
+    *, dry: bool = False, trace: Trace | None = None,
+) -> tuple[State, list]:
+    """Advance the sweep by one step.
+
+    Returns the new state and, per output, ``(start, planes)`` newly complete.
+    The input state is not modified.
+    """
+    state = initial_state(plan) if state is None else state.copy()
+    if trace is not None:
+        trace.rows_read.append([])
+    ex = _Step(plan, state, externals or {}, dry, trace)
+    emitted = []
+    for k, o in enumerate(plan.outputs):
+        a = state.done[k]
+        b = output_upper(plan, k, step)
+        if b > a:
+            emitted.append((a, ex.pull(o.stage, a, b)))
+            state.done[k] = b
+        else:
+            emitted.append((a, None))
+    ex.release()
+    if trace is not None:
+        trace.held_after.append(ex.held())
+    return state, emitted
+
+
+def dry_run(plan: Plan) -> Trace:
+    """Replay the whole sweep on placeholders: reads, peaks, rows per step."""
+    trace = Trace()
+    state = None
+    for t in range(len(plan.steps)):
+        state, _ = run_step(plan, state, t, dry=True, trace=trace)
+    return trace

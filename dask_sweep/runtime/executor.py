@@ -103,6 +103,8 @@ class _Step:
                 out = ins[0]
             elif isinstance(st, Kernel):
                 out = C.compute_kernel(st, a, b, axis, ins, plan.threads, self.dry)
+            elif hasattr(st, "compute_planes"):  # stage kinds defined by a front end
+                out = st.compute_planes(a, b, axis, ins, plan.threads, self.dry)
             else:  # pragma: no cover - a new stage kind must be added here
                 raise TypeError(f"unknown stage kind {type(st).__name__}")
         if self.trace is not None:

@@ -1,0 +1,705 @@
+"""Contracts of slab sources and sinks, and the machinery they share.
+
+A **source** is a small picklable description of an array on disk (paths and
+metadata, never an open handle).  ``read(region)`` reopens the file through a
+per-process handle cache; ``to_dask()`` builds a graph whose only layer is a
+*root* layer (no task has a dependency), one task per block, blocks aligned to
+the disk layout, so the sweep engine can inline the reads into its slab tasks::
+
+    disk chunks   |c0|c1|c2|c3|c4|c5|    (zarr chunks/shards, TIFF pages, HDF5 chunks)
+    dask blocks   |  b0 |  b1 |  b2 |    (whole multiples: no task splits a chunk)
+
+A **sink** writes slabs along axis 0, in sweep order, into a temporary output
+``<path>.partial`` and records each finished slab in ``<path>.progress/``
+(one small JSON marker per slab, written after the slab's bytes are synced).
+``finalize()`` renames the temporary output to ``<path>`` and removes the
+record, so a crash leaves either the previous output or a visibly incomplete
+one, and ``resume=True`` continues from the markers::
+
+    rows   0        4        8        12  ...
+           [ slab 0 ][ slab 1 ][ slab 2 ]     written in order, each a whole
+           done      done      crashed        number of output chunks/shards
+                               ^ resume=True restarts here
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dask_sweep.errors import SinkError, SourceError
+from dask_sweep.io.accounting import REGISTRY
+
+__all__ = [
+    "Sink",
+    "Source",
+    "clear_handles",
+    "natural_key",
+]
+
+Region = tuple[slice, ...]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers by value.
+
+    >>> sorted(["img_10.tif", "img_2.tif"], key=natural_key)
+    ['img_2.tif', 'img_10.tif']
+    """
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def _fspath(path: Any) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+class _HandleCache:
+    """Open file handles, one per (process, key), least recently used dropped.
+
+    Keys carry the pid so that a forked worker never reuses its parent's handle
+    (h5py and tifffile handles are not fork-safe).  Evicted handles are *not*
+    closed here: another thread may still be reading through one; dropping the
+    reference lets it close when the last reader is done.
+    """
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, opener: Callable[[], Any]) -> Any:
+        key = (os.getpid(), key)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        # Open outside the lock: opening can be slow (network file systems).
+        value = opener()
+        with self._lock:
+            if key in self._items:  # another thread won the race; use its handle
+                return self._items[key]
+            self._items[key] = value
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        for h in items:
+            close = getattr(h, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+
+
+HANDLES = _HandleCache()
+
+
+def clear_handles() -> None:
+    """Close every file handle cached by this process (e.g. before deleting files)."""
+    HANDLES.clear()
+
+
+def _normalize_region(region: Any, shape: tuple[int, ...]) -> Region:
+    """A full tuple of in-bounds unit-step slices, or an error saying why not."""
+    if not isinstance(region, tuple):
+        region = (region,)
+    if len(region) > len(shape):
+        raise IndexError(
+            f"Expected at most {len(shape)} slices for shape {shape}. Got {region!r}."
+        )
+    out = []
+    for s, n in zip(region + (slice(None),) * (len(shape) - len(region)), shape):
+        if not isinstance(s, slice):
+            raise TypeError(f"Expected a tuple of slices. Got {region!r}.")
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"Expected unit-step slices. Got {s!r}.")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def _aligned_axis(block: int, n: int, requested: Sequence[int] | None, align: bool) -> tuple:
+    """Block sizes along one axis: ``requested`` rounded up to whole disk blocks."""
+    if requested is None:
+        requested = (block,) * (n // block) + ((n % block,) if n % block else ())
+    if not align or n == 0:
+        return tuple(requested)
+    bounds = [0]
+    for size in requested:
+        end = bounds[-1] + size
+        end = min(n, math.ceil(end / block) * block)  # round each boundary up
+        if end > bounds[-1]:
+            bounds.append(end)
+    if bounds[-1] != n:
+        bounds.append(n)
+    return tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source(ABC):
+    """A lazily opened array on disk.
+
+    Subclasses set ``path``, ``shape``, ``dtype`` and ``chunks`` in ``__init__``
+    (cheap metadata only) and implement :meth:`_read`.
+
+    Attributes
+    ----------
+    path : str
+        Id of the source (absolute path, folder or glob); accounting key.
+    shape : tuple of int
+    dtype : numpy.dtype
+    chunks : tuple of int
+        Shape of one disk block, the smallest piece a task should read whole
+        (a zarr shard or chunk, an HDF5 chunk, one TIFF page or file).
+    default_chunks : tuple of int
+        Block shape :meth:`to_dask` uses when not told otherwise (a whole
+        multiple of ``chunks``).
+    """
+
+    kind: ClassVar[str] = "source"
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def default_chunks(self) -> tuple[int, ...]:
+        return self.chunks
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def _token_parts(self) -> tuple:
+        """What identifies the data: path, modification time, options."""
+        return (self.kind, self.path, _mtime(self.path), self.shape, str(self.dtype))
+
+    @property
+    def token(self) -> str:
+        """Deterministic name of this source's contents (changes when the file does)."""
+        from dask.base import tokenize
+
+        return tokenize(*self._token_parts())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    # ---- reading
+
+    @abstractmethod
+    def _read(self, region: Region) -> np.ndarray:
+        """Read a normalised, in-bounds region (subclasses)."""
+
+    def _chunk_ids(self, region: Region) -> Iterator[tuple[int, ...]]:
+        """Indices of the disk blocks a region touches (for the accounting)."""
+        ranges = [
+            range(s.start // c, -(-s.stop // c)) if s.stop > s.start else range(0)
+            for s, c in zip(region, self.chunks)
+        ]
+        return _product(ranges)
+
+    def read(self, region: tuple[slice, ...] = ()) -> np.ndarray:
+        """Read ``region`` (a tuple of unit-step slices) into a new numpy array.
+
+        Parameters
+        ----------
+        region
+            One slice per axis (missing trailing axes mean the whole axis).
+
+        Returns
+        -------
+        numpy.ndarray
+            The data, of shape given by the region and dtype ``self.dtype``.
+
+        Raises
+        ------
+        SourceError
+            When the file is missing, truncated, corrupt or inconsistent.
+        """
+        region = _normalize_region(region, self.shape)
+        out = self._read(region)
+        expected = tuple(s.stop - s.start for s in region)
+        if out.shape != expected or out.dtype != self.dtype:
+            raise SourceError(
+                f"Expected a block of shape {expected} and dtype {self.dtype} from {self.path} "
+                f"at {_fmt_region(region)}. Got shape {out.shape}, dtype {out.dtype}: the file "
+                "changed or is inconsistent with its metadata."
+            )
+        if REGISTRY.tracking:
+            REGISTRY.read(self.path, out.nbytes, self._chunk_ids(region))
+        else:
+            REGISTRY.read(self.path, out.nbytes, _count(self._chunk_ids(region)))
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        # Lets numpy-style code (and dask.array.from_array) use a source directly.
+        return self.read(key)
+
+    def _block_reader(self, region: Region) -> tuple[Source, Region]:
+        """The (small) object a block task carries and the region it reads.
+
+        Overridden by sources whose metadata grows with the data (a TIFF stack's
+        file list), so that each task pickles only what it needs.
+        """
+        return self, region
+
+    def block_chunks(
+        self, chunks: Any = None, *, align: bool = True
+    ) -> tuple[tuple[int, ...], ...]:
+        """Dask chunks for :meth:`to_dask`: ``chunks`` rounded up to whole disk blocks.
+
+        Parameters
+        ----------
+        chunks
+            Anything :func:`dask.array.core.normalize_chunks` accepts, or ``None``
+            for :attr:`default_chunks`.
+        align
+            Round block boundaries up to disk block boundaries (default), so no
+            task reads part of a chunk or shard that another task reads too.
+        """
+        from dask.array.core import normalize_chunks
+
+        if chunks is None:
+            requested = [
+                _aligned_axis(b, n, None, False) for b, n in zip(self.default_chunks, self.shape)
+            ]
+        else:
+            requested = list(
+                normalize_chunks(chunks, self.shape, dtype=self.dtype, previous_chunks=self.chunks)
+            )
+        return tuple(
+            _aligned_axis(b, n, r, align) for b, n, r in zip(self.chunks, self.shape, requested)
+        )
+
+    def to_dask(self, chunks: Any = None, *, align: bool = True, name: str | None = None):
+        """This source as a lazy dask array whose only layer is a root layer.
+
+        Parameters
+        ----------
+        chunks
+            Block shape (see :meth:`block_chunks`); default follows the disk layout.
+        align
+            Round blocks up to whole disk blocks.
+        name
+            Layer name; default ``"imread-" + token`` (deterministic).
+
+        Returns
+        -------
+        dask.array.Array
+            One task per block; each task reads its region and has no dependency.
+        """
+        import dask.array as da
+        from dask._task_spec import Task
+        from dask.base import tokenize
+        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+        bchunks = self.block_chunks(chunks, align=align)
+        name = name or f"imread-{tokenize(self.token, bchunks)}"
+        starts = [np.cumsum((0,) + c) for c in bchunks]
+        dsk = {}
+        for idx in np.ndindex(*[len(c) for c in bchunks]):
+            region = tuple(slice(int(st[i]), int(st[i + 1])) for st, i in zip(starts, idx))
+            reader, local = self._block_reader(region)
+            key = (name, *idx)
+            dsk[key] = Task(key, _read_block, reader, local)
+        graph = HighLevelGraph.from_collections(name, MaterializedLayer(dsk), dependencies=())
+        meta = np.empty((0,) * self.ndim, dtype=self.dtype)
+        return da.Array(graph, name, bchunks, meta=meta)
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
+
+
+def _read_block(source: Source, region: Region) -> np.ndarray:
+    return source.read(region)
+
+
+def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
+    import itertools
+
+    return itertools.product(*ranges)
+
+
+def _count(it: Iterator) -> int:
+    return sum(1 for _ in it)
+
+
+def _fmt_region(region: Region) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+_PROGRESS_VERSION = 1
+
+
+class Sink(ABC):
+    """An output written slab by slab along axis 0, resumable, published atomically.
+
+    Creating a sink checks the target (raising :class:`SinkError` *before*
+    anything is written) and creates the temporary output ``<path>.partial``
+    and the progress record ``<path>.progress/``.  A sink pickles (paths and
+    metadata only), so slab tasks on any worker can call :meth:`write_slab`.
+
+    Parameters
+    ----------
+    path
+        Final output path.
+    shape, dtype
+        Of the whole output.
+    overwrite
+        Replace an existing complete output (it stays in place until
+        :meth:`finalize` publishes the new one).
+    resume
+        Continue an interrupted write of the same shape/dtype/layout; the
+        slabs recorded as done are not written again.
+    slab_rows
+        Rows per slab in :meth:`slabs` (rounded up to whole chunks/shards
+        along axis 0; default from ``sweep.target-slab-bytes``).
+    fsync
+        Flush each slab to stable storage before recording it as done.
+    """
+
+    kind: ClassVar[str] = "sink"
+    #: dtypes the format can hold (``None``: anything numpy can store).
+    supported_kinds: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        path: Any,
+        shape: Sequence[int],
+        dtype: Any,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        slab_rows: int | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.path = _fspath(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.fsync = fsync
+        if len(self.shape) < 1:
+            raise SinkError(
+                f"Expected an array with at least one axis for {self.path}. Got a scalar."
+            )
+        self._check_dtype()
+        self._setup()  # subclass: layout (chunks, shards...) from options
+        self.slab_rows = self._slab_rows(slab_rows)
+        self._open(overwrite=overwrite, resume=resume)
+
+    # ---- layout
+
+    @property
+    def partial_path(self) -> str:
+        return self.path + ".partial"
+
+    @property
+    def progress_path(self) -> str:
+        return self.path + ".progress"
+
+    @property
+    def row_step(self) -> int:
+        """Rows of one output chunk (or shard) along axis 0: slab boundaries fall on these."""
+        return 1
+
+    @abstractmethod
+    def _setup(self) -> None:
+        """Derive the output layout (chunks, file names...) from the options."""
+
+    def _check_dtype(self) -> None:
+        if self.dtype.kind in "OVUSMm" or (
+            self.supported_kinds is not None and self.dtype.kind not in self.supported_kinds
+        ):
+            raise SinkError(
+                f"Cannot write dtype {self.dtype} to {self.path}: {type(self).__name__} "
+                f"supports {self._supported_text()}. Convert the array first "
+                "(e.g. x.astype('float32'))."
+            )
+
+    def _supported_text(self) -> str:
+        names = {"b": "bool", "u": "unsigned int", "i": "int", "f": "float", "c": "complex"}
+        kinds = self.supported_kinds or "buifc"
+        return ", ".join(names[k] for k in kinds if k in names) + " dtypes"
+
+    def _slab_rows(self, slab_rows: int | None) -> int:
+        step = self.row_step
+        if slab_rows is None:
+            import dask
+
+            from dask_sweep.config import parse_bytes
+
+            target = parse_bytes(dask.config.get("sweep.target-slab-bytes", "64MiB"))
+            row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+            slab_rows = max(1, target // row_bytes)
+        slab_rows = max(step, math.ceil(int(slab_rows) / step) * step)
+        return min(slab_rows, max(step, self.shape[0]))
+
+    def slabs(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` row ranges of the slabs, in sweep order."""
+        n, k = self.shape[0], self.slab_rows
+        return [(a, min(a + k, n)) for a in range(0, n, k)] if n else [(0, 0)]
+
+    def manifest(self) -> dict:
+        """What must match for a resumed write to continue this one."""
+        return {
+            "version": _PROGRESS_VERSION,
+            "format": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype.str,
+            "layout": self._layout(),
+        }
+
+    def _layout(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    # ---- the lifecycle
+
+    def _open(self, *, overwrite: bool, resume: bool) -> None:
+        interrupted = os.path.lexists(self.partial_path) or os.path.lexists(self.progress_path)
+        if interrupted:
+            if resume and self._resumable():
+                return
+            if not (resume or overwrite):
+                raise SinkError(
+                    f"Found an incomplete output of an interrupted write at {self.partial_path}. "
+                    "Pass resume=True to continue it or overwrite=True to start over."
+                )
+            _remove(self.partial_path)
+            _remove(self.progress_path)
+        if os.path.lexists(self.path) and not overwrite:
+            raise SinkError(
+                f"Output {self.path} already exists. Pass overwrite=True to replace it."
+            )
+        os.makedirs(self.progress_path)
+        _write_json(os.path.join(self.progress_path, "manifest.json"), self.manifest(), True)
+        self._create()
+
+    def _resumable(self) -> bool:
+        """Whether the record left by an interrupted run can be continued."""
+        try:
+            with open(os.path.join(self.progress_path, "manifest.json")) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            return False  # crashed while starting: nothing worth keeping
+        if not os.path.lexists(self.partial_path):
+            return False
+        if old != self.manifest():
+            raise SinkError(
+                f"Cannot resume the write to {self.path}: it was started with "
+                f"{_describe(old)}, this write has {_describe(self.manifest())}. "
+                "Pass overwrite=True to start over."
+            )
+        return True
+
+    @abstractmethod
+    def _create(self) -> None:
+        """Create the empty temporary output at ``partial_path``."""
+
+    @abstractmethod
+    def _write(self, start: int, data: np.ndarray) -> int:
+        """Write rows ``start:start+len(data)`` durably; return chunks written."""
+
+    def _publish(self) -> None:
+        """Move ``partial_path`` to ``path`` (replacing an older output)."""
+        old = None
+        if os.path.lexists(self.path):
+            # Keep the previous output until the new one is in place.
+            old = f"{self.path}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+        os.rename(self.partial_path, self.path)
+        if old is not None:
+            _remove(old)
+
+    def write_slab(self, start: int, data: np.ndarray) -> dict:
+        """Write rows ``start : start + len(data)`` (all of axes 1...) and record them.
+
+        Parameters
+        ----------
+        start
+            First row; a multiple of :attr:`row_step`.
+        data
+            The slab, shape ``(rows, *shape[1:])``; ``start + rows`` is a multiple
+            of :attr:`row_step` or the end of the output.
+
+        Returns
+        -------
+        dict
+            A small completion marker ``{"start", "stop", "nbytes"}`` for chaining.
+
+        Raises
+        ------
+        SinkError
+            On a misaligned or misshapen slab, or a failed write.
+        """
+        data = np.asarray(data)
+        stop = start + data.shape[0] if data.ndim else start
+        if data.shape[1:] != self.shape[1:] or data.ndim != len(self.shape):
+            raise SinkError(
+                f"Expected a slab of shape (rows, {', '.join(map(str, self.shape[1:]))}) for "
+                f"{self.path}. Got shape {data.shape}."
+            )
+        step = self.row_step
+        if (
+            start < 0
+            or stop > self.shape[0]
+            or start % step
+            or (stop % step and stop != self.shape[0])
+        ):
+            raise SinkError(
+                f"Expected slab rows on multiples of {step} (the chunk size of {self.path} "
+                f"along axis 0) within 0:{self.shape[0]}. Got rows {start}:{stop}."
+            )
+        if data.dtype != self.dtype:
+            data = data.astype(self.dtype)
+        try:
+            nchunks = self._write(start, data)
+        except SinkError:
+            raise
+        except Exception as e:
+            raise SinkError(f"Failed to write rows {start}:{stop} of {self.path}: {e}") from e
+        REGISTRY.write(self.path, data.nbytes, nchunks)
+        marker = {"start": int(start), "stop": int(stop), "nbytes": int(data.nbytes)}
+        # The marker is written only after the slab's bytes are synced: a crash
+        # in between redoes the slab, never skips it.
+        _write_json(
+            os.path.join(self.progress_path, f"slab-{start:012d}-{stop:012d}.json"),
+            marker,
+            self.fsync,
+        )
+        return marker
+
+    def done_slabs(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the slabs recorded as written, sorted."""
+        try:
+            names = os.listdir(self.progress_path)
+        except FileNotFoundError:
+            return [(0, self.shape[0])] if os.path.lexists(self.path) else []
+        out = []
+        for n in names:
+            m = re.fullmatch(r"slab-(\d+)-(\d+)\.json", n)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2))))
+        return sorted(out)
+
+    def todo_slabs(self) -> list[tuple[int, int]]:
+        """The slabs of :meth:`slabs` whose rows are not all recorded as done."""
+        done = _covered(self.done_slabs())
+        return [(a, b) for a, b in self.slabs() if not _within(done, a, b)]
+
+    def finalize(self) -> str:
+        """Publish the output once every row is written; return its path.
+
+        Raises
+        ------
+        SinkError
+            If some rows were never written (naming them).
+        """
+        if not os.path.lexists(self.partial_path) and os.path.lexists(self.path):
+            _remove(self.progress_path)  # published already (crash before cleanup)
+            return self.path
+        done = _covered(self.done_slabs())
+        missing = _gaps(done, self.shape[0])
+        if missing:
+            text = ", ".join(f"{a}:{b}" for a, b in missing[:5])
+            raise SinkError(
+                f"Cannot finalize {self.path}: rows {text} were never written. "
+                "Write them (or rerun with resume=True) before finalizing."
+            )
+        self._publish()
+        _remove(self.progress_path)
+        return self.path
+
+
+def _describe(manifest: dict) -> str:
+    return (
+        f"format {manifest.get('format')}, shape {tuple(manifest.get('shape', ()))}, "
+        f"dtype {manifest.get('dtype')}, layout {manifest.get('layout')}"
+    )
+
+
+def _covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge row ranges into disjoint sorted intervals."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _within(intervals: list[tuple[int, int]], a: int, b: int) -> bool:
+    return a == b or any(x <= a and b <= y for x, y in intervals)
+
+
+def _gaps(intervals: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    gaps, pos = [], 0
+    for a, b in intervals:
+        if a > pos:
+            gaps.append((pos, a))
+        pos = max(pos, b)
+    if pos < n:
+        gaps.append((pos, n))
+    return gaps
+
+
+def _write_json(path: str, obj: dict, fsync: bool) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)

@@ -18,7 +18,7 @@ untouched; every key whose meaning changed starts with ``sweep-``.
 from __future__ import annotations
 
 import numpy as np
-from dask._task_spec import DataNode, Task, TaskRef
+from dask._task_spec import DataNode, List, Task, TaskRef
 from dask.base import tokenize
 from dask.highlevelgraph import MaterializedLayer
 
@@ -26,7 +26,8 @@ from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
 
 
-def _step(plan, prev, t, externals):
+def _step(plan, prev, t, ext_keys, ext_values):
+    externals = dict(zip(ext_keys, ext_values))
     state = None if prev is None else prev[0]
     new_state, emitted = run_step(plan, state, t, externals)
     for k, o in enumerate(plan.outputs):
@@ -77,7 +78,9 @@ def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict
                     ext_layers.add(key[0])
         prev = TaskRef((step_name, t - 1)) if t else None
         key = (step_name, t)
-        tasks[key] = Task(key, _step, TaskRef(plan_key), prev, t, externals)
+        # keys and values apart: dask resolves references inside lists, not dict values
+        tasks[key] = Task(key, _step, TaskRef(plan_key), prev, t, tuple(externals),
+                          List(*externals.values()))
     out_layers: dict[str, dict] = {}
     for k, o in enumerate(plan.outputs):
         bnds = [np.cumsum((0, *c)).tolist() for c in o.chunks]

@@ -98,16 +98,20 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         plan.info["absorbed"] = set().union(
             *(s.internal for s in region.stages.values())
         ) | set(region.stages) | set(region.stores)
+        plan.info["sources"] = set(region.sources)
         res.plans.append((plan, trace))
     return res
 
 
-def rewrite(dsk: HighLevelGraph, result: SweepResult) -> HighLevelGraph:
+def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGraph:
     """Replace each planned region by its sweep tasks; leave the rest as dask built it."""
     if not result.plans:
         return dsk
     layers = dict(dsk.layers)
     deps = {k: set(v) for k, v in dsk.dependencies.items()}
+    sources = set()
+    for plan, _ in result.plans:
+        sources |= plan.info.get("sources", set())
     for plan, trace in result.plans:
         new_layers, new_deps = emit(plan, trace)
         absorbed = plan.info["absorbed"]
@@ -124,7 +128,10 @@ def rewrite(dsk: HighLevelGraph, result: SweepResult) -> HighLevelGraph:
     for n, ds in deps.items():
         for d in ds:
             users.setdefault(d, set()).add(n)
-    roots = [n for n in layers if not users.get(n)]
+    from dask_sweep.patterns.recognise import _flatten
+
+    wanted = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
+    roots = [n for n in layers if n in wanted or (not users.get(n) and n not in sources)]
     stack = list(roots)
     while stack:
         n = stack.pop()
@@ -163,12 +170,8 @@ class SweepPass:
     :func:`optimize` do).
     """
 
-    def __init__(self, memory_limit: int | str | None = None, *, fallback: str | None = None,
-                 axis: int | None = None, threads: int | None = None,
-                 target_slab_bytes: int | str | None = None, reblock: bool | None = None) -> None:
-        self.overrides = dict(memory_limit=memory_limit, fallback=fallback, axis=axis,
-                              threads=threads, target_slab_bytes=target_slab_bytes,
-                              reblock=reblock)
+    def __init__(self, memory_limit: int | str | None = None, **settings: Any) -> None:
+        self.overrides = dict(memory_limit=memory_limit, **settings)
         SweepSettings.resolve(**self.overrides)  # validate now, not at compute time
 
     def settings(self) -> SweepSettings:
@@ -182,7 +185,7 @@ class SweepPass:
             result = self.analyse(dsk, keys)
         except SweepError:
             raise
-        return rewrite(dsk, result)
+        return rewrite(dsk, result, keys)
 
     def __repr__(self) -> str:
         given = {k: v for k, v in self.overrides.items() if v is not None}

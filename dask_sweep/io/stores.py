@@ -31,7 +31,7 @@ def is_metadata_key(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _METADATA_NAMES
 
 
-class MissingChunkError(KeyError):
+class MissingChunkError(FileNotFoundError):
     """A chunk key zarr asked for does not exist in the store."""
 
 

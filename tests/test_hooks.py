@@ -1,0 +1,128 @@
+"""The ways of switching the sweep on are equivalent; settings validate and travel."""
+
+import pickle
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import dask_sweep
+from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
+
+
+@pytest.fixture
+def pipeline(rng):
+    x = da.from_array(rng.random((30, 16, 16)), chunks=(5, 8, 8))
+    return x.map_overlap(lambda b: b * 2 - b.mean(), depth=2, boundary="reflect") + 1
+
+
+def _sweep_keys(y):
+    (o,) = dask.optimize(y)
+    return any(str(k[0] if isinstance(k, tuple) else k).startswith("sweep-") for k in o.dask)
+
+
+def test_all_switches_are_equivalent(pipeline):
+    expected = pipeline.compute()
+    assert not _sweep_keys(pipeline)
+    forms = [
+        dict(optimizations=[dask_sweep.sweep]),
+        dict(optimizations=[dask_sweep.sweep(memory_limit="64MiB")]),
+        dict(array_optimize=dask_sweep.optimize),
+    ]
+    for cfg in forms:
+        with dask.config.set(**cfg):
+            assert _sweep_keys(pipeline), cfg
+            np.testing.assert_array_equal(pipeline.compute(), expected, strict=True)
+    with dask_sweep.enable(memory_limit="64MiB"):
+        assert _sweep_keys(pipeline)
+        np.testing.assert_array_equal(pipeline.compute(), expected, strict=True)
+    assert not _sweep_keys(pipeline)
+
+
+def test_output_keys_keep_their_names(pipeline):
+    with dask_sweep.enable():
+        (o,) = dask.optimize(pipeline)
+    names = {k[0] for k in o.dask if isinstance(k, tuple)}
+    assert pipeline.name in names
+    assert all(n == pipeline.name or n.startswith("sweep-") for n in names)
+
+
+def test_settings_from_config_are_read_when_the_pass_runs(pipeline):
+    p = dask_sweep.sweep()
+    with dask.config.set({"sweep.memory-limit": "3MiB"}):
+        assert p.settings().memory_limit == 3 * 2**20
+    assert dask_sweep.sweep(memory_limit="5MiB").settings().memory_limit == 5 * 2**20
+
+
+def test_pass_pickles_with_its_settings():
+    p = pickle.loads(pickle.dumps(dask_sweep.sweep(memory_limit="7MiB", fallback="raise")))
+    s = p.settings()
+    assert s.memory_limit == 7 * 2**20 and s.fallback == "raise"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(memory_limit="lots"), "memory_limit"),
+        (dict(memory_limit=-1), "positive"),
+        (dict(fallback="maybe"), "sweep.fallback"),
+        (dict(threads=0), "threads"),
+        (dict(colour="red"), "Unknown sweep setting"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, match):
+    with pytest.raises(SweepConfigError, match=match):
+        dask_sweep.sweep(**kwargs)
+
+
+def test_positional_non_graph_is_refused():
+    with pytest.raises(SweepConfigError, match="keywords"):
+        dask_sweep.sweep("512MiB")
+
+
+def test_impossible_budget_raises_before_io(pipeline):
+    with dask_sweep.enable(memory_limit="1KiB", fallback="raise"):
+        with pytest.raises(BudgetError, match="budget") as info:
+            pipeline.compute()
+    assert info.value.projected > info.value.budget == 1024
+    assert isinstance(info.value, (SweepError, MemoryError))
+
+
+def test_impossible_budget_can_fall_back(pipeline):
+    expected = pipeline.compute()
+    with dask_sweep.enable(memory_limit="1KiB", fallback="warn"):
+        with pytest.warns(RuntimeWarning, match="Falling back"):
+            got = pipeline.compute()
+    np.testing.assert_array_equal(got, expected)
+    with dask_sweep.enable(memory_limit="1KiB", fallback="silent"):
+        np.testing.assert_array_equal(pipeline.compute(), expected)
+
+
+def test_explain_text_and_html(pipeline):
+    e = dask_sweep.explain(pipeline, memory_limit="8MiB")
+    text = str(e)
+    for word in ("sweep 0", "window", "ring", "projected peak", "bytes read / input bytes"):
+        assert word in text
+    assert e._repr_html_().startswith("<pre>")
+    with pytest.raises(SweepConfigError, match="dask collection"):
+        dask_sweep.explain(np.zeros(3))
+
+
+def test_bad_axis_is_named(pipeline):
+    with dask_sweep.enable(axis=5):
+        with pytest.raises(SweepConfigError, match="sweep.axis"):
+            pipeline.compute()
+
+
+def test_xarray_goes_through_the_same_hook(rng):
+    xr = pytest.importorskip("xarray")
+    from dask_image import ndfilters
+
+    arr = xr.DataArray(da.from_array(rng.random((20, 12, 12)), chunks=(4, 12, 12)),
+                       dims=("z", "y", "x"))
+    out = arr.copy(data=ndfilters.gaussian_filter(arr.data, 1)) * 2
+    expected = out.compute()
+    with dask_sweep.enable():
+        got = out.compute()
+    xr.testing.assert_identical(got, expected)

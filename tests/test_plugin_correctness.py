@@ -1,0 +1,176 @@
+"""Bit-identity of the sweep against stock dask over a broad grid, and with hypothesis."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dask_sweep
+from dask_sweep.testing import assert_sweep_equal, swept
+
+SMALL = dict(target_slab_bytes="2KiB", memory_limit="16MiB")
+
+
+def opaque(a):
+    # Not block-invariant on purpose: depends on the whole block it is given.
+    return (a * 2 - a.mean(axis=0)).astype(a.dtype)
+
+
+@pytest.mark.parametrize("chunks", [(5, 19, 17), (4, 7, 6), (1, 19, 17), (23, 19, 17), (3, 5, 17)])
+@pytest.mark.parametrize("boundary", ["none", "reflect", "nearest", 0, 7.5])
+@pytest.mark.parametrize("depth", [1, 2, (3, 1, 2), {0: 2, 1: 0, 2: 1}])
+def test_map_overlap_grid(rng, chunks, boundary, depth):
+    vol = (rng.random((23, 19, 17)) * 255).astype("u1")
+    for dt in ["u1", "f4", "i2"]:
+        x = da.from_array(vol.astype(dt), chunks=chunks)
+        y = x.map_overlap(opaque, depth=depth, boundary=boundary)
+        y = (y > 3).astype(dt) + x
+        assert_sweep_equal(y, **SMALL)
+
+
+@pytest.mark.parametrize("chunks", [(4, 19, 17), (6, 10, 9)])
+def test_asymmetric_depth_none(rng, chunks):
+    x = da.from_array(rng.random((23, 19, 17)), chunks=chunks)
+    y = x.map_overlap(opaque, depth={0: (2, 1), 1: (0, 3), 2: 1}, boundary="none")
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_periodic_on_one_axis_sweeps_another(rng):
+    x = da.from_array(rng.random((20, 18, 16)), chunks=(5, 6, 16))
+    y = x.map_overlap(opaque, depth=2, boundary={0: "periodic", 1: "reflect", 2: "none"})
+    assert_sweep_equal(y, **SMALL)
+    assert "axis 1" in str(dask_sweep.explain(y, **SMALL))
+
+
+def test_periodic_everywhere_falls_back_with_reason(rng):
+    x = da.from_array(rng.random((20, 18, 16)), chunks=(5, 6, 16))
+    y = x.map_overlap(opaque, depth=1, boundary="periodic")
+    assert_sweep_equal(y, expect_swept=False, **SMALL)
+    assert "periodic" in str(dask_sweep.explain(y))
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_chained_stages_and_elementwise(rng, n_stages, scheduler):
+    x = da.from_array((rng.random((30, 20, 18)) * 100).astype("f4"), chunks=(6, 10, 9))
+    y = x
+    for i in range(n_stages):
+        y = y.map_overlap(opaque, depth=i + 1, boundary=["reflect", "none", 0][i])
+        y = da.where(y > 10, y, -y) * 2
+    assert_sweep_equal(y, scheduler=scheduler, **SMALL)
+
+
+def test_two_arrays_on_the_same_grid(rng):
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+    g = x.map_overlap(opaque, depth=2, boundary="nearest")
+    y = g - x + da.sin(g)
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_map_blocks_stage(rng):
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+    y = x.map_overlap(opaque, depth=1).map_blocks(lambda b: b - b.min(), dtype=x.dtype)
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_block_info_reaches_function(rng):
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+
+    def f(b, block_info=None):
+        loc = block_info[0]["chunk-location"][0] if block_info else 0
+        return b + loc
+
+    y = x.map_overlap(f, depth=1, boundary="reflect", dtype=x.dtype)
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_dask_compute_many_outputs(rng):
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+    g = x.map_overlap(opaque, depth=1)
+    a, b = g + 1, g.map_overlap(opaque, depth=2, boundary="reflect")
+    with dask_sweep.enable(**SMALL):
+        ra, rb = dask.compute(a, b)
+    ea, eb = dask.compute(a, b)
+    np.testing.assert_array_equal(ra, ea, strict=True)
+    np.testing.assert_array_equal(rb, eb, strict=True)
+
+
+def test_partial_request_is_left_to_dask(rng):
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+    y = x.map_overlap(opaque, depth=1)
+    part = y[:4]
+    with dask_sweep.enable(**SMALL):
+        r = part.compute()
+    np.testing.assert_array_equal(r, part.compute())
+
+
+def test_trim_false_is_left_to_dask(rng):
+    x = da.from_array(rng.random((24, 16)), chunks=(6, 8))
+    y = x.map_overlap(lambda b: b * 2, depth=1, trim=False)
+    assert_sweep_equal(y, expect_swept=False, **SMALL)
+
+
+def test_external_source_is_correct(rng):
+    # The input of the windowed stage is a computation dask does (not a root read).
+    x = da.from_array(rng.random((24, 16, 16)), chunks=(4, 8, 8))
+    up = x.rechunk((6, 16, 16)).sum(axis=2, keepdims=True) * da.ones((1, 1, 16), chunks=(1, 1, 16))
+    y = up.map_overlap(opaque, depth=1, boundary="reflect")
+    assert_sweep_equal(y, expect_swept=None, **SMALL)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(3, 14), st.integers(2, 9), st.integers(1, 8)),
+    c0=st.integers(1, 6), c1=st.integers(1, 9),
+    depth=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
+    boundary=st.sampled_from(["none", "reflect", "nearest", 0, -1.5]),
+    dtype=st.sampled_from(["u1", "i4", "f4", "f8", "bool"]),
+    stages=st.integers(1, 3),
+)
+def test_hypothesis_overlap_chains(shape, c0, c1, depth, boundary, dtype, stages):
+    rng = np.random.default_rng(sum(shape) + c0 * 7 + c1)
+    vol = (rng.random(shape) * 50).astype(dtype)
+    x = da.from_array(vol, chunks=(c0, c1, shape[2]))
+    if any(d > s for d, s in zip(depth, shape)):
+        return  # dask itself refuses a depth larger than the array
+    y = x
+    for _ in range(stages):
+        y = y.map_overlap(opaque, depth=depth, boundary=boundary)
+    assert_sweep_equal(y, expect_swept=None, **SMALL)
+
+
+def test_known_kernels_are_reblocked_and_exact(rng):
+    vol = (rng.random((40, 33, 30)) * 255).astype("u1")
+    x = da.from_array(vol, chunks=(3, 11, 30))
+    y = x.map_overlap(ndi.gaussian_filter, depth=8, sigma=2, boundary="none")
+    y = y.map_overlap(ndi.grey_erosion, depth=1, size=3, boundary="reflect")
+    y = y.map_overlap(ndi.uniform_filter, depth=2, size=5, boundary="none")
+    text = str(dask_sweep.explain(y))
+    assert text.count("kernel ") == 3, text
+    assert_sweep_equal(y, target_slab_bytes="64KiB", scheduler="threads")
+
+
+def test_float64_uniform_keeps_dask_blocks(rng):
+    x = da.from_array(rng.random((30, 20, 20)), chunks=(5, 10, 20))
+    y = x.map_overlap(ndi.uniform_filter, depth=2, size=5, boundary="none")
+    assert "not block-invariant" in str(dask_sweep.explain(y))
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_footprint_larger_than_depth_keeps_dask_blocks(rng):
+    x = da.from_array((rng.random((30, 20, 20)) * 9).astype("u1"), chunks=(5, 10, 20))
+    y = x.map_overlap(ndi.gaussian_filter, depth=2, sigma=2, boundary="none")
+    assert "footprint radius" in str(dask_sweep.explain(y))
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_plain_elementwise_graph_is_untouched(rng):
+    x = da.from_array(rng.random((10, 10)), chunks=5)
+    y = (x + 1) * 2
+    assert not swept(y)
+    with dask_sweep.enable():
+        (o,) = dask.optimize(y)
+    np.testing.assert_array_equal(o.compute(), y.compute())

@@ -143,7 +143,9 @@ class HDF5Source(Source):
         return h5py.File(self.file, "r")
 
     def _memmap(self) -> np.memmap:
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
+        return np.memmap(
+            self.file, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape
+        )
 
 
 def read_hdf5(

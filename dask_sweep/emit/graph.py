@@ -38,6 +38,9 @@ def _step(plan, prev, t, ext_keys, ext_values):
 
 def _write(plan: Plan, o, a: int, planes) -> None:
     axis = plan.axis
+    if hasattr(o.sink, "write_planes"):
+        o.sink.write_planes(a, planes)
+        return
     bnds = [np.cumsum((0, *c)).tolist() for c in o.chunks]
     r0 = bnds[axis].index(a)
     r1 = bnds[axis].index(a + planes.shape[axis])

@@ -25,7 +25,7 @@ def _grid(plan: Plan) -> list[int]:
     n = plan.extent
     sets = []
     for o in plan.outputs:
-        sets.append(set(np.cumsum((0, *o.chunks[plan.axis])).tolist()))
+        sets.append(set(o.grid(plan.axis)))
     common = set.intersection(*sets) if sets else {0, n}
     return sorted(common | {n})
 

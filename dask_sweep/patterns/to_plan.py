@@ -47,6 +47,65 @@ class StoreWriter:
         self.ev(idx, {self.pos: block})
 
 
+class DirectStoreWriter:
+    """Write whole slabs straight into the target (zarr or any sliceable array).
+
+    Used for ``da.store`` / ``to_zarr`` without ``return_stored``: the slab task
+    writes planes ``[a, b)`` in one call, cut on the target's chunk (or shard)
+    boundaries, so no chunk is shared by two writes and no lock is needed; and
+    the ``rechunk-merge`` that ``to_zarr`` inserts costs nothing.
+    """
+
+    def __init__(self, target, region, axis: int, ndim: int) -> None:
+        self.target = target
+        self.region = region
+        self.axis = axis
+        self.ndim = ndim
+
+    def write_planes(self, a: int, planes) -> None:
+        from dask.array.core import fuse_slice
+
+        idx = [slice(None)] * self.ndim
+        for d in range(self.ndim):
+            idx[d] = slice(0, planes.shape[d])
+        idx[self.axis] = slice(a, a + planes.shape[self.axis])
+        index = tuple(idx)
+        if self.region:
+            index = fuse_slice(self.region, index)
+        self.target[index] = planes
+
+
+def _direct_store(hlg, store: str, shape, axis: int):
+    """A :class:`DirectStoreWriter` and its slab grid for a plain store layer, else None."""
+    from dask.array.core import load_store_chunk
+
+    layer = hlg.layers[store]
+    task = layer.task
+    kw = dict(getattr(task, "kwargs", {}) or {})
+    if getattr(task, "func", None) is not load_store_chunk or kw.get("return_stored"):
+        return None
+    targets = [v for v, ind in layer.indices if ind is None]
+    if len(targets) != 1 or not hasattr(targets[0], "__setitem__"):
+        return None
+    target = targets[0]
+    region = kw.get("region")
+    start = 0
+    if region:
+        r = region[axis] if axis < len(region) else slice(None)
+        if r.step not in (None, 1):
+            return None
+        start = r.start or 0
+    tchunks = getattr(target, "shards", None) or getattr(target, "chunks", None)
+    n = shape[axis]
+    if tchunks and len(tchunks) == len(shape) and isinstance(tchunks[axis], int):
+        c = tchunks[axis]
+        cuts = [p for p in range(1, n) if (p + start) % c == 0]
+        align = (0, *cuts, n)
+    else:
+        align = None
+    return DirectStoreWriter(target, region, axis, len(shape)), align
+
+
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                    notes: list[str]) -> Plan:
     metas = {n: array_meta(hlg.layers[n]) for n in region.sources}
@@ -118,8 +177,13 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             outputs.append(Output(stage=index[m], name=m, chunks=spec.meta.chunks))
     for store, m in region.stores.items():
         spec = region.stages[m]
-        outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
-                              sink=StoreWriter(BlockwiseEval(hlg.layers[store]))))
+        direct = _direct_store(hlg, store, spec.meta.shape, axis)
+        if direct is not None:
+            outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
+                                  sink=direct[0], align=direct[1]))
+        else:
+            outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
+                                  sink=StoreWriter(BlockwiseEval(hlg.layers[store]))))
     return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
                 budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes))
 

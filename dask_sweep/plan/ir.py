@@ -171,8 +171,12 @@ class Output:
     stage: int
     name: str  # dask key name of the output blocks
     chunks: tuple[tuple[int, ...], ...]
-    sink: Any = None  # object with .write(region_slices, data) when writing in-task
-    keys_needed: frozenset = frozenset()
+    sink: Any = None  # object with .write_block(idx, data) or .write_planes(a, planes)
+    align: tuple[int, ...] | None = None  # plane boundaries the sink wants slabs cut at
+
+    def grid(self, axis: int) -> tuple[int, ...]:
+        """Plane boundaries at which this output can be emitted."""
+        return self.align if self.align is not None else bounds(self.chunks[axis])
 
 
 @dataclass(frozen=True, eq=False)

@@ -139,8 +139,7 @@ def output_upper(plan: Plan, k: int, step: int) -> int:
     b = plan.steps[step]
     if b >= plan.extent:
         return plan.extent
-    o = plan.outputs[k]
-    grid = C._bounds(o.chunks[plan.axis])
+    grid = plan.outputs[k].grid(plan.axis)
     return max(g for g in grid if g <= b)
 
 

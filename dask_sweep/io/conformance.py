@@ -1,0 +1,271 @@
+"""Conformance test base classes every source and sink test subclasses.
+
+Like zarr's ``StoreTests``: a subclass says how to make its object from a numpy
+array in a temporary folder, and inherits the contract's tests::
+
+    class TestZarrSource(SourceConformance):
+        def make_source(self, tmp_path, data):
+            ...write data as zarr...
+            return ZarrSource(path)
+
+Needs pytest (a test dependency); not imported by :mod:`dask_sweep.io`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dask_sweep.errors import SinkError
+from dask_sweep.io.accounting import track
+from dask_sweep.io.base import Sink, Source
+
+__all__ = ["SinkConformance", "SourceConformance", "make_volume", "snapshot_output"]
+
+
+def make_volume(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> np.ndarray:
+    """A reproducible test volume with structure in every axis (not constant)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) > 0.5
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+
+
+def snapshot_output(path: str | os.PathLike) -> dict[str, bytes]:
+    """Every file of an output (a file or a folder tree) by relative name: its bytes."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+class SourceConformance:
+    """Tests every :class:`Source` must pass.
+
+    Subclasses implement :meth:`make_source` and may narrow ``dtypes``/``shape``.
+    """
+
+    shape: tuple[int, ...] = (20, 64, 48)
+    dtypes: tuple[str, ...] = ("uint8", "uint16", "float32")
+
+    def make_source(self, tmp_path: Path, data: np.ndarray) -> Source:
+        """Store ``data`` under ``tmp_path`` and return a source reading it."""
+        raise NotImplementedError
+
+    @pytest.fixture(params=["uint8", "uint16", "float32"])
+    def data(self, request) -> np.ndarray:
+        if request.param not in self.dtypes:
+            pytest.skip(f"{type(self).__name__} does not store {request.param}")
+        return make_volume(self.shape, request.param)
+
+    @pytest.fixture
+    def source(self, tmp_path: Path, data: np.ndarray) -> Source:
+        return self.make_source(tmp_path, data)
+
+    def test_shape_dtype(self, source: Source, data: np.ndarray) -> None:
+        assert source.shape == data.shape
+        assert source.dtype == data.dtype
+        assert source.ndim == data.ndim
+        assert len(source.chunks) == data.ndim
+
+    def test_full_read(self, source: Source, data: np.ndarray) -> None:
+        np.testing.assert_array_equal(source.read(), data)
+
+    def test_slab_reads_in_any_order(self, source: Source, data: np.ndarray) -> None:
+        rng = np.random.default_rng(1)
+        bounds = [0, 3, 4, 9, 15, data.shape[0]]
+        slabs = list(zip(bounds[:-1], bounds[1:]))
+        out = np.zeros_like(data)
+        for i in rng.permutation(len(slabs)):
+            a, b = slabs[i]
+            out[a:b] = source.read((slice(a, b),))
+        np.testing.assert_array_equal(out, data)
+        # an in-plane window straddling disk blocks
+        region = (slice(2, 7), slice(5, 40), slice(1, data.shape[2] - 3))
+        np.testing.assert_array_equal(source.read(region), data[region])
+
+    def test_to_dask_equals_data(self, source: Source, data: np.ndarray) -> None:
+        x = source.to_dask()
+        np.testing.assert_array_equal(x.compute(scheduler="threads"), data)
+        bigger = source.to_dask(chunks=(5, -1, -1))
+        np.testing.assert_array_equal(bigger.compute(scheduler="sync"), data)
+
+    def test_to_dask_is_one_root_layer(self, source: Source) -> None:
+        x = source.to_dask()
+        hlg = x.__dask_graph__()
+        assert list(hlg.layers) == [x.name]
+        assert x.name.startswith("imread-")
+        assert all(not t.dependencies for t in hlg.layers[x.name].values())
+        assert source.to_dask().name == x.name  # deterministic
+
+    def test_blocks_are_whole_disk_chunks(self, source: Source) -> None:
+        x = source.to_dask(chunks=(3, 17, 5))
+        for axis, (sizes, block) in enumerate(zip(x.chunks, source.chunks)):
+            edges = np.cumsum(sizes)[:-1]
+            assert all(e % block == 0 for e in edges), (axis, sizes, block)
+
+    def test_pickle_round_trip(self, source: Source, data: np.ndarray) -> None:
+        clone = pickle.loads(pickle.dumps(source))
+        np.testing.assert_array_equal(clone.read((slice(4, 6),)), data[4:6])
+        assert clone.token == source.token
+        # metadata only: far smaller than the data it describes
+        assert len(pickle.dumps(source)) < 10_000
+
+    def test_each_chunk_read_once(self, source: Source, data: np.ndarray) -> None:
+        x = source.to_dask()
+        with track() as stats:
+            x.compute(scheduler="threads")
+        s = stats.sources[source.path]
+        assert s.bytes_read == data.nbytes
+        assert s.reads_per_chunk.max == 1
+
+    def test_region_out_of_bounds_is_clipped_like_numpy(
+        self, source: Source, data: np.ndarray
+    ) -> None:
+        np.testing.assert_array_equal(source.read((slice(18, 99),)), data[18:99])
+
+    def test_bad_region(self, source: Source) -> None:
+        with pytest.raises((TypeError, ValueError, IndexError)):
+            source.read((slice(0, 4, 2),))
+        with pytest.raises((TypeError, ValueError, IndexError)):
+            source.read((slice(None),) * (source.ndim + 1))
+
+
+class SinkConformance:
+    """Tests every :class:`Sink` must pass.
+
+    Subclasses implement :meth:`make_sink` (creating the sink at ``path``) and
+    :meth:`read_back`, and name the output in ``output_name``.
+    """
+
+    shape: tuple[int, ...] = (20, 64, 48)
+    dtype: str = "uint16"
+    output_name: str = "out"
+    bad_dtypes: tuple[str, ...] = ("complex64",)
+
+    def make_sink(self, path: Path, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> Sink:
+        raise NotImplementedError
+
+    def read_back(self, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def data(self) -> np.ndarray:
+        return make_volume(self.shape, self.dtype)
+
+    def _write_all(self, path: Path, data: np.ndarray, **kwargs: Any) -> Sink:
+        sink = self.make_sink(path, data.shape, data.dtype, **kwargs)
+        for a, b in sink.slabs():
+            sink.write_slab(a, data[a:b])
+        sink.finalize()
+        return sink
+
+    def test_write_slabs_in_order_reads_back(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        sink = self._write_all(path, data, slab_rows=4)
+        assert len(sink.slabs()) > 1
+        np.testing.assert_array_equal(self.read_back(path), data)
+        # nothing temporary is left next to the output
+        assert sorted(os.listdir(tmp_path)) == [self.output_name]
+
+    def test_resume_after_crash_is_byte_identical(self, tmp_path: Path, data: np.ndarray) -> None:
+        ref = tmp_path / "a" / self.output_name
+        ref.parent.mkdir()
+        self._write_all(ref, data, slab_rows=4)
+
+        path = tmp_path / "b" / self.output_name
+        path.parent.mkdir()
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4)
+        slabs = sink.slabs()
+        for a, b in slabs[:2]:
+            sink.write_slab(a, data[a:b])
+        # the crash: half of the next slab reached the disk (garbage), its marker did not
+        a, b = slabs[2]
+        sink._write(a, np.zeros_like(data[a:b]) + 7)
+        del sink
+        assert not path.exists()  # never looks complete
+
+        with pytest.raises(SinkError, match="resume=True"):
+            self.make_sink(path, data.shape, data.dtype, slab_rows=4)
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, resume=True)
+        assert sink.done_slabs() == slabs[:2]
+        assert sink.todo_slabs() == slabs[2:]
+        for a, b in sink.todo_slabs():
+            sink.write_slab(a, data[a:b])
+        sink.finalize()
+        assert snapshot_output(path) == snapshot_output(ref)
+
+    def test_resume_with_other_layout_refused(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4)
+        sink.write_slab(0, data[:4])
+        with pytest.raises(SinkError, match="Cannot resume"):
+            self.make_sink(path, (21, *data.shape[1:]), data.dtype, resume=True)
+
+    def test_existing_output_without_overwrite(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        self._write_all(path, data)
+        before = snapshot_output(path)
+        with pytest.raises(SinkError, match="overwrite=True") as info:
+            self.make_sink(path, data.shape, data.dtype)
+        assert str(path) in str(info.value)
+        assert snapshot_output(path) == before
+        assert sorted(os.listdir(tmp_path)) == [self.output_name]
+
+    def test_overwrite_replaces(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        self._write_all(path, data)
+        other = data[::-1].copy()
+        sink = self.make_sink(path, data.shape, data.dtype, overwrite=True)
+        np.testing.assert_array_equal(self.read_back(path), data)  # old kept until the end
+        for a, b in sink.slabs():
+            sink.write_slab(a, other[a:b])
+        sink.finalize()
+        np.testing.assert_array_equal(self.read_back(path), other)
+
+    def test_finalize_incomplete_refused(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4)
+        sink.write_slab(0, data[:4])
+        with pytest.raises(SinkError, match="4:20"):
+            sink.finalize()
+        assert not path.exists()
+
+    def test_misaligned_or_misshapen_slab(self, tmp_path: Path, data: np.ndarray) -> None:
+        sink = self.make_sink(tmp_path / self.output_name, data.shape, data.dtype)
+        with pytest.raises(SinkError, match="shape"):
+            sink.write_slab(0, data[:2, :10])
+        if sink.row_step > 1:
+            with pytest.raises(SinkError, match="multiples"):
+                sink.write_slab(1, data[1 : 1 + sink.row_step])
+
+    def test_unsupported_dtype(self, tmp_path: Path) -> None:
+        for dt in self.bad_dtypes + ("object",):
+            with pytest.raises(SinkError, match="dtype"):
+                self.make_sink(tmp_path / self.output_name, self.shape, dt)
+        assert not os.listdir(tmp_path)
+
+    def test_pickled_sink_writes(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=8)
+        for a, b in sink.slabs():
+            pickle.loads(pickle.dumps(sink)).write_slab(a, data[a:b])
+        pickle.loads(pickle.dumps(sink)).finalize()
+        np.testing.assert_array_equal(self.read_back(path), data)
+
+    def test_writes_are_accounted(self, tmp_path: Path, data: np.ndarray) -> None:
+        path = tmp_path / self.output_name
+        with track() as stats:
+            sink = self._write_all(path, data)
+        assert stats.sinks[sink.path].bytes_written == data.nbytes

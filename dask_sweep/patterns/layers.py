@@ -109,7 +109,7 @@ def is_simple_blockwise(layer) -> bool:
     out = tuple(layer.output_indices)
     if len(set(out)) != len(out):
         return False
-    for name, ind in layer.indices:
+    for _name, ind in layer.indices:
         if ind is None:
             continue
         if tuple(ind) != out:

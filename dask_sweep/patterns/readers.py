@@ -122,7 +122,7 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
                 del pending[k]
     if pending:
         return ExternalReader(name, numblocks, axis)
-    for k, t in tasks.items():
+    for t in tasks.values():
         if isinstance(t, GraphNode) and not set(t.dependencies) <= set(ordered):
             return ExternalReader(name, numblocks, axis)
     return InlineReader(name, numblocks, axis, tasks, ordered)

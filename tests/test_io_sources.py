@@ -182,7 +182,7 @@ def test_zarr_chunks_rounded_to_whole_shards(tmp_path):
 
 def test_token_changes_with_file(tmp_path):
     data = make_volume((4, 8, 9), "uint8")
-    tifffile.imwrite(tmp_path / "v.tif", data)
+    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
     a = imread(tmp_path / "v.tif").name
     assert imread(tmp_path / "v.tif").name == a
     os.utime(tmp_path / "v.tif", ns=(1, 1))

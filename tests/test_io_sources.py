@@ -27,10 +27,15 @@ from dask_sweep.io import (
 from dask_sweep.io.conformance import SourceConformance, make_volume
 
 
+def tiffwrite(path, data, **kwargs):
+    # Say how 3-page data is meant: tifffile would guess RGB for a leading 3 or 4.
+    tifffile.imwrite(path, data, photometric="minisblack", **kwargs)
+
+
 def write_stack(folder, data, name="img_{:03d}.tif", start=0):
     os.makedirs(folder, exist_ok=True)
     for i, plane in enumerate(data):
-        tifffile.imwrite(os.path.join(folder, name.format(i + start)), plane)
+        tiffwrite(os.path.join(folder, name.format(i + start)), plane)
     return folder
 
 
@@ -50,7 +55,7 @@ class TestTiffStackGlob(SourceConformance):
 
 class TestTiffMemmapped(SourceConformance):
     def make_source(self, tmp_path, data):
-        tifffile.imwrite(tmp_path / "vol.tif", data)
+        tiffwrite(tmp_path / "vol.tif", data)
         src = TiffSource(tmp_path / "vol.tif")
         assert src.memmapped
         return src
@@ -60,7 +65,7 @@ class TestBigTiffCompressed(SourceConformance):
     dtypes = ("uint8", "float32")
 
     def make_source(self, tmp_path, data):
-        tifffile.imwrite(tmp_path / "vol.tif", data, bigtiff=True, compression="zlib")
+        tiffwrite(tmp_path / "vol.tif", data, bigtiff=True, compression="zlib")
         src = TiffSource(tmp_path / "vol.tif")
         assert not src.memmapped
         return src
@@ -145,7 +150,7 @@ def test_stack_block_tasks_carry_only_their_files(tmp_path):
 def test_imread_dispatch(tmp_path):
     data = make_volume((6, 8, 9), "uint16")
     write_stack(tmp_path / "st", data)
-    tifffile.imwrite(tmp_path / "v.tiff", data)
+    tiffwrite(tmp_path / "v.tiff", data)
     g = zarr.open_group(LocalStore(tmp_path / "v.ome.zarr"), mode="w")
     g.attrs["multiscales"] = [{"datasets": [{"path": "0"}, {"path": "1"}]}]
     g.create_array("0", shape=data.shape, chunks=(2, 8, 9), dtype=data.dtype)[:] = data
@@ -172,7 +177,10 @@ def test_imread_dispatch(tmp_path):
 
 def test_zarr_chunks_rounded_to_whole_shards(tmp_path):
     z = zarr.create_array(
-        LocalStore(tmp_path / "s.zarr"), shape=(20, 8, 8), chunks=(2, 8, 8), shards=(4, 8, 8),
+        LocalStore(tmp_path / "s.zarr"),
+        shape=(20, 8, 8),
+        chunks=(2, 8, 8),
+        shards=(4, 8, 8),
         dtype="u1",
     )
     z[:] = 1
@@ -182,7 +190,7 @@ def test_zarr_chunks_rounded_to_whole_shards(tmp_path):
 
 def test_token_changes_with_file(tmp_path):
     data = make_volume((4, 8, 9), "uint8")
-    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
+    tiffwrite(tmp_path / "v.tif", data)
     a = imread(tmp_path / "v.tif").name
     assert imread(tmp_path / "v.tif").name == a
     os.utime(tmp_path / "v.tif", ns=(1, 1))
@@ -203,7 +211,7 @@ def test_gap_in_numbering_names_missing_slice(tmp_path):
 def test_duplicate_numbers_refused(tmp_path):
     data = make_volume((2, 8, 9), "uint8")
     write_stack(tmp_path, data, "img_{}.tif")
-    tifffile.imwrite(tmp_path / "img_01.tif", data[0])
+    tiffwrite(tmp_path / "img_01.tif", data[0])
     with pytest.raises(SourceError, match="same number"):
         imread(tmp_path)
 
@@ -211,10 +219,10 @@ def test_duplicate_numbers_refused(tmp_path):
 def test_slice_of_other_shape_or_dtype(tmp_path):
     data = make_volume((4, 8, 9), "uint8")
     write_stack(tmp_path, data)
-    tifffile.imwrite(tmp_path / "img_002.tif", data[0, :, :5])
+    tiffwrite(tmp_path / "img_002.tif", data[0, :, :5])
     with pytest.raises(SourceError, match=r"Slice 2 .*img_002\.tif.*shape \(8, 5\).*\(8, 9\)"):
         imread(tmp_path)
-    tifffile.imwrite(tmp_path / "img_002.tif", data[0].astype("uint16"))
+    tiffwrite(tmp_path / "img_002.tif", data[0].astype("uint16"))
     with pytest.raises(SourceError, match=r"img_002\.tif.*uint16.*Expected.*uint8"):
         imread(tmp_path)
     # found at read time too when the headers are not checked up front
@@ -225,7 +233,7 @@ def test_slice_of_other_shape_or_dtype(tmp_path):
 
 def test_truncated_and_corrupt_tiff(tmp_path):
     data = make_volume((6, 32, 32), "uint16")
-    tifffile.imwrite(tmp_path / "v.tif", data)
+    tiffwrite(tmp_path / "v.tif", data)
     raw = (tmp_path / "v.tif").read_bytes()
     (tmp_path / "t.tif").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SourceError, match=r"t\.tif is truncated"):
@@ -242,7 +250,7 @@ def test_truncated_and_corrupt_tiff(tmp_path):
 
 def test_corrupt_compressed_page(tmp_path):
     data = make_volume((4, 32, 32), "uint16")
-    tifffile.imwrite(tmp_path / "v.tif", data, compression="zlib")
+    tiffwrite(tmp_path / "v.tif", data, compression="zlib")
     with tifffile.TiffFile(tmp_path / "v.tif") as t:
         off = t.pages[2].dataoffsets[0]
     raw = bytearray((tmp_path / "v.tif").read_bytes())
@@ -267,7 +275,10 @@ def test_missing_zarr_chunk_names_key(tmp_path):
 
 def test_missing_shard_and_corrupt_chunk(tmp_path):
     z = zarr.create_array(
-        LocalStore(tmp_path / "s.zarr"), shape=(8, 4, 4), chunks=(1, 4, 4), shards=(2, 4, 4),
+        LocalStore(tmp_path / "s.zarr"),
+        shape=(8, 4, 4),
+        chunks=(1, 4, 4),
+        shards=(2, 4, 4),
         dtype="u2",
     )
     z[:] = 5

@@ -143,6 +143,8 @@ def _overlap_group(hlg: HighLevelGraph, metas, tname: str) -> StageSpec | Fallba
         return Fallback(tname, "the mapped function is not a plain block-by-block layer")
     feval = BlockwiseEval(flayer)
     fargs = feval.array_args()
+    if not fargs:
+        return Fallback(tname, "a trim without an overlapped function before it")
     inputs, internal, depths, bounds, positions = [], {tname, fname}, [], [], []
     for pos, x4 in fargs:
         lay = layers.get(x4)

@@ -147,6 +147,17 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
         return st.block_fn(idx, *[region(i, idx) for i in range(len(padded))])
 
     results = pmap(one, indices, threads)
+    for idx, res in zip(indices, results):
+        want = tuple(st.chunks[ax][q] for ax, q in enumerate(idx))
+        if getattr(res, "shape", None) != want:
+            from dask_sweep.errors import SweepError
+
+            raise SweepError(
+                f"dask_sweep: {st.label!r} returned a block of shape "
+                f"{getattr(res, 'shape', type(res).__name__)} for block {idx}, but the dask "
+                f"array declares {want}. A sweep needs the declared chunks; pass the right "
+                "`chunks=`/`drop_axis=` to map_overlap/map_blocks, or compute without the sweep."
+            )
     shape = [len(g) for g in grid]
     nested = np.empty(shape, dtype=object)
     for pos, res in zip(np.ndindex(*shape), results):

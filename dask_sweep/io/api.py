@@ -150,6 +150,7 @@ def imwrite(
     format: str | None = None,
     slab_rows: int | None = None,
     lag: int = 2,
+    scheduler: str | None = None,
     **options: Any,
 ):
     """Write a dask or numpy array slab by slab along axis 0, resumably.
@@ -180,6 +181,8 @@ def imwrite(
     lag
         Reads for slab *i* wait for the write of slab *i - lag* (bounds memory
         to about ``lag`` slabs).
+    scheduler
+        Passed to :func:`dask.compute` (default: the current scheduler).
     **options
         Passed to the sink (``shards=``, ``zarr_format=``, ``compression=``,
         ``prefix=``, ``dataset=``, ``fsync=``...).
@@ -218,7 +221,7 @@ def imwrite(
     out = write_graph(array, sink, lag=lag)
     if not compute:
         return out
-    (result,) = dask.compute(out)
+    (result,) = dask.compute(out, scheduler=scheduler)
     return result
 
 

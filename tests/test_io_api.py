@@ -43,6 +43,8 @@ def test_imwrite_options_and_errors(tmp_path, vol):
     np.testing.assert_array_equal(imread(tmp_path / "o.zarr").compute(), vol[::-1])
     with pytest.raises(SinkError, match="complex64"):
         imwrite(vol.astype("complex64"), tmp_path / "c.tif")
+    with pytest.raises(SinkError, match="chunks= applies to Zarr"):
+        imwrite(vol, tmp_path / "t.tif", chunks=(2, 2, 2))
     with pytest.raises(SinkError, match="Unknown output format"):
         imwrite(vol, tmp_path / "x", format="png")
     assert sorted(os.listdir(tmp_path)) == ["o.zarr"]
@@ -64,7 +66,8 @@ class Boom(RuntimeError):
 def test_resume_after_crash_skips_done_slabs(tmp_path, vol, name):
     ref = tmp_path / "ref"
     ref.mkdir()
-    imwrite(vol, ref / name, slab_rows=4)
+    layout = {"chunks": (2, 32, 48)} if name.endswith(".zarr") else {}
+    imwrite(vol, ref / name, slab_rows=4, **layout)
 
     calls: list[int] = []
     fail = {"at": 8}
@@ -78,7 +81,7 @@ def test_resume_after_crash_skips_done_slabs(tmp_path, vol, name):
 
     x = da.from_array(vol, chunks=(4, -1, -1)).map_blocks(produce, dtype=vol.dtype)
     with pytest.raises(Boom):
-        imwrite(x, tmp_path / name, slab_rows=4, scheduler="sync")
+        imwrite(x, tmp_path / name, slab_rows=4, scheduler="sync", **layout)
     assert not (tmp_path / name).exists()
     with pytest.raises(SinkError, match="resume=True"):
         imwrite(x, tmp_path / name, slab_rows=4)
@@ -87,7 +90,7 @@ def test_resume_after_crash_skips_done_slabs(tmp_path, vol, name):
     assert done and 8 not in done
     calls.clear()
     fail["at"] = None
-    imwrite(x, tmp_path / name, slab_rows=4, resume=True)
+    imwrite(x, tmp_path / name, slab_rows=4, resume=True, **layout)
     # finished slabs were neither recomputed nor rewritten
     assert sorted(calls) == [a for a in range(0, 20, 4) if a not in done]
     assert snapshot_output(tmp_path / name) == snapshot_output(ref / name)

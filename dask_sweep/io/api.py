@@ -136,6 +136,13 @@ def open_sink(
     kind = format or _sink_kind(p)
     if kind not in SINKS:
         raise SinkError(f"Unknown output format {kind!r}. Expected one of {sorted(SINKS)}.")
+    if kind in ("bigtiff", "tiff-stack") and options.get("chunks") is not None:
+        raise SinkError(
+            f"chunks= applies to Zarr and HDF5 outputs; {p} is written as TIFF, one page per "
+            "slice. Drop chunks= or write to a .zarr/.h5 path."
+        )
+    if kind in ("bigtiff", "tiff-stack"):
+        options.pop("chunks", None)  # None here: nothing to pass on
     return SINKS[kind](p, tuple(shape), dtype, **options)
 
 
@@ -293,8 +300,15 @@ def _nested(items: list, shape: tuple[int, ...]):
 
 
 def _gate_reads(graph: dict, slab_keys: list[list], name: str, lag: int) -> None:
-    """Make each root task wait for the write ``lag`` slabs before the first one needing it."""
-    from dask._task_spec import DataNode, Task, TaskRef
+    """Make slab *i*'s first own tasks wait for the write of slab *i - lag*.
+
+    A task is *first needed* by the earliest slab whose output depends on it.
+    The gated tasks are the frontier of slab *i*'s exclusive work: those first
+    needed by slab *i* whose inputs were all needed earlier (reads with no
+    dependency, or ``getter`` tasks of a shared in-memory array).  Everything
+    downstream of them follows.
+    """
+    from dask._task_spec import Task, TaskRef
 
     first: dict = {}
     for i, keys in enumerate(slab_keys):
@@ -309,14 +323,16 @@ def _gate_reads(graph: dict, slab_keys: list[list], name: str, lag: int) -> None
                 stack.extend(node.dependencies)
     for k, i in first.items():
         node = graph.get(k)
-        if i < lag or not isinstance(node, Task) or node.dependencies:
+        if i < lag or not isinstance(node, Task):
             continue
-        graph[k] = Task(k, _after, DataNode(None, node), TaskRef((name, i - lag)))
+        if all(first.get(d, -1) < i for d in node.dependencies):
+            # The original task runs inline, as an argument of the gate.
+            graph[k] = Task(k, _after, node, TaskRef((name, i - lag)))
 
 
-def _after(node, _marker) -> Any:
-    """Run a root task once the marker it was gated on exists."""
-    return node({})
+def _after(value: Any, _marker: Any) -> Any:
+    """Pass a task's value on once the write it was gated on is done."""
+    return value
 
 
 def _write_slab(sink: Sink, start: int, stop: int, row0: int, blocks: list, _prev) -> dict:

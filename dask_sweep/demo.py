@@ -100,7 +100,9 @@ def run_one(src: str, dst: str, mode: str, api: str, memory_limit: str, schedule
 
 def _spawn(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "dask_sweep.demo", "--_worker", *args],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"run {args[2:]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -169,7 +169,7 @@ def test_counting_store_measures_stock_dask(tmp_path, vol):
     assert store.bytes_read > before
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(30)
 def test_sources_and_sinks_on_distributed_workers(tmp_path, vol):
     distributed = pytest.importorskip("distributed")
     imwrite(vol, tmp_path / "in.zarr", chunks=(4, 64, 48))

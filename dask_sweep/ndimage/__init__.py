@@ -1,0 +1,14 @@
+"""Bounded-memory, lazy replacements for :mod:`scipy.ndimage` functions.
+
+Each function sweeps its input along axis 0 in slabs of whole chunk rows, in
+a fixed number of passes, with a memory footprint computed (and checked
+against ``memory_limit``) before any byte is read; see ``docs/ndimage.md``.
+"""
+
+from dask_sweep.ndimage.label import explain_label, label, plan_label
+
+__all__ = [
+    "explain_label",
+    "label",
+    "plan_label",
+]

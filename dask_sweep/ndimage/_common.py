@@ -214,8 +214,8 @@ class SweepPlan:
 
 def _fmt_chunks(c: Sequence[int]) -> str:
     if len(set(c)) <= 1:
-        return f"{len(c)} x {c[0] if c else 0}"
-    return f"{len(c)} of {min(c)}-{max(c)}"
+        return f"{len(c)} chunks of {c[0] if c else 0} rows"
+    return f"{len(c)} chunks of {min(c)}-{max(c)} rows"
 
 
 def choose_slabs(

@@ -39,7 +39,7 @@ from dask_sweep.utils import format_bytes
 _NUMPY_CHUNK_BYTES = 4 << 20
 
 
-def as_dask_array(image, name: str, func: str):
+def as_dask_array(image, name: str, func: str, budget: int | None = None):
     """``image`` as a dask array (numpy inputs are wrapped, never copied).
 
     Parameters
@@ -50,6 +50,9 @@ def as_dask_array(image, name: str, func: str):
         Parameter name for messages (``"input"``, like scipy).
     func
         Public function name for messages.
+    budget
+        Memory budget: a numpy input is cut into chunk rows of at most
+        ``budget / 64`` bytes so that slabs can be sized finely.
 
     Raises
     ------
@@ -75,7 +78,8 @@ def as_dask_array(image, name: str, func: str):
                 f"{func}: expected {name} with at least one axis. Got a 0-d array instead."
             )
         row_bytes = max(1, arr[0:1].nbytes if arr.shape[0] else 1)
-        rows = max(1, _NUMPY_CHUNK_BYTES // row_bytes)
+        cap = _NUMPY_CHUNK_BYTES if budget is None else min(_NUMPY_CHUNK_BYTES, budget // 64)
+        rows = max(1, cap // row_bytes)
         image = da.from_array(arr, chunks=(rows,) + arr.shape[1:])
     if image.ndim == 0:
         raise SweepConfigError(

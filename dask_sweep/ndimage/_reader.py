@@ -11,9 +11,9 @@ ahead of the sweep: the chain of slab tasks is the only schedule of the reads::
                                                | concatenate -> slab        |
                                                +---------------------------+
 
-Inlining is allowed when the slabs' sub-graphs share nothing but *constants*
-(keys without dependencies, such as the opened zarr array or the numpy array of
-``da.from_array``).  Otherwise (an overlap, a reduction, a rechunk across slab
+Inlining is allowed when the slabs' sub-graphs share nothing but *data*
+(``DataNode`` keys, such as the opened zarr array or the numpy blocks of
+``da.from_array``): a shared *task* would run once per slab that needs it.  Otherwise (an overlap, a reduction, a rechunk across slab
 boundaries upstream) the input is *external*: its blocks become dependencies of
 the slab task that needs them, and dask computes them.
 """
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import DataNode, GraphNode, convert_legacy_graph
 from dask.array.core import concatenate3
 
 
@@ -138,11 +138,12 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
             if k in seen:
                 continue
             seen.add(k)
-            deps = _deps(dsk[k])
-            if deps:
-                if owner.setdefault(k, s) != s:
-                    inline = False  # a computed key feeds two slabs: not slab-local
-                stack.extend(deps)
+            node = dsk[k]
+            # Pure data (a numpy block, the zarr array handle) may be shared; anything
+            # computed (a read, a filter) must belong to one slab, or it would run twice.
+            if not isinstance(node, DataNode) and owner.setdefault(k, s) != s:
+                inline = False
+            stack.extend(_deps(node))
         closures.append(_toposort({k: dsk[k] for k in seen}))
         if not inline:
             break

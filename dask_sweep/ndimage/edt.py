@@ -95,9 +95,9 @@ def normalize_sampling(sampling: Any, ndim: int) -> tuple[float, ...]:
 
 
 def _plan(image, sampling, memory_limit):
-    image = as_dask_array(image, "input", _FUNC)
-    samp = normalize_sampling(sampling, image.ndim)
     settings = SweepSettings.resolve(memory_limit=memory_limit)
+    image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
+    samp = normalize_sampling(sampling, image.ndim)
     item = image.dtype.itemsize
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     longest = max(image.shape[1:], default=1)

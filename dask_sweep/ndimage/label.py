@@ -191,10 +191,10 @@ def explain_label(
 
 
 def _plan(image, structure, output, memory_limit):
-    image = as_dask_array(image, "input", _FUNC)
+    settings = SweepSettings.resolve(memory_limit=memory_limit)
+    image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
     st = normalize_structure(structure, image.ndim)
     out_dtype = _normalize_output(output)
-    settings = SweepSettings.resolve(memory_limit=memory_limit)
     passes = _footprints(image, settings, out_dtype)
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)

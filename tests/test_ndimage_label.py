@@ -1,0 +1,267 @@
+"""dask_sweep.ndimage.label against scipy.ndimage.label: values, numbering, graph, memory plan."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dask_sweep.errors import BudgetError, SweepConfigError
+from dask_sweep.ndimage import explain_label, label, plan_label
+from dask_sweep.ndimage.label import _face_pairs, _resolve
+
+
+def _budget_for(shape, rows, itemsize=1):
+    """A memory limit that makes slabs of about ``rows`` rows (2 slabs in flight)."""
+    plane = int(np.prod(shape[1:]))
+    pass1 = rows * plane * (2 * itemsize + 6) + plane * 40
+    pass2 = rows * plane * (2 * itemsize + 12) * 2
+    return max(pass1, pass2)
+
+
+def _check(mask, chunks0, structure=None, rows=1, scheduler="sync"):
+    x = da.from_array(mask, chunks=(chunks0,) + mask.shape[1:])
+    limit = _budget_for(mask.shape, max(rows, chunks0), mask.itemsize)
+    lab, num = label(x, structure, memory_limit=limit)
+    got, n = dask.compute(lab, num, scheduler=scheduler)
+    ref, rn = ndi.label(mask, structure)
+    assert got.dtype == ref.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)
+    assert int(n) == rn
+    return lab
+
+
+@st.composite
+def volumes(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    density = draw(st.sampled_from([0.0, 0.2, 0.45, 0.6, 0.9, 1.0]))
+    seed = draw(st.integers(0, 2**31))
+    mask = np.random.default_rng(seed).random(shape) < density
+    chunks0 = draw(st.integers(1, shape[0]))
+    rows = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["default", "full", "random"]))
+    if kind == "default":
+        structure = None
+    elif kind == "full":
+        structure = np.ones((3,) * ndim, dtype=bool)
+    else:
+        s = np.random.default_rng(seed + 1).random((3,) * ndim) < 0.5
+        structure = s | s[(slice(None, None, -1),) * ndim]  # symmetric
+    return mask, chunks0, structure, rows
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(volumes(), st.sampled_from(["sync", "threads"]))
+def test_matches_scipy(case, scheduler):
+    mask, chunks0, structure, rows = case
+    _check(mask, chunks0, structure, rows, scheduler)
+
+
+@pytest.mark.parametrize("structure", [None, np.ones((3, 3, 3), bool)])
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.7])
+def test_larger_volume_many_slabs(rng, structure, density):
+    mask = rng.random((24, 16, 20)) < density
+    lab = _check(mask, 1, structure, rows=1, scheduler="threads")
+    assert lab.numblocks[0] == 24
+
+
+def test_numbering_follows_first_voxel_not_first_piece():
+    # A "U": component A's pieces in slab 0 are local labels 1 and 3 (joined in slab 1),
+    # component B is local label 2 in slab 0. scipy: A=1 (first voxel at (0,0)), B=2.
+    m = np.zeros((3, 7), dtype=bool)
+    m[0] = [1, 0, 1, 0, 1, 0, 0]
+    m[1] = [1, 0, 0, 0, 1, 0, 1]
+    m[2] = [1, 1, 1, 1, 1, 0, 1]
+    lab = _check(m, 1, rows=1)
+    assert lab.numblocks[0] == 3
+    ref, _ = ndi.label(m)
+    assert ref[0, 2] == 2 and ref[0, 4] == 1
+
+
+def test_component_entering_late_gets_later_id():
+    # Components first seen in a later slab are numbered after all of slab 0's roots.
+    m = np.zeros((4, 5), dtype=bool)
+    m[0, 4] = m[1, 4] = True
+    m[2, 0] = True
+    m[3, 0:3] = True
+    _check(m, 1, rows=1)
+
+
+def test_face_pairs_full_connectivity_diagonals():
+    up = np.array([[1, 0], [0, 0]], dtype=np.int32)
+    low = np.array([[0, 0], [0, 1]], dtype=np.int32)
+    full = np.ones((3, 3, 3), bool)
+    assert _face_pairs(up, low, full[2], 10, 20).tolist() == [[11, 21]]
+    faces = ndi.generate_binary_structure(3, 1)
+    assert _face_pairs(up, low, faces[2], 10, 20).shape == (0, 2)
+
+
+def test_resolve_roots_and_numbering():
+    # slab 0: labels 1, 2; slab 1: labels 3, 4 (global). 2~3, 1~4: slab 1 has no roots.
+    s0 = (0, 2, np.empty((0, 2), np.int64))
+    s1 = (2, 2, np.array([[2, 3], [1, 4]], np.int64))
+    r = _resolve(s0, s1)
+    assert r.num == 2
+    assert r.lookup(0, 2).tolist() == [0, 1, 2]
+    assert r.lookup(1, 2).tolist() == [0, 2, 1]
+
+
+def test_num_features_is_lazy_and_alone_skips_pass_two(rng):
+    mask = rng.random((12, 6, 6)) < 0.5
+    lab, num = label(mask, memory_limit=_budget_for(mask.shape, 2))
+    assert isinstance(num, da.Array) and num.ndim == 0
+    assert int(num.compute()) == ndi.label(mask)[1]
+    from dask.core import flatten
+
+    culled = dict(num.__dask_graph__().cull(set(flatten(num.__dask_keys__()))))
+    names = {k[0] if isinstance(k, tuple) else k for k in culled}
+    assert lab.name not in names  # the relabel pass is not run for num_features alone
+    assert any(n.startswith("label-resolve-") for n in names)
+
+
+def test_graph_is_a_chain_with_inline_reads(rng):
+    mask = rng.random((10, 5, 5)) < 0.5
+    x = da.from_array(mask, chunks=(1, 5, 5))
+    lab, _ = label(x, memory_limit=_budget_for(mask.shape, 1))
+    dsk = dict(lab.__dask_graph__())
+    assert not any(isinstance(k, tuple) and k[0] == x.name for k in dsk)  # reads inlined
+    p1 = sorted(k for k in dsk if isinstance(k, tuple) and k[0].startswith("label-p1-"))
+    carry = {k[1]: k for k in dsk if isinstance(k, tuple) and k[0].startswith("label-carry-")}
+    for s, key in enumerate(p1[1:], 1):
+        assert carry[s - 1] in dsk[key].dependencies  # slab s waits for slab s-1
+    out = [k for k in dsk if isinstance(k, tuple) and k[0] == lab.name]
+    assert len(out) == 10
+    # pass 2 is gated: slab s waits for slab s - lag to be done
+    gated = [
+        k for k in out if any(str(d[0]).startswith("label-done-") for d in dsk[k].dependencies)
+    ]
+    assert (
+        len(gated)
+        == 10 - plan_label(x, memory_limit=_budget_for(mask.shape, 1)).passes[1].in_flight
+    )
+
+
+def test_external_input_still_correct(rng):
+    # An overlap upstream makes blocks depend on neighbour rows: not slab-local.
+    mask = rng.random((12, 8, 8)) < 0.5
+    zarr = pytest.importorskip("zarr")
+    z = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=mask.shape, chunks=(2, 4, 8), dtype="u1"
+    )
+    z[:] = mask
+    x = da.from_zarr(z)
+    y = x.map_overlap(lambda b: b, depth=1, boundary="none")
+    limit = _budget_for(mask.shape, 2)
+    plan = plan_label(y, memory_limit=limit)
+    assert len(plan.slabs) == 6 and not plan.inline
+    lab, n = label(y, memory_limit=limit)
+    got, gn = dask.compute(lab, n, scheduler="threads")
+    np.testing.assert_array_equal(got, ndi.label(mask)[0])
+    assert gn == ndi.label(mask)[1]
+
+
+def test_non_bool_inputs_and_output_dtype(rng):
+    vol = (rng.random((8, 7, 6)) * 3).astype("f4") - 1
+    lab, n = label(vol, output=np.int64, memory_limit="1MiB")
+    assert lab.dtype == np.int64
+    ref, rn = ndi.label(vol)
+    np.testing.assert_array_equal(lab.compute(), ref)
+    assert int(n.compute()) == rn
+
+
+def test_zarr_source_read_twice_in_chain_order(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    from dask_sweep.io import read_zarr, track
+
+    mask = (rng.random((16, 12, 10)) < 0.5).astype("u1")
+    z = zarr.create_array(
+        str(tmp_path / "v.zarr"), shape=mask.shape, chunks=(2, 12, 10), dtype="u1"
+    )
+    z[:] = mask
+    x = read_zarr(tmp_path / "v.zarr")
+    plan = plan_label(x, memory_limit=_budget_for(mask.shape, 2))
+    assert plan.inline and plan.bytes_read_ratio == 2 and plan.bytes_written == 0
+    assert plan.projected_peak <= plan.budget
+    with track() as stats:
+        lab, n = label(x, memory_limit=_budget_for(mask.shape, 2))
+        got, gn = dask.compute(lab, n)
+    np.testing.assert_array_equal(got, ndi.label(mask)[0])
+    c = next(iter(stats.sources.values()))
+    assert c.bytes_read == 2 * mask.nbytes
+    assert c.reads_per_chunk.histogram == {2: 8}
+
+
+def test_budget_error_at_call_time_before_io(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    from dask_sweep.io import read_zarr, track
+
+    z = zarr.create_array(
+        str(tmp_path / "v.zarr"), shape=(8, 64, 64), chunks=(4, 64, 64), dtype="u1"
+    )
+    z[:] = 1
+    with track() as stats, pytest.raises(BudgetError) as e:
+        label(read_zarr(tmp_path / "v.zarr"), memory_limit="16KiB")
+    assert stats.bytes_read == 0
+    msg = str(e.value)
+    assert "dask_sweep.ndimage.label" in msg and "16.00 KiB" in msg
+    assert e.value.projected > e.value.budget == 16 * 1024
+    assert isinstance(e.value, MemoryError)
+
+
+def test_explain_text(rng):
+    mask = rng.random((20, 8, 8)) < 0.5
+    text = explain_label(da.from_array(mask, chunks=(2, 8, 8)), memory_limit="4KiB")
+    for part in (
+        "pass 1 label-local",
+        "pass 2 relabel",
+        "projected peak",
+        "bytes read / input bytes = 2.00",
+        "slabs of 2-2 rows",
+        "resolve",
+    ):
+        assert part in text
+
+
+@pytest.mark.parametrize(
+    ("image", "structure", "match"),
+    [
+        ("abc", None, "input to be a numpy or dask array"),
+        (None, None, "input to be a numpy or dask array"),
+        (np.array(3), None, "0-d"),
+        (np.ones((3, 3), complex), None, "bool, integer or float"),
+        (np.ones((4, 4)), np.ones((3, 3, 3)), "structure and input must have equal rank"),
+        (np.ones((4, 4)), np.ones((5, 5)), "structure dimensions must be equal to 3"),
+        (np.ones((4, 4)), [[0, 1, 0], [0, 1, 1], [0, 1, 0]], "structure is not symmetric"),
+    ],
+)
+def test_bad_input(image, structure, match):
+    with pytest.raises(SweepConfigError, match=match):
+        label(image, structure)
+
+
+def test_bad_output_and_memory_limit():
+    with pytest.raises(SweepConfigError, match="output"):
+        label(np.ones((3, 3)), output=np.float32)
+    with pytest.raises(SweepConfigError, match="memory_limit"):
+        label(np.ones((3, 3)), memory_limit="lots")
+
+
+@pytest.mark.timeout(60)
+def test_distributed_local_cluster(rng):
+    distributed = pytest.importorskip("distributed")
+    mask = rng.random((16, 10, 12)) < 0.5
+    x = da.from_array(mask, chunks=(2, 10, 12))
+    with (
+        distributed.LocalCluster(
+            processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        lab, n = label(x, np.ones((3, 3, 3)), memory_limit=_budget_for(mask.shape, 2))
+        got, gn = dask.compute(lab, n)
+    ref, rn = ndi.label(mask, np.ones((3, 3, 3)))
+    np.testing.assert_array_equal(got, ref)
+    assert gn == rn

@@ -39,8 +39,12 @@ indices (``o`` increases with ``s``), which are exactly the roots.  Ranking
 the roots by ``g`` therefore gives scipy's numbering, and ranking is
 subtracting the non-roots below ``g``.
 
-**Pass 2** (slabs independent; at most ``threads`` in flight by a lag gate).
-Each slab is read and labelled again (deterministic, so no label volume is
+**Pass 2** (slabs independent, each depending only on the resolve step).
+No chain here on purpose: a chain of pass-2 tasks makes ``dask.order`` run
+the whole chain before the consumers of the output blocks (measured: every
+output block alive at once); without it each block's consumer (a store, a
+reduction) runs right after it, and the slabs in flight are bounded by the
+worker threads (``sweep.threads`` is the assumed count).  Each slab is read and labelled again (deterministic, so no label volume is
 ever written: 0 bytes written, input read twice) and relabelled through a
 lookup table of ``n[s] + 1`` ids built from the resolve step's non-roots that
 fall in the slab.
@@ -152,10 +156,11 @@ def _footprints(
     face = plane * 40
     # + the output block (out) + lookup table (4 x (n + 1), n <= voxels / 2 -> 2).
     p2 = p1 + out + 2
-    lag = max(1, settings.threads)
+    # Pass-2 slabs are independent: one in flight per worker thread.
+    threads = max(1, settings.threads)
     return (
         Footprint("label-local", p1, 1, face, "read, local scipy label, face pairs (a chain)"),
-        Footprint("relabel", p2, lag, 0, "read, local label again, lookup table, emit"),
+        Footprint("relabel", p2, threads, 0, "read, local label again, lookup table, emit"),
     )
 
 
@@ -346,7 +351,6 @@ def _pass2(
     resolved: Resolved,
     s: int,
     dtype: np.dtype,
-    _gate: Any,
     *blocks: Any,
 ) -> np.ndarray:
     mask = _read_mask(reader, blocks)
@@ -365,10 +369,6 @@ def _pass2(
         )
     lut = resolved.lookup(s, n).astype(dtype, copy=False)
     return lut[lab]
-
-
-def _done(_block: Any) -> None:
-    return None
 
 
 # --------------------------------------------------------------------------- public
@@ -425,8 +425,6 @@ def label(
     token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads)
     p1, carry, summ = f"label-p1-{token}", f"label-carry-{token}", f"label-summary-{token}"
     res, num, out = f"label-resolve-{token}", f"label-num-{token}", f"label-{token}"
-    done = f"label-done-{token}"
-    lag = plan.passes[1].in_flight
     nz = (0,) * (image.ndim - 1)
     dsk: dict = {}
     for s, r in enumerate(readers):
@@ -440,11 +438,8 @@ def label(
     dsk[(num,)] = Task((num,), _num, TaskRef(res))
     for s, r in enumerate(readers):
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        gate = TaskRef((done, s - lag)) if s >= lag else None
         key = (out, s, *nz)
-        dsk[key] = Task(key, _pass2, r, st, TaskRef(res), s, out_dtype, gate, *ext)
-        if s + lag < len(readers):
-            dsk[(done, s)] = Task((done, s), _done, TaskRef(key))
+        dsk[key] = Task(key, _pass2, r, st, TaskRef(res), s, out_dtype, *ext)
     deps = () if plan.inline else (image,)
     layer = MaterializedLayer(dsk)
     g_out = HighLevelGraph.from_collections(out, layer, dependencies=deps)

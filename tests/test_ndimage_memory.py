@@ -1,0 +1,83 @@
+"""Resources, not only values: traced peak memory of the sweeps vs their projection.
+
+Known gap (xfail): under the *sync* scheduler, ``dask.order`` runs a chain of
+slab tasks to its end before the consumers of the output blocks (store,
+reduction), so every output block is alive at once.  Under threads the
+consumers run as blocks appear; zarr's write buffers (not modelled) give a
+margin, hence the 1.5 x tolerance.
+"""
+
+import tracemalloc
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dask_sweep.ndimage import distance_transform_edt, label, plan_edt, plan_label
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(7)
+    vol = ndi.gaussian_filter(rng.random((48, 128, 128), dtype=np.float32), 1.5) > 0.5
+    z = zarr.create_array(
+        str(tmp_path / "v.zarr"), shape=vol.shape, chunks=(2, 128, 128), dtype="u1"
+    )
+    z[:] = vol
+    out = zarr.create_array(
+        str(tmp_path / "o.zarr"), shape=vol.shape, chunks=(2, 128, 128), dtype="f8"
+    )
+    return da.from_zarr(z), vol, out
+
+
+def _traced_peak(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+_SYNC_GAP = pytest.param(
+    "sync",
+    marks=pytest.mark.xfail(reason="dask.order defers output consumers behind a chain"),
+)
+
+
+@pytest.mark.parametrize("scheduler", [_SYNC_GAP, "threads"])
+def test_label_peak_within_projection(blobs, scheduler):
+    x, vol, _ = blobs
+    limit = "3MiB"
+    plan = plan_label(x, np.ones((3, 3, 3)), memory_limit=limit)
+    assert len(plan.slabs) > 4 and plan.projected_peak <= plan.budget
+    lab, n = label(x, np.ones((3, 3, 3)), memory_limit=limit)
+    res = {}
+
+    def run():
+        res["max"], res["n"] = dask.compute(lab.max(), n, scheduler=scheduler)
+
+    peak = _traced_peak(run)
+    assert res["n"] == ndi.label(vol, np.ones((3, 3, 3)))[1] == res["max"]
+    assert peak <= 1.5 * plan.projected_peak, (peak, plan.projected_peak)
+
+
+_SYNC_GAP = pytest.param(
+    "sync",
+    marks=pytest.mark.xfail(reason="dask.order defers output consumers behind a chain"),
+)
+
+
+@pytest.mark.parametrize("scheduler", [_SYNC_GAP, "threads"])
+def test_edt_peak_within_projection_while_storing(blobs, scheduler):
+    x, vol, out = blobs
+    limit = "2MiB"
+    plan = plan_edt(x, memory_limit=limit)
+    assert len(plan.slabs) > 4 and plan.projected_peak <= plan.budget
+    y = distance_transform_edt(x, memory_limit=limit)
+    peak = _traced_peak(lambda: da.store(y, out, lock=False, scheduler=scheduler))
+    np.testing.assert_allclose(out[:], ndi.distance_transform_edt(vol), rtol=1e-12)
+    assert peak <= 1.5 * plan.projected_peak, (peak, plan.projected_peak)

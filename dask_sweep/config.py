@@ -70,6 +70,8 @@ class SweepSettings:
         Input bytes one slab task aims at.
     reblock
         Let kernels proven block-invariant choose slab boundaries from the budget.
+    tune_malloc
+        Fix glibc's mmap/trim thresholds so freed slabs leave the process at once.
     """
 
     memory_limit: int = 1 << 30
@@ -78,6 +80,7 @@ class SweepSettings:
     threads: int = 2
     target_slab_bytes: int = 64 << 20
     reblock: bool = True
+    tune_malloc: bool = True
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -105,6 +108,7 @@ class SweepSettings:
                 cfg.get("target-slab-bytes", "64MiB"), "sweep.target-slab-bytes"
             ),
             reblock=bool(cfg.get("reblock", True)),
+            tune_malloc=bool(cfg.get("tune-malloc", True)),
         )
         for k, v in overrides.items():
             if v is None:

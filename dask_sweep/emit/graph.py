@@ -24,15 +24,20 @@ from dask.highlevelgraph import MaterializedLayer
 
 from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
+from dask_sweep.runtime.memory import tune_allocator
 
 
 def _step(plan, prev, t, ext_keys, ext_values):
+    if plan.info.get("tune_malloc", True):
+        tune_allocator()
     externals = dict(zip(ext_keys, ext_values))
     state = None if prev is None else prev[0]
     new_state, emitted = run_step(plan, state, t, externals)
     for k, o in enumerate(plan.outputs):
         if o.sink is not None and emitted[k][1] is not None:
             _write(plan, o, *emitted[k])
+            # written: do not keep the planes alive in this task's result
+            emitted[k] = (emitted[k][0], None)
     return new_state, emitted
 
 

@@ -185,7 +185,8 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
                                   sink=StoreWriter(BlockwiseEval(hlg.layers[store]))))
     return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
-                budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes))
+                budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes),
+                info={"tune_malloc": settings.tune_malloc})
 
 
 def _bounds(chunks) -> tuple[int, ...]:

@@ -71,6 +71,47 @@ class ExternalReader:
         return _assemble(self.numblocks, self.axis, r, lambda idx: externals[(self.name, *idx)])
 
 
+class SubgraphReader:
+    """Evaluate a chunk row *and the cheap upstream tasks it needs* inside the slab task.
+
+    For sources such as ``from_zarr(...)[:n]`` or ``from_zarr(...).astype(f)``
+    whose blocks depend on a few upstream tasks each.  Upstream values needed by
+    a later row (slices that straddle chunk boundaries) are carried to the next
+    step in ``memo`` and dropped after the last row that needs them, so each
+    upstream task still runs once.
+    """
+
+    def __init__(self, name, numblocks, axis, tasks: dict, last_use: dict) -> None:
+        self.name = name
+        self.numblocks = numblocks
+        self.axis = axis
+        self.tasks = tasks
+        self.last_use = last_use  # upstream key -> last row that needs it
+
+    def row_keys(self, r: int) -> list[tuple]:
+        return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
+
+    def read_row(self, r: int, externals: dict, memo: dict | None = None):
+        memo = dict(memo or {})
+        tasks = self.tasks
+
+        def get(key):
+            if key in memo:
+                return memo[key]
+            t = tasks[key]
+            if isinstance(t, GraphNode):
+                val = t({d: get(d) for d in t.dependencies})
+            else:
+                val = t
+            memo[key] = val
+            return val
+
+        out = _assemble(self.numblocks, self.axis, r,
+                        lambda idx: get((self.name, *idx)))
+        keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) > r}
+        return out, keep
+
+
 def _row_indices(numblocks, axis, r):
     ranges = [range(n) for n in numblocks]
     ranges[axis] = range(r, r + 1)
@@ -97,7 +138,8 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
 
     closure = layer_root_closure(hlg, name)
     if closure is None:
-        return ExternalReader(name, numblocks, axis)
+        sub = _subgraph_reader(hlg, name, numblocks, axis)
+        return sub if sub is not None else ExternalReader(name, numblocks, axis)
     layer = hlg.layers[name]
     tasks = {k: (task_of(v, k) if isinstance(v, tuple) and not isinstance(k, tuple) else v)
              for k, v in layer.items()}
@@ -126,3 +168,50 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
         if isinstance(t, GraphNode) and not set(t.dependencies) <= set(ordered):
             return ExternalReader(name, numblocks, axis)
     return InlineReader(name, numblocks, axis, tasks, ordered)
+
+
+def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
+                     max_deps: int = 16):
+    """A :class:`SubgraphReader` when the upstream of ``name`` is small and narrow."""
+    deps = hlg.dependencies
+    closure, stack = set(), [name]
+    while stack:
+        for d in deps.get(stack.pop(), ()):
+            if d not in closure:
+                closure.add(d)
+                stack.append(d)
+    nblocks = int(np.prod(numblocks))
+    total = 0
+    for lay in closure | {name}:
+        try:
+            total += len(hlg.layers[lay])
+        except TypeError:  # pragma: no cover
+            return None
+        if total > factor * nblocks + 64:
+            return None
+    tasks: dict = {}
+    for lay in closure | {name}:
+        for k, v in hlg.layers[lay].items():
+            tasks[k] = task_of(v, k) if isinstance(v, tuple) and not isinstance(k, tuple) else v
+    for t in tasks.values():
+        if isinstance(t, GraphNode):
+            dd = t.dependencies
+            if len(dd) > max_deps or not set(dd) <= tasks.keys():
+                return None
+    # last row needing each upstream key, by walking each row's closure
+    last_use: dict = {}
+    for r in range(numblocks[axis]):
+        stack = [(name, *idx) for idx in _row_indices(numblocks, axis, r)]
+        seen = set()
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            last_use[k] = r
+            t = tasks[k]
+            if isinstance(t, GraphNode):
+                stack.extend(t.dependencies)
+    # small upstream values used by every row (e.g. the zarr array) stay cached
+    tasks = {k: v for k, v in tasks.items() if k in last_use}
+    return SubgraphReader(name, numblocks, axis, tasks, last_use)

@@ -75,7 +75,8 @@ def _bounds(chunks) -> list[int]:
     return np.cumsum((0, *chunks)).tolist()
 
 
-def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: bool):
+def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: bool,
+                   memos: dict | None = None, j: int = 0):
     rb = st.row_bounds
     r0 = rb.index(a)
     r1 = rb.index(b)
@@ -83,7 +84,14 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
         s = list(st.shape)
         s[axis] = b - a
         return Shape(tuple(s), st.dtype)
-    rows = [st.reader.read_row(r, externals) for r in range(r0, r1)]
+    rows = []
+    for r in range(r0, r1):
+        if hasattr(st.reader, "last_use"):
+            # a reader carrying upstream values to later rows (see patterns.readers)
+            row, memos[j] = st.reader.read_row(r, externals, memos.get(j))
+        else:
+            row = st.reader.read_row(r, externals)
+        rows.append(row)
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=axis)
 
 

@@ -29,9 +29,10 @@ class State:
 
     rings: list[Ring]
     done: list[int]  # per output: planes emitted so far
+    memos: dict = field(default_factory=dict)  # per source: upstream values for later rows
 
     def copy(self) -> State:
-        return State([r.copy() for r in self.rings], list(self.done))
+        return State([r.copy() for r in self.rings], list(self.done), dict(self.memos))
 
 
 @dataclass
@@ -84,7 +85,8 @@ class _Step:
         plan, axis = self.plan, self.plan.axis
         st = plan.stages[j]
         if isinstance(st, Source):
-            out = C.compute_source(st, a, b, axis, self.externals, self.dry)
+            out = C.compute_source(st, a, b, axis, self.externals, self.dry,
+                                   self.state.memos, j)
             if self.trace is not None:
                 r0, r1 = st.row_bounds.index(a), st.row_bounds.index(b)
                 for r in range(r0, r1):

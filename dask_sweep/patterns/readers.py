@@ -10,10 +10,8 @@ task that first needs them.
 from __future__ import annotations
 
 import numpy as np
-from dask._task_spec import GraphNode
+from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.array.core import concatenate3
-
-from dask_sweep.patterns.layers import task_of
 
 
 class InlineReader:
@@ -140,9 +138,10 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
     if closure is None:
         sub = _subgraph_reader(hlg, name, numblocks, axis)
         return sub if sub is not None else ExternalReader(name, numblocks, axis)
-    layer = hlg.layers[name]
-    tasks = {k: (task_of(v, k) if isinstance(v, tuple) and not isinstance(k, tuple) else v)
-             for k, v in layer.items()}
+    merged = dict(hlg.layers[name].items())
+    for dep in closure:
+        merged.update(hlg.layers[dep].items())
+    tasks = convert_legacy_graph(merged)
     shared = {}
     block_keys = set()
     for idx in np.ndindex(*numblocks):
@@ -150,9 +149,6 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
     for k in list(tasks):
         if k not in block_keys:
             shared[k] = tasks.pop(k)
-    for dep in closure:
-        for k, v in hlg.layers[dep].items():
-            shared[k] = v
     # order shared keys so that dependencies come first
     ordered: dict = {}
     pending = dict(shared)
@@ -189,10 +185,10 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             return None
         if total > factor * nblocks + 64:
             return None
-    tasks: dict = {}
+    merged: dict = {}
     for lay in closure | {name}:
-        for k, v in hlg.layers[lay].items():
-            tasks[k] = task_of(v, k) if isinstance(v, tuple) and not isinstance(k, tuple) else v
+        merged.update(hlg.layers[lay].items())
+    tasks = convert_legacy_graph(merged)
     for t in tasks.values():
         if isinstance(t, GraphNode):
             dd = t.dependencies

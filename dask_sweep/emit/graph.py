@@ -98,18 +98,13 @@ def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict
             end = bnds[axis][q + 1]
             step_of_row.append(next(t for t, b in enumerate(plan.steps) if b >= end))
         layer = {}
+        step_refs = [TaskRef((step_name, t)) for t in range(len(plan.steps))]
+        plan_ref = TaskRef(plan_key)
+        fn = _done if o.sink is not None else _extract_block
         for idx in np.ndindex(*[len(c) for c in o.chunks]):
-            t = step_of_row[idx[axis]]
             key = (o.name, *idx)
-            if o.sink is not None:
-                layer[key] = Task(key, _done, TaskRef((step_name, t)))
-            else:
-                # slices relative to the step's emission, in the axis-first convention
-                sl = [slice(bnds[d][q], bnds[d][q + 1]) for d, q in enumerate(idx)]
-                order = [axis] + [d for d in range(len(sl)) if d != axis]
-                sl_axis_first = [sl[d] for d in order]
-                layer[key] = Task(key, _extract_axis, TaskRef((step_name, t)), k, axis,
-                                  tuple(sl_axis_first), tuple(order))
+            # few, flat arguments: building tens of thousands of these must stay cheap
+            layer[key] = Task(key, fn, step_refs[step_of_row[idx[axis]]], plan_ref, k, idx)
         out_layers[o.name] = layer
     layers = {f"sweep-{token}": tasks, **out_layers}
     deps = {f"sweep-{token}": ext_layers}
@@ -118,11 +113,15 @@ def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict
     return {n: MaterializedLayer(v) for n, v in layers.items()}, deps
 
 
-def _extract_axis(step_result, k, axis, sl_axis_first, order):
+def _extract_block(step_result, plan: Plan, k: int, idx: tuple[int, ...]):
+    """Block ``idx`` of output ``k`` out of the planes its step emitted."""
     a, planes = step_result[1][k]
-    sl = [None] * len(order)
-    for pos, d in enumerate(order):
-        sl[d] = sl_axis_first[pos]
-    s = sl[axis]
-    sl[axis] = slice(s.start - a, s.stop - a)
+    o = plan.outputs[k]
+    sl = []
+    for d, q in enumerate(idx):
+        c = o.chunks[d]
+        s = sum(c[:q])
+        if d == plan.axis:
+            s -= a
+        sl.append(slice(s, s + c[q]))
     return planes[tuple(sl)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_task
+from dask._task_spec import GraphNode, TaskRef, convert_legacy_task
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph
 
@@ -89,12 +89,16 @@ class BlockwiseEval:
             out.append(q)
         return tuple(out)
 
-    def __call__(self, idx: tuple[int, ...], arrays: dict[int, Any]) -> Any:
+    def referenced_keys(self) -> list:
+        """Graph keys passed whole to every block (e.g. the zarr array of ``from_zarr``)."""
+        return [arg.key for arg, ind in self.indices if ind is None and isinstance(arg, TaskRef)]
+
+    def __call__(self, idx: tuple[int, ...], arrays: dict[int, Any], refs: dict | None = None):
         values = {}
         for k, (arg, ind) in enumerate(self.indices):
             tok = f"__dask_blockwise__{k}"
             if ind is None:
-                values[tok] = arg
+                values[tok] = refs[arg.key] if isinstance(arg, TaskRef) else arg
             elif arg in self.io_deps:
                 values[tok] = self.io_deps[arg][self._block_of(arg, ind, idx)]
             else:

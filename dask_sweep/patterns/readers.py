@@ -54,6 +54,21 @@ class InlineReader:
         return _assemble(self.numblocks, self.axis, r, self.block)
 
 
+class BlockwiseReader(InlineReader):
+    """A root ``Blockwise`` source (``from_zarr``, ``zeros``...) evaluated from its template.
+
+    Nothing is materialised at planning time, so planning stays linear and cheap
+    in the number of chunks.
+    """
+
+    def __init__(self, name, numblocks, axis, ev, shared: dict) -> None:
+        super().__init__(name, numblocks, axis, {}, shared)
+        self.ev = ev
+
+    def block(self, idx: tuple[int, ...]):
+        return self.ev(idx, {}, self._shared_values())
+
+
 class ExternalReader:
     """Blocks handed in by the scheduler as dependencies of the slab task."""
 
@@ -132,13 +147,24 @@ def _assemble(numblocks, axis, r, get):
 
 def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
     """An inline reader when ``name`` needs no upstream computation, else external."""
-    from dask_sweep.patterns.layers import layer_root_closure
+    from dask.blockwise import Blockwise
+
+    from dask_sweep.patterns.layers import BlockwiseEval, layer_root_closure
 
     closure = layer_root_closure(hlg, name)
     if closure is None:
         sub = _subgraph_reader(hlg, name, numblocks, axis)
         return sub if sub is not None else ExternalReader(name, numblocks, axis)
-    merged = dict(hlg.layers[name].items())
+    layer = hlg.layers[name]
+    if isinstance(layer, Blockwise):
+        ev = BlockwiseEval(layer)
+        refs = set(ev.referenced_keys())
+        if not ev.array_args() and refs <= {k for d in closure for k in hlg.layers[d].keys()}:
+            shared_raw: dict = {}
+            for dep in closure:
+                shared_raw.update(hlg.layers[dep].items())
+            return BlockwiseReader(name, numblocks, axis, ev, convert_legacy_graph(shared_raw))
+    merged = dict(layer.items())
     for dep in closure:
         merged.update(hlg.layers[dep].items())
     tasks = convert_legacy_graph(merged)

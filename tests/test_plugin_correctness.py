@@ -38,16 +38,29 @@ def test_asymmetric_depth_none(rng, chunks):
     assert_sweep_equal(y, **SMALL)
 
 
-def test_periodic_on_one_axis_sweeps_another(rng):
+@pytest.mark.parametrize("chunks", [(5, 6, 16), (1, 18, 16), (3, 5, 4)])
+@pytest.mark.parametrize("depth", [1, 2, {0: 3, 1: 1, 2: 0}])
+def test_periodic_along_the_sweep_axis(rng, chunks, depth):
+    x = da.from_array(rng.random((20, 18, 16)), chunks=chunks) + 1
+    y = x.map_overlap(opaque, depth=depth, boundary="periodic")
+    assert_sweep_equal(y, **SMALL)
+    y = x.map_overlap(ndi.gaussian_filter, depth=depth, sigma=0.5,
+                      boundary={0: "periodic", 1: "reflect", 2: "none"})
+    assert_sweep_equal(y.map_overlap(opaque, depth=1, boundary="nearest"), **SMALL)
+
+
+def test_chained_periodic_sweeps_another_axis(rng):
     x = da.from_array(rng.random((20, 18, 16)), chunks=(5, 6, 16))
     y = x.map_overlap(opaque, depth=2, boundary={0: "periodic", 1: "reflect", 2: "none"})
+    y = y.map_overlap(opaque, depth=1, boundary={0: "periodic", 1: "none", 2: "none"})
     assert_sweep_equal(y, **SMALL)
     assert "axis 1" in str(dask_sweep.explain(y, **SMALL))
 
 
-def test_periodic_everywhere_falls_back_with_reason(rng):
+def test_chained_periodic_everywhere_falls_back_with_reason(rng):
     x = da.from_array(rng.random((20, 18, 16)), chunks=(5, 6, 16))
     y = x.map_overlap(opaque, depth=1, boundary="periodic")
+    y = y.map_overlap(opaque, depth=1, boundary="periodic")
     assert_sweep_equal(y, expect_swept=False, **SMALL)
     assert "periodic" in str(dask_sweep.explain(y))
 
@@ -126,7 +139,7 @@ def test_external_source_is_correct(rng):
     shape=st.tuples(st.integers(3, 14), st.integers(2, 9), st.integers(1, 8)),
     c0=st.integers(1, 6), c1=st.integers(1, 9),
     depth=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
-    boundary=st.sampled_from(["none", "reflect", "nearest", 0, -1.5]),
+    boundary=st.sampled_from(["none", "reflect", "nearest", "periodic", 0, -1.5]),
     dtype=st.sampled_from(["u1", "i4", "f4", "f8", "bool"]),
     stages=st.integers(1, 3),
 )

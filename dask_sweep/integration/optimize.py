@@ -42,25 +42,44 @@ class SweepResult:
     settings: SweepSettings | None = None
 
 
+def _periodic_on(spec, ax: int) -> bool:
+    return any(isinstance(b.get(ax), str) and b.get(ax) == "periodic" for b in spec.boundary)
+
+
+def _sweepable(region, ax: int) -> bool:
+    """Periodic along the sweep axis is fine unless one such stage feeds another.
+
+    (The far end of a periodic stage's input is computed by a side evaluation,
+    which must not itself need the far end of something else.)
+    """
+    stages = region.stages
+
+    def has_periodic_ancestor(name, seen):
+        for i in stages[name].inputs:
+            if i in stages and i not in seen:
+                seen.add(i)
+                if _periodic_on(stages[i], ax) or has_periodic_ancestor(i, seen):
+                    return True
+        return False
+
+    return not any(_periodic_on(s, ax) and has_periodic_ancestor(n, set())
+                   for n, s in stages.items())
+
+
 def _choose_axis(region, settings: SweepSettings) -> tuple[int | None, str]:
     ndim = len(next(iter(region.stages.values())).meta.shape)
-    periodic = set()
-    for s in region.stages.values():
-        for b in s.boundary:
-            for ax, v in b.items():
-                if isinstance(v, str) and v == "periodic":
-                    periodic.add(ax)
     if settings.axis is not None:
         if settings.axis >= ndim:
             raise dask_sweep_config_error(settings.axis, ndim)
-        if settings.axis in periodic:
-            return None, f"periodic boundary along the configured sweep axis {settings.axis}"
+        if not _sweepable(region, settings.axis):
+            return None, (f"chained periodic boundaries along the configured sweep axis "
+                          f"{settings.axis}")
         return settings.axis, ""
     for ax in range(ndim):
-        if ax not in periodic:
-            note = "" if ax == 0 else f"swept along axis {ax}: axis 0 has a periodic boundary"
+        if _sweepable(region, ax):
+            note = "" if ax == 0 else f"swept along axis {ax}: chained periodic boundaries on axis 0"
             return ax, note
-    return None, "periodic boundary on every axis (a sweep would need the far end first)"
+    return None, "chained periodic boundaries on every axis (each would need the far end first)"
 
 
 def dask_sweep_config_error(axis, ndim):

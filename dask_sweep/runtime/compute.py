@@ -28,7 +28,7 @@ import numpy as np
 from dask.array.core import concatenate3
 
 from dask_sweep.plan.ir import Blocked, Kernel, Source
-from dask_sweep.runtime.ring import Shape
+from dask_sweep.runtime.ring import Shape, concat, take  # noqa: F401 (re-exported)
 
 _NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
 
@@ -95,7 +95,8 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=axis)
 
 
-def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool):
+def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
+                    prepadded=()):
     """Evaluate every dask block of rows ``[a, b)`` with its own halo and padding."""
     n = st.shape[axis]
     if dry:
@@ -114,9 +115,10 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
             if ax == axis:
                 pa = max(0, a - lo)
                 if bnd != "none":
-                    plo = lo - (a - pa)
-                    phi = max(0, b + hi - n)
-                    x = pad_axis(x, ax, plo, phi, bnd)
+                    if i not in prepadded:  # periodic is padded by the executor
+                        plo = lo - (a - pa)
+                        phi = max(0, b + hi - n)
+                        x = pad_axis(x, ax, plo, phi, bnd)
                     off[ax] = -(a - lo)
                 else:
                     off[ax] = -pa
@@ -173,7 +175,8 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
     return concatenate3(nested.tolist())
 
 
-def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool):
+def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
+                   prepadded: bool = False):
     """Run a block-invariant kernel on a slab padded by its halo, then crop."""
     (x,) = inputs
     n = st.shape[axis]
@@ -187,7 +190,8 @@ def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads:
     crop = [slice(None)] * ndim
     bnd = st.boundary[axis]
     if bnd != "none":
-        x = pad_axis(x, axis, d - (a - pa), d - (pb - b), bnd)
+        if not prepadded:  # periodic is padded by the executor
+            x = pad_axis(x, axis, d - (a - pa), d - (pb - b), bnd)
         crop[axis] = slice(d, d + (b - a))
     else:
         crop[axis] = slice(a - pa, a - pa + (b - a))

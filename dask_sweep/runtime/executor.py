@@ -30,9 +30,11 @@ class State:
     rings: list[Ring]
     done: list[int]  # per output: planes emitted so far
     memos: dict = field(default_factory=dict)  # per source: upstream values for later rows
+    wrap: dict = field(default_factory=dict)  # (stage, input) -> (tail, head) planes
 
     def copy(self) -> State:
-        return State([r.copy() for r in self.rings], list(self.done), dict(self.memos))
+        return State([r.copy() for r in self.rings], list(self.done), dict(self.memos),
+                     dict(self.wrap))
 
 
 @dataclass
@@ -51,6 +53,25 @@ class Trace:
 
 def initial_state(plan: Plan) -> State:
     return State([Ring(plan.axis) for _ in plan.stages], [0] * len(plan.outputs))
+
+
+def _round_down(grid, a: int) -> int:
+    if grid is None:
+        return a
+    return max(g for g in grid if g <= a)
+
+
+def periodic_inputs(st) -> list[int]:
+    """Input positions of ``st`` with a periodic boundary along its sweep axis."""
+    if isinstance(st, Blocked):
+        return [i for i, b in enumerate(st.boundary) if _is_periodic(b[st.sweep_axis])]
+    if isinstance(st, Kernel):
+        return [0] if _is_periodic(st.boundary[st.sweep_axis]) else []
+    return []
+
+
+def _is_periodic(b) -> bool:
+    return isinstance(b, str) and b == "periodic"
 
 
 def _round_up(grid, b: int) -> int:
@@ -73,10 +94,13 @@ class _Step:
         self.grids = [st.grid(plan.axis) for st in plan.stages]
 
     def held(self) -> int:
-        return sum(r.nbytes for r in self.state.rings)
+        extra = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
+        return sum(r.nbytes for r in self.state.rings) + extra
 
     def pull(self, j: int, a: int, b: int):
         ring = self.state.rings[j]
+        if ring.stop is None:  # a side evaluation starts where it is asked
+            ring.start = ring.stop = _round_down(self.grids[j], a)
         if b > ring.stop:
             self._compute(j, ring.stop, _round_up(self.grids[j], b))
         return ring.get(a, b)
@@ -95,16 +119,22 @@ class _Step:
             transient = 0
         else:
             ins = []
+            periodic = periodic_inputs(st)
             for pos, i in enumerate(st.inputs):
                 lo, hi = st.window(pos)
-                ins.append(self.pull(i, max(0, a - lo), min(self.n, b + hi)))
+                x = self.pull(i, max(0, a - lo), min(self.n, b + hi))
+                if pos in periodic:
+                    x = self._wrap(j, pos, i, a, b, lo, hi, x)
+                ins.append(x)
             transient = sum(int(x.nbytes) for x in ins)
             if isinstance(st, Blocked):
-                out = C.compute_blocked(st, a, b, axis, ins, plan.threads, self.dry)
+                out = C.compute_blocked(st, a, b, axis, ins, plan.threads, self.dry,
+                                        prepadded=periodic)
             elif isinstance(st, Identity):
                 out = ins[0]
             elif isinstance(st, Kernel):
-                out = C.compute_kernel(st, a, b, axis, ins, plan.threads, self.dry)
+                out = C.compute_kernel(st, a, b, axis, ins, plan.threads, self.dry,
+                                       prepadded=bool(periodic))
             elif hasattr(st, "compute_planes"):  # stage kinds defined by a front end
                 out = st.compute_planes(a, b, axis, ins, plan.threads, self.dry)
             else:  # pragma: no cover - a new stage kind must be added here
@@ -121,6 +151,31 @@ class _Step:
             nb = self.state.rings[j].nbytes
             if nb > self.trace.ring_peak.get(j, 0):
                 self.trace.ring_peak[j] = nb
+
+    def _wrap(self, j, pos, i, a, b, lo, hi, x):
+        """Pad planes of input ``i`` periodically along the sweep axis.
+
+        The far end is needed at the start: its last ``lo`` planes are computed
+        once by a side evaluation (fresh rings anchored near the end) and kept,
+        with a copy of the first ``hi`` planes, until the sweep reaches the end.
+        """
+        key = (j, pos)
+        if key not in self.state.wrap:
+            side = _Step(self.plan, State([Ring(self.plan.axis, None) for _ in self.plan.stages],
+                                          []), self.externals, self.dry, self.trace)
+            tail = side.pull(i, self.n - lo, self.n)
+            head = C.take(self.state.rings[i].get(0, hi), 0, hi, self.plan.axis)
+            if not self.dry:
+                tail, head = tail.copy(), head.copy()
+            self.state.wrap[key] = (tail, head)
+        tail, head = self.state.wrap[key]
+        parts = []
+        if a - lo < 0:
+            parts.append(C.take(tail, lo - (lo - a), lo, self.plan.axis))
+        parts.append(x)
+        if b + hi > self.n:
+            parts.append(C.take(head, 0, b + hi - self.n, self.plan.axis))
+        return C.concat(parts, self.plan.axis) if len(parts) > 1 else x
 
     def release(self) -> None:
         """Drop planes no consumer will ask for again."""

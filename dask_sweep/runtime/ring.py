@@ -60,7 +60,7 @@ class Ring:
 
     __slots__ = ("axis", "pieces", "start", "stop")
 
-    def __init__(self, axis: int, start: int = 0) -> None:
+    def __init__(self, axis: int, start: int | None = 0) -> None:
         self.axis = axis
         self.pieces: list[tuple[int, int, object]] = []
         self.start = start
@@ -94,10 +94,12 @@ class Ring:
     def drop_below(self, a: int) -> None:
         """Forget planes below ``a``.
 
+        (A ring never anchored, ``stop is None``, holds nothing.)
+
         A piece straddling ``a`` is cut with a *copy*, so that the planes kept
         do not pin the whole piece in memory.
         """
-        if a <= self.start:
+        if self.stop is None or a <= self.start:
             return
         keep = []
         for s, e, v in self.pieces:

@@ -141,6 +141,47 @@ def kernel_radius(func, kwargs: dict, ndim: int) -> list[int] | None:
         return None
 
 
+def _scalar(v) -> bool:
+    return np.ndim(v) == 0
+
+
+def separable_passes(func, kw: dict, ndim: int):
+    """scipy's own sequence of 1-D passes for a separable call, or ``None``.
+
+    Mirrors scipy.ndimage: axes in increasing order, skipping those scipy skips,
+    each pass writing the input's dtype.  Running the sweep-axis pass first on
+    the padded slab and the in-plane passes only on the planes kept gives the
+    same bits as the N-D call, without filtering halo planes in-plane.
+    """
+    if not _scalar(kw.get("mode", "reflect")) or np.any(np.asarray(kw.get("origin", 0)) != 0):
+        return None
+    axes = _axes(kw, ndim)
+    mode, cval = kw.get("mode", "reflect"), kw.get("cval", 0.0)
+    out = []
+    if func is ndi.gaussian_filter:
+        sig = _per_axis(kw["sigma"], len(axes))
+        orders = _per_axis(kw.get("order", 0), len(axes))
+        rad = kw.get("radius")
+        rads = _per_axis(rad, len(axes)) if rad is not None else [None] * len(axes)
+        for ax, s_, o, r in zip(axes, sig, orders, rads):
+            if s_ > 1e-15:
+                out.append((ax, functools.partial(
+                    ndi.gaussian_filter1d, sigma=s_, axis=ax, order=o, mode=mode, cval=cval,
+                    truncate=kw.get("truncate", 4.0), radius=r)))
+        return tuple(out)
+    if func in (ndi.uniform_filter, ndi.minimum_filter, ndi.maximum_filter, ndi.grey_erosion):
+        if kw.get("footprint") is not None or kw.get("structure") is not None:
+            return None
+        f1 = {ndi.uniform_filter: ndi.uniform_filter1d, ndi.maximum_filter: ndi.maximum_filter1d}
+        fn1 = f1.get(func, ndi.minimum_filter1d)
+        for ax, size in zip(axes, _per_axis(kw["size"], len(axes))):
+            if size > 1:
+                out.append((ax, functools.partial(fn1, size=int(size), axis=ax, mode=mode,
+                                                  cval=cval)))
+        return tuple(out)
+    return None
+
+
 def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kernel | None, str]:
     """A re-blockable :class:`Kernel` for a map_overlap spec, or why not."""
     func, kwargs = spec.kernel
@@ -170,5 +211,6 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
         label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
         fn=functools.partial(func, **kwargs), depth=tuple(depth), boundary=bnd,
         temps=3.0 if func in (ndi.median_filter,) else 2.0, sweep_axis=axis,
+        passes=separable_passes(func, kwargs, ndim),
     )
     return st, ""

@@ -146,6 +146,7 @@ class Kernel(Stage):
     boundary: tuple[BoundaryT, ...] = ()  # per axis: 'none' lets the kernel's own mode act
     temps: float = 2.0
     kind: str = "kernel"
+    passes: tuple | None = None  # separable form: ((axis, fn1d), ...) in the kernel's order
 
     def window(self, i: int) -> tuple[int, int]:
         d = self.depth[self.sweep_axis]

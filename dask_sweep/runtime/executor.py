@@ -64,9 +64,10 @@ def _round_down(grid, a: int) -> int:
 def periodic_inputs(st) -> list[int]:
     """Input positions of ``st`` with a periodic boundary along its sweep axis."""
     if isinstance(st, Blocked):
-        return [i for i, b in enumerate(st.boundary) if _is_periodic(b[st.sweep_axis])]
+        return [i for i, b in enumerate(st.boundary)
+                if _is_periodic(b[st.sweep_axis]) and any(st.window(i))]
     if isinstance(st, Kernel):
-        return [0] if _is_periodic(st.boundary[st.sweep_axis]) else []
+        return [0] if _is_periodic(st.boundary[st.sweep_axis]) and st.window(0)[0] else []
     return []
 
 
@@ -92,6 +93,7 @@ class _Step:
         self.trace = trace
         self.n = plan.extent
         self.grids = [st.grid(plan.axis) for st in plan.stages]
+        self.consumers = plan.consumers()
 
     def held(self) -> int:
         extra = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
@@ -147,6 +149,10 @@ class _Step:
                 self.trace.peak_stage = st.label
                 self.trace.peak_step = len(self.trace.rows_read) - 1
         self.state.rings[j].append(a, out)
+        # Free the inputs' planes this stage was the last to need, now rather than
+        # at the end of the step: a step then holds about one stage's slab at a time.
+        for i in set(st.inputs):
+            self._release_one(i)
         if self.trace is not None:
             nb = self.state.rings[j].nbytes
             if nb > self.trace.ring_peak.get(j, 0):
@@ -176,6 +182,18 @@ class _Step:
         if b + hi > self.n:
             parts.append(C.take(head, 0, b + hi - self.n, self.plan.axis))
         return C.concat(parts, self.plan.axis) if len(parts) > 1 else x
+
+    def _release_one(self, i: int) -> None:
+        plan = self.plan
+        keep = self.n
+        for j, pos in self.consumers[i]:
+            lo, _ = plan.stages[j].window(pos)
+            stop = self.state.rings[j].stop
+            keep = min(keep, max(0, (stop or 0) - lo))
+        for k, o in enumerate(plan.outputs):
+            if o.stage == i:
+                keep = min(keep, self.state.done[k])
+        self.state.rings[i].drop_below(keep)
 
     def release(self) -> None:
         """Drop planes no consumer will ask for again."""

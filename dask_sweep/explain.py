@@ -98,6 +98,15 @@ class Explanation:
             )
             out.append(f"  expected bytes read / input bytes = {ratio:.3f} "
                        f"({format_bytes(trace.bytes_read)} of {format_bytes(in_bytes)})")
+            counts: dict = {}
+            for step_rows in trace.rows_read:
+                for jr in step_rows:
+                    counts[jr] = counts.get(jr, 0) + 1
+            if counts:
+                vals = list(counts.values())
+                out.append(f"  predicted reads per chunk: max {max(vals)}, "
+                           f"mean {sum(vals) / len(vals):.2f} (each chunk row read whole, in "
+                           "disk order)")
             for note in plan.notes:
                 out.append(f"  note: {note}")
         for fb in self.result.fallbacks:

@@ -77,3 +77,22 @@ def test_ring_buffers_hold_only_the_window(volume):
         itemsize = np.dtype(plan.stages[j].dtype).itemsize
         assert held <= (4 + 2 * 4 + 4 + 8) * plane * itemsize, (j, held)
     assert max(trace.held_after) < 60 * plane  # never the whole volume
+
+
+def test_h5py_and_dask_image_sources_are_inlined(tmp_path, rng):
+    h5py = pytest.importorskip("h5py")
+    tifffile = pytest.importorskip("tifffile")
+    dask_image_imread = pytest.importorskip("dask_image.imread")
+    v = (rng.random((20, 32, 30)) * 255).astype("u1")
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("x", data=v, chunks=(4, 32, 30))
+    for i in range(20):
+        tifffile.imwrite(tmp_path / f"s_{i:03d}.tif", v[i])
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        sources = [da.from_array(f["x"], chunks=(4, 32, 30)),
+                   dask_image_imread.imread(str(tmp_path / "s_*.tif"))]
+        for x in sources:
+            y = x.map_overlap(ndi.gaussian_filter, depth=3, sigma=1, boundary="none")
+            text = str(dask_sweep.explain(y))
+            assert "inline, in the slab task" in text and "predicted reads per chunk: max 1" in text
+            assert_sweep_equal(y, target_slab_bytes="4KiB")

@@ -126,3 +126,11 @@ def test_xarray_goes_through_the_same_hook(rng):
     with dask_sweep.enable():
         got = out.compute()
     xr.testing.assert_identical(got, expected)
+
+
+def test_unknown_boundary_is_named():
+    x = da.ones((10, 10), chunks=5)
+    y = x.map_overlap(lambda b: b, depth=1, boundary="wrap")
+    with dask_sweep.enable():
+        with pytest.raises(SweepConfigError, match="Unknown boundary 'wrap' on axis 0"):
+            y.compute()

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.layers import ArrayOverlapLayer
 
@@ -129,10 +130,36 @@ def _follow_rechunk(deps: dict, layers: dict, metas: dict, name: str) -> tuple[s
     return name, internal
 
 
+KNOWN_BOUNDARIES = ("none", "reflect", "periodic", "nearest")
+
+
+def check_boundary(boundary: dict, where: str) -> None:
+    """Refuse a boundary dask would misread as a fill value (e.g. ``'wrap'``)."""
+    import numbers
+
+    for ax, b in boundary.items():
+        if isinstance(b, str) and b not in KNOWN_BOUNDARIES:
+            from dask_sweep.errors import SweepConfigError
+
+            raise SweepConfigError(
+                f"Unknown boundary {b!r} on axis {ax} of {where}. Expected one of "
+                f"{', '.join(KNOWN_BOUNDARIES)} or a number (a constant fill value). "
+                "Fix the `boundary=` argument of map_overlap."
+            )
+        if not isinstance(b, (str, numbers.Number, np.generic)):
+            from dask_sweep.errors import SweepConfigError
+
+            raise SweepConfigError(
+                f"Unknown boundary {b!r} on axis {ax} of {where}. Expected one of "
+                f"{', '.join(KNOWN_BOUNDARIES)} or a number."
+            )
+
+
 def _overlap_group(hlg: HighLevelGraph, metas, tname: str) -> StageSpec | Fallback:
     layers, deps = hlg.layers, hlg.dependencies
     tlayer = layers[tname]
     depth, boundary = trim_params(tlayer)
+    check_boundary(boundary, f"map_overlap {tname!r}")
     teval = BlockwiseEval(tlayer)
     targs = teval.array_args()
     if len(targs) != 1:

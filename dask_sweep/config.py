@@ -25,7 +25,7 @@ dask.config.update_defaults(_defaults)
 FALLBACKS = ("raise", "warn", "silent")
 
 
-def parse_bytes(value: Any, name: str = "memory_limit") -> int:
+def parse_bytes(value: Any, name: str = "memory_limit", *, allow_zero: bool = False) -> int:
     """Return a byte count from an int or a string such as ``"512MiB"``.
 
     >>> parse_bytes("1KiB")
@@ -46,7 +46,7 @@ def parse_bytes(value: Any, name: str = "memory_limit") -> int:
         raise SweepConfigError(
             f"Expected {name} as bytes or a string like '512MiB'. Got {type(value).__name__}."
         )
-    if n <= 0:
+    if n < 0 or (n == 0 and not allow_zero):
         raise SweepConfigError(f"Expected a positive {name}. Got {value!r} instead.")
     return n
 
@@ -72,6 +72,8 @@ class SweepSettings:
         Let kernels proven block-invariant choose slab boundaries from the budget.
     tune_malloc
         Fix glibc's mmap/trim thresholds so freed slabs leave the process at once.
+    runtime_overhead
+        Resident bytes a sweep needs beyond its buffers, added to every projection.
     """
 
     memory_limit: int = 1 << 30
@@ -81,6 +83,7 @@ class SweepSettings:
     target_slab_bytes: int = 64 << 20
     reblock: bool = True
     tune_malloc: bool = True
+    runtime_overhead: int = 8 << 20
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -109,6 +112,8 @@ class SweepSettings:
             ),
             reblock=bool(cfg.get("reblock", True)),
             tune_malloc=bool(cfg.get("tune-malloc", True)),
+            runtime_overhead=parse_bytes(cfg.get("runtime-overhead", "8MiB"),
+                                         "sweep.runtime-overhead", allow_zero=True),
         )
         for k, v in overrides.items():
             if v is None:
@@ -118,8 +123,8 @@ class SweepSettings:
                     f"Unknown sweep setting {k!r}. Expected one of "
                     f"{sorted(f.name for f in fields(cls))}."
                 )
-            if k in ("memory_limit", "target_slab_bytes"):
-                v = parse_bytes(v, k)
+            if k in ("memory_limit", "target_slab_bytes", "runtime_overhead"):
+                v = parse_bytes(v, k, allow_zero=k == "runtime_overhead")
             base[k] = v
         return cls(**base)
 

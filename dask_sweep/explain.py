@@ -89,7 +89,9 @@ class Explanation:
             budget = plan.budget
             out.append(
                 f"  projected peak {format_bytes(trace.peak)} of {format_bytes(budget)} budget "
-                f"({100 * trace.peak / budget:.0f}%), at stage {trace.peak_stage!r}; "
+                f"({100 * trace.peak / budget:.0f}%; incl. "
+                f"{format_bytes(plan.info.get('runtime_overhead', 0))} runtime overhead), "
+                f"at stage {trace.peak_stage!r}; "
                 f"held between steps <= {format_bytes(max(trace.held_after or [0]))}"
             )
             out.append(

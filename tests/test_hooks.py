@@ -100,7 +100,7 @@ def test_impossible_budget_can_fall_back(pipeline):
 
 
 def test_explain_text_and_html(pipeline):
-    e = dask_sweep.explain(pipeline, memory_limit="8MiB")
+    e = dask_sweep.explain(pipeline, memory_limit="16MiB")
     text = str(e)
     for word in ("sweep 0", "window", "ring", "projected peak", "bytes read / input bytes"):
         assert word in text

@@ -293,7 +293,8 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
         s = SweepSettings.resolve(memory_limit=memory_limit, **kwargs)
         self.pass_ = SweepPass(memory_limit=s.memory_limit, fallback=s.fallback, axis=s.axis,
                                threads=s.threads, target_slab_bytes=s.target_slab_bytes,
-                               reblock=s.reblock, tune_malloc=s.tune_malloc)
+                               reblock=s.reblock, tune_malloc=s.tune_malloc,
+                               runtime_overhead=s.runtime_overhead)
         prev = dask.config.get("array_optimize", None) or dask_default_optimize
         self._cfg = dask.config.set(array_optimize=_Chained(self.pass_, prev))
 

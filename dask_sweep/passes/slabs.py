@@ -59,6 +59,7 @@ def choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace]:
     while True:
         cand = replace(plan, steps=steps_for(plan, rows))
         trace = dry_run(cand)
+        trace.peak += plan.info.get("runtime_overhead", 0)
         if trace.peak <= plan.budget or rows == 1:
             break
         rows = max(1, rows // 2)

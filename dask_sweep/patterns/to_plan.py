@@ -186,7 +186,8 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                                   sink=StoreWriter(BlockwiseEval(hlg.layers[store]))))
     return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
                 budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes),
-                info={"tune_malloc": settings.tune_malloc})
+                info={"tune_malloc": settings.tune_malloc,
+                      "runtime_overhead": settings.runtime_overhead})
 
 
 def _bounds(chunks) -> tuple[int, ...]:

@@ -134,3 +134,18 @@ def test_unknown_boundary_is_named():
     with dask_sweep.enable():
         with pytest.raises(SweepConfigError, match="Unknown boundary 'wrap' on axis 0"):
             y.compute()
+
+
+@pytest.mark.parametrize("roll", [dict(y=3), dict(z=4), dict(z=5, center=True)])
+def test_xarray_rolling_with_bottleneck_is_swept(rng, roll):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("bottleneck")
+    arr = xr.DataArray(da.from_array(rng.random((40, 20, 18)), chunks=(5, 10, 18)),
+                       dims=("z", "y", "x"))
+    with xr.set_options(use_bottleneck=True):
+        out = arr.rolling(**roll).mean()
+    assert "sweep 0" in str(dask_sweep.explain(out.data))
+    expected = out.compute()
+    with dask_sweep.enable(target_slab_bytes="8KiB"):
+        got = out.compute()
+    xr.testing.assert_identical(got, expected)

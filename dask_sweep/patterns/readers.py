@@ -195,13 +195,9 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
 def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
                      max_deps: int = 16):
     """A :class:`SubgraphReader` when the upstream of ``name`` is small and narrow."""
-    deps = hlg.dependencies
-    closure, stack = set(), [name]
-    while stack:
-        for d in deps.get(stack.pop(), ()):
-            if d not in closure:
-                closure.add(d)
-                stack.append(d)
+    from dask_sweep.patterns.recognise import _ancestors
+
+    closure = _ancestors(hlg.dependencies, name)
     nblocks = int(np.prod(numblocks))
     total = 0
     for lay in closure | {name}:

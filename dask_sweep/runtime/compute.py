@@ -28,7 +28,7 @@ import numpy as np
 from dask.array.core import concatenate3
 
 from dask_sweep.plan.ir import Blocked, Kernel, Source
-from dask_sweep.runtime.ring import Shape, concat, take  # noqa: F401 (re-exported)
+from dask_sweep.runtime.ring import Shape
 
 _NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
 

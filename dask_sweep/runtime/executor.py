@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Source
 from dask_sweep.runtime import compute as C
-from dask_sweep.runtime.ring import Ring
+from dask_sweep.runtime.ring import Ring, concat, take
 
 
 @dataclass
@@ -170,18 +170,18 @@ class _Step:
             side = _Step(self.plan, State([Ring(self.plan.axis, None) for _ in self.plan.stages],
                                           []), self.externals, self.dry, self.trace)
             tail = side.pull(i, self.n - lo, self.n)
-            head = C.take(self.state.rings[i].get(0, hi), 0, hi, self.plan.axis)
+            head = take(self.state.rings[i].get(0, hi), 0, hi, self.plan.axis)
             if not self.dry:
                 tail, head = tail.copy(), head.copy()
             self.state.wrap[key] = (tail, head)
         tail, head = self.state.wrap[key]
         parts = []
         if a - lo < 0:
-            parts.append(C.take(tail, lo - (lo - a), lo, self.plan.axis))
+            parts.append(take(tail, a, lo, self.plan.axis))  # the last lo - a planes
         parts.append(x)
         if b + hi > self.n:
-            parts.append(C.take(head, 0, b + hi - self.n, self.plan.axis))
-        return C.concat(parts, self.plan.axis) if len(parts) > 1 else x
+            parts.append(take(head, 0, b + hi - self.n, self.plan.axis))
+        return concat(parts, self.plan.axis) if len(parts) > 1 else x
 
     def _release_one(self, i: int) -> None:
         plan = self.plan

@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,8 +63,13 @@ class PassPlan:
 
     def bound(self, env: dict) -> Plan:
         """The plan with the scalars of earlier passes bound into its stages."""
-        stages = tuple(st.bind(env) if hasattr(st, "bind") else st for st in self.plan.stages)
-        return replace(self.plan, stages=stages)
+        return bind_plan(self.plan, env)
+
+
+def bind_plan(plan: Plan, env: dict) -> Plan:
+    """``plan`` with scalar values (``{Scalar.uid: value}``) bound into its stages."""
+    stages = tuple(st.bind(env) if hasattr(st, "bind") else st for st in plan.stages)
+    return replace(plan, stages=stages)
 
 
 @dataclass
@@ -138,8 +142,7 @@ def _all_scalars(roots: list[Any]) -> list[Scalar]:
     return out
 
 
-def compile_pipeline(items: list[Any], *, sinks: dict | None = None,
-                     **settings: Any) -> Compiled:
+def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings: Any) -> Compiled:
     """Plan every pass of a pipeline and check it against the budget (no I/O).
 
     Parameters
@@ -178,8 +181,12 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None,
                 f"dask_sweep.dsl: file outputs are written along axis 0; this sweep runs along "
                 f"axis {axis}. Use axis=0 or write to a numpy/zarr array."
             )
-    npasses = 1 + max([t.stream.level for t in targets] + [r.pass_index for r in reductions]
-                      + [x.ready_pass - 1 for x in items if isinstance(x, Scalar)] + [0])
+    npasses = 1 + max(
+        [t.stream.level for t in targets]
+        + [r.pass_index for r in reductions]
+        + [x.ready_pass - 1 for x in items if isinstance(x, Scalar)]
+        + [0]
+    )
     passes = []
     for p in range(npasses):
         outs: list[tuple[str, Any]] = [("target", t) for t in targets if t.stream.level == p]
@@ -187,8 +194,9 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None,
         if not outs:
             continue
         passes.append(_lower_pass(p, outs, axis, s, sinks or {}))
-    return Compiled(items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars,
-                    options=extra)
+    return Compiled(
+        items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars, options=extra
+    )
 
 
 def _grain(in_plane: int, n: int, s: SweepSettings, row_step: int) -> int:
@@ -219,8 +227,9 @@ def _expected_row_step(t: Target, grain_guess: int) -> int:
     return 1
 
 
-def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings,
-                sinks: dict) -> PassPlan:
+def _lower_pass(
+    p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict
+) -> PassPlan:
     roots: list[Stream] = [o.stream for _, o in outs]
     order = _walk_streams(roots)
     order = [x for x in order if x.level <= p]
@@ -233,16 +242,31 @@ def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings
             rb = spec.row_bounds(axis)
             plane = int(np.prod([n for d, n in enumerate(x.shape) if d != axis], dtype=np.int64))
             plane *= x.dtype.itemsize
-            st: Stage = Source(label=f"{x.label} ({spec.desc})", shape=x.shape, dtype=x.dtype,
-                               row_bounds=rb, reader=spec.reader(axis), external=False,
-                               bytes_per_row=tuple((b - a) * plane for a, b in zip(rb[:-1], rb[1:])))
+            st: Stage = Source(
+                label=f"{x.label} ({spec.desc})",
+                shape=x.shape,
+                dtype=x.dtype,
+                row_bounds=rb,
+                reader=spec.reader(axis),
+                external=False,
+                bytes_per_row=tuple((b - a) * plane for a, b in zip(rb[:-1], rb[1:])),
+            )
         elif x.kind == "kernel":
-            st = Kernel(label=x.label, shape=x.shape, dtype=x.dtype, inputs=ins, fn=x.fn,
-                        depth=x.depth, boundary=("none",) * x.ndim, temps=x.temps,
-                        sweep_axis=axis)
+            st = Kernel(
+                label=x.label,
+                shape=x.shape,
+                dtype=x.dtype,
+                inputs=ins,
+                fn=x.fn,
+                depth=x.depth,
+                boundary=("none",) * x.ndim,
+                temps=x.temps,
+                sweep_axis=axis,
+            )
         else:
-            st = Pointwise(label=x.label, shape=x.shape, dtype=x.dtype, inputs=ins, fn=x.fn,
-                           scalars=x.scalars)
+            st = Pointwise(
+                label=x.label, shape=x.shape, dtype=x.dtype, inputs=ins, fn=x.fn, scalars=x.scalars
+            )
         index[id(x)] = len(stages)
         stages.append(st)
     n = roots[0].shape[axis]
@@ -251,8 +275,9 @@ def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings
     for kind, o in outs:
         if kind == "target" and o.kind == "path":
             w = sinks.get(id(o))
-            row_steps.append(w.row_step if w is not None else
-                             _expected_row_step(o, _grain(in_plane, n, s, 1)))
+            row_steps.append(
+                w.row_step if w is not None else _expected_row_step(o, _grain(in_plane, n, s, 1))
+            )
     rs = max(row_steps, default=1)
     g = _grain(in_plane, n, s, rs)
     outputs: list[Output] = []
@@ -262,18 +287,28 @@ def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings
         if kind == "reduce":
             ndim = len(o.stream.shape)
             pshape = partial_shape(ndim, axis, n, o.k)
-            st = Reduce(label=o.label, shape=pshape, dtype=o.pdtype,
-                        inputs=(index[id(o.stream)],), partial=o.partial, k=o.k,
-                        identity=o.identity, combine=o.combine, scalars=o.params,
-                        sweep_axis=axis)
+            st = Reduce(
+                label=o.label,
+                shape=pshape,
+                dtype=o.pdtype,
+                inputs=(index[id(o.stream)],),
+                partial=o.partial,
+                k=o.k,
+                identity=o.identity,
+                combine=o.combine,
+                scalars=o.params,
+                sweep_axis=axis,
+            )
             stages.append(st)
-            chunks = tuple(_chunks_along(n, g) if d == axis else (c,)
-                           for d, c in enumerate(pshape))
+            chunks = tuple(
+                _chunks_along(n, g) if d == axis else (c,) for d, c in enumerate(pshape)
+            )
             outputs.append(Output(stage=len(stages) - 1, name=name, chunks=chunks))
             continue
         j = index[id(o.stream)]
-        chunks = tuple(_chunks_along(n, g) if d == axis else (c,)
-                       for d, c in enumerate(o.stream.shape))
+        chunks = tuple(
+            _chunks_along(n, g) if d == axis else (c,) for d, c in enumerate(o.stream.shape)
+        )
         sink, align = None, None
         if o.kind == "path":
             step = sinks[id(o)].row_step if id(o) in sinks else rs
@@ -285,8 +320,15 @@ def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings
             if o.kind == "store" and tch:
                 align = tuple(sorted({*range(0, n, int(tch[axis])), n}))
         outputs.append(Output(stage=j, name=name, chunks=chunks, sink=sink, align=align))
-    plan = Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis, budget=s.memory_limit,
-                threads=s.threads, notes=(f"pass {p}",), info={"tune_malloc": s.tune_malloc})
+    plan = Plan(
+        stages=tuple(stages),
+        outputs=tuple(outputs),
+        axis=axis,
+        budget=s.memory_limit,
+        threads=s.threads,
+        notes=(f"pass {p}",),
+        info={"tune_malloc": s.tune_malloc},
+    )
     try:
         plan, trace = choose_steps(plan, s.target_slab_bytes)
     except BudgetError as e:
@@ -302,15 +344,28 @@ def _lower_pass(p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings
             f"(stage {plan.stages[widest].label!r} reaches -{lead[widest][0]}/"
             f"+{lead[widest][1]} planes of the source: a smaller sigma/size), or sweep a "
             "different axis (axis=...).",
-            stage=e.stage, projected=e.projected, budget=e.budget,
+            stage=e.stage,
+            projected=e.projected,
+            budget=e.budget,
         ) from None
     peaks = step_peaks(plan)
-    out_bytes = sum(int(np.prod(plan.stages[o.stage].shape, dtype=np.int64))
-                    * np.dtype(plan.stages[o.stage].dtype).itemsize for o in plan.outputs)
+    out_bytes = sum(
+        int(np.prod(plan.stages[o.stage].shape, dtype=np.int64))
+        * np.dtype(plan.stages[o.stage].dtype).itemsize
+        for o in plan.outputs
+    )
     in_bytes = sum(sum(st.bytes_per_row) for st in plan.stages if isinstance(st, Source))
-    return PassPlan(index=p, plan=plan, trace=trace, step_peaks=peaks, outputs=outs,
-                    reach=_reach(plan), lead=_lead(plan), input_bytes=in_bytes,
-                    output_bytes=out_bytes)
+    return PassPlan(
+        index=p,
+        plan=plan,
+        trace=trace,
+        step_peaks=peaks,
+        outputs=outs,
+        reach=_reach(plan),
+        lead=_lead(plan),
+        input_bytes=in_bytes,
+        output_bytes=out_bytes,
+    )
 
 
 def step_peaks(plan: Plan, start: int = 0, state: Any = None) -> list[int]:
@@ -400,10 +455,4 @@ def open_sink(t: Target, g: int) -> SinkWriter:
     return SinkWriter(sink)
 
 
-def grain_for(t: Target, settings: dict) -> int:
-    s, _ = resolve_settings(dict(settings))
-    plane = int(np.prod(t.stream.shape[1:], dtype=np.int64)) * t.stream.dtype.itemsize
-    return _grain(plane, t.stream.shape[0], s, 1)
-
-
-__all__ = ["Compiled", "PassPlan", "compile_pipeline", "step_peaks", "math"]
+__all__ = ["Compiled", "PassPlan", "compile_pipeline", "step_peaks"]

@@ -97,8 +97,14 @@ class Scalar:
     stream gives a stream.  ``compute()`` runs just the passes it needs.
     """
 
-    def __init__(self, label: str, deps: tuple[Scalar, ...], fn: Callable[..., Any],
-                 vrange: Range = None, kind: str = "f") -> None:
+    def __init__(
+        self,
+        label: str,
+        deps: tuple[Scalar, ...],
+        fn: Callable[..., Any],
+        vrange: Range = None,
+        kind: str = "f",
+    ) -> None:
         self.label = label
         self.deps = deps
         self.fn = fn
@@ -118,8 +124,9 @@ class Scalar:
         x, y = (o, self) if reflected else (self, o)
         f = getattr(operator, op)
         kind = "f" if op == "truediv" or "f" in (x.kind, y.kind) else "i"
-        return Scalar(f"({x.label} {_SYM[op]} {y.label})", (x, y), f,
-                      _interval(op, x.vrange, y.vrange), kind)
+        return Scalar(
+            f"({x.label} {_SYM[op]} {y.label})", (x, y), f, _interval(op, x.vrange, y.vrange), kind
+        )
 
     def __add__(self, o):
         return self._binop(o, "add")
@@ -188,9 +195,20 @@ class Reduction(Scalar):
         Scalars the partial needs (e.g. a histogram's range from a min/max pass).
     """
 
-    def __init__(self, label: str, stream: Stream, partial: Callable, k: int, pdtype: Any,
-                 identity: float, combine: str, finish: Callable, params: tuple[Scalar, ...] = (),
-                 vrange: Range = None, kind: str = "f") -> None:
+    def __init__(
+        self,
+        label: str,
+        stream: Stream,
+        partial: Callable,
+        k: int,
+        pdtype: Any,
+        identity: float,
+        combine: str,
+        finish: Callable,
+        params: tuple[Scalar, ...] = (),
+        vrange: Range = None,
+        kind: str = "f",
+    ) -> None:
         super().__init__(label, (), finish, vrange, kind)
         self.stream = stream
         self.partial = partial
@@ -210,8 +228,19 @@ class Reduction(Scalar):
         return self.pass_index + 1
 
 
-_SYM = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "gt": ">", "lt": "<",
-        "ge": ">=", "le": "<=", "and_": "&", "or_": "|", "xor": "^"}
+_SYM = {
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "truediv": "/",
+    "gt": ">",
+    "lt": "<",
+    "ge": ">=",
+    "le": "<=",
+    "and_": "&",
+    "or_": "|",
+    "xor": "^",
+}
 
 
 def as_scalar(x: Any) -> Scalar:
@@ -237,10 +266,21 @@ class Stream:
     computed once and buffered for the slower branch).
     """
 
-    def __init__(self, kind: str, label: str, inputs: tuple[Stream, ...], shape: tuple[int, ...],
-                 dtype: Any, vrange: Range, *, fn: Callable | None = None,
-                 scalars: tuple[Scalar, ...] = (), depth: tuple[int, ...] = (),
-                 temps: float = 2.0, source: Any = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        label: str,
+        inputs: tuple[Stream, ...],
+        shape: tuple[int, ...],
+        dtype: Any,
+        vrange: Range,
+        *,
+        fn: Callable | None = None,
+        scalars: tuple[Scalar, ...] = (),
+        depth: tuple[int, ...] = (),
+        temps: float = 2.0,
+        source: Any = None,
+    ) -> None:
         self.kind = kind  # "source" | "pointwise" | "kernel"
         self.label = label
         self.inputs = inputs
@@ -266,8 +306,10 @@ class Stream:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __repr__(self) -> str:
-        return (f"Stream({self.label}, shape={self.shape}, dtype={self.dtype}, "
-                f"range={_fmt_range(self.vrange)})")
+        return (
+            f"Stream({self.label}, shape={self.shape}, dtype={self.dtype}, "
+            f"range={_fmt_range(self.vrange)})"
+        )
 
     def __bool__(self) -> bool:
         raise TypeError(
@@ -286,8 +328,15 @@ class Stream:
 
     # ---- pointwise
 
-    def _pointwise(self, label: str, others: Sequence[Any], fn: Callable, *, dtype: Any = None,
-                   vrange: Range = None) -> Stream:
+    def _pointwise(
+        self,
+        label: str,
+        others: Sequence[Any],
+        fn: Callable,
+        *,
+        dtype: Any = None,
+        vrange: Range = None,
+    ) -> Stream:
         streams: list[Stream] = [self]
         scalars: list[Scalar] = []
         slots: list[tuple[str, int]] = []  # ("s", i) stream i or ("c", j) scalar j
@@ -310,8 +359,16 @@ class Stream:
         call = _Slotted(fn, slots, tuple(consts), ns)
         if dtype is None:
             dtype = _probe_dtype(label, call, streams, scalars)
-        return Stream("pointwise", label, tuple(streams), self.shape, dtype, vrange,
-                      fn=call, scalars=tuple(scalars))
+        return Stream(
+            "pointwise",
+            label,
+            tuple(streams),
+            self.shape,
+            dtype,
+            vrange,
+            fn=call,
+            scalars=tuple(scalars),
+        )
 
     def _arith(self, other: Any, op: str, reflected: bool = False) -> Stream:
         o = other if isinstance(other, Stream) else as_scalar(other)
@@ -364,8 +421,13 @@ class Stream:
 
     def _compare(self, other: Any, op: str) -> Stream:
         o = other if isinstance(other, Stream) else as_scalar(other)
-        out = self._pointwise(f"{self.label} {_SYM[op]} {o.label}", [o], getattr(operator, op),
-                              dtype=bool, vrange=(0, 1))
+        out = self._pointwise(
+            f"{self.label} {_SYM[op]} {o.label}",
+            [o],
+            getattr(operator, op),
+            dtype=bool,
+            vrange=(0, 1),
+        )
         return out
 
     def __gt__(self, o):
@@ -388,8 +450,13 @@ class Stream:
                     f"dtype {s.dtype}; compare first (e.g. x > t)."
                 )
         o = other if isinstance(other, Stream) else as_scalar(bool(other))
-        return self._pointwise(f"{self.label} {_SYM[op]} {o.label}", [o], getattr(operator, op),
-                               dtype=bool, vrange=(0, 1))
+        return self._pointwise(
+            f"{self.label} {_SYM[op]} {o.label}",
+            [o],
+            getattr(operator, op),
+            dtype=bool,
+            vrange=(0, 1),
+        )
 
     def __and__(self, o):
         return self._logic(o, "and_")
@@ -416,12 +483,19 @@ class Stream:
         r = self.vrange
         lo_ = -math.inf if lo is None else lo
         hi_ = math.inf if hi is None else hi
-        nr = (max(lo_, r[0]), min(hi_, r[1])) if r is not None else (
-            (lo_, hi_) if lo is not None and hi is not None else None)
+        nr = (
+            (max(lo_, r[0]), min(hi_, r[1]))
+            if r is not None
+            else ((lo_, hi_) if lo is not None and hi is not None else None)
+        )
         dt = self.dtype
-        return self._pointwise(f"clip({self.label}, {lo}, {hi})", [],
-                               lambda x: np.clip(x, lo, hi).astype(dt, copy=False),
-                               dtype=dt, vrange=nr)
+        return self._pointwise(
+            f"clip({self.label}, {lo}, {hi})",
+            [],
+            lambda x: np.clip(x, lo, hi).astype(dt, copy=False),
+            dtype=dt,
+            vrange=nr,
+        )
 
     def astype(self, dtype: Any, *, clip: bool = False, unsafe: bool = False) -> Stream:
         """Cast to ``dtype``; refused when the values may not fit, unless told how.
@@ -451,9 +525,13 @@ class Stream:
         if lim is not None and not _fits(r, dt):
             if clip:
                 nr = (lim[0], lim[1]) if r is None else (max(r[0], lim[0]), min(r[1], lim[1]))
-                return self._pointwise(label + " (clipped)", [],
-                                       lambda x: np.clip(x, lim[0], lim[1]).astype(dt),
-                                       dtype=dt, vrange=nr)
+                return self._pointwise(
+                    label + " (clipped)",
+                    [],
+                    lambda x: np.clip(x, lim[0], lim[1]).astype(dt),
+                    dtype=dt,
+                    vrange=nr,
+                )
             if not unsafe:
                 raise PlanError(
                     f"dask_sweep.dsl: stage {label!r} would overflow: the values of "
@@ -461,12 +539,19 @@ class Stream:
                     f"{lim[1]}]. Pass clip=True to clip them, unsafe=True to wrap as numpy "
                     "does, or rescale first (e.g. (x - lo) * (255 / (hi - lo)))."
                 )
-            return self._pointwise(label + " (unsafe)", [], lambda x: x.astype(dt),
-                                   dtype=dt, vrange=lim)
+            return self._pointwise(
+                label + " (unsafe)", [], lambda x: x.astype(dt), dtype=dt, vrange=lim
+            )
         return self._pointwise(label, [], lambda x: x.astype(dt), dtype=dt, vrange=r)
 
-    def map(self, fn: Callable[[np.ndarray], np.ndarray], *, dtype: Any = None,
-            range: Range = None, name: str | None = None) -> Stream:
+    def map(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        *,
+        dtype: Any = None,
+        range: Range = None,
+        name: str | None = None,
+    ) -> Stream:
         """An elementwise user function, applied to slabs of planes.
 
         ``fn`` must treat every voxel independently (no neighbourhood): use
@@ -481,8 +566,16 @@ class Stream:
 
     # ---- windowed
 
-    def _kernel(self, label: str, fn: Callable, depth: Sequence[int], *, dtype: Any = None,
-                vrange: Range = None, temps: float = 2.0) -> Stream:
+    def _kernel(
+        self,
+        label: str,
+        fn: Callable,
+        depth: Sequence[int],
+        *,
+        dtype: Any = None,
+        vrange: Range = None,
+        temps: float = 2.0,
+    ) -> Stream:
         depth = tuple(int(d) for d in depth)
         if len(depth) != self.ndim or any(d < 0 for d in depth):
             raise PlanError(
@@ -490,13 +583,23 @@ class Stream:
                 f"{self.ndim} non-negative ints (one per axis)."
             )
         dt = self.dtype if dtype is None else np.dtype(dtype)
-        return Stream("kernel", label, (self,), self.shape, dt, vrange, fn=fn, depth=depth,
-                      temps=temps)
+        return Stream(
+            "kernel", label, (self,), self.shape, dt, vrange, fn=fn, depth=depth, temps=temps
+        )
 
-    def _scipy(self, func: Callable, name: str, *, output: Any = None, temps: float = 2.0,
-               keeps_range: bool = True, **kw: Any) -> Stream:
+    def _scipy(
+        self,
+        func: Callable,
+        name: str,
+        *,
+        output: Any = None,
+        temps: float = 2.0,
+        keeps_range: bool = True,
+        **kw: Any,
+    ) -> Stream:
         kw = {k: v for k, v in kw.items() if v is not None}
-        label = f"{name}({', '.join(f'{k}={_short(v)}' for k, v in kw.items())})"
+        shown = {k: v for k, v in kw.items() if _DEFAULTS.get(k, object()) != v}
+        label = f"{name}({', '.join(f'{k}={_short(v)}' for k, v in shown.items())})"
         rad = kernel_radius(func, kw, self.ndim)
         if rad is None:
             raise PlanError(
@@ -511,40 +614,77 @@ class Stream:
             r = dtype_range(dt)
         return self._kernel(label, call, rad, dtype=dt, vrange=r, temps=temps)
 
-    def gaussian(self, sigma: float | Sequence[float], *, truncate: float = 4.0,
-                 mode: str = "reflect", output: Any = None) -> Stream:
+    def gaussian(
+        self,
+        sigma: float | Sequence[float],
+        *,
+        truncate: float = 4.0,
+        mode: str = "reflect",
+        output: Any = None,
+    ) -> Stream:
         """``scipy.ndimage.gaussian_filter``; footprint radius ``int(truncate*sigma+0.5)``.
 
         The weights are positive and sum to one, so the value range is kept.
         """
-        return self._scipy(ndi.gaussian_filter, "gaussian", sigma=sigma, truncate=truncate,
-                           mode=mode, output=output)
+        return self._scipy(
+            ndi.gaussian_filter,
+            "gaussian",
+            sigma=sigma,
+            truncate=truncate,
+            mode=mode,
+            output=output,
+        )
 
-    def uniform(self, size: int | Sequence[int], *, mode: str = "reflect",
-                output: Any = None) -> Stream:
+    def uniform(
+        self, size: int | Sequence[int], *, mode: str = "reflect", output: Any = None
+    ) -> Stream:
         """``scipy.ndimage.uniform_filter`` (a box mean; exact for integer input)."""
         return self._scipy(ndi.uniform_filter, "uniform", size=size, mode=mode, output=output)
 
-    def median(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-               mode: str = "reflect") -> Stream:
+    def median(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """``scipy.ndimage.median_filter``."""
-        return self._scipy(ndi.median_filter, "median", size=size, footprint=footprint,
-                           mode=mode, temps=3.0)
+        return self._scipy(
+            ndi.median_filter, "median", size=size, footprint=footprint, mode=mode, temps=3.0
+        )
 
-    def minimum(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                mode: str = "reflect") -> Stream:
+    def minimum(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """``scipy.ndimage.minimum_filter``."""
-        return self._scipy(ndi.minimum_filter, "minimum", size=size, footprint=footprint,
-                           mode=mode)
+        return self._scipy(
+            ndi.minimum_filter, "minimum", size=size, footprint=footprint, mode=mode
+        )
 
-    def maximum(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                mode: str = "reflect") -> Stream:
+    def maximum(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """``scipy.ndimage.maximum_filter``."""
-        return self._scipy(ndi.maximum_filter, "maximum", size=size, footprint=footprint,
-                           mode=mode)
+        return self._scipy(
+            ndi.maximum_filter, "maximum", size=size, footprint=footprint, mode=mode
+        )
 
-    def rank(self, rank: int, size: int | Sequence[int] | None = None, *,
-             footprint: Any = None, mode: str = "reflect") -> Stream:
+    def rank(
+        self,
+        rank: int,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """``scipy.ndimage.rank_filter`` (an order statistic: exact on any slab)."""
         if footprint is not None:
             rad = [s // 2 for s in np.shape(footprint)]
@@ -553,35 +693,59 @@ class Stream:
         else:
             raise PlanError("dask_sweep.dsl: rank() needs size= or footprint=.")
         fn = partial(ndi.rank_filter, rank=rank, size=size, footprint=footprint, mode=mode)
-        return self._kernel(f"rank({rank}, size={_short(size)})", fn, rad, vrange=self.vrange,
-                            temps=3.0)
+        return self._kernel(
+            f"rank({rank}, size={_short(size)})", fn, rad, vrange=self.vrange, temps=3.0
+        )
 
-    def erosion(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                mode: str = "reflect") -> Stream:
+    def erosion(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """Grey erosion with a flat structuring element (``size`` or ``footprint``)."""
-        return self._scipy(ndi.grey_erosion, "erosion", size=size, footprint=footprint,
-                           mode=mode)
+        return self._scipy(ndi.grey_erosion, "erosion", size=size, footprint=footprint, mode=mode)
 
-    def dilation(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                 mode: str = "reflect") -> Stream:
+    def dilation(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """Grey dilation with a flat structuring element (``size`` or ``footprint``)."""
-        return self._scipy(ndi.grey_dilation, "dilation", size=size, footprint=footprint,
-                           mode=mode)
+        return self._scipy(
+            ndi.grey_dilation, "dilation", size=size, footprint=footprint, mode=mode
+        )
 
-    def opening(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                mode: str = "reflect") -> Stream:
+    def opening(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """Grey opening = erosion then dilation (two stages, windows composed)."""
         return self.erosion(size, footprint=footprint, mode=mode).dilation(
-            size, footprint=footprint, mode=mode)
+            size, footprint=footprint, mode=mode
+        )
 
-    def closing(self, size: int | Sequence[int] | None = None, *, footprint: Any = None,
-                mode: str = "reflect") -> Stream:
+    def closing(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        footprint: Any = None,
+        mode: str = "reflect",
+    ) -> Stream:
         """Grey closing = dilation then erosion (two stages, windows composed)."""
         return self.dilation(size, footprint=footprint, mode=mode).erosion(
-            size, footprint=footprint, mode=mode)
+            size, footprint=footprint, mode=mode
+        )
 
-    def _binary(self, func: Callable, name: str, structure: Any, iterations: int,
-                border_value: int | None) -> Stream:
+    def _binary(
+        self, func: Callable, name: str, structure: Any, iterations: int, border_value: int | None
+    ) -> Stream:
         kw: dict[str, Any] = {"structure": structure, "iterations": iterations}
         if border_value is not None:
             kw["border_value"] = border_value
@@ -590,17 +754,21 @@ class Stream:
         out.vrange = (0, 1)
         return out
 
-    def binary_erosion(self, structure: Any = None, *, iterations: int = 1,
-                       border_value: int = 0) -> Stream:
+    def binary_erosion(
+        self, structure: Any = None, *, iterations: int = 1, border_value: int = 0
+    ) -> Stream:
         """``scipy.ndimage.binary_erosion`` (non-zero voxels are foreground)."""
-        return self._binary(ndi.binary_erosion, "binary_erosion", structure, iterations,
-                            border_value)
+        return self._binary(
+            ndi.binary_erosion, "binary_erosion", structure, iterations, border_value
+        )
 
-    def binary_dilation(self, structure: Any = None, *, iterations: int = 1,
-                        border_value: int = 0) -> Stream:
+    def binary_dilation(
+        self, structure: Any = None, *, iterations: int = 1, border_value: int = 0
+    ) -> Stream:
         """``scipy.ndimage.binary_dilation``."""
-        return self._binary(ndi.binary_dilation, "binary_dilation", structure, iterations,
-                            border_value)
+        return self._binary(
+            ndi.binary_dilation, "binary_dilation", structure, iterations, border_value
+        )
 
     def binary_opening(self, structure: Any = None, *, iterations: int = 1) -> Stream:
         """``scipy.ndimage.binary_opening``."""
@@ -610,9 +778,17 @@ class Stream:
         """``scipy.ndimage.binary_closing``."""
         return self._binary(ndi.binary_closing, "binary_closing", structure, iterations, None)
 
-    def window(self, fn: Callable[..., np.ndarray], *, footprint: Sequence[int] | int | None = None,
-               dtype: Any = None, range: Range = None, name: str | None = None,
-               temps: float = 2.0, **kwargs: Any) -> Stream:
+    def window(
+        self,
+        fn: Callable[..., np.ndarray],
+        *,
+        footprint: Sequence[int] | int | None = None,
+        dtype: Any = None,
+        range: Range = None,
+        name: str | None = None,
+        temps: float = 2.0,
+        **kwargs: Any,
+    ) -> Stream:
         """A user kernel over a neighbourhood, with a declared footprint.
 
         Parameters
@@ -687,11 +863,12 @@ class _Slotted:
         self.nstreams = nstreams
 
     def __call__(self, *args: Any) -> Any:
-        streams, values = args[: self.nstreams], args[self.nstreams:]
+        streams, values = args[: self.nstreams], args[self.nstreams :]
         rest = []
         for kind, i in self.slots:
-            rest.append(streams[i] if kind == "s" else values[i] if kind == "c"
-                        else self.consts[i])
+            rest.append(
+                streams[i] if kind == "s" else values[i] if kind == "c" else self.consts[i]
+            )
         return self.fn(streams[0], *rest)
 
 
@@ -722,14 +899,22 @@ def _check_same_grid(label: str, a: Stream, b: Stream) -> None:
         )
 
 
+_DEFAULTS = {"mode": "reflect", "truncate": 4.0, "iterations": 1, "border_value": 0}
+
+
 def _short(v: Any) -> str:
     if isinstance(v, np.ndarray):
         return f"array{v.shape}"
     return repr(v)
 
 
-def zip(*args: Any, fn: Callable | None = None, dtype: Any = None, range: Range = None,
-        name: str | None = None) -> Stream:
+def zip(
+    *args: Any,
+    fn: Callable | None = None,
+    dtype: Any = None,
+    range: Range = None,
+    name: str | None = None,
+) -> Stream:
     """Join streams pointwise: ``fn(plane_of_a, plane_of_b, ...)``.
 
     Branches may have different total windows (e.g. ``gaussian(1)`` and

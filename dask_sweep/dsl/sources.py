@@ -128,8 +128,11 @@ def source(data: Any, *, range: Range = None, name: str | None = None, **options
 
         if isinstance(data, IOSource):
             src = data
-        elif isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") or hasattr(
-                data, "chunks"):
+        elif (
+            isinstance(data, (str, bytes))
+            or hasattr(data, "__fspath__")
+            or hasattr(data, "chunks")
+        ):
             src = open_source(data, **options)
         else:
             raise SweepConfigError(

@@ -88,10 +88,11 @@ class Pointwise(Stage):
         """This stage with the values of its scalars taken from ``env``."""
         if not self.scalars:
             return self
-        return replace(self, values=tuple(env[id(s)] for s in self.scalars))
+        return replace(self, values=tuple(env[s.uid] for s in self.scalars))
 
-    def compute_planes(self, a: int, b: int, axis: int, inputs: list, threads: int,
-                       dry: bool) -> np.ndarray | Shape:
+    def compute_planes(
+        self, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool
+    ) -> np.ndarray | Shape:
         if dry:
             return Shape(tuple(_out_shape(self, a, b, axis)), np.dtype(self.dtype))
         if self.scalars and self.values is None:  # pragma: no cover - guarded by the runner
@@ -139,10 +140,11 @@ class Reduce(Stage):
     def bind(self, env: dict) -> Reduce:
         if not self.scalars:
             return self
-        return replace(self, values=tuple(env[id(s)] for s in self.scalars))
+        return replace(self, values=tuple(env[s.uid] for s in self.scalars))
 
-    def compute_planes(self, a: int, b: int, axis: int, inputs: list, threads: int,
-                       dry: bool) -> np.ndarray | Shape:
+    def compute_planes(
+        self, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool
+    ) -> np.ndarray | Shape:
         ndim = len(self.shape)
         shape = partial_shape(ndim, axis, b - a, self.k)
         if dry:

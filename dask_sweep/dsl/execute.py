@@ -1,0 +1,545 @@
+"""Run a compiled pipeline: locally step by step, or as a dask graph through ``emit``.
+
+Locally, each pass is a loop over :func:`~dask_sweep.runtime.executor.run_step`
+(threads inside a step, no scheduler).  Every step is *measured* (time, bytes
+read, bytes of live arrays, resident memory sampled by a thread) and compared
+with the dry-run projection of that step::
+
+    step:        0     1     2     3 ...
+    projected:  40M   40M   40M   40M
+    measured:   38M   71M ──► above projection × (1 + margin) + slack
+                            └─► re-plan the remaining steps at half the thickness
+
+After a pass, its reduction partials are combined and the scalars bound into
+the next pass's stages.  As a dask graph, each pass is the chain of
+``sweep-step`` tasks that :func:`~dask_sweep.emit.graph.emit` makes; a small
+task between passes combines the partial blocks into the scalars, and the next
+pass's plan node becomes a task that binds them, so the graph runs unchanged
+on ``distributed``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from dask_sweep.dsl.compile import (
+    Compiled,
+    PassPlan,
+    SinkWriter,
+    bind_plan,
+    compile_pipeline,
+    open_sink,
+    step_peaks,
+)
+from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
+from dask_sweep.dsl.stages import combine_partials
+from dask_sweep.plan.ir import Plan
+from dask_sweep.runtime.executor import Trace, run_step
+from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.utils import format_bytes
+
+
+def _rss() -> int:
+    """Resident memory of this process (bytes)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class _Sampler:
+    """Samples resident memory every few ms; :meth:`mark` returns the max since the last mark."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = _rss()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._t = threading.Thread(target=self._loop, daemon=True, name="dsl-rss")
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            r = _rss()
+            with self._lock:
+                if r > self.peak:
+                    self.peak = r
+
+    def mark(self) -> int:
+        r = _rss()
+        with self._lock:
+            peak, self.peak = max(self.peak, r), r
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class StepRecord:
+    """What one step did, next to what the plan projected for it."""
+
+    pass_index: int
+    step: int
+    planes: tuple[int, int]
+    seconds: float
+    bytes_read: int
+    projected: int
+    live: int  # peak bytes of arrays held by rings + the slab being computed (measured)
+    rss: int  # peak resident memory above the pass's start (minus results written)
+
+
+@dataclass
+class RunReport:
+    """Per-step measurements of a run against the projection, and any re-planning."""
+
+    budget: int
+    steps: list[StepRecord] = field(default_factory=list)
+    replans: list[str] = field(default_factory=list)
+    passes: int = 0
+    input_bytes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def peak_projected(self) -> int:
+        return max((s.projected for s in self.steps), default=0)
+
+    @property
+    def peak_live(self) -> int:
+        return max((s.live for s in self.steps), default=0)
+
+    @property
+    def peak_rss(self) -> int:
+        return max((s.rss for s in self.steps), default=0)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"dsl run: {self.passes} pass(es), {len(self.steps)} steps, {self.seconds:.2f} s; "
+            f"read {format_bytes(self.bytes_read)} = {self.read_ratio:.2f} x input "
+            f"({format_bytes(self.input_bytes)}; one read per pass), wrote "
+            f"{format_bytes(self.bytes_written)}",
+            f"  peak projected {format_bytes(self.peak_projected)}, measured live arrays "
+            f"{format_bytes(self.peak_live)}, resident +{format_bytes(self.peak_rss)}; "
+            f"budget {format_bytes(self.budget)}",
+            "  pass step  planes          time    read        projected   live        rss+",
+        ]
+        for s in self.steps:
+            out.append(
+                f"  {s.pass_index:>4} {s.step:>4}  [{s.planes[0]:>5},{s.planes[1]:>5})  "
+                f"{s.seconds:6.3f}  {format_bytes(s.bytes_read):>10}  "
+                f"{format_bytes(s.projected):>10}  {format_bytes(s.live):>10}  "
+                f"{format_bytes(s.rss):>10}"
+            )
+        for r in self.replans:
+            out.append(f"  re-planned: {r}")
+        return out
+
+    @property
+    def read_ratio(self) -> float:
+        return self.bytes_read / self.input_bytes if self.input_bytes else float("nan")
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+class RunResult:
+    """The outcome of :func:`run`: values, scalars and the measured report.
+
+    Attributes
+    ----------
+    value
+        The single result (numpy array, path, scalar value), or a tuple of
+        them in the order given to :func:`run`.
+    values : list
+        One result per item.
+    scalars : dict
+        Label → value of every scalar the pipeline computed.
+    report : RunReport
+    """
+
+    def __init__(self, values: list, scalars: dict, report: RunReport) -> None:
+        self.values = values
+        self.value = values[0] if len(values) == 1 else tuple(values)
+        self.scalars = scalars
+        self.report = report
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = np.asarray(self.value)
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"RunResult(value={type(self.value).__name__}, passes={self.report.passes})"
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+def evaluate_scalars(env: dict, totals: dict, scalars: list[Scalar]) -> dict:
+    """Values of every scalar computable from ``env`` and the new reduction ``totals``.
+
+    ``env`` and ``totals`` are keyed by ``Scalar.uid``; returns a new ``env``.
+    """
+    env = dict(env)
+    pending = [s for s in scalars if s.uid not in env]
+    changed = True
+    while changed:
+        changed = False
+        for s in list(pending):
+            if isinstance(s, Reduction):
+                if s.uid not in totals or any(p.uid not in env for p in s.params):
+                    continue
+                v = s.fn(totals[s.uid], *(env[p.uid] for p in s.params))
+            else:
+                if any(d.uid not in env for d in s.deps):
+                    continue
+                v = s.fn(*(env[d.uid] for d in s.deps))
+            env[s.uid] = v
+            pending.remove(s)
+            changed = True
+    return env
+
+
+def _items(items: tuple) -> list[Any]:
+    out = []
+    for x in items:
+        if isinstance(x, Stream):
+            x = Target(x, None, {})
+        if not isinstance(x, (Target, Scalar)):
+            from dask_sweep.errors import SweepConfigError
+
+            raise SweepConfigError(
+                f"Expected dsl targets (stream.to(...)), streams or scalars. "
+                f"Got {type(x).__name__}."
+            )
+        out.append(x)
+    return out
+
+
+def _open_sinks(compiled: Compiled) -> dict:
+    sinks = {}
+    for pp in compiled.passes:
+        for (kind, o), out in zip(pp.outputs, pp.plan.outputs):
+            if kind == "target" and o.kind == "path" and id(o) not in sinks:
+                sinks[id(o)] = open_sink(o, out.chunks[pp.plan.axis][0])
+    return sinks
+
+
+def _compile_and_open(items: list, settings: dict) -> tuple[Compiled, dict]:
+    # Plan and check every pass first: nothing is read or created on disk before.
+    compiled = compile_pipeline(items, **settings)
+    sinks = _open_sinks(compiled)
+    if sinks:
+        compiled = compile_pipeline(items, sinks=sinks, **settings)
+    return compiled, sinks
+
+
+# --------------------------------------------------------------------------- local runs
+
+
+def _common_grid(plan: Plan) -> list[int]:
+    sets = [set(o.grid(plan.axis)) for o in plan.outputs]
+    return sorted(set.intersection(*sets) | {plan.extent})
+
+
+def _shrink(plan: Plan, t: int) -> Plan | None:
+    """The plan with the steps after ``t`` cut at half their thickness (None: at minimum)."""
+    grid = _common_grid(plan)
+    done = plan.steps[t]
+    prev = plan.steps[t - 1] if t else 0
+    rows = max(1, sum(1 for g in grid if prev < g <= done))
+    if rows <= 1 or t + 1 >= len(plan.steps):
+        return None
+    new_rows = rows // 2
+    rest = [g for g in grid if g > done]
+    new = list(plan.steps[: t + 1]) + rest[new_rows - 1 :: new_rows]
+    if new[-1] != plan.extent:
+        new.append(plan.extent)
+    return replace(plan, steps=tuple(new))
+
+
+def run(*items: Any, **settings: Any) -> RunResult:
+    """Run targets (and scalars) of a pipeline locally, fused into as few passes as possible.
+
+    Parameters
+    ----------
+    *items
+        :class:`Target` (``stream.to(...)``), :class:`Stream` (to numpy) or
+        :class:`Scalar` objects.
+    **settings
+        ``memory_limit``, ``threads``, ``axis``, ``target_slab_bytes``;
+        ``replan_margin`` (default 0.5) and ``replan_slack`` (bytes, default
+        32 MiB): a step whose measured memory exceeds ``projected × (1 +
+        margin) + slack`` makes the remaining steps thinner.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    PlanError, BudgetError
+        Before any I/O, when the pipeline cannot be planned within the budget.
+    """
+    its = _items(items)
+    t_start = time.perf_counter()
+    compiled, sinks = _compile_and_open(its, settings)
+    s = compiled.settings
+    margin = float(compiled.options.get("replan_margin", 0.5))
+    slack = int(compiled.options.get("replan_slack", 32 << 20))
+    if s.tune_malloc:
+        tune_allocator()
+    axis = compiled.axis
+    results: dict[int, Any] = {}
+    for x in its:
+        if isinstance(x, Target) and x.kind == "numpy":
+            results[id(x)] = np.empty(x.stream.shape, dtype=x.stream.dtype)
+    report = RunReport(budget=s.memory_limit, passes=len(compiled.passes))
+    env = evaluate_scalars({}, {}, compiled.scalars)
+    sampler = _Sampler()
+    try:
+        for pp in compiled.passes:
+            env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
+    finally:
+        sampler.stop()
+    values = []
+    for x in its:
+        if isinstance(x, Scalar):
+            values.append(env[x.uid])
+        elif x.kind == "numpy":
+            values.append(results[id(x)])
+        elif x.kind == "path":
+            values.append(sinks[id(x)].sink.finalize())
+        else:
+            values.append(x.target)
+    report.seconds = time.perf_counter() - t_start
+    named = {
+        sc.label: env[sc.uid]
+        for sc in compiled.scalars
+        if sc.uid in env and not isinstance(sc, Constant)
+    }
+    return RunResult(values, named, report)
+
+
+def _run_pass(
+    pp: PassPlan,
+    env: dict,
+    compiled: Compiled,
+    results: dict,
+    report: RunReport,
+    sampler: _Sampler,
+    margin: float,
+    slack: int,
+    axis: int,
+) -> dict:
+    plan = pp.bound(env)
+    peaks = list(pp.step_peaks)
+    acc: dict[int, np.ndarray] = {}
+    report.input_bytes = max(report.input_bytes, pp.input_bytes)
+    report.bytes_written += pp.output_bytes
+    sampler.mark()
+    base = _rss()
+    written = 0  # bytes of numpy results filled in: resident, but not the sweep's
+    state = None
+    t = 0
+    while t < len(plan.steps):
+        tr = Trace()
+        t0 = time.perf_counter()
+        sampler.mark()
+        state, emitted = run_step(plan, state, t, trace=tr)
+        for k, ((kind, o), out) in enumerate(zip(pp.outputs, plan.outputs)):
+            a, planes = emitted[k]
+            if planes is None:
+                continue
+            if kind == "reduce":
+                v = combine_partials(planes, axis, o.combine)
+                acc[o.uid] = (
+                    v
+                    if o.uid not in acc
+                    else (acc[o.uid] + v if o.combine == "sum" else np.minimum(acc[o.uid], v))
+                )
+            elif o.kind == "numpy":
+                idx = (slice(None),) * axis + (slice(a, a + planes.shape[axis]),)
+                results[id(o)][idx] = planes
+                written += planes.nbytes
+            else:
+                out.sink.write_planes(a, planes)
+        del emitted
+        dt = time.perf_counter() - t0
+        rss = max(0, sampler.mark() - base - written)
+        prev = plan.steps[t - 1] if t else 0
+        report.steps.append(
+            StepRecord(
+                pp.index, t, (prev, plan.steps[t]), dt, tr.bytes_read, peaks[t], tr.peak, rss
+            )
+        )
+        report.bytes_read += tr.bytes_read
+        measured = max(tr.peak, rss)
+        if measured > peaks[t] * (1 + margin) + slack and t + 1 < len(plan.steps):
+            new = _shrink(plan, t)
+            if new is None:
+                report.replans.append(
+                    f"pass {pp.index} step {t}: measured {format_bytes(measured)} > projected "
+                    f"{format_bytes(peaks[t])}; steps are already one grid row thick"
+                )
+            else:
+                old_n = len(plan.steps) - t - 1
+                plan = new
+                peaks = peaks[: t + 1] + step_peaks(plan, start=t + 1)
+                report.replans.append(
+                    f"pass {pp.index} step {t}: measured {format_bytes(measured)} > projected "
+                    f"{format_bytes(peaks[t])} x {1 + margin:g} + {format_bytes(slack)}; the "
+                    f"remaining {old_n} steps re-planned as {len(plan.steps) - t - 1} thinner "
+                    "steps"
+                )
+        t += 1
+    return evaluate_scalars(env, acc, compiled.scalars)
+
+
+# --------------------------------------------------------------------------- dask graphs
+
+
+def _advance_env(env: dict, reductions: list, scalars: list, axis: int, *blocks: Any) -> dict:
+    totals = {}
+    for r, bl in zip(reductions, blocks):
+        planes = np.concatenate(list(bl), axis=axis)
+        totals[r.uid] = combine_partials(planes, axis, r.combine)
+    return evaluate_scalars(env, totals, scalars)
+
+
+def _get(env: dict, uid: int) -> Any:
+    return env[uid]
+
+
+def _finalize_sink(writer: SinkWriter, *_: Any) -> str:
+    return writer.sink.finalize()
+
+
+def to_dask(*items: Any, **settings: Any):
+    """The pipeline as dask collections, one per item (see :meth:`Target.to_dask`).
+
+    Every pass is emitted by :func:`dask_sweep.emit.graph.emit` (a chain of
+    ``sweep-step`` tasks); between passes one task combines the reduction
+    partials into the scalars, and the next pass's plan is bound to them.
+    """
+    import dask.array as da
+    from dask._task_spec import DataNode, List, Task, TaskRef
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    from dask_sweep.emit.graph import emit
+
+    its = _items(items)
+    compiled, sinks = _compile_and_open(its, settings)
+    axis = compiled.axis
+    token = uuid.uuid4().hex[:12]
+    layers: dict = {}
+    deps: dict = {}
+    env_key = f"dsl-env-{token}-init"
+    layers[env_key] = {
+        env_key: Task(
+            env_key,
+            evaluate_scalars,
+            DataNode(None, {}),
+            DataNode(None, {}),
+            DataNode(None, compiled.scalars),
+        )
+    }
+    deps[env_key] = set()
+    out_of: dict[int, tuple[str, tuple]] = {}
+    for pp in compiled.passes:
+        tok = f"{token}-p{pp.index}"
+        # output names unique per graph
+        plan = replace(
+            pp.plan,
+            outputs=tuple(
+                replace(o, name=f"dsl-{tok}-out{k}") for k, o in enumerate(pp.plan.outputs)
+            ),
+        )
+        lays, dps = emit(plan, pp.trace, tok)
+        sweep_name = f"sweep-{tok}"
+        tasks = dict(lays[sweep_name].mapping)
+        plan_key = f"sweep-plan-{tok}"
+        tasks[plan_key] = Task(plan_key, bind_plan, DataNode(None, plan), TaskRef(env_key))
+        lays[sweep_name] = MaterializedLayer(tasks)
+        dps[sweep_name] = set(dps[sweep_name]) | {env_key}
+        for name, layer in lays.items():
+            layers[name] = layer
+            deps[name] = set(dps.get(name, ()))
+        reds, refs, names = [], [], []
+        for (kind, o), out in zip(pp.outputs, plan.outputs):
+            keys = [(out.name, *idx) for idx in np.ndindex(*[len(c) for c in out.chunks])]
+            if kind == "reduce":
+                reds.append(o)
+                refs.append(List(*(TaskRef(k) for k in keys)))
+                names.append(out.name)
+            else:
+                out_of[id(o)] = (out.name, out.chunks)
+        if reds:
+            new_env = f"dsl-env-{tok}"
+            layers[new_env] = {
+                new_env: Task(
+                    new_env,
+                    _advance_env,
+                    TaskRef(env_key),
+                    DataNode(None, reds),
+                    DataNode(None, compiled.scalars),
+                    axis,
+                    *refs,
+                )
+            }
+            deps[new_env] = {env_key, *names}
+            env_key = new_env
+    results = []
+    for x in its:
+        if isinstance(x, Scalar):
+            k = f"dsl-scalar-{token}-{x.uid}"
+            layers[k] = {k: Task(k, _get, TaskRef(env_key), x.uid)}
+            deps[k] = {env_key}
+            hlg = HighLevelGraph(_materialize(layers), deps)
+            results.append(Delayed(k, hlg))
+            continue
+        name, chunks = out_of[id(x)]
+        if x.kind == "numpy":
+            hlg = HighLevelGraph(_materialize(layers), deps)
+            results.append(da.Array(hlg, name, chunks, dtype=x.stream.dtype))
+        else:
+            k = f"dsl-finalize-{token}-{id(x)}"
+            keys = [(name, *idx) for idx in np.ndindex(*[len(c) for c in chunks])]
+            writer = sinks.get(id(x))
+            if writer is not None:
+                layers[k] = {
+                    k: Task(k, _finalize_sink, DataNode(None, writer), *(TaskRef(q) for q in keys))
+                }
+            else:
+                layers[k] = {
+                    k: Task(
+                        k, _target_value, DataNode(None, x.target), *(TaskRef(q) for q in keys)
+                    )
+                }
+            deps[k] = {name}
+            results.append(Delayed(k, HighLevelGraph(_materialize(layers), deps)))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _target_value(target: Any, *_: Any) -> Any:
+    return target
+
+
+def _materialize(layers: dict) -> dict:
+    from dask.highlevelgraph import MaterializedLayer
+
+    return {
+        n: (v if isinstance(v, MaterializedLayer) else MaterializedLayer(v))
+        for n, v in layers.items()
+    }

@@ -598,7 +598,7 @@ class Stream:
         **kw: Any,
     ) -> Stream:
         kw = {k: v for k, v in kw.items() if v is not None}
-        shown = {k: v for k, v in kw.items() if _DEFAULTS.get(k, object()) != v}
+        shown = {k: v for k, v in kw.items() if k not in _DEFAULTS or _DEFAULTS[k] != v}
         label = f"{name}({', '.join(f'{k}={_short(v)}' for k, v in shown.items())})"
         rad = kernel_radius(func, kw, self.ndim)
         if rad is None:

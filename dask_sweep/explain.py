@@ -109,6 +109,18 @@ class Explanation:
                 out.append(f"  predicted reads per chunk: max {max(vals)}, "
                            f"mean {sum(vals) / len(vals):.2f} (each chunk row read whole, in "
                            "disk order)")
+            tiling = plan.info.get("tiling")
+            if tiling:
+                counts = "x".join(str(c) for i, c in enumerate(tiling["counts"]) if i != ax)
+                out.append(
+                    f"  tiled in-plane: one row of chunks does not fit, so {tiling['tiles']} "
+                    f"tiles ({counts}) with halo {tiling['halo']} are swept one after the other "
+                    f"(the stages above describe tile 0); peak of the largest tile "
+                    f"{format_bytes(tiling['peak'])}")
+                out.append(
+                    f"  predicted reads per chunk over all tiles: max {tiling['reads_max']}, "
+                    f"mean {tiling['reads_mean']:.2f}; bytes read / input bytes = "
+                    f"{tiling['bytes_read'] / tiling['input_bytes']:.3f}")
             for note in plan.notes:
                 out.append(f"  note: {note}")
         for fb in self.result.fallbacks:

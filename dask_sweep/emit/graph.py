@@ -27,7 +27,7 @@ from dask_sweep.runtime.executor import Trace, run_step
 from dask_sweep.runtime.memory import tune_allocator
 
 
-def _step(plan, prev, t, ext_keys, ext_values):
+def _step(plan, prev, t, ext_keys, ext_values, *after):
     if plan.info.get("tune_malloc", True):
         tune_allocator()
     externals = dict(zip(ext_keys, ext_values))
@@ -64,11 +64,13 @@ def _done(*_):
     return None
 
 
-def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict]:
+def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
+         outputs: bool = True) -> tuple[dict, dict]:
     """Tasks of the sweep: ``({layer name: MaterializedLayer}, {layer name: deps})``.
 
     The output layers keep the output names; one extra layer ``sweep-T`` holds
-    the plan and the step chain.
+    the plan and the step chain.  ``after``: a key the first step waits for (the
+    previous tile's last step); ``outputs=False`` leaves the output keys out.
     """
     token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
     axis = plan.axis
@@ -87,10 +89,11 @@ def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict
         prev = TaskRef((step_name, t - 1)) if t else None
         key = (step_name, t)
         # keys and values apart: dask resolves references inside lists, not dict values
+        extra = (TaskRef(after),) if (after is not None and t == 0) else ()
         tasks[key] = Task(key, _step, TaskRef(plan_key), prev, t, tuple(externals),
-                          List(*externals.values()))
+                          List(*externals.values()), *extra)
     out_layers: dict[str, dict] = {}
-    for k, o in enumerate(plan.outputs):
+    for k, o in enumerate(plan.outputs if outputs else ()):
         bnds = [np.cumsum((0, *c)).tolist() for c in o.chunks]
         # the step at which each block row along the axis is complete
         step_of_row = []
@@ -111,6 +114,33 @@ def emit(plan: Plan, trace: Trace, token: str | None = None) -> tuple[dict, dict
     for name in out_layers:
         deps[name] = {f"sweep-{token}"}
     return {n: MaterializedLayer(v) for n, v in layers.items()}, deps
+
+
+def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]:
+    """Tiles swept one after the other; the output keys wait for the last tile.
+
+    Only sink outputs are tiled (each tile writes its own region), so the output
+    keys are completion markers.
+    """
+    layers, deps = {}, {}
+    after = None
+    for n, (plan, trace) in enumerate(tiles):
+        lay, dep = emit(plan, trace, token=f"{token}-tile{n}", after=after, outputs=False)
+        layers.update(lay)
+        deps.update(dep)
+        if after is not None:
+            deps[f"sweep-{token}-tile{n}"].add(f"sweep-{token}-tile{n - 1}")
+        after = (f"sweep-step-{token}-tile{n}", len(plan.steps) - 1)
+    last = f"sweep-{token}-tile{len(tiles) - 1}"
+    plan = tiles[-1][0]
+    for o in plan.outputs:
+        layer = {}
+        for idx in np.ndindex(*[len(c) for c in o.chunks]):
+            key = (o.name, *idx)
+            layer[key] = Task(key, _done, TaskRef(after))
+        layers[o.name] = MaterializedLayer(layer)
+        deps[o.name] = {last}
+    return layers, deps
 
 
 def _extract_block(step_result, plan: Plan, k: int, idx: tuple[int, ...]):

@@ -21,12 +21,14 @@ from typing import Any
 
 import dask
 from dask.array.optimization import optimize as dask_default_optimize
+from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.emit.graph import emit
+from dask_sweep.emit.graph import emit, emit_tiled
 from dask_sweep.errors import BudgetError, SweepError
 from dask_sweep.passes.slabs import choose_steps
+from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan
 from dask_sweep.plan.ir import Plan
@@ -106,7 +108,17 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         notes = [note] if note else []
         try:
             plan = region_to_plan(dsk, region, axis, settings, notes)
-            plan, trace = choose_steps(plan, settings.target_slab_bytes)
+            try:
+                plan, trace = choose_steps(plan, settings.target_slab_bytes)
+            except BudgetError as whole:
+                why = tileable(plan)
+                if why:
+                    raise BudgetError(f"{whole} In-plane tiling is not possible: {why}.",
+                                      stage=whole.stage, projected=whole.projected,
+                                      budget=whole.budget) from None
+                tiles = tile(plan, settings.target_slab_bytes)
+                plan, trace = tiles[0]
+                plan.info["tile_plans"] = tiles
         except BudgetError as e:
             if settings.fallback == "raise":
                 raise
@@ -132,7 +144,11 @@ def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGra
     for plan, _ in result.plans:
         sources |= plan.info.get("sources", set())
     for plan, trace in result.plans:
-        new_layers, new_deps = emit(plan, trace)
+        if "tile_plans" in plan.info:
+            new_layers, new_deps = emit_tiled(plan.info["tile_plans"],
+                                              tokenize([o.name for o in plan.outputs]))
+        else:
+            new_layers, new_deps = emit(plan, trace)
         absorbed = plan.info["absorbed"]
         keep_names = set(new_layers)
         for name in absorbed:

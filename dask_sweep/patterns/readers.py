@@ -50,8 +50,8 @@ class InlineReader:
     def row_keys(self, r: int) -> list[tuple]:
         return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
 
-    def read_row(self, r: int, externals: dict) -> np.ndarray:
-        return _assemble(self.numblocks, self.axis, r, self.block)
+    def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
+        return _assemble(self.numblocks, self.axis, r, self.block, blocks)
 
 
 class BlockwiseReader(InlineReader):
@@ -80,8 +80,9 @@ class ExternalReader:
     def row_keys(self, r: int) -> list[tuple]:
         return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
 
-    def read_row(self, r: int, externals: dict) -> np.ndarray:
-        return _assemble(self.numblocks, self.axis, r, lambda idx: externals[(self.name, *idx)])
+    def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
+        return _assemble(self.numblocks, self.axis, r,
+                         lambda idx: externals[(self.name, *idx)], blocks)
 
 
 class SubgraphReader:
@@ -104,7 +105,9 @@ class SubgraphReader:
     def row_keys(self, r: int) -> list[tuple]:
         return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
 
-    def read_row(self, r: int, externals: dict, memo: dict | None = None):
+    carries = True  # values for later rows travel in the sweep state
+
+    def read_row(self, r: int, externals: dict, memo: dict | None = None, blocks=None):
         memo = dict(memo or {})
         tasks = self.tasks
 
@@ -120,9 +123,48 @@ class SubgraphReader:
             return val
 
         out = _assemble(self.numblocks, self.axis, r,
-                        lambda idx: get((self.name, *idx)))
+                        lambda idx: get((self.name, *idx)), blocks)
         keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) > r}
         return out, keep
+
+
+class TileReader:
+    """Read only the chunks of a row that meet an in-plane region, and cut the region."""
+
+    def __init__(self, inner, chunks, axis: int, region) -> None:
+        self.inner = inner
+        self.axis = axis
+        self.carries = getattr(inner, "carries", False)
+        self.tasks = getattr(inner, "tasks", None)
+        self.blocks, self.cut = [], []
+        for ax, c in enumerate(chunks):
+            b = np.cumsum((0, *c)).tolist()
+            if ax == axis:
+                self.blocks.append((0, len(c)))
+                self.cut.append(slice(None))
+                continue
+            s, e = region[ax]
+            q0 = max(i for i in range(len(c)) if b[i] <= s)
+            q1 = min(i for i in range(1, len(c) + 1) if b[i] >= e)
+            self.blocks.append((q0, q1))
+            self.cut.append(slice(s - b[q0], e - b[q0]))
+
+    def row_keys(self, r: int) -> list[tuple]:
+        keep = []
+        for k in self.inner.row_keys(r):
+            idx = k[1:]
+            if all(lo <= q < hi for ax, (q, (lo, hi)) in enumerate(zip(idx, self.blocks))
+                   if ax != self.axis):
+                keep.append(k)
+        return keep
+
+    def read_row(self, r: int, externals: dict, memo: dict | None = None):
+        if self.carries:
+            row, memo = self.inner.read_row(r, externals, memo, blocks=self.blocks)
+        else:
+            row = self.inner.read_row(r, externals, blocks=self.blocks)
+        row = np.ascontiguousarray(row[tuple(self.cut)])
+        return (row, memo) if self.carries else row
 
 
 def _row_indices(numblocks, axis, r):
@@ -132,12 +174,14 @@ def _row_indices(numblocks, axis, r):
             for ix in np.ndindex(*[len(x) for x in ranges])]
 
 
-def _assemble(numblocks, axis, r, get):
-    shape = list(numblocks)
+def _assemble(numblocks, axis, r, get, blocks=None):
+    """Chunk row ``r`` (or, with ``blocks`` = per-axis block ranges, a part of it)."""
+    lo = [0] * len(numblocks) if blocks is None else [b[0] for b in blocks]
+    shape = list(numblocks) if blocks is None else [b[1] - b[0] for b in blocks]
     shape[axis] = 1
     nested = np.empty(shape, dtype=object)
     for ix in np.ndindex(*shape):
-        idx = list(ix)
+        idx = [q + o for q, o in zip(ix, lo)]
         idx[axis] = r
         nested[ix] = np.asarray(get(tuple(idx)))
     if nested.size == 1:

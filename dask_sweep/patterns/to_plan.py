@@ -62,12 +62,13 @@ class DirectStoreWriter:
         self.axis = axis
         self.ndim = ndim
 
-    def write_planes(self, a: int, planes) -> None:
+    def write_planes(self, a: int, planes, origin=None) -> None:
         from dask.array.core import fuse_slice
 
         idx = [slice(None)] * self.ndim
         for d in range(self.ndim):
-            idx[d] = slice(0, planes.shape[d])
+            o = origin[d] if origin is not None else 0
+            idx[d] = slice(o, o + planes.shape[d])
         idx[self.axis] = slice(a, a + planes.shape[self.axis])
         index = tuple(idx)
         if self.region:
@@ -123,7 +124,7 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if not hasattr(reader, "tasks") else ""),
             shape=m.shape, dtype=m.dtype, row_bounds=_bounds(m.chunks[axis]), reader=reader,
             external=not hasattr(reader, "tasks"),
-            bytes_per_row=tuple(c * plane for c in m.chunks[axis]),
+            bytes_per_row=tuple(c * plane for c in m.chunks[axis]), chunks=m.chunks,
         ))
     # topological order of region stages
     order, seen = [], set()

@@ -81,6 +81,7 @@ class Source(Stage):
     reader: Any = None  # object with .read_row(r, externals) -> ndarray
     external: bool = False
     bytes_per_row: tuple[int, ...] = ()
+    chunks: tuple[tuple[int, ...], ...] = ()  # the source's chunks (for in-plane tiling)
 
     def grid(self, axis: int) -> tuple[int, ...] | None:
         return self.row_bounds
@@ -147,6 +148,7 @@ class Kernel(Stage):
     temps: float = 2.0
     kind: str = "kernel"
     passes: tuple | None = None  # separable form: ((axis, fn1d), ...) in the kernel's order
+    edges: tuple | None = None  # per axis (lo, hi): is that side a face of the volume?
 
     def window(self, i: int) -> tuple[int, int]:
         d = self.depth[self.sweep_axis]

@@ -86,7 +86,7 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
         return Shape(tuple(s), st.dtype)
     rows = []
     for r in range(r0, r1):
-        if hasattr(st.reader, "last_use"):
+        if getattr(st.reader, "carries", False):
             # a reader carrying upstream values to later rows (see patterns.readers)
             row, memos[j] = st.reader.read_row(r, externals, memos.get(j))
         else:
@@ -197,8 +197,11 @@ def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads:
         crop[axis] = slice(a - pa, a - pa + (b - a))
     for ax in range(ndim):
         if ax != axis and st.boundary[ax] != "none" and st.depth[ax]:
-            x = pad_axis(x, ax, st.depth[ax], st.depth[ax], st.boundary[ax])
-            crop[ax] = slice(st.depth[ax], st.depth[ax] + st.shape[ax])
+            # pad only at the volume's faces (an in-plane tile has real data inside)
+            edge_lo, edge_hi = st.edges[ax] if st.edges is not None else (True, True)
+            lo, hi = st.depth[ax] * edge_lo, st.depth[ax] * edge_hi
+            x = pad_axis(x, ax, lo, hi, st.boundary[ax])
+            crop[ax] = slice(lo, lo + st.shape[ax])
     tile_ax = next((ax for ax in range(ndim) if ax != axis and x.shape[ax] > 1), None)
     passes = st.passes
     if passes is not None and not any(ax == axis for ax, _ in passes[1:]):

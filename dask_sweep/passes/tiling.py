@@ -1,0 +1,185 @@
+"""In-plane tiling, when one row of chunks does not fit the budget.
+
+A sweep holds whole planes.  With 3D chunks (say 64³) a step is at least one
+chunk row deep, so large planes can exceed the budget.  Then the volume is cut
+in-plane into tiles on chunk boundaries; each tile is swept on its own, with a
+halo ``H`` (the sum of the stages' in-plane depths) of real neighbouring data::
+
+      ┌────────┬────────┐      each tile reads the chunks that meet
+      │ tile 0 ▒▒      │      tile + halo (▒): chunks in a halo are
+      │        ▒▒      │      read by two tiles (four at corners);
+      ├────────┼────────┤      the tiling with the fewest reads that
+      │      ▒▒│ tile 3 │      fits the budget is chosen, and explain()
+      └────────┴────────┘      prints the predicted reads per chunk.
+
+Exact for block-invariant kernels (their output within ``H`` of a tile's inner
+edge is wrong, and it is cut away); so tiling is offered for regions made of
+:class:`Kernel`, :class:`Identity` and inline :class:`Source` stages whose
+outputs are written by the sweep (``to_zarr`` / ``store``).  Tiles run one
+after the other, so memory is one tile's sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+
+from dask_sweep.errors import BudgetError
+from dask_sweep.passes.slabs import choose_steps
+from dask_sweep.patterns.readers import TileReader
+from dask_sweep.plan.ir import Identity, Kernel, Plan, Source
+
+
+class TileWriter:
+    """Write the interior of a tile (its halo cut away) at the tile's place."""
+
+    def __init__(self, inner, cut, origin) -> None:
+        self.inner = inner
+        self.cut = cut
+        self.origin = origin
+
+    def write_planes(self, a: int, planes) -> None:
+        self.inner.write_planes(a, np.ascontiguousarray(planes[self.cut]), origin=self.origin)
+
+
+def tileable(plan: Plan) -> str:
+    """Why ``plan`` cannot be tiled in-plane ('' when it can)."""
+    for st in plan.stages:
+        if isinstance(st, Source):
+            if st.external or not st.chunks:
+                return "a source is not read inside the slab tasks"
+        elif not isinstance(st, (Kernel, Identity)):
+            return f"stage {st.label!r} keeps dask's blocks (only known kernels can be tiled)"
+    if not plan.outputs or any(not hasattr(o.sink, "write_planes") for o in plan.outputs):
+        return "the output is not written by the sweep (tiling needs to_zarr / store)"
+    return ""
+
+
+def _cuts(bounds: list[int], n: int) -> list[int]:
+    nb = len(bounds) - 1
+    return sorted({bounds[round(k * nb / n)] for k in range(n + 1)})
+
+
+def _tiles(plan: Plan, counts) -> list[tuple]:
+    """Interior regions ``[(s, e) per axis]`` for ``counts`` tiles per in-plane axis."""
+    axis = plan.axis
+    src = next(st for st in plan.stages if isinstance(st, Source))
+    per_axis = []
+    for ax, c in enumerate(src.chunks):
+        if ax == axis:
+            per_axis.append([(0, plan.extent)])
+            continue
+        b = np.cumsum((0, *c)).tolist()
+        cuts = _cuts(b, counts[ax])
+        per_axis.append(list(zip(cuts[:-1], cuts[1:])))
+    return list(itertools.product(*per_axis))
+
+
+def _predicted_reads(plan: Plan, tiles, halo) -> tuple[int, int, float]:
+    """(total chunk reads, max reads of one chunk, mean) for a tiling."""
+    axis = plan.axis
+    src = next(st for st in plan.stages if isinstance(st, Source))
+    counts: dict = {}
+    bnds = [np.cumsum((0, *c)).tolist() for c in src.chunks]
+    for region in tiles:
+        ranges = []
+        for ax, (s, e) in enumerate(region):
+            if ax == axis:
+                ranges.append(range(len(src.chunks[ax])))
+                continue
+            s, e = max(0, s - halo[ax]), min(plan.stages[0].shape[ax], e + halo[ax])
+            b = bnds[ax]
+            ranges.append([q for q in range(len(b) - 1) if b[q] < e and b[q + 1] > s])
+        for idx in itertools.product(*ranges):
+            counts[idx] = counts.get(idx, 0) + 1
+    vals = list(counts.values())
+    return sum(vals), max(vals), sum(vals) / len(vals)
+
+
+def _tile_plan(plan: Plan, region, halo) -> Plan:
+    axis = plan.axis
+    shape0 = plan.stages[0].shape
+    hreg, edges, cut, origin = [], [], [slice(None)] * len(shape0), [0] * len(shape0)
+    for ax, (s, e) in enumerate(region):
+        if ax == axis:
+            hreg.append((0, plan.extent))
+            edges.append((True, True))
+            continue
+        hs, he = max(0, s - halo[ax]), min(shape0[ax], e + halo[ax])
+        hreg.append((hs, he))
+        edges.append((hs == 0, he == shape0[ax]))
+        cut[ax] = slice(s - hs, e - hs)
+        origin[ax] = s
+    shape = tuple(e - s for s, e in hreg)
+    stages = []
+    for st in plan.stages:
+        if isinstance(st, Source):
+            reader = TileReader(st.reader, st.chunks, axis, hreg)
+            covered = 1
+            for ax, (q0, q1) in enumerate(reader.blocks):
+                if ax != axis:
+                    covered *= sum(st.chunks[ax][q0:q1])
+            itemsize = np.dtype(st.dtype).itemsize
+            stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
+                c * covered * itemsize for c in st.chunks[axis])))
+        elif isinstance(st, Kernel):
+            stages.append(replace(st, shape=shape, edges=tuple(edges)))
+        else:
+            stages.append(replace(st, shape=shape))
+    outputs = tuple(replace(o, sink=TileWriter(o.sink, tuple(cut), tuple(origin)))
+                    for o in plan.outputs)
+    return replace(plan, stages=tuple(stages), outputs=outputs, info=dict(plan.info))
+
+
+def tile(plan: Plan, target_slab_bytes: int):
+    """Sub-plans (with traces) of the cheapest in-plane tiling that fits, or raise.
+
+    Raises
+    ------
+    BudgetError
+        When no tiling fits (the message names the best attempt).
+    """
+    axis = plan.axis
+    ndim = len(plan.stages[0].shape)
+    halo = [0] * ndim
+    for st in plan.stages:
+        if isinstance(st, Kernel):
+            for ax in range(ndim):
+                if ax != axis:
+                    halo[ax] += st.depth[ax]
+    src = next(st for st in plan.stages if isinstance(st, Source))
+    choices = [range(1, len(src.chunks[ax]) + 1) if ax != axis else [1] for ax in range(ndim)]
+    candidates = []
+    for counts in itertools.product(*choices):
+        if all(c == 1 for c in counts):
+            continue
+        tiles = _tiles(plan, counts)
+        total, mx, mean = _predicted_reads(plan, tiles, halo)
+        candidates.append((total, len(tiles), counts, tiles, mx, mean))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    last_error = None
+    def area(region):
+        return np.prod([e - s for s, e in region])
+
+    for total, _, counts, tiles, mx, mean in candidates:
+        try:
+            # the largest tile first: if it does not fit, the tiling does not
+            order = sorted(range(len(tiles)), key=lambda i: -area(tiles[i]))
+            planned = {i: choose_steps(_tile_plan(plan, tiles[i], halo), target_slab_bytes)
+                       for i in order}
+            out = [planned[i] for i in range(len(tiles))]
+        except BudgetError as e:
+            last_error = e
+            continue
+        input_bytes = sum(sum(st.bytes_per_row) for st in plan.stages if isinstance(st, Source))
+        info = {"tiles": len(tiles), "counts": counts, "halo": tuple(halo),
+                "reads_max": mx, "reads_mean": mean, "chunk_reads": total,
+                "input_bytes": input_bytes,
+                "bytes_read": sum(t.bytes_read for _, t in out),
+                "peak": max(t.peak for _, t in out)}
+        for p, _ in out:
+            p.info["tiling"] = info
+        return out
+    raise last_error or BudgetError("dask_sweep: no in-plane tiling fits the budget")

@@ -84,7 +84,7 @@ class Compiled:
     options: dict = field(default_factory=dict)
 
     def explain(self):
-        from dask_sweep.dsl.explain import Explanation
+        from dask_sweep.dsl.explanation import Explanation
 
         return Explanation(self)
 
@@ -201,7 +201,9 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
 
 def _grain(in_plane: int, n: int, s: SweepSettings, row_step: int) -> int:
     """Planes per output chunk: the finest step boundary the planner may use."""
-    cap = min(s.target_slab_bytes, s.memory_limit // 16)
+    # An eighth of a target slab: steps group several grid rows, which leaves the
+    # planner (and run-time re-planning) room to make them thinner.
+    cap = min(s.target_slab_bytes // 8, s.memory_limit // 32)
     g = max(1, min(n, cap // max(1, in_plane)))
     if row_step > 1:
         g = max(row_step, g // row_step * row_step)

@@ -37,7 +37,8 @@ def _check(s: Any, what: str) -> Stream:
 
 
 def _minmax_partial(x: np.ndarray) -> np.ndarray:
-    return np.array([x.min(), -x.max()], dtype=np.float64)
+    # stored as [min, -max] so one "min" combines both; negate as float (uint wraps)
+    return np.array([float(x.min()), -float(x.max())], dtype=np.float64)
 
 
 def _minmax(s: Stream) -> Reduction:

@@ -281,8 +281,9 @@ def run(*items: Any, **settings: Any) -> RunResult:
     **settings
         ``memory_limit``, ``threads``, ``axis``, ``target_slab_bytes``;
         ``replan_margin`` (default 0.5) and ``replan_slack`` (bytes, default
-        32 MiB): two steps in a row whose measured memory exceeds
-        ``projected × (1 + margin) + slack`` make the remaining steps thinner.
+        32 MiB): two steps in a row whose measured memory exceeds both
+        ``projected × (1 + margin) + slack`` and the budget make the remaining
+        steps thinner.
 
     Returns
     -------
@@ -353,6 +354,8 @@ def _run_pass(
     state = None
     t = 0
     strikes = 0
+    last_replan: int | None = None
+    gave_up = False
     while t < len(plan.steps):
         tr = Trace()
         t0 = time.perf_counter()
@@ -391,23 +394,35 @@ def _run_pass(
         )
         report.bytes_read += tr.bytes_read
         measured = max(tr.peak, rss)
-        over = measured > peaks[t] * (1 + margin) + slack
+        # Above the projection by the margin *and* above the budget: thinner steps
+        # cost halo recomputation, so only a budget at risk is worth it.
+        over = measured > peaks[t] * (1 + margin) + slack and measured > report.budget
         # One step over the line may be a one-off (a JIT compile, a library loading its
         # caches); two in a row is how the pipeline behaves: shrink what is left.
         sustained = over and strikes >= 1
         strikes = strikes + 1 if over else 0
-        if sustained and t + 1 < len(plan.steps):
+        if sustained and t + 1 < len(plan.steps) and not gave_up:
             new = _shrink(plan, t)
-            if new is None:
+            if last_replan is not None and measured >= 0.9 * last_replan:
+                # thinner steps did not lower the overshoot: it does not scale with the
+                # step (e.g. temporaries over a kernel's halo); stop making things slower
+                gave_up = True
+                report.replans.append(
+                    f"pass {pp.index} step {t}: still {format_bytes(measured)} after thinner "
+                    "steps; the overshoot does not scale with the step, re-planning stopped"
+                )
+            elif new is None:
                 report.replans.append(
                     f"pass {pp.index} step {t}: measured {format_bytes(measured)} > projected "
                     f"{format_bytes(peaks[t])}; steps are already one grid row thick"
                 )
+                gave_up = True
             else:
                 old_n = len(plan.steps) - t - 1
                 plan = new
                 peaks = peaks[: t + 1] + step_peaks(plan, start=t + 1)
                 strikes = 0
+                last_replan = measured
                 report.replans.append(
                     f"pass {pp.index} step {t}: measured {format_bytes(measured)} > projected "
                     f"{format_bytes(peaks[t])} x {1 + margin:g} + {format_bytes(slack)}; the "

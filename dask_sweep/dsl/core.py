@@ -937,8 +937,9 @@ def zip(
     Examples
     --------
     >>> import numpy as np
-    >>> s = source(np.zeros((4, 5, 6), "float32"))
-    >>> zip(s.gaussian(1), s.gaussian(2), lambda x, y: x - y).dtype
+    >>> from dask_sweep import dsl
+    >>> s = dsl.source(np.zeros((4, 5, 6), "float32"))
+    >>> dsl.zip(s.gaussian(1), s.gaussian(2), lambda x, y: x - y).dtype
     dtype('float32')
     """
     args_l = list(args)

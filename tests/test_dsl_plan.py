@@ -55,7 +55,7 @@ def test_pass_schedule_and_bytes_read_per_pass():
     assert len(c3.passes) == 3
 
 
-@pytest.mark.parametrize("limit", ["192KiB", "512KiB", "4MiB"])
+@pytest.mark.parametrize("limit", ["320KiB", "512KiB", "4MiB"])
 def test_projected_peak_within_budget_and_measured_matches(limit):
     x = vol()
     s = dsl.source(x)

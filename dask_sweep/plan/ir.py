@@ -62,6 +62,10 @@ class Stage:
         """Kernel temporaries, as a multiple of the bytes of one computed slab."""
         return 1.0
 
+    def temp_bytes(self, out_bytes: int, in_bytes: int) -> float:
+        """Bytes of temporaries while computing ``out_bytes`` from ``in_bytes`` of input."""
+        return out_bytes * self.temp_factor()
+
     def plane_bytes(self, axis: int) -> int:
         n = int(np.prod([s for i, s in enumerate(self.shape) if i != axis], dtype=np.int64))
         return n * np.dtype(self.dtype).itemsize
@@ -158,6 +162,20 @@ class Kernel(Stage):
 
     def temp_factor(self) -> float:
         return self.temps
+
+    def temp_bytes(self, out_bytes: int, in_bytes: int) -> float:
+        # scipy works on the slab padded by the halo, not on the planes kept
+        inplane = 1.0
+        for ax, d in enumerate(self.depth):
+            if ax != self.sweep_axis and self.boundary[ax] != "none" and d:
+                inplane *= (self.shape[ax] + 2 * d) / self.shape[ax]
+        padded = max(in_bytes, out_bytes) * inplane
+        if self.passes is not None:
+            # the first 1-D pass writes a padded slab; later passes work on kept planes,
+            # into arrays that replace each other
+            return padded
+        # the whole N-D call on the padded slab, plus strip copies for the threads
+        return padded * (1 + self.temps)
 
 
 @dataclass(frozen=True, eq=False)

@@ -143,7 +143,8 @@ class _Step:
                 raise TypeError(f"unknown stage kind {type(st).__name__}")
         if self.trace is not None:
             self.trace.computes += 1
-            peak = self.held() + int(out.nbytes) * (1 + st.temp_factor()) + transient
+            ob = int(out.nbytes)
+            peak = self.held() + ob + transient + st.temp_bytes(ob, transient)
             if peak > self.trace.peak:
                 self.trace.peak = int(peak)
                 self.trace.peak_stage = st.label

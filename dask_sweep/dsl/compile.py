@@ -264,6 +264,7 @@ def _lower_pass(
                 boundary=("none",) * x.ndim,
                 temps=x.temps,
                 sweep_axis=axis,
+                passes=_passes(x.fn, x.ndim),
             )
         else:
             st = Pointwise(
@@ -458,3 +459,14 @@ def open_sink(t: Target, g: int) -> SinkWriter:
 
 
 __all__ = ["Compiled", "PassPlan", "compile_pipeline", "step_peaks"]
+
+
+def _passes(fn, ndim: int):
+    """scipy's separable 1-D passes for a plain ``partial(scipy_filter, **kw)``, else None."""
+    import functools
+
+    from dask_sweep.patterns.kernels import separable_passes
+
+    if not isinstance(fn, functools.partial) or fn.args or "output" in fn.keywords:
+        return None
+    return separable_passes(fn.func, dict(fn.keywords), ndim)

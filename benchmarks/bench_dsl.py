@@ -18,47 +18,18 @@ results are equal::
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
 import scipy.ndimage as ndi
 import zarr
 
 from dask_sweep import dsl
 from dask_sweep.config import parse_bytes
+from dask_sweep.diagnostics import PeakRSS
 from dask_sweep.utils import format_bytes
-
-
-class PeakRSS:
-    """Sample this process's RSS in a thread; ``peak`` is the maximum above the start."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.start = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
 
 
 def make_volume(path: str, shape: tuple[int, ...], chunk_rows: int) -> None:
@@ -131,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                 wall = time.perf_counter() - t0
             read = stats.bytes_read  # measured by dask_sweep.io, not by the planner
             print(
-                f"{name:<6} {'dsl':<7} {wall:7.2f} {format_bytes(mem.peak):>11} "
-                f"{mem.peak / budget:8.2f} {read / nbytes:10.2f} {res.report.passes:>6}"
+                f"{name:<6} {'dsl':<7} {wall:7.2f} {format_bytes(mem.peak_above_baseline):>11} "
+                f"{mem.peak_above_baseline / budget:8.2f} {read / nbytes:10.2f} {res.report.passes:>6}"
             )
             print(
                 f"{'':<6} {'':<7} projected peak {format_bytes(res.report.peak_projected)}, "
@@ -148,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                 wall = time.perf_counter() - t0
             got = zarr.open_array(out)[...]
             print(
-                f"{'':<6} {'scipy':<7} {wall:7.2f} {format_bytes(mem.peak):>11} "
-                f"{mem.peak / budget:8.2f} {1.0:10.2f} {'-':>6}  {bool((got == want).all())}"
+                f"{'':<6} {'scipy':<7} {wall:7.2f} {format_bytes(mem.peak_above_baseline):>11} "
+                f"{mem.peak_above_baseline / budget:8.2f} {1.0:10.2f} {'-':>6}  {bool((got == want).all())}"
             )
             del x, want, got
 

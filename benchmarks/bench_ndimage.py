@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
@@ -30,32 +29,6 @@ import psutil
 # Bytes per voxel scipy needs, measured with tracemalloc on (64, 256, 256) bool:
 # label ~5 (+ the input), distance_transform_edt ~49.
 _SCIPY_BYTES = {"label": 6, "distance_transform_edt": 50}
-
-
-class PeakRSS:
-    """Sample this process's RSS in a thread; ``peak`` is the maximum above the start."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
 
 
 def make_volume(path: str, shape: tuple[int, ...], rows: int, seed: int = 0) -> None:
@@ -79,11 +52,13 @@ def fmt(n: float) -> str:
 
 
 def run(name: str, fn: Callable[[], object]) -> tuple[float, int, object]:
+    from dask_sweep.diagnostics import PeakRSS
+
     with PeakRSS() as rss:
         t = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t
-    return dt, rss.peak, out
+    return dt, rss.peak_above_baseline, out
 
 
 def main(argv: list[str] | None = None) -> None:

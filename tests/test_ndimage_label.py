@@ -1,5 +1,7 @@
 """dask_sweep.ndimage.label against scipy.ndimage.label: values, numbering, graph, memory plan."""
 
+import importlib
+
 import dask
 import dask.array as da
 import numpy as np
@@ -8,16 +10,18 @@ import scipy.ndimage as ndi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dask_sweep.errors import BudgetError, SweepConfigError
+from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
 from dask_sweep.ndimage import explain_label, label, plan_label
-from dask_sweep.ndimage.label import _face_pairs, _resolve
+from dask_sweep.ndimage.label import _face_pairs, _final_ids, _smallest_linked
+
+label_mod = importlib.import_module("dask_sweep.ndimage.label")
 
 
 def _budget_for(shape, rows, itemsize=1):
     """A memory limit that makes slabs of about ``rows`` rows (2 slabs in flight)."""
     plane = int(np.prod(shape[1:]))
-    pass1 = rows * plane * (2 * itemsize + 6) + plane * 40
-    pass2 = rows * plane * (2 * itemsize + 12) * 2
+    pass1 = rows * plane * (2 * itemsize + 7) * 2 + plane * 56
+    pass2 = rows * plane * (2 * itemsize + 6 + 4 + 2 + 4) * 2 + 16 * 48
     return max(pass1, pass2)
 
 
@@ -94,19 +98,24 @@ def test_face_pairs_full_connectivity_diagonals():
     up = np.array([[1, 0], [0, 0]], dtype=np.int32)
     low = np.array([[0, 0], [0, 1]], dtype=np.int32)
     full = np.ones((3, 3, 3), bool)
-    assert _face_pairs(up, low, full[2], 10, 20).tolist() == [[11, 21]]
+    assert _face_pairs(up, low, full[2]).tolist() == [[1, 1]]
     faces = ndi.generate_binary_structure(3, 1)
-    assert _face_pairs(up, low, faces[2], 10, 20).shape == (0, 2)
+    assert _face_pairs(up, low, faces[2]).shape == (0, 2)
 
 
-def test_resolve_roots_and_numbering():
-    # slab 0: labels 1, 2; slab 1: labels 3, 4 (global). 2~3, 1~4: slab 1 has no roots.
-    s0 = (0, 2, np.empty((0, 2), np.int64))
-    s1 = (2, 2, np.array([[2, 3], [1, 4]], np.int64))
-    r = _resolve(s0, s1)
-    assert r.num == 2
-    assert r.lookup(0, 2).tolist() == [0, 1, 2]
-    assert r.lookup(1, 2).tolist() == [0, 2, 1]
+def test_smallest_linked_joins_labels_through_the_slab_below():
+    # labels 2 and 5 reach b=1, 5 and 3 reach b=4: {2, 3, 5} is one component below.
+    pairs = np.array([[2, 1], [5, 1], [5, 4], [3, 4], [6, 7]])
+    assert _smallest_linked(6, pairs).tolist() == [0, 1, 2, 2, 4, 2, 6]
+    assert _smallest_linked(3, np.empty((0, 2), np.int64)).tolist() == [0, 1, 2, 3]
+
+
+def test_final_ids_roots_carried_and_followers():
+    # B: 1 root, 2 -> 1, 3 linked upwards (key 3 -> id 7), 4 root, 5 -> 3 (carried).
+    B = np.array([0, 1, 1, 3, 4, 3], np.int32)
+    for block in (1, 2, 256):
+        lut, cum = _final_ids(B, np.array([3]), np.array([7]), 10, block)
+        assert lut.tolist() == [0, 11, 11, 7, 12, 7] and cum == 12
 
 
 def test_num_features_is_lazy_and_alone_skips_pass_two(rng):
@@ -122,23 +131,61 @@ def test_num_features_is_lazy_and_alone_skips_pass_two(rng):
     assert any(n.startswith("label-resolve-") for n in names)
 
 
-def test_graph_is_a_chain_with_inline_reads(rng):
+def test_graph_inline_input_one_resolve_task_then_independent_slabs(rng):
     mask = rng.random((10, 5, 5)) < 0.5
     x = da.from_array(mask, chunks=(1, 5, 5))
     lab, _ = label(x, memory_limit=_budget_for(mask.shape, 1))
     dsk = dict(lab.__dask_graph__())
     assert not any(isinstance(k, tuple) and k[0] == x.name for k in dsk)  # reads inlined
-    p1 = sorted(k for k in dsk if isinstance(k, tuple) and k[0].startswith("label-p1-"))
-    carry = {k[1]: k for k in dsk if isinstance(k, tuple) and k[0].startswith("label-carry-")}
-    for s, key in enumerate(p1[1:], 1):
-        assert carry[s - 1] in dsk[key].dependencies  # slab s waits for slab s-1
+    (res,) = [k for k in dsk if isinstance(k, str) and k.startswith("label-resolve-")]
+    assert not dsk[res].dependencies
+    out = [k for k in dsk if isinstance(k, tuple) and k[0] == lab.name]
+    assert len(out) == 10 and len(dsk) == 12  # + num: no longer 4 more tasks a slab
+    for k in out:
+        assert dsk[k].dependencies == {res}
+
+
+def test_graph_external_input_backward_link_chain_forward_numbering(rng):
+    zarr = pytest.importorskip("zarr")
+    mask = rng.random((10, 5, 5)) < 0.5
+    z = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=mask.shape, chunks=(1, 5, 5), dtype="u1"
+    )
+    z[:] = mask
+    x = da.from_zarr(z).map_overlap(lambda b: b, depth=1, boundary="none")
+    assert not plan_label(x, memory_limit=_budget_for(mask.shape, 1)).inline
+    with dask.config.set({"sweep.threads": 2}):
+        lab, n = label(x, memory_limit=_budget_for(mask.shape, 1))
+    np.testing.assert_array_equal(lab.compute(), ndi.label(mask)[0])
+    dsk = dict(lab.__dask_graph__())
+
+    def of(prefix):
+        return {k[1]: k for k in dsk if isinstance(k, tuple) and k[0].startswith(prefix)}
+
+    local, face, link = of("label-local-"), of("label-face-"), of("label-link-")
+    number = of("label-number-")
+    assert len(local) == len(link) == len(number) == 10 and len(face) == 9
+    for s in range(10):
+        deps = dsk[link[s]].dependencies
+        # the link chain runs backwards: slab s waits for slab s+1 and their face
+        assert deps == {local[s], face[s], link[s + 1]} if s < 9 else deps == {local[s]}
+        if s < 9:  # a face task joins two local slabs, apart from the chain
+            assert dsk[face[s]].dependencies == {local[s], local[s + 1]}
+        # at most 2 (threads) finished local slabs wait for the chain
+        throttle = dsk[local[s]].dependencies - {
+            k for k in dsk[local[s]].dependencies if k[0] != link[s][0]
+        }
+        assert throttle == ({link[s + 2]} if s < 8 else set())
+        # numbering runs forwards over the tables
+        deps = dsk[number[s]].dependencies
+        assert deps == {link[s], number[s - 1]} if s else deps == {link[s]}
     out = [k for k in dsk if isinstance(k, tuple) and k[0] == lab.name]
     assert len(out) == 10
-    # pass 2: independent slabs, each waiting only for the resolve step (no chain, so
+    # pass 2: independent slabs, each waiting only for its lookup table (no chain, so
     # dask.order runs each output block's consumer right after it)
     for k in out:
-        names = {d[0] if isinstance(d, tuple) else d for d in dsk[k].dependencies}
-        assert len(names) == 1 and next(iter(names)).startswith("label-resolve-")
+        own = {d for d in dsk[k].dependencies if d[0].startswith("label-")}
+        assert own == {number[k[1]]}
 
 
 def test_external_input_still_correct(rng):
@@ -210,14 +257,15 @@ def test_budget_error_at_call_time_before_io(tmp_path, rng):
 
 def test_explain_text(rng):
     mask = rng.random((20, 8, 8)) < 0.5
-    text = explain_label(da.from_array(mask, chunks=(2, 8, 8)), memory_limit="4KiB")
+    text = explain_label(da.from_array(mask, chunks=(2, 8, 8)), memory_limit="6KiB")
     for part in (
         "pass 1 label-local",
         "pass 2 relabel",
         "projected peak",
         "bytes read / input bytes = 2.00",
         "slabs of 2-2 rows",
-        "resolve",
+        "numbering",
+        "spilled",
     ):
         assert part in text
 
@@ -262,3 +310,132 @@ def test_distributed_local_cluster(rng):
     ref, rn = ndi.label(mask, np.ones((3, 3, 3)))
     np.testing.assert_array_equal(got, ref)
     assert gn == rn
+
+
+# --------------------------------------------------------------------------- spilled tables
+
+
+@pytest.fixture
+def spill_everything(monkeypatch, tmp_path):
+    """No memory reserve for the tables: every table goes through a .npy file."""
+    monkeypatch.setattr(label_mod, "_reserve", lambda plan: 0)
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        yield tmp_path
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(volumes(), st.sampled_from(["sync", "threads"]))
+def test_matches_scipy_with_spilled_tables(spill_everything, case, scheduler):
+    mask, chunks0, structure, rows = case
+    _check(mask, chunks0, structure, rows, scheduler)
+    assert list(spill_everything.iterdir()) == []  # every spill file read and removed
+
+
+def test_spilled_tables_are_accounted_and_cleaned(spill_everything, rng):
+    from dask_sweep.io import track
+
+    mask = rng.random((24, 9, 9)) < 0.4
+    x = da.from_array(mask, chunks=(2, 9, 9))
+    with track() as stats:
+        lab, n = label(x, memory_limit=_budget_for(mask.shape, 2))
+        got, gn = dask.compute(lab, n, scheduler="threads")
+    np.testing.assert_array_equal(got, ndi.label(mask)[0])
+    spills = {k: c for k, c in stats.sources.items() if "dask-sweep-label-" in str(k)}
+    assert spills and all(c.bytes_read > 0 for c in spills.values())
+    written = sum(c.bytes_written for c in stats.sinks.values())
+    assert written == sum(c.bytes_read for c in spills.values())
+    assert list(spill_everything.iterdir()) == []
+
+
+def test_some_tables_kept_some_spilled(monkeypatch, tmp_path, rng):
+    # A reserve of about two tables: the rest spill; results stay identical.
+    mask = rng.random((30, 7, 7)) < 0.5
+    monkeypatch.setattr(label_mod, "_reserve", lambda plan: 100)
+    seen = []
+    real = label_mod._spill.spill
+    monkeypatch.setattr(label_mod._spill, "spill", lambda p, a: seen.append(p) or real(p, a))
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        lab, n = label(mask, np.ones((3, 3, 3)), memory_limit=_budget_for(mask.shape, 2))
+        got, gn = dask.compute(lab, n, scheduler="sync")
+    ref, rn = ndi.label(mask, np.ones((3, 3, 3)))
+    np.testing.assert_array_equal(got, ref)
+    assert gn == rn
+    assert 0 < len(seen) < 2 * lab.numblocks[0]  # neither none nor all
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_partial_compute_leaves_no_spill_files_after_exit(spill_everything, rng):
+    # labels[:2] needs only slab 0's table: the other spill files stay until the
+    # process-exit cleanup, which knows the directory.
+    mask = rng.random((12, 5, 5)) < 0.5
+    lab, _ = label(mask, memory_limit=_budget_for(mask.shape, 2))
+    np.testing.assert_array_equal(lab[:2].compute(), ndi.label(mask)[0][:2])
+    left = list(spill_everything.iterdir())
+    assert all(str(p) in label_mod._spill._CREATED for p in left)
+    label_mod._spill._cleanup()
+    assert list(spill_everything.iterdir()) == []
+
+
+def test_output_dtype_overflow_is_reported(rng):
+    mask = np.zeros((8, 30, 30), bool)
+    mask[::2, ::2, ::2] = True  # 4 x 225 isolated voxels (900 > int8 max)
+    lab, n = label(mask, output=np.int8, memory_limit="1MiB")
+    assert int(n.compute()) == 900
+    with pytest.raises(SweepError, match="does not fit the output dtype int8"):
+        lab.compute()
+
+
+def _pairs_brute_force(up, low, cross):
+    out = set()
+    for p in np.ndindex(*up.shape):
+        for off in np.argwhere(cross) if cross.ndim else ([()] if cross else []):
+            q = tuple(int(i) + int(d) - 1 for i, d in zip(p, off))
+            if all(0 <= i < n for i, n in zip(q, up.shape)) and up[p] and low[q]:
+                out.add((int(up[p]), int(low[q])))
+    return sorted(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 3), st.integers(0, 2**31))
+def test_face_pairs_equal_brute_force(nd, seed):
+    # faces of 0-2 axes go through the numba kernel, 3 through numpy
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 6, nd))
+    up = rng.integers(0, 4, shape).astype(np.int32)
+    low = rng.integers(0, 4, shape).astype(np.int32)
+    cross = np.asarray(rng.random((3,) * nd) < 0.5)
+    assert _face_pairs(up, low, cross).tolist() == [
+        list(p) for p in _pairs_brute_force(up, low, cross)
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 2**31), st.sampled_from([0.2, 0.5, 0.8]))
+def test_face_pairs_skipping_redundant_offsets_equal_brute_force(ndim, seed, density):
+    # Planes labelled with the structure itself: in-plane neighbours share a label,
+    # which is what lets the kernel skip most crossing offsets.
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 9, ndim))
+    s = rng.random((3,) * ndim) < 0.6
+    structure = s | s[(slice(None, None, -1),) * ndim]
+    upper = ndi.label(rng.random((2, *shape[1:])) < density, structure)[0][-1]
+    lower = ndi.label(rng.random((2, *shape[1:])) < density, structure)[0][0]
+    got = _face_pairs(upper, lower, structure[2], structure[1])
+    assert got.tolist() == [list(p) for p in _pairs_brute_force(upper, lower, structure[2])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 6))
+def test_face_pairs_kernel_resumes_when_its_buffer_fills(seed, cap):
+    from dask_sweep.ndimage._label_kernels import face_pairs_2d
+
+    rng = np.random.default_rng(seed)
+    up = rng.integers(0, 9, (7, 6)).astype(np.int32)
+    low = rng.integers(0, 9, (7, 6)).astype(np.int32)
+    cross = rng.random((3, 3)) < 0.6
+    got = face_pairs_2d(up, low, cross, np.zeros((3, 3), bool), cap=cap)
+    assert got.tolist() == [list(p) for p in _pairs_brute_force(up, low, cross)]

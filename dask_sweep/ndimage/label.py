@@ -3,61 +3,67 @@
 Algorithm
 ---------
 The input is cut into slabs along axis 0 (whole input chunk rows; see
-:mod:`dask_sweep.ndimage._common`).
+:mod:`dask_sweep.ndimage._common`).  Label ``l`` of slab ``s`` means scipy's
+local label ``l`` of that slab alone; global order is ``(s, l)``
+lexicographic, which is raster order of the pieces' first voxels.
 
-**Pass 1** (a chain: slab *i* waits for slab *i-1*'s carry, so at most one
-slab is in memory).  Each slab is labelled locally with
-:func:`scipy.ndimage.label` and the given structure.  The carry is the bottom
-face of the previous slab's local labels (a copy) and that slab's label
-offset; with it the task finds the equivalences across the face, using every
-offset of the structure that crosses the face (``structure[2]``: with full
-connectivity the 8 diagonal neighbours count too)::
+**Pass 1, backward** (slabs from last to first).  Each slab is labelled
+locally with :func:`scipy.ndimage.label` (on ``sweep.threads`` threads, a few
+slabs ahead) and a cheap *link* chain walks the slabs backwards carrying the
+``B`` of the labels on the top face of slab ``s+1``.  ``B(l)`` is the smallest
+label of slab ``s`` in the same component of the sub-volume *from slab s to
+the end*.  The link step of slab ``s`` takes the pairs ``(l, b)`` joined
+across its bottom face (every offset of ``structure[2]``: with full
+connectivity the diagonals count; :mod:`._label_kernels`), unites the slab's
+labels that reach the same ``b``, and gets ``B`` for its own labels::
 
-    slab i-1   ... | 3 3 . 4 |   <- carried bottom face (local ids)
-    -------------- + ------- + -----------------  face
-    slab i         | . 1 1 1 | ...    pairs (o[i-1]+3, o[i]+1), (o[i-1]+4, o[i]+1)
+    slab s      ... | 3 3 . 4 |  ...   local labels (bottom face)
+    ----------------+---------+------  face s / s+1
+    slab s+1 (B)    | . 1 1 1 |  ...   pairs (3, 1), (4, 1): B(3) = B(4) = 3
 
-Local label ``l`` of slab ``s`` has the *global index* ``g = o[s] + l`` where
-``o[s]`` counts the local labels of the slabs before ``s``.  A slab keeps only
-``(o[s], n[s], pairs)``.
+The slab keeps ``B`` (``n + 1`` ids) and its pairs: a *table*.
 
-**Resolve** (one small task): union of the pairs (a sparse graph over the
-labels that touch a face only), each component represented by its *smallest*
-global index.  A global index whose representative is smaller is a
-*non-root*; every other index is a root and starts its own component.
+**Numbering, forward** (a chain over the tables only, no input read).  scipy
+numbers components in raster order of their first voxel, i.e. by their
+smallest ``(s, l)``.  Walking forward, step ``s`` carries from step ``s-1``
+the final id of each ``b`` of slab ``s`` linked to slab ``s-1`` (from
+``s-1``'s pairs).  For label ``l`` of slab ``s``:
 
-**Numbering.**  scipy numbers components in raster order of their first voxel.
-Claim: the final id of a root ``g`` is ``g - #{non-roots < g}``, i.e. components
-ordered by (first slab they appear in, smallest local label among their pieces
-in that slab).  Proof: raster order is slab-major, so a component's first voxel
-lies in the first slab ``s`` it touches.  Inside slab ``s``, scipy's local
-labels are themselves numbered in raster order of first voxel, so the piece
-with the smallest local label holds the component's first voxel.  Hence
-comparing first voxels of two components equals comparing
-``(s, min local label in s)``, which is comparing their smallest global
-indices (``o`` increases with ``s``), which are exactly the roots.  Ranking
-the roots by ``g`` therefore gives scipy's numbering, and ranking is
-subtracting the non-roots below ``g``.
+* if ``B(l)`` is linked upwards, its component started earlier: its final id
+  is the carried one;
+* otherwise the component lies in slabs ``s..end``, so its smallest label is
+  ``B(l)`` in slab ``s``: ``l`` is a *root* when ``B(l) == l``, and roots get
+  ``1 +`` (roots of earlier slabs) ``+`` (roots below ``l`` in slab ``s``) --
+  exactly the rank of the component's first voxel; every other label takes
+  its root's id.
 
-**Pass 2** (slabs independent, each depending only on the resolve step).
-No chain here on purpose: a chain of pass-2 tasks makes ``dask.order`` run
-the whole chain before the consumers of the output blocks (measured: every
-output block alive at once); without it each block's consumer (a store, a
-reduction) runs right after it, and the slabs in flight are bounded by the
-worker threads (``sweep.threads`` is the assumed count).  Each slab is read and labelled again (deterministic, so no label volume is
-ever written: 0 bytes written, input read twice) and relabelled through a
-lookup table of ``n[s] + 1`` ids built from the resolve step's non-roots that
-fall in the slab.
+Proof of the first case: a path from ``l`` to a voxel above slab ``s`` crosses
+face ``s-1 / s`` first from a voxel of ``l``'s component in slabs
+``s..end``, so that component (all of whose labels share ``B(l)``) is linked
+upwards.  The step emits a lookup table of ``n + 1`` final ids.
 
-Memory: the resolve step holds ``16 bytes x`` the number of face pairs plus
-``16 bytes x`` the number of non-roots (both bounded by the labels touching a
-slab face, data-dependent); a slab's lookup table is ``4 x (n[s] + 1)`` bytes,
-counted in the slab's bytes per voxel.
+For an input read inside the slab tasks (inline), pass 1 and the numbering are
+one task that drives these steps itself, so the graph holds one task per slab
+(pass 2) and dask's bookkeeping stays small; for an input that dask computes
+they are per-slab tasks with the input blocks as dependencies.
+
+**Pass 2** (slabs independent, each waiting only for its lookup table).  Each
+slab is read and labelled again (deterministic, so no label volume is ever
+written: the input is read twice) and relabelled through its table.  No chain
+here on purpose: each output block's consumer (a store, a reduction) can run
+right after it.
+
+Memory: pass 1 holds the slabs in flight and the faces waiting for the link step; the tables
+(``4 B`` per label + ``8 B`` per face pair, then one id per label) are kept in
+memory while their total stays within the budget left over by the slab
+footprints and are spilled to ``.npy`` files otherwise
+(:mod:`dask_sweep.ndimage._spill`), so memory does not grow with the number
+of slabs.
 """
 
 from __future__ import annotations
 
-import operator
+import os
 from typing import Any
 
 import numpy as np
@@ -67,12 +73,30 @@ from scipy import ndimage as ndi
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import SweepConfigError, SweepError
-from dask_sweep.ndimage._common import Footprint, SweepPlan, as_dask_array, choose_slabs
+from dask_sweep.ndimage import _label_kernels as K
+from dask_sweep.ndimage import _spill
+from dask_sweep.ndimage._common import (
+    Footprint,
+    SweepPlan,
+    as_dask_array,
+    choose_slabs,
+)
 from dask_sweep.ndimage._reader import SlabReader, make_readers
+from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.utils import format_bytes
 
 __all__ = ["explain_label", "label", "plan_label"]
 
 _FUNC = "dask_sweep.ndimage.label"
+
+# Labels handled at once by the numbering step (bounds its temporaries, ~48 B per
+# label): budget / 64 / 48, within these limits.
+_BLOCK_MIN, _BLOCK_MAX = 16, 1 << 16
+_BLOCK_BYTES = 48
+
+
+def _block(budget: int) -> int:
+    return int(min(_BLOCK_MAX, max(_BLOCK_MIN, budget // 64 // _BLOCK_BYTES)))
 
 
 # --------------------------------------------------------------------------- validation
@@ -142,28 +166,43 @@ def _normalize_output(output: Any) -> np.dtype:
 
 
 def _footprints(
-    image, settings: SweepSettings, out_dtype: np.dtype
+    image, settings: SweepSettings, out_dtype: np.dtype, inline: bool
 ) -> tuple[Footprint, Footprint]:
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     item = image.dtype.itemsize
     out = out_dtype.itemsize
-    # Reading a slab of several blocks holds the blocks and their concatenation.
-    read = 2 * item
-    # mask (1) + local labels (4) + scipy's own tables (<= 1 measured).
-    p1 = read + 1 + 4 + 1
-    # Face step: carried face in and out (4 + 4) and the pair keys of one structure
-    # offset with their temporaries (~32).
-    face = plane * 40
-    # + the output block (out) + lookup table (4 x (n + 1), n <= voxels / 2 -> 2).
-    p2 = p1 + out + 2
-    # Pass-2 slabs are independent: one in flight per worker thread.
     threads = max(1, settings.threads)
+    # Local labelling: reading a slab of several blocks holds the blocks and their
+    # concatenation (2 x item), mask (1), local labels (4), scipy's tables (<= 1).
+    local = 2 * item + 1 + 4 + 1
+    # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
+    # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
+    p1 = local + 2.0 / threads
+    # Faces of finished slabs waiting for their face step (top + bottom, 4 + 4, one
+    # more than the threads), the face kernel's keys (<= 1/4 plane x 8 B, doubled when
+    # full) and the pairs (<= 16 B per voxel of one plane).
+    face = plane * (8 * (threads + 1) + 4 + 16)
+    # Relabel: + the output block (out) and its lookup table (out per label, <= 1/2 per
+    # voxel).  For an external input the numbering chain runs next to it: B (4) and
+    # int64 ids (8) per label; inline, it has finished before pass 2 starts.
+    p2 = local + out + out / 2 + (0 if inline else (12 + out) / 2 / threads)
+    numbering = _block(settings.memory_limit) * _BLOCK_BYTES  # its block temporaries
     return (
         # + the runtime overhead (sweep.runtime-overhead): resident memory beyond the arrays
-        Footprint("label-local", p1, 1, face + settings.runtime_overhead,
-                  "read, local scipy label, face pairs (a chain)"),
-        Footprint("relabel", p2, threads, settings.runtime_overhead,
-                  "read, local label again, lookup table, emit"),
+        Footprint(
+            "label-local",
+            p1,
+            threads,
+            face + settings.runtime_overhead,
+            "read, local scipy label (slabs in flight), backward link chain",
+        ),
+        Footprint(
+            "relabel",
+            p2,
+            threads,
+            numbering + settings.runtime_overhead,
+            "read, local label again, lookup table, emit",
+        ),
     )
 
 
@@ -203,11 +242,17 @@ def _plan(image, structure, output, memory_limit):
     image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
     st = normalize_structure(structure, image.ndim)
     out_dtype = _normalize_output(output)
-    passes = _footprints(image, settings, out_dtype)
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
-    bounds, slabs = _slabs_of(image, plane, passes, settings.memory_limit, target)
-    readers, inline = make_readers(image, bounds)
+    for guess in (True, False):
+        # Inline reads: one resolve task, then a pass-2 task per slab; external: four
+        # tasks more per slab.  Plus two of a consumer's per output block.
+        per_slab = settings.task_overhead * (3 if guess else 7)
+        passes = _footprints(image, settings, out_dtype, guess)
+        bounds, slabs = _slabs_of(image, plane, passes, settings.memory_limit, target, per_slab)
+        readers, inline = make_readers(image, bounds)
+        if inline or not guess:
+            break
     plan = SweepPlan(
         func=_FUNC,
         shape=tuple(image.shape),
@@ -218,19 +263,34 @@ def _plan(image, structure, output, memory_limit):
         budget=settings.memory_limit,
         inline=inline,
         bytes_written=0,
-        notes=(
-            "resolve: union-find over face pairs; holds 16 B per cross-face pair and per "
-            "non-root label (data-dependent, <= labels touching slab faces)",
-            f"lookup tables: 4 B x (local labels + 1) per slab, within the relabel pass; "
-            f"output dtype {out_dtype}",
-        ),
+        per_slab=per_slab,
     )
-    return plan, (image, st, out_dtype, settings), readers
+    reserve = _reserve(plan)
+    plan = SweepPlan(
+        **{
+            **plan.__dict__,
+            "notes": (
+                "pass 1 runs from the last slab to the first; numbering: a forward chain over "
+                "the tables only (no input read)",
+                f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "
+                f"{out_dtype.itemsize} B per label): kept in memory up to "
+                f"{format_bytes(reserve)} (the budget left by the passes), beyond that "
+                "spilled to .npy files in dask's temporary-directory (written once, read once)",
+                f"output dtype {out_dtype}",
+            ),
+        }
+    )
+    return plan, (image, st, out_dtype, settings, reserve), readers
 
 
-def _slabs_of(image, plane, passes, budget, target):
+def _reserve(plan: SweepPlan) -> int:
+    """Bytes of tables kept in memory: what the slab footprints leave of the budget."""
+    return max(0, plan.budget - plan.projected_peak)
+
+
+def _slabs_of(image, plane, passes, budget, target, per_slab):
     chunks0 = image.chunks[0]
-    slabs = choose_slabs(_FUNC, chunks0, plane, passes, budget, target)
+    slabs = choose_slabs(_FUNC, chunks0, plane, passes, budget, target, per_slab)
     # Map row bounds back to block indices (slabs are whole chunk rows).
     edges = np.cumsum((0, *chunks0))
     bounds = []
@@ -249,18 +309,32 @@ def _read_mask(reader: SlabReader, blocks: tuple) -> np.ndarray:
     return x if x.dtype == bool else x != 0
 
 
+def _ids(n: int) -> np.dtype:
+    """The smallest signed dtype for label ids ``0..n``."""
+    return np.dtype(np.int32) if n < np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
 def _face_pairs(
-    upper: np.ndarray, lower: np.ndarray, cross: np.ndarray, o_up: int, o_low: int
+    upper: np.ndarray, lower: np.ndarray, cross: np.ndarray, inplane: np.ndarray | None = None
 ) -> np.ndarray:
-    """Unique ``(global upper id, global lower id)`` pairs linked across a face.
+    """Unique ``(upper id, lower id)`` pairs linked across a face, sorted, int64.
 
     ``cross`` is ``structure[2]``: which in-plane offsets connect a voxel to the
-    plane below it.
+    plane below it.  ``inplane`` is ``structure[1]`` when both planes come from
+    labelling with that structure (then most offsets are redundant; see
+    :mod:`~dask_sweep.ndimage._label_kernels`), else None.  Faces of up to two
+    axes (inputs of up to three) go through the compiled kernel; higher ranks
+    through numpy.
     """
+    if cross.ndim <= 2:
+        lead = (1,) * (2 - cross.ndim)
+        u = np.ascontiguousarray(upper.reshape(lead + upper.shape))
+        d = np.ascontiguousarray(lower.reshape(u.shape))
+        w = np.zeros((3, 3), dtype=bool) if inplane is None else _as_3x3(inplane)
+        return K.face_pairs_2d(u, d, _as_3x3(cross), w)
     keys = []
     width = int(lower.max(initial=0)) + 1
-    offsets = [tuple(o) for o in np.argwhere(cross)] if cross.ndim else [()] * bool(cross)
-    for off in offsets:
+    for off in np.argwhere(cross):
         su, sl = [], []
         for d in off:
             d = int(d) - 1
@@ -274,103 +348,332 @@ def _face_pairs(
     if not keys:
         return np.empty((0, 2), dtype=np.int64)
     k = np.unique(np.concatenate(keys))
-    return np.stack([k // width + o_up, k % width + o_low], axis=1)
+    return np.stack([k // width, k % width], axis=1)
 
 
-def _pass1(reader: SlabReader, structure: np.ndarray, carry: Any, *blocks: Any) -> tuple:
-    """Local label of one slab; returns ``((offset, n, pairs), (bottom face, offset, next))``."""
+class _Local:
+    """A slab's local labelling: label count, both faces and the labels on its top face.
+
+    The faces are handed over: the face task above takes ``top``, the one below
+    ``bottom``, each dropping its plane (the object may live until the link step).
+    """
+
+    __slots__ = ("n", "top", "bottom", "top_ids")
+
+    def __init__(self, n, top, bottom, top_ids) -> None:
+        self.n, self.top, self.bottom, self.top_ids = n, top, bottom, top_ids
+
+
+def _as_3x3(a: np.ndarray) -> np.ndarray:
+    """A bool offset array of 0-2 axes (3 per axis) centred in a 3 x 3 one."""
+    out = np.zeros((3, 3), dtype=bool)
+    out[(1,) * (2 - a.ndim)] = a
+    return out
+
+
+def _local(
+    reader: SlabReader, structure: np.ndarray, _after: Any, tune: bool, *blocks: Any
+) -> _Local:
+    """Local label of one slab (faces are copies: a view would pin the label slab).
+
+    ``_after`` is ignored: the dependency on a later link step only limits how
+    many finished slabs wait for the link chain.  ``tune``: fix glibc's malloc
+    thresholds first (``sweep.tune-malloc``).
+    """
+    if tune:
+        tune_allocator()
     mask = _read_mask(reader, blocks)
     lab, n = ndi.label(mask, structure)
     del mask
-    offset = 0 if carry is None else carry[2]
-    if carry is None or lab.shape[0] == 0:
-        pairs = np.empty((0, 2), dtype=np.int64)
-    else:
-        pairs = _face_pairs(carry[0], lab[0], structure[2], carry[1], offset)
-    # A copy: a view of the last plane would pin the whole label slab.
-    face = lab[-1].copy() if lab.shape[0] else carry[0]
-    return (offset, int(n), pairs), (face, offset, offset + int(n))
+    if lab.shape[0] == 0:
+        raise SweepError(f"{_FUNC}: internal error, an empty slab.")
+    top, bottom = lab[0].copy(), lab[-1].copy()
+    del lab
+    ids = np.unique(top)
+    return _Local(int(n), top, bottom, ids[ids > 0])
 
 
-class Resolved:
-    """The resolve step's result: label offsets per slab, non-roots and their final ids."""
+def _face(upper: _Local, lower: _Local, structure: np.ndarray) -> np.ndarray:
+    """Pairs ``(label of slab s, label of slab s+1)`` joined across their face.
 
-    def __init__(self, offsets: np.ndarray, nonroot: np.ndarray, final: np.ndarray) -> None:
-        self.offsets = offsets  # int64, nslabs + 1
-        self.nonroot = nonroot  # sorted int64 global indices
-        self.final = final  # int64 final id of each non-root
-        self.num = int(offsets[-1]) - len(nonroot)
-
-    def lookup(self, s: int, n: int) -> np.ndarray:
-        """Final id of each local label ``0..n`` of slab ``s`` (0 stays 0)."""
-        o = int(self.offsets[s])
-        i0, i1 = np.searchsorted(self.nonroot, [o + 1, o + n + 1])
-        local = self.nonroot[i0:i1] - o
-        is_root = np.ones(n + 1, dtype=bool)
-        is_root[0] = False
-        is_root[local] = False
-        # final(root g) = g - #{non-roots < g}
-        lut = np.cumsum(is_root, dtype=np.int64)
-        lut += o - i0
-        lut[local] = self.final[i0:i1]
-        lut[0] = 0
-        return lut
+    Runs apart from the link chain, so the plane scans of several faces share the
+    threads; the link step only maps and unites pairs.
+    """
+    a, b = upper.bottom, lower.top
+    upper.bottom = lower.top = None
+    return _face_pairs(a, b, structure[2], structure[1])
 
 
-def _resolve(*summaries: tuple) -> Resolved:
+def _smallest_linked(n: int, pairs: np.ndarray) -> np.ndarray:
+    """``B``: for each label ``0..n``, the smallest label joined to it through ``pairs``.
+
+    ``pairs`` are ``(label, b)``: labels sharing a ``b`` are joined.
+    """
+    B = np.arange(n + 1, dtype=_ids(n))
+    if not len(pairs):
+        return B
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    offsets = np.array(
-        [s[0] for s in summaries] + [summaries[-1][0] + summaries[-1][1]], dtype=np.int64
+    ul, li = np.unique(pairs[:, 0], return_inverse=True)
+    ub, bi = np.unique(pairs[:, 1], return_inverse=True)
+    m = len(ul) + len(ub)
+    g = coo_matrix(
+        (np.ones(len(pairs), dtype=np.int8), (li.ravel(), len(ul) + bi.ravel())), shape=(m, m)
     )
-    pairs = [s[2] for s in summaries if len(s[2])]
-    if not pairs:
-        e = np.empty(0, dtype=np.int64)
-        return Resolved(offsets, e, e)
-    p = np.concatenate(pairs)
-    del pairs
-    nodes, inv = np.unique(p.ravel(), return_inverse=True)
-    inv = inv.reshape(-1)
-    m = len(nodes)
-    graph = coo_matrix((np.ones(len(p), dtype=np.int8), (inv[0::2], inv[1::2])), shape=(m, m))
-    _, cc = connected_components(graph, directed=False)
-    # nodes are sorted, so the first node of each component is its smallest index.
-    _, first = np.unique(cc, return_index=True)
-    root = nodes[first][cc]
-    nr = root != nodes
-    nonroot, rootof = nodes[nr], root[nr]
-    final = rootof - np.searchsorted(nonroot, rootof)
-    return Resolved(offsets, nonroot, final)
+    ncc, cc = connected_components(g, directed=False)
+    ccl = cc[: len(ul)]
+    # ul is sorted: the first label of each component is its smallest.
+    _, first = np.unique(ccl, return_index=True)
+    smallest = np.zeros(ncc, dtype=B.dtype)
+    smallest[ccl[first]] = ul[first]
+    B[ul] = smallest[ccl]
+    return B
 
 
-def _num(resolved: Resolved) -> np.ndarray:
-    return np.array(resolved.num, dtype=np.intp)
+class _Linked:
+    """A link step's result: slab ``s``'s table (for numbering) and ``B`` on its top face.
+
+    Two consumers take one part each and drop it (a hand-over): a scheduler may
+    keep the object alive until its later consumer runs.
+    """
+
+    __slots__ = ("n", "table", "kept", "sdir", "top_map")
+
+    def __init__(self, n, table, kept, sdir, top_map) -> None:
+        self.n, self.table, self.kept, self.sdir, self.top_map = n, table, kept, sdir, top_map
+
+
+def _link(
+    local: _Local, pairs: np.ndarray | None, prev: _Linked | None, reserve: int, s: int
+) -> _Linked:
+    """Backward link step of slab ``s``.
+
+    ``pairs`` join this slab's labels to slab ``s+1``'s (local ids); ``prev`` is
+    slab ``s+1``'s result: ``B`` of the labels on its top face (taken and
+    dropped), the bytes of tables kept so far and the spill directory.  The new
+    table is ``B`` followed by the pairs ``(label, B below)``, kept in memory
+    while the running total stays within ``reserve``, otherwise spilled (then
+    it is a path).
+    """
+    n = local.n
+    if prev is None or pairs is None or not len(pairs):
+        pairs = np.empty((0, 2), np.int64)
+    if prev is None:
+        kept, sdir = 0, None
+    else:
+        ids, bs = prev.top_map
+        kept, sdir = prev.kept, prev.sdir
+        prev.top_map = None
+        if len(pairs):
+            # the lower ids are on slab s+1's top face, hence in ``ids``
+            pairs[:, 1] = bs[np.searchsorted(ids, pairs[:, 1])]
+            pairs = np.unique(pairs, axis=0)
+    B = _smallest_linked(n, pairs)
+    top_map = (local.top_ids, B[local.top_ids])
+    table = np.concatenate([B, pairs.ravel().astype(B.dtype)])
+    del B, pairs
+    if kept + table.nbytes <= reserve:
+        kept += table.nbytes
+        stored: np.ndarray | str = table
+    else:
+        sdir = sdir or _spill.new_dir("label")
+        stored = _spill.spill(os.path.join(sdir, f"B-{s:08d}.npy"), table)
+    return _Linked(n, stored, kept, sdir, top_map)
+
+
+def _final_ids(B: np.ndarray, keys: np.ndarray, vals: np.ndarray, cum: int, block: int) -> tuple:
+    """Final ids of labels ``0..n`` (int64) and the roots counted so far.
+
+    ``keys`` (sorted) are the ``B`` values linked to the slab above, ``vals``
+    their final ids; ``cum`` counts the roots of the slabs above.  Block-wise,
+    so the temporaries stay small: ``B(l) <= l``, hence a label's root comes
+    first.
+    """
+    n = len(B) - 1
+    lut = np.empty(n + 1, dtype=np.int64)
+    lut[0] = 0
+    for a in range(1, n + 1, block):
+        b = min(n + 1, a + block)
+        Bb = B[a:b]
+        if len(keys):
+            pos = np.minimum(np.searchsorted(keys, Bb), len(keys) - 1)
+            hit = keys[pos] == Bb
+        else:
+            pos = hit = np.zeros(len(Bb), dtype=bool)
+        root = (Bb == np.arange(a, b)) & ~hit
+        out = lut[a:b]
+        rank = np.cumsum(root, dtype=np.int64)
+        out[root] = cum + rank[root]
+        cum += int(rank[-1])
+        del rank
+        if len(keys):
+            out[hit] = vals[pos[hit]]
+        rest = ~(root | hit)
+        out[rest] = lut[Bb[rest]]
+    return lut, cum
+
+
+class _Numbered:
+    """A numbering step's result: the slab's lookup table and the carry to the next step.
+
+    Handed over like :class:`_Linked`: pass 2 takes the table, the next step the carry.
+    """
+
+    __slots__ = ("lut", "keys", "vals", "cum", "kept", "ldir")
+
+    def __init__(self, lut, keys, vals, cum, kept, ldir) -> None:
+        self.lut, self.keys, self.vals = lut, keys, vals
+        self.cum, self.kept, self.ldir = cum, kept, ldir
+
+
+def _number(
+    linked: _Linked,
+    prev: _Numbered | None,
+    dtype: np.dtype,
+    reserve: int,
+    block: int,
+    s: int,
+) -> _Numbered:
+    """Forward numbering step of slab ``s``.
+
+    ``prev`` (slab ``s-1``) carries the final ids of this slab's ``B`` values
+    linked upwards (``keys``, ``vals``), the roots counted so far, the bytes of
+    tables kept and the spill directory of the lookup tables.
+    """
+    n, stored, bdir = linked.n, linked.table, linked.sdir
+    linked.table = None
+    if prev is None:
+        keys = vals = np.empty(0, dtype=np.int64)
+        cum, kept, ldir = 0, linked.kept, None  # slab 0 was linked last: the total kept
+    else:
+        keys, vals, cum, kept, ldir = prev.keys, prev.vals, prev.cum, prev.kept, prev.ldir
+        prev.keys = prev.vals = None
+    if isinstance(stored, str):
+        table = _spill.take(stored)
+        _spill.remove_dir(bdir)  # pass 1 has finished: empty once its last table is read
+    else:
+        table = stored
+        kept -= table.nbytes  # released once this step is done with it
+    del stored
+    B = table[: n + 1]
+    pairs = table[n + 1 :].reshape(-1, 2)
+    lut, cum = _final_ids(B, keys, vals, cum, block)
+    if len(pairs):
+        nkeys, first = np.unique(pairs[:, 1], return_index=True)
+        nvals = lut[pairs[first, 0]]
+    else:
+        nkeys = nvals = np.empty(0, dtype=np.int64)
+    del table, B, pairs, keys, vals
+    if cum <= np.iinfo(dtype).max:
+        lut = lut.astype(dtype, copy=False)  # else int64: pass 2 reports the overflow
+    if kept + lut.nbytes <= reserve:
+        kept += lut.nbytes
+        out: np.ndarray | str = lut
+    else:
+        ldir = ldir or _spill.new_dir("label")
+        out = _spill.spill(os.path.join(ldir, f"L-{s:08d}.npy"), lut)
+    return _Numbered(out, nkeys, nvals, cum, kept, ldir)
+
+
+class _Resolved:
+    """Both first stages in one task: every slab's lookup table, and the label count.
+
+    Pass-2 task ``s`` takes ``luts[s]`` and drops it (a hand-over).
+    """
+
+    __slots__ = ("luts", "num")
+
+    def __init__(self, luts: list, num: int) -> None:
+        self.luts, self.num = luts, num
+
+
+def _resolve(
+    readers: list[SlabReader],
+    structure: np.ndarray,
+    dtype: np.dtype,
+    reserve: int,
+    block: int,
+    threads: int,
+    tune: bool,
+) -> _Resolved:
+    """Pass 1 and the numbering of inline-read slabs, in one task.
+
+    The same steps as the per-slab graph, driven by a loop: local labelling on
+    ``threads`` threads (the next ones while the link chain, here on the
+    calling thread, works on the current slab), so the dask graph has one task
+    here instead of four per slab, and the scheduler's bookkeeping does not grow
+    with the number of slabs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if tune:
+        tune_allocator()
+    n = len(readers)
+    linked: list = [None] * n
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: dict = {}
+        nxt = n - 1
+        prev = below = None
+        for s in range(n - 1, -1, -1):
+            # at most `threads` slabs being labelled or waiting besides this one
+            while nxt >= 0 and nxt >= s - threads:
+                pending[nxt] = pool.submit(_local, readers[nxt], structure, None, False)
+                nxt -= 1
+            here = pending.pop(s).result()
+            pairs = None if below is None else _face(here, below, structure)
+            prev = linked[s] = _link(here, pairs, prev, reserve, s)
+            below = here
+    luts: list = []
+    numbered = None
+    for s in range(n):
+        numbered = _number(linked[s], numbered, dtype, reserve, block, s)
+        linked[s] = None
+        luts.append(numbered.lut)
+        numbered.lut = None
+    return _Resolved(luts, int(numbered.cum))
+
+
+def _num(src: _Numbered | _Resolved) -> np.ndarray:
+    return np.array(src.cum if isinstance(src, _Numbered) else src.num, dtype=np.intp)
 
 
 def _pass2(
     reader: SlabReader,
     structure: np.ndarray,
-    resolved: Resolved,
+    src: _Numbered | _Resolved,
     s: int,
     dtype: np.dtype,
+    tune: bool,
     *blocks: Any,
 ) -> np.ndarray:
+    if tune:
+        tune_allocator()
     mask = _read_mask(reader, blocks)
     lab, n = ndi.label(mask, structure)
     del mask
-    expected = int(resolved.offsets[s + 1] - resolved.offsets[s])
-    if n != expected:
+    if isinstance(src, _Resolved):
+        lut, src.luts[s] = src.luts[s], None
+    else:
+        lut, src.lut = src.lut, None
+    if isinstance(lut, str):
+        path = lut
+        lut = _spill.take(path)
+        _spill.remove_dir(os.path.dirname(path))
+    if n != len(lut) - 1:
         raise SweepError(
-            f"{_FUNC}: slab {s} has {n} local labels in the second pass but had {expected} "
-            "in the first: the input changed between the passes (is it deterministic?)."
+            f"{_FUNC}: slab {s} has {n} local labels in the second pass but had "
+            f"{len(lut) - 1} in the first: the input changed between the passes "
+            "(is it deterministic?)."
         )
-    if resolved.num > np.iinfo(dtype).max:
-        raise SweepError(
-            f"{_FUNC}: {resolved.num} features do not fit the output dtype {dtype}. "
-            "Pass output=np.int64."
-        )
-    lut = resolved.lookup(s, n).astype(dtype, copy=False)
+    if lut.dtype != dtype:
+        top = int(lut.max(initial=0))
+        if top > np.iinfo(dtype).max:
+            raise SweepError(
+                f"{_FUNC}: label {top} does not fit the output dtype {dtype}. "
+                "Pass output=np.int64."
+            )
+        lut = lut.astype(dtype)
     return lut[lab]
 
 
@@ -424,31 +727,71 @@ def label(
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    plan, (image, st, out_dtype, settings), readers = _plan(image, structure, output, memory_limit)
-    token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads)
-    p1, carry, summ = f"label-p1-{token}", f"label-carry-{token}", f"label-summary-{token}"
-    res, num, out = f"label-resolve-{token}", f"label-num-{token}", f"label-{token}"
+    plan, (image, st, out_dtype, settings, reserve), readers = _plan(
+        image, structure, output, memory_limit
+    )
+    if image.ndim <= 3 and len(plan.slabs) > 1:
+        K.warm()  # compile the face kernel now, outside the run's budget
+    if image.shape[0] == 0:  # no slabs: nothing to label (as scipy)
+        return (
+            da.zeros(image.shape, dtype=out_dtype, chunks=image.chunks),
+            da.from_array(np.array(0, dtype=np.intp)),
+        )
+    token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads, reserve)
+    num, out = f"label-num-{token}", f"label-{token}"
     nz = (0,) * (image.ndim - 1)
-    dsk: dict = {}
-    for s, r in enumerate(readers):
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        prev = None if s == 0 else TaskRef((carry, s - 1))
-        dsk[(p1, s)] = Task((p1, s), _pass1, r, st, prev, *ext)
-        dsk[(summ, s)] = Task((summ, s), operator.getitem, TaskRef((p1, s)), 0)
-        if s + 1 < len(readers):
-            dsk[(carry, s)] = Task((carry, s), operator.getitem, TaskRef((p1, s)), 1)
-    dsk[res] = Task(res, _resolve, *[TaskRef((summ, s)) for s in range(len(readers))])
-    dsk[(num,)] = Task((num,), _num, TaskRef(res))
-    for s, r in enumerate(readers):
+    block = _block(settings.memory_limit)
+    tune = settings.tune_malloc  # freed slabs leave the process at once
+    if plan.inline:
+        res = f"label-resolve-{token}"
+        dsk: dict = {
+            res: Task(
+                res, _resolve, readers, st, out_dtype, reserve, block, settings.threads, tune
+            )
+        }
+        first = [res] * len(readers)
+    else:
+        dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token)
+    dsk[(num,)] = Task((num,), _num, TaskRef(first[-1]))
+    for s, r in enumerate(readers):  # pass 2: independent slabs
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         key = (out, s, *nz)
-        dsk[key] = Task(key, _pass2, r, st, TaskRef(res), s, out_dtype, *ext)
+        dsk[key] = Task(key, _pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext)
     deps = () if plan.inline else (image,)
     layer = MaterializedLayer(dsk)
     g_out = HighLevelGraph.from_collections(out, layer, dependencies=deps)
     g_num = HighLevelGraph.from_collections(num, layer, dependencies=deps)
     rows = tuple(b - a for a, b in plan.slabs)
-    chunks = (rows,) + tuple((n,) for n in image.shape[1:])
+    chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
-    n = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
-    return labels, n
+    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
+    return labels, count
+
+
+def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tuple[dict, list]:
+    """Pass 1 and the numbering as per-slab tasks, for an input dask computes (external).
+
+    The input blocks are then dependencies of the local tasks, one slab's worth at a
+    time; returns the graph and the key each pass-2 slab waits for.
+    """
+    loc, fac, lnk = f"label-local-{token}", f"label-face-{token}", f"label-link-{token}"
+    numb = f"label-number-{token}"
+    n = len(readers)
+    ahead = max(1, settings.threads)  # finished local slabs waiting for the link chain
+    dsk: dict = {}
+    for s in range(n - 1, -1, -1):  # pass 1: backward
+        r = readers[s]
+        ext = [TaskRef(k) for k in r.block_keys()]
+        after = TaskRef((lnk, s + ahead)) if s + ahead < n else None
+        dsk[(loc, s)] = Task((loc, s), _local, r, st, after, settings.tune_malloc, *ext)
+        pairs = prev = None
+        if s + 1 < n:
+            dsk[(fac, s)] = Task((fac, s), _face, TaskRef((loc, s)), TaskRef((loc, s + 1)), st)
+            pairs, prev = TaskRef((fac, s)), TaskRef((lnk, s + 1))
+        dsk[(lnk, s)] = Task((lnk, s), _link, TaskRef((loc, s)), pairs, prev, reserve, s)
+    for s in range(n):  # numbering: forward over the tables
+        prev = TaskRef((numb, s - 1)) if s else None
+        dsk[(numb, s)] = Task(
+            (numb, s), _number, TaskRef((lnk, s)), prev, out_dtype, reserve, block, s
+        )
+    return dsk, [(numb, s) for s in range(n)]

@@ -1,0 +1,126 @@
+"""Numba kernel of connected-component labelling: the label pairs joined across a face.
+
+Voxel ``p`` of the upper plane touches voxel ``p + d`` of the lower plane for
+every offset ``d`` of the structure's crossing part; both nonzero gives a pair.
+One scan of the plane visits each upper foreground voxel once.
+
+Most offsets need not be looked at: when the straight offset crosses and ``d``
+also connects voxels *within* a plane, then
+
+* ``low[p] > 0`` means ``low[p]`` and ``low[p + d]`` are one label (the lower
+  slab's own labelling joined them), and ``(up[p], low[p])`` is the straight
+  pair at ``p``;
+* ``up[p + d] > 0`` means ``up[p + d] == up[p]``, and the straight pair at
+  ``p + d`` is the same pair,
+
+so offset ``d`` can only add a pair where both are background.  A key
+equal to the last one of its offset (a component crossing the face over many
+voxels) is not emitted again; the buffer is sorted and deduplicated when it fills.  The kernel releases
+the GIL.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=False, nogil=True)
+def _scan(up, low, offs, reducible, straight, width, buf, k, prev, start):  # pragma: no cover
+    """Emit keys from flat voxel ``start`` on; stop when ``buf`` is full.
+
+    Returns ``(keys in buf, voxel to resume at)``; the voxel where it stopped is
+    scanned again from its first offset (a repeated key is harmless).
+    """
+    n0, n1 = up.shape
+    m = offs.shape[0]
+    for p in range(start, n0 * n1):
+        i = p // n1
+        j = p - i * n1
+        a = up[i, j]
+        if a <= 0:
+            continue
+        b = low[i, j]
+        for o in range(m + 1):
+            if o == m:
+                if not straight or b <= 0:
+                    continue
+                key = a * width + b
+            else:
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
+                    continue
+                bb = low[ii, jj]
+                if bb <= 0:
+                    continue
+                if reducible[o] and (b > 0 or up[ii, jj] > 0):
+                    continue
+                key = a * width + bb
+            if key == prev[o]:
+                continue
+            if k == buf.shape[0]:
+                return k, p
+            prev[o] = key
+            buf[k] = key
+            k += 1
+    return k, n0 * n1
+
+
+def face_pairs_2d(
+    up: np.ndarray,
+    low: np.ndarray,
+    cross: np.ndarray,
+    inplane: np.ndarray,
+    cap: int | None = None,
+) -> np.ndarray:
+    """Unique ``(upper id, lower id)`` pairs, sorted, as an int64 ``(k, 2)`` array.
+
+    Parameters
+    ----------
+    up, low
+        2-D planes of label ids (0: background), same shape, C-contiguous.
+    cross
+        ``(3, 3)`` bool: offsets from an upper voxel to the lower voxels it touches.
+    inplane
+        ``(3, 3)`` bool: offsets that connect voxels within one plane (the
+        structure's middle part), which make most crossing offsets redundant.
+    cap
+        Initial buffer size in keys (default: a quarter of the plane, at least 1024).
+    """
+    straight = bool(cross[1, 1])
+    offs = np.argwhere(cross).astype(np.int64) - 1
+    offs = offs[(offs != 0).any(axis=1)].reshape(-1, 2)
+    reducible = np.array(
+        [straight and bool(inplane[d0 + 1, d1 + 1]) for d0, d1 in offs], dtype=np.bool_
+    )
+    width = int(low.max(initial=0)) + 1
+    # A quarter of the plane: the buffer is compacted (sorted, unique) when full and
+    # doubled only when compaction leaves it more than half full.
+    buf = np.empty(cap or max(1024, up.size // 4), dtype=np.int64)
+    prev = np.full(len(offs) + 1, -1, dtype=np.int64)
+    k, p = _scan(up, low, offs, reducible, straight, width, buf, 0, prev, 0)
+    while p < up.size:
+        u = np.unique(buf[:k])
+        if 2 * len(u) > len(buf):
+            buf = np.empty(2 * len(buf), dtype=np.int64)
+        buf[: len(u)] = u
+        k, p = _scan(up, low, offs, reducible, straight, width, buf, len(u), prev, p)
+    keys = np.unique(buf[:k])
+    return np.stack([keys // width, keys % width], axis=1)
+
+
+_warm = False
+
+
+def warm() -> None:
+    """Compile the kernel now, on a tiny face (once per process).
+
+    Called when a labelling is planned, so that numba's compiler (tens of MiB of
+    resident memory, about a second) runs before the sweep, not inside its budget.
+    """
+    global _warm
+    if not _warm:
+        one = np.ones((2, 2), dtype=np.int32)
+        face_pairs_2d(one, one, np.ones((3, 3), bool), np.ones((3, 3), bool))
+        _warm = True

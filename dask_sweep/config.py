@@ -32,7 +32,9 @@ def parse_bytes(value: Any, name: str = "memory_limit", *, allow_zero: bool = Fa
     1024
     """
     if isinstance(value, bool):
-        raise SweepConfigError(f"Expected {name} as bytes or a string like '512MiB'. Got {value!r}.")
+        raise SweepConfigError(
+            f"Expected {name} as bytes or a string like '512MiB'. Got {value!r}."
+        )
     if isinstance(value, (int, float)):
         n = int(value)
     elif isinstance(value, str):
@@ -74,6 +76,9 @@ class SweepSettings:
         Fix glibc's mmap/trim thresholds so freed slabs leave the process at once.
     runtime_overhead
         Resident bytes a sweep needs beyond its buffers, added to every projection.
+    task_overhead
+        Resident bytes per dask task for the whole run (graph and scheduler state),
+        counted per slab by the ndimage plans.
     """
 
     memory_limit: int = 1 << 30
@@ -84,6 +89,7 @@ class SweepSettings:
     reblock: bool = True
     tune_malloc: bool = True
     runtime_overhead: int = 8 << 20
+    task_overhead: int = 5 << 10
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -112,8 +118,12 @@ class SweepSettings:
             ),
             reblock=bool(cfg.get("reblock", True)),
             tune_malloc=bool(cfg.get("tune-malloc", True)),
-            runtime_overhead=parse_bytes(cfg.get("runtime-overhead", "8MiB"),
-                                         "sweep.runtime-overhead", allow_zero=True),
+            runtime_overhead=parse_bytes(
+                cfg.get("runtime-overhead", "8MiB"), "sweep.runtime-overhead", allow_zero=True
+            ),
+            task_overhead=parse_bytes(
+                cfg.get("task-overhead", "5KiB"), "sweep.task-overhead", allow_zero=True
+            ),
         )
         for k, v in overrides.items():
             if v is None:
@@ -123,8 +133,8 @@ class SweepSettings:
                     f"Unknown sweep setting {k!r}. Expected one of "
                     f"{sorted(f.name for f in fields(cls))}."
                 )
-            if k in ("memory_limit", "target_slab_bytes", "runtime_overhead"):
-                v = parse_bytes(v, k, allow_zero=k == "runtime_overhead")
+            if k in ("memory_limit", "target_slab_bytes", "runtime_overhead", "task_overhead"):
+                v = parse_bytes(v, k, allow_zero=k in ("runtime_overhead", "task_overhead"))
             base[k] = v
         return cls(**base)
 

@@ -1,8 +1,9 @@
 """Resources, not only values: traced peak memory of the sweeps vs their projection.
 
-Known gap (xfail): under the *sync* scheduler, ``dask.order`` runs a chain of
-slab tasks to its end before the consumers of the output blocks (store,
-reduction); for label's pass 2 it depends on key names (tie-breaks), so every output block is alive at once.  Under threads the
+Known gap (xfail): under the *sync* scheduler, ``dask.order`` runs the EDT's
+backward chain to its end before the consumers of the output blocks (store,
+reduction), so every output block is alive at once.  label's pass 2 has no
+chain (its first stages are one task), so it is checked under both.  Under threads the
 consumers run as blocks appear; zarr's write buffers (not modelled) give a
 margin, hence the 2 x tolerance.
 """
@@ -42,13 +43,7 @@ def _traced_peak(fn):
         tracemalloc.stop()
 
 
-_SYNC_GAP = pytest.param(
-    "sync",
-    marks=pytest.mark.xfail(reason="dask.order defers output consumers behind a chain"),
-)
-
-
-@pytest.mark.parametrize("scheduler", [_SYNC_GAP, "threads"])
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_label_peak_within_projection(blobs, scheduler):
     x, vol, _ = blobs
     limit = "3MiB"
@@ -86,8 +81,27 @@ def test_edt_peak_within_projection_while_storing(blobs, scheduler):
 def test_plans_count_the_runtime_overhead():
     x = da.zeros((16, 64, 64), "u1", chunks=(2, 64, 64))
     with dask.config.set({"sweep.runtime-overhead": "8MiB"}):
-        with_overhead = (plan_label(x, memory_limit="64MiB").projected_peak,
-                         plan_edt(x, memory_limit="64MiB").projected_peak)
-    without = (plan_label(x, memory_limit="64MiB").projected_peak,
-               plan_edt(x, memory_limit="64MiB").projected_peak)
+        with_overhead = (
+            plan_label(x, memory_limit="64MiB").projected_peak,
+            plan_edt(x, memory_limit="64MiB").projected_peak,
+        )
+    without = (
+        plan_label(x, memory_limit="64MiB").projected_peak,
+        plan_edt(x, memory_limit="64MiB").projected_peak,
+    )
     assert [a - b for a, b in zip(with_overhead, without)] == [8 << 20, 8 << 20]
+
+
+def test_plans_count_the_tasks_bookkeeping_per_slab():
+    # Every slab's tasks hold scheduler state for the whole run: with it counted,
+    # more slabs leave less room for each, and the projection includes it.
+    x = da.zeros((64, 64, 64), "u1", chunks=(2, 64, 64))
+    plain = plan_label(x, memory_limit="1MiB")
+    with dask.config.set({"sweep.task-overhead": "1KiB"}):
+        counted = plan_label(x, memory_limit="1MiB")
+        edt = plan_edt(x, memory_limit="1MiB")
+    assert counted.per_slab == 3 << 10 and edt.per_slab == 7 << 10
+    assert len(counted.slabs) <= len(plain.slabs)
+    assert counted.projected_peak <= counted.budget
+    assert counted.projected_peak >= counted.per_slab * len(counted.slabs)
+    assert "bookkeeping" in counted.explain()

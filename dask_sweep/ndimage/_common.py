@@ -148,6 +148,8 @@ class SweepPlan:
         computation) or the input blocks are dependencies of the slab tasks.
     bytes_written
         Bytes written to temporary storage (0 when everything stays in memory).
+    per_slab
+        Bytes held per slab for the whole run (dask's bookkeeping of its tasks).
     notes
         Extra lines for ``explain`` (data-dependent tables, spill decisions).
     """
@@ -161,6 +163,7 @@ class SweepPlan:
     budget: int
     inline: bool
     bytes_written: int = 0
+    per_slab: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -177,9 +180,10 @@ class SweepPlan:
 
     @property
     def projected_peak(self) -> int:
-        """Largest projected footprint over the passes, in bytes."""
+        """Largest projected footprint over the passes plus the tasks' bookkeeping, in bytes."""
         v = self.max_rows * self.plane_voxels
-        return max((p.bytes_for(v) for p in self.passes), default=0)
+        passes = max((p.bytes_for(v) for p in self.passes), default=0)
+        return passes + self.per_slab * len(self.slabs)
 
     @property
     def bytes_read_ratio(self) -> float:
@@ -203,6 +207,11 @@ class SweepPlan:
                 f"  pass {i} {p.name}: {p.what}; {p.per_voxel:g} B/voxel x "
                 f"{p.in_flight} slab(s) in flight + {format_bytes(p.fixed)} fixed "
                 f"= {format_bytes(p.bytes_for(v))}"
+            )
+        if self.per_slab:
+            lines.append(
+                f"  dask's bookkeeping: {len(self.slabs)} slabs x {format_bytes(self.per_slab)} "
+                f"= {format_bytes(self.per_slab * len(self.slabs))} for the whole run"
             )
         lines += [f"  {n}" for n in self.notes]
         lines.append(
@@ -229,12 +238,17 @@ def choose_slabs(
     passes: Sequence[Footprint],
     budget: int,
     target_voxels: int | None = None,
+    per_slab: int = 0,
 ) -> tuple[tuple[int, int], ...]:
     """Group consecutive chunk rows into slabs whose every pass fits the budget.
 
     Greedy: a slab grows by whole chunk rows while the largest pass footprint
     stays within ``budget`` (and the slab within ``target_voxels``, which keeps
-    slabs small enough to pipeline when the budget is generous).
+    slabs small enough to pipeline when the budget is generous).  ``per_slab``
+    bytes are held for every slab for the whole run (task bookkeeping), so the
+    budget left to the slabs shrinks as their number grows: the grouping is
+    repeated with the budget less the bookkeeping of the last count until the
+    count stops growing.
 
     Raises
     ------
@@ -247,29 +261,46 @@ def choose_slabs(
     >>> fp = [Footprint("p", 1.0, 1, 0, "")]
     >>> choose_slabs("f", [2, 2, 2], 10, fp, budget=45)
     ((0, 4), (4, 6))
+    >>> choose_slabs("f", [2, 2, 2], 10, fp, budget=45, per_slab=3)
+    ((0, 2), (2, 4), (4, 6))
     """
+    count = 1
+    while True:
+        slabs = _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab, count)
+        if len(slabs) <= count:
+            return slabs
+        count = len(slabs)
+
+
+def _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab, count):
+    room = budget - per_slab * count
 
     def need(rows: int) -> int:
         return max((p.bytes_for(rows * plane_voxels) for p in passes), default=0)
 
     worst = max(chunks0, default=0)
-    if need(worst) > budget:
+    if need(worst) > room:
         p = max(passes, key=lambda p: p.bytes_for(worst * plane_voxels))
+        book = (
+            f" + dask's bookkeeping of {count} slabs x {format_bytes(per_slab)}"
+            if per_slab and count > 1
+            else ""
+        )
         raise BudgetError(
             f"{func}: even the thinnest slab (one chunk row of {worst} rows along axis 0) "
             f"needs a projected {format_bytes(need(worst))} in {p.name} "
             f"({p.per_voxel:g} B/voxel x {p.in_flight} slab(s) + {format_bytes(p.fixed)} "
-            f"fixed), over the memory budget of {format_bytes(budget)}. Raise memory_limit "
-            "or rechunk the input to thinner rows along axis 0.",
+            f"fixed){book}, over the memory budget of {format_bytes(budget)}. Raise "
+            "memory_limit or rechunk the input to thinner rows along axis 0.",
             stage=func,
-            projected=need(worst),
+            projected=need(worst) + per_slab * count,
             budget=budget,
         )
     slabs: list[tuple[int, int]] = []
     start = stop = 0
     for c in chunks0:
         rows = stop - start + c
-        fits = need(rows) <= budget and (
+        fits = need(rows) <= room and (
             target_voxels is None or rows * plane_voxels <= target_voxels
         )
         if stop > start and not fits:

@@ -42,8 +42,6 @@ from __future__ import annotations
 import math
 import operator
 import os
-import tempfile
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,10 +51,16 @@ from dask.base import tokenize
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import SweepConfigError
-from dask_sweep.io.accounting import REGISTRY
 from dask_sweep.ndimage import _edt_kernels as K
-from dask_sweep.ndimage._common import Footprint, SweepPlan, as_dask_array, choose_slabs
+from dask_sweep.ndimage import _spill
+from dask_sweep.ndimage._common import (
+    Footprint,
+    SweepPlan,
+    as_dask_array,
+    choose_slabs,
+)
 from dask_sweep.ndimage._reader import SlabReader, make_readers
+from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]
@@ -105,7 +109,10 @@ def _plan(image, sampling, memory_limit):
     # fixed parts include the runtime overhead (sweep.runtime-overhead): resident
     # memory beyond the arrays
     fwd = Footprint(
-        "forward", 2 * item + 1, 1, 2 * 4 * plane + settings.runtime_overhead,
+        "forward",
+        2 * item + 1,
+        1,
+        2 * 4 * plane + settings.runtime_overhead,
         "read, foreground mask, carry up-distance",
     )
     # + squared distances = the output block (8) and the previous output block still
@@ -119,7 +126,12 @@ def _plan(image, sampling, memory_limit):
     )
     target = max(1, settings.target_slab_bytes // item)
     chunks0 = image.chunks[0]
-    slabs = choose_slabs(_FUNC, chunks0, plane, (fwd, bwd), settings.memory_limit, target)
+    # forward, spill, backward and its two parts, plus two of a consumer's per output
+    # block (an external input's own tasks are not counted)
+    per_slab = settings.task_overhead * 7
+    slabs = choose_slabs(
+        _FUNC, chunks0, plane, (fwd, bwd), settings.memory_limit, target, per_slab
+    )
     edges = np.cumsum((0, *chunks0))
     bounds = [
         list(range(int(np.searchsorted(edges, a)), int(np.searchsorted(edges, b))))
@@ -136,6 +148,7 @@ def _plan(image, sampling, memory_limit):
         (fwd, bwd),
         settings.memory_limit,
         inline,
+        per_slab=per_slab,
     )
     spill = plan.projected_peak + boundary > settings.memory_limit
     if spill:
@@ -162,6 +175,7 @@ def _plan(image, sampling, memory_limit):
         budget=settings.memory_limit,
         inline=inline,
         bytes_written=written,
+        per_slab=per_slab,
         notes=(note, f"sampling {samp}; output float64, blocks emitted last slab first"),
     )
     return plan, (image, samp, settings, spill), readers
@@ -192,27 +206,15 @@ def _foreground(reader: SlabReader, blocks: tuple) -> np.ndarray:
     return np.ascontiguousarray(fg).reshape(fg.shape[0], -1)
 
 
-def _forward(reader: SlabReader, carry: np.ndarray | None, *blocks: Any) -> np.ndarray:
+def _forward(reader: SlabReader, carry: np.ndarray | None, tune: bool, *blocks: Any) -> np.ndarray:
+    if tune:
+        tune_allocator()  # sweep.tune-malloc: freed slabs leave the process at once
     fg = _foreground(reader, blocks)
     if carry is None:
         carry = np.full(fg.shape[1], K.INF, dtype=np.int32)
     out = np.empty_like(carry)
     K.forward_carry(fg, carry, out)
     return out
-
-
-def _spill(path: str, plane: np.ndarray) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, plane)
-    REGISTRY.write(os.path.dirname(path), plane.nbytes, 1)
-    return path
-
-
-def _unspill(path: str) -> np.ndarray:
-    plane = np.load(path)
-    os.remove(path)
-    REGISTRY.read(os.path.dirname(path), plane.nbytes, 1)
-    return plane
 
 
 def _backward(
@@ -225,11 +227,14 @@ def _backward(
     shape: tuple[int, ...],
     threads: int,
     spill_dir: str | None,
+    tune: bool,
     *blocks: Any,
 ) -> tuple[np.ndarray, tuple]:
     """One slab of pass 2: returns ``(output block, (down-distance plane, has_background))``."""
+    if tune:
+        tune_allocator()
     if isinstance(f_in, str):
-        f_in = _unspill(f_in)
+        f_in = _spill.take(f_in)
     fg = _foreground(reader, blocks)
     rows, plane = fg.shape
     if b_carry is None:  # the last slab starts the chain
@@ -252,11 +257,8 @@ def _backward(
         for ax in range(1, len(shape)):
             _envelope(d2, ax, sampling[ax], threads)
     np.sqrt(d2, out=d2)
-    if row0 == 0 and spill_dir is not None:
-        try:
-            os.rmdir(spill_dir)  # every plane has been read back and deleted
-        except OSError:
-            pass
+    if row0 == 0:
+        _spill.remove_dir(spill_dir)  # every plane has been read back and deleted
     return d2, (b_out, has_bg)
 
 
@@ -350,24 +352,23 @@ def distance_transform_edt(
             "are supported (the feature transform is not streamed)."
         )
     plan, (image, samp, settings, spill), readers = _plan(image, sampling, memory_limit)
-    extra = uuid.uuid4().hex if spill else ""  # spill paths must be unique per call
-    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill, extra)
+    if image.shape[0] == 0:  # no slabs: an empty result (as scipy)
+        return da.zeros(image.shape, dtype=np.float64, chunks=image.chunks)
+    # spill paths must be unique per call
+    spill_dir = _spill.new_dir("edt") if spill else None
+    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill_dir)
     fwd, spl, bwd = f"edt-fwd-{token}", f"edt-spill-{token}", f"edt-bwd-{token}"
     bcar, out = f"edt-bcarry-{token}", f"distance-transform-edt-{token}"
-    spill_dir = None
-    if spill:
-        base = _temporary_directory()
-        spill_dir = os.path.join(base, f"dask-sweep-edt-{token[:12]}-{extra[:8]}")
     n = len(readers)
     nz = (0,) * (image.ndim - 1)
     dsk: dict = {}
     for s, r in enumerate(readers):
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         prev = TaskRef((fwd, s - 1)) if s else None
-        dsk[(fwd, s)] = Task((fwd, s), _forward, r, prev, *ext)
+        dsk[(fwd, s)] = Task((fwd, s), _forward, r, prev, settings.tune_malloc, *ext)
         if spill and s + 1 < n:
             path = os.path.join(spill_dir, f"F-{s:08d}.npy")
-            dsk[(spl, s)] = Task((spl, s), _spill, path, TaskRef((fwd, s)))
+            dsk[(spl, s)] = Task((spl, s), _spill.spill, path, TaskRef((fwd, s)))
     for s in range(n - 1, -1, -1):
         r = readers[s]
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
@@ -386,6 +387,7 @@ def distance_transform_edt(
             tuple(image.shape),
             settings.threads,
             spill_dir,
+            settings.tune_malloc,
             *ext,
         )
         dsk[(out, s, *nz)] = Task((out, s, *nz), operator.getitem, TaskRef((bwd, s)), 0)
@@ -396,9 +398,3 @@ def distance_transform_edt(
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))
-
-
-def _temporary_directory() -> str:
-    import dask
-
-    return dask.config.get("temporary-directory", None) or tempfile.gettempdir()

@@ -70,6 +70,8 @@ import numpy as np
 from dask._task_spec import Task, TaskRef
 from dask.base import tokenize
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix  # imported now, not first inside a run's budget
+from scipy.sparse.csgraph import connected_components
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import SweepConfigError, SweepError
@@ -412,9 +414,6 @@ def _smallest_linked(n: int, pairs: np.ndarray) -> np.ndarray:
     B = np.arange(n + 1, dtype=_ids(n))
     if not len(pairs):
         return B
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     ul, li = np.unique(pairs[:, 0], return_inverse=True)
     ub, bi = np.unique(pairs[:, 1], return_inverse=True)
     m = len(ul) + len(ub)
@@ -730,7 +729,7 @@ def label(
     plan, (image, st, out_dtype, settings, reserve), readers = _plan(
         image, structure, output, memory_limit
     )
-    if image.ndim <= 3 and len(plan.slabs) > 1:
+    if image.ndim <= 3:
         K.warm()  # compile the face kernel now, outside the run's budget
     if image.shape[0] == 0:  # no slabs: nothing to label (as scipy)
         return (

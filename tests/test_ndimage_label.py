@@ -439,3 +439,11 @@ def test_face_pairs_kernel_resumes_when_its_buffer_fills(seed, cap):
     cross = rng.random((3, 3)) < 0.6
     got = face_pairs_2d(up, low, cross, np.zeros((3, 3), bool), cap=cap)
     assert got.tolist() == [list(p) for p in _pairs_brute_force(up, low, cross)]
+
+
+def test_empty_axis_zero_like_scipy():
+    from dask_sweep.ndimage import distance_transform_edt
+
+    lab, n = label(np.zeros((0, 4, 4), bool))
+    assert lab.compute().shape == (0, 4, 4) and lab.dtype == np.int32 and int(n.compute()) == 0
+    assert distance_transform_edt(np.zeros((0, 4))).compute().shape == (0, 4)

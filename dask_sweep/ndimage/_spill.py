@@ -66,6 +66,22 @@ def spill(path: str, arr: np.ndarray) -> str:
     return path
 
 
+def keep_or_spill(
+    arr: np.ndarray, kept: int, reserve: int, directory: str | None, kind: str, name: str
+) -> tuple[np.ndarray | str, int, str | None]:
+    """Keep ``arr`` in memory while ``kept + arr.nbytes`` fits ``reserve``, else spill it.
+
+    Returns ``(the array or its path, bytes kept now, the spill directory)``; the
+    directory is made up (:func:`new_dir`) at the first spill and carried along
+    the producing chain with the running total.  ``kind`` names the directory,
+    ``name`` the file.
+    """
+    if kept + arr.nbytes <= reserve:
+        return arr, kept + arr.nbytes, directory
+    directory = directory or new_dir(kind)
+    return spill(os.path.join(directory, name), arr), kept, directory
+
+
 def take(obj: np.ndarray | str) -> np.ndarray:
     """The array itself, or the spilled array read back (its file is deleted)."""
     if not isinstance(obj, str):

@@ -472,12 +472,9 @@ def _link(
     top_map = (local.top_ids, B[local.top_ids])
     table = np.concatenate([B, pairs.ravel().astype(B.dtype)])
     del B, pairs
-    if kept + table.nbytes <= reserve:
-        kept += table.nbytes
-        stored: np.ndarray | str = table
-    else:
-        sdir = sdir or _spill.new_dir("label")
-        stored = _spill.spill(os.path.join(sdir, f"B-{s:08d}.npy"), table)
+    stored, kept, sdir = _spill.keep_or_spill(
+        table, kept, reserve, sdir, "label", f"B-{s:08d}.npy"
+    )
     return _Linked(n, stored, kept, sdir, top_map)
 
 
@@ -566,12 +563,7 @@ def _number(
     del table, B, pairs, keys, vals
     if cum <= np.iinfo(dtype).max:
         lut = lut.astype(dtype, copy=False)  # else int64: pass 2 reports the overflow
-    if kept + lut.nbytes <= reserve:
-        kept += lut.nbytes
-        out: np.ndarray | str = lut
-    else:
-        ldir = ldir or _spill.new_dir("label")
-        out = _spill.spill(os.path.join(ldir, f"L-{s:08d}.npy"), lut)
+    out, kept, ldir = _spill.keep_or_spill(lut, kept, reserve, ldir, "label", f"L-{s:08d}.npy")
     return _Numbered(out, nkeys, nvals, cum, kept, ldir)
 
 

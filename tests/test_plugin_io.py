@@ -170,3 +170,20 @@ def test_imwrite_of_a_swept_pipeline_writes_in_the_slab_tasks(volume, tmp_path, 
         imwrite(z, str(tmp_path / "b.zarr"), chunks=(4, 24, 20), resume=True)
     np.testing.assert_array_equal(imread(str(tmp_path / "b.zarr")).compute(), ref)
     assert not os.path.exists(str(tmp_path / "b.zarr.partial"))
+
+
+def test_imwrite_with_sweep_on_writes_inside_the_slab_tasks(tmp_path):
+    from dask_sweep.io import api
+    from dask_sweep.io.zarr_io import ZarrSink
+
+    x = da.from_array(np.random.default_rng(0).random((32, 64, 64)).astype("f4"),
+                      chunks=(4, 64, 64))
+    y = x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect")
+    sink = ZarrSink(str(tmp_path / "o.zarr"), y.shape, y.dtype)
+    assert api._swept_store(y, sink) is None  # sweep off: the slab-writer chain
+    with dask_sweep.enable(memory_limit="64MiB"):
+        store = api._swept_store(y, sink)
+        assert store is not None
+        store.compute()
+    sink.finalize()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[:], y.compute())

@@ -292,10 +292,14 @@ def _swept_store(array, sink: Sink):
     except Exception:  # noqa: BLE001 - whatever the analysis trips on, the chain path works
         return None
     plans = e.result.plans
-    text = str(e)
-    if e.result.fallbacks or len(plans) != 1 or "written in the slab task" not in text:
+    if e.result.fallbacks or len(plans) != 1:
         return None
-    if "tile_plans" in plans[0][0].info:
+    plan = plans[0][0]
+    if "tile_plans" in plan.info:
+        return None
+    # the sweep must write the planes itself, straight into this sink
+    if not any(getattr(getattr(o.sink, "target", None), "sink", None) is sink
+               for o in plan.outputs):
         return None
     return store
 

@@ -281,9 +281,7 @@ def _auto_chunks(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     hold) stays within an eighth of the sweep's slab target: cube-shaped
     8 MiB chunks of a 1024² plane would force 128-plane (128 MiB) slabs.
     """
-    import dask
-
-    from dask_sweep.config import parse_bytes
+    from dask_sweep.integration.optimize import active_settings
 
     itemsize = np.dtype(dtype).itemsize
     if len(shape) < 2:
@@ -291,7 +289,7 @@ def _auto_chunks(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     inplane = tuple(max(1, min(n, 1024)) for n in shape[1:])
     tile = int(np.prod(inplane, dtype=np.int64)) * itemsize
     plane = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
-    target = parse_bytes(dask.config.get("sweep.target-slab-bytes", "64MiB"))
+    target = active_settings().target_slab_bytes  # as the sink's slab size (Sink._slab_rows)
     rows = min((8 << 20) // max(1, tile), target // max(1, 8 * plane))
     return (max(1, min(shape[0], rows)), *inplane)
 

@@ -100,6 +100,24 @@ def take(obj: np.ndarray | str) -> np.ndarray:
     return arr
 
 
+def load(obj: np.ndarray | str) -> np.ndarray:
+    """The array itself, or the spilled array read back (its file is kept for later reads)."""
+    if not isinstance(obj, str):
+        return obj
+    arr = np.load(obj)
+    REGISTRY.read(os.path.dirname(obj), arr.nbytes, 1)
+    return arr
+
+
+def remove_tree(path: str | None) -> None:
+    """Remove a spill directory and whatever is left in it (the end of a run)."""
+    if path is None:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    with _LOCK:
+        _CREATED.discard(path)
+
+
 def remove_dir(path: str | None) -> None:
     """Remove a spill directory if it is empty (its last file was read)."""
     if path is None:

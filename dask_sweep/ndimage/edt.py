@@ -65,6 +65,8 @@ from dask_sweep.utils import format_bytes
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]
 
+INF = K.INF
+
 _FUNC = "dask_sweep.ndimage.distance_transform_edt"
 
 
@@ -181,6 +183,80 @@ def _plan(image, sampling, memory_limit):
     return plan, (image, samp, settings, spill), readers
 
 
+def plan_stream(
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks0: tuple[int, ...],
+    sampling: tuple[float, ...],
+    settings: SweepSettings,
+    read: float,
+    read_fixed: int,
+    func: str = _FUNC,
+) -> SweepPlan:
+    """The plan of the distance transform of an input computed slab by slab (the DSL's).
+
+    Pass 1 ("edges") computes every slab's own up/down distances (any order,
+    ``threads`` slabs in flight), the carries are chained over those planes
+    only, and pass 2 ("distances") turns any slab into its output block.
+
+    Parameters
+    ----------
+    shape, dtype, chunks0
+        The input's shape, dtype and the row grid its slabs may be cut on.
+    sampling
+        Normalised sampling (:func:`normalize_sampling`).
+    settings
+        The run's settings.
+    read, read_fixed
+        Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
+    func
+        The name errors and ``explain`` give.
+
+    Raises
+    ------
+    BudgetError
+        When even one row of ``chunks0`` does not fit the budget.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    longest = max(shape[1:], default=1)
+    threads = max(1, settings.threads)
+    edges = Footprint(
+        "edges",
+        read + 1,
+        threads,
+        threads * (2 * 4 * plane + read_fixed) + settings.runtime_overhead,
+        "compute the input slab, foreground, its own up/down distances (any order)",
+    )
+    # + squared distances = the output block (8) and the block before it, still held
+    # by the next stage (8); carries and line buffers per thread.
+    dist = Footprint(
+        "distances",
+        read + 1 + 16,
+        1,
+        3 * 4 * plane + threads * 32 * longest + read_fixed + settings.runtime_overhead,
+        "compute the input slab again, axis-0 distances from the carries, in-plane "
+        "envelopes, sqrt",
+    )
+    item = np.dtype(dtype).itemsize
+    target = max(1, settings.target_slab_bytes // item)
+    slabs = choose_slabs(func, chunks0, plane, (edges, dist), settings.memory_limit, target)
+    return SweepPlan(
+        func=func,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        in_chunks0=tuple(chunks0),
+        slabs=slabs,
+        passes=(edges, dist),
+        budget=settings.memory_limit,
+        inline=True,
+        notes=(
+            f"carry planes F (forward) and B (backward): 2 x {len(slabs)} x "
+            f"{format_bytes(4 * plane)}, chained over the edge planes only (no input read)",
+            f"sampling {sampling}; output float64, slabs in any order",
+        ),
+    )
+
+
 def plan_edt(image: Any, sampling: Any = None, *, memory_limit: Any = None) -> SweepPlan:
     """The schedule and memory model of :func:`distance_transform_edt`, without running it.
 
@@ -235,8 +311,7 @@ def _backward(
         tune_allocator()
     if isinstance(f_in, str):
         f_in = _spill.take(f_in)
-    fg = _foreground(reader, blocks)
-    rows, plane = fg.shape
+    plane = int(np.prod(shape[1:], dtype=np.int64))
     if b_carry is None:  # the last slab starts the chain
         has_bg = bool((last_f < K.INF).any()) if plane else False
         b_in = np.full(plane, K.INF, dtype=np.int32)
@@ -245,6 +320,33 @@ def _backward(
     if f_in is None:
         f_in = np.full(plane, K.INF, dtype=np.int32)
     b_out = np.empty(plane, dtype=np.int32)
+    # the mask is handed over (no name here), so distances() frees it before the envelopes
+    d2 = distances(
+        _foreground(reader, blocks), f_in, b_in, b_out, has_bg, row0, sampling, shape, threads
+    )
+    if row0 == 0:
+        _spill.remove_dir(spill_dir)  # every plane has been read back and deleted
+    return d2, (b_out, has_bg)
+
+
+def distances(
+    fg: np.ndarray,
+    f_in: np.ndarray,
+    b_in: np.ndarray,
+    b_out: np.ndarray,
+    has_bg: bool,
+    row0: int,
+    sampling: tuple[float, ...],
+    shape: tuple[int, ...],
+    threads: int,
+) -> np.ndarray:
+    """The output block of a slab from its ``(rows, plane)`` foreground and its carries.
+
+    ``f_in`` / ``b_in``: rows from the row above / below the slab to the nearest
+    background (``INF``: none); ``b_out`` receives the down-distance at the slab's
+    first row.  ``fg`` is consumed.
+    """
+    rows, plane = fg.shape
     out_shape = (rows, *shape[1:])
     if not has_bg:
         del fg
@@ -257,9 +359,38 @@ def _backward(
         for ax in range(1, len(shape)):
             _envelope(d2, ax, sampling[ax], threads)
     np.sqrt(d2, out=d2)
-    if row0 == 0:
-        _spill.remove_dir(spill_dir)  # every plane has been read back and deleted
-    return d2, (b_out, has_bg)
+    return d2
+
+
+def slab_edges(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(up, down)`` of a ``(rows, plane)`` foreground slab on its own (``INF``: none).
+
+    ``up``: rows from the slab's last row up to the nearest background inside the
+    slab; ``down``: rows from its first row down to the nearest one.  With
+    :func:`chain_edges` they give the carries of every slab from slabs computed in
+    any order (the DSL's form of the two scans).
+    """
+    plane = fg.shape[1]
+    none = np.full(plane, K.INF, dtype=np.int32)
+    up = np.empty(plane, dtype=np.int32)
+    down = np.empty(plane, dtype=np.int32)
+    K.forward_carry(fg, none, up)
+    K.forward_carry(fg[::-1], none, down)
+    return up, down
+
+
+def chain_edges(
+    carry: np.ndarray | None, edge: np.ndarray, rows: int, plane: int
+) -> np.ndarray:
+    """The scan's carry after a slab of ``rows`` rows whose own edge distance is ``edge``.
+
+    A column with background in the slab restarts from the slab's own distance;
+    one without adds the slab's rows to the carry before it (saturating at ``INF``).
+    """
+    if carry is None:
+        carry = np.full(plane, K.INF, dtype=np.int32)
+    through = np.minimum(carry.astype(np.int64) + rows, K.INF).astype(np.int32)
+    return np.where(edge < K.INF, edge, through)
 
 
 def _no_background(row0: int, shape: tuple[int, ...], sampling: tuple[float, ...]) -> np.ndarray:

@@ -168,15 +168,26 @@ def _normalize_output(output: Any) -> np.dtype:
 
 
 def _footprints(
-    image, settings: SweepSettings, out_dtype: np.dtype, inline: bool
+    shape: tuple[int, ...],
+    item: int,
+    settings: SweepSettings,
+    out_dtype: np.dtype,
+    inline: bool,
+    read: float | None = None,
+    read_fixed: int = 0,
 ) -> tuple[Footprint, Footprint]:
-    plane = int(np.prod(image.shape[1:], dtype=np.int64))
-    item = image.dtype.itemsize
+    """The two passes' footprints.
+
+    ``read`` replaces the bytes per voxel of reading a slab (default: the blocks and
+    their concatenation, ``2 x item``) and ``read_fixed`` is added to the fixed
+    bytes: the DSL computes its input stream per slab, with halos.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize
     threads = max(1, settings.threads)
     # Local labelling: reading a slab of several blocks holds the blocks and their
     # concatenation (2 x item), mask (1), local labels (4), scipy's tables (<= 1).
-    local = 2 * item + 1 + 4 + 1
+    local = (2 * item if read is None else read) + 1 + 4 + 1
     # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
     # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
     p1 = local + 2.0 / threads
@@ -195,14 +206,14 @@ def _footprints(
             "label-local",
             p1,
             threads,
-            face + settings.runtime_overhead,
+            face + settings.runtime_overhead + threads * read_fixed,
             "read, local scipy label (slabs in flight), backward link chain",
         ),
         Footprint(
             "relabel",
             p2,
             threads,
-            numbering + settings.runtime_overhead,
+            numbering + settings.runtime_overhead + threads * read_fixed,
             "read, local label again, lookup table, emit",
         ),
     )
@@ -246,43 +257,99 @@ def _plan(image, structure, output, memory_limit):
     out_dtype = _normalize_output(output)
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
+    item = image.dtype.itemsize
     for guess in (True, False):
         # Inline reads: one resolve task, then a pass-2 task per slab; external: four
         # tasks more per slab.  Plus two of a consumer's per output block.
         per_slab = settings.task_overhead * (3 if guess else 7)
-        passes = _footprints(image, settings, out_dtype, guess)
-        bounds, slabs = _slabs_of(image, plane, passes, settings.memory_limit, target, per_slab)
+        passes = _footprints(image.shape, item, settings, out_dtype, guess)
+        bounds, slabs = _slabs_of(
+            image.chunks[0], plane, passes, settings.memory_limit, target, per_slab
+        )
         readers, inline = make_readers(image, bounds)
         if inline or not guess:
             break
+    plan = _with_notes(
+        SweepPlan(
+            func=_FUNC,
+            shape=tuple(image.shape),
+            dtype=image.dtype,
+            in_chunks0=tuple(image.chunks[0]),
+            slabs=slabs,
+            passes=passes,
+            budget=settings.memory_limit,
+            inline=inline,
+            bytes_written=0,
+            per_slab=per_slab,
+        ),
+        out_dtype,
+    )
+    return plan, (image, st, out_dtype, settings, _reserve(plan)), readers
+
+
+def plan_stream(
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks0: tuple[int, ...],
+    structure: Any,
+    output: Any,
+    settings: SweepSettings,
+    read: float,
+    read_fixed: int,
+    func: str = _FUNC,
+) -> tuple[SweepPlan, np.ndarray, np.dtype]:
+    """The plan of labelling an input computed slab by slab in the process (the DSL's).
+
+    Parameters
+    ----------
+    shape, dtype, chunks0
+        The input's shape, dtype and the row grid its slabs may be cut on.
+    structure, output
+        As for :func:`label`.
+    settings
+        The run's settings (budget, threads, target slab size).
+    read, read_fixed
+        Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
+    func
+        The name errors and ``explain`` give.
+
+    Raises
+    ------
+    BudgetError
+        When even one row of ``chunks0`` does not fit the budget.
+    """
+    st = normalize_structure(structure, len(shape))
+    out_dtype = _normalize_output(output)
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    item = np.dtype(dtype).itemsize
+    passes = _footprints(shape, item, settings, out_dtype, True, read, read_fixed)
+    target = max(1, settings.target_slab_bytes // item)
+    slabs = choose_slabs(func, chunks0, plane, passes, settings.memory_limit, target)
     plan = SweepPlan(
-        func=_FUNC,
-        shape=tuple(image.shape),
-        dtype=image.dtype,
-        in_chunks0=tuple(image.chunks[0]),
+        func=func,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        in_chunks0=tuple(chunks0),
         slabs=slabs,
         passes=passes,
         budget=settings.memory_limit,
-        inline=inline,
-        bytes_written=0,
-        per_slab=per_slab,
+        inline=True,
     )
+    return _with_notes(plan, out_dtype), st, out_dtype
+
+
+def _with_notes(plan: SweepPlan, out_dtype: np.dtype) -> SweepPlan:
     reserve = _reserve(plan)
-    plan = SweepPlan(
-        **{
-            **plan.__dict__,
-            "notes": (
-                "pass 1 runs from the last slab to the first; numbering: a forward chain over "
-                "the tables only (no input read)",
-                f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "
-                f"{out_dtype.itemsize} B per label): kept in memory up to "
-                f"{format_bytes(reserve)} (the budget left by the passes), beyond that "
-                "spilled to .npy files in dask's temporary-directory (written once, read once)",
-                f"output dtype {out_dtype}",
-            ),
-        }
+    notes = (
+        "pass 1 runs from the last slab to the first; numbering: a forward chain over "
+        "the tables only (no input read)",
+        f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "
+        f"{out_dtype.itemsize} B per label): kept in memory up to "
+        f"{format_bytes(reserve)} (the budget left by the passes), beyond that "
+        "spilled to .npy files in dask's temporary-directory (written once, read once)",
+        f"output dtype {out_dtype}",
     )
-    return plan, (image, st, out_dtype, settings, reserve), readers
+    return SweepPlan(**{**plan.__dict__, "notes": notes})
 
 
 def _reserve(plan: SweepPlan) -> int:
@@ -290,8 +357,7 @@ def _reserve(plan: SweepPlan) -> int:
     return max(0, plan.budget - plan.projected_peak)
 
 
-def _slabs_of(image, plane, passes, budget, target, per_slab):
-    chunks0 = image.chunks[0]
+def _slabs_of(chunks0, plane, passes, budget, target, per_slab):
     slabs = choose_slabs(_FUNC, chunks0, plane, passes, budget, target, per_slab)
     # Map row bounds back to block indices (slabs are whole chunk rows).
     edges = np.cumsum((0, *chunks0))
@@ -640,9 +706,6 @@ def _pass2(
 ) -> np.ndarray:
     if tune:
         tune_allocator()
-    mask = _read_mask(reader, blocks)
-    lab, n = ndi.label(mask, structure)
-    del mask
     if isinstance(src, _Resolved):
         lut, src.luts[s] = src.luts[s], None
     else:
@@ -651,6 +714,20 @@ def _pass2(
         path = lut
         lut = _spill.take(path)
         _spill.remove_dir(os.path.dirname(path))
+    return relabel(_read_mask(reader, blocks), structure, lut, s, dtype)
+
+
+def relabel(mask: np.ndarray, structure: np.ndarray, lut: np.ndarray, s: int, dtype: Any):
+    """Pass 2 of slab ``s``: its local labels (``mask`` is consumed) through its table.
+
+    Raises
+    ------
+    SweepError
+        When the slab's local labelling differs from pass 1's (the input changed), or a
+        label does not fit ``dtype``.
+    """
+    lab, n = ndi.label(mask, structure)
+    del mask
     if n != len(lut) - 1:
         raise SweepError(
             f"{_FUNC}: slab {s} has {n} local labels in the second pass but had "

@@ -14,6 +14,7 @@ executor as the dask plugin, locally (:meth:`Target.run`) or as a dask graph
 (:meth:`Target.to_dask`).  See ``docs/dsl.md``.
 """
 
+from dask_sweep.dsl.algorithms import distance_transform_edt, label
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target, zip
 from dask_sweep.dsl.execute import RunReport, RunResult, run, to_dask
 from dask_sweep.dsl.library import bilateral, difference_of_gaussians, otsu_threshold
@@ -48,8 +49,10 @@ __all__ = [
     "Target",
     "bilateral",
     "difference_of_gaussians",
+    "distance_transform_edt",
     "explain",
     "histogram",
+    "label",
     "max",
     "mean",
     "min",

@@ -70,9 +70,38 @@ class PassPlan:
 
 
 def bind_plan(plan: Plan, env: dict) -> Plan:
-    """``plan`` with scalar values (``{Scalar.uid: value}``) bound into its stages."""
-    stages = tuple(st.bind(env) if hasattr(st, "bind") else st for st in plan.stages)
-    return replace(plan, stages=stages)
+    """``plan`` with scalar values (``{Scalar.uid: value}``) bound into its stages.
+
+    Sources whose reader needs values of earlier passes (an algorithm's output,
+    read through its tables) get a bound reader.
+    """
+    stages = []
+    for st in plan.stages:
+        if hasattr(st, "bind"):
+            st = st.bind(env)
+        elif isinstance(st, Source) and hasattr(st.reader, "bind"):
+            st = replace(st, reader=st.reader.bind(env))
+        stages.append(st)
+    return replace(plan, stages=tuple(stages))
+
+
+@dataclass
+class AlgoPass:
+    """The table pass of a multi-pass algorithm (:mod:`dask_sweep.dsl.algorithms`).
+
+    It sweeps the algorithm's own slabs of its input stream (computed per slab)
+    and produces the tables the algorithm's output is read through.
+    """
+
+    index: int
+    tables: Any  # dask_sweep.dsl.algorithms.Tables
+    plan: Any  # dask_sweep.ndimage._common.SweepPlan
+    input_bytes: int
+    read_bytes: int
+
+    @property
+    def projected_peak(self) -> int:
+        return self.plan.projected_peak
 
 
 @dataclass
@@ -98,8 +127,12 @@ def resolve_settings(settings: dict) -> tuple[SweepSettings, dict]:
     return SweepSettings.resolve(**settings), extra
 
 
-def _walk_streams(roots: list[Stream]) -> list[Stream]:
-    """All streams the roots depend on (through inputs and scalars), topologically."""
+def _walk_streams(roots: list[Stream], cross: bool = False) -> list[Stream]:
+    """All streams the roots depend on (through inputs and scalars), topologically.
+
+    ``cross``: also the inputs of algorithms whose tables a stream reads (those are
+    computed in the table pass, not in the pass of the stream).
+    """
     order: list[Stream] = []
     seen: set[int] = set()
     stack: list[tuple[Any, bool]] = [(r, False) for r in reversed(roots)]
@@ -114,15 +147,19 @@ def _walk_streams(roots: list[Stream]) -> list[Stream]:
             continue
         seen.add(key)
         stack.append((node, True))
-        for d in _deps(node):
+        for d in _deps(node, cross):
             if id(d) not in seen:
                 stack.append((d, False))
     return order
 
 
-def _deps(node: Any) -> list[Any]:
+def _deps(node: Any, cross: bool = True) -> list[Any]:
+    from dask_sweep.dsl.algorithms import Tables
+
     if isinstance(node, Stream):
         return [*node.inputs, *node.scalars]
+    if isinstance(node, Tables):
+        return [node.stream] if cross else []
     if isinstance(node, Reduction):
         return [node.stream, *node.params]
     if isinstance(node, Scalar):
@@ -167,7 +204,10 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     roots = [t.stream for t in targets] + [x for x in items if isinstance(x, Scalar)]
     scalars = _all_scalars(roots)
     reductions = [x for x in scalars if isinstance(x, Reduction)]
-    streams = _walk_streams(roots)
+    from dask_sweep.dsl.algorithms import Tables
+
+    tables = [x for x in scalars if isinstance(x, Tables)]
+    streams = _walk_streams(roots, cross=True)
     if not streams:
         raise PlanError("dask_sweep.dsl: nothing to compute (no stream behind the outputs).")
     shape = streams[0].shape
@@ -188,15 +228,41 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
         [t.stream.level for t in targets]
         + [r.pass_index for r in reductions]
         + [x.ready_pass - 1 for x in items if isinstance(x, Scalar)]
+        + [t.pass_index for t in tables]
         + [0]
     )
-    passes = []
+    # algorithms first, in level order: their slabs are the rows of their output
+    # streams, which later passes read
+    for t in sorted(tables, key=lambda t: t.pass_index):
+        t.algo.prepare(axis, s)
+    passes: list[Any] = []
     for p in range(npasses):
         outs: list[tuple[str, Any]] = [("target", t) for t in targets if t.stream.level == p]
         outs += [("reduce", r) for r in reductions if r.pass_index == p]
-        if not outs:
-            continue
-        passes.append(_lower_pass(p, outs, axis, s, sinks or {}))
+        if outs:
+            passes.append(_lower_pass(p, outs, axis, s, sinks or {}))
+        for t in tables:
+            if t.pass_index == p:
+                prep = t.algo.prepared
+                ev = prep.slabs_in
+                passes.append(
+                    AlgoPass(
+                        index=p,
+                        tables=t,
+                        plan=prep.plan,
+                        input_bytes=sum(
+                            sum(st.bytes_per_row) for st in ev.stages if isinstance(st, Source)
+                        ),
+                        read_bytes=sum(ev.read_bytes(a, b) for a, b in prep.plan.slabs),
+                    )
+                )
+    # the pipeline's input: its own sources (an algorithm's output re-reads those)
+    total_in = sum(
+        x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")
+    )
+    for k, pp in enumerate(passes):
+        pp.index = k  # passes in run order (a level may have a sweep and table passes)
+        pp.input_bytes = total_in
     return Compiled(
         items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars, options=extra
     )
@@ -233,12 +299,8 @@ def _expected_row_step(t: Target, grain_guess: int) -> int:
     return 1
 
 
-def _lower_pass(
-    p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict
-) -> PassPlan:
-    roots: list[Stream] = [o.stream for _, o in outs]
-    order = _walk_streams(roots)
-    order = [x for x in order if x.level <= p]
+def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[list[Stage], dict]:
+    """Stages of ``order`` (streams, topologically sorted) and ``{id(stream): stage index}``."""
     index: dict[int, int] = {}
     stages: list[Stage] = []
     for x in order:
@@ -248,6 +310,7 @@ def _lower_pass(
             rb = spec.row_bounds(axis)
             plane = int(np.prod([n for d, n in enumerate(x.shape) if d != axis], dtype=np.int64))
             plane *= x.dtype.itemsize
+            per_row = getattr(spec, "bytes_per_row", None)
             st: Stage = Source(
                 label=f"{x.label} ({spec.desc})",
                 shape=x.shape,
@@ -255,7 +318,11 @@ def _lower_pass(
                 row_bounds=rb,
                 reader=spec.reader(axis),
                 external=False,
-                bytes_per_row=tuple((b - a) * plane for a, b in zip(rb[:-1], rb[1:])),
+                bytes_per_row=(
+                    per_row(axis)
+                    if per_row is not None
+                    else tuple((b - a) * plane for a, b in zip(rb[:-1], rb[1:]))
+                ),
             )
         elif x.kind == "kernel":
             st = Window(
@@ -277,6 +344,23 @@ def _lower_pass(
             )
         index[id(x)] = len(stages)
         stages.append(st)
+    return stages, index
+
+
+def _lower_pass(
+    p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict
+) -> PassPlan:
+    roots: list[Stream] = [o.stream for _, o in outs]
+    order = _walk_streams(roots)
+    order = [x for x in order if x.level <= p]
+    stages, index = lower_streams(order, axis, s)
+    # what reading an algorithm's output holds beyond the planes (its tables, its
+    # per-slab work): resident next to the pass, counted like the runtime overhead
+    extra = sum(
+        x.source.held_bytes()
+        for x in order
+        if x.kind == "source" and hasattr(x.source, "held_bytes")
+    )
     n = roots[0].shape[axis]
     in_plane = sum(st.plane_bytes(axis) for st in stages if isinstance(st, Source))
     row_steps = []
@@ -341,7 +425,7 @@ def _lower_pass(
         budget=s.memory_limit,
         threads=s.threads,
         notes=(f"pass {p}",),
-        info={"tune_malloc": s.tune_malloc, "runtime_overhead": s.runtime_overhead},
+        info={"tune_malloc": s.tune_malloc, "runtime_overhead": s.runtime_overhead + extra},
     )
     try:
         plan, trace, peaks = _choose_steps(plan, s.target_slab_bytes)
@@ -608,7 +692,7 @@ def open_sink(t: Target, g: int) -> SinkWriter:
     return SinkWriter(sink)
 
 
-__all__ = ["Compiled", "PassPlan", "compile_pipeline", "project", "step_peaks", "step_reads"]
+__all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "project", "step_peaks", "step_reads"]
 
 
 def _passes(fn: Any, ndim: int) -> tuple | None:

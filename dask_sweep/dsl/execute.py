@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.dsl.compile import (
+    AlgoPass,
     Compiled,
     PassPlan,
     SinkWriter,
@@ -211,8 +212,11 @@ def evaluate_scalars(env: dict, totals: dict, scalars: list[Scalar]) -> dict:
 
     ``env`` and ``totals`` are keyed by ``Scalar.uid``; returns a new ``env``.
     """
+    from dask_sweep.dsl.algorithms import Tables
+
     env = dict(env)
-    pending = [s for s in scalars if s.uid not in env]
+    # tables are set by their table pass, never computed here
+    pending = [s for s in scalars if s.uid not in env and not isinstance(s, Tables)]
     changed = True
     while changed:
         changed = False
@@ -250,6 +254,8 @@ def _items(items: tuple) -> list[Any]:
 def _open_sinks(compiled: Compiled) -> dict:
     sinks = {}
     for pp in compiled.passes:
+        if isinstance(pp, AlgoPass):
+            continue
         for (kind, o), out in zip(pp.outputs, pp.plan.outputs):
             if kind == "target" and o.kind == "path" and id(o) not in sinks:
                 sinks[id(o)] = open_sink(o, out.chunks[pp.plan.axis][0])
@@ -333,10 +339,14 @@ def run(*items: Any, **settings: Any) -> RunResult:
     if tracemalloc.is_tracing():
         report.traced_start = tracemalloc.get_traced_memory()[0]
     try:
-        for pp in compiled.passes:
-            env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
+        for k, pp in enumerate(compiled.passes):
+            if isinstance(pp, AlgoPass):
+                env = _run_algo(k, pp, env, compiled, report, sampler)
+            else:
+                env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
     finally:
         sampler.stop()
+        _cleanup_tables(env)
     values = []
     for x in its:
         if isinstance(x, Scalar):
@@ -354,6 +364,61 @@ def run(*items: Any, **settings: Any) -> RunResult:
         if sc.uid in env and not isinstance(sc, Constant)
     }
     return RunResult(values, named, report)
+
+
+def _cleanup_tables(env: dict) -> None:
+    """Remove the spill files of the run's algorithm tables (the run is over)."""
+    from dask_sweep.dsl.algorithms import _TableValue
+
+    for v in env.values():
+        if isinstance(v, _TableValue):
+            v.cleanup()
+
+
+def _run_algo(
+    k: int,
+    ap: AlgoPass,
+    env: dict,
+    compiled: Compiled,
+    report: RunReport,
+    sampler: _Sampler,
+) -> dict:
+    """Run a table pass (one step in the report: its slabs run inside it)."""
+    from dask_sweep.dsl.algorithms import run_tables
+
+    t0 = time.perf_counter()
+    sampler.mark()
+    tracing = tracemalloc.is_tracing()
+    if tracing:
+        tracemalloc.reset_peak()
+    value = run_tables(ap.tables, env, compiled.settings)
+    read = value.slabs_in.bytes_read
+    rss = max(0, sampler.mark() - report.rss_start - report.result_bytes)
+    traced = tracemalloc.get_traced_memory()[1] - report.traced_start if tracing else None
+    report.steps.append(
+        StepRecord(
+            ap.index,
+            0,
+            (0, ap.plan.shape[0]),
+            time.perf_counter() - t0,
+            read,
+            ap.projected_peak,
+            0,
+            rss,
+            ap.read_bytes,
+            traced,
+        )
+    )
+    report.input_bytes = max(report.input_bytes, ap.input_bytes)
+    report.bytes_read += read
+    if read != ap.read_bytes:
+        report.notes.append(
+            f"{ap.tables.label}: read {format_bytes(read)}, projected "
+            f"{format_bytes(ap.read_bytes)}"
+        )
+    env = dict(env)
+    env[ap.tables.uid] = value
+    return evaluate_scalars(env, {}, compiled.scalars)
 
 
 def _run_pass(
@@ -480,6 +545,15 @@ def _advance_env(env: dict, reductions: list, scalars: list, axis: int, *blocks:
     return evaluate_scalars(env, totals, scalars)
 
 
+def _advance_tables(env: dict, tables: Any, scalars: list, settings: Any) -> dict:
+    """The table pass as one task: the env with the tables (and scalars made of them)."""
+    from dask_sweep.dsl.algorithms import run_tables
+
+    env = dict(env)
+    env[tables.uid] = run_tables(tables, env, settings)
+    return evaluate_scalars(env, {}, scalars)
+
+
 def _get(env: dict, uid: int) -> Any:
     return env[uid]
 
@@ -520,8 +594,23 @@ def to_dask(*items: Any, **settings: Any):
     }
     deps[env_key] = set()
     out_of: dict[int, tuple[str, tuple]] = {}
-    for pp in compiled.passes:
-        tok = f"{token}-p{pp.index}"
+    for k, pp in enumerate(compiled.passes):
+        if isinstance(pp, AlgoPass):
+            new_env = f"dsl-env-{token}-tables{k}"
+            layers[new_env] = {
+                new_env: Task(
+                    new_env,
+                    _advance_tables,
+                    TaskRef(env_key),
+                    DataNode(None, pp.tables),
+                    DataNode(None, compiled.scalars),
+                    DataNode(None, compiled.settings),
+                )
+            }
+            deps[new_env] = {env_key}
+            env_key = new_env
+            continue
+        tok = f"{token}-p{k}"
         # output names unique per graph
         plan = replace(
             pp.plan,
@@ -569,12 +658,12 @@ def to_dask(*items: Any, **settings: Any):
             k = f"dsl-scalar-{token}-{x.uid}"
             layers[k] = {k: Task(k, _get, TaskRef(env_key), x.uid)}
             deps[k] = {env_key}
-            hlg = HighLevelGraph(_materialize(layers), deps)
+            hlg = HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
             results.append(Delayed(k, hlg))
             continue
         name, chunks = out_of[id(x)]
         if x.kind == "numpy":
-            hlg = HighLevelGraph(_materialize(layers), deps)
+            hlg = HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
             results.append(da.Array(hlg, name, chunks, dtype=x.stream.dtype))
         else:
             k = f"dsl-finalize-{token}-{id(x)}"
@@ -591,7 +680,7 @@ def to_dask(*items: Any, **settings: Any):
                     )
                 }
             deps[k] = {name}
-            results.append(Delayed(k, HighLevelGraph(_materialize(layers), deps)))
+            results.append(Delayed(k, HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})))
     return results[0] if len(results) == 1 else tuple(results)
 
 

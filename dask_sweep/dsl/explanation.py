@@ -13,6 +13,8 @@ Same form as :mod:`dask_sweep.explain` for the dask plugin, one block per pass::
 
 from __future__ import annotations
 
+from dask_sweep.dsl.algorithms import explain_lines
+from dask_sweep.dsl.compile import AlgoPass
 from dask_sweep.dsl.stages import Pointwise, Reduce, Window
 from dask_sweep.plan.ir import Kernel, Source
 from dask_sweep.utils import format_bytes
@@ -26,6 +28,7 @@ class Explanation:
 
     @property
     def plans(self):
+        """The sweep plan of every pass (a table pass's is an ndimage ``SweepPlan``)."""
         return [pp.plan for pp in self.compiled.passes]
 
     def lines(self) -> list[str]:
@@ -36,6 +39,29 @@ class Explanation:
         total_read = 0
         total_in = 0
         for pp in c.passes:
+            if isinstance(pp, AlgoPass):
+                p = pp.plan
+                rows = [b - a for a, b in p.slabs]
+                algo = pp.tables.algo
+                order = "last slab to first" if algo.name == "label" else "slabs in any order"
+                out.append(
+                    f"pass {pp.index} of {npasses}: {algo.name} table pass over "
+                    f"{tables_input(pp)} in {len(rows)} slabs of {min(rows)}-{max(rows)} "
+                    f"planes ({order}); its output is read, slab by slab, by the next passes"
+                )
+                out += explain_lines(pp.tables)
+                out.append(
+                    f"  projected peak {format_bytes(pp.projected_peak)} of "
+                    f"{format_bytes(p.budget)} budget ({100 * pp.projected_peak / p.budget:.0f}%)"
+                )
+                ratio = pp.read_bytes / pp.input_bytes if pp.input_bytes else float("nan")
+                out.append(
+                    f"  read {ratio:.2f} x input ({format_bytes(pp.read_bytes)} of "
+                    f"{format_bytes(pp.input_bytes)}); tables spilled only beyond the budget"
+                )
+                total_read += pp.read_bytes
+                total_in = max(total_in, pp.input_bytes)
+                continue
             plan, trace = pp.plan, pp.trace
             steps = plan.steps
             widths = [b - a for a, b in zip((0, *steps[:-1]), steps)]
@@ -113,7 +139,7 @@ class Explanation:
             total_in = max(total_in, pp.input_bytes)
         made = [x.label for x in c.scalars if x.ready_pass > 0 and not x.deps == ()]
         out.append(
-            f"schedule: {npasses} pass(es), separated by reductions; bytes read "
+            f"schedule: {npasses} pass(es), separated by reductions and table passes; bytes read "
             f"{format_bytes(total_read)} = {total_read / max(1, total_in):.2f} x input"
             + (f"; scalars: {', '.join(made)}" if made else "")
         )
@@ -132,3 +158,8 @@ class Explanation:
         import html
 
         return "<pre>" + html.escape(str(self)) + "</pre>"
+
+
+def tables_input(pp: AlgoPass) -> str:
+    """How a table pass names its input stream."""
+    return f"{pp.tables.stream.label!r} {pp.plan.shape} {pp.plan.dtype}"

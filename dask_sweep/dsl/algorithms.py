@@ -1,0 +1,680 @@
+"""Multi-pass algorithms in the DSL: connected components and the distance transform.
+
+Both have the shape of a reduction followed by an apply, except that their
+"scalar" is a set of per-slab *tables* and the apply needs the slab it was
+computed for::
+
+    level p:    x ─► (stages) ─► input ──► table pass (its own sweep over the
+                                            algorithm's slabs; label: backward)
+                                                  │ tables (luts / carry planes)
+    level p+1:  algorithm output = a source ◄─────┘  slab s: input slab s again,
+                      │                              local label / distances,
+                      └─► later stages, sinks        through table s
+
+The table pass and the apply each compute the input stream once per slab: the
+stream's stages run on the slab with their halos (:class:`StreamSlabs`), so a
+``gaussian → threshold → label`` pipeline reads the source twice in all and
+never stores the mask.  The slab work itself is :mod:`dask_sweep.ndimage`'s
+(``label``: local scipy labels, face pairs, link chain, numbering; EDT: the
+up/down scans and the in-plane envelopes), so results equal scipy's.
+
+Planning happens at compile time, from the budget, before any I/O: the
+algorithm's slabs (whole rows of the input's grid), its footprints, its
+tables' share of the budget (kept in memory up to what the passes leave,
+spilled to ``.npy`` files beyond), and what reading its output holds during
+the next pass (counted in that pass's plan).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from dask_sweep.dsl.core import Scalar, Stream
+from dask_sweep.errors import PlanError
+from dask_sweep.plan.ir import Source, Stage
+from dask_sweep.utils import format_bytes
+
+__all__ = ["StreamSlabs", "Tables", "distance_transform_edt", "label"]
+
+
+# --------------------------------------------------------------------------- input slabs
+
+
+class StreamSlabs:
+    """Planes ``[a, b)`` of a stream computed on their own, halos recomputed.
+
+    Each stage runs once per request over the hull of what its consumers need
+    (the request widened by the windows along every path), with the same
+    ``compute_planes`` the sweep uses, so the planes are the sweep's bits.
+    Intermediates are dropped after their last consumer.
+
+    Parameters
+    ----------
+    stages
+        The stream's lowered stages, topologically ordered (sources first).
+    root
+        Index of the stream's stage.
+    axis
+        The sweep axis.
+    threads
+        Threads for the stages' in-plane work.
+    """
+
+    def __init__(self, stages: list[Stage], root: int, axis: int, threads: int) -> None:
+        self.stages = list(stages)
+        self.root = root
+        self.axis = axis
+        self.threads = threads
+        self.n = stages[root].shape[axis]
+
+    def bind(self, env: dict) -> StreamSlabs:
+        """The evaluator with the scalars of earlier passes bound into its stages."""
+        st = [s.bind(env) if hasattr(s, "bind") else s for s in self.stages]
+        st = [_bind_source(s, env) if isinstance(s, Source) else s for s in st]
+        return StreamSlabs(st, self.root, self.axis, self.threads)
+
+    def needs(self, a: int, b: int) -> list[tuple[int, int] | None]:
+        """Per stage, the planes computed for a request ``[a, b)`` (None: not needed)."""
+        need: list[tuple[int, int] | None] = [None] * len(self.stages)
+        need[self.root] = (a, b)
+        for j in range(self.root, -1, -1):
+            if need[j] is None:
+                continue
+            ja, jb = need[j]
+            for pos, i in enumerate(self.stages[j].inputs):
+                lo, hi = self.stages[j].window(pos)
+                r = (max(0, ja - lo), min(self.n, jb + hi))
+                old = need[i]
+                need[i] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]))
+        return need
+
+    def lead(self) -> tuple[int, int]:
+        """Planes of the sources beyond a request that the stream reaches (behind, ahead)."""
+        mid = self.n // 2
+        need = self.needs(mid, mid + 1)
+        lo = max((mid - r[0] for r in need if r is not None), default=0)
+        hi = max((r[1] - mid - 1 for r in need if r is not None), default=0)
+        return lo, hi
+
+    def read_bytes(self, a: int, b: int) -> int:
+        """Bytes the sources read for a request ``[a, b)`` (whole rows)."""
+        total = 0
+        for j, r in enumerate(self.needs(a, b)):
+            st = self.stages[j]
+            if r is None or not isinstance(st, Source):
+                continue
+            r0, r1 = _rows(st.row_bounds, *r)
+            total += sum(st.bytes_per_row[r0:r1])
+        return total
+
+    def bytes_per_voxel(self) -> float:
+        """Bytes held per voxel of a request while it is computed (an upper bound).
+
+        Every stage's output, plus its temporaries (a kernel's ``temps``, one
+        for a pointwise expression), plus the concatenated rows of a source.
+        """
+        total = 0.0
+        for st in self.stages[: self.root + 1]:
+            item = np.dtype(st.dtype).itemsize
+            if isinstance(st, Source):
+                total += 2 * item
+            else:
+                total += item * (1 + float(getattr(st, "temps", 1.0)))
+        return total
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the sources' readers have returned so far."""
+        return sum(
+            getattr(st.reader, "bytes_read", 0) for st in self.stages if isinstance(st, Source)
+        )
+
+    def planes(self, a: int, b: int) -> np.ndarray:
+        """The stream's planes ``[a, b)`` along the sweep axis."""
+        need = self.needs(a, b)
+        users = [0] * len(self.stages)
+        for j, r in enumerate(need):
+            if r is not None:
+                for i in self.stages[j].inputs:
+                    users[i] += 1
+        vals: dict[int, np.ndarray] = {}
+        for j in range(self.root + 1):
+            if need[j] is None:
+                continue
+            st = self.stages[j]
+            ja, jb = need[j]
+            if isinstance(st, Source):
+                vals[j] = _read(st, ja, jb, self.axis)
+                continue
+            ins = []
+            for pos, i in enumerate(st.inputs):
+                lo, hi = st.window(pos)
+                ia, ib = max(0, ja - lo), min(self.n, jb + hi)
+                ins.append(_take(vals[i], ia - need[i][0], ib - need[i][0], self.axis))
+            vals[j] = st.compute_planes(ja, jb, self.axis, ins, self.threads, False)
+            del ins
+            for i in st.inputs:
+                users[i] -= 1
+                if users[i] == 0:
+                    vals.pop(i, None)
+        return vals[self.root]
+
+
+def _bind_source(st: Source, env: dict) -> Source:
+    from dataclasses import replace
+
+    if hasattr(st.reader, "bind"):
+        return replace(st, reader=st.reader.bind(env))
+    return st
+
+
+def _rows(rb: tuple[int, ...], a: int, b: int) -> tuple[int, int]:
+    """The rows of ``rb`` (boundaries) that cover ``[a, b)``."""
+    r0 = bisect.bisect_right(rb, a) - 1
+    r1 = bisect.bisect_left(rb, b)
+    return max(0, r0), max(r0 + 1, r1)
+
+
+def _take(x: np.ndarray, a: int, b: int, axis: int) -> np.ndarray:
+    idx = (slice(None),) * axis + (slice(a, b),)
+    return x[idx]
+
+
+def _read(st: Source, a: int, b: int, axis: int) -> np.ndarray:
+    r0, r1 = _rows(st.row_bounds, a, b)
+    parts = [np.asarray(st.reader.read_row(r, {})) for r in range(r0, r1)]
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+    del parts
+    return _take(x, a - st.row_bounds[r0], b - st.row_bounds[r0], axis)
+
+
+class _SlabIn:
+    """One slab of the input, in :mod:`dask_sweep.ndimage`'s reader form (``read()``)."""
+
+    inline = True
+
+    def __init__(self, slabs: StreamSlabs, a: int, b: int) -> None:
+        self.slabs, self.a, self.b = slabs, a, b
+
+    def read(self, externals: Any = ()) -> np.ndarray:
+        return self.slabs.planes(self.a, self.b)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+class Tables(Scalar):
+    """The tables an algorithm's first pass makes: a "scalar" that later passes read.
+
+    Its value (set by the table pass, never by :func:`evaluate_scalars`) is
+    what the algorithm's output needs to turn a slab of the input into a slab
+    of the result.
+    """
+
+    def __init__(self, label: str, stream: Stream, algo: _Algorithm) -> None:
+        super().__init__(label, (), lambda: None, None, "o")
+        self.stream = stream
+        self.algo = algo
+
+    @property
+    def pass_index(self) -> int:
+        """The pass (level) of the input stream: the table pass runs after its sweep."""
+        return self.stream.level
+
+    @property
+    def ready_pass(self) -> int:
+        return self.pass_index + 1
+
+
+class _Prepared:
+    """An algorithm planned for one compile: its slabs, plan and input evaluator."""
+
+    def __init__(self, plan: Any, slabs_in: StreamSlabs, extra: dict) -> None:
+        self.plan = plan
+        self.slabs_in = slabs_in
+        self.extra = extra
+
+
+class _Algorithm:
+    """What an algorithm tells the compiler and the runners (label and EDT below)."""
+
+    name = "algorithm"
+    prepared: _Prepared | None = None
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    # -- planning
+    def prepare(self, axis: int, settings: Any) -> _Prepared:
+        """Plan the algorithm's slabs for these settings (no I/O)."""
+        from dask_sweep.dsl.compile import _walk_streams, lower_streams
+
+        if axis != 0:
+            raise PlanError(
+                f"dask_sweep.dsl: {self.name}() sweeps along axis 0 (its slabs are whole "
+                f"axis-0 rows); this pipeline runs along axis {axis}. Use axis=0."
+            )
+        order = _walk_streams([self.stream])
+        stages, index = lower_streams(order, axis, settings)
+        slabs_in = StreamSlabs(stages, index[id(self.stream)], axis, settings.threads)
+        grid = _common_rows(stages, self.stream.shape[axis])
+        lo, hi = slabs_in.lead()
+        plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
+        per_voxel = slabs_in.bytes_per_voxel()
+        halo = int(math.ceil((lo + hi) * plane * per_voxel))
+        plan, extra = self._plan(grid, per_voxel, halo, settings)
+        self.prepared = _Prepared(plan, slabs_in, extra)
+        return self.prepared
+
+    def _plan(self, chunks0, per_voxel, halo, settings):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the output stream's rows
+    def row_bounds(self) -> tuple[int, ...]:
+        slabs = self.prepared.plan.slabs
+        return tuple([0] + [b for _, b in slabs])
+
+    def bytes_per_row(self) -> tuple[int, ...]:
+        p = self.prepared
+        return tuple(p.slabs_in.read_bytes(a, b) for a, b in p.plan.slabs)
+
+    def held_bytes(self) -> int:
+        """Bytes reading the output holds beyond its planes: tables + one slab's work."""
+        return int(self.prepared.extra["held"])
+
+    # -- running
+    def tables(self, slabs_in: StreamSlabs, settings: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def apply(self, value: Any, s: int, a: int, b: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _common_rows(stages: list[Stage], n: int) -> tuple[int, ...]:
+    """Row heights on which every source of the input has a row boundary."""
+    cuts = None
+    for st in stages:
+        if isinstance(st, Source):
+            c = set(st.row_bounds)
+            cuts = c if cuts is None else cuts & c
+    bounds = sorted((cuts or {0, n}) | {0, n})
+    return tuple(int(b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a) or (n,)
+
+
+class _TableValue:
+    """An algorithm's tables with the input evaluator bound to the run's scalars."""
+
+    def __init__(self, tables: Any, slabs_in: StreamSlabs, dirs: list[str]) -> None:
+        self.tables = tables
+        self.slabs_in = slabs_in
+        self.dirs = dirs  # spill directories, removed when the run ends
+
+    def cleanup(self) -> None:
+        from dask_sweep.ndimage import _spill
+
+        for d in self.dirs:
+            _spill.remove_tree(d)
+
+
+class AlgoSource:
+    """The source spec of an algorithm's output stream (see :mod:`dask_sweep.dsl.sources`)."""
+
+    kind = "algorithm"
+
+    def __init__(self, algo: _Algorithm, tables: Tables) -> None:
+        self.algo = algo
+        self.tables = tables
+        self.desc = f"{algo.name} of {algo.stream.label}, slab by slab through its tables"
+
+    def row_bounds(self, axis: int) -> tuple[int, ...]:
+        return self.algo.row_bounds()
+
+    def bytes_per_row(self, axis: int) -> tuple[int, ...]:
+        return self.algo.bytes_per_row()
+
+    def held_bytes(self) -> int:
+        return self.algo.held_bytes()
+
+    def reader(self, axis: int) -> AlgoRows:
+        return AlgoRows(self.algo, self.tables.uid, self.row_bounds(axis), None)
+
+
+class AlgoRows:
+    """Rows (= the algorithm's slabs) of its output, once its tables are bound."""
+
+    def __init__(self, algo: _Algorithm, uid: int, row_bounds: tuple, value: Any) -> None:
+        self.algo = algo
+        self.uid = uid
+        self.row_bounds = row_bounds
+        self.value = value
+        self.read0 = value.slabs_in.bytes_read if value is not None else 0
+
+    def bind(self, env: dict) -> AlgoRows:
+        return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid])
+
+    @property
+    def bytes_read(self) -> int:
+        return 0 if self.value is None else self.value.slabs_in.bytes_read - self.read0
+
+    def read_row(self, r: int, externals: dict) -> np.ndarray:
+        if self.value is None:  # pragma: no cover - guarded by the runner
+            raise RuntimeError(f"{self.algo.name}: output read before its table pass ran")
+        a, b = self.row_bounds[r], self.row_bounds[r + 1]
+        return self.algo.apply(self.value, r, a, b)
+
+
+def run_tables(tables: Tables, env: dict, settings: Any) -> _TableValue:
+    """The table pass: the algorithm's first sweep over its input, bound to ``env``."""
+    algo = tables.algo
+    slabs_in = algo.prepared.slabs_in.bind(env)
+    value, dirs = algo.tables(slabs_in, settings)
+    return _TableValue(value, slabs_in, dirs)
+
+
+# --------------------------------------------------------------------------- label
+
+
+def _label_module():
+    # the package re-exports the function ``label`` under the module's name
+    import importlib
+
+    return importlib.import_module("dask_sweep.ndimage.label")
+
+
+class _Label(_Algorithm):
+    name = "label"
+
+    def __init__(self, stream: Stream, structure: np.ndarray, out_dtype: np.dtype) -> None:
+        super().__init__(stream)
+        self.structure = structure
+        self.out_dtype = out_dtype
+
+    def _plan(self, chunks0, per_voxel, halo, settings):
+        L = _label_module()
+
+        plan, _, _ = L.plan_stream(
+            self.stream.shape,
+            self.stream.dtype,
+            chunks0,
+            self.structure,
+            self.out_dtype,
+            settings,
+            per_voxel,
+            halo,
+            func=f"dsl label({self.stream.label})",
+        )
+        # Tables kept in memory: at most half of what the passes leave (they stay during
+        # the next pass, which needs room for its own stages), at most the worst case of
+        # the lookup tables (one label per two voxels).
+        voxels = int(np.prod(self.stream.shape, dtype=np.int64))
+        worst = self.out_dtype.itemsize * (voxels // 2 + len(plan.slabs))
+        keep = min(L._reserve(plan) // 2, worst)
+        plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
+        rows = plan.max_rows
+        # reading one slab of the output: the relabel pass's per-voxel bytes for one slab,
+        # less the output planes the next pass counts itself, plus the halo
+        relabel = plan.passes[1]
+        held = (relabel.per_voxel - self.out_dtype.itemsize) * rows * plane + halo + keep
+        return plan, {"reserve": keep, "held": int(max(0, held))}
+
+    def tables(self, slabs_in: StreamSlabs, settings: Any):
+        import os
+
+        L = _label_module()
+
+        plan = self.prepared.plan
+        readers = [_SlabIn(slabs_in, a, b) for a, b in plan.slabs]
+        res = L._resolve(
+            readers,
+            self.structure,
+            self.out_dtype,
+            self.prepared.extra["reserve"],
+            L._block(settings.memory_limit),
+            settings.threads,
+            settings.tune_malloc,
+        )
+        dirs = sorted({os.path.dirname(x) for x in res.luts if isinstance(x, str)})
+        return res, dirs
+
+    def apply(self, value: _TableValue, s: int, a: int, b: int) -> np.ndarray:
+        from dask_sweep.ndimage import _spill
+
+        L = _label_module()
+
+        x = value.slabs_in.planes(a, b)
+        mask = x if x.dtype == bool else x != 0
+        del x
+        lut = _spill.load(value.tables.luts[s])
+        return L.relabel(mask, self.structure, lut, s, self.out_dtype)
+
+
+def label(stream: Any, structure: Any = None, *, output: Any = None) -> tuple[Stream, Scalar]:
+    """Connected components of a stream, like :func:`scipy.ndimage.label`, in two passes.
+
+    Parameters
+    ----------
+    stream
+        A :class:`Stream` (or anything :func:`dask_sweep.dsl.source` accepts);
+        nonzero values are features.
+    structure
+        Connectivity, shape ``(3,) * ndim``, symmetric; default faces only.
+    output
+        Integer dtype of the labels (default ``int32``, as scipy).
+
+    Returns
+    -------
+    labels : Stream
+        Identical to scipy's labels of the stream (same raster-order numbering);
+        a stream of the next level, usable by later stages and targets.
+    num_features : Scalar
+        The number of components, known after the table pass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dask_sweep import dsl
+    >>> lab, n = dsl.label(dsl.source(np.array([[1, 0, 1], [1, 0, 0]])))
+    >>> r = dsl.run(lab, n)
+    >>> r.values[0].tolist(), r.values[1]
+    ([[1, 0, 2], [1, 0, 0]], 2)
+    """
+    from dask_sweep.dsl.sources import source
+    from dask_sweep.ndimage import _label_kernels as K
+    from dask_sweep.ndimage.label import _normalize_output, normalize_structure
+
+    s = source(stream)
+    st = normalize_structure(structure, s.ndim)
+    out = _normalize_output(output)
+    if s.ndim <= 3:
+        K.warm()  # compile the face kernel now, not inside a pass's budget
+    algo = _Label(s, st, out)
+    tables = Tables(f"label-tables({s.label})", s, algo)
+    spec = AlgoSource(algo, tables)
+    labels = Stream(
+        "source",
+        f"label({s.label})",
+        (),
+        s.shape,
+        out,
+        (0, int(np.iinfo(out).max)),
+        scalars=(tables,),
+        source=spec,
+    )
+    num = Scalar(f"num_features({s.label})", (tables,), lambda v: int(v.tables.num), None, "i")
+    return labels, num
+
+
+# --------------------------------------------------------------------------- EDT
+
+
+class _EDT(_Algorithm):
+    name = "distance_transform_edt"
+
+    def __init__(self, stream: Stream, sampling: tuple[float, ...]) -> None:
+        super().__init__(stream)
+        self.sampling = sampling
+
+    def _plan(self, chunks0, per_voxel, halo, settings):
+        from dask_sweep.ndimage import edt as E
+
+        plan = E.plan_stream(
+            self.stream.shape,
+            self.stream.dtype,
+            chunks0,
+            self.sampling,
+            settings,
+            per_voxel,
+            halo,
+            func=f"dsl distance_transform_edt({self.stream.label})",
+        )
+        plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
+        tables = 2 * 4 * plane * len(plan.slabs)
+        keep = min(tables, max(0, plan.budget - plan.projected_peak) // 2)
+        dist = plan.passes[1]
+        rows = plan.max_rows
+        # one slab's work beyond its output planes (counted by the next pass), the
+        # carries and line buffers (the fixed part less the runtime overhead), the tables
+        held = (dist.per_voxel - 8) * rows * plane + dist.fixed - settings.runtime_overhead + keep
+        return plan, {"reserve": keep, "held": int(max(0, held))}
+
+    def tables(self, slabs_in: StreamSlabs, settings: Any):
+        from dask_sweep.ndimage import _spill
+        from dask_sweep.ndimage import edt as E
+
+        plan = self.prepared.plan
+        slabs = plan.slabs
+        plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
+
+        def edges(ab: tuple[int, int]):
+            x = slabs_in.planes(*ab)
+            fg = np.ascontiguousarray(x if x.dtype == bool else x != 0)
+            fg = fg.reshape(ab[1] - ab[0], -1)
+            del x
+            return E.slab_edges(fg)
+
+        n = len(slabs)
+        ups: list = [None] * n
+        downs: list = [None] * n
+        has_bg = False
+        threads = max(1, settings.threads)
+        with ThreadPoolExecutor(threads) as pool:
+            # `threads` slabs in flight (the pool's workers); only edge planes are kept
+            for s, (up, down) in enumerate(pool.map(edges, slabs)):
+                has_bg = has_bg or bool((up < E.INF).any())
+                ups[s], downs[s] = up, down
+        reserve = self.prepared.extra["reserve"]
+        kept, sdir = 0, None
+        F: list = [None] * n
+        B: list = [None] * n
+        carry = None
+        for s, (a, b) in enumerate(slabs):  # forward: up-distance at each slab's last row
+            carry = E.chain_edges(carry, ups[s], b - a, plane)
+            ups[s] = None
+            F[s], kept, sdir = _spill.keep_or_spill(
+                carry, kept, reserve, sdir, "edt", f"F-{s:08d}.npy"
+            )
+        carry = None
+        for s in range(n - 1, -1, -1):  # backward: down-distance at each slab's first row
+            a, b = slabs[s]
+            carry = E.chain_edges(carry, downs[s], b - a, plane)
+            downs[s] = None
+            B[s], kept, sdir = _spill.keep_or_spill(
+                carry, kept, reserve, sdir, "edt", f"B-{s:08d}.npy"
+            )
+        return (F, B, has_bg), [sdir] if sdir else []
+
+    def apply(self, value: _TableValue, s: int, a: int, b: int) -> np.ndarray:
+        from dask_sweep.ndimage import _spill
+        from dask_sweep.ndimage import edt as E
+
+        F, B, has_bg = value.tables
+        shape = self.stream.shape
+        plane = int(np.prod(shape[1:], dtype=np.int64))
+        none = np.full(plane, E.INF, dtype=np.int32)
+        f_in = _spill.load(F[s - 1]) if s > 0 else none
+        b_in = _spill.load(B[s + 1]) if s + 1 < len(B) else none
+        x = value.slabs_in.planes(a, b)
+        fg = np.ascontiguousarray(x if x.dtype == bool else x != 0).reshape(b - a, plane)
+        del x
+        scratch = np.empty(plane, dtype=np.int32)
+        threads = value.slabs_in.threads
+        return E.distances(fg, f_in, b_in, scratch, has_bg, a, self.sampling, shape, threads)
+
+
+def distance_transform_edt(stream: Any, sampling: Any = None) -> Stream:
+    """Exact Euclidean distance transform of a stream, like scipy's, in two passes.
+
+    Parameters
+    ----------
+    stream
+        A :class:`Stream` (or anything :func:`dask_sweep.dsl.source` accepts);
+        zeros are background.
+    sampling
+        Voxel spacing per axis (a scalar applies to all axes).
+
+    Returns
+    -------
+    Stream
+        float64 distances, equal to :func:`scipy.ndimage.distance_transform_edt`
+        up to rounding; a stream of the next level.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dask_sweep import dsl
+    >>> dsl.distance_transform_edt(dsl.source(np.array([[0, 1, 1, 1]]))).run().value.tolist()
+    [[0.0, 1.0, 2.0, 3.0]]
+    """
+    from dask_sweep.dsl.sources import source
+    from dask_sweep.ndimage.edt import normalize_sampling
+
+    s = source(stream)
+    samp = normalize_sampling(sampling, s.ndim)
+    _warm_edt(len(samp))
+    algo = _EDT(s, samp)
+    tables = Tables(f"edt-tables({s.label})", s, algo)
+    diag = math.sqrt(sum(((n + 1) * d) ** 2 for n, d in zip(s.shape, samp)))
+    return Stream(
+        "source",
+        f"distance_transform_edt({s.label})",
+        (),
+        s.shape,
+        np.float64,
+        (0.0, diag),
+        scalars=(tables,),
+        source=AlgoSource(algo, tables),
+    )
+
+
+def _warm_edt(ndim: int) -> None:
+    """Compile the EDT kernels now (on a tiny slab), not inside a pass's budget."""
+    from dask_sweep.ndimage import edt as E
+
+    shape = (3,) * ndim
+    fg = np.ones((3, 3 ** (ndim - 1)), dtype=bool)
+    fg[1, 0] = False
+    up, down = E.slab_edges(fg)
+    E.distances(fg, up, down, np.empty_like(up), True, 0, (1.0,) * ndim, shape, 1)
+
+
+def explain_lines(tables: Tables) -> list[str]:
+    """``explain`` lines of a table pass (indented under its pass header)."""
+    p = tables.algo.prepared
+    lo, hi = p.slabs_in.lead()
+    names = [st.label for st in p.slabs_in.stages[: p.slabs_in.root + 1]]
+    out = [
+        f"  input {tables.stream.label!r} computed per slab from stages {' -> '.join(names)}"
+        + (f" (halo -{lo}/+{hi} planes recomputed)" if lo or hi else ""),
+    ]
+    out += ["  " + line for line in str(p.plan).splitlines()]
+    out.append(
+        f"  tables kept in memory up to {format_bytes(p.extra['reserve'])} (spilled beyond); "
+        f"reading the output holds {format_bytes(p.extra['held'])} beyond its planes in the "
+        "next pass (counted there)"
+    )
+    return out

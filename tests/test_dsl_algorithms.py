@@ -1,0 +1,252 @@
+"""Connected components and the distance transform written in the DSL, against scipy."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+
+from dask_sweep import dsl
+from dask_sweep.errors import BudgetError, PlanError, SweepConfigError
+
+BUDGET = "48MiB"
+
+
+def blobs(shape, seed=0, sigma=1.5, frac=0.5, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    x = ndi.gaussian_filter(rng.random(shape), sigma)
+    x = (x - x.min()) / max(1e-12, np.ptp(x))
+    out = (x * 255).astype(np.uint8)
+    out[x < np.quantile(x, 1 - frac)] = 0
+    return out.astype(dtype)
+
+
+def thin(shape, itemsize=1, planes=3):
+    """``target_slab_bytes`` that cuts the input into slabs of a few planes."""
+    return int(np.prod(shape[1:])) * itemsize * planes
+
+
+# --------------------------------------------------------------------------- label
+
+
+@pytest.mark.parametrize(
+    "shape,structure",
+    [
+        ((40, 17, 23), None),
+        ((40, 17, 23), np.ones((3, 3, 3), bool)),
+        ((31, 29), None),
+        ((31, 29), np.ones((3, 3), bool)),
+        ((57,), None),
+        ((9, 6, 7, 5), None),
+    ],
+)
+@pytest.mark.parametrize("planes", [1, 3, 1000])
+def test_label_equals_scipy(shape, structure, planes):
+    vol = blobs(shape, seed=len(shape) + planes)
+    lab, n = dsl.label(dsl.source(vol), structure)
+    r = dsl.run(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(shape, 1, planes))
+    ref, rn = ndi.label(vol, structure)
+    assert r.values[1] == rn
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[0].dtype == ref.dtype
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint16, np.float32, np.int8])
+def test_label_dtypes_and_output(dtype):
+    vol = blobs((30, 20, 20), seed=3).astype(dtype)
+    lab, n = dsl.label(dsl.source(vol), output=np.int64)
+    r = dsl.run(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 4))
+    ref, rn = ndi.label(vol)
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[0].dtype == np.int64 and r.values[1] == rn
+
+
+def test_denoise_threshold_label_pipeline():
+    """gaussian -> otsu threshold -> label: 3 passes, the mask is never stored."""
+    vol = blobs((48, 24, 24), seed=5, frac=0.9)
+    g = dsl.source(vol).gaussian(1.0)
+    t = dsl.otsu(g)
+    lab, n = dsl.label(g > t, np.ones((3, 3, 3)))
+    biggest = dsl.max(lab)
+    r = dsl.run(lab, n, biggest, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 12))
+    sm = ndi.gaussian_filter(vol, 1.0)
+    ref, rn = ndi.label(sm > r.scalars[t.label], np.ones((3, 3, 3)))
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[1] == rn == r.values[2]
+    assert r.report.passes == 3
+
+
+def test_labels_feed_later_stages_and_sinks(tmp_path):
+    vol = blobs((36, 20, 22), seed=7)
+    lab, n = dsl.label(dsl.source(vol))
+    size = (lab > 0).astype(np.uint8).uniform(3)
+    out = str(tmp_path / "labels.zarr")
+    r = dsl.run(lab.to(out), size, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape))
+    ref, rn = ndi.label(vol)
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_array(out)[:], ref)
+    np.testing.assert_array_equal(r.values[1], ndi.uniform_filter((ref > 0).astype(np.uint8), 3))
+    assert r.values[2] == rn
+
+
+def test_label_reads_input_once_per_pass():
+    vol = blobs((64, 32, 32), seed=11)
+    lab, n = dsl.label(dsl.source(vol) > 0)
+    r = dsl.run(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
+    assert r.report.passes == 2
+    assert r.report.bytes_read == 2 * vol.nbytes
+    assert not r.report.notes  # measured reads equal the projection
+
+
+def test_label_halo_reads_are_projected():
+    vol = blobs((64, 32, 32), seed=12)
+    lab, _ = dsl.label(dsl.source(vol).gaussian(1) > 60)
+    c = dsl.explain(lab, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
+    assert "halo -4/+4" in str(c)
+    r = dsl.run(lab, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
+    assert not r.report.notes
+    assert 2 * vol.nbytes < r.report.bytes_read < 4 * vol.nbytes
+
+
+def test_label_to_dask_equals_run():
+    vol = blobs((33, 18, 19), seed=13)
+    lab, n = dsl.label(dsl.source(vol).median(size=3) > 0)
+    kw = dict(memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 5))
+    a, b = dask.compute(*dsl.to_dask(lab, n, **kw))
+    r = dsl.run(lab, n, **kw)
+    np.testing.assert_array_equal(a, r.values[0])
+    assert b == r.values[1]
+    ref, rn = ndi.label(ndi.median_filter(vol, size=3) > 0)
+    np.testing.assert_array_equal(a, ref)
+
+
+def test_label_spills_tables_beyond_budget(tmp_path):
+    """With no room for tables they go to .npy files, are read back, and removed."""
+    vol = (np.random.default_rng(1).random((40, 30, 30)) > 0.85).astype(np.uint8)  # many labels
+    lab, n = dsl.label(dsl.source(vol))
+    kw = dict(target_slab_bytes=thin(vol.shape, 1, 2))
+    limit = 48 << 20
+    for _ in range(6):  # the passes' footprint depends a little on the budget
+        peak = dsl.explain(lab, memory_limit=limit, **kw).compiled.passes[0].projected_peak
+        limit = peak + 16_000  # the passes fit; 8 kB for tables, fewer than there are
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        c = dsl.explain(lab, memory_limit=limit, **kw)
+        assert c.compiled.passes[0].tables.algo.prepared.extra["reserve"] <= 8_000
+        r = dsl.run(lab, n, memory_limit=limit, **kw)
+        assert r.values[1] * 4 > 8_000  # the tables did not fit
+    from dask_sweep.ndimage._spill import REGISTRY
+
+    spilled = [c for d, c in REGISTRY._counters.items() if d.startswith(str(tmp_path))]
+    assert spilled and all(c.bytes_written == c.bytes_read > 0 for c in spilled)
+    ref, rn = ndi.label(vol)
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[1] == rn
+    assert os.listdir(tmp_path) == []  # spill directories removed at the end of the run
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=hst.tuples(hst.integers(1, 24), hst.integers(1, 9), hst.integers(1, 9)),
+    planes=hst.integers(1, 6),
+    full=hst.booleans(),
+    seed=hst.integers(0, 10_000),
+    frac=hst.floats(0.05, 0.95),
+)
+def test_label_property(shape, planes, full, seed, frac):
+    vol = np.random.default_rng(seed).random(shape) < frac
+    st = np.ones((3, 3, 3), bool) if full else None
+    lab, n = dsl.label(dsl.source(vol), st)
+    r = dsl.run(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(shape, 1, planes))
+    ref, rn = ndi.label(vol, st)
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[1] == rn
+
+
+# --------------------------------------------------------------------------- EDT
+
+
+@pytest.mark.parametrize(
+    "shape,sampling",
+    [
+        ((40, 17, 23), None),
+        ((40, 17, 23), (2.0, 1.0, 0.5)),
+        ((31, 29), (0.7, 1.3)),
+        ((57,), 2.0),
+    ],
+)
+@pytest.mark.parametrize("planes", [1, 4, 1000])
+def test_edt_equals_scipy(shape, sampling, planes):
+    vol = blobs(shape, seed=planes, frac=0.8)
+    e = dsl.distance_transform_edt(dsl.source(vol), sampling)
+    r = dsl.run(e, memory_limit=BUDGET, target_slab_bytes=thin(shape, 1, planes))
+    ref = ndi.distance_transform_edt(vol, sampling=sampling)
+    np.testing.assert_allclose(r.value, ref, rtol=1e-12, atol=0)
+    assert r.value.dtype == np.float64
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_edt_all_or_no_background(fill):
+    vol = np.full((12, 5, 6), fill, np.uint8)
+    e = dsl.distance_transform_edt(dsl.source(vol), (1.5, 1, 1))
+    r = dsl.run(e, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 2))
+    np.testing.assert_allclose(
+        r.value, ndi.distance_transform_edt(vol, sampling=(1.5, 1, 1)), rtol=1e-12
+    )
+
+
+def test_edt_of_a_pipeline_and_downstream(tmp_path):
+    vol = blobs((44, 20, 24), seed=21, frac=0.7)
+    mask = dsl.source(vol).gaussian(1) > 40
+    e = dsl.distance_transform_edt(mask, (2, 1, 1))
+    core = e > 2.5
+    kw = dict(memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 6))
+    r = dsl.run(e, core, **kw)
+    ref = ndi.distance_transform_edt(ndi.gaussian_filter(vol, 1) > 40, sampling=(2, 1, 1))
+    np.testing.assert_allclose(r.values[0], ref, rtol=1e-12)
+    np.testing.assert_array_equal(r.values[1], ref > 2.5)
+    (d,) = dask.compute(dsl.to_dask(e, **kw))
+    np.testing.assert_allclose(d, ref, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_budget_too_small_fails_before_io(tmp_path):
+    vol = blobs((40, 64, 64), seed=1)
+    lab, _ = dsl.label(dsl.source(vol).gaussian(2) > 10)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(BudgetError, match="label"):
+        dsl.run(lab.to(str(out)), memory_limit="9MiB")
+    assert not out.exists()
+
+
+def test_bad_structure_and_sampling_fail_when_built():
+    s = dsl.source(np.zeros((4, 5, 6), np.uint8))
+    with pytest.raises(SweepConfigError, match="structure"):
+        dsl.label(s, np.ones((3, 3)))
+    with pytest.raises(SweepConfigError, match="sampling"):
+        dsl.distance_transform_edt(s, (1, 2))
+    with pytest.raises(SweepConfigError, match="output"):
+        dsl.label(s, output=np.float32)
+
+
+def test_other_sweep_axis_is_refused():
+    lab, _ = dsl.label(dsl.source(np.zeros((4, 5, 6), np.uint8)))
+    with pytest.raises(PlanError, match="axis 0"):
+        dsl.explain(lab, axis=1)
+
+
+def test_explain_shows_table_pass():
+    vol = blobs((32, 16, 16))
+    lab, n = dsl.label(dsl.source(vol) > 0)
+    e = str(dsl.explain(lab, n, memory_limit=BUDGET))
+    assert "pass 0 of 2: label table pass" in e
+    assert "last slab to first" in e
+    assert "pass 1 of 2: sweep" in e
+    assert "bytes read" in e and "2.00 x input" in e

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from dask_sweep.dsl.core import Scalar, Stream
-from dask_sweep.errors import PlanError
+from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.utils import format_bytes
 
@@ -112,20 +113,36 @@ class StreamSlabs:
             total += sum(st.bytes_per_row[r0:r1])
         return total
 
-    def bytes_per_voxel(self) -> float:
-        """Bytes held per voxel of a request while it is computed (an upper bound).
+    def cost(self) -> tuple[float, int]:
+        """``(bytes per voxel of a request, fixed bytes)`` held while it is computed.
 
-        Every stage's output, plus its temporaries (a kernel's ``temps``, one
-        for a pointwise expression), plus the concatenated rows of a source.
+        Stage ``j`` computes the request's planes plus its hull beyond them (the
+        windows downstream of it), holding its output and its temporaries (a
+        kernel's ``temps``, one for a pointwise expression; a source's rows and
+        their concatenation): the per-voxel part is summed over the stages, the
+        hull planes give the fixed part.  An upper bound: intermediates are
+        dropped after their last consumer.
         """
-        total = 0.0
-        for st in self.stages[: self.root + 1]:
+        mid = self.n // 2
+        need = self.needs(mid, mid + 1)
+        plane = 1
+        for d, m in enumerate(self.stages[self.root].shape):
+            if d != self.axis:
+                plane *= m
+        per_voxel = 0.0
+        fixed = 0.0
+        for st, r in zip(self.stages[: self.root + 1], need):
+            if r is None:
+                continue
             item = np.dtype(st.dtype).itemsize
-            if isinstance(st, Source):
-                total += 2 * item
-            else:
-                total += item * (1 + float(getattr(st, "temps", 1.0)))
-        return total
+            c = (
+                2.0 * item
+                if isinstance(st, Source)
+                else item * (1 + float(getattr(st, "temps", 1.0)))
+            )
+            per_voxel += c
+            fixed += c * (r[1] - r[0] - 1) * plane
+        return per_voxel, int(math.ceil(fixed))
 
     @property
     def bytes_read(self) -> int:
@@ -134,8 +151,12 @@ class StreamSlabs:
             getattr(st.reader, "bytes_read", 0) for st in self.stages if isinstance(st, Source)
         )
 
-    def planes(self, a: int, b: int) -> np.ndarray:
-        """The stream's planes ``[a, b)`` along the sweep axis."""
+    def planes(self, a: int, b: int, counter: list | None = None) -> np.ndarray:
+        """The stream's planes ``[a, b)`` along the sweep axis.
+
+        ``counter``: a list the bytes read by the sources are appended to (the
+        readers count them too, but not per request when requests overlap).
+        """
         need = self.needs(a, b)
         users = [0] * len(self.stages)
         for j, r in enumerate(need):
@@ -149,7 +170,9 @@ class StreamSlabs:
             st = self.stages[j]
             ja, jb = need[j]
             if isinstance(st, Source):
-                vals[j] = _read(st, ja, jb, self.axis)
+                vals[j], nbytes = _read(st, ja, jb, self.axis)
+                if counter is not None:
+                    counter.append(nbytes)
                 continue
             ins = []
             for pos, i in enumerate(st.inputs):
@@ -185,12 +208,14 @@ def _take(x: np.ndarray, a: int, b: int, axis: int) -> np.ndarray:
     return x[idx]
 
 
-def _read(st: Source, a: int, b: int, axis: int) -> np.ndarray:
+def _read(st: Source, a: int, b: int, axis: int) -> tuple[np.ndarray, int]:
+    """Planes ``[a, b)`` of a source (whole rows read) and the bytes read."""
     r0, r1 = _rows(st.row_bounds, a, b)
     parts = [np.asarray(st.reader.read_row(r, {})) for r in range(r0, r1)]
+    nbytes = sum(p.nbytes for p in parts)
     x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
     del parts
-    return _take(x, a - st.row_bounds[r0], b - st.row_bounds[r0], axis)
+    return _take(x, a - st.row_bounds[r0], b - st.row_bounds[r0], axis), nbytes
 
 
 class _SlabIn:
@@ -245,13 +270,18 @@ class _Algorithm:
 
     name = "algorithm"
     prepared: _Prepared | None = None
+    store: SpillStore | None = None  # the input, stored once when recomputing costs halos
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
     # -- planning
-    def prepare(self, axis: int, settings: Any) -> _Prepared:
-        """Plan the algorithm's slabs for these settings (no I/O)."""
+    def prepare(self, axis: int, settings: Any, share: float = 1.0) -> _Prepared:
+        """Plan the algorithm's slabs for these settings (no I/O).
+
+        ``share``: the fraction of the budget the slabs are sized for (the
+        compiler lowers it when the pass reading the output does not fit).
+        """
         from dask_sweep.dsl.compile import _walk_streams, lower_streams
 
         if axis != 0:
@@ -262,16 +292,40 @@ class _Algorithm:
         order = _walk_streams([self.stream])
         stages, index = lower_streams(order, axis, settings)
         slabs_in = StreamSlabs(stages, index[id(self.stream)], axis, settings.threads)
+        self.store = None
+        if slabs_in.lead() != (0, 0):
+            # Windows upstream: computing the input per slab would recompute (and re-read)
+            # their halos in both passes.  Store it once instead, written by the sweep of
+            # its level (rings, no halo work), and let both passes read it back.
+            rows = _store_rows(self.stream, settings)
+            self.store = SpillStore(self.stream.shape, self.stream.dtype, rows)
+            stored = Stream(
+                "source",
+                f"{self.stream.label} (stored)",
+                (),
+                self.stream.shape,
+                self.stream.dtype,
+                self.stream.vrange,
+                source=SpillSpec(self.store),
+            )
+            stages, index = lower_streams([stored], axis, settings)
+            slabs_in = StreamSlabs(stages, index[id(stored)], axis, settings.threads)
         grid = _common_rows(stages, self.stream.shape[axis])
-        lo, hi = slabs_in.lead()
-        plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
-        per_voxel = slabs_in.bytes_per_voxel()
-        halo = int(math.ceil((lo + hi) * plane * per_voxel))
-        plan, extra = self._plan(grid, per_voxel, halo, settings)
+        per_voxel, halo = slabs_in.cost()
+        slab_budget = max(1, int(settings.memory_limit * share))
+        try:
+            plan, extra = self._plan(grid, per_voxel, halo, settings, slab_budget)
+        except BudgetError:
+            if set(grid) == {1}:
+                raise
+            # slabs thinner than the source's rows: those rows are then read by more
+            # than one slab (the projection counts it), but the budget holds
+            fine = (1,) * self.stream.shape[axis]
+            plan, extra = self._plan(fine, per_voxel, halo, settings, slab_budget)
         self.prepared = _Prepared(plan, slabs_in, extra)
         return self.prepared
 
-    def _plan(self, chunks0, per_voxel, halo, settings):  # pragma: no cover - abstract
+    def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):  # pragma: no cover
         raise NotImplementedError
 
     # -- the output stream's rows
@@ -291,7 +345,10 @@ class _Algorithm:
     def tables(self, slabs_in: StreamSlabs, settings: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def apply(self, value: Any, s: int, a: int, b: int) -> np.ndarray:  # pragma: no cover
+    def apply(
+        self, value: Any, s: int, a: int, b: int, counter: list
+    ) -> np.ndarray:  # pragma: no cover - abstract
+        """Output slab ``s`` = rows ``[a, b)``; bytes read are appended to ``counter``."""
         raise NotImplementedError
 
 
@@ -304,6 +361,87 @@ def _common_rows(stages: list[Stage], n: int) -> tuple[int, ...]:
             cuts = c if cuts is None else cuts & c
     bounds = sorted((cuts or {0, n}) | {0, n})
     return tuple(int(b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a) or (n,)
+
+
+def _store_rows(stream: Stream, settings: Any) -> int:
+    """Planes per chunk of a stored input: fine enough for any slab the budget allows."""
+    plane = int(np.prod(stream.shape[1:], dtype=np.int64)) * stream.dtype.itemsize
+    cap = min(settings.target_slab_bytes // 8, settings.memory_limit // 128)
+    return int(max(1, min(stream.shape[0], cap // max(1, plane))))
+
+
+class SpillStore:
+    """An algorithm's input stored once: a Zarr array under dask's temporary directory.
+
+    The path is chosen now (nothing is created: ``explain`` writes nothing); the
+    array is created by the first write, by whichever process makes it, and
+    removed when the run ends.  Only the path travels (picklable).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, rows: int) -> None:
+        from dask_sweep.ndimage import _spill
+
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.chunks = (rows, *self.shape[1:])
+        self.path = _spill.new_dir("dsl-input") + ".zarr"
+        self._z = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_z": None}
+
+    def _array(self, mode: str):
+        import zarr
+
+        if self._z is None:
+            if mode == "r":
+                self._z = zarr.open_array(self.path, mode="r")
+            else:
+                self._z = zarr.open_array(
+                    self.path, mode="a", shape=self.shape, chunks=self.chunks, dtype=self.dtype
+                )
+        return self._z
+
+    def __setitem__(self, idx: Any, value: np.ndarray) -> None:
+        self._array("a")[idx] = value
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        return self._array("r")[a:b]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class SpillSpec:
+    """Source spec of a :class:`SpillStore` (rows: its chunk rows)."""
+
+    kind = "stored"
+
+    def __init__(self, store: SpillStore) -> None:
+        self.store = store
+        self.desc = f"stored once in {os.path.basename(store.path)}"
+
+    def row_bounds(self, axis: int) -> tuple[int, ...]:
+        n, r = self.store.shape[0], self.store.chunks[0]
+        return tuple(sorted({*range(0, n, r), n}))
+
+    def reader(self, axis: int) -> SpillRows:
+        return SpillRows(self.store, self.row_bounds(axis))
+
+
+class SpillRows:
+    """Rows of a stored input, counted like any source's."""
+
+    def __init__(self, store: SpillStore, row_bounds: tuple[int, ...]) -> None:
+        self.store = store
+        self.row_bounds = row_bounds
+        self.bytes_read = 0
+
+    def read_row(self, r: int, externals: dict) -> np.ndarray:
+        out = self.store.read(self.row_bounds[r], self.row_bounds[r + 1])
+        self.bytes_read += out.nbytes
+        return out
 
 
 class _TableValue:
@@ -341,31 +479,71 @@ class AlgoSource:
         return self.algo.held_bytes()
 
     def reader(self, axis: int) -> AlgoRows:
-        return AlgoRows(self.algo, self.tables.uid, self.row_bounds(axis), None)
+        ahead = self.algo.prepared.extra.get("ahead", 0)
+        return AlgoRows(self.algo, self.tables.uid, self.row_bounds(axis), None, ahead)
 
 
 class AlgoRows:
-    """Rows (= the algorithm's slabs) of its output, once its tables are bound."""
+    """Rows (= the algorithm's slabs) of its output, once its tables are bound.
 
-    def __init__(self, algo: _Algorithm, uid: int, row_bounds: tuple, value: Any) -> None:
+    Slabs are independent given the tables, so while the sweep consumes row ``r``
+    the next ``ahead`` rows are computed on worker threads (the algorithm's plan
+    counts that many slabs in flight).
+    """
+
+    def __init__(
+        self, algo: _Algorithm, uid: int, row_bounds: tuple, value: Any, ahead: int = 1
+    ) -> None:
         self.algo = algo
         self.uid = uid
         self.row_bounds = row_bounds
         self.value = value
-        self.read0 = value.slabs_in.bytes_read if value is not None else 0
+        self.ahead = ahead
+        self.delivered = 0  # bytes read for the rows returned so far
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None, "_futures": {}}
 
     def bind(self, env: dict) -> AlgoRows:
-        return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid])
+        return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid], self.ahead)
 
     @property
     def bytes_read(self) -> int:
-        return 0 if self.value is None else self.value.slabs_in.bytes_read - self.read0
+        """Bytes read for the rows returned so far (rows computed ahead count when returned)."""
+        return self.delivered
+
+    def _slab(self, r: int) -> tuple[np.ndarray, int]:
+        a, b = self.row_bounds[r], self.row_bounds[r + 1]
+        counter: list = []
+        out = self.algo.apply(self.value, r, a, b, counter)
+        return out, sum(counter)
 
     def read_row(self, r: int, externals: dict) -> np.ndarray:
         if self.value is None:  # pragma: no cover - guarded by the runner
             raise RuntimeError(f"{self.algo.name}: output read before its table pass ran")
-        a, b = self.row_bounds[r], self.row_bounds[r + 1]
-        return self.algo.apply(self.value, r, a, b)
+        last = len(self.row_bounds) - 2
+        if self.ahead < 1:
+            out, nbytes = self._slab(r)
+            self.delivered += nbytes
+            return out
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="dsl-algo")
+        for q in range(r + 1, min(last, r + self.ahead) + 1):
+            if q not in self._futures:
+                self._futures[q] = self._pool.submit(self._slab, q)
+        fut = self._futures.pop(r, None)
+        out, nbytes = fut.result() if fut is not None else self._slab(r)
+        self.delivered += nbytes
+        if r == last or not self._futures:
+            for f in self._futures.values():
+                f.cancel()
+            self._futures.clear()
+            if r == last:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        return out
 
 
 def run_tables(tables: Tables, env: dict, settings: Any) -> _TableValue:
@@ -373,6 +551,8 @@ def run_tables(tables: Tables, env: dict, settings: Any) -> _TableValue:
     algo = tables.algo
     slabs_in = algo.prepared.slabs_in.bind(env)
     value, dirs = algo.tables(slabs_in, settings)
+    if algo.store is not None:
+        dirs = [*dirs, algo.store.path]
     return _TableValue(value, slabs_in, dirs)
 
 
@@ -394,7 +574,7 @@ class _Label(_Algorithm):
         self.structure = structure
         self.out_dtype = out_dtype
 
-    def _plan(self, chunks0, per_voxel, halo, settings):
+    def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
         L = _label_module()
 
         plan, _, _ = L.plan_stream(
@@ -407,6 +587,7 @@ class _Label(_Algorithm):
             per_voxel,
             halo,
             func=f"dsl label({self.stream.label})",
+            slab_budget=slab_budget,
         )
         # Tables kept in memory: at most half of what the passes leave (they stay during
         # the next pass, which needs room for its own stages), at most the worst case of
@@ -419,8 +600,11 @@ class _Label(_Algorithm):
         # reading one slab of the output: the relabel pass's per-voxel bytes for one slab,
         # less the output planes the next pass counts itself, plus the halo
         relabel = plan.passes[1]
-        held = (relabel.per_voxel - self.out_dtype.itemsize) * rows * plane + halo + keep
-        return plan, {"reserve": keep, "held": int(max(0, held))}
+        # (and the slabs computed ahead on the other threads: their whole work)
+        ahead = max(0, settings.threads - 1)
+        work = relabel.per_voxel * rows * plane + halo
+        held = work * (1 + ahead) - self.out_dtype.itemsize * rows * plane + keep
+        return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any):
         import os
@@ -441,12 +625,12 @@ class _Label(_Algorithm):
         dirs = sorted({os.path.dirname(x) for x in res.luts if isinstance(x, str)})
         return res, dirs
 
-    def apply(self, value: _TableValue, s: int, a: int, b: int) -> np.ndarray:
+    def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
         from dask_sweep.ndimage import _spill
 
         L = _label_module()
 
-        x = value.slabs_in.planes(a, b)
+        x = value.slabs_in.planes(a, b, counter)
         mask = x if x.dtype == bool else x != 0
         del x
         lut = _spill.load(value.tables.luts[s])
@@ -519,7 +703,7 @@ class _EDT(_Algorithm):
         super().__init__(stream)
         self.sampling = sampling
 
-    def _plan(self, chunks0, per_voxel, halo, settings):
+    def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
         from dask_sweep.ndimage import edt as E
 
         plan = E.plan_stream(
@@ -531,6 +715,7 @@ class _EDT(_Algorithm):
             per_voxel,
             halo,
             func=f"dsl distance_transform_edt({self.stream.label})",
+            slab_budget=slab_budget,
         )
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         tables = 2 * 4 * plane * len(plan.slabs)
@@ -539,8 +724,10 @@ class _EDT(_Algorithm):
         rows = plan.max_rows
         # one slab's work beyond its output planes (counted by the next pass), the
         # carries and line buffers (the fixed part less the runtime overhead), the tables
-        held = (dist.per_voxel - 8) * rows * plane + dist.fixed - settings.runtime_overhead + keep
-        return plan, {"reserve": keep, "held": int(max(0, held))}
+        ahead = max(0, settings.threads - 1)  # slabs computed ahead on the other threads
+        work = dist.per_voxel * rows * plane + dist.fixed - settings.runtime_overhead
+        held = work * (1 + ahead) - 8 * rows * plane + keep
+        return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any):
         from dask_sweep.ndimage import _spill
@@ -588,7 +775,7 @@ class _EDT(_Algorithm):
             )
         return (F, B, has_bg), [sdir] if sdir else []
 
-    def apply(self, value: _TableValue, s: int, a: int, b: int) -> np.ndarray:
+    def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
         from dask_sweep.ndimage import _spill
         from dask_sweep.ndimage import edt as E
 
@@ -598,7 +785,7 @@ class _EDT(_Algorithm):
         none = np.full(plane, E.INF, dtype=np.int32)
         f_in = _spill.load(F[s - 1]) if s > 0 else none
         b_in = _spill.load(B[s + 1]) if s + 1 < len(B) else none
-        x = value.slabs_in.planes(a, b)
+        x = value.slabs_in.planes(a, b, counter)
         fg = np.ascontiguousarray(x if x.dtype == bool else x != 0).reshape(b - a, plane)
         del x
         scratch = np.empty(plane, dtype=np.int32)
@@ -667,10 +854,19 @@ def explain_lines(tables: Tables) -> list[str]:
     p = tables.algo.prepared
     lo, hi = p.slabs_in.lead()
     names = [st.label for st in p.slabs_in.stages[: p.slabs_in.root + 1]]
-    out = [
-        f"  input {tables.stream.label!r} computed per slab from stages {' -> '.join(names)}"
-        + (f" (halo -{lo}/+{hi} planes recomputed)" if lo or hi else ""),
-    ]
+    store = tables.algo.store
+    if store is not None:
+        out = [
+            f"  input {tables.stream.label!r} has windowed stages: stored once "
+            f"({format_bytes(store.nbytes)}, Zarr chunks of {store.chunks[0]} planes) by the "
+            "sweep before, read back by this pass and by the output (no halo recomputed)"
+        ]
+    else:
+        out = [
+            f"  input {tables.stream.label!r} computed per slab from stages "
+            f"{' -> '.join(names)}"
+            + (f" (halo -{lo}/+{hi} planes recomputed)" if lo or hi else "")
+        ]
     out += ["  " + line for line in str(p.plan).splitlines()]
     out.append(
         f"  tables kept in memory up to {format_bytes(p.extra['reserve'])} (spilled beyond); "

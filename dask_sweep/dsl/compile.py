@@ -231,16 +231,48 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
         + [t.pass_index for t in tables]
         + [0]
     )
-    # algorithms first, in level order: their slabs are the rows of their output
-    # streams, which later passes read
-    for t in sorted(tables, key=lambda t: t.pass_index):
-        t.algo.prepare(axis, s)
+    # Algorithms first, in level order: their slabs are the rows of their output
+    # streams, which later passes read.  Slabs sized for the whole budget may leave the
+    # reading pass too little room (it holds a slab of output next to its own stages):
+    # then the slabs are sized for a half, a quarter... of the budget, until all fit.
+    share = 1.0
+    first: BudgetError | None = None
+    while True:
+        try:
+            for t in sorted(tables, key=lambda t: t.pass_index):
+                t.algo.prepare(axis, s, share)
+            # inputs stored once are written by the sweep of their level
+            stored = [
+                Target(t.stream, t.algo.store, {}) for t in tables if t.algo.store is not None
+            ]
+            passes = _lower_all(
+                npasses, targets + stored, reductions, tables, axis, s, sinks or {}
+            )
+            break
+        except BudgetError as e:
+            first = first or e
+            if not tables or share <= 1 / 64:
+                raise first from None
+            share /= 2
+    # the pipeline's input: its own sources (an algorithm's output re-reads those)
+    total_in = sum(
+        x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")
+    )
+    for k, pp in enumerate(passes):
+        pp.index = k  # passes in run order (a level may have a sweep and table passes)
+        pp.input_bytes = total_in
+    return Compiled(
+        items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars, options=extra
+    )
+
+
+def _lower_all(npasses, targets, reductions, tables, axis, s, sinks) -> list[Any]:
     passes: list[Any] = []
     for p in range(npasses):
         outs: list[tuple[str, Any]] = [("target", t) for t in targets if t.stream.level == p]
         outs += [("reduce", r) for r in reductions if r.pass_index == p]
         if outs:
-            passes.append(_lower_pass(p, outs, axis, s, sinks or {}))
+            passes.append(_lower_pass(p, outs, axis, s, sinks))
         for t in tables:
             if t.pass_index == p:
                 prep = t.algo.prepared
@@ -256,16 +288,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
                         read_bytes=sum(ev.read_bytes(a, b) for a, b in prep.plan.slabs),
                     )
                 )
-    # the pipeline's input: its own sources (an algorithm's output re-reads those)
-    total_in = sum(
-        x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")
-    )
-    for k, pp in enumerate(passes):
-        pp.index = k  # passes in run order (a level may have a sweep and table passes)
-        pp.input_bytes = total_in
-    return Compiled(
-        items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars, options=extra
-    )
+    return passes
 
 
 def _grain(in_plane: int, n: int, s: SweepSettings, row_step: int) -> int:

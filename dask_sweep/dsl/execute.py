@@ -545,7 +545,7 @@ def _advance_env(env: dict, reductions: list, scalars: list, axis: int, *blocks:
     return evaluate_scalars(env, totals, scalars)
 
 
-def _advance_tables(env: dict, tables: Any, scalars: list, settings: Any) -> dict:
+def _advance_tables(env: dict, tables: Any, scalars: list, settings: Any, *_written: Any) -> dict:
     """The table pass as one task: the env with the tables (and scalars made of them)."""
     from dask_sweep.dsl.algorithms import run_tables
 
@@ -594,9 +594,13 @@ def to_dask(*items: Any, **settings: Any):
     }
     deps[env_key] = set()
     out_of: dict[int, tuple[str, tuple]] = {}
+    stored_by: dict[int, tuple[str, list]] = {}
     for k, pp in enumerate(compiled.passes):
         if isinstance(pp, AlgoPass):
             new_env = f"dsl-env-{token}-tables{k}"
+            # a stored input: the table pass waits for every block of its writing pass
+            store = pp.tables.algo.store
+            wrote = stored_by.get(id(store), (None, ()))
             layers[new_env] = {
                 new_env: Task(
                     new_env,
@@ -605,9 +609,10 @@ def to_dask(*items: Any, **settings: Any):
                     DataNode(None, pp.tables),
                     DataNode(None, compiled.scalars),
                     DataNode(None, compiled.settings),
+                    *(TaskRef(q) for q in wrote[1]),
                 )
             }
-            deps[new_env] = {env_key}
+            deps[new_env] = {env_key} | ({wrote[0]} if wrote[0] else set())
             env_key = new_env
             continue
         tok = f"{token}-p{k}"
@@ -637,6 +642,9 @@ def to_dask(*items: Any, **settings: Any):
                 names.append(out.name)
             else:
                 out_of[id(o)] = (out.name, out.chunks)
+                if o.kind == "store":
+                    keys = [(out.name, *ix) for ix in np.ndindex(*[len(c) for c in out.chunks])]
+                    stored_by[id(o.target)] = (out.name, keys)
         if reds:
             new_env = f"dsl-env-{tok}"
             layers[new_env] = {
@@ -680,7 +688,11 @@ def to_dask(*items: Any, **settings: Any):
                     )
                 }
             deps[k] = {name}
-            results.append(Delayed(k, HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})))
+            results.append(
+                Delayed(
+                    k, HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
+                )
+            )
     return results[0] if len(results) == 1 else tuple(results)
 
 

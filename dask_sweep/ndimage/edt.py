@@ -192,6 +192,7 @@ def plan_stream(
     read: float,
     read_fixed: int,
     func: str = _FUNC,
+    slab_budget: int | None = None,
 ) -> SweepPlan:
     """The plan of the distance transform of an input computed slab by slab (the DSL's).
 
@@ -211,6 +212,9 @@ def plan_stream(
         Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
     func
         The name errors and ``explain`` give.
+    slab_budget
+        The budget the slabs are sized for (default the whole ``memory_limit``):
+        less when the pass that reads the output needs room of its own.
 
     Raises
     ------
@@ -239,7 +243,7 @@ def plan_stream(
     )
     item = np.dtype(dtype).itemsize
     target = max(1, settings.target_slab_bytes // item)
-    slabs = choose_slabs(func, chunks0, plane, (edges, dist), settings.memory_limit, target)
+    slabs = choose_slabs(func, chunks0, plane, (edges, dist), slab_budget or settings.memory_limit, target)
     return SweepPlan(
         func=func,
         shape=tuple(shape),

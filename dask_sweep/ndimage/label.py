@@ -297,6 +297,7 @@ def plan_stream(
     read: float,
     read_fixed: int,
     func: str = _FUNC,
+    slab_budget: int | None = None,
 ) -> tuple[SweepPlan, np.ndarray, np.dtype]:
     """The plan of labelling an input computed slab by slab in the process (the DSL's).
 
@@ -312,6 +313,9 @@ def plan_stream(
         Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
     func
         The name errors and ``explain`` give.
+    slab_budget
+        The budget the slabs are sized for (default the whole ``memory_limit``):
+        less when the pass that reads the output needs room of its own.
 
     Raises
     ------
@@ -324,7 +328,7 @@ def plan_stream(
     item = np.dtype(dtype).itemsize
     passes = _footprints(shape, item, settings, out_dtype, True, read, read_fixed)
     target = max(1, settings.target_slab_bytes // item)
-    slabs = choose_slabs(func, chunks0, plane, passes, settings.memory_limit, target)
+    slabs = choose_slabs(func, chunks0, plane, passes, slab_budget or settings.memory_limit, target)
     plan = SweepPlan(
         func=func,
         shape=tuple(shape),

@@ -191,6 +191,9 @@ class StreamSlabs:
 def _bind_source(st: Source, env: dict) -> Source:
     from dataclasses import replace
 
+    if isinstance(st.reader, AlgoRows):
+        # read per slab, in any order and from several threads: nothing computed ahead
+        return replace(st, reader=st.reader.bind(env, ahead=0))
     if hasattr(st.reader, "bind"):
         return replace(st, reader=st.reader.bind(env))
     return st
@@ -276,11 +279,15 @@ class _Algorithm:
         self.stream = stream
 
     # -- planning
-    def prepare(self, axis: int, settings: Any, share: float = 1.0) -> _Prepared:
+    def prepare(
+        self, axis: int, settings: Any, share: float = 1.0, stores: dict | None = None
+    ) -> _Prepared:
         """Plan the algorithm's slabs for these settings (no I/O).
 
         ``share``: the fraction of the budget the slabs are sized for (the
         compiler lowers it when the pass reading the output does not fit).
+        ``stores``: ``{id(stream): SpillStore}`` shared by the algorithms of one
+        compile, so an input two algorithms read is stored once.
         """
         from dask_sweep.dsl.compile import _walk_streams, lower_streams
 
@@ -297,8 +304,11 @@ class _Algorithm:
             # Windows upstream: computing the input per slab would recompute (and re-read)
             # their halos in both passes.  Store it once instead, written by the sweep of
             # its level (rings, no halo work), and let both passes read it back.
-            rows = _store_rows(self.stream, settings)
-            self.store = SpillStore(self.stream.shape, self.stream.dtype, rows)
+            stores = {} if stores is None else stores
+            if id(self.stream) not in stores:
+                rows = _store_rows(self.stream, settings)
+                stores[id(self.stream)] = SpillStore(self.stream.shape, self.stream.dtype, rows)
+            self.store = stores[id(self.stream)]
             stored = Stream(
                 "source",
                 f"{self.stream.label} (stored)",
@@ -502,12 +512,14 @@ class AlgoRows:
         self.delivered = 0  # bytes read for the rows returned so far
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict = {}
+        self._next = 0  # the row a sequential reader asks for next
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None, "_futures": {}}
 
-    def bind(self, env: dict) -> AlgoRows:
-        return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid], self.ahead)
+    def bind(self, env: dict, ahead: int | None = None) -> AlgoRows:
+        ahead = self.ahead if ahead is None else ahead
+        return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid], ahead)
 
     @property
     def bytes_read(self) -> int:
@@ -528,21 +540,26 @@ class AlgoRows:
             out, nbytes = self._slab(r)
             self.delivered += nbytes
             return out
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="dsl-algo")
-        for q in range(r + 1, min(last, r + self.ahead) + 1):
-            if q not in self._futures:
-                self._futures[q] = self._pool.submit(self._slab, q)
-        fut = self._futures.pop(r, None)
-        out, nbytes = fut.result() if fut is not None else self._slab(r)
-        self.delivered += nbytes
-        if r == last or not self._futures:
+        sequential, self._next = r == self._next, r + 1
+        if not sequential:  # rows out of order: what was computed ahead is not needed
             for f in self._futures.values():
                 f.cancel()
             self._futures.clear()
-            if r == last:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="dsl-algo")
+        if sequential:
+            for q in range(r + 1, min(last, r + self.ahead) + 1):
+                if q not in self._futures:
+                    self._futures[q] = self._pool.submit(self._slab, q)
+        fut = self._futures.pop(r, None)
+        out, nbytes = fut.result() if fut is not None else self._slab(r)
+        self.delivered += nbytes
+        if r == last:
+            for f in self._futures.values():
+                f.cancel()
+            self._futures.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
         return out
 
 

@@ -239,12 +239,11 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     first: BudgetError | None = None
     while True:
         try:
+            stores: dict = {}
             for t in sorted(tables, key=lambda t: t.pass_index):
-                t.algo.prepare(axis, s, share)
+                t.algo.prepare(axis, s, share, stores)
             # inputs stored once are written by the sweep of their level
-            stored = [
-                Target(t.stream, t.algo.store, {}) for t in tables if t.algo.store is not None
-            ]
+            stored = [Target(t, store, {}) for t, store in _stored_inputs(tables)]
             passes = _lower_all(
                 npasses, targets + stored, reductions, tables, axis, s, sinks or {}
             )
@@ -264,6 +263,15 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     return Compiled(
         items=list(items), settings=s, axis=axis, passes=passes, scalars=scalars, options=extra
     )
+
+
+def _stored_inputs(tables: list) -> list[tuple[Stream, Any]]:
+    """``(stream, store)`` of every input stored once (a store shared by two algorithms once)."""
+    seen: dict[int, tuple[Stream, Any]] = {}
+    for t in tables:
+        if t.algo.store is not None:
+            seen.setdefault(id(t.algo.store), (t.stream, t.algo.store))
+    return list(seen.values())
 
 
 def _lower_all(npasses, targets, reductions, tables, axis, s, sinks) -> list[Any]:

@@ -11,12 +11,18 @@ computed for::
                       │                              local label / distances,
                       └─► later stages, sinks        through table s
 
-The table pass and the apply each compute the input stream once per slab: the
-stream's stages run on the slab with their halos (:class:`StreamSlabs`), so a
-``gaussian → threshold → label`` pipeline reads the source twice in all and
-never stores the mask.  The slab work itself is :mod:`dask_sweep.ndimage`'s
-(``label``: local scipy labels, face pairs, link chain, numbering; EDT: the
-up/down scans and the in-plane envelopes), so results equal scipy's.
+The input reaches both passes in one of two ways, decided at compile time:
+
+* **computed per slab** (:class:`StreamSlabs`) when it is sources and pointwise
+  stages: no halo, so each pass reads the sources once, and nothing is stored;
+* **stored once** (:class:`SpillStore`) when it has windowed stages, which per
+  slab would recompute (and re-read) their halos in both passes: the sweep of
+  its level writes it to a Zarr array under dask's temporary directory, both
+  passes read it back, and it is removed when the run ends.
+
+The slab work itself is :mod:`dask_sweep.ndimage`'s (``label``: local scipy
+labels, face pairs, link chain, numbering; EDT: the up/down scans and the
+in-plane envelopes), so results equal scipy's.
 
 Planning happens at compile time, from the budget, before any I/O: the
 algorithm's slabs (whole rows of the input's grid), its footprints, its
@@ -28,6 +34,7 @@ the next pass (counted in that pass's plan).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -189,13 +196,11 @@ class StreamSlabs:
 
 
 def _bind_source(st: Source, env: dict) -> Source:
-    from dataclasses import replace
-
     if isinstance(st.reader, AlgoRows):
         # read per slab, in any order and from several threads: nothing computed ahead
-        return replace(st, reader=st.reader.bind(env, ahead=0))
+        return dataclasses.replace(st, reader=st.reader.bind(env, ahead=0))
     if hasattr(st.reader, "bind"):
-        return replace(st, reader=st.reader.bind(env))
+        return dataclasses.replace(st, reader=st.reader.bind(env))
     return st
 
 
@@ -546,9 +551,10 @@ class AlgoRows:
                 f.cancel()
             self._futures.clear()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="dsl-algo")
+            # row r and the `ahead` after it run side by side
+            self._pool = ThreadPoolExecutor(self.ahead + 1, thread_name_prefix="dsl-algo")
         if sequential:
-            for q in range(r + 1, min(last, r + self.ahead) + 1):
+            for q in range(r, min(last, r + self.ahead) + 1):
                 if q not in self._futures:
                     self._futures[q] = self._pool.submit(self._slab, q)
         fut = self._futures.pop(r, None)
@@ -574,6 +580,28 @@ def run_tables(tables: Tables, env: dict, settings: Any) -> _TableValue:
 
 
 # --------------------------------------------------------------------------- label
+
+
+def _keep(tables: int, plan: Any) -> int:
+    """Bytes of an algorithm's tables kept in memory (the rest is spilled to ``.npy`` files).
+
+    At most what the table pass leaves of the budget, and at most an eighth of the
+    budget: the tables stay during the pass that reads the output, and must not
+    grow as slabs get thinner (thinner slabs leave more of the budget, and make
+    more tables).
+    """
+    return int(max(0, min(tables, plan.budget - plan.projected_peak, plan.budget // 8)))
+
+
+def _ordered(pool: ThreadPoolExecutor, fn: Any, items: list, ahead: int):
+    """``fn(item)`` for every item on ``pool``, yielded in order, ``ahead`` at most pending."""
+    pending: dict = {}
+    nxt = 0
+    for k in range(len(items)):
+        while nxt < len(items) and nxt < k + ahead:
+            pending[nxt] = pool.submit(fn, items[nxt])
+            nxt += 1
+        yield pending.pop(k).result()
 
 
 def _label_module():
@@ -611,7 +639,7 @@ class _Label(_Algorithm):
         # the lookup tables (one label per two voxels).
         voxels = int(np.prod(self.stream.shape, dtype=np.int64))
         worst = self.out_dtype.itemsize * (voxels // 2 + len(plan.slabs))
-        keep = min(L._reserve(plan) // 2, worst)
+        keep = _keep(worst, plan)
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         rows = plan.max_rows
         # reading one slab of the output: the relabel pass's per-voxel bytes for one slab,
@@ -735,13 +763,15 @@ class _EDT(_Algorithm):
             slab_budget=slab_budget,
         )
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
-        tables = 2 * 4 * plane * len(plan.slabs)
-        keep = min(tables, max(0, plan.budget - plan.projected_peak) // 2)
+        tables = 3 * 4 * plane * len(plan.slabs)  # F, the down edges, B
+        keep = _keep(tables, plan)
+        plan = dataclasses.replace(plan, bytes_written=max(0, tables - keep))
         dist = plan.passes[1]
         rows = plan.max_rows
         # one slab's work beyond its output planes (counted by the next pass), the
         # carries and line buffers (the fixed part less the runtime overhead), the tables
-        ahead = max(0, settings.threads - 1)  # slabs computed ahead on the other threads
+        # nothing computed ahead: a slab's envelopes already run on every thread
+        ahead = 0
         work = dist.per_voxel * rows * plane + dist.fixed - settings.runtime_overhead
         held = work * (1 + ahead) - 8 * rows * plane + keep
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
@@ -762,34 +792,42 @@ class _EDT(_Algorithm):
             return E.slab_edges(fg)
 
         n = len(slabs)
-        ups: list = [None] * n
-        downs: list = [None] * n
+        F: list = [None] * n  # up-distance at each slab's last row (forward chain)
+        B: list = [None] * n  # down-distance at each slab's first row (backward chain)
+        downs: list = [None] * n  # each slab's own down edge, until the backward chain
         has_bg = False
         threads = max(1, settings.threads)
-        with ThreadPoolExecutor(threads) as pool:
-            # `threads` slabs in flight (the pool's workers); only edge planes are kept
-            for s, (up, down) in enumerate(pool.map(edges, slabs)):
-                has_bg = has_bg or bool((up < E.INF).any())
-                ups[s], downs[s] = up, down
         reserve = self.prepared.extra["reserve"]
         kept, sdir = 0, None
-        F: list = [None] * n
-        B: list = [None] * n
+
+        def keep(arr: np.ndarray, name: str):
+            nonlocal kept, sdir
+            out, kept, sdir = _spill.keep_or_spill(arr, kept, reserve, sdir, "edt", name)
+            return out
+
         carry = None
-        for s, (a, b) in enumerate(slabs):  # forward: up-distance at each slab's last row
-            carry = E.chain_edges(carry, ups[s], b - a, plane)
-            ups[s] = None
-            F[s], kept, sdir = _spill.keep_or_spill(
-                carry, kept, reserve, sdir, "edt", f"F-{s:08d}.npy"
-            )
+        with ThreadPoolExecutor(threads) as pool:
+            # `threads` slabs in flight; the forward chain follows them in order
+            for s, (up, down) in enumerate(_ordered(pool, edges, list(slabs), threads)):
+                a, b = slabs[s]
+                has_bg = has_bg or bool((up < E.INF).any())
+                carry = E.chain_edges(carry, up, b - a, plane)
+                if s + 1 < n:  # F of the last slab is not used
+                    F[s] = keep(carry, f"F-{s:08d}.npy")
+                if s > 0:  # nor the down edge of the first
+                    downs[s] = keep(down, f"D-{s:08d}.npy")
+                del up, down
         carry = None
-        for s in range(n - 1, -1, -1):  # backward: down-distance at each slab's first row
+        for s in range(n - 1, 0, -1):  # backward: B of the first slab is not used
             a, b = slabs[s]
-            carry = E.chain_edges(carry, downs[s], b - a, plane)
+            d = downs[s]
             downs[s] = None
-            B[s], kept, sdir = _spill.keep_or_spill(
-                carry, kept, reserve, sdir, "edt", f"B-{s:08d}.npy"
-            )
+            if isinstance(d, str):
+                d = _spill.take(d)
+            else:
+                kept -= d.nbytes
+            carry = E.chain_edges(carry, d, b - a, plane)
+            B[s] = keep(carry, f"B-{s:08d}.npy")
         return (F, B, has_bg), [sdir] if sdir else []
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:

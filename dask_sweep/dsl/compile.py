@@ -234,7 +234,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     # Algorithms first, in level order: their slabs are the rows of their output
     # streams, which later passes read.  Slabs sized for the whole budget may leave the
     # reading pass too little room (it holds a slab of output next to its own stages):
-    # then the slabs are sized for a half, a quarter... of the budget, until all fit.
+    # then the slabs are sized for 3/4, 9/16... of the budget, until all fit.
     share = 1.0
     first: BudgetError | None = None
     while True:
@@ -252,7 +252,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
             first = first or e
             if not tables or share <= 1 / 64:
                 raise first from None
-            share /= 2
+            share *= 0.75
     # the pipeline's input: its own sources (an algorithm's output re-reads those)
     total_in = sum(
         x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")

@@ -189,6 +189,7 @@ class ZarrSource(Source):
         out = np.empty(tuple(r.stop - r.start for r in region), self.dtype)
         grid = self.chunks
         nbytes = int(np.prod(grid, dtype=np.int64)) * raw.itemsize
+        self._read_ahead(arr, region)
         for block in self._chunk_ids(region):
             lo = [b * c for b, c in zip(block, grid)]
             sub = tuple(
@@ -229,6 +230,33 @@ class ZarrSource(Source):
                     f"(chunk shape {grid}), found {size}."
                 )
         return out
+
+    def _read_ahead(self, arr, region: Region) -> None:
+        """Ask the kernel to start reading the chunk files of the next region along axis 0.
+
+        Sweeps read in disk order, so the region after this one is the likely next
+        read: its disk reads then overlap this region's compute and writes
+        (``posix_fadvise(WILLNEED)`` starts them and returns).  Best effort.
+        """
+        if not hasattr(os, "posix_fadvise") or not region:
+            return
+        h = region[0].stop - region[0].start
+        if h <= 0 or region[0].stop >= self.shape[0]:
+            return
+        nxt = (slice(region[0].stop, min(self.shape[0], region[0].stop + h)), *region[1:])
+        for block in self._chunk_ids(nxt):
+            key = arr.metadata.encode_chunk_key(block)
+            path = os.path.join(self.path, *key.split("/"))
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # missing chunks are reported when they are read
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _locate_failure(self, region: Region, error: Exception) -> SourceError:
         """Name the shard/chunk whose decoding failed (slow path, errors only)."""

@@ -54,11 +54,8 @@ class Explanation:
                     f"  projected peak {format_bytes(pp.projected_peak)} of "
                     f"{format_bytes(p.budget)} budget ({100 * pp.projected_peak / p.budget:.0f}%)"
                 )
-                ratio = pp.read_bytes / pp.input_bytes if pp.input_bytes else float("nan")
-                out.append(
-                    f"  read {ratio:.2f} x input ({format_bytes(pp.read_bytes)} of "
-                    f"{format_bytes(pp.input_bytes)}); tables spilled only beyond the budget"
-                )
+                spill = "tables spilled only beyond the budget"
+                out.append(_io_line(pp.read_bytes, pp.input_bytes, spill))
                 total_read += pp.read_bytes
                 total_in = max(total_in, pp.input_bytes)
                 continue
@@ -130,11 +127,8 @@ class Explanation:
                 f"at stage {trace.peak_stage!r}; held "
                 f"between steps <= {format_bytes(max(trace.held_after or [0]))}"
             )
-            ratio = trace.bytes_read / pp.input_bytes if pp.input_bytes else float("nan")
-            out.append(
-                f"  read {ratio:.2f} x input ({format_bytes(trace.bytes_read)} of "
-                f"{format_bytes(pp.input_bytes)}); write {format_bytes(pp.output_bytes)}"
-            )
+            wrote = f"write {format_bytes(pp.output_bytes)}"
+            out.append(_io_line(trace.bytes_read, pp.input_bytes, wrote))
             total_read += trace.bytes_read
             total_in = max(total_in, pp.input_bytes)
         made = [x.label for x in c.scalars if x.ready_pass > 0 and not x.deps == ()]
@@ -158,6 +152,11 @@ class Explanation:
         import html
 
         return "<pre>" + html.escape(str(self)) + "</pre>"
+
+
+def _io_line(read: int, inp: int, tail: str) -> str:
+    ratio = read / inp if inp else float("nan")
+    return f"  read {ratio:.2f} x input ({format_bytes(read)} of {format_bytes(inp)}); {tail}"
 
 
 def tables_input(pp: AlgoPass) -> str:

@@ -228,6 +228,22 @@ def test_edt_of_a_pipeline_and_downstream(tmp_path):
     np.testing.assert_allclose(d, ref, rtol=1e-12)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=hst.tuples(hst.integers(1, 20), hst.integers(1, 8), hst.integers(1, 8)),
+    planes=hst.integers(1, 5),
+    sampling=hst.tuples(*[hst.floats(0.25, 4.0)] * 3),
+    seed=hst.integers(0, 10_000),
+    frac=hst.floats(0.0, 1.0),
+)
+def test_edt_property(shape, planes, sampling, seed, frac):
+    vol = np.random.default_rng(seed).random(shape) < frac
+    e = dsl.distance_transform_edt(dsl.source(vol), sampling)
+    r = dsl.run(e, memory_limit=BUDGET, target_slab_bytes=thin(shape, 1, planes))
+    ref = ndi.distance_transform_edt(vol, sampling=sampling)
+    np.testing.assert_allclose(r.value, ref, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

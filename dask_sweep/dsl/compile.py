@@ -243,7 +243,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
             for t in sorted(tables, key=lambda t: t.pass_index):
                 t.algo.prepare(axis, s, share, stores)
             # inputs stored once are written by the sweep of their level
-            stored = [Target(t, store, {}) for t, store in _stored_inputs(tables)]
+            stored = [Target(x, store, {}) for x, store in _stored_inputs(tables)]
             passes = _lower_all(
                 npasses, targets + stored, reductions, tables, axis, s, sinks or {}
             )
@@ -469,11 +469,17 @@ def _lower_pass(
             f"dask_sweep.dsl: pass {p} needs at least {format_bytes(e.projected)} (peak at "
             f"stage {e.stage!r}, which spans {sum(reach[j]) + 1} planes of its output per "
             f"step at the thinnest slab of {g} planes; runtime overhead "
-            f"{format_bytes(s.runtime_overhead)} included), more than memory_limit="
-            f"{format_bytes(e.budget)}. Raise memory_limit, or narrow the widest window "
-            f"(stage {plan.stages[widest].label!r} reaches -{lead[widest][0]}/"
-            f"+{lead[widest][1]} planes of the source: a smaller sigma/size), or sweep a "
-            "different axis (axis=...).",
+            f"{format_bytes(s.runtime_overhead)} included"
+            + (
+                f"; reading multi-pass algorithm outputs holds {format_bytes(extra)} of "
+                "their tables and slab work"
+                if extra
+                else ""
+            )
+            + f"), more than memory_limit={format_bytes(e.budget)}. Raise memory_limit, or "
+            f"narrow the widest window (stage {plan.stages[widest].label!r} reaches "
+            f"-{lead[widest][0]}/+{lead[widest][1]} planes of the source: a smaller "
+            "sigma/size), or sweep a different axis (axis=...).",
             stage=e.stage,
             projected=e.projected,
             budget=e.budget,

@@ -339,9 +339,9 @@ def run(*items: Any, **settings: Any) -> RunResult:
     if tracemalloc.is_tracing():
         report.traced_start = tracemalloc.get_traced_memory()[0]
     try:
-        for k, pp in enumerate(compiled.passes):
+        for pp in compiled.passes:
             if isinstance(pp, AlgoPass):
-                env = _run_algo(k, pp, env, compiled, report, sampler)
+                env = _run_algo(pp, env, compiled, report, sampler)
             else:
                 env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
     finally:
@@ -376,7 +376,6 @@ def _cleanup_tables(env: dict) -> None:
 
 
 def _run_algo(
-    k: int,
     ap: AlgoPass,
     env: dict,
     compiled: Compiled,
@@ -572,7 +571,7 @@ def to_dask(*items: Any, **settings: Any):
     import dask.array as da
     from dask._task_spec import DataNode, List, Task, TaskRef
     from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+    from dask.highlevelgraph import MaterializedLayer
 
     from dask_sweep.emit.graph import emit
 
@@ -666,12 +665,12 @@ def to_dask(*items: Any, **settings: Any):
             k = f"dsl-scalar-{token}-{x.uid}"
             layers[k] = {k: Task(k, _get, TaskRef(env_key), x.uid)}
             deps[k] = {env_key}
-            hlg = HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
+            hlg = _hlg(layers, deps)
             results.append(Delayed(k, hlg))
             continue
         name, chunks = out_of[id(x)]
         if x.kind == "numpy":
-            hlg = HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
+            hlg = _hlg(layers, deps)
             results.append(da.Array(hlg, name, chunks, dtype=x.stream.dtype))
         else:
             k = f"dsl-finalize-{token}-{id(x)}"
@@ -688,16 +687,19 @@ def to_dask(*items: Any, **settings: Any):
                     )
                 }
             deps[k] = {name}
-            results.append(
-                Delayed(
-                    k, HighLevelGraph(_materialize(layers), {k: set(v) for k, v in deps.items()})
-                )
-            )
+            results.append(Delayed(k, _hlg(layers, deps)))
     return results[0] if len(results) == 1 else tuple(results)
 
 
 def _target_value(target: Any, *_: Any) -> Any:
     return target
+
+
+def _hlg(layers: dict, deps: dict):
+    """A graph of the layers so far; copies, so later layers do not leak into it."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    return HighLevelGraph(_materialize(layers), {name: set(d) for name, d in deps.items()})
 
 
 def _materialize(layers: dict) -> dict:

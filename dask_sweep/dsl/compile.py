@@ -41,7 +41,7 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.stages import Pointwise, Reduce, Window, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
-from dask_sweep.passes.slabs import input_bytes_per_plane, steps_for
+from dask_sweep.passes.slabs import input_bytes_per_plane, steps_for, thickest
 from dask_sweep.plan.ir import Output, Plan, Source, Stage
 from dask_sweep.runtime.executor import Trace, run_step
 from dask_sweep.utils import format_bytes
@@ -551,11 +551,10 @@ def project(plan: Plan) -> tuple[Trace, list[int]]:
 def _choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace, list[int]]:
     """The thickest steps (grid rows per step) whose projected peak fits the budget.
 
-    Starts from ``target_slab_bytes`` of input per step, like
-    :func:`~dask_sweep.passes.slabs.choose_steps`, but searches the number of
-    rows by bisection instead of halving, so a budget that fits 3 rows gets 3,
-    not 2.  Peaks are those of :func:`project` (writes and runtime overhead
-    included).
+    Starts from ``target_slab_bytes`` of input per step and searches the rows
+    with :func:`~dask_sweep.passes.slabs.thickest`, like the plugin's
+    :func:`~dask_sweep.passes.slabs.choose_steps`; peaks are those of
+    :func:`project` (writes and runtime overhead included).
 
     Raises
     ------
@@ -573,28 +572,17 @@ def _choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace, list
         cand = replace(plan, steps=steps_for(plan, rows))
         return (cand, *project(cand))
 
-    best = attempt(hi)
+    _, best = thickest(attempt, lambda c: c[1].peak <= plan.budget, hi)
     if best[1].peak > plan.budget:
-        fit = None
-        lo, up = 1, hi - 1  # the largest fitting rows is in [lo, up]
-        while lo <= up:
-            mid = (lo + up) // 2
-            cand = attempt(mid)
-            if cand[1].peak <= plan.budget:
-                fit, lo = cand, mid + 1
-            else:
-                up = mid - 1
-        if fit is None:
-            tr = attempt(1)[1]
-            raise BudgetError(
-                f"dask_sweep: the sweep needs at least {format_bytes(tr.peak)} (peak at stage "
-                f"{tr.peak_stage!r}, with one grid row per step), more than the memory budget "
-                f"of {format_bytes(plan.budget)}.",
-                stage=tr.peak_stage,
-                projected=tr.peak,
-                budget=plan.budget,
-            )
-        best = fit
+        tr = best[1]
+        raise BudgetError(
+            f"dask_sweep: the sweep needs at least {format_bytes(tr.peak)} (peak at stage "
+            f"{tr.peak_stage!r}, with one grid row per step), more than the memory budget "
+            f"of {format_bytes(plan.budget)}.",
+            stage=tr.peak_stage,
+            projected=tr.peak,
+            budget=plan.budget,
+        )
     return best
 
 

@@ -901,6 +901,7 @@ def _warm_edt(ndim: int) -> None:
     fg = np.ones((3, 3 ** (ndim - 1)), dtype=bool)
     fg[1, 0] = False
     up, down = E.slab_edges(fg)
+    E.chain_edges(E.chain_edges(None, up, 3, up.size), down, 3, up.size)
     E.distances(fg, up, down, np.empty_like(up), True, 0, (1.0,) * ndim, shape, 1)
 
 

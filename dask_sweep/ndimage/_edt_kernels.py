@@ -41,6 +41,22 @@ def forward_carry(fg: np.ndarray, carry_in: np.ndarray, carry_out: np.ndarray) -
 
 
 @numba.njit(cache=False, nogil=True)
+def chain_carry(carry: np.ndarray, edge: np.ndarray, rows: int, out: np.ndarray) -> None:
+    """A scan's carry after a slab of ``rows`` rows whose own edge distance is ``edge``.
+
+    Where the slab has background (``edge < INF``) the carry restarts from it;
+    elsewhere the slab's rows are added to the carry before it, saturating at ``INF``.
+    """
+    for p in range(edge.shape[0]):
+        e = edge[p]
+        if e < INF:
+            out[p] = e
+        else:
+            v = carry[p] + rows
+            out[p] = v if v < INF else INF
+
+
+@numba.njit(cache=False, nogil=True)
 def axis0_squared(
     fg: np.ndarray,
     f_in: np.ndarray,

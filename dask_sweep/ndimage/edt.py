@@ -393,8 +393,10 @@ def chain_edges(
     """
     if carry is None:
         carry = np.full(plane, K.INF, dtype=np.int32)
-    through = np.minimum(carry.astype(np.int64) + rows, K.INF).astype(np.int32)
-    return np.where(edge < K.INF, edge, through)
+    out = np.empty(plane, dtype=np.int32)
+    # rows < INF and carry <= INF: the sum fits int64 inside the kernel
+    K.chain_carry(carry, edge, int(min(rows, K.INF)), out)
+    return out
 
 
 def _no_background(row0: int, shape: tuple[int, ...], sampling: tuple[float, ...]) -> np.ndarray:

@@ -22,6 +22,7 @@ these objects; passes and the runtime never know which front end made them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,4 +238,10 @@ def bounds(chunks: Sequence[int]) -> tuple[int, ...]:
     >>> bounds((2, 3, 1))
     (0, 2, 5, 6)
     """
+    return _bounds(tuple(chunks))
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds(chunks: tuple[int, ...]) -> tuple[int, ...]:
+    # plans ask for the same few chunk tuples once per step: computed once each
     return tuple(np.cumsum((0, *chunks)).tolist())

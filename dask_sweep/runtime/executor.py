@@ -16,6 +16,7 @@ moment, the bytes read and the rows each step reads.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Source
@@ -223,8 +224,8 @@ def output_upper(plan: Plan, k: int, step: int) -> int:
     b = plan.steps[step]
     if b >= plan.extent:
         return plan.extent
-    grid = plan.outputs[k].grid(plan.axis)
-    return max(g for g in grid if g <= b)
+    grid = plan.outputs[k].grid(plan.axis)  # sorted boundaries
+    return grid[bisect.bisect_right(grid, b) - 1]
 
 
 def run_step(

@@ -102,6 +102,12 @@ def test_label_reads_input_once_per_pass():
     assert r.report.passes == 2
     assert r.report.bytes_read == 2 * vol.nbytes
     assert not r.report.notes  # measured reads equal the projection
+    # the table pass reports every slab: backwards, with its reads next to the projection
+    c = dsl.explain(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
+    slabs = c.compiled.passes[0].plan.slabs
+    table = [st for st in r.report.steps if st.pass_index == 0]
+    assert [st.planes for st in table] == list(reversed(slabs))
+    assert all(st.bytes_read == st.read_projected > 0 for st in table)
 
 
 def test_windowed_input_is_stored_once(tmp_path):

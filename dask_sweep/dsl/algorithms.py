@@ -227,15 +227,19 @@ def _read(st: Source, a: int, b: int, axis: int) -> tuple[np.ndarray, int]:
 
 
 class _SlabIn:
-    """One slab of the input, in :mod:`dask_sweep.ndimage`'s reader form (``read()``)."""
+    """One slab of the input, in :mod:`dask_sweep.ndimage`'s reader form (``read()``).
+
+    ``counter`` collects the bytes its reads took (for the per-slab report).
+    """
 
     inline = True
 
-    def __init__(self, slabs: StreamSlabs, a: int, b: int) -> None:
+    def __init__(self, slabs: StreamSlabs, a: int, b: int, counter: list | None = None) -> None:
         self.slabs, self.a, self.b = slabs, a, b
+        self.counter = counter
 
     def read(self, externals: Any = ()) -> np.ndarray:
-        return self.slabs.planes(self.a, self.b)
+        return self.slabs.planes(self.a, self.b, self.counter)
 
 
 # --------------------------------------------------------------------------- tables
@@ -357,7 +361,10 @@ class _Algorithm:
         return int(self.prepared.extra["held"])
 
     # -- running
-    def tables(self, slabs_in: StreamSlabs, settings: Any) -> Any:  # pragma: no cover
+    def tables(
+        self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None
+    ) -> Any:  # pragma: no cover - abstract
+        """The tables and the spill directories; ``on_slab(s, bytes_read)`` after each slab."""
         raise NotImplementedError
 
     def apply(
@@ -569,11 +576,14 @@ class AlgoRows:
         return out
 
 
-def run_tables(tables: Tables, env: dict, settings: Any) -> _TableValue:
-    """The table pass: the algorithm's first sweep over its input, bound to ``env``."""
+def run_tables(tables: Tables, env: dict, settings: Any, on_slab: Any = None) -> _TableValue:
+    """The table pass: the algorithm's first sweep over its input, bound to ``env``.
+
+    ``on_slab(s, bytes_read)`` is called as each slab is done (in the pass's order).
+    """
     algo = tables.algo
     slabs_in = algo.prepared.slabs_in.bind(env)
-    value, dirs = algo.tables(slabs_in, settings)
+    value, dirs = algo.tables(slabs_in, settings, on_slab)
     if algo.store is not None:
         dirs = [*dirs, algo.store.path]
     return _TableValue(value, slabs_in, dirs)
@@ -651,13 +661,14 @@ class _Label(_Algorithm):
         held = work * (1 + ahead) - self.out_dtype.itemsize * rows * plane + keep
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
-    def tables(self, slabs_in: StreamSlabs, settings: Any):
+    def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
         import os
 
         L = _label_module()
 
         plan = self.prepared.plan
-        readers = [_SlabIn(slabs_in, a, b) for a, b in plan.slabs]
+        counters: list[list] = [[] for _ in plan.slabs]
+        readers = [_SlabIn(slabs_in, a, b, c) for (a, b), c in zip(plan.slabs, counters)]
         res = L._resolve(
             readers,
             self.structure,
@@ -666,6 +677,7 @@ class _Label(_Algorithm):
             L._block(settings.memory_limit),
             settings.threads,
             settings.tune_malloc,
+            on_slab=None if on_slab is None else lambda s: on_slab(s, sum(counters[s])),
         )
         dirs = sorted({os.path.dirname(x) for x in res.luts if isinstance(x, str)})
         return res, dirs
@@ -776,7 +788,7 @@ class _EDT(_Algorithm):
         held = work * (1 + ahead) - 8 * rows * plane + keep
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
-    def tables(self, slabs_in: StreamSlabs, settings: Any):
+    def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
         from dask_sweep.ndimage import _spill
         from dask_sweep.ndimage import edt as E
 
@@ -785,11 +797,12 @@ class _EDT(_Algorithm):
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
 
         def edges(ab: tuple[int, int]):
-            x = slabs_in.planes(*ab)
+            counter: list = []
+            x = slabs_in.planes(*ab, counter)
             fg = np.ascontiguousarray(x if x.dtype == bool else x != 0)
             fg = fg.reshape(ab[1] - ab[0], -1)
             del x
-            return E.slab_edges(fg)
+            return (*E.slab_edges(fg), sum(counter))
 
         n = len(slabs)
         F: list = [None] * n  # up-distance at each slab's last row (forward chain)
@@ -808,7 +821,7 @@ class _EDT(_Algorithm):
         carry = None
         with ThreadPoolExecutor(threads) as pool:
             # `threads` slabs in flight; the forward chain follows them in order
-            for s, (up, down) in enumerate(_ordered(pool, edges, list(slabs), threads)):
+            for s, (up, down, nbytes) in enumerate(_ordered(pool, edges, list(slabs), threads)):
                 a, b = slabs[s]
                 has_bg = has_bg or bool((up < E.INF).any())
                 carry = E.chain_edges(carry, up, b - a, plane)
@@ -817,6 +830,8 @@ class _EDT(_Algorithm):
                 if s > 0:  # nor the down edge of the first
                     downs[s] = keep(down, f"D-{s:08d}.npy")
                 del up, down
+                if on_slab is not None:
+                    on_slab(s, nbytes)
         carry = None
         for s in range(n - 1, 0, -1):  # backward: B of the first slab is not used
             a, b = slabs[s]

@@ -382,39 +382,49 @@ def _run_algo(
     report: RunReport,
     sampler: _Sampler,
 ) -> dict:
-    """Run a table pass (one step in the report: its slabs run inside it)."""
+    """Run a table pass, one report step per slab (in the order the slabs finish).
+
+    A slab's ``rss`` is the resident peak since the previous slab finished (the
+    slabs in flight overlap, so it is the pass's memory at that time); its
+    projection is the pass's, which counts every slab in flight.
+    """
     from dask_sweep.dsl.algorithms import run_tables
 
-    t0 = time.perf_counter()
-    sampler.mark()
+    plan = ap.plan
+    ev = ap.tables.algo.prepared.slabs_in
+    projected_reads = [ev.read_bytes(a, b) for a, b in plan.slabs]
     tracing = tracemalloc.is_tracing()
     if tracing:
         tracemalloc.reset_peak()
-    value = run_tables(ap.tables, env, compiled.settings)
-    read = value.slabs_in.bytes_read
-    rss = max(0, sampler.mark() - report.rss_start - report.result_bytes)
-    traced = tracemalloc.get_traced_memory()[1] - report.traced_start if tracing else None
-    report.steps.append(
-        StepRecord(
-            ap.index,
-            0,
-            (0, ap.plan.shape[0]),
-            time.perf_counter() - t0,
-            read,
-            ap.projected_peak,
-            0,
-            rss,
-            ap.read_bytes,
-            traced,
+    sampler.mark()
+    clock = [time.perf_counter()]
+    read = 0
+
+    def on_slab(s: int, nbytes: int) -> None:
+        nonlocal read
+        now = time.perf_counter()
+        rss = max(0, sampler.mark() - report.rss_start - report.result_bytes)
+        traced = None
+        if tracing:
+            traced = tracemalloc.get_traced_memory()[1] - report.traced_start
+            tracemalloc.reset_peak()
+        report.steps.append(
+            StepRecord(
+                ap.index, s, plan.slabs[s], now - clock[0], nbytes, ap.projected_peak, 0,
+                rss, projected_reads[s], traced,
+            )
         )
-    )
+        clock[0] = now
+        read += nbytes
+        if nbytes != projected_reads[s]:
+            report.notes.append(
+                f"{ap.tables.label} slab {s}: read {format_bytes(nbytes)}, projected "
+                f"{format_bytes(projected_reads[s])}"
+            )
+
+    value = run_tables(ap.tables, env, compiled.settings, on_slab)
     report.input_bytes = max(report.input_bytes, ap.input_bytes)
     report.bytes_read += read
-    if read != ap.read_bytes:
-        report.notes.append(
-            f"{ap.tables.label}: read {format_bytes(read)}, projected "
-            f"{format_bytes(ap.read_bytes)}"
-        )
     env = dict(env)
     env[ap.tables.uid] = value
     return evaluate_scalars(env, {}, compiled.scalars)

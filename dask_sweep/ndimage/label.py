@@ -657,6 +657,7 @@ def _resolve(
     block: int,
     threads: int,
     tune: bool,
+    on_slab: Any = None,
 ) -> _Resolved:
     """Pass 1 and the numbering of inline-read slabs, in one task.
 
@@ -684,6 +685,8 @@ def _resolve(
             here = pending.pop(s).result()
             pairs = None if below is None else _face(here, below, structure)
             prev = linked[s] = _link(here, pairs, prev, reserve, s)
+            if on_slab is not None:
+                on_slab(s)  # the caller's per-slab measurement (the DSL's run report)
             below = here
     luts: list = []
     numbered = None

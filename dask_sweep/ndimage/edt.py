@@ -243,7 +243,8 @@ def plan_stream(
     )
     item = np.dtype(dtype).itemsize
     target = max(1, settings.target_slab_bytes // item)
-    slabs = choose_slabs(func, chunks0, plane, (edges, dist), slab_budget or settings.memory_limit, target)
+    budget = slab_budget or settings.memory_limit
+    slabs = choose_slabs(func, chunks0, plane, (edges, dist), budget, target)
     return SweepPlan(
         func=func,
         shape=tuple(shape),
@@ -254,8 +255,9 @@ def plan_stream(
         budget=settings.memory_limit,
         inline=True,
         notes=(
-            f"carry planes F (forward) and B (backward): 2 x {len(slabs)} x "
-            f"{format_bytes(4 * plane)}, chained over the edge planes only (no input read)",
+            f"tables: up-carries F, the slabs' own down edges and down-carries B, 3 x "
+            f"{len(slabs)} x {format_bytes(4 * plane)}, chained over the edge planes only "
+            "(no input read)",
             f"sampling {sampling}; output float64, slabs in any order",
         ),
     )

@@ -328,7 +328,8 @@ def plan_stream(
     item = np.dtype(dtype).itemsize
     passes = _footprints(shape, item, settings, out_dtype, True, read, read_fixed)
     target = max(1, settings.target_slab_bytes // item)
-    slabs = choose_slabs(func, chunks0, plane, passes, slab_budget or settings.memory_limit, target)
+    budget = slab_budget or settings.memory_limit
+    slabs = choose_slabs(func, chunks0, plane, passes, budget, target)
     plan = SweepPlan(
         func=func,
         shape=tuple(shape),

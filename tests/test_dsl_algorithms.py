@@ -158,7 +158,7 @@ def test_label_spills_tables_beyond_budget(tmp_path):
         limit = peak + 16_000  # the passes fit; 16 kB for tables, fewer than there are
     with dask.config.set({"temporary-directory": str(tmp_path)}):
         c = dsl.explain(lab, memory_limit=limit, **kw)
-        assert c.compiled.passes[0].tables.algo.prepared.extra["reserve"] <= 16_000
+        assert c.compiled.passes[0].algo.prepared.extra["reserve"] <= 16_000
         r = dsl.run(lab, n, memory_limit=limit, **kw)
     from dask_sweep.ndimage._spill import REGISTRY
 
@@ -248,6 +248,43 @@ def test_edt_property(shape, planes, sampling, seed, frac):
     r = dsl.run(e, memory_limit=BUDGET, target_slab_bytes=thin(shape, 1, planes))
     ref = ndi.distance_transform_edt(vol, sampling=sampling)
     np.testing.assert_allclose(r.value, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (0, 4, 3), (5, 0), (4, 0, 3)])
+def test_empty_inputs_as_scipy(shape):
+    vol = np.zeros(shape, np.uint8)
+    lab, n = dsl.label(dsl.source(vol))
+    r = dsl.run(lab, n, memory_limit=BUDGET)
+    ref, rn = ndi.label(vol)
+    assert r.values[0].shape == ref.shape and r.values[1] == rn
+    e = dsl.run(dsl.distance_transform_edt(dsl.source(vol)), memory_limit=BUDGET).value
+    assert e.shape == shape and e.dtype == np.float64
+
+
+def test_failed_run_leaves_no_stored_input(tmp_path):
+    vol = blobs((32, 16, 16), seed=51)
+    calls = []
+
+    def fails_late(x):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+        return x
+
+    kw = dict(memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 4))
+    mask = (dsl.source(vol).gaussian(1) > 50).map(fails_late, dtype=bool)
+    lab, _ = dsl.label(mask)
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        with pytest.raises(RuntimeError, match="boom"):
+            # fails while the windowed mask is being stored, before its table pass
+            dsl.run(lab, **kw)
+        assert os.listdir(tmp_path) == []
+        calls.clear()
+        lab2, _ = dsl.label(dsl.source(vol).gaussian(1) > 50)
+        with pytest.raises(RuntimeError, match="boom"):
+            # fails in the pass reading the labels: tables and stored mask exist
+            dsl.run(lab2, (lab2 > 0).map(fails_late, dtype=bool), **kw)
+    assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- bad input

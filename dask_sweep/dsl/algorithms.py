@@ -34,6 +34,8 @@ the next pass (counted in that pass's plan).
 from __future__ import annotations
 
 import bisect
+import contextvars
+import copy
 import dataclasses
 import math
 import os
@@ -48,6 +50,22 @@ from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.utils import format_bytes
 
 __all__ = ["StreamSlabs", "Tables", "distance_transform_edt", "label"]
+
+#: ``{Tables.uid: prepared algorithm}`` of the compile in progress.  Each compile
+#: prepares its own copies (plan, stored input), so a graph made earlier, or a
+#: compile in another thread, never sees another compile's plan.
+PREPARED: contextvars.ContextVar[dict] = contextvars.ContextVar("dsl_prepared")
+
+
+def prepared(uid: int) -> _Algorithm:
+    """The algorithm of tables ``uid`` as prepared by the compile in progress."""
+    try:
+        return PREPARED.get()[uid]
+    except (LookupError, KeyError):  # pragma: no cover - compile order guarantees it
+        raise RuntimeError(
+            "dask_sweep.dsl: an algorithm's output was lowered before its table pass was "
+            "planned"
+        ) from None
 
 
 # --------------------------------------------------------------------------- input slabs
@@ -290,8 +308,8 @@ class _Algorithm:
     # -- planning
     def prepare(
         self, axis: int, settings: Any, share: float = 1.0, stores: dict | None = None
-    ) -> _Prepared:
-        """Plan the algorithm's slabs for these settings (no I/O).
+    ) -> _Algorithm:
+        """A copy of the algorithm with its slabs planned for these settings (no I/O).
 
         ``share``: the fraction of the budget the slabs are sized for (the
         compiler lowers it when the pass reading the output does not fit).
@@ -300,6 +318,7 @@ class _Algorithm:
         """
         from dask_sweep.dsl.compile import _walk_streams, lower_streams
 
+        self = copy.copy(self)  # this compile's copy: the user's objects are never changed
         if axis != 0:
             raise PlanError(
                 f"dask_sweep.dsl: {self.name}() sweeps along axis 0 (its slabs are whole "
@@ -342,19 +361,27 @@ class _Algorithm:
             fine = (1,) * self.stream.shape[axis]
             plan, extra = self._plan(fine, per_voxel, halo, settings, slab_budget)
         self.prepared = _Prepared(plan, slabs_in, extra)
-        return self.prepared
+        return self
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):  # pragma: no cover
         raise NotImplementedError
 
     # -- the output stream's rows
     def row_bounds(self) -> tuple[int, ...]:
+        if self.stream.shape[0] == 0:
+            return (0,)  # no planes, no rows
         slabs = self.prepared.plan.slabs
         return tuple([0] + [b for _, b in slabs])
 
     def bytes_per_row(self) -> tuple[int, ...]:
+        if self.stream.shape[0] == 0:
+            return ()
         p = self.prepared
         return tuple(p.slabs_in.read_bytes(a, b) for a, b in p.plan.slabs)
+
+    def empty_tables(self) -> Any:  # pragma: no cover - abstract
+        """The tables of an input with no planes (no slab is read)."""
+        raise NotImplementedError
 
     def held_bytes(self) -> int:
         """Bytes reading the output holds beyond its planes: tables + one slab's work."""
@@ -406,7 +433,7 @@ class SpillStore:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.chunks = (rows, *self.shape[1:])
-        self.path = _spill.new_dir("dsl-input") + ".zarr"
+        self.path = _spill.new_dir("dsl-input", ".zarr")
         self._z = None
 
     def __getstate__(self) -> dict:
@@ -492,17 +519,18 @@ class AlgoSource:
         self.desc = f"{algo.name} of {algo.stream.label}, slab by slab through its tables"
 
     def row_bounds(self, axis: int) -> tuple[int, ...]:
-        return self.algo.row_bounds()
+        return prepared(self.tables.uid).row_bounds()
 
     def bytes_per_row(self, axis: int) -> tuple[int, ...]:
-        return self.algo.bytes_per_row()
+        return prepared(self.tables.uid).bytes_per_row()
 
     def held_bytes(self) -> int:
-        return self.algo.held_bytes()
+        return prepared(self.tables.uid).held_bytes()
 
     def reader(self, axis: int) -> AlgoRows:
-        ahead = self.algo.prepared.extra.get("ahead", 0)
-        return AlgoRows(self.algo, self.tables.uid, self.row_bounds(axis), None, ahead)
+        algo = prepared(self.tables.uid)
+        ahead = algo.prepared.extra.get("ahead", 0)
+        return AlgoRows(algo, self.tables.uid, self.row_bounds(axis), None, ahead)
 
 
 class AlgoRows:
@@ -576,13 +604,14 @@ class AlgoRows:
         return out
 
 
-def run_tables(tables: Tables, env: dict, settings: Any, on_slab: Any = None) -> _TableValue:
-    """The table pass: the algorithm's first sweep over its input, bound to ``env``.
+def run_tables(algo: _Algorithm, env: dict, settings: Any, on_slab: Any = None) -> _TableValue:
+    """The table pass of a prepared algorithm, its input bound to ``env``.
 
     ``on_slab(s, bytes_read)`` is called as each slab is done (in the pass's order).
     """
-    algo = tables.algo
     slabs_in = algo.prepared.slabs_in.bind(env)
+    if algo.stream.shape[0] == 0:  # as scipy: nothing to label, no distance to compute
+        return _TableValue(algo.empty_tables(), slabs_in, [])
     value, dirs = algo.tables(slabs_in, settings, on_slab)
     if algo.store is not None:
         dirs = [*dirs, algo.store.path]
@@ -681,6 +710,9 @@ class _Label(_Algorithm):
         )
         dirs = sorted({os.path.dirname(x) for x in res.luts if isinstance(x, str)})
         return res, dirs
+
+    def empty_tables(self) -> Any:
+        return _label_module()._Resolved([], 0)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
         from dask_sweep.ndimage import _spill
@@ -845,6 +877,9 @@ class _EDT(_Algorithm):
             B[s] = keep(carry, f"B-{s:08d}.npy")
         return (F, B, has_bg), [sdir] if sdir else []
 
+    def empty_tables(self) -> Any:
+        return ([], [], False)
+
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
         from dask_sweep.ndimage import _spill
         from dask_sweep.ndimage import edt as E
@@ -920,12 +955,12 @@ def _warm_edt(ndim: int) -> None:
     E.distances(fg, up, down, np.empty_like(up), True, 0, (1.0,) * ndim, shape, 1)
 
 
-def explain_lines(tables: Tables) -> list[str]:
+def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:
     """``explain`` lines of a table pass (indented under its pass header)."""
-    p = tables.algo.prepared
+    p = algo.prepared
     lo, hi = p.slabs_in.lead()
     names = [st.label for st in p.slabs_in.stages[: p.slabs_in.root + 1]]
-    store = tables.algo.store
+    store = algo.store
     if store is not None:
         out = [
             f"  input {tables.stream.label!r} has windowed stages: stored once "

@@ -95,6 +95,7 @@ class AlgoPass:
 
     index: int
     tables: Any  # dask_sweep.dsl.algorithms.Tables
+    algo: Any  # its algorithm, prepared by this compile
     plan: Any  # dask_sweep.ndimage._common.SweepPlan
     input_bytes: int
     read_bytes: int
@@ -235,17 +236,21 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     # streams, which later passes read.  Slabs sized for the whole budget may leave the
     # reading pass too little room (it holds a slab of output next to its own stages):
     # then the slabs are sized for 3/4, 9/16... of the budget, until all fit.
+    from dask_sweep.dsl.algorithms import PREPARED
+
     share = 1.0
     first: BudgetError | None = None
     while True:
+        algos: dict[int, Any] = {}  # this compile's prepared copies, by Tables.uid
+        token = PREPARED.set(algos)
         try:
             stores: dict = {}
             for t in sorted(tables, key=lambda t: t.pass_index):
-                t.algo.prepare(axis, s, share, stores)
+                algos[t.uid] = t.algo.prepare(axis, s, share, stores)
             # inputs stored once are written by the sweep of their level
-            stored = [Target(x, store, {}) for x, store in _stored_inputs(tables)]
+            stored = [Target(x, store, {}) for x, store in _stored_inputs(tables, algos)]
             passes = _lower_all(
-                npasses, targets + stored, reductions, tables, axis, s, sinks or {}
+                npasses, targets + stored, reductions, tables, algos, axis, s, sinks or {}
             )
             break
         except BudgetError as e:
@@ -253,6 +258,8 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
             if not tables or share <= 1 / 64:
                 raise first from None
             share *= 0.75
+        finally:
+            PREPARED.reset(token)
     # the pipeline's input: its own sources (an algorithm's output re-reads those)
     total_in = sum(
         x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")
@@ -265,16 +272,17 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     )
 
 
-def _stored_inputs(tables: list) -> list[tuple[Stream, Any]]:
+def _stored_inputs(tables: list, algos: dict) -> list[tuple[Stream, Any]]:
     """``(stream, store)`` of every input stored once (a store shared by two algorithms once)."""
     seen: dict[int, tuple[Stream, Any]] = {}
     for t in tables:
-        if t.algo.store is not None:
-            seen.setdefault(id(t.algo.store), (t.stream, t.algo.store))
+        store = algos[t.uid].store
+        if store is not None:
+            seen.setdefault(id(store), (t.stream, store))
     return list(seen.values())
 
 
-def _lower_all(npasses, targets, reductions, tables, axis, s, sinks) -> list[Any]:
+def _lower_all(npasses, targets, reductions, tables, algos, axis, s, sinks) -> list[Any]:
     passes: list[Any] = []
     for p in range(npasses):
         outs: list[tuple[str, Any]] = [("target", t) for t in targets if t.stream.level == p]
@@ -283,12 +291,14 @@ def _lower_all(npasses, targets, reductions, tables, axis, s, sinks) -> list[Any
             passes.append(_lower_pass(p, outs, axis, s, sinks))
         for t in tables:
             if t.pass_index == p:
-                prep = t.algo.prepared
+                algo = algos[t.uid]
+                prep = algo.prepared
                 ev = prep.slabs_in
                 passes.append(
                     AlgoPass(
                         index=p,
                         tables=t,
+                        algo=algo,
                         plan=prep.plan,
                         input_bytes=sum(
                             sum(st.bytes_per_row) for st in ev.stages if isinstance(st, Source)

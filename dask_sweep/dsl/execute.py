@@ -346,7 +346,7 @@ def run(*items: Any, **settings: Any) -> RunResult:
                 env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
     finally:
         sampler.stop()
-        _cleanup_tables(env)
+        _cleanup_tables(env, compiled)
     values = []
     for x in its:
         if isinstance(x, Scalar):
@@ -366,13 +366,17 @@ def run(*items: Any, **settings: Any) -> RunResult:
     return RunResult(values, named, report)
 
 
-def _cleanup_tables(env: dict) -> None:
-    """Remove the spill files of the run's algorithm tables (the run is over)."""
+def _cleanup_tables(env: dict, compiled: Compiled) -> None:
+    """Remove the run's spilled tables and stored inputs (the run is over, or failed)."""
     from dask_sweep.dsl.algorithms import _TableValue
+    from dask_sweep.ndimage import _spill
 
     for v in env.values():
         if isinstance(v, _TableValue):
             v.cleanup()
+    for pp in compiled.passes:
+        if isinstance(pp, AlgoPass) and pp.algo.store is not None:
+            _spill.remove_tree(pp.algo.store.path)
 
 
 def _run_algo(
@@ -391,7 +395,7 @@ def _run_algo(
     from dask_sweep.dsl.algorithms import run_tables
 
     plan = ap.plan
-    ev = ap.tables.algo.prepared.slabs_in
+    ev = ap.algo.prepared.slabs_in
     projected_reads = [ev.read_bytes(a, b) for a, b in plan.slabs]
     tracing = tracemalloc.is_tracing()
     if tracing:
@@ -422,7 +426,7 @@ def _run_algo(
                 f"{format_bytes(projected_reads[s])}"
             )
 
-    value = run_tables(ap.tables, env, compiled.settings, on_slab)
+    value = run_tables(ap.algo, env, compiled.settings, on_slab)
     report.input_bytes = max(report.input_bytes, ap.input_bytes)
     report.bytes_read += read
     env = dict(env)
@@ -554,12 +558,14 @@ def _advance_env(env: dict, reductions: list, scalars: list, axis: int, *blocks:
     return evaluate_scalars(env, totals, scalars)
 
 
-def _advance_tables(env: dict, tables: Any, scalars: list, settings: Any, *_written: Any) -> dict:
+def _advance_tables(
+    env: dict, uid: int, algo: Any, scalars: list, settings: Any, *_written: Any
+) -> dict:
     """The table pass as one task: the env with the tables (and scalars made of them)."""
     from dask_sweep.dsl.algorithms import run_tables
 
     env = dict(env)
-    env[tables.uid] = run_tables(tables, env, settings)
+    env[uid] = run_tables(algo, env, settings)
     return evaluate_scalars(env, {}, scalars)
 
 
@@ -608,14 +614,15 @@ def to_dask(*items: Any, **settings: Any):
         if isinstance(pp, AlgoPass):
             new_env = f"dsl-env-{token}-tables{k}"
             # a stored input: the table pass waits for every block of its writing pass
-            store = pp.tables.algo.store
+            store = pp.algo.store
             wrote = stored_by.get(id(store), (None, ()))
             layers[new_env] = {
                 new_env: Task(
                     new_env,
                     _advance_tables,
                     TaskRef(env_key),
-                    DataNode(None, pp.tables),
+                    DataNode(None, pp.tables.uid),
+                    DataNode(None, pp.algo),
                     DataNode(None, compiled.scalars),
                     DataNode(None, compiled.settings),
                     *(TaskRef(q) for q in wrote[1]),

@@ -42,14 +42,14 @@ class Explanation:
             if isinstance(pp, AlgoPass):
                 p = pp.plan
                 rows = [b - a for a, b in p.slabs]
-                algo = pp.tables.algo
+                algo = pp.algo
                 order = "last slab to first" if algo.name == "label" else "slabs in any order"
                 out.append(
                     f"pass {pp.index} of {npasses}: {algo.name} table pass over "
                     f"{tables_input(pp)} in {len(rows)} slabs of {min(rows)}-{max(rows)} "
                     f"planes ({order}); its output is read, slab by slab, by the next passes"
                 )
-                out += explain_lines(pp.tables)
+                out += explain_lines(pp.tables, pp.algo)
                 out.append(
                     f"  projected peak {format_bytes(pp.projected_peak)} of "
                     f"{format_bytes(p.budget)} budget ({100 * pp.projected_peak / p.budget:.0f}%)"

@@ -40,9 +40,13 @@ def temporary_directory() -> str:
     return dask.config.get("temporary-directory", None) or tempfile.gettempdir()
 
 
-def new_dir(kind: str) -> str:
-    """A fresh, unique directory path for one run's spilled results (not created yet)."""
-    path = os.path.join(temporary_directory(), f"dask-sweep-{kind}-{uuid.uuid4().hex[:16]}")
+def new_dir(kind: str, suffix: str = "") -> str:
+    """A fresh, unique directory path for one run's spilled results (not created yet).
+
+    It is removed when the process exits, if something is still there.
+    """
+    name = f"dask-sweep-{kind}-{uuid.uuid4().hex[:16]}{suffix}"
+    path = os.path.join(temporary_directory(), name)
     with _LOCK:
         _CREATED.add(path)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -285,6 +286,20 @@ def test_failed_run_leaves_no_stored_input(tmp_path):
             # fails in the pass reading the labels: tables and stored mask exist
             dsl.run(lab2, (lab2 > 0).map(fails_late, dtype=bool), **kw)
     assert os.listdir(tmp_path) == []
+
+
+def test_thick_source_rows_are_stored_in_thin_rows():
+    """A source whose rows are thicker than a slab can be is stored once, not re-read."""
+    x = (np.random.default_rng(2).random((64, 256, 256)) > 0.6).astype(np.uint8)
+    d = da.from_array(x, chunks=(64, 256, 256))  # one row: the whole volume
+    lab, n = dsl.label(dsl.source(d))
+    e = str(dsl.explain(lab, n, memory_limit="24MiB"))
+    assert "comes in rows of 64 planes" in e
+    r = dsl.run(lab, n, memory_limit="24MiB")
+    ref, rn = ndi.label(x)
+    np.testing.assert_array_equal(r.values[0], ref)
+    assert r.values[1] == rn
+    assert r.report.read_ratio == 3.0  # the source once, the stored copy twice
 
 
 # --------------------------------------------------------------------------- bad input

@@ -301,6 +301,7 @@ class _Algorithm:
     name = "algorithm"
     prepared: _Prepared | None = None
     store: SpillStore | None = None  # the input, stored once when recomputing costs halos
+    store_why = ""
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -328,40 +329,58 @@ class _Algorithm:
         stages, index = lower_streams(order, axis, settings)
         slabs_in = StreamSlabs(stages, index[id(self.stream)], axis, settings.threads)
         self.store = None
+        # Windows upstream: computing the input per slab would recompute (and re-read)
+        # their halos in both passes.  Store it once instead, written by the sweep of
+        # its level (rings, no halo work), and let both passes read it back.
         if slabs_in.lead() != (0, 0):
-            # Windows upstream: computing the input per slab would recompute (and re-read)
-            # their halos in both passes.  Store it once instead, written by the sweep of
-            # its level (rings, no halo work), and let both passes read it back.
-            stores = {} if stores is None else stores
-            if id(self.stream) not in stores:
-                rows = _store_rows(self.stream, settings)
-                stores[id(self.stream)] = SpillStore(self.stream.shape, self.stream.dtype, rows)
-            self.store = stores[id(self.stream)]
-            stored = Stream(
-                "source",
-                f"{self.stream.label} (stored)",
-                (),
-                self.stream.shape,
-                self.stream.dtype,
-                self.stream.vrange,
-                source=SpillSpec(self.store),
-            )
-            stages, index = lower_streams([stored], axis, settings)
-            slabs_in = StreamSlabs(stages, index[id(stored)], axis, settings.threads)
-        grid = _common_rows(stages, self.stream.shape[axis])
-        per_voxel, halo = slabs_in.cost()
+            slabs_in = self._stored(axis, settings, stores)
+            self.store_why = "has windowed stages (their halos would be recomputed per slab)"
         slab_budget = max(1, int(settings.memory_limit * share))
         try:
-            plan, extra = self._plan(grid, per_voxel, halo, settings, slab_budget)
+            plan, extra = self._plan(
+                _common_rows(slabs_in.stages, self.stream.shape[axis]),
+                *slabs_in.cost(),
+                settings,
+                slab_budget,
+            )
         except BudgetError:
-            if set(grid) == {1}:
+            if self.store is not None:
                 raise
-            # slabs thinner than the source's rows: those rows are then read by more
-            # than one slab (the projection counts it), but the budget holds
-            fine = (1,) * self.stream.shape[axis]
-            plan, extra = self._plan(fine, per_voxel, halo, settings, slab_budget)
+            # The source's rows are too thick for a slab: store the input once in
+            # thinner rows (reading a thick row per thin slab would re-read it, and
+            # hold it, once per slab).
+            rows = max(_common_rows(slabs_in.stages, self.stream.shape[axis]))
+            slabs_in = self._stored(axis, settings, stores)
+            self.store_why = f"comes in rows of {rows} planes, thicker than a slab can be"
+            plan, extra = self._plan(
+                _common_rows(slabs_in.stages, self.stream.shape[axis]),
+                *slabs_in.cost(),
+                settings,
+                slab_budget,
+            )
         self.prepared = _Prepared(plan, slabs_in, extra)
         return self
+
+    def _stored(self, axis: int, settings: Any, stores: dict | None) -> StreamSlabs:
+        """Store the input once (shared with the compile's other algorithms); its reader."""
+        from dask_sweep.dsl.compile import lower_streams
+
+        stores = {} if stores is None else stores
+        if id(self.stream) not in stores:
+            rows = _store_rows(self.stream, settings)
+            stores[id(self.stream)] = SpillStore(self.stream.shape, self.stream.dtype, rows)
+        self.store = stores[id(self.stream)]
+        stored = Stream(
+            "source",
+            f"{self.stream.label} (stored)",
+            (),
+            self.stream.shape,
+            self.stream.dtype,
+            self.stream.vrange,
+            source=SpillSpec(self.store),
+        )
+        stages, index = lower_streams([stored], axis, settings)
+        return StreamSlabs(stages, index[id(stored)], axis, settings.threads)
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):  # pragma: no cover
         raise NotImplementedError
@@ -963,9 +982,9 @@ def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:
     store = algo.store
     if store is not None:
         out = [
-            f"  input {tables.stream.label!r} has windowed stages: stored once "
+            f"  input {tables.stream.label!r} {algo.store_why}: stored once "
             f"({format_bytes(store.nbytes)}, Zarr chunks of {store.chunks[0]} planes) by the "
-            "sweep before, read back by this pass and by the output (no halo recomputed)"
+            "sweep before, read back by this pass and by the output"
         ]
     else:
         out = [

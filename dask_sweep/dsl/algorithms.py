@@ -167,6 +167,9 @@ class StreamSlabs:
             )
             per_voxel += c
             fixed += c * (r[1] - r[0] - 1) * plane
+            if isinstance(st, Source) and isinstance(st.reader, AlgoRows):
+                # another algorithm's output, computed slab by slab inside the request
+                fixed += st.reader.algo.held_bytes()
         return per_voxel, int(math.ceil(fixed))
 
     @property
@@ -302,13 +305,19 @@ class _Algorithm:
     prepared: _Prepared | None = None
     store: SpillStore | None = None  # the input, stored once when recomputing costs halos
     store_why = ""
+    resident = 0  # bytes of earlier algorithms' tables held while this one runs
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
     # -- planning
     def prepare(
-        self, axis: int, settings: Any, share: float = 1.0, stores: dict | None = None
+        self,
+        axis: int,
+        settings: Any,
+        share: float = 1.0,
+        stores: dict | None = None,
+        resident: int = 0,
     ) -> _Algorithm:
         """A copy of the algorithm with its slabs planned for these settings (no I/O).
 
@@ -316,10 +325,12 @@ class _Algorithm:
         compiler lowers it when the pass reading the output does not fit).
         ``stores``: ``{id(stream): SpillStore}`` shared by the algorithms of one
         compile, so an input two algorithms read is stored once.
+        ``resident``: bytes of earlier algorithms' tables, in memory meanwhile.
         """
         from dask_sweep.dsl.compile import _walk_streams, lower_streams
 
         self = copy.copy(self)  # this compile's copy: the user's objects are never changed
+        self.resident = resident
         if axis != 0:
             raise PlanError(
                 f"dask_sweep.dsl: {self.name}() sweeps along axis 0 (its slabs are whole "
@@ -335,7 +346,7 @@ class _Algorithm:
         if slabs_in.lead() != (0, 0):
             slabs_in = self._stored(axis, settings, stores)
             self.store_why = "has windowed stages (their halos would be recomputed per slab)"
-        slab_budget = max(1, int(settings.memory_limit * share))
+        slab_budget = max(1, int(settings.memory_limit * share) - resident)
         try:
             plan, extra = self._plan(
                 _common_rows(slabs_in.stages, self.stream.shape[axis]),
@@ -403,8 +414,16 @@ class _Algorithm:
         raise NotImplementedError
 
     def held_bytes(self) -> int:
-        """Bytes reading the output holds beyond its planes: tables + one slab's work."""
+        """Bytes reading the output holds beyond its planes: the slabs' work in flight.
+
+        Its tables are counted apart (:meth:`kept_bytes`): they stay for the rest of
+        the run, read or not.
+        """
         return int(self.prepared.extra["held"])
+
+    def kept_bytes(self) -> int:
+        """Bytes of tables this algorithm keeps in memory (at most)."""
+        return int(self.prepared.extra["reserve"])
 
     # -- running
     def tables(
@@ -640,15 +659,16 @@ def run_tables(algo: _Algorithm, env: dict, settings: Any, on_slab: Any = None) 
 # --------------------------------------------------------------------------- label
 
 
-def _keep(tables: int, plan: Any) -> int:
+def _keep(tables: int, plan: Any, resident: int) -> int:
     """Bytes of an algorithm's tables kept in memory (the rest is spilled to ``.npy`` files).
 
-    At most what the table pass leaves of the budget, and at most an eighth of the
-    budget: the tables stay during the pass that reads the output, and must not
-    grow as slabs get thinner (thinner slabs leave more of the budget, and make
-    more tables).
+    At most what the table pass leaves of the budget (next to the tables of earlier
+    algorithms, ``resident``), and at most an eighth of the budget: the tables stay
+    for the rest of the run, and must not grow as slabs get thinner (thinner slabs
+    leave more of the budget, and make more tables).
     """
-    return int(max(0, min(tables, plan.budget - plan.projected_peak, plan.budget // 8)))
+    room = plan.budget - resident - plan.projected_peak
+    return int(max(0, min(tables, room, plan.budget // 8)))
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Any, items: list, ahead: int):
@@ -697,7 +717,7 @@ class _Label(_Algorithm):
         # the lookup tables (one label per two voxels).
         voxels = int(np.prod(self.stream.shape, dtype=np.int64))
         worst = self.out_dtype.itemsize * (voxels // 2 + len(plan.slabs))
-        keep = _keep(worst, plan)
+        keep = _keep(worst, plan, self.resident)
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         rows = plan.max_rows
         # reading one slab of the output: the relabel pass's per-voxel bytes for one slab,
@@ -706,7 +726,7 @@ class _Label(_Algorithm):
         # (and the slabs computed ahead on the other threads: their whole work)
         ahead = max(0, settings.threads - 1)
         work = relabel.per_voxel * rows * plane + halo
-        held = work * (1 + ahead) - self.out_dtype.itemsize * rows * plane + keep
+        held = work * (1 + ahead) - self.out_dtype.itemsize * rows * plane
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
@@ -827,7 +847,7 @@ class _EDT(_Algorithm):
         )
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         tables = 3 * 4 * plane * len(plan.slabs)  # F, the down edges, B
-        keep = _keep(tables, plan)
+        keep = _keep(tables, plan, self.resident)
         plan = dataclasses.replace(plan, bytes_written=max(0, tables - keep))
         dist = plan.passes[1]
         rows = plan.max_rows
@@ -836,7 +856,7 @@ class _EDT(_Algorithm):
         # nothing computed ahead: a slab's envelopes already run on every thread
         ahead = 0
         work = dist.per_voxel * rows * plane + dist.fixed - settings.runtime_overhead
-        held = work * (1 + ahead) - 8 * rows * plane + keep
+        held = work * (1 + ahead) - 8 * rows * plane
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
@@ -994,8 +1014,13 @@ def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:
         ]
     out += ["  " + line for line in str(p.plan).splitlines()]
     out.append(
-        f"  tables kept in memory up to {format_bytes(p.extra['reserve'])} (spilled beyond); "
-        f"reading the output holds {format_bytes(p.extra['held'])} beyond its planes in the "
-        "next pass (counted there)"
+        f"  tables kept in memory up to {format_bytes(p.extra['reserve'])} (spilled beyond; "
+        "counted in every later pass); reading the output holds "
+        f"{format_bytes(p.extra['held'])} beyond its planes (counted in the passes that read it)"
+        + (
+            f"; {format_bytes(algo.resident)} of earlier algorithms' tables held meanwhile"
+            if algo.resident
+            else ""
+        )
     )
     return out

@@ -102,7 +102,8 @@ class AlgoPass:
 
     @property
     def projected_peak(self) -> int:
-        return self.plan.projected_peak
+        """The table pass's peak, with the tables of earlier algorithms in memory."""
+        return self.plan.projected_peak + self.algo.resident
 
 
 @dataclass
@@ -246,7 +247,9 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
         try:
             stores: dict = {}
             for t in sorted(tables, key=lambda t: t.pass_index):
-                algos[t.uid] = t.algo.prepare(axis, s, share, stores)
+                # the tables of algorithms before this one stay in memory meanwhile
+                resident = sum(a.kept_bytes() for a in algos.values())
+                algos[t.uid] = t.algo.prepare(axis, s, share, stores, resident)
             # inputs stored once are written by the sweep of their level
             stored = [Target(x, store, {}) for x, store in _stored_inputs(tables, algos)]
             passes = _lower_all(
@@ -288,7 +291,9 @@ def _lower_all(npasses, targets, reductions, tables, algos, axis, s, sinks) -> l
         outs: list[tuple[str, Any]] = [("target", t) for t in targets if t.stream.level == p]
         outs += [("reduce", r) for r in reductions if r.pass_index == p]
         if outs:
-            passes.append(_lower_pass(p, outs, axis, s, sinks))
+            # tables of the algorithms before this level stay in memory through it
+            kept = sum(algos[t.uid].kept_bytes() for t in tables if t.pass_index < p)
+            passes.append(_lower_pass(p, outs, axis, s, sinks, kept))
         for t in tables:
             if t.pass_index == p:
                 algo = algos[t.uid]
@@ -389,7 +394,7 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
 
 
 def _lower_pass(
-    p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict
+    p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict, kept: int = 0
 ) -> PassPlan:
     roots: list[Stream] = [o.stream for _, o in outs]
     order = _walk_streams(roots)
@@ -397,7 +402,7 @@ def _lower_pass(
     stages, index = lower_streams(order, axis, s)
     # what reading an algorithm's output holds beyond the planes (its tables, its
     # per-slab work): resident next to the pass, counted like the runtime overhead
-    extra = sum(
+    extra = kept + sum(
         x.source.held_bytes()
         for x in order
         if x.kind == "source" and hasattr(x.source, "held_bytes")

@@ -34,3 +34,7 @@ def test_next_row_is_read_ahead(tmp_path, monkeypatch):
     advised.clear()
     src.read((slice(8, 12),))  # the last row: nothing after it
     assert not [a for _, a in advised if a == os.POSIX_FADV_WILLNEED]
+    advised.clear()
+    src.read((slice(4, 8),))  # backwards now: row 0 is the next one
+    ahead = sorted(os.path.relpath(p, path) for p, a in advised if a == os.POSIX_FADV_WILLNEED)
+    assert ahead == [os.path.join("c", "0", "0", "0"), os.path.join("c", "0", "1", "0")]

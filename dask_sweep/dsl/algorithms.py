@@ -604,6 +604,15 @@ class AlgoRows:
         """Bytes read for the rows returned so far (rows computed ahead count when returned)."""
         return self.delivered
 
+    def close(self) -> None:
+        """Stop computing ahead (the pass ended early, e.g. on an error)."""
+        for f in self._futures.values():
+            f.cancel()
+        self._futures.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _slab(self, r: int) -> tuple[np.ndarray, int]:
         a, b = self.row_bounds[r], self.row_bounds[r + 1]
         counter: list = []
@@ -634,11 +643,7 @@ class AlgoRows:
         out, nbytes = fut.result() if fut is not None else self._slab(r)
         self.delivered += nbytes
         if r == last:
-            for f in self._futures.values():
-                f.cancel()
-            self._futures.clear()
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            self.close()
         return out
 
 

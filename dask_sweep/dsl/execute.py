@@ -446,6 +446,27 @@ def _run_pass(
     axis: int,
 ) -> dict:
     plan = pp.bound(env)
+    try:
+        return _run_steps(pp, plan, env, compiled, results, report, sampler, margin, slack, axis)
+    finally:
+        for st in plan.stages:  # readers computing ahead stop (the pass may have failed)
+            close = getattr(getattr(st, "reader", None), "close", None)
+            if close is not None:
+                close()
+
+
+def _run_steps(
+    pp: PassPlan,
+    plan: Plan,
+    env: dict,
+    compiled: Compiled,
+    results: dict,
+    report: RunReport,
+    sampler: _Sampler,
+    margin: float,
+    slack: int,
+    axis: int,
+) -> dict:
     peaks = list(pp.step_peaks)
     reads = list(pp.step_reads)
     acc: dict[int, np.ndarray] = {}

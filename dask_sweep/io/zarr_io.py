@@ -234,16 +234,28 @@ class ZarrSource(Source):
     def _read_ahead(self, arr, region: Region) -> None:
         """Ask the kernel to start reading the chunk files of the next region along axis 0.
 
-        Sweeps read in disk order, so the region after this one is the likely next
-        read: its disk reads then overlap this region's compute and writes
-        (``posix_fadvise(WILLNEED)`` starts them and returns).  Best effort.
+        Sweeps read in disk order, so the region after this one (before it, when the
+        reads go backwards) is the likely next read: its disk reads then overlap this
+        region's compute and writes (``posix_fadvise(WILLNEED)`` starts them and
+        returns).  Best effort.
         """
         if not hasattr(os, "posix_fadvise") or not region:
             return
-        h = region[0].stop - region[0].start
-        if h <= 0 or region[0].stop >= self.shape[0]:
+        a, b = region[0].start, region[0].stop
+        h = b - a
+        # a sweep may run backwards (label's first pass): follow the last step's direction
+        back = a < getattr(self, "_last_start", -1)
+        self._last_start = a
+        if h <= 0:
             return
-        nxt = (slice(region[0].stop, min(self.shape[0], region[0].stop + h)), *region[1:])
+        if back:
+            if a <= 0:
+                return
+            nxt = (slice(max(0, a - h), a), *region[1:])
+        else:
+            if b >= self.shape[0]:
+                return
+            nxt = (slice(b, min(self.shape[0], b + h)), *region[1:])
         for block in self._chunk_ids(nxt):
             key = arr.metadata.encode_chunk_key(block)
             path = os.path.join(self.path, *key.split("/"))

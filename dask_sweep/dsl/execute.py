@@ -338,14 +338,22 @@ def run(*items: Any, **settings: Any) -> RunResult:
     report.rss_start = sampler.peak
     if tracemalloc.is_tracing():
         report.traced_start = tracemalloc.get_traced_memory()[0]
+    bound: list[Plan] = []  # the passes' bound plans, whose readers are closed at the end
     try:
         for pp in compiled.passes:
             if isinstance(pp, AlgoPass):
                 env = _run_algo(pp, env, compiled, report, sampler)
             else:
-                env = _run_pass(pp, env, compiled, results, report, sampler, margin, slack, axis)
+                env = _run_pass(
+                    pp, env, compiled, results, report, sampler, margin, slack, axis, bound
+                )
     finally:
         sampler.stop()
+        for plan in bound:  # readers computing ahead stop (a pass may have failed)
+            for st in plan.stages:
+                close = getattr(getattr(st, "reader", None), "close", None)
+                if close is not None:
+                    close()
         _cleanup_tables(env, compiled)
     values = []
     for x in its:
@@ -444,29 +452,10 @@ def _run_pass(
     margin: float,
     slack: int,
     axis: int,
+    bound: list,
 ) -> dict:
     plan = pp.bound(env)
-    try:
-        return _run_steps(pp, plan, env, compiled, results, report, sampler, margin, slack, axis)
-    finally:
-        for st in plan.stages:  # readers computing ahead stop (the pass may have failed)
-            close = getattr(getattr(st, "reader", None), "close", None)
-            if close is not None:
-                close()
-
-
-def _run_steps(
-    pp: PassPlan,
-    plan: Plan,
-    env: dict,
-    compiled: Compiled,
-    results: dict,
-    report: RunReport,
-    sampler: _Sampler,
-    margin: float,
-    slack: int,
-    axis: int,
-) -> dict:
+    bound.append(plan)  # the caller closes its readers, whatever happens
     peaks = list(pp.step_peaks)
     reads = list(pp.step_reads)
     acc: dict[int, np.ndarray] = {}

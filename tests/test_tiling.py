@@ -97,3 +97,36 @@ def test_no_tiling_when_output_blocks_straddle_every_cut(cube):
     with pytest.raises(BudgetError):
         with dask_sweep.enable(memory_limit="300KiB", runtime_overhead=0, fallback="raise"):
             y.compute()
+
+
+def _pipe_with_elementwise(x):
+    y = (x.astype("f4") * 0.5).map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary="none")
+    y = y.map_overlap(ndi.grey_erosion, depth=1, size=3, boundary="reflect")
+    return (y > 60).astype("u1") + np.uint8(1)
+
+
+@pytest.mark.parametrize("budget", ["3MiB", "1500KiB"])
+def test_elementwise_stages_are_tiled(tmp_path, cube, budget):
+    store = CountingStore(LocalStore(cube, read_only=True))
+    x = da.from_zarr(zarr.open_array(store, mode="r"))
+    y = _pipe_with_elementwise(x)
+    expected = y.compute(scheduler="sync")
+    settings = dict(memory_limit=budget, runtime_overhead=0, fallback="raise")
+    e = dask_sweep.explain(y, **settings)
+    (plan, _), = e.result.plans
+    tiling = plan.info["tiling"]
+    assert tiling["tiles"] > 1 and "tiled in-plane" in str(e)
+    before = store.keys_read
+    with dask_sweep.enable(**settings):
+        got = y.compute()
+    np.testing.assert_array_equal(got, expected)
+    assert store.keys_read - before == tiling["chunk_reads"]
+
+
+def test_map_blocks_is_not_tiled(cube):
+    x = da.from_zarr(zarr.open_array(cube, mode="r"))
+    y = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary="none")
+    y = y.map_blocks(lambda b: b - b.min())  # depends on the block: never assumed pure
+    with pytest.raises(BudgetError, match="keeps dask's blocks"):
+        with dask_sweep.enable(memory_limit="400KiB", runtime_overhead=0, fallback="raise"):
+            y.compute()

@@ -174,3 +174,43 @@ def kernel_call(layer) -> tuple[Any, dict] | None:
     if any(isinstance(v, GraphNode) for v in kw.values()):
         return None
     return func, kw
+
+def _pure_funcs() -> tuple:
+    import operator
+
+    from dask.array import chunk
+
+    ops = tuple(
+        getattr(operator, n)
+        for n in (
+            "add sub mul truediv floordiv mod pow gt ge lt le eq ne and_ or_ xor invert "
+            "neg pos abs"
+        ).split()
+    )
+    return (*ops, chunk.astype, np.where, np.clip)
+
+
+def is_pure_elementwise(ev: BlockwiseEval) -> bool:
+    """Whether a Blockwise layer computes each value from the same position alone.
+
+    True for numpy ufuncs, ``operator`` arithmetic/comparisons, ``astype``,
+    ``where`` and ``clip`` (possibly nested), with no I/O dependencies: such a
+    layer gives the same values on any block, so it may be evaluated on blocks
+    other than dask's (in-plane tiles).  A ``map_blocks`` function is never
+    assumed pure: it may depend on the block it is given.
+    """
+    from dask._task_spec import Task
+
+    if ev.io_deps:
+        return False
+    pure = _pure_funcs()
+
+    def ok(node) -> bool:
+        if isinstance(node, Task):
+            f = node.func
+            if not (isinstance(f, np.ufunc) or any(f is g for g in pure)):
+                return False
+            return all(ok(a) for a in node.args) and all(ok(v) for v in node.kwargs.values())
+        return True  # a reference to an input block, or a literal
+
+    return ok(ev.task)

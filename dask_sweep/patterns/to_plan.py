@@ -7,7 +7,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from dask_sweep.errors import NotSweepable
 from dask_sweep.patterns.kernels import kernel_stage
-from dask_sweep.patterns.layers import BlockwiseEval, array_meta
+from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
 from dask_sweep.plan.ir import Blocked, Identity, Output, Plan, Source, Stage
@@ -179,6 +179,7 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 boundary=tuple(tuple("none" for _ in spec.meta.shape) for _ in ins),
                 block_fn=ElementwiseBlockFn(spec.func_eval, spec.func_positions),
                 kind="elementwise", sweep_axis=axis,
+                pure=is_pure_elementwise(spec.func_eval),
             )
         else:
             st = None

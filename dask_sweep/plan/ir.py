@@ -111,6 +111,10 @@ class Blocked(Stage):
         Per input, per axis boundary kind as dask spells it.
     block_fn
         ``block_fn(index, *regions) -> ndarray``: evaluate one block.
+    pure
+        The function is elementwise (numpy ufuncs, ``astype``...; see
+        :func:`~dask_sweep.patterns.layers.is_pure_elementwise`): in-plane tiles may
+        evaluate it on blocks of their own.
     """
 
     chunks: tuple[tuple[int, ...], ...] = ()
@@ -118,6 +122,7 @@ class Blocked(Stage):
     boundary: tuple[tuple[BoundaryT, ...], ...] = ()
     block_fn: Callable[..., np.ndarray] | None = None
     kind: str = "blockwise"
+    pure: bool = False  # each value from the same position alone: any block gives dask's values
 
     def window(self, i: int) -> tuple[int, int]:
         return self._axis_depth[i]

@@ -172,13 +172,6 @@ class StreamSlabs:
                 fixed += st.reader.algo.held_bytes()
         return per_voxel, int(math.ceil(fixed))
 
-    @property
-    def bytes_read(self) -> int:
-        """Bytes the sources' readers have returned so far."""
-        return sum(
-            getattr(st.reader, "bytes_read", 0) for st in self.stages if isinstance(st, Source)
-        )
-
     def planes(self, a: int, b: int, counter: list | None = None) -> np.ndarray:
         """The stream's planes ``[a, b)`` along the sweep axis.
 

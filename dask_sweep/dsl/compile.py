@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.config import SweepSettings
+from dask_sweep.dsl.algorithms import PREPARED, Tables
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.stages import Pointwise, Reduce, Window, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
@@ -156,8 +157,6 @@ def _walk_streams(roots: list[Stream], cross: bool = False) -> list[Stream]:
 
 
 def _deps(node: Any, cross: bool = True) -> list[Any]:
-    from dask_sweep.dsl.algorithms import Tables
-
     if isinstance(node, Stream):
         return [*node.inputs, *node.scalars]
     if isinstance(node, Tables):
@@ -206,8 +205,6 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     roots = [t.stream for t in targets] + [x for x in items if isinstance(x, Scalar)]
     scalars = _all_scalars(roots)
     reductions = [x for x in scalars if isinstance(x, Reduction)]
-    from dask_sweep.dsl.algorithms import Tables
-
     tables = [x for x in scalars if isinstance(x, Tables)]
     streams = _walk_streams(roots, cross=True)
     if not streams:
@@ -237,8 +234,6 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     # streams, which later passes read.  Slabs sized for the whole budget may leave the
     # reading pass too little room (it holds a slab of output next to its own stages):
     # then the slabs are sized for 3/4, 9/16... of the budget, until all fit.
-    from dask_sweep.dsl.algorithms import PREPARED
-
     share = 1.0
     first: BudgetError | None = None
     while True:

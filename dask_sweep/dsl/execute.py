@@ -42,6 +42,7 @@ from dask_sweep.dsl.compile import (
 )
 
 __all__ = ["RunReport", "RunResult", "StepRecord", "run", "to_dask"]
+from dask_sweep.dsl.algorithms import Tables, _TableValue, run_tables
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.stages import combine_partials
 from dask_sweep.plan.ir import Plan, Source
@@ -212,8 +213,6 @@ def evaluate_scalars(env: dict, totals: dict, scalars: list[Scalar]) -> dict:
 
     ``env`` and ``totals`` are keyed by ``Scalar.uid``; returns a new ``env``.
     """
-    from dask_sweep.dsl.algorithms import Tables
-
     env = dict(env)
     # tables are set by their table pass, never computed here
     pending = [s for s in scalars if s.uid not in env and not isinstance(s, Tables)]
@@ -376,7 +375,6 @@ def run(*items: Any, **settings: Any) -> RunResult:
 
 def _cleanup_tables(env: dict, compiled: Compiled) -> None:
     """Remove the run's spilled tables and stored inputs (the run is over, or failed)."""
-    from dask_sweep.dsl.algorithms import _TableValue
     from dask_sweep.ndimage import _spill
 
     for v in env.values():
@@ -400,8 +398,6 @@ def _run_algo(
     slabs in flight overlap, so it is the pass's memory at that time); its
     projection is the pass's, which counts every slab in flight.
     """
-    from dask_sweep.dsl.algorithms import run_tables
-
     plan = ap.plan
     ev = ap.algo.prepared.slabs_in
     projected_reads = [ev.read_bytes(a, b) for a, b in plan.slabs]
@@ -572,8 +568,6 @@ def _advance_tables(
     env: dict, uid: int, algo: Any, scalars: list, settings: Any, *_written: Any
 ) -> dict:
     """The table pass as one task: the env with the tables (and scalars made of them)."""
-    from dask_sweep.dsl.algorithms import run_tables
-
     env = dict(env)
     env[uid] = run_tables(algo, env, settings)
     return evaluate_scalars(env, {}, scalars)

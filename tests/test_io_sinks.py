@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -184,22 +186,21 @@ def test_zarr_direct_chunk_writes_match_zarr_bytes(tmp_path, zarr_format, dtype)
     assert not [k for k in got if k.endswith(".partial")]
 
 
-def test_deferred_commit_records_only_after_sync(tmp_path, monkeypatch):
+def test_commit_slab_syncs_a_deferred_slab_then_records_it(tmp_path, monkeypatch):
     from dask_sweep.io import base
 
-    events = []
-    sync = base._fsync_file
-    monkeypatch.setattr(base, "_fsync_file", lambda p: (events.append("sync"), sync(p)))
-    write_json = base._write_json
-    monkeypatch.setattr(
-        base, "_write_json", lambda p, o, f: (events.append("record"), write_json(p, o, f))
+    sink = ZarrSink(
+        tmp_path / "o.zarr", (8, 4, 4), "u1", chunks=(2, 4, 4), compressors=None,
+        sync_bytes="1GiB",
     )
-    sink = ZarrSink(tmp_path / "o.zarr", (8, 4, 4), "u1", chunks=(2, 4, 4), compressors=None)
-    events.clear()
+    seen = []
+    sync = base._fsync_file
+    monkeypatch.setattr(base, "_fsync_file", lambda p: (seen.append(sink.done_slabs()), sync(p)))
     sink.write_slab(0, np.ones((4, 4, 4), "u1"), commit=False)
-    assert sink.done_slabs() == [] and events == []
+    assert sink.done_slabs() == [] and seen == []
     sink.commit_slab(0, 4)
+    assert seen == [[], []]  # both chunk files synced, before the record
     assert sink.done_slabs() == [(0, 4)]
-    assert events == ["sync", "sync", "record"]  # both chunk files, then the record
+    assert not [n for n in os.listdir(sink.progress_path) if n.endswith(".written")]
     with pytest.raises(SinkError, match="never written"):
         sink.finalize()

@@ -706,12 +706,10 @@ class SinkWriter:
         self.piece = sink.row_step
 
     def write_planes(self, a: int, planes: np.ndarray) -> None:
-        n = len(planes)
-        for s in range(0, n, max(1, self.piece)):
-            # handed to the kernel piece by piece (write-back starts at once)...
+        for s in range(0, len(planes), max(1, self.piece)):
+            # handed to the kernel piece by piece (write-back starts at once); the
+            # sink syncs and records them in groups while the sweep goes on
             self.sink.write_slab(a + s, planes[s : s + self.piece], commit=False)
-        # ...then synced and recorded once for the whole step
-        self.sink.commit_slab(a, a + n)
 
 
 def open_sink(t: Target, g: int) -> SinkWriter:

@@ -20,6 +20,7 @@ on ``distributed``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import tracemalloc
@@ -346,6 +347,12 @@ def run(*items: Any, **settings: Any) -> RunResult:
                 env = _run_pass(
                     pp, env, compiled, results, report, sampler, margin, slack, axis, bound
                 )
+    except BaseException:
+        # keep what was written: resume=True then redoes only the slabs not finished
+        for w in sinks.values():
+            with contextlib.suppress(Exception):
+                w.sink.sync()
+        raise
     finally:
         sampler.stop()
         for plan in bound:  # readers computing ahead stop (a pass may have failed)

@@ -13,8 +13,8 @@ idle threads would run the reads ahead and fill memory::
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -228,15 +228,19 @@ def imwrite(
         array = da.from_array(array, chunks=(sink.slab_rows, *array.shape[1:]))
     elif slab_rows is None:
         sink.slab_rows = _block_aligned_rows(array, sink)
-    if compute:
-        swept = _swept_store(array, sink)
+    if not compute:
+        return write_graph(array, sink, lag=lag)
+    swept = _swept_store(array, sink)
+    try:
         if swept is not None:
             dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
-    out = write_graph(array, sink, lag=lag)
-    if not compute:
-        return out
-    (result,) = dask.compute(out, scheduler=scheduler)
+        (result,) = dask.compute(write_graph(array, sink, lag=lag), scheduler=scheduler)
+    except BaseException:
+        # keep what was written: resume=True then redoes only the slabs not finished
+        with contextlib.suppress(Exception):
+            sink.sync()
+        raise
     return result
 
 
@@ -267,7 +271,8 @@ class SinkTarget:
             raise SinkError(
                 f"dask_sweep: {self.sink.path} takes whole planes from a sweep; got {index}."
             )
-        self.sink.write_slab(rows.start or 0, np.asarray(value))
+        # synced in groups by the sink; imwrite finalizes (or, on failure, syncs) it
+        self.sink.write_slab(rows.start or 0, np.asarray(value), commit=False)
 
     def __dask_tokenize__(self) -> tuple:
         return ("dask-sweep-sink-target", self.sink.path, self.sink.manifest())
@@ -430,12 +435,11 @@ def _after(value: Any, _marker: Any) -> Any:
 def _write_slab(
     sink: Sink, start: int, stop: int, row0: int, blocks: list, prev: dict | None
 ) -> dict:
-    """Write one slab while the previous one is synced and recorded.
+    """Write one slab (after the previous one: ``prev`` chains the writes in order).
 
-    The previous slab's ``fsync`` runs on a helper thread (it waits on the disk
-    without holding the GIL) while this slab is handed to the kernel, so the
-    disk never idles between slabs; a crash leaves at most two slabs
-    unrecorded, which ``resume=True`` redoes.
+    The slab is handed to the kernel, which starts writing it back at once; the
+    sink syncs and records slabs in groups on a helper thread (``sync_bytes``),
+    so the disk never idles between slabs and the sweep never waits for it.
     """
     from dask.array.core import concatenate3
 
@@ -445,32 +449,8 @@ def _write_slab(
     # one block: written as it is, no concatenation copy
     data = concatenate3(blocks) if isinstance(single, list) else single
     data = data[start - row0 : stop - row0]
-    if prev is None:
-        return sink.write_slab(start, data, commit=False)
-    pending = _committer().submit(sink.commit_slab, prev["start"], prev["stop"])
-    try:
-        marker = sink.write_slab(start, data, commit=False)
-    finally:
-        pending.result()  # the previous slab's error first: it is the earlier one
-    return marker
-
-
-_COMMITTER = None
-_COMMITTER_LOCK = threading.Lock()
-
-
-def _committer():
-    """The per-process helper threads that sync and record slabs."""
-    global _COMMITTER
-    with _COMMITTER_LOCK:
-        if _COMMITTER is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _COMMITTER = ThreadPoolExecutor(2, thread_name_prefix="dask-sweep-commit")
-        return _COMMITTER
+    return sink.write_slab(start, data, commit=False)
 
 
 def _finalize(sink: Sink, last: dict | None) -> str:
-    if last is not None:
-        sink.commit_slab(last["start"], last["stop"])
-    return sink.finalize()
+    return sink.finalize()  # syncs and records the slabs not yet synced

@@ -11,10 +11,13 @@ the disk layout, so the sweep engine can inline the reads into its slab tasks::
 
 A **sink** writes slabs along axis 0, in sweep order, into a temporary output
 ``<path>.partial`` and records each finished slab in ``<path>.progress/``
-(one small JSON marker per slab, written after the slab's bytes are synced).
-``finalize()`` renames the temporary output to ``<path>`` and removes the
-record, so a crash leaves either the previous output or a visibly incomplete
-one, and ``resume=True`` continues from the markers::
+(one empty marker file per slab, named by its rows, made a *done* record only
+after the slab's bytes are synced).  Slabs written with ``commit=False`` are
+synced in groups of about ``sync_bytes`` on a helper thread while later slabs
+are produced, so the disk always has a deep queue of write-back and few cache
+flushes.  ``finalize()`` syncs what is left, renames the temporary output to
+``<path>`` and removes the record, so a crash leaves either the previous output
+or a visibly incomplete one, and ``resume=True`` continues from the records::
 
     rows   0        4        8        12  ...
            [ slab 0 ][ slab 1 ][ slab 2 ]     written in order, each a whole
@@ -24,6 +27,7 @@ one, and ``resume=True`` continues from the markers::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -391,6 +395,13 @@ class Sink(ABC):
         of ``sweep.memory-limit``).
     fsync
         Flush each slab to stable storage before recording it as done.
+    sync_bytes
+        Slabs written with ``commit=False`` are synced and recorded in groups
+        of at least this many bytes (default ``sweep.sync-bytes``, 64 MiB), one
+        group at a time on a helper thread.  The kernel's page cache holds up to
+        about two groups of written, unsynced output (not this process's
+        memory); a hard crash makes ``resume=True`` redo at most those slabs.
+        ``0`` syncs every slab on its own.
     """
 
     kind: ClassVar[str] = "sink"
@@ -407,11 +418,13 @@ class Sink(ABC):
         resume: bool = False,
         slab_rows: int | None = None,
         fsync: bool = True,
+        sync_bytes: int | str | None = None,
     ) -> None:
         self.path = _fspath(path)
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.fsync = fsync
+        self.sync_bytes = _sync_bytes(sync_bytes)
         if len(self.shape) < 1:
             raise SinkError(
                 f"Expected an array with at least one axis for {self.path}. Got a scalar."
@@ -492,10 +505,19 @@ class Sink(ABC):
 
     # ---- the lifecycle
 
+    def _group_key(self) -> tuple:
+        """This write's group-sync state in this process (a new sink: a new write)."""
+        return (os.getpid(), self.progress_path, self._write_id)
+
     def _open(self, *, overwrite: bool, resume: bool) -> None:
+        self._write_id = uuid.uuid4().hex
         interrupted = os.path.lexists(self.partial_path) or os.path.lexists(self.progress_path)
         if interrupted:
             if resume and self._resumable():
+                # marks of an interrupted run: its unsynced slabs are redone
+                for n in os.listdir(self.progress_path):
+                    if n.endswith(".written"):
+                        os.remove(os.path.join(self.progress_path, n))
                 return
             if not (resume or overwrite):
                 raise SinkError(
@@ -564,9 +586,10 @@ class Sink(ABC):
             of :attr:`row_step` or the end of the output.
         commit
             Sync the slab and record it as done before returning.  ``False``
-            only starts the write-back to disk and leaves the slab unrecorded
-            until :meth:`commit_slab`, so a sweep can compute the next slab
-            while the disk writes this one.
+            starts the write-back to disk, marks the slab *written* and leaves
+            syncing and recording to the group sync (``sync_bytes``), to
+            :meth:`sync` or to :meth:`finalize`, so a sweep computes the next
+            slabs while the disk writes this one.
 
         Returns
         -------
@@ -576,7 +599,8 @@ class Sink(ABC):
         Raises
         ------
         SinkError
-            On a misaligned or misshapen slab, or a failed write.
+            On a misaligned or misshapen slab, or a failed write (or a failed
+            group sync of earlier slabs).
         """
         data = np.asarray(data)
         stop = start + data.shape[0] if data.ndim else start
@@ -611,7 +635,16 @@ class Sink(ABC):
         marker = {"start": int(start), "stop": int(stop), "nbytes": int(data.nbytes)}
         if commit:
             self.commit_slab(start, stop)
+        else:
+            # the mark follows the bytes: any process may sync and record it later
+            open(self._record(start, stop, written=True), "wb").close()
+            _group_sync(self).add(self, start, stop, data.nbytes)
         return marker
+
+    def _record(self, start: int, stop: int, *, written: bool = False) -> str:
+        """Path of a slab's record: *done* (``.json``) or only *written*."""
+        ext = "written" if written else "json"
+        return os.path.join(self.progress_path, f"slab-{start:012d}-{stop:012d}.{ext}")
 
     def commit_slab(self, start: int, stop: int) -> None:
         """Make rows ``start:stop`` durable, then record them as done.
@@ -620,22 +653,68 @@ class Sink(ABC):
         entries naming their files) are synced: a crash in between redoes the
         slab on ``resume=True``, never skips it.
         """
-        if self.fsync:
+        self._commit([(start, stop)], direct=True)
+
+    def _commit(self, slabs: list[tuple[int, int]], *, direct: bool = False) -> None:
+        """Sync the files of ``slabs`` (then their directories, once), then record them.
+
+        ``direct``: the slabs were written with ``commit=True`` (no *written* mark);
+        otherwise only slabs still marked *written* are recorded.
+        """
+        if self.fsync and slabs:
+            files: list[str] = []
             try:
-                files = self._files(start, stop)
+                for a, b in slabs:
+                    files.extend(f for f in self._files(a, b) if f not in files)
                 for f in files:
                     _fsync_file(f)
                 for d in sorted({os.path.dirname(f) for f in files}):
                     _fsync_dir(d)
             except Exception as e:
-                raise SinkError(f"Failed to sync rows {start}:{stop} of {self.path}: {e}") from e
-        # The record itself is not synced: it only ever follows the synced data,
-        # and a record lost in a crash just makes resume redo the slab.
-        _write_json(
-            os.path.join(self.progress_path, f"slab-{start:012d}-{stop:012d}.json"),
-            {"start": int(start), "stop": int(stop)},
-            False,
-        )
+                # A failed fsync may have dropped the dirty pages: a later fsync would
+                # "succeed" on lost data, so these slabs must never be recorded.
+                for a, b in slabs:
+                    with contextlib.suppress(OSError):
+                        os.remove(self._record(a, b, written=True))
+                rows = ", ".join(f"{a}:{b}" for a, b in slabs[:4])
+                raise SinkError(f"Failed to sync rows {rows} of {self.path}: {e}") from e
+            for f in files:
+                _start_writeback(f)  # synced now: this drops its clean pages from the cache
+        # The records themselves are not synced: they only ever follow the synced
+        # data, and a record lost in a crash just makes resume redo the slab.
+        for a, b in slabs:
+            try:
+                os.replace(self._record(a, b, written=True), self._record(a, b))
+            except FileNotFoundError:
+                if direct:  # written with commit=True: no mark
+                    open(self._record(a, b), "wb").close()
+                # else: recorded by another process's sync already
+
+    def sync(self) -> None:
+        """Sync and record every slab written so far (by any process), then return.
+
+        Waits for this process's group sync in flight, then commits the slabs
+        marked *written* in the progress record: those of this process's open
+        group and those other worker processes left unsynced.  Called by
+        :meth:`finalize`, and by ``imwrite`` and the DSL when a run fails, so
+        that the slabs it did write are kept for ``resume=True``.
+
+        Raises
+        ------
+        SinkError
+            If a sync failed (the slabs concerned stay unrecorded).
+        """
+        _group_sync(self).drain()
+        try:
+            names = os.listdir(self.progress_path)
+        except FileNotFoundError:
+            return
+        slabs = []
+        for n in names:
+            m = re.fullmatch(r"slab-(\d+)-(\d+)\.written", n)
+            if m:
+                slabs.append((int(m.group(1)), int(m.group(2))))
+        self._commit(sorted(slabs))
 
     def done_slabs(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of the slabs recorded as written, sorted."""
@@ -666,6 +745,8 @@ class Sink(ABC):
         if not os.path.lexists(self.partial_path) and os.path.lexists(self.path):
             _remove(self.progress_path)  # published already (crash before cleanup)
             return self.path
+        self.sync()
+        _GROUPS.pop(self._group_key(), None)
         done = _covered(self.done_slabs())
         missing = _gaps(done, self.shape[0])
         if missing:
@@ -677,6 +758,85 @@ class Sink(ABC):
         self._publish()
         _remove(self.progress_path)
         return self.path
+
+
+# --------------------------------------------------------------------------- group sync
+
+
+class _GroupSync:
+    """One write's slabs written (``commit=False``) but not yet synced, in this process.
+
+    Slabs are grouped until they hold ``sync_bytes``; the group is then synced
+    and recorded on a helper thread while the writer goes on.  One group at a
+    time: the next group waits for the previous one (which bounds the unsynced
+    output in the page cache to about two groups), and that wait also raises
+    the previous group's error in the writer.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.slabs: list[tuple[int, int]] = []
+        self.nbytes = 0
+        self.future: Any = None
+
+    def add(self, sink: Sink, start: int, stop: int, nbytes: int) -> None:
+        with self.lock:
+            self.slabs.append((start, stop))
+            self.nbytes += nbytes
+            if self.nbytes < sink.sync_bytes:
+                return
+            group, self.slabs, self.nbytes = self.slabs, [], 0
+            prev, self.future = self.future, None
+            if prev is not None:
+                prev.result()
+            self.future = _sync_pool().submit(sink._commit, group)
+
+    def drain(self) -> None:
+        """Wait for the group in flight (raising its error); the open group is
+        left to the caller, which finds its slabs by their marks."""
+        with self.lock:
+            prev, self.future = self.future, None
+            self.slabs, self.nbytes = [], 0
+            if prev is not None:
+                prev.result()
+
+
+_GROUPS: dict[tuple, _GroupSync] = {}
+_GROUPS_LOCK = threading.Lock()
+_SYNC_POOL: Any = None
+
+
+def _group_sync(sink: Sink) -> _GroupSync:
+    key = sink._group_key()
+    with _GROUPS_LOCK:
+        g = _GROUPS.get(key)
+        if g is None:
+            g = _GROUPS[key] = _GroupSync()
+        return g
+
+
+def _sync_pool():
+    """The per-process helper threads that sync groups (fsync waits on the disk,
+    not the GIL)."""
+    global _SYNC_POOL
+    with _GROUPS_LOCK:
+        if _SYNC_POOL is None or getattr(_SYNC_POOL, "_pid", None) != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _SYNC_POOL = ThreadPoolExecutor(2, thread_name_prefix="dask-sweep-sync")
+            _SYNC_POOL._pid = os.getpid()  # a forked child makes its own threads
+        return _SYNC_POOL
+
+
+def _sync_bytes(value: int | str | None) -> int:
+    """``sync_bytes`` from the argument, else ``sweep.sync-bytes`` (default 64 MiB)."""
+    import dask
+
+    from dask_sweep.config import parse_bytes
+
+    if value is None:
+        value = dask.config.get("sweep.sync-bytes", "64MiB")
+    return parse_bytes(value, "sync_bytes", allow_zero=True)
 
 
 def _describe(manifest: dict) -> str:

@@ -209,6 +209,109 @@ class SinkConformance:
         sink.finalize()
         assert snapshot_output(path) == snapshot_output(ref)
 
+    def test_deferred_slabs_recorded_only_after_their_sync(
+        self, tmp_path: Path, data: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from dask_sweep.io import base
+
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, sync_bytes="1GiB")
+        seen: list = []  # what was recorded when each file was synced
+        real = base._fsync_file
+        monkeypatch.setattr(
+            base, "_fsync_file", lambda f: (seen.append(list(sink.done_slabs())), real(f))
+        )
+        for a, b in sink.slabs()[:3]:
+            sink.write_slab(a, data[a:b], commit=False)
+        assert sink.done_slabs() == [] and seen == []  # one open group, nothing synced yet
+        sink.sync()
+        assert seen and all(s == [] for s in seen)  # every file synced before any record
+        assert sink.done_slabs() == sink.slabs()[:3]
+        for a, b in sink.slabs()[3:]:
+            sink.write_slab(a, data[a:b], commit=False)
+        sink.finalize()  # syncs the rest
+        np.testing.assert_array_equal(self.read_back(path), data)
+        assert sorted(os.listdir(tmp_path)) == [self.output_name]
+
+    @pytest.mark.parametrize("sync_bytes", [0, 1, "2 slabs"])
+    def test_group_sync_in_the_background(
+        self, tmp_path: Path, data: np.ndarray, sync_bytes: Any
+    ) -> None:
+        from dask_sweep.io import base
+
+        path = tmp_path / self.output_name
+        slab = 4 * int(np.prod(data.shape[1:])) * data.dtype.itemsize
+        limit = 2 * slab if sync_bytes == "2 slabs" else sync_bytes
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, sync_bytes=limit)
+        slabs = sink.slabs()
+        for a, b in slabs[:3]:
+            sink.write_slab(a, data[a:b], commit=False)
+        group = base._group_sync(sink)
+        group.drain()  # waits for the group in flight
+        # groups of (at least) sync_bytes were synced and recorded as they filled up
+        synced = 3 if limit < slab else 2
+        assert sink.done_slabs() == slabs[:synced]
+        assert len(group.slabs) == 0  # drained: the rest are found by their marks
+        for a, b in slabs[3:]:
+            sink.write_slab(a, data[a:b], commit=False)
+        sink.finalize()
+        np.testing.assert_array_equal(self.read_back(path), data)
+
+    def test_slabs_written_by_another_process_are_synced_at_finalize(
+        self, tmp_path: Path, data: np.ndarray
+    ) -> None:
+        from dask_sweep.io import base
+
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, sync_bytes="1GiB")
+        for a, b in sink.slabs():
+            sink.write_slab(a, data[a:b], commit=False)
+        base._GROUPS.clear()  # as if a worker process had written them and gone
+        pickle.loads(pickle.dumps(sink)).finalize()
+        np.testing.assert_array_equal(self.read_back(path), data)
+
+    def test_failed_sync_never_records_its_slabs(
+        self, tmp_path: Path, data: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from dask_sweep.io import base
+
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, sync_bytes=0)
+
+        def broken(f: str) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(base, "_fsync_file", broken)
+        sink.write_slab(0, data[:4], commit=False)  # its group sync fails on the helper thread
+        with pytest.raises(SinkError, match=r"Failed to sync rows 0:4 of .*Input/output"):
+            sink.write_slab(4, data[4:8], commit=False)  # the next group raises it
+        monkeypatch.undo()
+        # a later sync would succeed on pages the kernel may have dropped: rows 0:4
+        # must stay unrecorded, so that resume=True writes them again
+        with pytest.raises(SinkError, match="never written"):
+            sink.finalize()
+        assert (0, 4) not in sink.done_slabs()
+        assert not path.exists()
+
+    def test_resume_redoes_written_but_unsynced_slabs(
+        self, tmp_path: Path, data: np.ndarray
+    ) -> None:
+        from dask_sweep.io import base
+
+        path = tmp_path / self.output_name
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, sync_bytes="1GiB")
+        sink.write_slab(0, data[:4])  # synced and recorded
+        sink.write_slab(4, data[4:8], commit=False)  # written, unsynced: then the crash
+        del sink
+        base._GROUPS.clear()
+        sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4, resume=True)
+        assert sink.done_slabs() == [(0, 4)]
+        assert sink.todo_slabs()[0] == (4, 8)  # redone, not trusted
+        for a, b in sink.todo_slabs():
+            sink.write_slab(a, data[a:b], commit=False)
+        sink.finalize()
+        np.testing.assert_array_equal(self.read_back(path), data)
+
     def test_resume_with_other_layout_refused(self, tmp_path: Path, data: np.ndarray) -> None:
         path = tmp_path / self.output_name
         sink = self.make_sink(path, data.shape, data.dtype, slab_rows=4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dask
 import dask.array as da
 import numpy as np
@@ -115,3 +117,24 @@ def test_dask_config_scheduler_untouched():
         np.testing.assert_array_equal(
             dsl.source(x).gaussian(1).to_dask(**SMALL).compute(), ndi.gaussian_filter(x, 1)
         )
+
+
+def test_failed_run_records_the_slabs_it_wrote(tmp_path):
+    x = vol((40, 24, 24))
+    out = tmp_path / "out.zarr"
+
+    def fails_late(p):
+        if fails_late.seen >= 2:  # a few steps in
+            raise RuntimeError("boom")
+        fails_late.seen += 1
+        return p
+
+    fails_late.seen = 0
+    s = dsl.source(x).gaussian(1).map(fails_late, dtype="uint8")
+    with pytest.raises(RuntimeError, match="boom"):
+        s.to(str(out), chunks=(4, 24, 24)).run(**{**SMALL, "target_slab_bytes": "4KiB"})
+    assert not out.exists()
+    names = os.listdir(f"{out}.progress")
+    done = [n for n in names if n.startswith("slab-") and n.endswith(".json")]
+    assert done  # the slabs written before the failure were synced and recorded
+    assert not [n for n in names if n.endswith(".written")]

@@ -70,7 +70,7 @@ def test_resume_after_crash_skips_done_slabs(tmp_path, vol, name):
     imwrite(vol, ref / name, slab_rows=4, **layout)
 
     calls: list[int] = []
-    fail = {"at": 16}  # the last slab: earlier ones are committed (one slab late)
+    fail = {"at": 16}  # the last slab: the slabs written before it are synced on the way out
 
     def produce(block, block_info=None):
         start = block_info[0]["array-location"][0][0]
@@ -183,7 +183,11 @@ def test_sources_and_sinks_on_distributed_workers(tmp_path, vol):
         x = imread(tmp_path / "in.zarr") + imread(tmp_path / "stack")
         out = imwrite(x, tmp_path / "out.zarr", slab_rows=4, chunks=(2, 64, 48))
         assert out == str(tmp_path / "out.zarr")
+        # every slab its own group, synced on the workers' helper threads
+        imwrite(x, tmp_path / "each.zarr", slab_rows=4, chunks=(2, 64, 48), sync_bytes=0)
     np.testing.assert_array_equal(imread(tmp_path / "out.zarr").compute(), vol + vol)
+    np.testing.assert_array_equal(imread(tmp_path / "each.zarr").compute(), vol + vol)
+    assert sorted(os.listdir(tmp_path)) == ["each.zarr", "in.zarr", "out.zarr", "stack"]
 
 
 def test_slabs_follow_the_array_blocks(tmp_path):

@@ -348,7 +348,7 @@ def run(*items: Any, **settings: Any) -> RunResult:
                     pp, env, compiled, results, report, sampler, margin, slack, axis, bound
                 )
     except BaseException:
-        # keep what was written: resume=True then redoes only the slabs not finished
+        # the slabs written so far are synced and recorded (the output stays .partial)
         for w in sinks.values():
             with contextlib.suppress(Exception):
                 w.sink.sync()

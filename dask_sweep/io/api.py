@@ -193,7 +193,7 @@ def imwrite(
         Passed to :func:`dask.compute` (default: the current scheduler).
     **options
         Passed to the sink (``shards=``, ``zarr_format=``, ``compression=``,
-        ``prefix=``, ``dataset=``, ``fsync=``...).
+        ``prefix=``, ``dataset=``, ``fsync=``, ``sync_bytes=``...).
 
     Returns
     -------

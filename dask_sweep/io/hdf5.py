@@ -183,7 +183,7 @@ class HDF5Sink(Sink):
     chunks
         HDF5 chunk shape; default ``None`` is a contiguous dataset.
     **kwargs
-        ``overwrite``, ``resume``, ``slab_rows``, ``fsync`` (see :class:`Sink`).
+        ``overwrite``, ``resume``, ``slab_rows``, ``fsync``, ``sync_bytes`` (see :class:`Sink`).
     """
 
     kind = "hdf5"

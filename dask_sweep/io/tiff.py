@@ -422,7 +422,7 @@ class TiffStackSink(Sink):
     compression
         Passed to :func:`tifffile.imwrite` (e.g. ``"zlib"``).
     **kwargs
-        ``overwrite``, ``resume``, ``slab_rows``, ``fsync`` (see :class:`Sink`).
+        ``overwrite``, ``resume``, ``slab_rows``, ``fsync``, ``sync_bytes`` (see :class:`Sink`).
     """
 
     kind = "tiff-stack"

@@ -357,7 +357,7 @@ class ZarrSink(Sink):
     fill_value
         Passed to :func:`zarr.create_array`.
     **kwargs
-        ``overwrite``, ``resume``, ``slab_rows``, ``fsync`` (see :class:`Sink`).
+        ``overwrite``, ``resume``, ``slab_rows``, ``fsync``, ``sync_bytes`` (see :class:`Sink`).
     """
 
     kind = "zarr"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.errors import SinkError, SourceError
-from dask_sweep.io.base import HANDLES, Region, Sink, Source, _fspath
+from dask_sweep.io.base import HANDLES, Region, Sink, Source, _fspath, write_at
 
 __all__ = ["HDF5Sink", "HDF5Source", "read_hdf5", "split_hdf5_path"]
 
@@ -258,9 +258,6 @@ class HDF5Sink(Sink):
             )
         if self._offset is None:  # resumed sink: read the offset back
             self._offset = self._data_offset()
-        mm = np.memmap(
-            self.partial_path, dtype=self.dtype, mode="r+", offset=self._offset, shape=self.shape
-        )
-        mm[start:stop] = data
-        del mm  # unmapping hands the dirty pages to the file: commit's fsync covers them
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        write_at(self.partial_path, self._offset + start * row, data.astype(self.dtype, copy=False))
         return stop - start

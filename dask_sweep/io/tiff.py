@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.errors import SinkError, SourceError
-from dask_sweep.io.base import HANDLES, Region, Sink, Source, _fspath, natural_key
+from dask_sweep.io.base import HANDLES, Region, Sink, Source, _fspath, natural_key, write_at
 
 __all__ = [
     "BigTiffSink",
@@ -514,9 +514,6 @@ class BigTiffSink(Sink):
         return self._dataoffset
 
     def _write(self, start: int, data: np.ndarray) -> int:
-        mm = np.memmap(
-            self.partial_path, dtype=self.dtype, mode="r+", offset=self._offset(), shape=self.shape
-        )
-        mm[start : start + len(data)] = data
-        del mm  # unmapping hands the dirty pages to the file: commit's fsync covers them
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        write_at(self.partial_path, self._offset() + start * row, data.astype(self.dtype, copy=False))
         return len(data)

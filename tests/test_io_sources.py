@@ -260,6 +260,54 @@ def test_slice_of_other_shape_or_dtype(tmp_path):
         x.compute()
 
 
+@pytest.mark.parametrize(
+    ("dtype", "kwargs"),
+    [
+        ("uint8", {}),
+        ("uint16", {"byteorder": ">"}),  # the other byte order: swapped after the read
+        ("float32", {}),
+        ("int16", {"compression": "zlib"}),  # not raw: parsed per read
+        ("uint8", {"photometric": "rgb"}),  # planes of (y, x, 3)
+    ],
+)
+def test_stack_raw_reads_equal_tifffile(tmp_path, dtype, kwargs):
+    shape = (5, 12, 10, 3) if kwargs.get("photometric") == "rgb" else (5, 12, 10)
+    data = make_volume(shape, dtype)
+    os.makedirs(tmp_path / "st")
+    for i, plane in enumerate(data):
+        tifffile.imwrite(tmp_path / "st" / f"img_{i}.tif", plane, **{"photometric": "minisblack", **kwargs})
+    src = TiffStackSource(tmp_path / "st")
+    raw = [r is not None for r in src._raw]
+    assert all(raw) == ("compression" not in kwargs) and len(set(raw)) == 1
+    np.testing.assert_array_equal(src.read(), data)
+    np.testing.assert_array_equal(src.read((slice(1, 4), slice(2, 9))), data[1:4, 2:9])
+    np.testing.assert_array_equal(read_tiff_stack(tmp_path / "st").compute(), data)
+
+
+def test_stack_file_changed_after_opening(tmp_path):
+    data = make_volume((4, 8, 9), "uint8")
+    write_stack(tmp_path, data)
+    src = TiffStackSource(tmp_path)
+    # rewritten with other pixels (and so another time stamp): parsed again, new pixels
+    tiffwrite(tmp_path / "img_001.tif", data[0] + 1, description="another header length")
+    os.utime(tmp_path / "img_001.tif", ns=(0, 10**9))
+    np.testing.assert_array_equal(src.read((slice(1, 2),))[0], data[0] + 1)
+    # replaced by another shape: refused, naming the slice
+    tiffwrite(tmp_path / "img_002.tif", data[0, :, :5])
+    with pytest.raises(SourceError, match=r"Slice 2 .*img_002\.tif.*shape \(8, 5\)"):
+        src.read((slice(2, 3),))
+    # cut short with the same size and time stamp recorded: the short read is named
+    path = tmp_path / "img_003.tif"
+    st = os.stat(path)
+    offset, swap, size, mtime = src._raw[3]
+    with open(path, "r+b") as f:
+        f.truncate(offset + 10)
+    src._raw = (*src._raw[:3], (offset, swap, os.stat(path).st_size, os.stat(path).st_mtime_ns))
+    with pytest.raises(SourceError, match=r"Slice 3: .*img_003\.tif is truncated"):
+        src.read((slice(3, 4),))
+    assert st.st_size > offset + 10
+
+
 def test_truncated_and_corrupt_tiff(tmp_path):
     data = make_volume((6, 32, 32), "uint16")
     tiffwrite(tmp_path / "v.tif", data)

@@ -174,13 +174,20 @@ class TiffStackSource(Source):
         self.path, self.files = _resolve_files(path)
         self.slices_per_chunk = int(slices_per_chunk)
         self._offset = 0  # index of files[0] in the whole stack (for block readers)
-        plane, dtype = self._header(0)
+        # where each slice's pixels lie when stored raw (read straight into the
+        # result, no TIFF parsing per read); None: parse each file when read
+        self._raw: tuple | None = None
+        plane, dtype, raw0 = self._header(0)
         self.shape = (len(self.files), *plane)
         self.dtype = dtype
         self.chunks = (1, *plane)
         if validate:
+            raw = [raw0]
             for i in range(1, len(self.files)):
-                self._check_slice(i, *self._header(i))
+                shape, dt, r = self._header(i)
+                self._check_slice(i, shape, dt)
+                raw.append(r)
+            self._raw = tuple(raw)
         self._mtime = max(os.stat(f).st_mtime_ns for f in self.files)
 
     @property
@@ -190,10 +197,30 @@ class TiffStackSource(Source):
     def _token_parts(self) -> tuple:
         return (self.kind, self.files, self._mtime, self.shape, str(self.dtype))
 
-    def _header(self, i: int) -> tuple[tuple[int, ...], np.dtype]:
-        with _open_checked(self.files[i], f"Slice {i + self._offset}:") as tif:
+    def _header(self, i: int) -> tuple[tuple[int, ...], np.dtype, tuple | None]:
+        """Shape, dtype and raw layout of slice ``i``.
+
+        The layout ``(offset, swap, size, mtime_ns)`` is given when the pixels are
+        stored uncompressed in one contiguous run of exactly the plane's bytes
+        (``swap``: in the other byte order), else ``None``.
+        """
+        f = self.files[i]
+        with _open_checked(f, f"Slice {i + self._offset}:") as tif:
             s = tif.series[0]
-            return tuple(s.shape), np.dtype(s.dtype).newbyteorder("=")
+            shape, dtype = tuple(s.shape), np.dtype(s.dtype).newbyteorder("=")
+            page = s.pages[0] if len(s.pages) == 1 else None
+            raw = None
+            if (
+                page is not None
+                and s.dataoffset is not None
+                and int(page.compression) == 1
+                and sum(page.databytecounts) == int(np.prod(shape)) * dtype.itemsize
+                and dtype.kind in "biuf"
+            ):
+                st = os.fstat(tif.filehandle.fileno()) if _has_fileno(tif) else os.stat(f)
+                swap = dtype.itemsize > 1 and tif.byteorder != np.dtype("=u2").str[0]
+                raw = (int(s.dataoffset), swap, st.st_size, st.st_mtime_ns)
+            return shape, dtype, raw
 
     def _check_slice(self, i: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         if (shape, dtype) != (self.shape[1:], self.dtype):
@@ -206,8 +233,12 @@ class TiffStackSource(Source):
     def _read(self, region: Region) -> np.ndarray:
         out = np.empty(tuple(s.stop - s.start for s in region), dtype=self.dtype)
         inplane = region[1:]
+        whole = all(r.start == 0 and r.stop == n for r, n in zip(inplane, self.shape[1:]))
         for j, z in enumerate(range(region[0].start, region[0].stop)):
             f = self.files[z]
+            if whole and self._raw is not None and self._raw[z] is not None:
+                if self._read_raw(z, out[j]):
+                    continue
             with _open_checked(f, f"Slice {z + self._offset}:") as tif:
                 s = tif.series[0]
                 self._check_slice(z, tuple(s.shape), np.dtype(s.dtype).newbyteorder("="))
@@ -220,6 +251,37 @@ class TiffStackSource(Source):
             out[j] = plane[inplane]
         return out
 
+    def _read_raw(self, z: int, dst: np.ndarray) -> bool:
+        """Read slice ``z``'s stored pixels straight into ``dst`` (C-contiguous).
+
+        ``False`` when the file changed since its header was read (then it is
+        parsed again, and checked, like any other).
+        """
+        offset, swap, size, mtime = self._raw[z]
+        f = self.files[z]
+        try:
+            fh = open(f, "rb", buffering=0)
+        except OSError as e:
+            raise SourceError(f"Slice {z + self._offset}: {f} cannot be opened: {e}") from e
+        with fh:
+            st = os.fstat(fh.fileno())
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                return False
+            fh.seek(offset)
+            view = memoryview(dst).cast("B")
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise SourceError(
+                        f"Slice {z + self._offset}: {f} is truncated: its pixels need "
+                        f"{len(view)} bytes from offset {offset}, {got} could be read."
+                    )
+                got += n
+        if swap:
+            dst.byteswap(inplace=True)
+        return True
+
     def _chunk_ids(self, region: Region):
         return ((z + self._offset,) for z in range(region[0].start, region[0].stop))
 
@@ -229,6 +291,7 @@ class TiffStackSource(Source):
         sub = object.__new__(type(self))
         sub.__dict__.update(self.__dict__)
         sub.files = self.files[a:b]
+        sub._raw = None if self._raw is None else self._raw[a:b]
         sub._offset = self._offset + a
         sub.shape = (b - a, *self.shape[1:])
         return sub, (slice(0, b - a), *region[1:])

@@ -18,6 +18,9 @@ new file, synced; its read is the source's own chunk files, in order, in 16 MiB 
 their pages are evicted: the bytes the sweep reads, where they lie. Reading back the file
 just written is also shown: on a virtual disk the host's cache can serve it at twice the
 speed of the disk, so it is not the disk's figure, but the ratio against it is printed too.
+A hand-written ``read``/``write`` loop over the same chunk files (``raw copy``) shows what any
+streaming tool could reach. ``--io-formats tiff-stack hdf5 bigtiff`` adds copies from and to
+those formats.
 """
 
 from __future__ import annotations
@@ -264,6 +267,58 @@ def throughput(path: str, tmp: str, memory_limit: str) -> dict:
     return out
 
 
+#: Output (and input) paths of the other formats' copies, in ``tmp``.
+COPY_FORMATS = {"tiff-stack": "stack", "hdf5": "vol.h5/vol", "bigtiff": "vol.tif"}
+
+
+def format_copies(zarr_src: str, tmp: str, formats, memory_limit: str) -> dict:
+    """Copy from and to each of ``formats`` (against the uncompressed Zarr), bytes/s.
+
+    The format's copy of the volume is written once by :func:`prepare_formats`.
+    """
+    import dask_sweep
+    from dask_sweep.io import imread, imwrite
+
+    out = {}
+    for fmt in formats:
+        other = os.path.join(tmp, "fmt", COPY_FORMATS[fmt])
+        for name, src, dst in (
+            (f"{fmt} -> zarr", other, os.path.join(tmp, "copy.zarr")),
+            (f"zarr -> {fmt}", zarr_src, os.path.join(tmp, "copy-" + COPY_FORMATS[fmt])),
+        ):
+            x = imread(src)
+            drop_cache(_file_of(src))
+            settle()
+            t = time.perf_counter()
+            with dask_sweep.enable(memory_limit=memory_limit, fallback="silent"):
+                kw = {"compressors": None} if dst.endswith(".zarr") else {}
+                imwrite(x, dst, overwrite=True, **kw)
+            out[name] = 2 * x.nbytes / (time.perf_counter() - t)
+            _remove(_file_of(dst))
+    return out
+
+
+def prepare_formats(zarr_src: str, tmp: str, formats) -> None:
+    """The throughput volume in each of ``formats`` (uncompressed, default layouts)."""
+    from dask_sweep.io import imread, imwrite
+
+    os.makedirs(os.path.join(tmp, "fmt"), exist_ok=True)
+    for fmt in formats:
+        imwrite(imread(zarr_src), os.path.join(tmp, "fmt", COPY_FORMATS[fmt]), overwrite=True)
+
+
+def _file_of(path: str) -> str:
+    """The file or folder holding ``path`` (an HDF5 path names a dataset inside its file)."""
+    return path.split(".h5")[0] + ".h5" if ".h5/" in path else path
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def _sync_bytes(value):
     from dask_sweep.io.base import _sync_bytes as resolve
 
@@ -292,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         help="volume for copy/threshold throughput (0 0 0: skip)",
     )
     ap.add_argument("--io-runs", type=int, default=5, help="rounds of disk / copy / threshold")
+    ap.add_argument(
+        "--io-formats",
+        nargs="*",
+        default=[],
+        choices=sorted(COPY_FORMATS),
+        help="also copy from and to these formats (uncompressed) in each round",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -359,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             # Alternate disk and pipeline runs so both see the same disk weather;
             # report medians.
             files = chunk_files(io_src)
+            prepare_formats(io_src, tmp, a.io_formats)
             disk, runs = [], []
             for _ in range(a.io_runs):
                 wbw, fresh = disk_bandwidth(tmp, io.nbytes)
@@ -367,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 disk.append((wbw, rbw, fresh, 2 / (1 / wbw + 1 / rbw), 2 / (1 / wbw + 1 / fresh)))
                 runs.append(throughput(io_src, tmp, a.memory_limit))
                 runs[-1]["raw"] = raw_copy(files, tmp, _sync_bytes(None))
+                runs[-1].update(format_copies(io_src, tmp, a.io_formats, a.memory_limit))
             wbw, rbw, fresh, both, both_fresh = (
                 float(np.median([d[i] for d in disk])) for i in range(5)
             )
@@ -394,6 +458,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"disk's read+write bandwidth (per round: "
                     f"{', '.join(f'{p:.0f}' for p in pct)}; min {min(pct):.0f}%); against the "
                     f"read-back figure {100 * bps / both_fresh:.0f}% (min {min(pct_fresh):.0f}%); "
+                    f"{bps / raw:.2f}x the raw copy"
+                )
+            for name in runs[0]:
+                if "->" not in name:
+                    continue
+                bps = float(np.median([r[name] for r in runs]))
+                pct = [100 * r[name] / d[3] for r, d in zip(runs, disk)]
+                print(
+                    f"copy {name:<18} {bps / 1e6:5.0f} MB/s read+write = {100 * bps / both:.0f}% "
+                    f"of the disk's (rounds: {', '.join(f'{p:.0f}' for p in pct)}); "
                     f"{bps / raw:.2f}x the raw copy"
                 )
     finally:

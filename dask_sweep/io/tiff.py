@@ -165,7 +165,10 @@ class TiffStackSource(Source):
     validate
         Read every file's header now and refuse slices of another shape or dtype
         (or truncated files) before anything runs; ``False`` reads only the first
-        header and checks each slice when it is read.
+        header and checks each slice when it is read.  The headers read now also
+        say where uncompressed pixels lie: those slices are then read straight
+        into the result, without parsing the file again (a file changed since is
+        parsed and checked as usual).
     """
 
     kind = "tiff-stack"

@@ -170,8 +170,16 @@ def test_counting_store_measures_stock_dask(tmp_path, vol):
 
 
 @pytest.mark.timeout(30)
-def test_sources_and_sinks_on_distributed_workers(tmp_path, vol):
+def test_sources_and_sinks_on_distributed_workers(tmp_path, vol, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    import scipy.ndimage as ndi
+
+    import dask_sweep
+    from dask_sweep.io import api
+
+    def no_chain(*a, **k):
+        raise AssertionError("the swept write should not build the slab-write chain")
+
     imwrite(vol, tmp_path / "in.zarr", chunks=(4, 64, 48))
     imwrite(vol, tmp_path / "stack", slab_rows=10)
     with (
@@ -185,9 +193,19 @@ def test_sources_and_sinks_on_distributed_workers(tmp_path, vol):
         assert out == str(tmp_path / "out.zarr")
         # every slab its own group, synced on the workers' helper threads
         imwrite(x, tmp_path / "each.zarr", slab_rows=4, chunks=(2, 64, 48), sync_bytes=0)
+        # the sweep writes in its slab tasks on a worker; the client finalizes
+        sm = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect")
+        with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes="16KiB"):
+            monkeypatch.setattr(api, "write_graph", no_chain)
+            imwrite(sm, tmp_path / "swept.zarr", chunks=(2, 64, 48), sync_bytes="40KiB")
     np.testing.assert_array_equal(imread(tmp_path / "out.zarr").compute(), vol + vol)
     np.testing.assert_array_equal(imread(tmp_path / "each.zarr").compute(), vol + vol)
-    assert sorted(os.listdir(tmp_path)) == ["each.zarr", "in.zarr", "out.zarr", "stack"]
+    np.testing.assert_array_equal(
+        imread(tmp_path / "swept.zarr").compute(), ndi.uniform_filter(vol + vol, 3, mode="reflect")
+    )
+    assert sorted(os.listdir(tmp_path)) == [
+        "each.zarr", "in.zarr", "out.zarr", "stack", "swept.zarr"
+    ]
 
 
 def test_slabs_follow_the_array_blocks(tmp_path):

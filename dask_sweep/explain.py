@@ -85,6 +85,11 @@ class Explanation:
                            f"  [{j}] {desc}  ring {ring}")
             for o in plan.outputs:
                 what = "written in the slab task" if o.sink is not None else "dask blocks"
+                file_sink = getattr(getattr(o.sink, "target", None), "sink", None)
+                if getattr(file_sink, "fsync", False):
+                    # a dask_sweep.io sink: say when its writes become durable
+                    what += (f" to {file_sink.path}, synced in groups of "
+                             f"{format_bytes(file_sink.sync_bytes)} on a helper thread")
                 out.append(f"  out {o.name} from [{o.stage}]: {what}")
             budget = plan.budget
             out.append(

@@ -179,11 +179,13 @@ def test_imwrite_with_sweep_on_writes_inside_the_slab_tasks(tmp_path):
     x = da.from_array(np.random.default_rng(0).random((32, 64, 64)).astype("f4"),
                       chunks=(4, 64, 64))
     y = x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect")
-    sink = ZarrSink(str(tmp_path / "o.zarr"), y.shape, y.dtype)
+    sink = ZarrSink(str(tmp_path / "o.zarr"), y.shape, y.dtype, sync_bytes="1MiB")
     assert api._swept_store(y, sink) is None  # sweep off: the slab-writer chain
     with dask_sweep.enable(memory_limit="64MiB"):
         store = api._swept_store(y, sink)
         assert store is not None
+        text = str(dask_sweep.explain(store))
+        assert f"written in the slab task to {sink.path}, synced in groups of 1.00 MiB" in text
         store.compute()
     sink.finalize()
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[:], y.compute())

@@ -28,7 +28,28 @@ def test_map_overlap_grid(rng, chunks, boundary, depth):
         x = da.from_array(vol.astype(dt), chunks=chunks)
         y = x.map_overlap(opaque, depth=depth, boundary=boundary)
         y = (y > 3).astype(dt) + x
-        assert_sweep_equal(y, **SMALL)
+        # one block, opaque function: nothing to stream, left to stock dask
+        assert_sweep_equal(y, expect_swept=chunks != vol.shape, **SMALL)
+
+
+def test_single_block_left_to_dask_unless_a_kernel_can_slab_it(rng):
+    vol = (rng.random((23, 19, 17)) * 255).astype("u1")
+    x = da.from_array(vol, chunks=-1)
+    y = x.map_overlap(opaque, depth=1, boundary="reflect")
+    assert_sweep_equal(y, expect_swept=False, **SMALL)
+    assert "every array is a single block" in str(dask_sweep.explain(y, **SMALL))
+    # a known kernel is cut into slabs of the one block: memory bounded by the window
+    z = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary="reflect")
+    assert_sweep_equal(z, expect_swept=True, **SMALL)
+
+    # dask's tolerance of a function returning another shape than declared (dask's own
+    # test_map_overlap_deprecated_signature) is kept
+    def total(b):
+        return np.array(b.sum())
+
+    w = da.ones(3).map_overlap(total, depth=1, boundary="reflect")
+    with dask_sweep.enable(**SMALL):
+        assert w.compute() == 5
 
 
 @pytest.mark.parametrize("chunks", [(4, 19, 17), (6, 10, 9)])

@@ -31,7 +31,7 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan
-from dask_sweep.plan.ir import Plan
+from dask_sweep.plan.ir import Kernel, Plan
 from dask_sweep.runtime.executor import Trace
 
 
@@ -84,6 +84,17 @@ def _choose_axis(region, settings: SweepSettings) -> tuple[int | None, str]:
     return None, "chained periodic boundaries on every axis (each would need the far end first)"
 
 
+def _one_block_each(region, plan: Plan) -> bool:
+    """Nothing to stream: every array one block, every stage evaluated on dask's blocks.
+
+    A sweep of it would run the same single task, minus dask's tolerance of a
+    function that returns another shape than it declares.
+    """
+    if any(isinstance(st, Kernel) for st in plan.stages):
+        return False  # a known kernel runs on slabs of the block: bounded memory
+    return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values())
+
+
 def dask_sweep_config_error(axis, ndim):
     from dask_sweep.errors import SweepConfigError
 
@@ -108,6 +119,11 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         notes = [note] if note else []
         try:
             plan = region_to_plan(dsk, region, axis, settings, notes)
+            if _one_block_each(region, plan):
+                raise NotSweepable(
+                    "every array is a single block and no stage can be cut into slabs: "
+                    "stock dask already computes each stage once, in one task"
+                )
             try:
                 plan, trace = choose_steps(plan, settings.target_slab_bytes)
             except BudgetError as whole:

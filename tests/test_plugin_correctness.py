@@ -208,3 +208,26 @@ def test_plain_elementwise_graph_is_untouched(rng):
     with dask_sweep.enable():
         (o,) = dask.optimize(y)
     np.testing.assert_array_equal(o.compute(), y.compute())
+
+
+REDUCTIONS = {
+    "sum": lambda y: y.sum(),
+    "mean axis 0": lambda y: y.mean(axis=0),
+    "max axes 1,2": lambda y: y.max(axis=(1, 2)),
+    "std": lambda y: y.std(),
+    "var keepdims": lambda y: y.var(axis=0, keepdims=True),
+    "argmax": lambda y: y.argmax(axis=0),
+    "nanmean": lambda y: da.nanmean(y, axis=1),
+    "cumsum": lambda y: y.cumsum(axis=0),
+    "any": lambda y: (y > 100).any(axis=2),
+    "histogram": lambda y: da.histogram(y, bins=8, range=(0, 255))[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_reductions_of_swept_stages(rng, name):
+    # dask records a reduction's first step with its input's chunks and shrinks them
+    # afterwards: that step is not an elementwise stage of the sweep
+    x = da.from_array((rng.random((23, 19, 17)) * 255).astype("f4"), chunks=(5, 10, 17))
+    y = x.map_overlap(opaque, depth=1, boundary="reflect") + 1
+    assert_sweep_equal(REDUCTIONS[name](y), expect_swept=True, **SMALL)

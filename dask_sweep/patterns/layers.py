@@ -43,9 +43,9 @@ def array_meta(layer) -> ArrayMeta | None:
     ann = getattr(layer, "collection_annotations", None) or {}
     if "chunks" not in ann or "dtype" not in ann:
         return None
-    chunks = tuple(tuple(int(c) for c in cc) for cc in ann["chunks"])
-    if any(any(np.isnan(c) for c in cc) for cc in chunks):
+    if any(any(c != c for c in cc) for cc in ann["chunks"]):  # NaN: unknown chunk sizes
         return None
+    chunks = tuple(tuple(int(c) for c in cc) for cc in ann["chunks"])
     shape = tuple(sum(c) for c in chunks)
     return ArrayMeta(shape, chunks, np.dtype(ann["dtype"]))
 
@@ -107,8 +107,17 @@ class BlockwiseEval:
 
 
 def is_simple_blockwise(layer) -> bool:
-    """A Blockwise whose array inputs are indexed exactly like its output."""
+    """A Blockwise whose array inputs are indexed exactly like its output.
+
+    Not the first step of a dask reduction (``sum``, ``mean``, ``max``...,
+    called with ``keepdims=True`` and an ``axis``): dask records the input's
+    chunks for that layer and only afterwards shrinks the array's chunks, so
+    its blocks are smaller than its layer says.
+    """
     if not isinstance(layer, Blockwise) or layer.concatenate or layer.new_axes:
+        return False
+    kwargs = getattr(layer.task, "kwargs", None) or {}
+    if kwargs.get("keepdims") is True and "axis" in kwargs:
         return False
     out = tuple(layer.output_indices)
     if len(set(out)) != len(out):

@@ -149,3 +149,31 @@ def test_xarray_rolling_with_bottleneck_is_swept(rng, roll):
     with dask_sweep.enable(target_slab_bytes="8KiB"):
         got = out.compute()
     xr.testing.assert_identical(got, expected)
+
+
+def test_unknown_chunk_sizes_are_left_to_dask(rng):
+    vol = rng.random((20, 16, 16))
+    x = da.from_array(vol, chunks=(5, 16, 16))
+    y = x[x > 0.5] + 1  # boolean indexing: NaN chunk sizes
+    z = x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect").sum() + y.sum()
+    with dask_sweep.enable(memory_limit="64MiB", fallback="raise"):
+        got = z.compute()
+    np.testing.assert_allclose(got, 2 * vol.sum() + (vol[vol > 0.5] + 1).sum())
+
+
+def test_an_analysis_failure_leaves_the_graph_to_dask(pipeline, monkeypatch):
+    from dask_sweep.integration import optimize
+
+    def broken(*a, **k):
+        raise KeyError("a graph shape the analysis did not expect")
+
+    expected = pipeline.compute(scheduler="sync")
+    monkeypatch.setattr(optimize, "find_regions", broken)
+    with dask_sweep.enable(memory_limit="64MiB"):
+        with pytest.warns(RuntimeWarning, match="analysis failed.*KeyError.*stock dask"):
+            got = pipeline.compute(scheduler="sync")
+        assert "analysis failed" in str(dask_sweep.explain(pipeline))
+    np.testing.assert_array_equal(got, expected)
+    with dask_sweep.enable(memory_limit="64MiB", fallback="raise"):
+        with pytest.raises(KeyError):
+            pipeline.compute(scheduler="sync")

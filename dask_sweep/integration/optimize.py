@@ -104,7 +104,29 @@ def dask_sweep_config_error(axis, ndim):
 
 
 def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
-    """Recognise and plan without emitting (used by the pass and by ``explain``)."""
+    """Recognise and plan without emitting (used by the pass and by ``explain``).
+
+    A graph the analysis trips on (a bug here, not a budget or a refusal) is
+    left to stock dask with a warning, unless ``fallback="raise"``: a user's
+    computation must not fail because an optimisation could not be applied.
+    """
+    try:
+        return _analyse(dsk, keys, settings)
+    except SweepError:
+        raise
+    except Exception as e:
+        if settings.fallback == "raise":
+            raise
+        note = f"the analysis failed ({type(e).__name__}: {e}); left to stock dask"
+        if settings.fallback == "warn":
+            warnings.warn(f"dask_sweep: {note}. Please report this graph.", RuntimeWarning,
+                          stacklevel=4)
+        res = SweepResult(settings=settings)
+        res.fallbacks.append(Fallback("graph", note))
+        return res
+
+
+def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     res = SweepResult(settings=settings)
     if not isinstance(dsk, HighLevelGraph):
         res.fallbacks.append(Fallback("graph", "not a HighLevelGraph (a plain dict graph)"))

@@ -17,7 +17,8 @@ measured alternately in the same run (``--io-runs`` rounds, medians). The disk's
 new file, synced; its read is the source's own chunk files, in order, in 16 MiB reads, after
 their pages are evicted: the bytes the sweep reads, where they lie. Reading back the file
 just written is also shown: on a virtual disk the host's cache can serve it at twice the
-speed of the disk, so it is not the disk's figure, but the ratio against it is printed too.
+speed of a cold read, so it is not the figure of the bytes the sweep reads, but the ratio
+against it is printed too.
 A hand-written ``read``/``write`` loop over the same chunk files (``raw copy``) shows what any
 streaming tool could reach. ``--io-formats tiff-stack hdf5 bigtiff`` adds copies from and to
 those formats.

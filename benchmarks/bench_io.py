@@ -320,12 +320,6 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _sync_bytes(value):
-    from dask_sweep.io.base import _sync_bytes as resolve
-
-    return resolve(value)
-
-
 def _spawn(args: list[str]) -> dict:
     p = subprocess.run(
         [sys.executable, __file__, "--_worker", *args], capture_output=True, text=True
@@ -421,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             # Alternate disk and pipeline runs so both see the same disk weather;
             # report medians.
+            from dask_sweep.io.base import _sync_bytes
+
             files = chunk_files(io_src)
             prepare_formats(io_src, tmp, a.io_formats)
             disk, runs = [], []
@@ -430,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 # read + write, back to back: the time to read the bytes, then write them
                 disk.append((wbw, rbw, fresh, 2 / (1 / wbw + 1 / rbw), 2 / (1 / wbw + 1 / fresh)))
                 runs.append(throughput(io_src, tmp, a.memory_limit))
+                # synced in the groups the sinks use (sweep.sync-bytes)
                 runs[-1]["raw"] = raw_copy(files, tmp, _sync_bytes(None))
                 runs[-1].update(format_copies(io_src, tmp, a.io_formats, a.memory_limit))
             wbw, rbw, fresh, both, both_fresh = (

@@ -1,0 +1,43 @@
+"""Every benchmark runs at a tiny size and reports results equal to its reference.
+
+Performance claims live in ``benchmarks/``; this only keeps the scripts working
+(their own correctness columns must say so), not their timings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+
+CASES = {
+    "bench_sweep": (["--shape", "24", "64", "64", "--layouts", "slab"],
+                    ["identical output: True"]),
+    "bench_ndimage": (["--shape", "24", "64", "64", "--memory-limit", "32MiB"],
+                      ["same result: True"]),
+    "bench_dsl": (["--shape", "24", "64", "64", "--pipelines", "otsu"],
+                  ["dsl results equal: True"]),
+    "bench_io": (["--shape", "16", "64", "64", "--formats", "zarr-slab", "hdf5",
+                  "--io-shape", "16", "128", "128", "--io-runs", "1", "--io-formats", "bigtiff"],
+                 ["raw copy", "copy       through the sweep", "copy zarr -> bigtiff"]),
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_small(name, tmp_path):
+    args, expected = CASES[name]
+    p = subprocess.run(
+        [sys.executable, os.path.join(BENCH, f"{name}.py"), *args],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    for text in expected:
+        assert text in p.stdout, p.stdout[-3000:]
+    # correctness columns and flags ("same", "identical output: ...", "equal: ...")
+    wrong = [ln for ln in p.stdout.splitlines() if ln.rstrip().endswith("False") or ": False" in ln]
+    assert not wrong, wrong

@@ -662,10 +662,9 @@ class Sink(ABC):
         otherwise only slabs still marked *written* are recorded.
         """
         if self.fsync and slabs:
-            files: list[str] = []
             try:
-                for a, b in slabs:
-                    files.extend(f for f in self._files(a, b) if f not in files)
+                # a file may hold several slabs (HDF5, BigTIFF): synced once
+                files = list(dict.fromkeys(f for a, b in slabs for f in self._files(a, b)))
                 for f in files:
                     _fsync_file(f)
                 for d in sorted({os.path.dirname(f) for f in files}):

@@ -26,7 +26,6 @@ from dask_sweep.io.base import (
     Source,
     _fmt_region,
     _fspath,
-    _start_writeback,
 )
 from dask_sweep.io.stores import MissingChunkError, StrictStore
 
@@ -490,9 +489,7 @@ class ZarrSink(Sink):
             local = (slice(sel[0].start - start, sel[0].stop - start), *sel[1:])
             chunk = np.ascontiguousarray(data[local], dtype=dtype)
             _write_chunk(
-                os.path.join(self.partial_path, arr.metadata.encode_chunk_key(block)),
-                chunk,
-                self.fsync,
+                os.path.join(self.partial_path, arr.metadata.encode_chunk_key(block)), chunk
             )
         for sel in edge:
             arr[sel] = data[(slice(sel[0].start - start, sel[0].stop - start), *sel[1:])]
@@ -534,14 +531,13 @@ def _raw_chunk_dtype(arr) -> np.dtype | None:
     return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
 
 
-def _write_chunk(path: str, chunk: np.ndarray, writeback: bool) -> None:
+def _write_chunk(path: str, chunk: np.ndarray) -> None:
     """Write a chunk file in place.
 
     No temporary and rename as zarr's LocalStore does: the whole array lives in
     ``<path>.partial`` until it is complete, and a chunk torn by a crash belongs
-    to a slab that was never recorded, so a resume rewrites it whole.  With
-    ``writeback`` the kernel starts writing the file to disk at once, so the
-    disk works while the next chunks are produced (see ``_start_writeback``).
+    to a slab that was never recorded, so a resume rewrites it whole.  Its
+    write-back is started by :meth:`Sink.write_slab`, as for every sink.
     """
     try:
         f = open(path, "wb")
@@ -550,6 +546,3 @@ def _write_chunk(path: str, chunk: np.ndarray, writeback: bool) -> None:
         f = open(path, "wb")
     with f:
         f.write(memoryview(chunk).cast("B"))
-        if writeback:
-            f.flush()
-            _start_writeback(f.fileno())

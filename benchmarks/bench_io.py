@@ -21,7 +21,7 @@ speed of a cold read, so it is not the figure of the bytes the sweep reads, but 
 against it is printed too.
 A hand-written ``read``/``write`` loop over the same chunk files (``raw copy``) shows what any
 streaming tool could reach. ``--io-formats tiff-stack hdf5 bigtiff`` adds copies from and to
-those formats.
+those formats; ``--compare-sync-bytes 0 16MiB`` adds copies synced in other group sizes.
 """
 
 from __future__ import annotations
@@ -268,6 +268,23 @@ def throughput(path: str, tmp: str, memory_limit: str) -> dict:
     return out
 
 
+def copy_with_sync(path: str, tmp: str, memory_limit: str, sync_bytes: str) -> dict:
+    """The copy of :func:`throughput` with another ``sync_bytes`` (``0``: every slab)."""
+    import dask_sweep
+    from dask_sweep.io import imread, imwrite
+
+    x = imread(path)
+    dst = os.path.join(tmp, "copy-sync.zarr")
+    drop_cache(path)
+    settle()
+    t = time.perf_counter()
+    with dask_sweep.enable(memory_limit=memory_limit, fallback="silent"):
+        imwrite(x, dst, overwrite=True, compressors=None, sync_bytes=sync_bytes)
+    dt = time.perf_counter() - t
+    shutil.rmtree(dst, ignore_errors=True)
+    return {f"copy, sync-bytes {sync_bytes}": 2 * x.nbytes / dt}
+
+
 #: Output (and input) paths of the other formats' copies, in ``tmp``.
 COPY_FORMATS = {"tiff-stack": "stack", "hdf5": "vol.h5/vol", "bigtiff": "vol.tif"}
 
@@ -349,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(COPY_FORMATS),
         help="also copy from and to these formats (uncompressed) in each round",
     )
+    ap.add_argument(
+        "--compare-sync-bytes",
+        nargs="*",
+        default=[],
+        metavar="BYTES",
+        help="also copy with these sweep.sync-bytes in each round (0: sync every slab)",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -426,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                 # read + write, back to back: the time to read the bytes, then write them
                 disk.append((wbw, rbw, fresh, 2 / (1 / wbw + 1 / rbw), 2 / (1 / wbw + 1 / fresh)))
                 runs.append(throughput(io_src, tmp, a.memory_limit))
+                for sb in a.compare_sync_bytes:
+                    runs[-1].update(
+                        copy_with_sync(io_src, tmp, a.memory_limit, sb)
+                    )
                 # synced in the groups the sinks use (sweep.sync-bytes)
                 runs[-1]["raw"] = raw_copy(files, tmp, _sync_bytes(None))
                 runs[-1].update(format_copies(io_src, tmp, a.io_formats, a.memory_limit))
@@ -459,12 +487,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{bps / raw:.2f}x the raw copy"
                 )
             for name in runs[0]:
-                if "->" not in name:
+                if "->" not in name and "sync-bytes" not in name:
                     continue
                 bps = float(np.median([r[name] for r in runs]))
                 pct = [100 * r[name] / d[3] for r, d in zip(runs, disk)]
                 print(
-                    f"copy {name:<18} {bps / 1e6:5.0f} MB/s read+write = {100 * bps / both:.0f}% "
+                    f"{name if 'sync' in name else 'copy ' + name:<23} {bps / 1e6:5.0f} MB/s read+write = {100 * bps / both:.0f}% "
                     f"of the disk's (rounds: {', '.join(f'{p:.0f}' for p in pct)}); "
                     f"{bps / raw:.2f}x the raw copy"
                 )

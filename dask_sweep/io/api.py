@@ -439,7 +439,8 @@ def _write_slab(
 
     The slab is handed to the kernel, which starts writing it back at once; the
     sink syncs and records slabs in groups on a helper thread (``sync_bytes``),
-    so the disk never idles between slabs and the sweep never waits for it.
+    so the disk never idles between slabs; the sweep waits only while the previous
+    group is still syncing.
     """
     from dask.array.core import concatenate3
 

@@ -184,6 +184,8 @@ def kernel_call(layer) -> tuple[Any, dict] | None:
         return None
     return func, kw
 
+
+@functools.lru_cache(maxsize=1)
 def _pure_funcs() -> tuple:
     import operator
 

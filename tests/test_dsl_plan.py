@@ -11,7 +11,7 @@ import scipy.ndimage as ndi
 from dask_sweep import BudgetError, PlanError, dsl
 from dask_sweep.dsl import execute as dsl_execute
 from dask_sweep.dsl.compile import compile_pipeline
-from dask_sweep.dsl.stages import Window
+from dask_sweep.plan.ir import Kernel
 from dask_sweep.plan.ir import Source
 
 # Tiny volumes with tiny budgets (to force many steps): no runtime overhead, which is
@@ -32,7 +32,7 @@ def test_one_pass_is_one_fused_plan_and_reads_input_once():
     assert len(c.passes) == 1
     plan = c.passes[0].plan
     assert sum(isinstance(st, Source) for st in plan.stages) == 1  # the tee shares the source
-    assert sum(isinstance(st, Window) for st in plan.stages) == 2
+    assert sum(isinstance(st, Kernel) for st in plan.stages) == 2
     assert len(plan.steps) > 1
     pp = c.passes[0]
     assert pp.trace.bytes_read == x.nbytes

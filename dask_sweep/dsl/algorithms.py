@@ -47,6 +47,7 @@ import numpy as np
 from dask_sweep.dsl.core import Scalar, Stream
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.plan.ir import Source, Stage
+from dask_sweep.runtime.executor import compute_stage
 from dask_sweep.utils import format_bytes
 
 __all__ = ["StreamSlabs", "Tables", "distance_transform_edt", "label"]
@@ -200,7 +201,7 @@ class StreamSlabs:
                 lo, hi = st.window(pos)
                 ia, ib = max(0, ja - lo), min(self.n, jb + hi)
                 ins.append(_take(vals[i], ia - need[i][0], ib - need[i][0], self.axis))
-            vals[j] = st.compute_planes(ja, jb, self.axis, ins, self.threads, False)
+            vals[j] = compute_stage(st, ja, jb, self.axis, ins, self.threads, False)
             del ins
             for i in st.inputs:
                 users[i] -= 1

@@ -13,7 +13,7 @@
    Each pass reads the input once: bytes read = passes × input bytes.
 
 2. **Lowering.**  Streams become stages: sources → ``Source`` (whole chunk
-   rows), windowed filters → :class:`Window` (a block-invariant kernel on any
+   rows), windowed filters → :class:`Kernel` (a block-invariant kernel on any
    slab padded by its footprint radius, computed in in-plane pieces), pointwise
    and zip → :class:`Pointwise`, reductions → :class:`Reduce`.  A stream used
    twice is one stage with two consumers (a tee); its ring holds what the
@@ -40,11 +40,11 @@ import numpy as np
 from dask_sweep.config import SweepSettings
 from dask_sweep.dsl.algorithms import PREPARED, Tables
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Target
-from dask_sweep.dsl.stages import Pointwise, Reduce, Window, partial_shape
+from dask_sweep.dsl.stages import Reduce, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
-from dask_sweep.passes.slabs import input_bytes_per_plane, steps_for, thickest
-from dask_sweep.plan.ir import Output, Plan, Source, Stage
-from dask_sweep.runtime.executor import Trace, run_step
+from dask_sweep.passes.slabs import choose_steps, size_rings
+from dask_sweep.plan.ir import Kernel, Output, Plan, Pointwise, Source, Stage
+from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
 
 DSL_SETTINGS = ("replan_margin", "replan_slack")
@@ -366,18 +366,18 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
                 ),
             )
         elif x.kind == "kernel":
-            st = Window(
+            st = Kernel(
                 label=x.label,
                 shape=x.shape,
                 dtype=x.dtype,
                 inputs=ins,
                 fn=x.fn,
                 depth=x.depth,
+                boundary=("none",) * x.ndim,  # the kernel's own mode acts at the faces
                 temps=x.temps,
                 passes=_passes(x.fn, x.ndim),
                 in_dtype=x.inputs[0].dtype,
                 sweep_axis=axis,
-                threads=s.threads,
             )
         else:
             st = Pointwise(
@@ -518,82 +518,25 @@ def project(plan: Plan) -> tuple[Trace, list[int]]:
     """Replay ``plan`` dry: its trace and the projected peak of every step.
 
     A step's peak is the larger of two moments, plus ``plan.info["runtime_overhead"]``:
-
-    * computing: the rings + the slab being computed + its inputs and
-      temporaries (the executor's dry-run peak);
-    * writing: the rings carried to the next step + the planes the step emits +
-      the sink's encoding temporaries for one write piece.
+    computing (the rings + the slab being computed + its inputs and temporaries)
+    and writing (the rings carried to the next step + the planes the step emits +
+    the sink's encoding temporaries for one write piece); see
+    :func:`dask_sweep.passes.slabs.size_rings`.
     """
-    overhead = plan.info.get("runtime_overhead", 0)
-    trace = Trace()
-    state = None
-    peaks: list[int] = []
-    for t in range(len(plan.steps)):
-        before = (trace.peak, trace.peak_stage, trace.peak_step)
-        trace.peak = 0
-        state, emitted = run_step(plan, state, t, dry=True, trace=trace)
-        compute = trace.peak
-        out_bytes = 0
-        temps = 0.0
-        for (_a, planes), o in zip(emitted, plan.outputs):
-            if planes is None:
-                continue
-            out_bytes += planes.nbytes
-            wt = getattr(o.sink, "write_temps", 0.0)
-            piece = getattr(o.sink, "piece", None)
-            if wt:
-                n = planes.shape[plan.axis]
-                share = planes.nbytes * min(n, piece or n) // max(1, n)
-                temps = max(temps, wt * share)
-        write = trace.held_after[-1] + out_bytes + int(temps)
-        peak = max(compute, write) + overhead
-        peaks.append(peak)
-        if write > compute:
-            trace.peak_stage = "writing the step's outputs"
-            trace.peak_step = t
-        if peak > before[0]:
-            trace.peak = peak
-        else:
-            trace.peak, trace.peak_stage, trace.peak_step = before
-    return trace, peaks
+    _, trace = size_rings(plan)
+    return trace, list(trace.step_peaks)
 
 
 def _choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace, list[int]]:
-    """The thickest steps (grid rows per step) whose projected peak fits the budget.
-
-    Starts from ``target_slab_bytes`` of input per step and searches the rows
-    with :func:`~dask_sweep.passes.slabs.thickest`, like the plugin's
-    :func:`~dask_sweep.passes.slabs.choose_steps`; peaks are those of
-    :func:`project` (writes and runtime overhead included).
+    """The thickest steps whose projected peak fits the budget (the plugin's sizer).
 
     Raises
     ------
     BudgetError
-        When one grid row per step does not fit.
+        When one plane per step does not fit.
     """
-    sets = [set(o.grid(plan.axis)) for o in plan.outputs]
-    grid = sorted(set.intersection(*sets) | {plan.extent})
-    nrows = max(1, len(grid) - 1)
-    widths = np.diff(grid) if len(grid) > 1 else np.array([1])
-    per_plane = max(1, input_bytes_per_plane(plan))
-    hi = max(1, min(nrows, int(target_slab_bytes // max(1.0, per_plane * float(widths.mean())))))
-
-    def attempt(rows: int) -> tuple[Plan, Trace, list[int]]:
-        cand = replace(plan, steps=steps_for(plan, rows))
-        return (cand, *project(cand))
-
-    _, best = thickest(attempt, lambda c: c[1].peak <= plan.budget, hi)
-    if best[1].peak > plan.budget:
-        tr = best[1]
-        raise BudgetError(
-            f"dask_sweep: the sweep needs at least {format_bytes(tr.peak)} (peak at stage "
-            f"{tr.peak_stage!r}, with one grid row per step), more than the memory budget "
-            f"of {format_bytes(plan.budget)}.",
-            stage=tr.peak_stage,
-            projected=tr.peak,
-            budget=plan.budget,
-        )
-    return best
+    plan, trace = choose_steps(plan, target_slab_bytes)
+    return plan, trace, list(trace.step_peaks)
 
 
 def step_reads(plan: Plan, trace: Trace) -> list[int]:

@@ -274,25 +274,15 @@ def _compile_and_open(items: list, settings: dict) -> tuple[Compiled, dict]:
 # --------------------------------------------------------------------------- local runs
 
 
-def _common_grid(plan: Plan) -> list[int]:
-    sets = [set(o.grid(plan.axis)) for o in plan.outputs]
-    return sorted(set.intersection(*sets) | {plan.extent})
-
-
 def _shrink(plan: Plan, t: int) -> Plan | None:
     """The plan with the steps after ``t`` cut at half their thickness (None: at minimum)."""
-    grid = _common_grid(plan)
     done = plan.steps[t]
-    prev = plan.steps[t - 1] if t else 0
-    rows = max(1, sum(1 for g in grid if prev < g <= done))
-    if rows <= 1 or t + 1 >= len(plan.steps):
+    planes = done - (plan.steps[t - 1] if t else 0)
+    if planes <= 1 or t + 1 >= len(plan.steps):
         return None
-    new_rows = rows // 2
-    rest = [g for g in grid if g > done]
-    new = list(plan.steps[: t + 1]) + rest[new_rows - 1 :: new_rows]
-    if new[-1] != plan.extent:
-        new.append(plan.extent)
-    return replace(plan, steps=tuple(new))
+    half = planes // 2
+    rest = [*range(done + half, plan.extent, half), plan.extent]
+    return replace(plan, steps=(*plan.steps[: t + 1], *rest))
 
 
 def run(*items: Any, **settings: Any) -> RunResult:

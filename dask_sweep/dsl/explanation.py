@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dask_sweep.dsl.algorithms import explain_lines
 from dask_sweep.dsl.compile import AlgoPass
-from dask_sweep.dsl.stages import Pointwise, Reduce, Window
-from dask_sweep.plan.ir import Kernel, Source
+from dask_sweep.dsl.stages import Reduce
+from dask_sweep.plan.ir import Kernel, Pointwise, Source
 from dask_sweep.utils import format_bytes
 
 
@@ -77,7 +77,7 @@ class Explanation:
                         f"read   {st.label:<30} {len(rows)} chunk rows of {max(rows)} "
                         "planes, inline in the step"
                     )
-                elif isinstance(st, (Kernel, Window)):
+                elif isinstance(st, Kernel):
                     d = st.depth[plan.axis]
                     desc = (
                         f"kernel {st.label:<30} window -{d}/+{d}, footprint {st.depth}, "

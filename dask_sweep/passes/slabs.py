@@ -1,39 +1,53 @@
 """Choose the slab steps of a plan and check them against the memory budget.
 
-Steps are cut on the outputs' chunk boundaries.  We start from the thickness
-that gives each slab task about ``target_slab_bytes`` of input (so each task
-amortises the scheduler's per-task cost), replay the sweep dry to get its
-projected peak, and search (:func:`thickest`) for the thickest step that fits
-the budget.  If even one chunk row per step does not fit, the plan is refused
-with the stage that peaks, the projected bytes and the budget.
+A step is ``T`` planes of the sweep axis; the stages' windows, not dask's
+blocks, decide what a step holds.  For a candidate ``T`` the sweep is replayed
+twice, dry:
+
+1. with every ring transient, to read off how many planes each ring holds at
+   most (its *span*) and which rings carry planes from one step to the next;
+2. with those rings *folded* into buffers of exactly their span (see
+   :mod:`dask_sweep.runtime.ring`), for the projected peak: buffers, the slab
+   being computed, kernel temporaries, emitted planes and the writer's
+   temporaries, plus ``runtime_overhead``.
+
+The thickest ``T`` that fits is searched (:func:`thickest`), starting from
+``target_slab_bytes`` of input per step (each task must amortise the
+scheduler's per-task cost) and preferring multiples of the plan's *grain* (the
+chunk rows every source, output and block-exact stage shares), so steps line
+up with reads and writes.  The *floor* of a plan is its peak at one plane per
+step: the smallest budget it accepts.  A budget below it is refused with the
+floor and what sets it, before any I/O.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
-import numpy as np
-
 from dask_sweep.errors import BudgetError
-from dask_sweep.plan.ir import Plan, Source
+from dask_sweep.plan.ir import Blocked, Plan, Source
 from dask_sweep.runtime.executor import Trace, dry_run
 from dask_sweep.utils import format_bytes
 
 
-def _grid(plan: Plan) -> list[int]:
-    """Plane indices where every output has a chunk boundary."""
-    n = plan.extent
-    sets = []
-    for o in plan.outputs:
-        sets.append(set(o.grid(plan.axis)))
-    common = set.intersection(*sets) if sets else {0, n}
-    return sorted(common | {n})
+def uniform_steps(n: int, planes: int) -> tuple[int, ...]:
+    """Step bounds of ``planes`` planes each over ``n`` planes (the last one shorter).
+
+    >>> uniform_steps(10, 4)
+    (4, 8, 10)
+    """
+    planes = max(1, planes)
+    out = list(range(planes, n, planes))
+    return (*out, n) if n else (0,)
 
 
 def steps_for(plan: Plan, rows_per_step: int) -> tuple[int, ...]:
-    grid = _grid(plan)[1:]
+    """Step bounds grouping ``rows_per_step`` rows of the outputs' common grid."""
+    sets = [set(o.grid(plan.axis)) for o in plan.outputs]
+    grid = sorted((set.intersection(*sets) if sets else {0}) | {plan.extent})[1:]
     out = [grid[i] for i in range(rows_per_step - 1, len(grid), rows_per_step)]
     if not out or out[-1] != plan.extent:
         out.append(plan.extent)
@@ -42,6 +56,52 @@ def steps_for(plan: Plan, rows_per_step: int) -> tuple[int, ...]:
 
 def input_bytes_per_plane(plan: Plan) -> int:
     return sum(st.plane_bytes(plan.axis) for st in plan.stages if isinstance(st, Source))
+
+
+def grain(plan: Plan) -> int:
+    """Planes per chunk row shared by every grid of the plan (1 when they disagree).
+
+    Sources read whole chunk rows, outputs are written (or handed to dask) in
+    theirs and block-exact stages compute dask's blocks: steps that are multiples
+    of all of these never hold a partial row.
+
+    >>> import numpy as np
+    >>> from dask_sweep.plan.ir import Output, Plan, Source
+    >>> src = Source("s", (16, 2), np.dtype("u1"), row_bounds=(0, 4, 8, 12, 16))
+    >>> grain(Plan((src,), (Output(0, "o", ((8, 8), (2,))),), 0))
+    8
+    """
+    if plan.extent <= 0:
+        return 1
+    widths = []
+    grids = [st.row_bounds for st in plan.stages if isinstance(st, Source)]
+    grids += [st.grid(plan.axis) for st in plan.stages if isinstance(st, Blocked)]
+    grids += [o.grid(plan.axis) for o in plan.outputs]
+    for g in grids:
+        inner = [b for b in g if 0 < b < plan.extent]
+        widths.append(math.gcd(*inner) if inner else plan.extent)
+    g = 1
+    for w in widths:
+        g = g * w // math.gcd(g, w)
+    return g if 0 < g <= plan.extent else 1
+
+
+def size_rings(plan: Plan) -> tuple[Plan, Trace]:
+    """The plan with its rings folded to their spans, and its dry-run trace (peak included).
+
+    ``trace.peak`` includes ``plan.info["runtime_overhead"]``.
+    """
+    probe = dry_run(replace(plan, rings=()))
+    rings = tuple(probe.span.get(j, 0) if j in probe.carried else 0
+                  for j in range(len(plan.stages)))
+    sized = replace(plan, rings=rings)
+    trace = dry_run(sized)
+    overhead = plan.info.get("runtime_overhead", 0)
+    trace.peak += overhead
+    trace.step_peaks = [p + overhead for p in trace.step_peaks]
+    if overhead:
+        trace.peak_parts.append(("runtime overhead (sweep.runtime-overhead)", overhead))
+    return sized, trace
 
 
 T = TypeVar("T")
@@ -82,35 +142,66 @@ def thickest(attempt: Callable[[int], T], fits: Callable[[T], bool], hi: int) ->
     return lo, best
 
 
+def describe_peak(trace: Trace, top: int = 4) -> str:
+    """The largest parts of a trace's peak, in words.
+
+    >>> tr = Trace(peak=30, peak_parts=[("ring of a", 10), ("ring of b", 20), ("c", 0)])
+    >>> describe_peak(tr)
+    'ring of b 20 B, ring of a 10 B'
+    """
+    parts = sorted((p for p in trace.peak_parts if p[1] > 0), key=lambda p: -p[1])
+    shown = [f"{w} {format_bytes(v)}" for w, v in parts[:top]]
+    rest = sum(v for _, v in parts[top:])
+    if rest:
+        shown.append(f"other {format_bytes(rest)}")
+    return ", ".join(shown)
+
+
+def floor(plan: Plan) -> tuple[Plan, Trace]:
+    """The plan at its thinnest steps (one plane each) and its trace: the smallest budget."""
+    return size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
+
+
 def choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace]:
-    """Return the plan with steps set, and its dry-run trace.
+    """Return the plan with steps and rings set, and its dry-run trace.
 
     Raises
     ------
     BudgetError
-        When one chunk row per step still exceeds ``plan.budget``.
+        When even one plane per step exceeds ``plan.budget`` (the message quotes
+        the floor and what sets it).
     """
-    grid = _grid(plan)
-    widths = np.diff(grid)
-    mean_rows = float(np.mean(widths)) if len(widths) else 1.0
+    n = plan.extent
     per_plane = max(1, input_bytes_per_plane(plan))
-    rows = max(1, int(target_slab_bytes // max(1.0, per_plane * mean_rows)))
-    rows = min(rows, max(1, len(widths)))
+    hi = max(1, min(n, int(target_slab_bytes // per_plane)))
+    g = grain(plan)
 
-    def attempt(r: int) -> tuple[Plan, Trace]:
-        cand = replace(plan, steps=steps_for(plan, r))
-        trace = dry_run(cand)
-        trace.peak += plan.info.get("runtime_overhead", 0)
-        return cand, trace
+    def attempt(planes: int) -> tuple[Plan, Trace]:
+        return size_rings(replace(plan, steps=uniform_steps(n, planes)))
 
-    _, (cand, trace) = thickest(attempt, lambda c: c[1].peak <= plan.budget, rows)
-    if trace.peak > plan.budget:
-        raise BudgetError(
-            f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (peak at stage "
-            f"{trace.peak_stage!r}, with one chunk row of {int(mean_rows)} planes per step), "
-            f"more than the memory budget of {format_bytes(plan.budget)}. Raise "
-            "sweep.memory-limit (dask_sweep.enable(memory_limit=...)) or use thinner chunks "
-            "along the sweep axis.",
-            stage=trace.peak_stage, projected=trace.peak, budget=plan.budget,
-        )
-    return cand, trace
+    def fits(c: tuple[Plan, Trace]) -> bool:
+        return c[1].peak <= plan.budget
+
+    if 1 < g <= hi:
+        _, best = thickest(lambda u: attempt(u * g), fits, hi // g)
+        if fits(best):
+            return best
+        hi = g - 1
+    planes, best = thickest(attempt, fits, hi)
+    if fits(best):
+        return best
+    cand, trace = best if planes == 1 else attempt(1)
+    raise BudgetError(
+        f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (its floor, one "
+        f"plane per step), more than the memory budget of {format_bytes(plan.budget)}. "
+        f"At the peak, while {_while(trace)}: {describe_peak(trace)}. Raise "
+        f"sweep.memory-limit to at least {format_bytes(trace.peak)} "
+        "(dask_sweep.enable(memory_limit=...)), or use thinner chunks along the sweep axis.",
+        stage=trace.peak_stage, projected=trace.peak, budget=plan.budget,
+    )
+
+
+def _while(trace: Trace) -> str:
+    s = trace.peak_stage
+    return s if s.startswith("writing") else f"computing stage {s!r}"
+

@@ -14,9 +14,9 @@ halo ``H`` (the sum of the stages' in-plane depths) of real neighbouring data::
 
 Exact for block-invariant kernels (their output within ``H`` of a tile's inner
 edge is wrong, and it is cut away) and for pure elementwise stages (numpy
-ufuncs, ``astype``..., evaluated on the tile's own blocks); so tiling is offered
-for regions made of :class:`Kernel`, :class:`Identity`, pure elementwise
-:class:`Blocked` and inline :class:`Source` stages.  Outputs
+ufuncs, ``astype``..., evaluated on any slab); so tiling is offered for regions
+made of :class:`Kernel`, :class:`Identity`, :class:`Pointwise` and inline
+:class:`Source` stages.  Outputs
 written by the sweep (``to_zarr`` / ``store``) are cut to each tile's interior;
 outputs handed back to dask (``compute``, ``persist``) need tile cuts on their
 own block boundaries, so each block is taken from the one tile holding it.
@@ -33,7 +33,7 @@ import numpy as np
 from dask_sweep.errors import BudgetError
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.patterns.readers import TileReader
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Source
+from dask_sweep.plan.ir import Identity, Kernel, Plan, Pointwise, Source
 
 
 class TileWriter:
@@ -54,11 +54,7 @@ def tileable(plan: Plan) -> str:
         if isinstance(st, Source):
             if st.external or not st.chunks:
                 return "a source is not read inside the slab tasks"
-        elif isinstance(st, Blocked) and st.pure and not any(
-            lo or hi for per_input in st.depth for lo, hi in per_input
-        ):
-            continue  # elementwise: gives dask's values on the tile's own blocks
-        elif not isinstance(st, (Kernel, Identity)):
+        elif not isinstance(st, (Kernel, Identity, Pointwise)):
             return (
                 f"stage {st.label!r} keeps dask's blocks (only known kernels and "
                 "elementwise stages can be tiled)"
@@ -155,12 +151,6 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
                 c * covered * itemsize for c in st.chunks[axis])))
         elif isinstance(st, Kernel):
             stages.append(replace(st, shape=shape, edges=tuple(edges)))
-        elif isinstance(st, Blocked):
-            # pure elementwise (see tileable): the tile's planes are one block in-plane
-            chunks = tuple(
-                st.chunks[ax] if ax == axis else (e - s,) for ax, (s, e) in enumerate(hreg)
-            )
-            stages.append(replace(st, shape=shape, chunks=chunks))
         else:
             stages.append(replace(st, shape=shape))
     outputs = tuple(

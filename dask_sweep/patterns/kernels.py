@@ -26,6 +26,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dask_sweep.plan.ir import Kernel
+from dask_sweep.runtime.morphology import BoolRun, BoolShifts
 
 ALL = frozenset("biuf")
 EXACT_SUM = frozenset("biu")
@@ -182,6 +183,37 @@ def separable_passes(func, kw: dict, ndim: int):
     return None
 
 
+def fast_binary(func, kw: dict, ndim: int, axis: int):
+    """``(passes, fn)`` of a binary erosion / dilation as boolean runs or shifts, or ``None``.
+
+    One iteration, no mask, origin 0, a structure with odd sides: a box becomes
+    one :class:`~dask_sweep.runtime.morphology.BoolRun` per axis (the sweep
+    axis first: the order of ANDs does not matter), any other structure a
+    :class:`~dask_sweep.runtime.morphology.BoolShifts`.  Both equal scipy bit
+    for bit (``tests/test_morphology.py``).
+    """
+    if func not in (ndi.binary_erosion, ndi.binary_dilation):
+        return None
+    if kw.get("iterations", 1) != 1 or kw.get("mask") is not None:
+        return None
+    if np.any(np.asarray(kw.get("origin", 0)) != 0):
+        return None
+    structure = kw.get("structure")
+    if structure is None:
+        structure = ndi.generate_binary_structure(ndim, 1)
+    structure = np.asarray(structure, dtype=bool)
+    if structure.ndim != ndim or any(n % 2 == 0 for n in structure.shape):
+        return None
+    op = "and" if func is ndi.binary_erosion else "or"
+    border = bool(kw.get("border_value", 0))
+    if structure.all():
+        order = [axis] + [ax for ax in range(ndim) if ax != axis]
+        passes = tuple((ax, BoolRun(op, structure.shape[ax] // 2, ax, border))
+                       for ax in order if structure.shape[ax] > 1)
+        return passes, None
+    return None, BoolShifts(op, structure, border)
+
+
 def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kernel | None, str]:
     """A re-blockable :class:`Kernel` for a map_overlap spec, or why not."""
     func, kwargs = spec.kernel
@@ -207,10 +239,14 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
     bnd = tuple(spec.boundary[0][ax] for ax in range(ndim))
     if any(b != "none" and depth[ax] * 2 > spec.meta.shape[ax] for ax, b in enumerate(bnd)):
         return None, "boundary padding deeper than the array"
+    fn, passes = functools.partial(func, **kwargs), separable_passes(func, kwargs, ndim)
+    fast = fast_binary(func, kwargs, ndim, axis)
+    if fast is not None:
+        passes, fn = fast[0], fast[1] or fn
     st = Kernel(
         label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
-        fn=functools.partial(func, **kwargs), depth=tuple(depth), boundary=bnd,
+        fn=fn, depth=tuple(depth), boundary=bnd,
         temps=3.0 if func in (ndi.median_filter,) else 2.0, sweep_axis=axis,
-        passes=separable_passes(func, kwargs, ndim),
+        passes=passes, in_dtype=np.dtype(in_dtype),
     )
     return st, ""

@@ -10,7 +10,7 @@ from dask_sweep.patterns.kernels import kernel_stage
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
-from dask_sweep.plan.ir import Blocked, Identity, Output, Plan, Source, Stage
+from dask_sweep.plan.ir import Blocked, Identity, Output, Plan, Pointwise, Source, Stage
 
 
 class OverlapBlockFn:
@@ -36,6 +36,18 @@ class ElementwiseBlockFn:
 
     def __call__(self, idx, *blocks):
         return self.ev(idx, dict(zip(self.positions, blocks)))
+
+
+class SlabFn:
+    """A pure elementwise layer on any slab: dask's template with the slab as its block."""
+
+    def __init__(self, ev: BlockwiseEval, positions, ndim: int) -> None:
+        self.ev = ev
+        self.positions = list(positions)
+        self.idx = (0,) * ndim  # pure layers have no I/O dependency to index
+
+    def __call__(self, *slabs):
+        return self.ev(self.idx, dict(zip(self.positions, slabs)))
 
 
 class StoreWriter:
@@ -171,6 +183,13 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         ins = tuple(index[i] for i in spec.inputs)
         if spec.kind == "rechunk":
             st = Identity(label="rechunk", shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins)
+        elif spec.kind == "elementwise" and is_pure_elementwise(spec.func_eval):
+            # no window, no block dependence: any slab (or in-plane tile) will do
+            st = Pointwise(
+                label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
+                fn=SlabFn(spec.func_eval, spec.func_positions, len(spec.meta.shape)),
+                cast=False, temps=0.0,  # one dask layer: one numpy call
+            )
         elif spec.kind == "elementwise":
             st = Blocked(
                 label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
@@ -179,7 +198,6 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 boundary=tuple(tuple("none" for _ in spec.meta.shape) for _ in ins),
                 block_fn=ElementwiseBlockFn(spec.func_eval, spec.func_positions),
                 kind="elementwise", sweep_axis=axis,
-                pure=is_pure_elementwise(spec.func_eval),
             )
         else:
             st = None

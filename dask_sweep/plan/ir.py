@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -111,10 +111,6 @@ class Blocked(Stage):
         Per input, per axis boundary kind as dask spells it.
     block_fn
         ``block_fn(index, *regions) -> ndarray``: evaluate one block.
-    pure
-        The function is elementwise (numpy ufuncs, ``astype``...; see
-        :func:`~dask_sweep.patterns.layers.is_pure_elementwise`): in-plane tiles may
-        evaluate it on blocks of their own.
     """
 
     chunks: tuple[tuple[int, ...], ...] = ()
@@ -122,7 +118,6 @@ class Blocked(Stage):
     boundary: tuple[tuple[BoundaryT, ...], ...] = ()
     block_fn: Callable[..., np.ndarray] | None = None
     kind: str = "blockwise"
-    pure: bool = False  # each value from the same position alone: any block gives dask's values
 
     def window(self, i: int) -> tuple[int, int]:
         return self._axis_depth[i]
@@ -145,47 +140,78 @@ class Blocked(Stage):
 class Kernel(Stage):
     """A windowed kernel known to equal one global operation on the whole volume.
 
-    The kernel (e.g. a scipy.ndimage filter whose footprint fits in the halo)
-    gives the same bits whatever the slab boundaries, so the sweep chooses them
-    from the memory budget.  ``fn(padded_slab) -> slab`` runs on a slab padded
-    by ``depth`` on every side (boundary padding at the volume's faces, real
-    neighbours elsewhere) and the result is cropped by ``depth``.
+    The kernel (a scipy.ndimage filter whose footprint fits in the halo, or a
+    DSL window) gives the same bits whatever the slab boundaries, so the sweep
+    chooses them from the memory budget.  ``fn(padded_slab) -> slab`` runs on a
+    slab padded by ``depth`` on every side (boundary padding at the volume's
+    faces, real neighbours elsewhere) and the result is cropped by ``depth``.
+    How it runs (kept planes, in-plane pieces) is
+    :mod:`dask_sweep.runtime.kernel`'s business.
+
+    Parameters
+    ----------
+    fn
+        The N-D call on a padded block.
+    depth
+        Symmetric halo per axis (at least the footprint's radius).
+    boundary
+        Per axis: dask's boundary padding, or ``'none'`` (the kernel's own mode
+        acts at the volume's faces).
+    temps
+        Temporaries of one ``fn`` call, as a multiple of its output.
+    passes
+        Separable form: scipy's own 1-D passes ``((axis, fn1d), ...)`` in its order.
+    edges
+        Per axis ``(lo, hi)``: is that side a face of the volume (in-plane tiles)?
+    in_dtype
+        Dtype of the input (for the cost of its copies).
     """
 
     fn: Callable[[np.ndarray], np.ndarray] | None = None
-    depth: tuple[int, ...] = ()  # symmetric halo per axis
-    boundary: tuple[BoundaryT, ...] = ()  # per axis: 'none' lets the kernel's own mode act
+    depth: tuple[int, ...] = ()
+    boundary: tuple[BoundaryT, ...] = ()
     temps: float = 2.0
     kind: str = "kernel"
-    passes: tuple | None = None  # separable form: ((axis, fn1d), ...) in the kernel's order
-    edges: tuple | None = None  # per axis (lo, hi): is that side a face of the volume?
+    passes: tuple | None = None
+    edges: tuple | None = None
+    sweep_axis: int = 0
+    in_dtype: Any = None
 
     def window(self, i: int) -> tuple[int, int]:
         d = self.depth[self.sweep_axis]
         return (d, d)
 
-    sweep_axis: int = 0
 
-    def temp_factor(self) -> float:
-        return self.temps
+@dataclass(frozen=True, eq=False)
+class Pointwise(Stage):
+    """``fn(*input_planes, *values)`` on the same planes of every input: any slab will do.
 
-    def temp_bytes(self, out_bytes: int, in_bytes: int) -> float:
-        # scipy works on the slab padded by the halo, not on the planes kept
-        inplane = 1.0
-        for ax, d in enumerate(self.depth):
-            if ax != self.sweep_axis and self.boundary[ax] != "none" and d:
-                inplane *= (self.shape[ax] + 2 * d) / self.shape[ax]
-        padded = max(in_bytes, out_bytes) * inplane
-        if self.passes is not None:
-            # the first 1-D pass writes a padded slab; later passes work on kept planes,
-            # into arrays that replace each other
-            return padded
-        # the whole N-D call on the padded slab, plus strip copies for the threads
-        return padded * (1 + self.temps)
+    Elementwise work (ufuncs, comparisons, ``astype``, ``where``, ``clip``, the
+    DSL's maps and zips) has no window and no grid, so it runs on whatever
+    planes its consumer asks for, and holds no ring of its own beyond them.
 
+    Parameters
+    ----------
+    fn
+        Elementwise function of the input planes (and of ``values``).
+    scalars
+        Values computed by earlier passes that ``fn`` needs (the DSL's scalars).
+    values
+        Their values, once bound; ``None`` before.
+    """
 
-# its sweep-axis gaussian pass runs on the kept planes only (runtime/axis_pass.py)
-Kernel.kept_planes_pass = True
+    fn: Callable[..., np.ndarray] | None = None
+    scalars: tuple[Any, ...] = ()
+    values: tuple[Any, ...] | None = None
+    cast: bool = True  # cast results to ``dtype`` (the DSL); the plugin keeps dask's own
+    temps: float = 1.0  # temporaries, as a multiple of the result (0: one numpy call)
+    kind: str = "pointwise"
+
+    def bind(self, env: dict) -> Pointwise:
+        """This stage with the values of its scalars taken from ``env``."""
+        if not self.scalars:
+            return self
+        return replace(self, values=tuple(env[s.uid] for s in self.scalars))
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,6 +249,7 @@ class Plan:
     budget: int = 0
     threads: int = 1
     info: dict = field(default_factory=dict)
+    rings: tuple[int, ...] = ()  # per stage: planes of its folded ring buffer (0: transient)
 
     @property
     def extent(self) -> int:

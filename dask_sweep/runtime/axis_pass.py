@@ -31,6 +31,8 @@ import functools
 import numpy as np
 import scipy.ndimage as ndi
 
+from dask_sweep.runtime.morphology import BoolRun
+
 _DTYPES = tuple(np.dtype(c) for c in "bBhHiIlLqQfd")
 _BLOCK = 1 << 14  # voxels per block: the double accumulators stay in L2, 256 KiB a thread
 
@@ -63,14 +65,17 @@ def gaussian_weights(fn) -> np.ndarray | None:
 
 
 def scratch_bytes(st, threads: int) -> int:
-    """The double accumulators a stage's kept-planes pass allocates (a stage whose class
-    sets ``kept_planes_pass``: the plugin's ``Kernel``, the DSL's ``Window``)."""
+    """The double accumulators a kernel stage's kept-planes gaussian pass allocates."""
     passes = getattr(st, "passes", None)
-    if not getattr(st, "kept_planes_pass", False) or not passes:
+    if not passes:
         return 0
     if passes[0][0] != st.sweep_axis:
         return 0
-    if gaussian_weights(passes[0][1]) is None:
+    first = passes[0][1]
+    if getattr(first, "func", None) is ndi.uniform_filter1d:
+        plane = int(np.prod([n for ax, n in enumerate(st.shape) if ax != st.sweep_axis]))
+        return 8 * min(_BLOCK, plane) * max(1, threads)  # the sum's double accumulators
+    if gaussian_weights(first) is None:
         return 0
     plane = int(np.prod([n + 2 * d for ax, (n, d) in enumerate(zip(st.shape, st.depth))
                          if ax != st.sweep_axis], dtype=np.int64))
@@ -83,8 +88,17 @@ def scratch_bytes(st, threads: int) -> int:
 def kept_planes(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
     """Planes ``[c0, c0 + t)`` of ``fn(x)`` along ``axis``, or ``None`` if not handled.
 
-    ``fn``'s ``output=`` (a dtype) is honoured: the double result is cast to it.
+    Handled, each bit for bit: an order-0 gaussian (scipy's weights and order of
+    operations, see the module docstring), ``uniform_filter1d`` on integers (an
+    exact sum of the window divided by the size, as scipy's running sum gives),
+    ``minimum_filter1d`` / ``maximum_filter1d`` on integers and booleans (order
+    statistics select values) and :class:`BoolRun`.  ``fn``'s ``output=`` (a
+    dtype) is honoured.
     """
+    if isinstance(fn, BoolRun):
+        return fn.kept(x, axis, c0, t)  # exact at the volume's faces too
+    if isinstance(fn, functools.partial) and fn.func in _WINDOW_OPS:
+        return _window_kept(fn, x, axis, c0, t, threads)
     if axis != 0 or x.ndim < 2 or x.dtype not in _DTYPES or not x.flags.c_contiguous:
         return None
     fw = gaussian_weights(fn)
@@ -131,3 +145,76 @@ def _planes(fw: np.ndarray, xf: np.ndarray, of: np.ndarray, c0: int, blocks) -> 
                 np.multiply(tm, fw[size1 + jj], out=tm)
                 np.add(a, tm, out=a)
             of[k, m0:m1] = a  # a C cast: truncation to integers, rounding to float32
+
+
+# ---------------------------------------------------------------- windows that select or sum
+
+_WINDOW_OPS = {ndi.uniform_filter1d: "sum", ndi.minimum_filter1d: "min",
+               ndi.maximum_filter1d: "max"}
+
+
+def _window_kept(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
+    """Kept planes of a uniform / minimum / maximum 1-D pass along the sweep axis.
+
+    scipy's window for ``size`` starts ``size // 2`` before the voxel (origin 0).
+    Integer sums are exact in double (so the order of the additions, which
+    differs from scipy's running sum, cannot change them), then divided by the
+    size and cast as C does; minima and maxima select.  Floats keep scipy's own
+    pass (sums round, and NaNs compare differently).
+    """
+    kw = fn.keywords
+    op = _WINDOW_OPS[fn.func]
+    if fn.args or kw.get("origin", 0) != 0 or kw.get("axis") not in (axis, axis - x.ndim):
+        return None
+    kind = x.dtype.kind
+    if kind not in "biu" or (op == "sum" and kind == "b"):
+        return None
+    odt = kw.get("output")
+    if isinstance(odt, np.ndarray):
+        return None
+    odt = x.dtype if odt is None else np.dtype(odt)
+    size = int(kw["size"])
+    lo = size // 2
+    hi = size - lo - 1
+    if c0 - lo < 0 or c0 + t + hi > x.shape[axis] or t <= 0:
+        return None  # a window reaches past the slab: scipy's boundary mode applies
+    if op == "sum" and (size < 2 or np.iinfo(x.dtype).max * size >= 2**53):
+        return None  # the double sum would round (or there is nothing to sum)
+
+    def plane(p):
+        return x[(slice(None),) * axis + (slice(p, p + t),)]
+
+    if op == "sum":
+        if axis != 0 or not x.flags.c_contiguous:
+            return None
+        xf = x.reshape(x.shape[0], -1)
+        out = np.empty((t, *x.shape[1:]), dtype=odt)
+        of = out.reshape(t, -1)
+        m = xf.shape[1]
+        blocks = [(m0, min(m, m0 + _BLOCK)) for m0 in range(0, m, _BLOCK)]
+        share = [blocks[k::threads] for k in range(max(1, min(threads, len(blocks))))]
+
+        def work(k):
+            # double accumulators a block of voxels long: bounded, and they stay in cache
+            acc = np.empty(min(m, _BLOCK), np.float64)
+            for m0, m1 in share[k]:
+                a = acc[: m1 - m0]
+                for q in range(t):
+                    p = c0 + q
+                    np.add(xf[p - lo, m0:m1], xf[p - lo + 1, m0:m1], out=a, dtype=np.float64)
+                    for j in range(2 - lo, hi + 1):
+                        np.add(a, xf[p + j, m0:m1], out=a)
+                    np.divide(a, float(size), out=a)
+                    of[q, m0:m1] = a  # a C cast: truncation toward zero
+        if len(share) > 1:
+            from dask_sweep.runtime.compute import pmap
+
+            pmap(work, list(range(len(share))), threads)
+        else:
+            work(0)
+        return out
+    red = np.minimum if op == "min" else np.maximum
+    out = plane(c0 - lo).copy()
+    for j in range(1 - lo, hi + 1):
+        red(out, plane(c0 + j), out=out)
+    return out if odt == out.dtype else out.astype(odt)

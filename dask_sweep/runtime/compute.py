@@ -27,8 +27,8 @@ from functools import lru_cache
 import numpy as np
 from dask.array.core import concatenate3
 
-from dask_sweep.plan.ir import Blocked, Kernel, Source
-from dask_sweep.runtime.axis_pass import kept_planes
+from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Source
+from dask_sweep.runtime.kernel import compute_kernel, kernel_temp_bytes
 from dask_sweep.runtime.ring import Shape
 
 _NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
@@ -94,6 +94,22 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
             row = st.reader.read_row(r, externals)
         rows.append(row)
     return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=axis)
+
+
+def compute_pointwise(st: Pointwise, a: int, b: int, axis: int, inputs: list, dry: bool):
+    """``st.fn`` on the same planes ``[a, b)`` of every input (any slab will do)."""
+    want = list(st.shape)
+    want[axis] = b - a
+    if dry:
+        return Shape(tuple(want), np.dtype(st.dtype))
+    if st.scalars and st.values is None:  # pragma: no cover - guarded by the runner
+        raise RuntimeError(f"stage {st.label!r} runs before its scalars are known")
+    out = np.asarray(st.fn(*inputs, *(st.values or ())))
+    if out.shape != tuple(want):
+        out = np.broadcast_to(out, want)  # a scalar result, or a broadcast literal
+    if st.cast and out.dtype != st.dtype:
+        out = out.astype(st.dtype)
+    return np.ascontiguousarray(out)
 
 
 def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
@@ -176,103 +192,19 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
     return concatenate3(nested.tolist())
 
 
-def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
-                   prepadded: bool = False):
-    """Run a block-invariant kernel on a slab padded by its halo, then crop."""
-    (x,) = inputs
-    n = st.shape[axis]
-    d = st.depth[axis]
-    pa, pb = max(0, a - d), min(n, b + d)
-    ndim = len(st.shape)
-    if dry:
-        s = list(st.shape)
-        s[axis] = b - a
-        return Shape(tuple(s), st.dtype)
-    crop = [slice(None)] * ndim
-    bnd = st.boundary[axis]
-    if bnd != "none":
-        if not prepadded:  # periodic is padded by the executor
-            x = pad_axis(x, axis, d - (a - pa), d - (pb - b), bnd)
-        crop[axis] = slice(d, d + (b - a))
-    else:
-        crop[axis] = slice(a - pa, a - pa + (b - a))
-    for ax in range(ndim):
-        if ax != axis and st.boundary[ax] != "none" and st.depth[ax]:
-            # pad only at the volume's faces (an in-plane tile has real data inside)
-            edge_lo, edge_hi = st.edges[ax] if st.edges is not None else (True, True)
-            lo, hi = st.depth[ax] * edge_lo, st.depth[ax] * edge_hi
-            x = pad_axis(x, ax, lo, hi, st.boundary[ax])
-            crop[ax] = slice(lo, lo + st.shape[ax])
-    tile_ax = next((ax for ax in range(ndim) if ax != axis and x.shape[ax] > 1), None)
-    passes = st.passes
-    if passes is not None and not any(ax == axis for ax, _ in passes[1:]):
-        # Separable: filter along the sweep axis on the padded slab, keep only the
-        # planes [a, b), and run the in-plane passes on those planes alone.
-        sweep_crop = [slice(None)] * ndim
-        sweep_crop[axis] = crop[axis]
-        crop[axis] = slice(None)
-        y = x
-        rest = passes
-        kept = None
-        if passes and passes[0][0] == axis:
-            rest = passes[1:]
-            # only the planes kept, when the pass allows it (bit-identical to scipy)
-            kept = kept_planes(passes[0][1], x, axis, sweep_crop[axis].start, b - a, threads)
-            if kept is None:
-                y = _pass(passes[0][1], y, axis, threads)
-        y = kept if kept is not None else np.ascontiguousarray(y[tuple(sweep_crop)])
-        for ax, fn in rest:
-            y = _pass(fn, y, ax, threads)
-        if not passes:
-            y = y.copy()
-        return np.ascontiguousarray(y[tuple(crop)])
-    h = st.depth[tile_ax] if tile_ax is not None else 0
-    y = _strips(st.fn, x, axis, tile_ax, h, threads)
-    return np.ascontiguousarray(y[tuple(crop)])
+def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
+    """Temporaries a stage holds while computing ``out_bytes`` from ``in_bytes``."""
+    if isinstance(st, Kernel):
+        return kernel_temp_bytes(st, out_bytes, in_bytes, threads)
+    if isinstance(st, Blocked):
+        # padded input copy + per-block region copies + output blocks + assembly
+        return 3 * out_bytes
+    if isinstance(st, Pointwise):
+        return int(out_bytes * st.temps)
+    if isinstance(st, Source):
+        return 0
+    return int(st.temp_bytes(out_bytes, in_bytes))
 
 
-def _pass(fn, x, pass_ax: int, threads: int):
-    """One 1-D pass ``fn`` along ``pass_ax``, split across threads along another axis.
-
-    Lines along ``pass_ax`` are independent, so the pieces need no halo and are
-    written straight into one output array: exact, and no recomputation.
-    """
-    tile_ax = max((ax for ax in range(x.ndim) if ax != pass_ax),
-                  key=lambda ax: x.shape[ax], default=None)
-    if threads <= 1 or tile_ax is None or x.shape[tile_ax] < 2 * threads:
-        return fn(x)
-    out = np.empty(x.shape, dtype=x.dtype)
-    cuts = np.linspace(0, x.shape[tile_ax], threads + 1).astype(int).tolist()
-
-    def piece(k):
-        idx = [slice(None)] * x.ndim
-        idx[tile_ax] = slice(cuts[k], cuts[k + 1])
-        fn(x[tuple(idx)], output=out[tuple(idx)])
-
-    pmap(piece, list(range(threads)), threads)
-    return out
-
-
-def _strips(fn, x, axis: int, tile_ax, h: int, threads: int):
-    """``fn(x)``, computed on in-plane strips (each with halo ``h``) by the threads.
-
-    Exact for kernels whose footprint along ``tile_ax`` is within ``h``.
-    """
-    ndim = x.ndim
-    if threads <= 1 or tile_ax is None or x.shape[tile_ax] < 4 * threads * (h + 1):
-        return fn(x)
-    m = x.shape[tile_ax]
-    cuts = np.linspace(0, m, threads + 1).astype(int).tolist()
-
-    def strip(k):
-        s, e = cuts[k], cuts[k + 1]
-        hs, he = max(0, s - h), min(m, e + h)
-        idx = [slice(None)] * ndim
-        idx[tile_ax] = slice(hs, he)
-        y = fn(np.ascontiguousarray(x[tuple(idx)]))
-        idx2 = [slice(None)] * ndim
-        idx2[tile_ax] = slice(s - hs, s - hs + (e - s))
-        return y[tuple(idx2)]
-
-    parts = pmap(strip, list(range(threads)), threads)
-    return np.concatenate(parts, axis=tile_ax)
+__all__ = ["compute_blocked", "compute_kernel", "compute_pointwise", "compute_source",
+           "pad_axis", "pmap", "temp_bytes"]

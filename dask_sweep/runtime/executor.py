@@ -8,10 +8,11 @@ recursively down to the sources, which read whole chunk rows::
     step t:   output ◄── stage 2 ◄── stage 1 ◄── source ◄── storage
                        [a2,b2)    [a2-d2,b2+d2)  ...         chunk rows
 
-After the step, every ring drops the planes that no consumer's next window
-reaches.  The same code runs *dry* (placeholders instead of arrays) at planning
-time, which is how the plan knows, before any I/O, the bytes held at each
-moment, the bytes read and the rows each step reads.
+A stage frees its inputs' planes as soon as it has consumed them, so a step
+holds about one stage's slab at a time beside the rings.  The same code runs
+*dry* (placeholders instead of arrays) at planning time, which is how the plan
+knows, before any I/O, the bytes held at each moment, the bytes read, the rows
+each step reads and how many planes each ring must hold (its fold).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Source
+import numpy as np
+
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Source
 from dask_sweep.runtime import compute as C
 from dask_sweep.runtime.axis_pass import scratch_bytes
 from dask_sweep.runtime.ring import Ring, concat, take
@@ -41,26 +44,43 @@ class State:
 
 @dataclass
 class Trace:
-    """Book-keeping of a (dry or real) run: bytes read, rows read per step, peaks."""
+    """Book-keeping of a (dry or real) run: bytes read, rows read per step, peaks.
+
+    ``peak`` is the most bytes held at one moment (rings, the slab being
+    computed, its inputs joined from pieces, kernel temporaries, emitted planes
+    and the sink's temporaries while writing); ``peak_parts`` says what made it.
+    """
 
     bytes_read: int = 0
     rows_read: list = field(default_factory=list)  # per step: [(stage, row)]
     peak: int = 0
     peak_step: int = 0
     peak_stage: str = ""
+    peak_parts: list = field(default_factory=list)  # [(what, bytes)] at the peak
     held_after: list = field(default_factory=list)  # per step: bytes held between steps
+    step_peaks: list = field(default_factory=list)  # per step: its own peak
     computes: int = 0
     ring_peak: dict = field(default_factory=dict)  # stage index -> max bytes held
+    span: dict = field(default_factory=dict)  # stage index -> most planes held at once
+    carried: set = field(default_factory=set)  # stages holding planes between steps
 
 
 def initial_state(plan: Plan) -> State:
-    return State([Ring(plan.axis) for _ in plan.stages], [0] * len(plan.outputs))
+    caps = plan.rings or (0,) * len(plan.stages)
+    return State([Ring(plan.axis, 0, c) for c in caps], [0] * len(plan.outputs))
 
 
 def _round_down(grid, a: int) -> int:
     if grid is None:
         return a
-    return max(g for g in grid if g <= a)
+    return grid[bisect.bisect_right(grid, a) - 1]
+
+
+def _round_up(grid, b: int) -> int:
+    if grid is None:
+        return b
+    i = bisect.bisect_left(grid, b)
+    return grid[i] if i < len(grid) else grid[-1]
 
 
 def periodic_inputs(st) -> list[int]:
@@ -77,13 +97,20 @@ def _is_periodic(b) -> bool:
     return isinstance(b, str) and b == "periodic"
 
 
-def _round_up(grid, b: int) -> int:
-    if grid is None:
-        return b
-    for g in grid:
-        if g >= b:
-            return g
-    return grid[-1]
+def compute_stage(st, a: int, b: int, axis: int, ins: list, threads: int, dry: bool,
+                  prepadded=()):
+    """Planes ``[a, b)`` of a (non-source) stage from its inputs' windows."""
+    if isinstance(st, Pointwise):
+        return C.compute_pointwise(st, a, b, axis, ins, dry)
+    if isinstance(st, Kernel):
+        return C.compute_kernel(st, a, b, axis, ins, threads, dry, prepadded=bool(prepadded))
+    if isinstance(st, Blocked):
+        return C.compute_blocked(st, a, b, axis, ins, threads, dry, prepadded=prepadded)
+    if isinstance(st, Identity):
+        return ins[0]
+    if hasattr(st, "compute_planes"):  # stage kinds defined by a front end
+        return st.compute_planes(a, b, axis, ins, threads, dry)
+    raise TypeError(f"unknown stage kind {type(st).__name__}")  # pragma: no cover
 
 
 class _Step:
@@ -101,17 +128,22 @@ class _Step:
         extra = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
         return sum(r.nbytes for r in self.state.rings) + extra
 
-    def pull(self, j: int, a: int, b: int):
+    def ensure(self, j: int, a: int, b: int) -> None:
+        """Make stage ``j``'s ring hold planes ``[a, b)``, computing what is missing."""
         ring = self.state.rings[j]
         if ring.stop is None:  # a side evaluation starts where it is asked
-            ring.start = ring.stop = _round_down(self.grids[j], a)
+            ring.start = ring.stop = ring.base = _round_down(self.grids[j], a)
         if b > ring.stop:
             self._compute(j, ring.stop, _round_up(self.grids[j], b))
-        return ring.get(a, b)
+
+    def pull(self, j: int, a: int, b: int):
+        self.ensure(j, a, b)
+        return self.state.rings[j].get(a, b)
 
     def _compute(self, j: int, a: int, b: int) -> None:
         plan, axis = self.plan, self.plan.axis
         st = plan.stages[j]
+        transient = in_bytes = 0
         if isinstance(st, Source):
             out = C.compute_source(st, a, b, axis, self.externals, self.dry,
                                    self.state.memos, j)
@@ -120,53 +152,84 @@ class _Step:
                 for r in range(r0, r1):
                     self.trace.rows_read[-1].append((j, r))
                     self.trace.bytes_read += st.bytes_per_row[r] if st.bytes_per_row else 0
-            transient = in_bytes = 0
         else:
             ins = []
             periodic = periodic_inputs(st)
-            transient = 0  # inputs joined from several pieces: new arrays, not views
-            for pos, i in enumerate(st.inputs):
+            wins = [(max(0, a - lo), min(self.n, b + hi))
+                    for lo, hi in (st.window(pos) for pos in range(len(st.inputs)))]
+            # every input first, then the windows: computing one input may append to
+            # (and move the planes of) a folded ring another input is a view of
+            for i, (wa, wb) in zip(st.inputs, wins):
+                self.ensure(i, wa, wb)
+            for pos, (i, (wa, wb)) in enumerate(zip(st.inputs, wins)):
                 lo, hi = st.window(pos)
-                wa, wb = max(0, a - lo), min(self.n, b + hi)
-                x = self.pull(i, wa, wb)
+                x = self.state.rings[i].get(wa, wb)
                 if pos in periodic:
                     x = self._wrap(j, pos, i, a, b, lo, hi, x)
                     transient += int(x.nbytes)
                 elif self.state.rings[i].copies(wa, wb):
-                    transient += int(x.nbytes)
+                    transient += int(x.nbytes)  # joined from pieces: a new array
                 ins.append(x)
             in_bytes = sum(int(x.nbytes) for x in ins)
-            if isinstance(st, Blocked):
-                out = C.compute_blocked(st, a, b, axis, ins, plan.threads, self.dry,
-                                        prepadded=periodic)
-            elif isinstance(st, Identity):
-                out = ins[0]
-            elif isinstance(st, Kernel):
-                out = C.compute_kernel(st, a, b, axis, ins, plan.threads, self.dry,
-                                       prepadded=bool(periodic))
-            elif hasattr(st, "compute_planes"):  # stage kinds defined by a front end
-                out = st.compute_planes(a, b, axis, ins, plan.threads, self.dry)
-            else:  # pragma: no cover - a new stage kind must be added here
-                raise TypeError(f"unknown stage kind {type(st).__name__}")
+            out = compute_stage(st, a, b, axis, ins, plan.threads, self.dry, periodic)
+            if not self.dry:
+                out = self._own(out, st)
         if self.trace is not None:
             self.trace.computes += 1
             ob = int(out.nbytes)
+            temps = C.temp_bytes(st, ob, in_bytes, plan.threads) + scratch_bytes(st, plan.threads)
+            ring = self.state.rings[j]
             # a view of a ring piece is already in held(); a joined input is not
-            peak = (self.held() + ob + transient + st.temp_bytes(ob, in_bytes)
-                    + scratch_bytes(st, plan.threads))
-            if peak > self.trace.peak:
-                self.trace.peak = int(peak)
-                self.trace.peak_stage = st.label
-                self.trace.peak_step = len(self.trace.rows_read) - 1
+            self._event(st.label, ob + transient + temps,
+                        [(f"{st.label}: the slab computed", ob),
+                         (f"{st.label}: inputs joined from pieces", transient),
+                         (f"{st.label}: temporaries", int(temps))])
+            if ring.capacity and ring.buf is None:
+                # a folded ring's buffer is made at its first append, beside the slab
+                new = ring.capacity * st.plane_bytes(axis)
+                self._event(st.label, ob + transient + new,
+                            [(f"{st.label}: the slab computed", ob),
+                             (f"{st.label}: inputs joined from pieces", transient),
+                             (f"ring of {st.label} (allocated)", new)])
         self.state.rings[j].append(a, out)
         # Free the inputs' planes this stage was the last to need, now rather than
         # at the end of the step: a step then holds about one stage's slab at a time.
         for i in set(st.inputs):
             self._release_one(i)
         if self.trace is not None:
-            nb = self.state.rings[j].nbytes
+            ring = self.state.rings[j]
+            nb = ring.nbytes
             if nb > self.trace.ring_peak.get(j, 0):
                 self.trace.ring_peak[j] = nb
+            self.trace.span[j] = max(self.trace.span.get(j, 0), ring.span)
+
+    def _own(self, out, st):
+        """A result that is a view of a folded ring would change under it: copy it."""
+        if not isinstance(out, np.ndarray):
+            return np.asarray(out)
+        for i in st.inputs:
+            buf = self.state.rings[i].buf
+            if isinstance(buf, np.ndarray) and np.may_share_memory(out, buf):
+                return out.copy()
+        return out
+
+    def _event(self, what: str, extra: int, parts: list) -> None:
+        """A moment when ``extra`` bytes are alive beside what the rings hold."""
+        tr = self.trace
+        held = self.held()
+        peak = held + extra
+        if tr.step_peaks and peak > tr.step_peaks[-1]:
+            tr.step_peaks[-1] = int(peak)
+        if peak > tr.peak:
+            tr.peak = int(peak)
+            tr.peak_stage = what
+            tr.peak_step = len(tr.rows_read) - 1
+            rings = [(f"ring of {self.plan.stages[k].label}", r.nbytes)
+                     for k, r in enumerate(self.state.rings) if r.nbytes]
+            wrap = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
+            if wrap:
+                rings.append(("periodic boundary planes", wrap))
+            tr.peak_parts = rings + [(w, int(v)) for w, v in parts if v]
 
     def _wrap(self, j, pos, i, a, b, lo, hi, x):
         """Pad planes of input ``i`` periodically along the sweep axis.
@@ -178,7 +241,7 @@ class _Step:
         key = (j, pos)
         if key not in self.state.wrap:
             side = _Step(self.plan, State([Ring(self.plan.axis, None) for _ in self.plan.stages],
-                                          []), self.externals, self.dry, self.trace)
+                                          []), self.externals, self.dry, None)
             tail = side.pull(i, self.n - lo, self.n)
             head = take(self.state.rings[i].get(0, hi), 0, hi, self.plan.axis)
             if not self.dry:
@@ -193,7 +256,8 @@ class _Step:
             parts.append(take(head, 0, b + hi - self.n, self.plan.axis))
         return concat(parts, self.plan.axis) if len(parts) > 1 else x
 
-    def _release_one(self, i: int) -> None:
+    def _keep(self, i: int) -> int:
+        """The lowest plane of stage ``i`` that a consumer or an output still needs."""
         plan = self.plan
         keep = self.n
         for j, pos in self.consumers[i]:
@@ -203,20 +267,20 @@ class _Step:
         for k, o in enumerate(plan.outputs):
             if o.stage == i:
                 keep = min(keep, self.state.done[k])
-        self.state.rings[i].drop_below(keep)
+        return keep
+
+    def _release_one(self, i: int) -> None:
+        ring = self.state.rings[i]
+        keep = self._keep(i)
+        if keep >= self.n and ring.stop == self.n:
+            ring.release()  # every consumer is past the end: free the buffer
+        else:
+            ring.drop_below(keep)
 
     def release(self) -> None:
         """Drop planes no consumer will ask for again."""
-        plan = self.plan
-        keep = [self.n] * len(plan.stages)
-        for j, st in enumerate(plan.stages):
-            for pos, i in enumerate(st.inputs):
-                lo, _ = st.window(pos)
-                keep[i] = min(keep[i], max(0, self.state.rings[j].stop - lo))
-        for k, o in enumerate(plan.outputs):
-            keep[o.stage] = min(keep[o.stage], self.state.done[k])
-        for j, ring in enumerate(self.state.rings):
-            ring.drop_below(keep[j])
+        for i in range(len(self.plan.stages)):
+            self._release_one(i)
 
 
 def output_upper(plan: Plan, k: int, step: int) -> int:
@@ -234,32 +298,70 @@ def run_step(
 ) -> tuple[State, list]:
     """Advance the sweep by one step.
 
-    Returns the new state and, per output, ``(start, planes)`` newly complete.
-    The input state is not modified.
+    Returns the new state and, per output, ``(start, planes)`` newly complete
+    (``planes`` is ``None`` when nothing completed).  Planes of an output
+    without a sink are the caller's to keep (a copy when they sat in a folded
+    ring); a sink's planes are only valid until the next step.  A folded ring
+    is shared with ``state``, which must not be advanced again.
     """
     state = initial_state(plan) if state is None else state.copy()
     if trace is not None:
         trace.rows_read.append([])
+        trace.step_peaks.append(0)
     ex = _Step(plan, state, externals or {}, dry, trace)
     emitted = []
-    for k, o in enumerate(plan.outputs):
-        a = state.done[k]
-        b = output_upper(plan, k, step)
+    bounds = [(state.done[k], output_upper(plan, k, step)) for k in range(len(plan.outputs))]
+    for o, (a, b) in zip(plan.outputs, bounds):
+        if b > a:  # every output first, then the views (see _Step._compute)
+            ex.ensure(o.stage, a, b)
+    for k, (o, (a, b)) in enumerate(zip(plan.outputs, bounds)):
         if b > a:
-            emitted.append((a, ex.pull(o.stage, a, b)))
+            planes = state.rings[o.stage].get(a, b)
+            if o.sink is None and state.rings[o.stage].capacity and not dry:
+                planes = planes.copy()  # kept by the caller beyond this step
+            emitted.append((a, planes))
             state.done[k] = b
         else:
             emitted.append((a, None))
     ex.release()
+    held = ex.held()
     if trace is not None:
-        trace.held_after.append(ex.held())
+        trace.held_after.append(held)
+        trace.step_peaks[-1] = max(trace.step_peaks[-1], held)
+        for j, r in enumerate(state.rings):
+            if r.held_planes:
+                trace.carried.add(j)
+        _write_event(plan, ex, state, emitted)
     return state, emitted
 
 
+def _write_event(plan: Plan, ex: _Step, state: State, emitted: list) -> None:
+    """The moment the step's outputs are written: rings, emitted planes, sink temporaries."""
+    extra, temps, parts = 0, 0.0, []
+    for k, ((_a, planes), o) in enumerate(zip(emitted, plan.outputs)):
+        if planes is None:
+            continue
+        folded = state.rings[o.stage].capacity
+        if not (folded and o.sink is not None):  # a view of a folded ring costs nothing
+            extra += int(planes.nbytes)
+            parts.append((f"output {k}: planes emitted", int(planes.nbytes)))
+        wt = getattr(o.sink, "write_temps", 0.0)
+        if wt:
+            n = planes.shape[plan.axis]
+            piece = getattr(o.sink, "piece", None) or n
+            share = planes.nbytes * min(n, piece) // max(1, n)
+            if wt * share > temps:
+                temps = wt * share
+                parts.append((f"output {k}: the writer's temporaries", int(temps)))
+    if extra or temps:
+        ex._event("writing the step's outputs", extra + int(temps), parts)
+
+
 def dry_run(plan: Plan) -> Trace:
-    """Replay the whole sweep on placeholders: reads, peaks, rows per step."""
+    """Replay the whole sweep on placeholders: reads, peaks, rows per step, ring spans."""
     trace = Trace()
     state = None
     for t in range(len(plan.steps)):
         state, _ = run_step(plan, state, t, dry=True, trace=trace)
     return trace
+

@@ -1,0 +1,67 @@
+"""The boolean-run and shift forms of binary erosion / dilation against scipy, bit for bit."""
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_sweep.runtime.morphology import BoolRun, BoolShifts
+
+SCIPY = {"and": ndi.binary_erosion, "or": ndi.binary_dilation}
+
+
+def _structures(ndim, rng):
+    yield np.ones((3,) * ndim, bool)
+    yield ndi.generate_binary_structure(ndim, 1)
+    yield ndi.generate_binary_structure(ndim, ndim - 1)
+    yield np.ones((5, 3, 1)[:ndim], bool)
+    for _ in range(3):
+        s = rng.random((3,) * ndim) > 0.5
+        s[(1,) * ndim] = rng.random() > 0.3
+        yield s
+
+
+@pytest.mark.parametrize("op", ["and", "or"])
+@pytest.mark.parametrize("border", [0, 1])
+@pytest.mark.parametrize("shape", [(9, 7, 6), (2, 5, 4), (1, 3, 8), (12, 11)])
+def test_shifts_equal_scipy(rng, op, border, shape):
+    for density in (0.2, 0.7, 0.95):
+        x = rng.random(shape) < density
+        for s in _structures(len(shape), rng):
+            want = SCIPY[op](x, structure=s, border_value=border)
+            got = BoolShifts(op, s, border)(x)
+            np.testing.assert_array_equal(got, want, err_msg=f"{op} {border} {s.astype(int)}")
+
+
+@pytest.mark.parametrize("op", ["and", "or"])
+@pytest.mark.parametrize("border", [0, 1])
+def test_box_runs_equal_scipy(rng, op, border):
+    for shape in [(9, 7, 6), (3, 2, 8), (1, 1, 5)]:
+        for sides in [(3, 3, 3), (5, 1, 3), (7, 3, 1)]:
+            x = rng.random(shape) < 0.8
+            want = SCIPY[op](x, structure=np.ones(sides, bool), border_value=border)
+            got = x
+            for ax, n in enumerate(sides):
+                got = BoolRun(op, n // 2, ax, border)(got)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_nonzero_input_is_true():
+    x = np.array([[0, 2, 3, 255, 1, 0, 7]], dtype=np.uint8)
+    s = np.ones((1, 3), bool)
+    np.testing.assert_array_equal(BoolShifts("and", s, 0)(x), ndi.binary_erosion(x, s))
+    np.testing.assert_array_equal(BoolRun("or", 1, 1, 0)(x), ndi.binary_dilation(x, s))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    op=st.sampled_from(["and", "or"]), border=st.booleans(), radius=st.integers(1, 3),
+    n=st.integers(1, 14), c0=st.integers(0, 6), t=st.integers(1, 6), seed=st.integers(0, 999),
+)
+def test_kept_planes_of_a_run(op, border, radius, n, c0, t, seed):
+    """The kept planes of a sweep-axis run equal the run over the whole window."""
+    x = np.random.default_rng(seed).random((n, 4, 3)) < 0.7
+    c0, t = min(c0, n - 1), min(t, n - min(c0, n - 1))
+    run = BoolRun(op, radius, 0, border)
+    np.testing.assert_array_equal(run.kept(x, 0, c0, t), run(x)[c0 : c0 + t])

@@ -19,16 +19,24 @@ from typing import Any
 import dask
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Source
+from dask_sweep.passes.slabs import describe_peak, floor
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Pointwise, Source
 from dask_sweep.utils import format_bytes
+
+
+def _planes(n: int) -> str:
+    """``'1 plane'``, ``'8 planes'``."""
+    return f"{n} plane{'s' * (n != 1)}"
 
 
 class Explanation:
     """Text (``str``) and HTML (notebook) view of a sweep analysis."""
 
-    def __init__(self, result, ntasks_before: int) -> None:
+    def __init__(self, result, ntasks_before: int, with_floor: bool = True) -> None:
         self.result = result
         self.ntasks_before = ntasks_before
+        self.with_floor = with_floor
+        self._floors: dict = {}
 
     @property
     def plans(self):
@@ -37,6 +45,23 @@ class Explanation:
     @property
     def fallbacks(self):
         return self.result.fallbacks
+
+    def _floor(self, n: int):
+        if n not in self._floors:
+            self._floors[n] = floor(self.result.plans[n][0])[1]
+        return self._floors[n]
+
+    def floors(self) -> list[int]:
+        """Per sweep, its floor: the smallest budget it accepts (one plane per step).
+
+        A tiled sweep's floor is that of its largest tile at its tiling.
+        """
+        out = []
+        for n, (plan, _) in enumerate(self.result.plans):
+            tiles = plan.info.get("tile_plans")
+            out.append(max(floor(p)[1].peak for p, _ in tiles) if tiles
+                       else self._floor(n).peak)
+        return out
 
     def lines(self) -> list[str]:
         out: list[str] = []
@@ -51,24 +76,34 @@ class Explanation:
                 sum(st.bytes_per_row) for st in plan.stages if isinstance(st, Source)
             )
             ratio = trace.bytes_read / in_bytes if in_bytes else float("nan")
+            size = (_planes(min(widths)) if min(widths) == max(widths)
+                    else f"{min(widths)}-{max(widths)} planes")
             out.append(
-                f"sweep {n}: along axis {ax} over {plan.extent} planes in {len(steps)} steps "
-                f"of {min(widths)}-{max(widths)} planes; {plan.threads} threads per step"
+                f"sweep {n}: along axis {ax} over {plan.extent} planes in {len(steps)} "
+                f"step{'s' * (len(steps) != 1)} of {size}; {plan.threads} "
+                f"thread{'s' * (plan.threads != 1)} per step"
             )
+            out.append(f"  {'':5} {'stage':<22} {'':8}{'what':<60} ring")
             for j, st in enumerate(plan.stages):
-                ring = format_bytes(trace.ring_peak.get(j, 0))
+                cap = plan.rings[j] if plan.rings else 0
+                ring = (f"{cap} planes, {format_bytes(trace.ring_peak.get(j, 0))}" if cap
+                        else "transient")
+                label = st.label.removeprefix("read ")
                 if isinstance(st, Source):
                     rb = st.row_bounds
                     rows = [b - a for a, b in zip(rb[:-1], rb[1:])]
                     how = "from upstream tasks" if st.external else "inline, in the slab task"
-                    desc = (f"read   {st.label:<24} {len(rows)} chunk rows of {max(rows)} planes "
-                            f"({how})")
+                    what = (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "
+                            f"{_planes(max(rows))} ({how})")
                 elif isinstance(st, Kernel):
                     d = st.depth[ax]
-                    desc = (f"kernel {st.label:<24} window -{d}/+{d} planes, halo {st.depth}, "
-                            f"boundary {st.boundary}, slabs chosen by the budget")
+                    bnd = set(st.boundary)
+                    what = (f"kernel  window -{d}/+{d}, halo {st.depth}, boundary "
+                            f"{bnd.pop() if len(bnd) == 1 else st.boundary}, any slab")
+                elif isinstance(st, Pointwise):
+                    what = "map     elementwise, any slab"
                 elif isinstance(st, Identity):
-                    desc = f"pass   {st.label:<24} (rechunk: identity on planes)"
+                    what = "rechunk identity on planes"
                 elif isinstance(st, Blocked):
                     w = [st.window(i) for i in range(len(st.inputs))]
                     lo = max(x[0] for x in w)
@@ -76,13 +111,13 @@ class Explanation:
                     nb = 1
                     for c in st.chunks:
                         nb *= len(c)
-                    desc = (f"{st.kind:<6} {st.label:<24} window -{lo}/+{hi} planes, dask's "
-                            f"{nb} blocks kept exactly")
+                    what = (f"blocks  {st.kind}, window -{lo}/+{hi}, on dask's {nb} blocks "
+                            "exactly (an opaque function: its block row is part of the floor)")
                 else:  # pragma: no cover
-                    desc = st.label
+                    what = type(st).__name__
                 ins = ",".join(str(i) for i in st.inputs)
-                out.append(f"  [{j}] {desc}  <- [{ins}]  ring {ring}" if ins else
-                           f"  [{j}] {desc}  ring {ring}")
+                what += f" <- [{ins}]" if ins else ""
+                out.append(f"  [{j:>2}] {label:<22.22} {what:<68} {ring}")
             for o in plan.outputs:
                 what = "written in the slab task" if o.sink is not None else "dask blocks"
                 file_sink = getattr(getattr(o.sink, "target", None), "sink", None)
@@ -126,6 +161,10 @@ class Explanation:
                     f"  predicted reads per chunk over all tiles: max {tiling['reads_max']}, "
                     f"mean {tiling['reads_mean']:.2f}; bytes read / input bytes = "
                     f"{tiling['bytes_read'] / tiling['input_bytes']:.3f}")
+            if self.with_floor and "tiling" not in plan.info:
+                ft = self._floor(n)
+                out.append(f"  floor (smallest budget, one plane per step): "
+                           f"{format_bytes(ft.peak)}; set by {describe_peak(ft)}")
             for note in plan.notes:
                 out.append(f"  note: {note}")
         for fb in self.result.fallbacks:

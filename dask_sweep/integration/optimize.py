@@ -31,7 +31,7 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan
-from dask_sweep.plan.ir import Kernel, Plan
+from dask_sweep.plan.ir import Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
 
 
@@ -69,7 +69,7 @@ def _sweepable(region, ax: int) -> bool:
 
 
 def _choose_axis(region, settings: SweepSettings) -> tuple[int | None, str]:
-    ndim = len(next(iter(region.stages.values())).meta.shape)
+    ndim = region.ndim
     if settings.axis is not None:
         if settings.axis >= ndim:
             raise dask_sweep_config_error(settings.axis, ndim)
@@ -92,7 +92,8 @@ def _one_block_each(region, plan: Plan) -> bool:
     """
     if any(isinstance(st, Kernel) for st in plan.stages):
         return False  # a known kernel runs on slabs of the block: bounded memory
-    return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values())
+    return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values()) and all(
+        len(st.row_bounds) <= 2 for st in plan.stages if isinstance(st, Source))
 
 
 def dask_sweep_config_error(axis, ndim):
@@ -134,7 +135,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     regions, res.fallbacks = find_regions(dsk, keys)
     for region in regions:
         axis, note = _choose_axis(region, settings)
-        where = region.outputs[0] if region.outputs else "region"
+        where = (region.outputs or list(region.stores) or ["region"])[0]
         if axis is None:
             res.fallbacks.append(Fallback(where, note))
             continue

@@ -73,6 +73,7 @@ class Region:
     outputs: list[str]
     stores: dict[str, str] = field(default_factory=dict)  # store-map layer -> its input
     extra_users: dict[str, bool] = field(default_factory=dict)  # output used beyond stores
+    ndim: int = 0
 
 
 def _prefix(name: str) -> str:
@@ -262,11 +263,14 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
                 fallbacks.append(res)
             else:
                 stages[name] = res
+    stores = [n for n, lay in layers.items()
+              if n.startswith("store-map-") and is_simple_blockwise(lay)]
     if not stages:
         overlaps = [n for n, lay in layers.items() if isinstance(lay, ArrayOverlapLayer)]
         if overlaps and not fallbacks:
             fallbacks.append(Fallback(overlaps[0], "overlap without trim (trim=False) is not swept"))
-        return [], fallbacks
+        if not stores:
+            return [], fallbacks
     internal = set().union(*(s.internal for s in stages.values()))
     for name in layers:
         if name in stages or name in internal:
@@ -309,13 +313,31 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         nm = k[0] if isinstance(k, tuple) else k
         key_layers[nm] = key_layers.get(nm, 0) + 1
 
+    # Regions: connected stages with a window; without one, only what is written to a
+    # store (a copy or a threshold written to a file streams read -> write, in disk order)
+    written = {}
+    for u in stores:
+        arrays = BlockwiseEval(layers[u]).array_args()
+        if len(arrays) == 1:
+            written[u] = arrays[0][1]
+    candidates = [members for members in comps.values()
+                  if any(stages[m].kind == "overlap" for m in members)
+                  or any(m in written.values() for m in members)]
+    copied = {m for m in written.values()
+              if m not in stages and metas.get(m) is not None and not m.startswith("store-map-")}
+
     regions = []
-    for members in comps.values():
-        if not any(stages[m].kind == "overlap" for m in members):
-            continue
+    for m in sorted(copied):  # a source written as it is: a copy, read -> write
+        if all(n == 1 for n in metas[m].numblocks):
+            continue  # one block: nothing to stream
+        regions.append(Region(stages={}, sources=[m], outputs=[],
+                              stores={u: w for u, w in written.items() if w == m},
+                              extra_users={m: True}, ndim=metas[m].ndim))
+    for members in candidates:
         mset = set(members)
         absorbed = set().union(*(stages[m].internal for m in members)) | mset
-        region = Region(stages={m: stages[m] for m in members}, sources=[], outputs=[])
+        region = Region(stages={m: stages[m] for m in members}, sources=[], outputs=[],
+                        ndim=stages[members[0]].meta.ndim)
         bad = None
         for m in members:
             for i in stages[m].inputs:

@@ -10,7 +10,7 @@ from dask_sweep.patterns.kernels import kernel_stage
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
-from dask_sweep.plan.ir import Blocked, Identity, Output, Plan, Pointwise, Source, Stage
+from dask_sweep.plan.ir import Blocked, Output, Plan, Pointwise, Source, Stage
 
 
 class OverlapBlockFn:
@@ -182,8 +182,10 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         spec = region.stages[n]
         ins = tuple(index[i] for i in spec.inputs)
         if spec.kind == "rechunk":
-            st = Identity(label="rechunk", shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins)
-        elif spec.kind == "elementwise" and is_pure_elementwise(spec.func_eval):
+            # the same planes in other chunks: a sweep sees planes, so the stage is its input
+            index[n] = ins[0]
+            continue
+        if spec.kind == "elementwise" and is_pure_elementwise(spec.func_eval):
             # no window, no block dependence: any slab (or in-plane tile) will do
             st = Pointwise(
                 label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
@@ -223,10 +225,10 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         if not only_stored:
             outputs.append(Output(stage=index[m], name=m, chunks=spec.meta.chunks))
     for store, m in region.stores.items():
-        spec = region.stages[m]
-        direct = _direct_store(hlg, store, spec.meta.shape, axis)
+        meta = region.stages[m].meta if m in region.stages else metas[m]
+        direct = _direct_store(hlg, store, meta.shape, axis)
         if direct is not None:
-            outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
+            outputs.append(Output(stage=index[m], name=store, chunks=meta.chunks,
                                   sink=direct[0], align=direct[1]))
         else:
             ev = BlockwiseEval(hlg.layers[store])
@@ -235,7 +237,7 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 raise NotSweepable(
                     f"the target of {store!r} is computed by the graph, not an array to write to"
                 )
-            outputs.append(Output(stage=index[m], name=store, chunks=spec.meta.chunks,
+            outputs.append(Output(stage=index[m], name=store, chunks=meta.chunks,
                                   sink=StoreWriter(ev, refs)))
     return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
                 budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes),

@@ -263,6 +263,8 @@ class _Step:
         for j, pos in self.consumers[i]:
             lo, _ = plan.stages[j].window(pos)
             stop = self.state.rings[j].stop
+            if stop == self.n:
+                continue  # that consumer is finished: it asks for nothing more
             keep = min(keep, max(0, (stop or 0) - lo))
         for k, o in enumerate(plan.outputs):
             if o.stage == i:

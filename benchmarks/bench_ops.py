@@ -1,0 +1,258 @@
+"""Benchmark: the report's operations, swept vs scipy in memory, side by side in one run.
+
+The operations of the StackProcessing report's own benchmark, written as users
+write them (dask-image / dask_sweep.ndimage on a dask array), read from a Zarr
+volume in 64³ chunks or from a TIFF stack (one file per plane) and written back
+in the same layout:
+
+=============  ====================================================================
+copy           ``x``
+threshold      ``(x > t).astype(x.dtype)``  (``t``: the middle of the value range)
+uniform k      ``ndfilters.uniform_filter(x, k)``, k = 3, 5, 7
+median r       ``ndfilters.median_filter(x, 2 r + 1)``, r = 1, 2, 3
+dilation r     ``ndmorph.binary_dilation(x > t, ball(r))``, r = 1, 2, 3
+label          ``dask_sweep.ndimage.label(x > t)``
+=============  ====================================================================
+
+The sweep runs at ``--budget-fraction`` of the volume's bytes (default 1/4).
+"scipy in memory" reads the whole volume, runs the scipy function once, and
+writes the result (one core, as scipy does).  Each run is a fresh process;
+printed per case: both wall times and their ratio, the sweep's peak resident
+growth ÷ budget (kernel high-water mark) and bytes read ÷ input bytes, and
+whether the outputs are identical.
+
+::
+
+    python benchmarks/bench_ops.py                                     # CI-sized
+    python benchmarks/bench_ops.py --sizes 256 512 --dtypes uint8 uint16 float32 \
+        --layouts zarr tiff --ops copy threshold uniform3 median1 dilation1 label
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+OPS = ["copy", "threshold", "uniform3", "uniform5", "uniform7", "median1", "median2",
+       "median3", "dilation1", "dilation2", "dilation3", "label"]
+
+
+def ball(r: int) -> np.ndarray:
+    """A 3-D ball of radius ``r`` (ITK's default structuring element)."""
+    g = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return (g**2).sum(0) <= r * r
+
+
+def threshold_of(dtype) -> float:
+    dt = np.dtype(dtype)
+    return float(np.iinfo(dt).max // 2) if dt.kind in "iu" else 0.5
+
+
+def make_volume(layout: str, path: str, n: int, dtype: str, seed: int = 0) -> None:
+    """A smooth random volume of ``n``³ in ``dtype``'s range (about half above the middle)."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    scale = float(np.iinfo(dt).max) if dt.kind in "iu" else 1.0
+    z = None
+    if layout == "zarr":
+        import zarr
+
+        z = zarr.create_array(path, shape=(n,) * 3, chunks=(64,) * 3, dtype=dt,
+                              compressors=None, fill_value=0)
+    else:
+        os.makedirs(path)
+    for a in range(0, n, 64):
+        b = min(n, a + 64)
+        v = ndi.gaussian_filter(rng.random((b - a, n, n), dtype=np.float32), 1.5)
+        v = np.clip((v - 0.5) * 6 + 0.5, 0, 1) * scale
+        v = v.astype(dt)
+        if z is not None:
+            z[a:b] = v
+        else:
+            import tifffile
+
+            for k in range(b - a):
+                tifffile.imwrite(os.path.join(path, f"z{a + k:05d}.tif"), v[k])
+
+
+def build(op: str, x):
+    """The operation on dask array ``x``, as users write it."""
+    from dask_image import ndfilters, ndmorph
+
+    t = threshold_of(x.dtype)
+    if op == "copy":
+        return x
+    if op == "threshold":
+        return (x > t).astype(x.dtype)
+    if op.startswith("uniform"):
+        return ndfilters.uniform_filter(x, int(op[7:]))
+    if op.startswith("median"):
+        return ndfilters.median_filter(x, size=2 * int(op[6:]) + 1)
+    if op.startswith("dilation"):
+        return ndmorph.binary_dilation(x > t, structure=ball(int(op[8:])))
+    if op == "label":
+        from dask_sweep.ndimage import label
+
+        return label(x > t)[0]
+    raise ValueError(op)
+
+
+def scipy_op(op: str, v: np.ndarray) -> np.ndarray:
+    import scipy.ndimage as ndi
+
+    t = threshold_of(v.dtype)
+    if op == "copy":
+        return v
+    if op == "threshold":
+        return (v > t).astype(v.dtype)
+    if op.startswith("uniform"):
+        return ndi.uniform_filter(v, int(op[7:]))
+    if op.startswith("median"):
+        return ndi.median_filter(v, size=2 * int(op[6:]) + 1)
+    if op.startswith("dilation"):
+        return ndi.binary_dilation(v > t, structure=ball(int(op[8:])))
+    if op == "label":
+        return ndi.label(v > t)[0]
+    raise ValueError(op)
+
+
+def _read_all(layout: str, src: str) -> np.ndarray:
+    if layout == "zarr":
+        import zarr
+
+        return zarr.open_array(src, mode="r")[:]
+    import glob
+
+    import tifffile
+
+    files = sorted(glob.glob(os.path.join(src, "*.tif")))
+    return np.stack([tifffile.imread(f) for f in files])
+
+
+def _write_all(layout: str, dst: str, v: np.ndarray) -> None:
+    if layout == "zarr":
+        import zarr
+
+        z = zarr.create_array(dst, shape=v.shape, chunks=(64,) * 3, dtype=v.dtype,
+                              compressors=None, fill_value=0, overwrite=True)
+        z[:] = v
+    else:
+        import tifffile
+
+        os.makedirs(dst, exist_ok=True)
+        for k in range(v.shape[0]):
+            tifffile.imwrite(os.path.join(dst, f"z{k:05d}.tif"), v[k])
+
+
+def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) -> dict:
+    """One measurement in this (fresh) process."""
+    import dask.array as da
+
+    from dask_sweep.diagnostics import PeakRSS
+    from dask_sweep.io import imread, imwrite, track
+
+    shutil.rmtree(dst, ignore_errors=True)
+    if mode == "scipy":
+        with PeakRSS() as m:
+            v = _read_all(layout, src)
+            r = scipy_op(op, v)
+            del v
+            _write_all(layout, dst, r)
+        nbytes = read = 0
+    else:
+        import zarr
+
+        import dask_sweep
+
+        if layout == "zarr":
+            x = da.from_zarr(zarr.open_array(src, mode="r"))
+        else:
+            x = imread(os.path.join(src, "*.tif"))
+        nbytes = int(x.nbytes)
+        with dask_sweep.enable(memory_limit=budget, fallback="warn"):
+            y = build(op, x)
+            with track() as io, PeakRSS() as m:
+                if layout == "zarr":
+                    y.to_zarr(dst)
+                else:
+                    imwrite(y, dst, format="tiff-stack")
+        read = io.bytes_read
+    out = _read_all(layout, dst)
+    return {"wall": m.wall, "cpu": m.cpu, "peak": m.peak_above_baseline, "bytes_read": read,
+            "input_bytes": nbytes, "checksum": int(out.astype(np.float64).sum()),
+            "dtype": str(out.dtype)}
+
+
+def _spawn(args: list[str]) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True,
+                       text=True)
+    if p.returncode:
+        raise RuntimeError(f"run {args} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def compare(sizes, dtypes, layouts, ops, fraction: float, workdir: str | None) -> list[dict]:
+    from dask_sweep.utils import format_bytes
+
+    tmp = workdir or tempfile.mkdtemp(prefix="dask-sweep-ops-")
+    rows = []
+    try:
+        print(f"{'case':<34} {'scipy':>7} {'sweep':>7} {'ratio':>6} {'peak÷budget':>11} "
+              f"{'read÷in':>7} same")
+        for n in sizes:
+            for dtype in dtypes:
+                for layout in layouts:
+                    src = os.path.join(tmp, f"in-{layout}-{n}-{dtype}")
+                    if not os.path.exists(src):
+                        make_volume(layout, src, n, dtype)
+                    vol = n**3 * np.dtype(dtype).itemsize
+                    budget = f"{max(1, int(vol * fraction))}B"
+                    for op in ops:
+                        dst = os.path.join(tmp, "out")
+                        base = _spawn([layout, src, dst, op, "scipy", budget])
+                        sw = _spawn([layout, src, dst, op, "sweep", budget])
+                        same = sw["checksum"] == base["checksum"]
+                        case = f"{op} {dtype} {n}^3 {layout}"
+                        print(f"{case:<34} {base['wall']:6.2f}s {sw['wall']:6.2f}s "
+                              f"{sw['wall'] / base['wall']:6.2f} "
+                              f"{sw['peak'] / (vol * fraction):11.2f} "
+                              f"{sw['bytes_read'] / max(1, sw['input_bytes']):7.2f} {same}",
+                              flush=True)
+                        rows.append({"case": case, "budget": format_bytes(vol * fraction),
+                                     "scipy": base, "sweep": sw, "same": same})
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64])
+    ap.add_argument("--dtypes", nargs="+", default=["uint8"],
+                    choices=["uint8", "uint16", "float32"])
+    ap.add_argument("--layouts", nargs="+", default=["zarr", "tiff"], choices=["zarr", "tiff"])
+    ap.add_argument("--ops", nargs="+", default=["copy", "threshold", "uniform3", "median1",
+                                                 "dilation1", "label"], choices=OPS)
+    ap.add_argument("--budget-fraction", type=float, default=0.25)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--_worker", nargs=6, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._worker:
+        print(json.dumps(run_one(*a._worker)))
+        return 0
+    compare(a.sizes, a.dtypes, a.layouts, a.ops, a.budget_fraction, a.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ copy           ``x``
 threshold      ``(x > t).astype(x.dtype)``  (``t``: the middle of the value range)
 uniform k      ``ndfilters.uniform_filter(x, k)``, k = 3, 5, 7
 median r       ``ndfilters.median_filter(x, 2 r + 1)``, r = 1, 2, 3
-dilation r     ``ndmorph.binary_dilation(x > t, ball(r))``, r = 1, 2, 3
+dilation r     ``ndmorph.binary_dilation(x > t, ball(r)).astype("u1")``, r = 1, 2, 3
 label          ``dask_sweep.ndimage.label(x > t)``
 =============  ====================================================================
 
@@ -97,8 +97,8 @@ def build(op: str, x):
         return ndfilters.uniform_filter(x, int(op[7:]))
     if op.startswith("median"):
         return ndfilters.median_filter(x, size=2 * int(op[6:]) + 1)
-    if op.startswith("dilation"):
-        return ndmorph.binary_dilation(x > t, structure=ball(int(op[8:])))
+    if op.startswith("dilation"):  # stored as uint8 (TIFF has no booleans)
+        return ndmorph.binary_dilation(x > t, structure=ball(int(op[8:]))).astype("u1")
     if op == "label":
         from dask_sweep.ndimage import label
 
@@ -119,7 +119,7 @@ def scipy_op(op: str, v: np.ndarray) -> np.ndarray:
     if op.startswith("median"):
         return ndi.median_filter(v, size=2 * int(op[6:]) + 1)
     if op.startswith("dilation"):
-        return ndi.binary_dilation(v > t, structure=ball(int(op[8:])))
+        return ndi.binary_dilation(v > t, structure=ball(int(op[8:]))).astype("u1")
     if op == "label":
         return ndi.label(v > t)[0]
     raise ValueError(op)
@@ -174,7 +174,12 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
         import dask_sweep
 
         if layout == "zarr":
-            x = da.from_zarr(zarr.open_array(src, mode="r"))
+            from zarr.storage import LocalStore
+
+            from dask_sweep.io.stores import CountingStore
+
+            store = CountingStore(LocalStore(src, read_only=True))
+            x = da.from_zarr(zarr.open_array(store, mode="r"))
         else:
             x = imread(os.path.join(src, "*.tif"))
         nbytes = int(x.nbytes)

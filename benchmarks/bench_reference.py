@@ -86,8 +86,13 @@ def _open(layout: str, path: str):
 
         return imread(os.path.join(path, "*.tif"))
     import zarr
+    from zarr.storage import LocalStore
 
-    return da.from_zarr(zarr.open_array(path, mode="r"))
+    from dask_sweep.io.stores import CountingStore
+
+    # counted, so that bytes read compare with the input's bytes (uncompressed)
+    return da.from_zarr(zarr.open_array(CountingStore(LocalStore(path, read_only=True)),
+                                        mode="r"))
 
 
 def _input_bytes_on_disk(path: str) -> int:

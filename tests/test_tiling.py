@@ -109,7 +109,7 @@ def _pipe_with_elementwise(x):
     return (y > 60).astype("u1") + np.uint8(1)
 
 
-@pytest.mark.parametrize("budget", ["3MiB", "1500KiB"])
+@pytest.mark.parametrize("budget", ["700KiB", "300KiB"])
 def test_elementwise_stages_are_tiled(cube, budget):
     _check_tiled_compute(cube, _pipe_with_elementwise, budget, "threads")
 

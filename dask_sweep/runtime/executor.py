@@ -313,9 +313,11 @@ def run_step(
     ex = _Step(plan, state, externals or {}, dry, trace)
     emitted = []
     bounds = [(state.done[k], output_upper(plan, k, step)) for k in range(len(plan.outputs))]
-    for o, (a, b) in zip(plan.outputs, bounds):
-        if b > a:  # every output first, then the views (see _Step._compute)
-            ex.ensure(o.stage, a, b)
+    upto = plan.steps[step]
+    for o in plan.outputs:
+        # every output's stage up to the step, whether or not a whole output block is
+        # complete (its ring holds the partial block), then the views (see _compute)
+        ex.ensure(o.stage, state.done[plan.outputs.index(o)], upto)
     for k, (o, (a, b)) in enumerate(zip(plan.outputs, bounds)):
         if b > a:
             planes = state.rings[o.stage].get(a, b)

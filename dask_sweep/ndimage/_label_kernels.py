@@ -17,6 +17,10 @@ so offset ``d`` can only add a pair where both are background.  A key
 equal to the last one of its offset (a component crossing the face over many
 voxels) is not emitted again; the buffer is sorted and deduplicated when it fills.  The kernel releases
 the GIL.
+
+Also here: :func:`apply_lut`, pass 2's mapping of local labels to final ids,
+in place when both have the same width (so a slab's labels become its output
+block without a second array), without the GIL.
 """
 
 from __future__ import annotations
@@ -110,6 +114,66 @@ def face_pairs_2d(
     return np.stack([keys // width, keys % width], axis=1)
 
 
+@numba.njit(cache=False, nogil=True)
+def _apply_lut(lab, lut, out):  # pragma: no cover - compiled
+    for i in range(lab.shape[0]):
+        out[i] = lut[lab[i]]
+
+
+# (local labels, table / output) dtypes the compiled mapping handles: cc3d's uint32
+# labels or scipy's int32 ones, to the default int32 output.  Anything else goes
+# through numpy (compiling another signature inside a run would cost its budget).
+_LUT_TYPES = {
+    (np.dtype(np.uint32), np.dtype(np.int32)),
+    (np.dtype(np.int32), np.dtype(np.int32)),
+    (np.dtype(np.uint32), np.dtype(np.uint32)),  # raster_order's renumbering
+}
+
+
+@numba.njit(cache=False, nogil=True)
+def _first_seen(lab, n, rank):  # pragma: no cover - compiled
+    nxt = 1
+    for i in range(lab.shape[0]):
+        v = lab[i]
+        if v != 0 and rank[v] == 0:
+            rank[v] = nxt
+            nxt += 1
+            if nxt > n:
+                break
+    return nxt
+
+
+def raster_order(lab: np.ndarray, n: int) -> np.ndarray | None:
+    """Labels ``1..n`` renumbered by the raster order (C order) of their first voxel.
+
+    Returns the ``uint32`` table ``old -> new`` (0 stays 0), or None when the
+    numbering already is scipy's.  One scan of ``uint32`` labels, stopping at the
+    first voxel of the last label, without the GIL.
+    """
+    rank = np.zeros(n + 1, dtype=np.uint32)
+    if n:
+        _first_seen(lab.reshape(-1), n, rank)
+    if np.array_equal(rank, np.arange(n + 1, dtype=np.uint32)):
+        return None
+    return rank
+
+
+def apply_lut(lab: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[lab]`` with ``lut``'s dtype, written over ``lab`` when both are as wide.
+
+    ``lab`` is consumed (its buffer may become the result); the compiled loop
+    releases the GIL, so the other slabs' work runs meanwhile.
+    """
+    if (lab.dtype, lut.dtype) not in _LUT_TYPES or not lab.flags.c_contiguous:
+        return lut[lab]
+    flat = lab.reshape(-1)
+    out = flat.view(lut.dtype) if lab.dtype.itemsize == lut.dtype.itemsize else None
+    if out is None:  # pragma: no cover - both int32-sized today
+        out = np.empty(flat.shape, lut.dtype)
+    _apply_lut(flat, lut, out)
+    return out.reshape(lab.shape)
+
+
 _warm = False
 
 
@@ -123,4 +187,8 @@ def warm() -> None:
     if not _warm:
         one = np.ones((2, 2), dtype=np.int32)
         face_pairs_2d(one, one, np.ones((3, 3), bool), np.ones((3, 3), bool))
+        lut = np.zeros(2, dtype=np.int32)
+        for dt, lt in _LUT_TYPES:
+            apply_lut(np.ones(2, dtype=dt), lut.astype(lt))
+        raster_order(np.ones(2, dtype=np.uint32), 1)
         _warm = True

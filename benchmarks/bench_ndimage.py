@@ -13,6 +13,16 @@ runs small in CI and larger than RAM by hand::
 
     python benchmarks/bench_ndimage.py                       # 64 x 256 x 256
     python benchmarks/bench_ndimage.py --shape 512 2048 2048 --memory-limit 2GiB
+
+``--vs-scipy`` runs the label matrix instead: n³ uint8 volumes (smooth noise,
+thresholded at the middle: ~50 % foreground, many components) stored as Zarr
+in 64³ chunks and as TIFF stacks (one file per plane), labelled read -> label
+-> write by scipy in memory and by the sweep (``ndimage.label`` on
+``imread(...) > t``, and ``dsl.label``) at ``--budget-fraction`` of the input
+bytes, each measurement in a fresh process; printed: wall times and their
+ratio, peak resident growth ÷ budget, bytes read ÷ input, same labels::
+
+    python benchmarks/bench_ndimage.py --vs-scipy --sizes 256 512
 """
 
 from __future__ import annotations
@@ -61,6 +71,201 @@ def run(name: str, fn: Callable[[], object]) -> tuple[float, int, object]:
     return dt, rss.peak_above_baseline, out
 
 
+# --------------------------------------------------------------------------- --vs-scipy
+
+_STRUCTURES = {"default": None, "full": "ones"}
+
+
+def make_stack_volume(layout: str, path: str, n: int, seed: int = 0) -> None:
+    """A smooth random ``n``³ uint8 volume, as Zarr (64³ chunks) or one TIFF per plane."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    z = None
+    if layout == "zarr":
+        import zarr
+
+        z = zarr.create_array(path, shape=(n,) * 3, chunks=(64,) * 3, dtype="u1",
+                              compressors=None, fill_value=0)
+    else:
+        os.makedirs(path)
+    for a in range(0, n, 64):
+        b = min(n, a + 64)
+        v = ndi.gaussian_filter(rng.random((b - a, n, n), dtype=np.float32), 1.5)
+        v = (np.clip((v - 0.5) * 6 + 0.5, 0, 1) * 255).astype("u1")
+        if z is not None:
+            z[a:b] = v
+        else:
+            import tifffile
+
+            for k in range(b - a):
+                tifffile.imwrite(os.path.join(path, f"z{k + a:05d}.tif"), v[k])
+
+
+class PlaneFiles:
+    """A ``da.store`` target writing each plane to its own TIFF file (both sides use it)."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.ndim = len(shape)
+
+    def __setitem__(self, idx, value) -> None:
+        import tifffile
+
+        a = idx[0].start or 0
+        for k in range(value.shape[0]):
+            tifffile.imwrite(os.path.join(self.path, f"z{a + k:05d}.tif"), value[k])
+
+
+def _target(layout: str, dst: str, shape, rows: int):
+    if layout == "tiff":
+        return PlaneFiles(dst, shape, np.int32)
+    import zarr
+
+    return zarr.create_array(dst, shape=shape, chunks=(rows, *shape[1:]), dtype=np.int32,
+                             compressors=None, fill_value=0, overwrite=True)
+
+
+def _digest(layout: str, dst: str) -> str:
+    import glob
+    import hashlib
+
+    h = hashlib.sha1()
+    if layout == "zarr":
+        import zarr
+
+        z = zarr.open_array(dst, mode="r")
+        for a in range(0, z.shape[0], 16):
+            h.update(np.ascontiguousarray(z[a : a + 16], dtype=np.int32).tobytes())
+    else:
+        import tifffile
+
+        for f in sorted(glob.glob(os.path.join(dst, "*.tif"))):
+            h.update(np.ascontiguousarray(tifffile.imread(f), dtype=np.int32).tobytes())
+    return h.hexdigest()[:12]
+
+
+def run_label_one(layout: str, src: str, dst: str, mode: str, structure: str,
+                  budget: int) -> dict:
+    """One measurement of read -> label -> write, in this (fresh) process."""
+    import shutil
+
+    import dask
+    import scipy.ndimage as ndi
+
+    from dask_sweep.diagnostics import PeakRSS
+
+    shutil.rmtree(dst, ignore_errors=True)
+    st = None if structure == "default" else np.ones((3, 3, 3), bool)
+    t = 127
+    read = nbytes = 0
+    n = None
+    if mode == "scipy":
+        import glob
+
+        import tifffile
+        import zarr
+
+        ndi.label(np.ones((2, 2, 2), bool), st)
+        with PeakRSS() as m:
+            if layout == "zarr":
+                v = zarr.open_array(src, mode="r")[:]
+            else:
+                files = sorted(glob.glob(os.path.join(src, "*.tif")))
+                v = np.stack([tifffile.imread(f) for f in files])
+            lab, n = ndi.label(v > t, st)
+            del v
+            _target(layout, dst, lab.shape, 64)[:] = lab
+    else:
+        from dask_sweep import dsl
+        from dask_sweep.io import imread, track
+        from dask_sweep.ndimage import label, plan_label
+
+        x = imread(src if layout == "zarr" else os.path.join(src, "*.tif"))
+        nbytes = int(x.nbytes)
+        tiny = np.ones((4, 4, 4), bool)
+        tiny[1] = 0
+        label(tiny, st)[0].compute()  # numba, cc3d: compiled / imported outside the run
+        with dask.config.set({"sweep.memory-limit": budget}):
+            if mode == "sweep":
+                lab, num = label(x > t, st)
+                rows = lab.chunks[0][0]
+                plan = plan_label(x > t, st)
+            else:
+                dsl.run(dsl.label(dsl.source(tiny), st)[0], target_slab_bytes=16)
+                lab_s, num_s = dsl.label(dsl.source(x) > t, st)
+                rows = 1
+            with track() as io, PeakRSS() as m:
+                tgt = _target(layout, dst, x.shape, rows)
+                if mode == "sweep":
+                    import dask.array as da
+
+                    # regular slabs (the last may be shorter) line up with the chunks
+                    lock = len(set(lab.chunks[0][:-1])) > 1
+                    _, n = dask.compute(da.store(lab, tgt, lock=lock, compute=False), num)
+                else:
+                    n = dsl.run(lab_s.to(tgt), num_s).values[1]
+            read = io.bytes_read
+        if mode == "sweep":
+            extra = {"slabs": len(plan.slabs), "projected": plan.projected_peak}
+    out = {"wall": m.wall, "cpu": m.cpu, "peak": m.peak_above_baseline, "bytes_read": read,
+           "input_bytes": nbytes, "n": int(n), "digest": _digest(layout, dst)}
+    if mode == "sweep":
+        out.update(extra)
+    return out
+
+
+def _spawn(args: list[str]) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True,
+                       text=True)
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def vs_scipy(sizes, layouts, structures, modes, fraction: float, workdir: str | None) -> list:
+    import shutil
+
+    tmp = workdir or tempfile.mkdtemp(prefix="bench-label-")
+    rows = []
+    try:
+        print(f"{'case':<30} {'engine':<6} {'scipy s':>8} {'sweep s':>8} {'ratio':>6} "
+              f"{'peak÷budget':>11} {'read÷in':>7}  same  (budget = {fraction:g} x input)")
+        for n in sizes:
+            budget = max(1, int(n**3 * fraction))
+            for layout in layouts:
+                src = os.path.join(tmp, f"in-{layout}-{n}")
+                if not os.path.exists(src):
+                    make_stack_volume(layout, src, n)
+                dst = os.path.join(tmp, "out")
+                for structure in structures:
+                    base = _spawn([layout, src, dst, "scipy", structure, str(budget)])
+                    for mode in modes:
+                        sw = _spawn([layout, src, dst, mode, structure, str(budget)])
+                        case = f"label {structure} {n}^3 {layout} {fmt(budget)}"
+                        if "error" in sw or "error" in base:
+                            print(f"{case:<30} {mode:<6} {sw.get('error', base.get('error'))}")
+                            continue
+                        same = sw["digest"] == base["digest"] and sw["n"] == base["n"]
+                        print(f"{case:<30} {mode:<6} {base['wall']:8.2f} {sw['wall']:8.2f} "
+                              f"{sw['wall'] / base['wall']:6.2f} {sw['peak'] / budget:11.2f} "
+                              f"{sw['bytes_read'] / max(1, sw['input_bytes']):7.2f}  {same}"
+                              f"  (scipy peak {fmt(base['peak'])}, {base['n']} labels"
+                              + (f", {sw['slabs']} slabs" if "slabs" in sw else "") + ")",
+                              flush=True)
+                        rows.append({"case": case, "mode": mode, "scipy": base, "sweep": sw,
+                                     "same": same})
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs="+", default=[64, 256, 256])
@@ -74,7 +279,29 @@ def main(argv: list[str] | None = None) -> None:
         default=["dask_sweep", "dsl"],
         help="dask_sweep: the ndimage functions on a dask array; dsl: the DSL's algorithms",
     )
+    parser.add_argument("--vs-scipy", action="store_true",
+                        help="the label matrix vs scipy in memory (see the module docstring)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64])
+    parser.add_argument("--layouts", nargs="+", default=["zarr", "tiff"],
+                        choices=["zarr", "tiff"])
+    parser.add_argument("--structures", nargs="+", default=["default", "full"],
+                        choices=list(_STRUCTURES))
+    parser.add_argument("--modes", nargs="+", default=["sweep", "dsl"],
+                        choices=["sweep", "dsl"])
+    parser.add_argument("--budget-fraction", type=float, default=0.25)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--_worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._worker:
+        import json
+
+        a = args._worker
+        print(json.dumps(run_label_one(a[0], a[1], a[2], a[3], a[4], int(a[5]))))
+        return
+    if args.vs_scipy:
+        vs_scipy(args.sizes, args.layouts, args.structures, args.modes, args.budget_fraction,
+                 args.workdir)
+        return
 
     import dask
     import dask.array as da

@@ -11,8 +11,7 @@ import scipy.ndimage as ndi
 from dask_sweep import BudgetError, PlanError, dsl
 from dask_sweep.dsl import execute as dsl_execute
 from dask_sweep.dsl.compile import compile_pipeline
-from dask_sweep.plan.ir import Kernel
-from dask_sweep.plan.ir import Source
+from dask_sweep.plan.ir import Kernel, Source
 
 # Tiny volumes with tiny budgets (to force many steps): no runtime overhead, which is
 # tested on its own below.

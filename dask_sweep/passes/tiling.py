@@ -144,11 +144,13 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
             reader = TileReader(st.reader, st.chunks, axis, hreg)
             covered = 1
             for ax, (q0, q1) in enumerate(reader.blocks):
-                if ax != axis:
-                    covered *= sum(st.chunks[ax][q0:q1])
+                if ax != axis:  # whole chunks, or exactly the region for a plane reader
+                    covered *= (hreg[ax][1] - hreg[ax][0] if getattr(reader, "free", False)
+                                else sum(st.chunks[ax][q0:q1]))
             itemsize = np.dtype(st.dtype).itemsize
+            rows = np.diff(st.row_bounds).tolist()
             stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
-                c * covered * itemsize for c in st.chunks[axis])))
+                c * covered * itemsize for c in rows)))
         elif isinstance(st, Kernel):
             stages.append(replace(st, shape=shape, edges=tuple(edges)))
         else:

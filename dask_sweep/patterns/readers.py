@@ -133,12 +133,79 @@ def _evaluate(key, tasks: dict, memo: dict):
     return val
 
 
+class PlaneReader:
+    """Planes of a local, uncompressed Zarr array (``da.from_zarr``), read at their offsets.
+
+    Any plane range is one exact read per chunk it meets
+    (:class:`dask_sweep.io.planes.ZarrPlanes`), so the source's rows are single
+    planes and the sweep chooses its steps freely whatever the chunking.
+    """
+
+    free = True
+
+    def __init__(self, planes, name: str, numblocks: tuple[int, ...]) -> None:
+        self.planes = planes
+        self.name = name
+        self.numblocks = numblocks
+        self.tasks = None  # read inside the slab task (no dask keys)
+
+    def read_planes(self, a: int, b: int, region=None) -> np.ndarray:
+        return self.planes.read(a, b, region)
+
+    def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
+        return self.planes.read(r, r + 1)
+
+
+def zarr_plane_reader(hlg, name: str, numblocks, axis: int) -> PlaneReader | None:
+    """A :class:`PlaneReader` for a ``from_zarr`` layer over a raw local array, else None."""
+    from dask.array.core import getter
+    from dask.blockwise import Blockwise
+
+    from dask_sweep.io.planes import zarr_planes
+    from dask_sweep.patterns.layers import BlockwiseEval
+
+    layer = hlg.layers.get(name)
+    if axis != 0 or not isinstance(layer, Blockwise) or getattr(layer.task, "func", None) \
+            is not getter:
+        return None
+    kw = dict(getattr(layer.task, "kwargs", {}) or {})
+    if kw.get("asarray", True) is not True or kw.get("lock") not in (None, False):
+        return None
+    ev = BlockwiseEval(layer)
+    arrays = [arg for arg, ind in ev.indices if ind is None]
+    if len(arrays) != 1:
+        return None
+    arr = arrays[0]
+    key = getattr(arr, "key", None)
+    if key is not None:  # the array sits under its own key (dask's default)
+        arr = None
+        for dep in hlg.dependencies.get(name, ()):
+            lay = hlg.layers[dep]
+            if key in lay:
+                arr = lay[key]
+                arr = getattr(arr, "value", arr)
+    planes = zarr_planes(arr)
+    if planes is None or tuple(planes.shape) != tuple(sum(c) for c in _chunks_of(hlg, name)):
+        return None
+    return PlaneReader(planes, name, numblocks)
+
+
+def _chunks_of(hlg, name):
+    from dask_sweep.patterns.layers import array_meta
+
+    meta = array_meta(hlg.layers[name])
+    return meta.chunks if meta is not None else ()
+
+
 class TileReader:
     """Read only the chunks of a row that meet an in-plane region, and cut the region."""
 
     def __init__(self, inner, chunks, axis: int, region) -> None:
         self.inner = inner
         self.axis = axis
+        self.region = [r for ax, r in enumerate(region) if ax != axis]
+        if getattr(inner, "free", False):  # reads the tile's own region, any planes
+            self.free = True
         self.carries = getattr(inner, "carries", False)
         self.tasks = getattr(inner, "tasks", None)
         self.blocks, self.cut = [], []
@@ -153,6 +220,9 @@ class TileReader:
             q1 = min(i for i in range(1, len(c) + 1) if b[i] >= e)
             self.blocks.append((q0, q1))
             self.cut.append(slice(s - b[q0], e - b[q0]))
+
+    def read_planes(self, a: int, b: int) -> np.ndarray:
+        return self.inner.read_planes(a, b, self.region)
 
     def row_keys(self, r: int) -> list[tuple]:
         keep = []
@@ -200,6 +270,9 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
 
     from dask_sweep.patterns.layers import BlockwiseEval, layer_root_closure
 
+    planes = zarr_plane_reader(hlg, name, numblocks, axis)
+    if planes is not None:
+        return planes
     closure = layer_root_closure(hlg, name)
     if closure is None:
         sub = _subgraph_reader(hlg, name, numblocks, axis)

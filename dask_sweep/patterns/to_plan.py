@@ -113,6 +113,41 @@ class DirectStoreWriter:
         self.target[index] = planes
 
 
+class PlaneStoreWriter:
+    """Write slabs into a raw local Zarr array at their byte offsets, any plane range.
+
+    (:class:`dask_sweep.io.planes.ZarrPlanes`): no chunk row is held back for
+    alignment, and zarr's encoding pipeline is skipped.
+    """
+
+    def __init__(self, planes, offset: tuple[int, ...]) -> None:
+        self.planes = planes
+        self.offset = offset  # where the stored array starts in the target (``region``)
+
+    def write_planes(self, a: int, planes, origin=None) -> None:
+        o = origin if origin is not None else (0,) * planes.ndim
+        org = tuple(x + y for x, y in zip(o, self.offset))
+        self.planes.write(a + self.offset[0], planes, org)
+
+
+def _plane_store(target, region, shape, axis: int):
+    """A :class:`PlaneStoreWriter` for a raw local zarr target (axis 0 sweeps), else None."""
+    from dask_sweep.io.planes import zarr_planes
+
+    if axis != 0:
+        return None
+    planes = zarr_planes(target)
+    if planes is None or not planes.writable:
+        return None
+    offset = [0] * len(shape)
+    if region:
+        for d, r in enumerate(region):
+            if not isinstance(r, slice) or r.step not in (None, 1):
+                return None
+            offset[d] = r.start or 0
+    return PlaneStoreWriter(planes, tuple(offset))
+
+
 def _direct_store(hlg, store: str, shape, axis: int):
     """A :class:`DirectStoreWriter` and its slab grid for a plain store layer, else None."""
     from dask.array.core import load_store_chunk
@@ -129,6 +164,9 @@ def _direct_store(hlg, store: str, shape, axis: int):
         return None
     target = targets[0]
     region = kw.get("region")
+    planes = _plane_store(target, region, shape, axis)
+    if planes is not None:
+        return planes, tuple(range(shape[axis] + 1))  # any plane boundary will do
     start = 0
     if region:
         r = region[axis] if axis < len(region) else slice(None)
@@ -159,11 +197,13 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             if ax != axis:
                 plane *= s
         index[src] = len(stages)
+        # a reader of single planes (raw local zarr) lets the sweep cut steps anywhere
+        rows = (1,) * m.shape[axis] if getattr(reader, "free", False) else m.chunks[axis]
         stages.append(Source(
             label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if not hasattr(reader, "tasks") else ""),
-            shape=m.shape, dtype=m.dtype, row_bounds=_bounds(m.chunks[axis]), reader=reader,
+            shape=m.shape, dtype=m.dtype, row_bounds=_bounds(rows), reader=reader,
             external=not hasattr(reader, "tasks"),
-            bytes_per_row=tuple(c * plane for c in m.chunks[axis]), chunks=m.chunks,
+            bytes_per_row=tuple(c * plane for c in rows), chunks=m.chunks,
         ))
     # topological order of region stages
     order, seen = [], set()

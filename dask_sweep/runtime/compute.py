@@ -85,6 +85,8 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
         s = list(st.shape)
         s[axis] = b - a
         return Shape(tuple(s), st.dtype)
+    if getattr(st.reader, "free", False):  # any planes in one read (rows of one plane)
+        return st.reader.read_planes(a, b)
     rows = []
     for r in range(r0, r1):
         if getattr(st.reader, "carries", False):

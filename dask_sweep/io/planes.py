@@ -1,0 +1,236 @@
+"""Planes of a local, uncompressed Zarr array, read and written at their byte offsets.
+
+A sweep asks for planes ``[a, b)`` along axis 0.  When a Zarr array stores its
+chunks as plain C-order bytes in files (no compressor, no filter, no sharding:
+:func:`~dask_sweep.io.zarr_io._raw_chunk_dtype`), the planes ``[p0, p1)`` of a
+chunk are *one contiguous byte range* of its file::
+
+    chunk file (cz, cy, cx):  | plane 0 | plane 1 | ... | plane cz-1 |
+                                        ^─── p0 * cy*cx*itemsize ───^ p1
+
+so any plane range of the array is read (``preadv`` into the destination) or
+written (``pwrite``) without touching the other planes of its chunks: the sweep
+is free to choose thin steps whatever the chunking, each byte is read once,
+and zarr's per-chunk machinery (two copies, an emptiness check) is skipped.
+Everything else (compressed, sharded, remote, big-endian) goes through zarr,
+whole chunk rows at a time.
+
+Writes keep zarr's layout: edge chunks are stored whole, their padding filled
+with ``fill_value``; a chunk file is created at its full size the first time a
+plane of it is written (only for arrays whose ``fill_value`` is zero bytes, so
+that planes written later, or never, read as zarr would).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from dask_sweep.io.accounting import REGISTRY
+from dask_sweep.io.zarr_io import _raw_chunk_dtype
+
+__all__ = ["ZarrPlanes", "zarr_planes"]
+
+
+def _local_root(store) -> str | None:
+    """The directory of a plain local store, else ``None``.
+
+    ``LocalStore``, or an ``FsspecStore`` on the local file system (what
+    ``da.from_zarr("path")`` opens).  A wrapper store (counting, strict,
+    caching) is respected: its reads go through zarr, so that it sees them.
+    """
+    from zarr.storage import FsspecStore, LocalStore
+
+    if type(store) is LocalStore:
+        return str(store.root)
+    if type(store) is FsspecStore:
+        fs = getattr(store.fs, "sync_fs", store.fs)  # fsspec's async wrapper
+        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "file" in protocol or "local" in protocol:
+            return str(store.path)
+    return None
+
+
+def zarr_planes(arr: Any) -> ZarrPlanes | None:
+    """A :class:`ZarrPlanes` for a zarr array stored raw in local files, else ``None``."""
+    try:
+        import zarr
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(arr, zarr.Array) or arr.ndim < 1:
+        return None
+    if getattr(arr, "shards", None):
+        return None
+    raw = _raw_chunk_dtype(arr)
+    root = _local_root(arr.store)
+    if raw is None or root is None:
+        return None
+    path = os.path.join(root, *[p for p in str(arr.path).split("/") if p])
+    return ZarrPlanes(path, arr, raw)
+
+
+class ZarrPlanes:
+    """Read and write planes of one raw Zarr array (see the module docstring).
+
+    Pickles as the array's path, shape, chunks and encoding: no open handles.
+    """
+
+    def __init__(self, path: str, arr: Any, raw: np.dtype) -> None:
+        self.path = path
+        self.shape = tuple(arr.shape)
+        self.chunks = tuple(arr.chunks)
+        self.dtype = np.dtype(arr.dtype)
+        self.raw = np.dtype(raw)
+        fv = arr.fill_value
+        self.fill_value = fv.item() if isinstance(fv, np.generic) else (fv or 0)
+        meta = arr.metadata
+        self._keys = {}  # block index -> relative file path, filled lazily
+        self._encode = meta.encode_chunk_key
+        # new chunk files start as zero bytes: only right when that is the fill value
+        self.writable = not np.any(np.asarray(self.fill_value, dtype=self.dtype)
+                                   .reshape(1).view(np.uint8))
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_keys"] = {}
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+
+    def _file(self, block: tuple[int, ...]) -> str:
+        p = self._keys.get(block)
+        if p is None:
+            p = os.path.join(self.path, *self._encode(block).split("/"))
+            self._keys[block] = p
+        return p
+
+    def _inplane_blocks(self, region):
+        """Per in-plane axis: (block index, array start, array stop) meeting ``region``."""
+        out = []
+        for ax in range(1, len(self.shape)):
+            c = self.chunks[ax]
+            s, e = region[ax - 1] if region is not None else (0, self.shape[ax])
+            out.append([(q, max(s, q * c), min(e, (q + 1) * c))
+                        for q in range(s // c, -(-e // c))])
+        return out
+
+    @property
+    def plane_bytes_in_chunk(self) -> int:
+        return int(np.prod(self.chunks[1:], dtype=np.int64)) * self.raw.itemsize
+
+    def read(self, a: int, b: int, region=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Planes ``[a, b)`` (of the in-plane ``region``, ``[(start, stop), ...]``)."""
+        import itertools
+
+        shape = [b - a] + [(e - s) for s, e in (region or [(0, n) for n in self.shape[1:]])]
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        c0 = self.chunks[0]
+        per_plane = self.plane_bytes_in_chunk
+        origin = [r[0] for r in region] if region else [0] * (len(self.shape) - 1)
+        nbytes = nchunks = 0
+        inplane = self._inplane_blocks(region)
+        for q0 in range(a // c0, -(-b // c0)):
+            p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
+            dst0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
+            for combo in itertools.product(*inplane):
+                block = (q0, *(q for q, _, _ in combo))
+                dst = out[(dst0, *(slice(s - o, e - o) for (_, s, e), o in
+                                    zip(combo, origin)))]
+                whole = all(e - s == c and s == q * c for (q, s, e), c in
+                            zip(combo, self.chunks[1:]))
+                fn = self._file(block)
+                try:
+                    fd = os.open(fn, os.O_RDONLY)
+                except FileNotFoundError:
+                    dst[...] = self.fill_value
+                    continue
+                try:
+                    want = (p1 - p0) * per_plane
+                    if whole and dst.flags.c_contiguous and self.raw == self.dtype:
+                        got = os.preadv(fd, [memoryview(dst).cast("B")], p0 * per_plane)
+                    else:
+                        buf = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
+                        got = os.preadv(fd, [memoryview(buf).cast("B")], p0 * per_plane)
+                        dst[...] = buf[(slice(None), *(slice(s - q * c, e - q * c) for
+                                                       (q, s, e), c in
+                                                       zip(combo, self.chunks[1:])))]
+                finally:
+                    os.close(fd)
+                if got != want:
+                    from dask_sweep.errors import SourceError
+
+                    raise SourceError(
+                        f"Chunk file {fn} of zarr array {self.path} is truncated or corrupt: "
+                        f"expected {want} bytes of uncompressed {self.raw} at offset "
+                        f"{p0 * per_plane}, read {got}."
+                    )
+                nbytes += want
+                nchunks += 1
+        REGISTRY.read(self.path, nbytes, nchunks)
+        return out
+
+    def write(self, a: int, planes: np.ndarray, origin=None) -> None:
+        """Write ``planes`` as planes ``[a, a + len)`` (at in-plane ``origin``)."""
+        import itertools
+
+        b = a + planes.shape[0]
+        c0 = self.chunks[0]
+        per_plane = self.plane_bytes_in_chunk
+        org = list(origin[1:]) if origin is not None else [0] * (len(self.shape) - 1)
+        region = [(o, o + n) for o, n in zip(org, planes.shape[1:])]
+        inplane = self._inplane_blocks(region)
+        nbytes = nchunks = 0
+        for q0 in range(a // c0, -(-b // c0)):
+            p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
+            src0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
+            for combo in itertools.product(*inplane):
+                block = (q0, *(q for q, _, _ in combo))
+                src = planes[(src0, *(slice(s - o, e - o) for (_, s, e), o in
+                                       zip(combo, org)))]
+                sub = tuple(slice(s - q * c, e - q * c) for (q, s, e), c in
+                            zip(combo, self.chunks[1:]))
+                full = all(x.start == 0 and x.stop == c for x, c in zip(sub, self.chunks[1:]))
+                if full and src.flags.c_contiguous and self.raw == self.dtype:
+                    data = src
+                else:
+                    # an edge or partly covered chunk: the rest of its planes is the
+                    # fill value (edge padding) or, if the file holds data, that data
+                    data = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
+                    if not full:
+                        self._fill_from_file(block, p0, p1, data)
+                    data[(slice(None), *sub)] = src
+                fn = self._file(block)
+                try:
+                    fd = os.open(fn, os.O_WRONLY)
+                except FileNotFoundError:
+                    os.makedirs(os.path.dirname(fn), exist_ok=True)
+                    fd = os.open(fn, os.O_WRONLY | os.O_CREAT, 0o644)
+                    os.ftruncate(fd, c0 * per_plane)  # zero bytes: the fill value
+                try:
+                    view = memoryview(np.ascontiguousarray(data)).cast("B")
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], p0 * per_plane + done)
+                finally:
+                    os.close(fd)
+                nbytes += (p1 - p0) * per_plane
+                nchunks += 1
+        REGISTRY.write(self.path, nbytes, nchunks)
+
+    def _fill_from_file(self, block, p0: int, p1: int, data: np.ndarray) -> None:
+        fn = self._file(block)
+        try:
+            fd = os.open(fn, os.O_RDONLY)
+        except FileNotFoundError:
+            data[...] = self.fill_value
+            return
+        try:
+            got = os.preadv(fd, [memoryview(data).cast("B")], p0 * self.plane_bytes_in_chunk)
+        finally:
+            os.close(fd)
+        if got != data.nbytes:
+            data[...] = self.fill_value

@@ -38,36 +38,36 @@ def _scan(up, low, offs, reducible, straight, width, buf, k, prev, start):  # pr
     """
     n0, n1 = up.shape
     m = offs.shape[0]
-    for p in range(start, n0 * n1):
-        i = p // n1
-        j = p - i * n1
-        a = up[i, j]
-        if a <= 0:
-            continue
-        b = low[i, j]
-        for o in range(m + 1):
-            if o == m:
-                if not straight or b <= 0:
-                    continue
-                key = a * width + b
-            else:
-                ii = i + offs[o, 0]
-                jj = j + offs[o, 1]
-                if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
-                    continue
-                bb = low[ii, jj]
-                if bb <= 0:
-                    continue
-                if reducible[o] and (b > 0 or up[ii, jj] > 0):
-                    continue
-                key = a * width + bb
-            if key == prev[o]:
+    i0 = start // n1
+    for i in range(i0, n0):
+        for j in range(start - i0 * n1 if i == i0 else 0, n1):
+            a = up[i, j]
+            if a <= 0:
                 continue
-            if k == buf.shape[0]:
-                return k, p
-            prev[o] = key
-            buf[k] = key
-            k += 1
+            b = low[i, j]
+            for o in range(m + 1):
+                if o == m:
+                    if not straight or b <= 0:
+                        continue
+                    key = a * width + b
+                else:
+                    if reducible[o] and b > 0:
+                        continue
+                    ii = i + offs[o, 0]
+                    jj = j + offs[o, 1]
+                    if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
+                        continue
+                    bb = low[ii, jj]
+                    if bb <= 0 or (reducible[o] and up[ii, jj] > 0):
+                        continue
+                    key = a * width + bb
+                if key == prev[o]:
+                    continue
+                if k == buf.shape[0]:
+                    return k, i * n1 + j
+                prev[o] = key
+                buf[k] = key
+                k += 1
     return k, n0 * n1
 
 

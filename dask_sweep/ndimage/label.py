@@ -548,8 +548,10 @@ def _local(
     idt = _ids(n)  # the face kernel is compiled for int32 faces (int64 beyond)
     top, bottom = lab[0].astype(idt), lab[-1].astype(idt)
     del lab
-    ids = np.unique(top)
-    return _Local(int(n), top, bottom, ids[ids > 0])
+    # Labels are numbered in raster order of their first voxel, so those on the top
+    # face are exactly 1..max (no sort of the plane needed).
+    ids = np.arange(1, int(top.max(initial=0)) + 1, dtype=idt)
+    return _Local(int(n), top, bottom, ids)
 
 
 def _face(upper: _Local, lower: _Local, structure: np.ndarray) -> np.ndarray:

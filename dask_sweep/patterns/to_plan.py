@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from dask._task_spec import TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
@@ -98,6 +99,9 @@ class DirectStoreWriter:
         self.region = region
         self.axis = axis
         self.ndim = ndim
+        # a zarr array encodes the slab's chunks at once (the chunks and their encoded
+        # bytes); a numpy array takes the planes as they are
+        self.write_temps = 0.0 if isinstance(target, np.ndarray) else 2.0
 
     def write_planes(self, a: int, planes, origin=None) -> None:
         from dask.array.core import fuse_slice

@@ -204,7 +204,8 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
     if isinstance(st, Pointwise):
         return int(out_bytes * st.temps)
     if isinstance(st, Source):
-        return 0
+        # a row assembled from dask's blocks: the blocks and the row, for a moment
+        return 0 if getattr(st.reader, "free", False) else out_bytes
     return int(st.temp_bytes(out_bytes, in_bytes))
 
 

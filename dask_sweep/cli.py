@@ -864,7 +864,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress = Progress(_pass_extents(dsl.explain(*items, **settings))).start()
     ok = False
     try:
-        with _observe_steps(progress.step if progress else (lambda r: None)):
+        with _observe_steps(progress.step) if progress else contextlib.nullcontext():
             res = dsl.run(*items, **settings)
         ok = True
     finally:

@@ -318,11 +318,18 @@ def run_step(
         # every output's stage up to the step, whether or not a whole output block is
         # complete (its ring holds the partial block), then the views (see _compute)
         ex.ensure(o.stage, state.done[plan.outputs.index(o)], upto)
+    consumed = {i for st in plan.stages for i in st.inputs}
     for k, (o, (a, b)) in enumerate(zip(plan.outputs, bounds)):
         if b > a:
-            planes = state.rings[o.stage].get(a, b)
-            if o.sink is None and state.rings[o.stage].capacity and not dry:
-                planes = planes.copy()  # kept by the caller beyond this step
+            ring = state.rings[o.stage]
+            sole = (o.sink is None and ring.start == a and o.stage not in consumed
+                    and sum(p.stage == o.stage for p in plan.outputs) == 1)
+            if sole:  # the caller keeps these planes: hand the buffer over, no copy
+                planes = ring.hand_over(b)
+            else:
+                planes = ring.get(a, b)
+                if o.sink is None and ring.capacity and not dry:
+                    planes = planes.copy()  # kept by the caller beyond this step
             emitted.append((a, planes))
             state.done[k] = b
         else:
@@ -346,9 +353,11 @@ def _write_event(plan: Plan, ex: _Step, state: State, emitted: list) -> None:
         if planes is None:
             continue
         folded = state.rings[o.stage].capacity
-        if not (folded and o.sink is not None):  # a view of a folded ring costs nothing
+        if o.sink is not None and not folded:  # a view of a folded ring costs nothing
             extra += int(planes.nbytes)
             parts.append((f"output {k}: planes emitted", int(planes.nbytes)))
+        # planes of an in-memory output are the caller's result from here on (dask
+        # holds them until it returns them), outside the sweep's working memory
         wt = getattr(o.sink, "write_temps", 0.0)
         if wt:
             n = planes.shape[plan.axis]

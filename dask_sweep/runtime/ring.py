@@ -163,6 +163,30 @@ class Ring:
             return take(self.pieces[0][2], 0, 0, self.axis) if self.pieces else None
         return concat(out, self.axis)
 
+    def hand_over(self, b: int):
+        """Planes ``[start, b)`` as an array the caller keeps, and forget them.
+
+        A folded ring gives its buffer away (a view of its first planes, no copy)
+        and carries the planes beyond ``b`` into a new buffer; an emitted block
+        row of an in-memory output is then the result itself, not a copy of it.
+        """
+        a = self.start
+        if not self.capacity:
+            out = self.get(a, b)
+            self.drop_below(b)
+            return out
+        out = take(self.buf, a - self.base, b - self.base, self.axis)
+        rest = take(self.buf, b - self.base, self.stop - self.base, self.axis)
+        if self.stop > b:
+            keep = _empty(self.buf, self.capacity, self.axis)
+            if not isinstance(keep, Shape):
+                keep[self._idx(0, self.stop - b)] = rest
+            self.buf = keep
+        else:
+            self.buf = None
+        self.start = self.base = b
+        return out
+
     def copies(self, a: int, b: int) -> bool:
         """Whether :meth:`get` of ``[a, b)`` joins pieces (a new array) or is a view."""
         if self.capacity:

@@ -52,8 +52,11 @@ napoleon_use_rtype = False
 # ---- HTML
 html_theme = "pydata_sphinx_theme"
 html_title = f"dask_sweep {release}"
+# every page is top level: the navbar lists them, no empty section sidebar
+html_sidebars = {"**": []}
 html_theme_options = {
     "navigation_with_keys": False,
+    "header_links_before_dropdown": 6,
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],

@@ -66,7 +66,10 @@ of slabs.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -77,7 +80,7 @@ from scipy.sparse import coo_matrix  # imported now, not first inside a run's bu
 from scipy.sparse.csgraph import connected_components
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.errors import SweepConfigError, SweepError
+from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
 from dask_sweep.ndimage import _label_kernels as K
 from dask_sweep.ndimage import _spill
 from dask_sweep.ndimage._common import (
@@ -86,7 +89,7 @@ from dask_sweep.ndimage._common import (
     as_dask_array,
     choose_slabs,
 )
-from dask_sweep.ndimage._reader import SlabReader, make_readers
+from dask_sweep.ndimage._reader import SlabReader, _evaluate, make_readers
 from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
 
@@ -189,7 +192,11 @@ def _footprints(
 
     ``read`` replaces the bytes per voxel of reading a slab (default: the blocks and
     their concatenation, ``2 x item``) and ``read_fixed`` is added to the fixed
-    bytes: the DSL computes its input stream per slab, with halos.
+    bytes: the DSL computes its input stream per slab, with halos; a split plan
+    unpacks its slabs from bit-packed rows (``read=0``; it adds the rows to ``fixed``).
+
+    One slab at a time is labelled (:data:`_LABELLING`); the model still counts
+    every slab in flight at its largest phase.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize
@@ -221,7 +228,7 @@ def _footprints(
             p1,
             threads,
             face + settings.runtime_overhead + threads * read_fixed,
-            "read, local scipy label (slabs in flight), backward link chain",
+            "read, local label (cc3d or scipy; slabs in flight), backward link chain",
         ),
         Footprint(
             "relabel",
@@ -272,14 +279,29 @@ def _plan(image, structure, output, memory_limit):
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
+    split = None
     for guess in (True, False):
         # Inline reads: one resolve task, then a pass-2 task per slab; external: four
         # tasks more per slab.  Plus two of a consumer's per output block.
         per_slab = settings.task_overhead * (3 if guess else 7)
         passes = _footprints(image.shape, item, settings, out_dtype, guess)
-        bounds, slabs = _slabs_of(
-            image.chunks[0], plane, passes, settings.memory_limit, target, per_slab
-        )
+        try:
+            bounds, slabs = _slabs_of(
+                image.chunks[0], plane, passes, settings.memory_limit, target, per_slab
+            )
+        except BudgetError:
+            if not guess or image.ndim < 2:
+                raise
+            # A chunk row is thicker than a slab can be: try slabs within the rows,
+            # each row read once per pass (inline reads only).
+            rows = [[i] for i in range(len(image.chunks[0]))]
+            readers, inline = make_readers(image, rows)
+            if not inline:
+                raise
+            passes, per_slab, slabs, split = _split_plan(
+                image, item, settings, out_dtype, target
+            )
+            break
         readers, inline = make_readers(image, bounds)
         if inline or not guess:
             break
@@ -297,8 +319,62 @@ def _plan(image, structure, output, memory_limit):
             per_slab=per_slab,
         ),
         out_dtype,
+        split,
     )
-    return plan, (image, st, out_dtype, settings, _reserve(plan)), readers
+    return plan, (image, st, out_dtype, settings, _reserve(plan), split), readers
+
+
+def _split_plan(image, item, settings, out_dtype, target):
+    """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
+
+    Each chunk row is read once per pass, block by block, into a mask packed to
+    one bit per voxel (:func:`_read_row`), and its slabs are unpacked from it.
+    ``split[s]`` is ``(row, a, b)``: slab ``s`` is planes ``a:b`` of chunk row
+    ``row``.  The passes hold up to two packed rows (one consumed, the next being
+    read) and one block's read.
+
+    Raises
+    ------
+    BudgetError
+        When not even one plane per slab fits.
+    """
+    chunks0 = tuple(int(c) for c in image.chunks[0])
+    plane = int(np.prod(image.shape[1:], dtype=np.int64))
+    row_bits = max(chunks0) * int(np.prod(image.shape[1:-1], dtype=np.int64))
+    packed = row_bits * math.ceil(image.shape[-1] / 8)
+    # One block at a time (a strip of blocks along the last axis when the blocks do not
+    # start on whole bytes): its inputs, the block and its mask.
+    last = image.chunks[-1]
+    aligned = all(c % 8 == 0 for c in last[:-1])
+    block = max(chunks0) * int(np.prod([max(c) for c in image.chunks[1:-1]], dtype=np.int64))
+    block *= max(last) if aligned else image.shape[-1]
+    rows_fixed = 2 * packed + block * (2 * item + 2)
+    passes = tuple(
+        dataclasses.replace(p, fixed=p.fixed + rows_fixed)
+        for p in _footprints(image.shape, item, settings, out_dtype, True, read=0)
+    )
+    # A pass-2 task per slab and a read task per row, plus a consumer's two.
+    per_slab = settings.task_overhead * 4
+    count = len(chunks0)
+    while True:
+        room = settings.memory_limit - per_slab * count
+        cut = choose_slabs(_FUNC, (1,) * max(chunks0), plane, passes, room, target)
+        k = max(b - a for a, b in cut)
+        new = sum(math.ceil(h / k) for h in chunks0)
+        if new <= count:
+            break
+        count = new
+    split, slabs, start = [], [], 0
+    for r, h in enumerate(chunks0):
+        parts = math.ceil(h / k)
+        sizes = [h // parts + (i < h % parts) for i in range(parts)]
+        a = 0
+        for m in sizes:
+            split.append((r, a, a + m))
+            slabs.append((start + a, start + a + m))
+            a += m
+        start += h
+    return passes, per_slab, tuple(slabs), split
 
 
 def plan_stream(
@@ -357,9 +433,16 @@ def plan_stream(
     return _with_notes(plan, out_dtype), st, out_dtype
 
 
-def _with_notes(plan: SweepPlan, out_dtype: np.dtype) -> SweepPlan:
+def _with_notes(plan: SweepPlan, out_dtype: np.dtype, split: list | None = None) -> SweepPlan:
     reserve = _reserve(plan)
-    notes = (
+    within = ()
+    if split:
+        within = (
+            f"chunk rows of up to {max(plan.in_chunks0)} planes do not fit one slab: each "
+            "row is read once per pass, block by block, into a mask of one bit per voxel, "
+            f"and labelled in {len(split)} slabs within the rows",
+        )
+    notes = within + (
         "pass 1 runs from the last slab to the first; numbering: a forward chain over "
         "the tables only (no input read)",
         f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "
@@ -419,6 +502,11 @@ def structure_rank(structure: np.ndarray) -> int | None:
 # joins the wrong pixels on some images (e.g. pixels (3, 1) and (3, 4) of a 4 x 5 image).
 _CONNECTIVITY = {2: (4, 26), 3: (6, 18, 26)}
 
+# One slab at a time is labelled by cc3d in a process: it holds the GIL throughout,
+# so a second labelling would not run meanwhile, only hold its memory.  The slabs'
+# footprints count one labelling at a time.
+_LABELLING = threading.Lock()
+
 
 def local_label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
     """A slab's own labels in scipy's numbering, and their count.
@@ -455,9 +543,10 @@ def local_label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, in
     if conn == 26 and m.ndim == 2:
         m = m[None]
     try:
-        lab, n = cc3d.connected_components(
-            m, connectivity=conn, out_dtype=np.uint32, return_N=True
-        )
+        with _LABELLING:
+            lab, n = cc3d.connected_components(
+                m, connectivity=conn, out_dtype=np.uint32, return_N=True
+            )
     except RuntimeError:  # pragma: no cover - cc3d's own checks; scipy is the reference
         return ndi.label(mask, structure)
     n = int(n)
@@ -507,6 +596,100 @@ def _face_pairs(
         return np.empty((0, 2), dtype=np.int64)
     k = np.unique(np.concatenate(keys))
     return np.stack([k // width, k % width], axis=1)
+
+
+def _row_blocks(reader: SlabReader):
+    """``(in-plane block index, mask block)`` of a chunk row, one block at a time.
+
+    Each block's own sub-graph is evaluated apart, so the row is never whole in
+    memory (a task several blocks share would run once per block).
+    """
+    tasks = reader.tasks
+    for key in reader.block_keys():
+        need: dict = {}
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            if k in need:
+                continue
+            need[k] = True
+            t = tasks[k]
+            stack.extend(getattr(t, "dependencies", ()))
+        sub = {k: t for k, t in tasks.items() if k in need}  # tasks is dependency-ordered
+        x = np.asarray(_evaluate(sub, {key})[key])
+        yield key[2:], (x if x.dtype == bool else x != 0)
+
+
+def _read_row(reader: SlabReader, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
+    """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
+
+    ``shape`` is the row's, ``chunks`` the input's in-plane chunks.  Blocks whose
+    last-axis offsets are whole bytes are packed one by one; otherwise a strip of
+    blocks along the last axis is joined first.  ``_after`` only orders the task.
+    """
+    if tune:
+        tune_allocator()
+    nbytes = math.ceil(shape[-1] / 8)
+    bits = np.zeros((*shape[:-1], nbytes), dtype=np.uint8)
+    starts = [np.cumsum((0, *c))[:-1] for c in chunks]
+    aligned = all(int(o) % 8 == 0 for o in starts[-1])
+    strip: dict = {}
+    for ix, m in _row_blocks(reader):
+        lead = (slice(None),) + tuple(
+            slice(int(starts[d][i]), int(starts[d][i]) + m.shape[d + 1])
+            for d, i in enumerate(ix[:-1])
+        )
+        if aligned:
+            o = int(starts[-1][ix[-1]]) // 8
+            part = np.packbits(m, axis=-1)
+            bits[(*lead, slice(o, o + part.shape[-1]))] = part
+            continue
+        strip[ix[-1]] = m
+        if len(strip) == len(chunks[-1]):
+            whole = np.concatenate([strip.pop(i) for i in range(len(chunks[-1]))], axis=-1)
+            bits[lead] = np.packbits(whole, axis=-1)
+            del whole
+    return _Row(bits, shape[-1])
+
+
+class _Row:
+    """A chunk row's packed mask; :meth:`planes` unpacks planes ``a:b`` as bool."""
+
+    __slots__ = ("bits", "width")
+
+    def __init__(self, bits: np.ndarray, width: int) -> None:
+        self.bits, self.width = bits, width
+
+    def planes(self, a: int, b: int) -> np.ndarray:
+        return np.unpackbits(self.bits[a:b], axis=-1, count=self.width).view(bool)
+
+
+class _RowSlab:
+    """Planes ``a:b`` of a chunk row, for :func:`_resolve`: the row is read by its
+    first slab to be labelled and dropped after its last one (``uses`` slabs)."""
+
+    def __init__(self, row: _SharedRow, a: int, b: int) -> None:
+        self.row, self.a, self.b = row, a, b
+
+    def read(self, blocks: Any = ()) -> np.ndarray:
+        return self.row.take(self.a, self.b)
+
+
+class _SharedRow:
+    def __init__(self, reader: SlabReader, shape: tuple, chunks: tuple, uses: int) -> None:
+        self.reader, self.shape, self.chunks, self.uses = reader, shape, chunks, uses
+        self.row: _Row | None = None
+        self.lock = threading.Lock()
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        with self.lock:
+            if self.row is None:
+                self.row = _read_row(self.reader, self.shape, self.chunks, False)
+            out = self.row.planes(a, b)
+            self.uses -= 1
+            if self.uses == 0:
+                self.row = None
+        return out
 
 
 class _Local:
@@ -747,6 +930,7 @@ def _resolve(
     threads: int,
     tune: bool,
     on_slab: Any = None,
+    split: Any = None,
 ) -> _Resolved:
     """Pass 1 and the numbering of inline-read slabs, in one task.
 
@@ -754,12 +938,20 @@ def _resolve(
     ``threads`` threads (the next ones while the link chain, here on the
     calling thread, works on the current slab), so the dask graph has one task
     here instead of four per slab, and the scheduler's bookkeeping does not grow
-    with the number of slabs.
+    with the number of slabs.  ``split``: ``(rows, row shapes, in-plane chunks)``
+    when the slabs lie within chunk rows (``readers`` are then the rows').
     """
     from concurrent.futures import ThreadPoolExecutor
 
     if tune:
         tune_allocator()
+    if split is not None:
+        layout, shapes, chunks = split
+        uses = [0] * len(readers)
+        for r, _, _ in layout:
+            uses[r] += 1
+        rows = [_SharedRow(rd, sh, chunks, u) for rd, sh, u in zip(readers, shapes, uses)]
+        readers = [_RowSlab(rows[r], a, b) for r, a, b in layout]
     n = len(readers)
     linked: list = [None] * n
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -811,6 +1003,21 @@ def _pass2(
         lut = _spill.take(path)
         _spill.remove_dir(os.path.dirname(path))
     return relabel(_read_mask(reader, blocks), structure, lut, s, dtype)
+
+
+def _pass2_split(
+    row: _Row, a: int, b: int, structure: np.ndarray, src: _Resolved, s: int, dtype: np.dtype,
+    tune: bool,
+) -> np.ndarray:
+    """Pass 2 of slab ``s``, planes ``a:b`` of a packed chunk row."""
+    if tune:
+        tune_allocator()
+    lut, src.luts[s] = src.luts[s], None
+    if isinstance(lut, str):
+        path = lut
+        lut = _spill.take(path)
+        _spill.remove_dir(os.path.dirname(path))
+    return relabel(row.planes(a, b), structure, lut, s, dtype)
 
 
 def relabel(mask: np.ndarray, structure: np.ndarray, lut: np.ndarray, s: int, dtype: Any):
@@ -889,9 +1096,8 @@ def label(
     ([[1, 0, 2], [1, 0, 0]], 2)
     """
     import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    plan, (image, st, out_dtype, settings, reserve), readers = _plan(
+    plan, (image, st, out_dtype, settings, reserve, split), readers = _plan(
         image, structure, output, memory_limit
     )
     if image.ndim <= 3:
@@ -906,6 +1112,8 @@ def label(
     nz = (0,) * (image.ndim - 1)
     block = _block(settings.memory_limit)
     tune = settings.tune_malloc  # freed slabs leave the process at once
+    if split is not None:
+        return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token)
     if plan.inline:
         res = f"label-resolve-{token}"
         dsk: dict = {
@@ -921,6 +1129,13 @@ def label(
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         key = (out, s, *nz)
         dsk[key] = Task(key, _pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext)
+    return _arrays(dsk, plan, image, out, num, out_dtype)
+
+
+def _arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
     deps = () if plan.inline else (image,)
     layer = MaterializedLayer(dsk)
     g_out = HighLevelGraph.from_collections(out, layer, dependencies=deps)
@@ -930,6 +1145,44 @@ def label(
     labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
     count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
     return labels, count
+
+
+def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token):
+    """The graph of slabs within chunk rows: pass 1 as one task, then per row a read
+    task (the packed mask) and per slab a pass-2 task.
+
+    Row ``r`` is read once the last slab of row ``r - 1`` is done (the row it
+    replaces), so at most two packed rows are held at a time, as the plan counts.
+    """
+    num, out = f"label-num-{token}", f"label-{token}"
+    res, rowk = f"label-resolve-{token}", f"label-row-{token}"
+    nz = (0,) * (image.ndim - 1)
+    tune = settings.tune_malloc
+    chunks0 = image.chunks[0]
+    shapes = [(int(h), *image.shape[1:]) for h in chunks0]
+    chunks = tuple(image.chunks[1:])
+    block = _block(settings.memory_limit)
+    dsk: dict = {
+        res: Task(
+            res, _resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
+            None, (split, shapes, chunks),
+        )
+    }
+    dsk[(num,)] = Task((num,), _num, TaskRef(res))
+    last: dict = {}
+    for s, (r, _, _) in enumerate(split):
+        last[r] = s
+    for r, reader in enumerate(readers):
+        gate = [TaskRef((out, last[r - 1], *nz))] if r >= 1 else []
+        dsk[(rowk, r)] = Task(
+            (rowk, r), _read_row, reader, shapes[r], chunks, tune, TaskRef(res), *gate
+        )
+    for s, (r, a, b) in enumerate(split):
+        key = (out, s, *nz)
+        dsk[key] = Task(
+            key, _pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune
+        )
+    return _arrays(dsk, plan, image, out, num, out_dtype)
 
 
 def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tuple[dict, list]:

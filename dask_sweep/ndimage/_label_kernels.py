@@ -30,11 +30,13 @@ import numpy as np
 
 
 @numba.njit(cache=False, nogil=True)
-def _scan(up, low, offs, reducible, straight, width, buf, k, prev, start):  # pragma: no cover
+def _scan(up, low, offs, nr, straight, width, buf, k, prev, start):  # pragma: no cover
     """Emit keys from flat voxel ``start`` on; stop when ``buf`` is full.
 
-    Returns ``(keys in buf, voxel to resume at)``; the voxel where it stopped is
-    scanned again from its first offset (a repeated key is harmless).
+    ``offs[:nr]`` are the offsets always looked at, ``offs[nr:]`` the reducible
+    ones, looked at only where the straight pair is absent.  Returns ``(keys in
+    buf, voxel to resume at)``; the voxel where it stopped is scanned again from
+    its first offset (a repeated key is harmless).
     """
     n0, n1 = up.shape
     m = offs.shape[0]
@@ -45,22 +47,25 @@ def _scan(up, low, offs, reducible, straight, width, buf, k, prev, start):  # pr
             if a <= 0:
                 continue
             b = low[i, j]
-            for o in range(m + 1):
-                if o == m:
-                    if not straight or b <= 0:
-                        continue
-                    key = a * width + b
-                else:
-                    if reducible[o] and b > 0:
-                        continue
-                    ii = i + offs[o, 0]
-                    jj = j + offs[o, 1]
-                    if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
-                        continue
-                    bb = low[ii, jj]
-                    if bb <= 0 or (reducible[o] and up[ii, jj] > 0):
-                        continue
-                    key = a * width + bb
+            top = m
+            if straight and b > 0:
+                top = nr  # the straight pair stands for every reducible offset
+                key = a * width + b
+                if key != prev[m]:
+                    if k == buf.shape[0]:
+                        return k, i * n1 + j
+                    prev[m] = key
+                    buf[k] = key
+                    k += 1
+            for o in range(top):
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
+                    continue
+                bb = low[ii, jj]
+                if bb <= 0 or (o >= nr and up[ii, jj] > 0):
+                    continue
+                key = a * width + bb
                 if key == prev[o]:
                     continue
                 if k == buf.shape[0]:
@@ -98,18 +103,20 @@ def face_pairs_2d(
     reducible = np.array(
         [straight and bool(inplane[d0 + 1, d1 + 1]) for d0, d1 in offs], dtype=np.bool_
     )
+    offs = np.ascontiguousarray(np.concatenate([offs[~reducible], offs[reducible]]))
+    nr = int((~reducible).sum())
     width = int(low.max(initial=0)) + 1
     # A quarter of the plane: the buffer is compacted (sorted, unique) when full and
     # doubled only when compaction leaves it more than half full.
     buf = np.empty(cap or max(1024, up.size // 4), dtype=np.int64)
     prev = np.full(len(offs) + 1, -1, dtype=np.int64)
-    k, p = _scan(up, low, offs, reducible, straight, width, buf, 0, prev, 0)
+    k, p = _scan(up, low, offs, nr, straight, width, buf, 0, prev, 0)
     while p < up.size:
         u = np.unique(buf[:k])
         if 2 * len(u) > len(buf):
             buf = np.empty(2 * len(buf), dtype=np.int64)
         buf[: len(u)] = u
-        k, p = _scan(up, low, offs, reducible, straight, width, buf, len(u), prev, p)
+        k, p = _scan(up, low, offs, nr, straight, width, buf, len(u), prev, p)
     keys = np.unique(buf[:k])
     return np.stack([keys // width, keys % width], axis=1)
 
@@ -174,6 +181,50 @@ def apply_lut(lab: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return out.reshape(lab.shape)
 
 
+@numba.njit(cache=False, nogil=True)
+def _find(parent, x):  # pragma: no cover - compiled
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:  # path compression
+        nxt = parent[x]
+        parent[x] = root
+        x = nxt
+    return root
+
+
+@numba.njit(cache=False, nogil=True)
+def _union_by_shared(parent, first, labels, bs):  # pragma: no cover - compiled
+    for i in range(labels.shape[0]):
+        lab, b = labels[i], bs[i]
+        f = first[b]
+        if f < 0:
+            first[b] = lab
+            continue
+        x, y = _find(parent, lab), _find(parent, f)
+        if x != y:  # the smaller label is the root: a set's root is its smallest label
+            if x < y:
+                parent[y] = x
+            else:
+                parent[x] = y
+    for i in range(parent.shape[0]):
+        parent[i] = parent[parent[i]]  # roots come first (root <= label): one sweep
+
+
+def smallest_linked(n: int, labels: np.ndarray, bs: np.ndarray, dtype) -> np.ndarray:
+    """For each label ``0..n``, the smallest label joined to it by sharing a ``b``.
+
+    ``labels[i]`` and ``bs[i]`` (int64, ``bs`` >= 0) are the pairs; a union-find
+    (``dtype``: int32, or int64 beyond) whose roots are their sets' smallest
+    labels, in place in the result, without the GIL.
+    """
+    parent = np.arange(n + 1, dtype=dtype)  # becomes B in place
+    if len(labels):
+        first = np.full(int(bs.max()) + 1, -1, dtype=dtype)
+        _union_by_shared(parent, first, labels, bs)
+    return parent
+
+
 _warm = False
 
 
@@ -191,4 +242,6 @@ def warm() -> None:
         for dt, lt in _LUT_TYPES:
             apply_lut(np.ones(2, dtype=dt), lut.astype(lt))
         raster_order(np.ones(2, dtype=np.uint32), 1)
+        one = np.ones(1, dtype=np.int64)
+        smallest_linked(1, one, one, np.int32)
         _warm = True

@@ -76,8 +76,6 @@ import numpy as np
 from dask._task_spec import Task, TaskRef
 from dask.base import tokenize
 from scipy import ndimage as ndi
-from scipy.sparse import coo_matrix  # imported now, not first inside a run's budget
-from scipy.sparse.csgraph import connected_components
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
@@ -753,23 +751,8 @@ def _smallest_linked(n: int, pairs: np.ndarray) -> np.ndarray:
 
     ``pairs`` are ``(label, b)``: labels sharing a ``b`` are joined.
     """
-    B = np.arange(n + 1, dtype=_ids(n))
-    if not len(pairs):
-        return B
-    ul, li = np.unique(pairs[:, 0], return_inverse=True)
-    ub, bi = np.unique(pairs[:, 1], return_inverse=True)
-    m = len(ul) + len(ub)
-    g = coo_matrix(
-        (np.ones(len(pairs), dtype=np.int8), (li.ravel(), len(ul) + bi.ravel())), shape=(m, m)
-    )
-    ncc, cc = connected_components(g, directed=False)
-    ccl = cc[: len(ul)]
-    # ul is sorted: the first label of each component is its smallest.
-    _, first = np.unique(ccl, return_index=True)
-    smallest = np.zeros(ncc, dtype=B.dtype)
-    smallest[ccl[first]] = ul[first]
-    B[ul] = smallest[ccl]
-    return B
+    p = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    return K.smallest_linked(n, p[:, 0].copy(), p[:, 1].copy(), _ids(n))
 
 
 class _Linked:
@@ -809,7 +792,9 @@ def _link(
         if len(pairs):
             # the lower ids are on slab s+1's top face, hence in ``ids``
             pairs[:, 1] = bs[np.searchsorted(ids, pairs[:, 1])]
-            pairs = np.unique(pairs, axis=0)
+            w = int(pairs[:, 1].max()) + 1  # unique rows as one int64 key each
+            keys = np.unique(pairs[:, 0] * w + pairs[:, 1])
+            pairs = np.stack([keys // w, keys % w], axis=1)
     B = _smallest_linked(n, pairs)
     top_map = (local.top_ids, B[local.top_ids])
     table = np.concatenate([B, pairs.ravel().astype(B.dtype)])

@@ -17,10 +17,12 @@ runs small in CI and larger than RAM by hand::
 ``--vs-scipy`` runs the label matrix instead: n³ uint8 volumes (smooth noise,
 thresholded at the middle: ~50 % foreground, many components) stored as Zarr
 in 64³ chunks and as TIFF stacks (one file per plane), labelled read -> label
--> write by scipy in memory and by the sweep (``ndimage.label`` on
-``imread(...) > t``, and ``dsl.label``) at ``--budget-fraction`` of the input
+-> write (int32, uncompressed Zarr or one TIFF per plane) by scipy in memory
+and by the sweep (``ndimage.label`` on ``imread(...) > t``, and
+``dsl.label(dsl.source(path) > t)``) at ``--budget-fraction`` of the input
 bytes, each measurement in a fresh process; printed: wall times and their
-ratio, peak resident growth ÷ budget, bytes read ÷ input, same labels::
+ratio, peak resident growth ÷ budget, bytes read ÷ input, same labels
+(``--runtime-overhead`` sets ``sweep.runtime-overhead`` for the swept runs)::
 
     python benchmarks/bench_ndimage.py --vs-scipy --sizes 256 512
 """
@@ -113,7 +115,8 @@ class PlaneFiles:
     def __setitem__(self, idx, value) -> None:
         import tifffile
 
-        a = idx[0].start or 0
+        rows = idx[0] if isinstance(idx, tuple) else idx
+        a = rows.start or 0
         for k in range(value.shape[0]):
             tifffile.imwrite(os.path.join(self.path, f"z{a + k:05d}.tif"), value[k])
 
@@ -194,7 +197,7 @@ def run_label_one(layout: str, src: str, dst: str, mode: str, structure: str,
                 plan = plan_label(x > t, st)
             else:
                 dsl.run(dsl.label(dsl.source(tiny), st)[0], target_slab_bytes=16)
-                lab_s, num_s = dsl.label(dsl.source(x) > t, st)
+                lab_s, num_s = dsl.label(dsl.source(src) > t, st)  # read by dask_sweep.io
                 rows = 1
             with track() as io, PeakRSS() as m:
                 tgt = _target(layout, dst, x.shape, rows)
@@ -216,19 +219,20 @@ def run_label_one(layout: str, src: str, dst: str, mode: str, structure: str,
     return out
 
 
-def _spawn(args: list[str]) -> dict:
+def _spawn(args: list[str], env: dict | None = None) -> dict:
     import json
     import subprocess
     import sys
 
     p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True,
-                       text=True)
+                       text=True, env={**os.environ, **(env or {})})
     if p.returncode:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def vs_scipy(sizes, layouts, structures, modes, fraction: float, workdir: str | None) -> list:
+def vs_scipy(sizes, layouts, structures, modes, fraction: float, workdir: str | None,
+             overhead: str | None = None) -> list:
     import shutil
 
     tmp = workdir or tempfile.mkdtemp(prefix="bench-label-")
@@ -246,7 +250,9 @@ def vs_scipy(sizes, layouts, structures, modes, fraction: float, workdir: str | 
                 for structure in structures:
                     base = _spawn([layout, src, dst, "scipy", structure, str(budget)])
                     for mode in modes:
-                        sw = _spawn([layout, src, dst, mode, structure, str(budget)])
+                        env = {} if overhead is None else {
+                            "DASK_SWEEP__RUNTIME_OVERHEAD": overhead}
+                        sw = _spawn([layout, src, dst, mode, structure, str(budget)], env)
                         case = f"label {structure} {n}^3 {layout} {fmt(budget)}"
                         if "error" in sw or "error" in base:
                             print(f"{case:<30} {mode:<6} {sw.get('error', base.get('error'))}")
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["sweep", "dsl"])
     parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--runtime-overhead", default=None,
+                        help="sweep.runtime-overhead for the swept runs (default: the setting)")
     parser.add_argument("--_worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.vs_scipy:
         vs_scipy(args.sizes, args.layouts, args.structures, args.modes, args.budget_fraction,
-                 args.workdir)
+                 args.workdir, args.runtime_overhead)
         return
 
     import dask

@@ -346,13 +346,14 @@ def _split_plan(image, item, settings, out_dtype, target):
     aligned = all(c % 8 == 0 for c in last[:-1])
     block = max(chunks0) * int(np.prod([max(c) for c in image.chunks[1:-1]], dtype=np.int64))
     block *= max(last) if aligned else image.shape[-1]
-    rows_fixed = 2 * packed + block * (2 * item + 2)
+    # (+ dask's bookkeeping of the rows' read tasks)
+    rows_fixed = 2 * packed + block * (2 * item + 2) + settings.task_overhead * len(chunks0)
     passes = tuple(
         dataclasses.replace(p, fixed=p.fixed + rows_fixed)
         for p in _footprints(image.shape, item, settings, out_dtype, True, read=0)
     )
-    # A pass-2 task per slab and a read task per row, plus a consumer's two.
-    per_slab = settings.task_overhead * 4
+    # A pass-2 task per slab, plus a consumer's two (the rows' read tasks are fixed).
+    per_slab = settings.task_overhead * 3
     count = len(chunks0)
     while True:
         room = settings.memory_limit - per_slab * count

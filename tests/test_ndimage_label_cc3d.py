@@ -264,3 +264,21 @@ def test_chunk_rows_too_thick_for_an_external_input_still_refused():
     )
     with pytest.raises(BudgetError):
         label(x, memory_limit="200KiB")
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_vs_scipy_runs_small_and_labels_are_identical(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_ndimage.py"
+    spec = importlib.util.spec_from_file_location("bench_ndimage_vs_scipy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--vs-scipy", "--sizes", "64", "--budget-fraction", "16", "--structures",
+                "full", "--modes", "sweep", "--runtime-overhead", "0",
+                "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("label ")]
+    assert len(rows) == 2, out
+    assert all(" True " in r and " 2.00 " in r for r in rows), out

@@ -79,6 +79,10 @@ class SweepSettings:
     task_overhead
         Resident bytes per dask task for the whole run (graph and scheduler state),
         counted per slab by the ndimage plans.
+    segments
+        Chains a sweep is cut into, run at the same time (``None``: the threads of
+        all ``distributed`` workers, as the budget allows; one chain on the local
+        schedulers).
     """
 
     memory_limit: int = 1 << 30
@@ -90,6 +94,7 @@ class SweepSettings:
     tune_malloc: bool = True
     runtime_overhead: int = 8 << 20
     task_overhead: int = 5 << 10
+    segments: int | None = None
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -102,28 +107,38 @@ class SweepSettings:
             )
         if not isinstance(self.threads, int) or self.threads < 1:
             raise SweepConfigError(f"Expected sweep.threads >= 1. Got {self.threads!r} instead.")
+        if self.segments is not None and (not isinstance(self.segments, int)
+                                          or self.segments < 1):
+            raise SweepConfigError(
+                f"Expected sweep.segments >= 1 or None (auto). Got {self.segments!r} instead."
+            )
 
     @classmethod
     def resolve(cls, **overrides: Any) -> SweepSettings:
         """Settings from ``dask.config`` (``sweep.*``) with explicit overrides on top."""
-        cfg = dask.config.get("sweep", {}) or {}
-        threads = cfg.get("threads") or os.cpu_count() or 1
+        def cfg(key: str, default: Any) -> Any:
+            # dask.config.get canonicalises '-' / '_' (DASK_SWEEP__MEMORY_LIMIT becomes
+            # sweep.memory_limit); reading the raw dict would miss those spellings
+            return dask.config.get(f"sweep.{key}", default)
+
+        threads = cfg("threads", None) or os.cpu_count() or 1
         base = dict(
-            memory_limit=parse_bytes(cfg.get("memory-limit", "1GiB"), "sweep.memory-limit"),
-            fallback=cfg.get("fallback", "warn"),
-            axis=cfg.get("axis"),
+            memory_limit=parse_bytes(cfg("memory-limit", "1GiB"), "sweep.memory-limit"),
+            fallback=cfg("fallback", "warn"),
+            axis=cfg("axis", None),
             threads=int(threads),
             target_slab_bytes=parse_bytes(
-                cfg.get("target-slab-bytes", "64MiB"), "sweep.target-slab-bytes"
+                cfg("target-slab-bytes", "64MiB"), "sweep.target-slab-bytes"
             ),
-            reblock=bool(cfg.get("reblock", True)),
-            tune_malloc=bool(cfg.get("tune-malloc", True)),
+            reblock=bool(cfg("reblock", True)),
+            tune_malloc=bool(cfg("tune-malloc", True)),
             runtime_overhead=parse_bytes(
-                cfg.get("runtime-overhead", "8MiB"), "sweep.runtime-overhead", allow_zero=True
+                cfg("runtime-overhead", "8MiB"), "sweep.runtime-overhead", allow_zero=True
             ),
             task_overhead=parse_bytes(
-                cfg.get("task-overhead", "5KiB"), "sweep.task-overhead", allow_zero=True
+                cfg("task-overhead", "5KiB"), "sweep.task-overhead", allow_zero=True
             ),
+            segments=cfg("segments", None),
         )
         for k, v in overrides.items():
             if v is None:

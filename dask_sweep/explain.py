@@ -51,6 +51,29 @@ class Explanation:
             self._floors[n] = floor(self.result.plans[n][0])[1]
         return self._floors[n]
 
+    @staticmethod
+    def _segment_lines(plan) -> list[str]:
+        where = plan.info.get("slots")
+        if where is None:
+            return []
+        count = plan.info.get("segments", 1)
+        if count <= 1:
+            why = plan.info.get("one_chain") or (
+                "one chain fits best" if where.total > 1 else "one slot")
+            return [f"  one chain ({where.describe()}: {why})"]
+        from dask_sweep.passes.segments import extra_work
+
+        starts = [plan.steps[t - 1] for t in plan.segments]
+        planes, reread = extra_work(plan)
+        return [
+            f"  {count} segments (chains run at once: {where.describe()}), starting at planes "
+            f"{', '.join(map(str, starts))}; each worker runs {plan.info['together']} at a "
+            f"time within its budget of {format_bytes(plan.info['worker_budget'])} "
+            f"({format_bytes(plan.budget)} per chain)",
+            f"  segment warm-ups: {planes} planes of the pipeline recomputed, "
+            f"{format_bytes(reread)} of source rows read twice",
+        ]
+
     def floors(self) -> list[int]:
         """Per sweep, its floor: the smallest budget it accepts (one plane per step).
 
@@ -83,6 +106,7 @@ class Explanation:
                 f"step{'s' * (len(steps) != 1)} of {size}; {plan.threads} "
                 f"thread{'s' * (plan.threads != 1)} per step"
             )
+            out.extend(self._segment_lines(plan))
             out.append(f"  {'':5} {'stage':<22} {'':8}{'what':<60} ring")
             for j, st in enumerate(plan.stages):
                 cap = plan.rings[j] if plan.rings else 0

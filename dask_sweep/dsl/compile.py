@@ -471,8 +471,8 @@ def _lower_pass(
     try:
         plan, trace, peaks = _choose_steps(plan, s.target_slab_bytes)
     except BudgetError as e:
-        reach = _reach(plan)
-        lead = _lead(plan)
+        reach = plan.reach()
+        lead = plan.lead()
         j = next((i for i, st in enumerate(plan.stages) if st.label == e.stage), 0)
         widest = max(range(len(plan.stages)), key=lambda i: sum(lead[i]))
         raise BudgetError(
@@ -507,8 +507,8 @@ def _lower_pass(
         step_peaks=peaks,
         step_reads=step_reads(plan, trace),
         outputs=outs,
-        reach=_reach(plan),
-        lead=_lead(plan),
+        reach=plan.reach(),
+        lead=plan.lead(),
         input_bytes=in_bytes,
         output_bytes=out_bytes,
     )
@@ -550,34 +550,6 @@ def step_reads(plan: Plan, trace: Trace) -> list[int]:
 def step_peaks(plan: Plan, start: int = 0) -> list[int]:
     """Projected peak bytes of every step from ``start`` (see :func:`project`)."""
     return project(plan)[1][start:]
-
-
-def _reach(plan: Plan) -> list[tuple[int, int]]:
-    """Per stage, planes beyond an output step it must produce (behind, ahead)."""
-    reach = [(-1, -1)] * len(plan.stages)
-    for o in plan.outputs:
-        reach[o.stage] = (max(reach[o.stage][0], 0), max(reach[o.stage][1], 0))
-    for j in reversed(range(len(plan.stages))):
-        st = plan.stages[j]
-        if reach[j][0] < 0:
-            continue
-        for pos, i in enumerate(st.inputs):
-            lo, hi = st.window(pos)
-            reach[i] = (max(reach[i][0], reach[j][0] + lo), max(reach[i][1], reach[j][1] + hi))
-    return [(max(0, a), max(0, b)) for a, b in reach]
-
-
-def _lead(plan: Plan) -> list[tuple[int, int]]:
-    """Per stage, the source planes one of its planes depends on (behind, ahead)."""
-    lead: list[tuple[int, int]] = []
-    for st in plan.stages:
-        lo = hi = 0
-        for pos, i in enumerate(st.inputs):
-            w = st.window(pos)
-            lo = max(lo, lead[i][0] + w[0])
-            hi = max(hi, lead[i][1] + w[1])
-        lead.append((lo, hi))
-    return lead
 
 
 WRITE_TEMPS = 5.0

@@ -1,17 +1,22 @@
-"""Plan → dask tasks: one task per slab step, chained, plus the output keys.
+"""Plan → dask tasks: one chain of slab tasks per segment, plus the output keys.
 
 ::
 
-    sweep-plan-T ─┬─► (sweep-step-T, 0) ─► (sweep-step-T, 1) ─► ... ─► (sweep-step-T, S-1)
-                  │        │                     │
-                  │        ▼                     ▼
-                  │   (_trim-…, 0, j, k)    (_trim-…, 1, j, k)        output keys keep
-                  │   (store-map-…, 0, …)                            dask's names
+    sweep-plan-T ─► (sweep-step-T, 0) ─► (sweep-step-T, 1) ─► ... ─► (sweep-step-T, S-1)
+                         │                     │
+                         ▼                     ▼
+                    (_trim-…, 0, j, k)    (_trim-…, 1, j, k)        output keys keep
+                    (store-map-…, 0, …)                            dask's names
 
-Each step depends on the previous one (the carried ring buffers), so no step
-can start before its predecessor ends and no read can run ahead of the sweep:
-the graph's structure, not the scheduler's heuristics, bounds memory.  The
-output keys keep their names so ``finalize`` and downstream layers are
+Each step depends on the previous one of its chain (the carried ring buffers),
+so no step starts before its predecessor ends and no read runs ahead of the
+sweep: the graph's structure, not the scheduler's heuristics, bounds memory.
+A sweep cut into segments (:mod:`dask_sweep.passes.segments`) has one such
+chain per segment, independent of each other; each chain's first step carries
+the plan itself (no shared dependency, so ``distributed`` may place the chains
+on different workers) and hands it on.  The chains' ``priority`` annotations
+(:class:`StepPriority`) make a worker finish a chain before starting another.
+The output keys keep their names so ``finalize`` and downstream layers are
 untouched; every key whose meaning changed starts with ``sweep-``.
 """
 
@@ -28,6 +33,8 @@ from dask_sweep.runtime.memory import tune_allocator
 
 
 def _step(plan, prev, t, ext_keys, ext_values, *after):
+    if plan is None:  # a later step of a segment: the plan came with the previous step
+        plan = prev[2]
     if plan.info.get("tune_malloc", True):
         tune_allocator()
     externals = dict(zip(ext_keys, ext_values))
@@ -43,7 +50,7 @@ def _step(plan, prev, t, ext_keys, ext_values, *after):
             _write(plan, o, *emitted[k])
             # written: do not keep the planes alive in this task's result
             emitted[k] = (emitted[k][0], None)
-    return new_state, emitted
+    return new_state, emitted, plan
 
 
 def _write(plan: Plan, o, a: int, planes) -> None:
@@ -74,14 +81,14 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
     """Tasks of the sweep: ``({layer name: MaterializedLayer}, {layer name: deps})``.
 
     The output layers keep the output names; one extra layer ``sweep-T`` holds
-    the plan and the step chain.  ``after``: a key the first step waits for (the
-    previous tile's last step); ``outputs=False`` leaves the output keys out.
+    the plan and the step chains.  ``after``: keys every chain's first step waits
+    for (the previous tile's last steps); ``outputs=False`` leaves the output keys out.
     """
     token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
     axis = plan.axis
     plan_key = f"sweep-plan-{token}"
     step_name = f"sweep-step-{token}"
-    tasks: dict = {plan_key: DataNode(plan_key, plan)}
+    tasks: dict = {} if plan.segments else {plan_key: DataNode(plan_key, plan)}
     ext_layers: set[str] = set()
     for t in range(len(plan.steps)):
         externals = {}
@@ -91,11 +98,18 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
                 for key in st.reader.row_keys(r):
                     externals[key] = TaskRef(key)
                     ext_layers.add(key[0])
-        prev = TaskRef((step_name, t - 1)) if t else None
+        first = t == 0 or t in plan.segments  # a chain starts here, from no state
+        prev = None if first else TaskRef((step_name, t - 1))
         key = (step_name, t)
         # keys and values apart: dask resolves references inside lists, not dict values
-        extra = (TaskRef(after),) if (after is not None and t == 0) else ()
-        tasks[key] = Task(key, _step, TaskRef(plan_key), prev, t, tuple(externals),
+        extra = tuple(TaskRef(k) for k in (after or ())) if first else ()
+        if not plan.segments:
+            the_plan = TaskRef(plan_key)
+        else:
+            # each chain's first step carries the plan (and hands it on): with no
+            # dependency in common, distributed places the chains on different workers
+            the_plan = DataNode(None, plan) if first else None
+        tasks[key] = Task(key, _step, the_plan, prev, t, tuple(externals),
                           List(*externals.values()), *extra)
     out_layers: dict[str, dict] = {}
     for k, o in enumerate(plan.outputs if outputs else ()):
@@ -107,24 +121,47 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
             step_of_row.append(next(t for t, b in enumerate(plan.steps) if b >= end))
         layer = {}
         step_refs = [TaskRef((step_name, t)) for t in range(len(plan.steps))]
-        plan_ref = TaskRef(plan_key)
-        last = step_refs[-1]
+        lasts = [step_refs[seg[-1]] for seg in plan.segment_steps()]
         for idx in np.ndindex(*[len(c) for c in o.chunks]):
             key = (o.name, *idx)
             # few, flat arguments: building tens of thousands of these must stay cheap
             if o.sink is not None:
-                # a completion marker waits for the last step: tied to step t it
-                # would keep step t's result alive until the scheduler got to it
-                layer[key] = Task(key, _done, last)
+                # a completion marker waits for every chain's last step: tied to step t
+                # it would keep step t's result alive until the scheduler got to it
+                layer[key] = Task(key, _done, *lasts)
             else:
                 layer[key] = Task(key, _extract_block, step_refs[step_of_row[idx[axis]]],
-                                  plan_ref, k, idx)
+                                  k, idx)
         out_layers[o.name] = layer
-    layers = {f"sweep-{token}": tasks, **out_layers}
     deps = {f"sweep-{token}": ext_layers}
     for name in out_layers:
         deps[name] = {f"sweep-{token}"}
-    return {n: MaterializedLayer(v) for n, v in layers.items()}, deps
+    sweep = MaterializedLayer(tasks, annotations={"priority": StepPriority(plan, step_name)})
+    return {f"sweep-{token}": sweep,
+            **{n: MaterializedLayer(v) for n, v in out_layers.items()}}, deps
+
+
+class StepPriority:
+    """``priority`` of a sweep's tasks (``distributed`` runs higher first).
+
+    A chain's steps outrank those of chains after it, so a worker whose step
+    finishes takes its own chain's next step rather than starting another
+    chain (which would hold a second chain's rings); the plan and every step of
+    the first chains start first.
+    """
+
+    def __init__(self, plan: Plan, step_name: str) -> None:
+        self.step_name = step_name
+        self.segment_of = {t: k for k, seg in enumerate(plan.segment_steps()) for t in seg}
+        self.count = len(self.segment_of)
+
+    def __call__(self, key) -> int:
+        if isinstance(key, tuple) and key[0] == self.step_name:
+            return -self.segment_of.get(key[1], 0)
+        return 1  # the plan itself, needed by every chain
+
+    def __repr__(self) -> str:
+        return f"StepPriority({self.step_name!r}, {self.count} steps)"
 
 
 def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]:
@@ -142,7 +179,7 @@ def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]
         deps.update(dep)
         if after is not None:
             deps[f"sweep-{token}-tile{n}"].add(f"sweep-{token}-tile{n - 1}")
-        after = (f"sweep-step-{token}-tile{n}", len(plan.steps) - 1)
+        after = [(f"sweep-step-{token}-tile{n}", seg[-1]) for seg in plan.segment_steps()]
     last = f"sweep-{token}-tile{len(tiles) - 1}"
     plan = tiles[-1][0]
     axis = plan.axis
@@ -158,13 +195,13 @@ def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]
         for idx in np.ndindex(*[len(c) for c in o.chunks]):
             key = (o.name, *idx)
             if owner is None:
-                layer[key] = Task(key, _done, TaskRef(after))
+                layer[key] = Task(key, _done, *(TaskRef(k) for k in after))
                 continue
             n = owner[tuple(q for d, q in enumerate(idx) if d != axis)]
             tp = tiles[n][0]
             t = next(t for t, b in enumerate(tp.steps) if b >= bnds[idx[axis] + 1])
             layer[key] = Task(key, _extract_block, TaskRef((f"sweep-step-{token}-tile{n}", t)),
-                              TaskRef(f"sweep-plan-{token}-tile{n}"), k, idx)
+                              k, idx)
         layers[o.name] = MaterializedLayer(layer)
     return layers, deps
 
@@ -185,8 +222,9 @@ def _tile_of_block(tiles, o) -> dict:
     return owner
 
 
-def _extract_block(step_result, plan: Plan, k: int, idx: tuple[int, ...]):
+def _extract_block(step_result, k: int, idx: tuple[int, ...]):
     """Block ``idx`` of output ``k`` out of the planes its step emitted."""
+    plan = step_result[2]
     a, planes = step_result[1][k]
     o = plan.outputs[k]
     offset = plan.info.get("tile_offset")  # a tile's planes start inside the array

@@ -16,17 +16,19 @@ compute / persist / store.  There is one slot, so everything here chains:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask
 from dask.array.optimization import optimize as dask_default_optimize
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.emit.graph import emit, emit_tiled
+from dask_sweep.emit.graph import StepPriority, emit, emit_tiled
 from dask_sweep.errors import BudgetError, NotSweepable, SweepError
+from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
+from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.recognise import Fallback, find_regions
@@ -133,6 +135,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         res.fallbacks.append(Fallback("graph", "not a HighLevelGraph (a plain dict graph)"))
         return res
     regions, res.fallbacks = find_regions(dsk, keys)
+    where_slots = slots(settings.threads) if regions else None
     for region in regions:
         axis, note = _choose_axis(region, settings)
         where = (region.outputs or list(region.stores) or ["region"])[0]
@@ -148,7 +151,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                     "stock dask already computes each stage once, in one task"
                 )
             try:
-                plan, trace = choose_steps(plan, settings.target_slab_bytes)
+                plan, trace = _size(plan, settings, where_slots)
             except BudgetError as whole:
                 why = tileable(plan)
                 if why:
@@ -178,6 +181,48 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         plan.info["sources"] = set(region.sources)
         res.plans.append((plan, trace))
     return res
+
+
+def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trace]:
+    """Steps, rings and segments of ``plan`` for the budget of each worker.
+
+    Under ``distributed`` a worker's budget is at most ``WORKER_FRACTION`` of its
+    ``memory_limit``.  Segments (chains run at once, see
+    :mod:`dask_sweep.passes.segments`) are tried from ``sweep.segments`` (default:
+    the threads of all workers under ``distributed``, one on the local
+    schedulers) down to one: chains running at once on one worker share its
+    budget and its threads.  The first count whose chains fit and are
+    long enough for their warm-up wins; one chain gets the whole budget.
+    """
+    budget = settings.memory_limit
+    if where.kind == "distributed" and where.memory:
+        budget = min(budget, int(where.memory * WORKER_FRACTION))
+    # auto: as many chains as distributed has threads; on the local schedulers one chain,
+    # whose steps use every core (every chunk read once, in disk order, and less CPU than
+    # chains that recompute their warm-ups; measured in benchmarks/bench_segments.py)
+    auto = where.total if where.kind == "distributed" else 1
+    most = settings.segments if settings.segments is not None else auto
+    why = why_one_chain(plan)
+    # every count up to 16, then halvings: long_enough() weeds out most without a dry run
+    counts = [1] if why else sorted({*range(1, min(most, 16) + 1),
+                                     *(max(1, most >> k) for k in range(8))}, reverse=True)
+    error = None
+    for count in counts:
+        together = min(count, where.threads)  # chains one worker runs at once
+        cand = replace(plan, budget=budget // together,
+                       threads=max(1, settings.threads // together) if count > 1
+                       else plan.threads)
+        if count > 1 and not long_enough(cand, count):
+            continue
+        try:
+            sized, trace = choose_steps(cand, settings.target_slab_bytes, segments=count)
+        except BudgetError as e:
+            error = e
+            continue
+        sized.info.update(segments=len(sized.segments) + 1, together=together, slots=where,
+                          worker_budget=budget, one_chain=why)
+        return sized, trace
+    raise error  # the one-chain attempt's refusal (its floor and what sets it)
 
 
 def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGraph:
@@ -305,12 +350,49 @@ def sweep(dsk: Any = None, keys: Any = None, /, **settings: Any):
     return SweepPass(**settings)(dsk, keys)
 
 
+def _priorities(dsk) -> dict:
+    """``{key: priority}`` of the sweep layers' annotations in a HighLevelGraph."""
+    out: dict = {}
+    for layer in getattr(dsk, "layers", {}).values():
+        prio = (getattr(layer, "annotations", None) or {}).get("priority")
+        if isinstance(prio, StepPriority):
+            out.update((k, prio(k)) for k in layer)
+    return out
+
+
+def _then(optimizer, dsk, keys, **kwargs):
+    """``optimizer(dsk)``, keeping the sweep tasks' priorities for ``distributed``.
+
+    dask's default optimiser returns a plain dict, which drops layer annotations;
+    the result is wrapped back into a one-layer HighLevelGraph annotated with the
+    sweep tasks' priorities (every other task keeps distributed's default, 0).
+    """
+    prio = _priorities(dsk)
+    out = optimizer(dsk, keys, **kwargs)
+    if not prio or (isinstance(out, HighLevelGraph) and _priorities(out)):
+        return out
+    graph = dict(out)
+    name = f"sweep-annotated-{tokenize(sorted(map(str, prio)))}"
+    layer = MaterializedLayer(graph, annotations={"priority": _KeyPriority(prio)})
+    return HighLevelGraph({name: layer}, {name: set()})
+
+
+class _KeyPriority:
+    """A sweep task's priority by key (0 for the rest): picklable, evaluated per key."""
+
+    def __init__(self, prio: dict) -> None:
+        self.prio = prio
+
+    def __call__(self, key) -> int:
+        return self.prio.get(key, 0)
+
+
 def optimize(dsk, keys, **kwargs):
     """Drop-in ``array_optimize``: the sweep pass, then dask's default optimiser.
 
     Use as ``dask.config.set(array_optimize=dask_sweep.optimize)``.
     """
-    return dask_default_optimize(SweepPass()(dsk, keys), keys, **kwargs)
+    return _then(dask_default_optimize, SweepPass()(dsk, keys), keys, **kwargs)
 
 
 class _Chained:
@@ -321,14 +403,14 @@ class _Chained:
         self.then = then
 
     def __call__(self, dsk, keys, **kwargs):
-        return self.then(self.first(dsk, keys), keys, **kwargs)
+        return _then(self.then, self.first(dsk, keys), keys, **kwargs)
 
 
 def array_optimize_shim(dsk, keys, **kwargs):
     """Apply the ``optimizations`` list (dask < 2025.4 semantics), then dask's default."""
     for f in dask.config.get("optimizations", None) or ():
         dsk = f(dsk, keys)
-    return dask_default_optimize(dsk, keys, **kwargs)
+    return _then(dask_default_optimize, dsk, keys, **kwargs)
 
 
 def install_shim() -> None:
@@ -383,7 +465,7 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
         self.pass_ = SweepPass(memory_limit=s.memory_limit, fallback=s.fallback, axis=s.axis,
                                threads=s.threads, target_slab_bytes=s.target_slab_bytes,
                                reblock=s.reblock, tune_malloc=s.tune_malloc,
-                               runtime_overhead=s.runtime_overhead)
+                               runtime_overhead=s.runtime_overhead, segments=s.segments)
         prev = dask.config.get("array_optimize", None) or dask_default_optimize
         self._cfg = dask.config.set(array_optimize=_Chained(self.pass_, prev))
 

@@ -162,8 +162,12 @@ def floor(plan: Plan) -> tuple[Plan, Trace]:
     return size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
 
 
-def choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace]:
+def choose_steps(plan: Plan, target_slab_bytes: int,
+                 segments: int = 1) -> tuple[Plan, Trace]:
     """Return the plan with steps and rings set, and its dry-run trace.
+
+    ``segments``: cut the steps into that many chains (see
+    :mod:`dask_sweep.passes.segments`); every chain's warm-up is in the trace.
 
     Raises
     ------
@@ -171,13 +175,15 @@ def choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace]:
         When even one plane per step exceeds ``plan.budget`` (the message quotes
         the floor and what sets it).
     """
+    from dask_sweep.passes.segments import cut
+
     n = plan.extent
     per_plane = max(1, input_bytes_per_plane(plan))
     hi = max(1, min(n, int(target_slab_bytes // per_plane)))
     g = grain(plan)
 
     def attempt(planes: int) -> tuple[Plan, Trace]:
-        return size_rings(replace(plan, steps=uniform_steps(n, planes)))
+        return size_rings(cut(replace(plan, steps=uniform_steps(n, planes)), segments))
 
     def fits(c: tuple[Plan, Trace]) -> bool:
         return c[1].peak <= plan.budget

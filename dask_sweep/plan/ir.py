@@ -250,10 +250,42 @@ class Plan:
     threads: int = 1
     info: dict = field(default_factory=dict)
     rings: tuple[int, ...] = ()  # per stage: planes of its folded ring buffer (0: transient)
+    segments: tuple[int, ...] = ()  # steps that start an independent chain (besides 0)
 
     @property
     def extent(self) -> int:
         return self.stages[0].shape[self.axis]
+
+    def reach(self) -> list[tuple[int, int]]:
+        """Per stage, the planes beyond an output's it must produce (behind, ahead)."""
+        reach = [(-1, -1)] * len(self.stages)
+        for o in self.outputs:
+            reach[o.stage] = (max(reach[o.stage][0], 0), max(reach[o.stage][1], 0))
+        for j in reversed(range(len(self.stages))):
+            if reach[j][0] < 0:
+                continue
+            for pos, i in enumerate(self.stages[j].inputs):
+                lo, hi = self.stages[j].window(pos)
+                reach[i] = (max(reach[i][0], reach[j][0] + lo),
+                            max(reach[i][1], reach[j][1] + hi))
+        return [(max(0, a), max(0, b)) for a, b in reach]
+
+    def lead(self) -> list[tuple[int, int]]:
+        """Per stage, the source planes one of its planes depends on (behind, ahead)."""
+        lead: list[tuple[int, int]] = []
+        for st in self.stages:
+            lo = hi = 0
+            for pos, i in enumerate(st.inputs):
+                w = st.window(pos)
+                lo = max(lo, lead[i][0] + w[0])
+                hi = max(hi, lead[i][1] + w[1])
+            lead.append((lo, hi))
+        return lead
+
+    def segment_steps(self) -> list[range]:
+        """The steps of each segment (one chain of slab tasks each), in order."""
+        cuts = [0, *self.segments, len(self.steps)]
+        return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
     def consumers(self) -> list[list[tuple[int, int]]]:
         """For each stage, the ``(consumer, input position)`` pairs that read it."""

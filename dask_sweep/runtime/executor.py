@@ -65,9 +65,18 @@ class Trace:
     carried: set = field(default_factory=set)  # stages holding planes between steps
 
 
-def initial_state(plan: Plan) -> State:
+def initial_state(plan: Plan, step: int = 0) -> State:
+    """The state a chain starts from: at plane 0, or at the start of a segment.
+
+    A segment starting at plane ``P`` has its rings unanchored: each is anchored
+    where it is first asked for planes (``P`` less the windows downstream of
+    it), so the first step recomputes the pipeline's halo before ``P``
+    (the *warm-up*) and the results are those of one sweep from plane 0.
+    """
     caps = plan.rings or (0,) * len(plan.stages)
-    return State([Ring(plan.axis, 0, c) for c in caps], [0] * len(plan.outputs))
+    start = plan.steps[step - 1] if step else 0
+    return State([Ring(plan.axis, None if start else 0, c) for c in caps],
+                 [start] * len(plan.outputs))
 
 
 def _round_down(grid, a: int) -> int:
@@ -306,7 +315,7 @@ def run_step(
     ring); a sink's planes are only valid until the next step.  A folded ring
     is shared with ``state``, which must not be advanced again.
     """
-    state = initial_state(plan) if state is None else state.copy()
+    state = initial_state(plan, step) if state is None else state.copy()
     if trace is not None:
         trace.rows_read.append([])
         trace.step_peaks.append(0)
@@ -373,8 +382,9 @@ def _write_event(plan: Plan, ex: _Step, state: State, emitted: list) -> None:
 def dry_run(plan: Plan) -> Trace:
     """Replay the whole sweep on placeholders: reads, peaks, rows per step, ring spans."""
     trace = Trace()
-    state = None
-    for t in range(len(plan.steps)):
-        state, _ = run_step(plan, state, t, dry=True, trace=trace)
+    for seg in plan.segment_steps():
+        state = None  # each segment starts afresh (its warm-up included)
+        for t in seg:
+            state, _ = run_step(plan, state, t, dry=True, trace=trace)
     return trace
 

@@ -296,7 +296,9 @@ def test_report_measures_reads_and_memory_per_step(monkeypatch):
     assert [s.bytes_read for s in steps] == [s.read_projected for s in steps]
     assert sum(s.bytes_read for s in steps) == x.nbytes == r.report.bytes_read
     assert not r.report.notes
-    assert all(s.rss >= 0 and s.traced is None for s in steps)
+    # tracemalloc is off: nothing traced (resident peaks are checked against budgets in
+    # tests/test_budget_entry_points.py, in fresh processes)
+    assert all(s.traced is None for s in steps)
     # a reader that reads more than planned (here: every row twice) is reported
     from dask_sweep.dsl.sources import NumpyRows
 

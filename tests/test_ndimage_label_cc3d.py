@@ -282,3 +282,25 @@ def test_benchmark_vs_scipy_runs_small_and_labels_are_identical(tmp_path, capsys
     rows = [r for r in out.splitlines() if r.startswith("label ")]
     assert len(rows) == 2, out
     assert all(" True " in r and " 2.00 " in r for r in rows), out
+
+
+def test_a_foreign_numbering_is_renumbered_in_both_passes(monkeypatch, rng):
+    # Should cc3d ever number labels otherwise than scipy, each slab is renumbered
+    # (pass 1 notices, so pass 2 checks too): simulate it by reversing cc3d's ids.
+    cc3d = pytest.importorskip("cc3d")
+    real = cc3d.connected_components
+
+    def reversed_ids(data, **kw):
+        lab, n = real(data, **kw)
+        lut = np.concatenate([[0], np.arange(n, 0, -1)]).astype(lab.dtype)
+        return lut[lab], n
+
+    monkeypatch.setattr(cc3d, "connected_components", reversed_ids)
+    mask = _smooth_mask((20, 18, 16), 0.4, 11, 1.0)
+    for scheduler in ("sync", "threads"):
+        lab, n = label(da.from_array(mask, chunks=(2, 18, 16)), np.ones((3, 3, 3)),
+                       memory_limit=_limit(mask.shape, 2))
+        got, gn = dask.compute(lab, n, scheduler=scheduler)
+        ref, rn = ndi.label(mask, np.ones((3, 3, 3)))
+        np.testing.assert_array_equal(got, ref)
+        assert int(gn) == rn

@@ -761,7 +761,8 @@ class _Label(_Algorithm):
         mask = x if x.dtype == bool else x != 0
         del x
         lut = _spill.load(value.tables.luts[s])
-        return L.relabel(mask, self.structure, lut, s, self.out_dtype)
+        check = not getattr(value.tables, "raster", False)  # pass 1 checked every slab
+        return L.relabel(mask, self.structure, lut, s, self.out_dtype, check)
 
 
 def label(stream: Any, structure: Any = None, *, output: Any = None) -> tuple[Stream, Scalar]:

@@ -507,7 +507,9 @@ _CONNECTIVITY = {2: (4, 26), 3: (6, 18, 26)}
 _LABELLING = threading.Lock()
 
 
-def local_label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
+def local_label(
+    mask: np.ndarray, structure: np.ndarray, check: bool = True
+) -> tuple[np.ndarray, int]:
     """A slab's own labels in scipy's numbering, and their count.
 
     ``mask`` is bool.  For the structures of :func:`structure_rank`, axes of
@@ -519,23 +521,30 @@ def local_label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, in
     scipy; that is checked on every slab (one scan,
     :func:`~._label_kernels.raster_order`), and the labels would be renumbered
     in place if it differed.  Anything else, and a slab cc3d refuses, is
-    labelled by :func:`scipy.ndimage.label` (``int32``).
+    labelled by :func:`scipy.ndimage.label` (``int32``).  ``check=False`` skips
+    the scan (pass 2, when pass 1 found every slab in scipy's numbering).
     """
+    lab, n, _ = _labelled(mask, structure, check)
+    return lab, n
+
+
+def _labelled(mask: np.ndarray, structure: np.ndarray, check: bool) -> tuple:
+    """:func:`local_label`, and whether cc3d's numbering had to be renumbered."""
     rank = structure_rank(structure)
     if rank is None or mask.size == 0 or mask.size >= np.iinfo(np.uint32).max:
-        return ndi.label(mask, structure)
+        return (*ndi.label(mask, structure), False)
     core = tuple(d for d in mask.shape if d != 1)
     m = np.ascontiguousarray(mask).reshape(core)
     if len(core) == 0:
-        return m.astype(np.uint32).reshape(mask.shape), int(m)
+        return m.astype(np.uint32).reshape(mask.shape), int(m), False
     if len(core) == 1:  # runs: a label starts where a run does
         starts = m.copy()
         starts[1:] &= ~m[:-1]
         lab = np.cumsum(starts, dtype=np.uint32)
         lab[~m] = 0
-        return lab.reshape(mask.shape), int(lab[-1] if m[-1] else lab.max(initial=0))
+        return lab.reshape(mask.shape), int(lab[-1] if m[-1] else lab.max(initial=0)), False
     if len(core) > 3:
-        return ndi.label(mask, structure)
+        return (*ndi.label(mask, structure), False)
     import cc3d
 
     conn = _CONNECTIVITY[len(core)][min(rank, len(core)) - 1]
@@ -547,12 +556,12 @@ def local_label(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, in
                 m, connectivity=conn, out_dtype=np.uint32, return_N=True
             )
     except RuntimeError:  # pragma: no cover - cc3d's own checks; scipy is the reference
-        return ndi.label(mask, structure)
+        return (*ndi.label(mask, structure), False)
     n = int(n)
-    order = K.raster_order(lab, n)
+    order = K.raster_order(lab, n) if check else None
     if order is not None:
         lab = K.apply_lut(lab, order)
-    return lab.reshape(mask.shape), n
+    return lab.reshape(mask.shape), n, order is not None
 
 
 def _ids(n: int) -> np.dtype:
@@ -698,10 +707,11 @@ class _Local:
     ``bottom``, each dropping its plane (the object may live until the link step).
     """
 
-    __slots__ = ("n", "top", "bottom", "top_ids")
+    __slots__ = ("n", "top", "bottom", "top_ids", "renumbered")
 
-    def __init__(self, n, top, bottom, top_ids) -> None:
+    def __init__(self, n, top, bottom, top_ids, renumbered=False) -> None:
         self.n, self.top, self.bottom, self.top_ids = n, top, bottom, top_ids
+        self.renumbered = renumbered
 
 
 def _as_3x3(a: np.ndarray) -> np.ndarray:
@@ -765,7 +775,7 @@ def _local(
     if tune:
         tune_allocator()
     mask = _read_mask(reader, blocks)
-    lab, n = local_label(mask, structure)
+    lab, n, renumbered = _labelled(mask, structure, True)
     del mask
     if lab.shape[0] == 0:
         raise SweepError(f"{_FUNC}: internal error, an empty slab.")
@@ -778,7 +788,7 @@ def _local(
     # Labels are numbered in raster order of their first voxel, so those on the top
     # face are exactly 1..max (no sort of the plane needed).
     ids = np.arange(1, int(top.max(initial=0)) + 1, dtype=idt)
-    return _Local(int(n), top, bottom, ids)
+    return _Local(int(n), top, bottom, ids, renumbered)
 
 
 def _face(
@@ -949,13 +959,14 @@ def _number(
 class _Resolved:
     """Both first stages in one task: every slab's lookup table, and the label count.
 
-    Pass-2 task ``s`` takes ``luts[s]`` and drops it (a hand-over).
+    Pass-2 task ``s`` takes ``luts[s]`` and drops it (a hand-over).  ``raster``:
+    pass 1 labelled every slab in scipy's numbering, so pass 2 need not check.
     """
 
-    __slots__ = ("luts", "num")
+    __slots__ = ("luts", "num", "raster")
 
-    def __init__(self, luts: list, num: int) -> None:
-        self.luts, self.num = luts, num
+    def __init__(self, luts: list, num: int, raster: bool = False) -> None:
+        self.luts, self.num, self.raster = luts, num, raster
 
 
 def _resolve(
@@ -996,6 +1007,7 @@ def _resolve(
         pending: dict = {}
         nxt = n - 1
         prev = below = None
+        renumbered = False
         for s in range(n - 1, -1, -1):
             # at most `threads` slabs being labelled or waiting besides this one
             while nxt >= 0 and nxt >= s - threads:
@@ -1004,6 +1016,7 @@ def _resolve(
                 )
                 nxt -= 1
             here = pending.pop(s).result()
+            renumbered |= here.renumbered
             pairs = None if below is None else _face(here, below, structure, planes)
             prev = linked[s] = _link(here, pairs, prev, reserve, s)
             if on_slab is not None:
@@ -1016,7 +1029,7 @@ def _resolve(
         linked[s] = None
         luts.append(numbered.lut)
         numbered.lut = None
-    return _Resolved(luts, int(numbered.cum))
+    return _Resolved(luts, int(numbered.cum), not renumbered)
 
 
 def _num(src: _Numbered | _Resolved) -> np.ndarray:
@@ -1042,7 +1055,8 @@ def _pass2(
         path = lut
         lut = _spill.take(path)
         _spill.remove_dir(os.path.dirname(path))
-    return relabel(_read_mask(reader, blocks), structure, lut, s, dtype)
+    check = not (isinstance(src, _Resolved) and src.raster)
+    return relabel(_read_mask(reader, blocks), structure, lut, s, dtype, check)
 
 
 def _pass2_split(
@@ -1057,11 +1071,21 @@ def _pass2_split(
         path = lut
         lut = _spill.take(path)
         _spill.remove_dir(os.path.dirname(path))
-    return relabel(row.planes(a, b), structure, lut, s, dtype)
+    return relabel(row.planes(a, b), structure, lut, s, dtype, not src.raster)
 
 
-def relabel(mask: np.ndarray, structure: np.ndarray, lut: np.ndarray, s: int, dtype: Any):
+def relabel(
+    mask: np.ndarray,
+    structure: np.ndarray,
+    lut: np.ndarray,
+    s: int,
+    dtype: Any,
+    check: bool = True,
+):
     """Pass 2 of slab ``s``: its local labels (``mask`` is consumed) through its table.
+
+    ``check=False``: pass 1 found cc3d's numbering to be scipy's on every slab
+    (labelling is deterministic), so it is not scanned again.
 
     Raises
     ------
@@ -1069,7 +1093,7 @@ def relabel(mask: np.ndarray, structure: np.ndarray, lut: np.ndarray, s: int, dt
         When the slab's local labelling differs from pass 1's (the input changed), or a
         label does not fit ``dtype``.
     """
-    lab, n = local_label(mask, structure)
+    lab, n = local_label(mask, structure, check)
     del mask
     if n != len(lut) - 1:
         raise SweepError(

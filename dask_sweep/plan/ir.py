@@ -59,14 +59,6 @@ class Stage:
         """Plane boundaries the stage must compute between (``None``: free)."""
         return None
 
-    def temp_factor(self) -> float:
-        """Kernel temporaries, as a multiple of the bytes of one computed slab."""
-        return 1.0
-
-    def temp_bytes(self, out_bytes: int, in_bytes: int) -> float:
-        """Bytes of temporaries while computing ``out_bytes`` from ``in_bytes`` of input."""
-        return out_bytes * self.temp_factor()
-
     def plane_bytes(self, axis: int) -> int:
         n = int(np.prod([s for i, s in enumerate(self.shape) if i != axis], dtype=np.int64))
         return n * np.dtype(self.dtype).itemsize
@@ -130,10 +122,6 @@ class Blocked(Stage):
 
     def grid(self, axis: int) -> tuple[int, ...] | None:
         return tuple(np.cumsum((0,) + tuple(self.chunks[axis])).tolist())
-
-    def temp_factor(self) -> float:
-        # padded input copy + per-block region copies + output blocks + assembly
-        return 3.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,6 +196,67 @@ class Pointwise(Stage):
     kind: str = "pointwise"
 
     def bind(self, env: dict) -> Pointwise:
+        """This stage with the values of its scalars taken from ``env``."""
+        if not self.scalars:
+            return self
+        return replace(self, values=tuple(env[s.uid] for s in self.scalars))
+
+
+def partial_shape(ndim: int, axis: int, n: int, k: int) -> tuple[int, ...]:
+    """Shape of ``n`` planes of a ``k``-vector partial in an ``ndim``-D volume.
+
+    The sweep axis keeps its place (rings concatenate along it); the vector
+    lies along the first other axis.
+
+    >>> partial_shape(3, 0, 10, 4)
+    (10, 4, 1)
+    >>> partial_shape(3, 2, 10, 4)
+    (4, 1, 10)
+    """
+    s = [1] * max(ndim, 2)
+    s[axis] = n
+    kax = 0 if axis != 0 else 1
+    s[kax] = k
+    return tuple(s)
+
+
+@dataclass(frozen=True, eq=False)
+class Reduce(Stage):
+    """Per-slab partials of a reduction (a histogram, a sum and a count...), laid out as planes.
+
+    Planes ``[a, b)`` become a small vector stored as planes, so it travels
+    through rings, outputs and dask blocks like any other array::
+
+        partial planes [a, b):  row a = the vector of the whole slab [a, b)
+                                rows a+1 .. b-1 = the combine identity (0 or +inf)
+
+    Combining all rows of all steps (sum, or min) gives the global reduction,
+    whatever the step boundaries.
+
+    Parameters
+    ----------
+    partial
+        ``partial(planes, *values) -> 1-D array of length k``.
+    k
+        Length of the partial vector.
+    identity
+        Value of the rows that carry nothing (0 for sums, ``+inf`` for mins).
+    combine
+        ``"sum"`` or ``"min"``: how rows combine into the global value.
+    scalars, values
+        As for :class:`Pointwise`.
+    """
+
+    partial: Callable[..., np.ndarray] | None = None
+    k: int = 1
+    identity: float = 0.0
+    combine: str = "sum"
+    scalars: tuple[Any, ...] = ()
+    values: tuple[Any, ...] | None = None
+    sweep_axis: int = 0
+    kind: str = "reduce"
+
+    def bind(self, env: dict) -> Reduce:
         """This stage with the values of its scalars taken from ``env``."""
         if not self.scalars:
             return self

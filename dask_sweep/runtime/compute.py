@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 from dask.array.core import concatenate3
 
-from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Source
+from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Reduce, Source, partial_shape
 from dask_sweep.runtime.kernel import compute_kernel, kernel_temp_bytes
 from dask_sweep.runtime.ring import Shape
 
@@ -112,6 +112,21 @@ def compute_pointwise(st: Pointwise, a: int, b: int, axis: int, inputs: list, dr
     if st.cast and out.dtype != st.dtype:
         out = out.astype(st.dtype)
     return np.ascontiguousarray(out)
+
+
+def compute_reduce(st: Reduce, a: int, b: int, axis: int, inputs: list, dry: bool):
+    """The partial vector of planes ``[a, b)``, laid out as ``b - a`` planes."""
+    shape = partial_shape(len(st.shape), axis, b - a, st.k)
+    if dry:
+        return Shape(shape, np.dtype(st.dtype))
+    (x,) = inputs
+    out = np.full(shape, st.identity, dtype=st.dtype)
+    if b > a:
+        vec = np.asarray(st.partial(x, *(st.values or ())), dtype=st.dtype)
+        idx = [0] * len(shape)
+        idx[0 if axis != 0 else 1] = slice(None)
+        out[tuple(idx)] = vec
+    return out
 
 
 def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
@@ -206,8 +221,13 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
     if isinstance(st, Source):
         # a row assembled from dask's blocks: the blocks and the row, for a moment
         return 0 if getattr(st.reader, "free", False) else out_bytes
-    return int(st.temp_bytes(out_bytes, in_bytes))
+    if isinstance(st, Reduce):
+        # partials work in blocks of 65536 voxels (bincount's intp copy, histogram's
+        # float64 bin indices and masks): at most ~24 bytes a voxel of one block
+        return 24 * min(in_bytes, 1 << 16)
+    return 0  # Identity: the input itself
 
 
-__all__ = ["compute_blocked", "compute_kernel", "compute_pointwise", "compute_source",
+__all__ = ["compute_blocked", "compute_kernel", "compute_pointwise", "compute_reduce",
+           "compute_source",
            "pad_axis", "pmap", "temp_bytes"]

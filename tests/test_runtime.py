@@ -1,0 +1,156 @@
+"""Unit tests of the runtime: ring buffers, the slab executor, the graph writer."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_sweep.plan.ir import Kernel, Output, Plan, Pointwise, Source
+from dask_sweep.runtime.executor import Trace, dry_run, run_step
+from dask_sweep.runtime.ring import Ring, Shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cap=st.integers(1, 9), pieces=st.lists(st.integers(1, 4), min_size=1, max_size=12),
+    window=st.integers(0, 5), axis=st.sampled_from([0, 1]), seed=st.integers(0, 99),
+)
+def test_folded_ring_holds_every_window_as_a_view(cap, pieces, window, axis, seed):
+    """Appends, compactions and growth keep ``get`` equal to the planes appended."""
+    rng = np.random.default_rng(seed)
+    total = sum(pieces)
+    data = rng.integers(0, 255, (total, 3) if axis == 0 else (3, total)).astype("u1")
+    ring, a = Ring(axis, 0, cap), 0
+    for n in pieces:
+        part = data[a:a + n] if axis == 0 else data[:, a:a + n]
+        ring.append(a, part.copy())
+        a += n
+        lo = max(0, a - window - n)
+        got = ring.get(lo, a)
+        want = data[lo:a] if axis == 0 else data[:, lo:a]
+        np.testing.assert_array_equal(got, want)
+        assert np.shares_memory(got, ring.buf)  # a view, never a join
+        ring.drop_below(max(0, a - window))
+    assert ring.nbytes == ring.buf.nbytes  # the buffer is what a folded ring holds
+
+
+def test_compaction_moves_planes_in_place_and_growth_keeps_them():
+    ring = Ring(0, 0, 4)
+    for a in range(0, 12, 2):
+        ring.append(a, np.full((2, 2), a, "i2"))
+        buf = ring.buf
+        ring.drop_below(a)  # keep the last two planes: every append compacts
+        assert ring.buf is buf  # in place: no new buffer
+    np.testing.assert_array_equal(ring.get(10, 12), np.full((2, 2), 10))
+    ring.append(12, np.full((5, 2), 12, "i2"))  # more than the capacity: it grows
+    assert ring.buf.shape[0] == 7
+    np.testing.assert_array_equal(ring.get(10, 17)[:, 0], [10, 10] + [12] * 5)
+
+
+def test_hand_over_gives_the_buffer_away_and_keeps_the_rest():
+    ring = Ring(0, 0, 6)
+    ring.append(0, np.arange(5.0)[:, None] * np.ones((1, 3)))
+    out = ring.hand_over(3)
+    np.testing.assert_array_equal(out[:, 0], [0, 1, 2])
+    assert ring.start == 3 and ring.buf is not out.base
+    np.testing.assert_array_equal(ring.get(3, 5)[:, 0], [3, 4])
+    ring.append(5, np.full((1, 3), 9.0))
+    np.testing.assert_array_equal(out[:, 0], [0, 1, 2])  # the caller's planes stay
+
+
+def test_transient_ring_joins_pieces_and_cuts_straddlers_with_a_copy():
+    ring = Ring(0)
+    a, b = np.zeros((3, 2)), np.ones((3, 2))
+    ring.append(0, a)
+    ring.append(3, b)
+    assert ring.copies(2, 4) and not ring.copies(0, 3)
+    ring.drop_below(2)
+    (s, e, kept), _ = ring.pieces
+    assert (s, e) == (2, 3) and not np.shares_memory(kept, a)
+
+
+def test_dry_ring_counts_its_buffer():
+    ring = Ring(0, 0, 8)
+    ring.append(0, Shape((2, 4, 4), np.dtype("f4")))
+    assert ring.nbytes == 8 * 16 * 4
+
+
+class _Rows:
+    """A source of planes ``value = plane index`` read by rows of ``rows`` planes."""
+
+    def __init__(self, n, rows):
+        self.n, self.rows = n, rows
+
+    def read_row(self, r, externals):
+        a, b = r * self.rows, min(self.n, (r + 1) * self.rows)
+        return np.arange(a, b, dtype="f8")[:, None, None] * np.ones((1, 4, 3))
+
+
+def _plan(n=20, rows=3, steps=4, depth=2):
+    import functools
+
+    import scipy.ndimage as ndi
+
+    bounds = tuple(range(0, n, rows)) + (n,)
+    src = Source("src", (n, 4, 3), np.dtype("f8"), row_bounds=bounds, reader=_Rows(n, rows),
+                 bytes_per_row=tuple(np.diff(bounds) * 96))
+    k = Kernel("box", (n, 4, 3), np.dtype("f8"), inputs=(0,),
+               fn=functools.partial(ndi.uniform_filter, size=(2 * depth + 1, 1, 1),
+                                    mode="nearest"),
+               depth=(depth, 0, 0), boundary=("none",) * 3)
+    twice = Pointwise("twice", (n, 4, 3), np.dtype("f8"), inputs=(1, 0), fn=lambda a, b: a + b)
+    out = Output(2, "out", ((n // 2, n - n // 2), (4,), (3,)))
+    return Plan((src, k, twice), (out,), 0, steps=tuple(range(steps, n, steps)) + (n,))
+
+
+def _run(plan):
+    from dask_sweep.passes.slabs import size_rings
+
+    plan, _ = size_rings(plan)
+    state, parts = None, []
+    trace = Trace()
+    for seg in plan.segment_steps():
+        state = None
+        for t in seg:
+            state, emitted = run_step(plan, state, t, trace=trace)
+            parts += [p for _, p in emitted if p is not None]
+    return np.concatenate(parts), trace, plan
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 20])
+def test_executor_equals_one_call_and_reads_as_projected(steps):
+    import scipy.ndimage as ndi
+
+    plan = _plan(steps=steps)
+    got, trace, sized = _run(plan)
+    vol = np.arange(20.0)[:, None, None] * np.ones((1, 4, 3))
+    np.testing.assert_array_equal(got, ndi.uniform_filter(vol, (5, 1, 1), mode="nearest") + vol)
+    dry = dry_run(sized)
+    assert trace.bytes_read == dry.bytes_read == 20 * 96  # every row read once
+    assert trace.peak <= dry.peak + 1  # the real run within the projection
+
+
+def test_segments_start_unanchored_and_warm_up():
+    from dataclasses import replace
+
+    plan = replace(_plan(steps=2), segments=(5,))
+    got, trace, _ = _run(plan)
+    one, _, _ = _run(_plan(steps=2))
+    np.testing.assert_array_equal(got, one)
+    assert trace.bytes_read > 20 * 96  # the second chain re-read the rows of its warm-up
+
+
+def test_emit_chains_carry_the_plan_and_priorities():
+    from dataclasses import replace
+
+    from dask_sweep.emit.graph import emit
+    from dask_sweep.passes.slabs import size_rings
+
+    plan, trace = size_rings(replace(_plan(steps=2), segments=(5,)))
+    layers, deps = emit(plan, trace, token="t")
+    tasks = layers["sweep-t"].mapping
+    heads = [k for k in tasks if k[1] in (0, 5)]
+    assert all(not tasks[k].dependencies for k in heads)  # no shared dependency
+    assert tasks[("sweep-step-t", 6)].dependencies == {("sweep-step-t", 5)}
+    prio = layers["sweep-t"].annotations["priority"]
+    assert prio(("sweep-step-t", 1)) == 0 and prio(("sweep-step-t", 6)) == -1

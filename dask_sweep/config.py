@@ -92,7 +92,7 @@ class SweepSettings:
     target_slab_bytes: int = 64 << 20
     reblock: bool = True
     tune_malloc: bool = True
-    runtime_overhead: int = 8 << 20
+    runtime_overhead: int = 3 << 20
     task_overhead: int = 5 << 10
     segments: int | None = None
 
@@ -133,7 +133,7 @@ class SweepSettings:
             reblock=bool(cfg("reblock", True)),
             tune_malloc=bool(cfg("tune-malloc", True)),
             runtime_overhead=parse_bytes(
-                cfg("runtime-overhead", "8MiB"), "sweep.runtime-overhead", allow_zero=True
+                cfg("runtime-overhead", "3MiB"), "sweep.runtime-overhead", allow_zero=True
             ),
             task_overhead=parse_bytes(
                 cfg("task-overhead", "5KiB"), "sweep.task-overhead", allow_zero=True

@@ -29,6 +29,12 @@ class ArrayMeta:
     shape: tuple[int, ...]
     chunks: tuple[tuple[int, ...], ...]
     dtype: np.dtype
+    chunk_type: str = "numpy.ndarray"  # type of the blocks (dask's ``chunk_type``)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the blocks are plain numpy arrays (what the sweep's buffers hold)."""
+        return self.chunk_type == "numpy.ndarray"
 
     @property
     def ndim(self) -> int:
@@ -47,7 +53,8 @@ def array_meta(layer) -> ArrayMeta | None:
         return None
     chunks = tuple(tuple(int(c) for c in cc) for cc in ann["chunks"])
     shape = tuple(sum(c) for c in chunks)
-    return ArrayMeta(shape, chunks, np.dtype(ann["dtype"]))
+    return ArrayMeta(shape, chunks, np.dtype(ann["dtype"]),
+                     str(ann.get("chunk_type") or "numpy.ndarray"))
 
 
 def task_of(value: Any, key) -> GraphNode:

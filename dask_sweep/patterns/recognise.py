@@ -227,6 +227,23 @@ def _overlap_group(hlg: HighLevelGraph, metas, tname: str) -> StageSpec | Fallba
     )
 
 
+def not_plain(metas: dict, names) -> str | None:
+    """Why arrays whose blocks are not plain numpy arrays cannot be swept, or ``None``.
+
+    The sweep assembles rows, pads and buffers planes as numpy arrays: a masked
+    array would lose its mask, a sparse or GPU array its type.  Such arrays are
+    left to dask, which keeps their type.
+    """
+    for n in names:
+        m = metas.get(n)
+        if m is not None and not m.plain:
+            kind = {"numpy.ma.MaskedArray": "masked arrays (numpy.ma.MaskedArray)"}.get(
+                m.chunk_type, m.chunk_type)
+            return (f"blocks of {n!r} are {kind}, not plain numpy arrays: the sweep's "
+                    "buffers would drop their type, so dask keeps them")
+    return None
+
+
 def _elementwise(hlg, metas, name) -> StageSpec | None:
     layer = hlg.layers[name]
     if not is_simple_blockwise(layer) or trim_params(layer) is not None:
@@ -259,6 +276,9 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
     for name, layer in layers.items():
         if trim_params(layer) is not None:
             res = _overlap_group(hlg, metas, name)
+            why = None if isinstance(res, Fallback) else not_plain(metas, [name, *res.inputs])
+            if why:
+                res = Fallback(name, why)
             if isinstance(res, Fallback):
                 fallbacks.append(res)
             else:
@@ -276,11 +296,15 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         if name in stages or name in internal:
             continue
         spec = _elementwise(hlg, metas, name)
-        if spec is not None:
+        why = None if spec is None else not_plain(metas, [name, *spec.inputs])
+        if why:
+            fallbacks.append(Fallback(name, why))
+        elif spec is not None:
             stages[name] = spec
         elif name.startswith("rechunk-") and metas.get(name) is not None:
             src, rech = _follow_rechunk(deps, layers, metas, name)
-            if src != name and metas.get(src) and metas[src].shape == metas[name].shape:
+            if src != name and metas.get(src) and metas[src].shape == metas[name].shape \
+                    and not not_plain(metas, [name, src]):
                 stages[name] = StageSpec(
                     name=name, kind="rechunk", inputs=[src], meta=metas[name],
                     internal=rech - {name}, label="rechunk",
@@ -330,6 +354,9 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
     for m in sorted(copied):  # a source written as it is: a copy, read -> write
         if all(n == 1 for n in metas[m].numblocks):
             continue  # one block: nothing to stream
+        if not_plain(metas, [m]):
+            fallbacks.append(Fallback(m, not_plain(metas, [m])))
+            continue
         regions.append(Region(stages={}, sources=[m], outputs=[],
                               stores={u: w for u, w in written.items() if w == m},
                               extra_users={m: True}, ndim=metas[m].ndim))
@@ -348,6 +375,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         }
         if len(shapes) != 1 or any(metas.get(s) is None for s in region.sources):
             bad = "arrays of different shapes (broadcasting) inside one pipeline"
+        bad = not_plain(metas, region.sources) or bad
         for layer_name in absorbed - mset:
             outside = users.get(layer_name, set()) - absorbed
             if outside or layer_name in key_layers:

@@ -225,7 +225,7 @@ def explain(x: Any, **settings: Any) -> Explanation:
     Explanation
         ``print()`` it, or display it in a notebook.
     """
-    from dask_sweep.integration.optimize import SweepPass, _Chained, analyse
+    from dask_sweep.integration.optimize import SweepPass, _Chained
 
     if not dask.is_dask_collection(x):
         from dask_sweep.errors import SweepConfigError
@@ -239,5 +239,6 @@ def explain(x: Any, **settings: Any) -> Explanation:
     if s.fallback == "raise":
         s = s.with_(fallback="silent")
     graph = x.__dask_graph__()
-    keys = x.__dask_keys__()
-    return Explanation(analyse(graph, keys, s.with_(fallback="silent")), len(graph))
+    from dask_sweep.integration.expr import analyse_collection  # either dask array mode
+
+    return Explanation(analyse_collection(x, s.with_(fallback="silent")), len(graph))

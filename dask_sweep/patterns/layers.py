@@ -20,6 +20,11 @@ try:  # the only private import of an overlap helper; checked by tests
     from dask.array.overlap import _trim as _dask_trim
 except ImportError:  # pragma: no cover
     _dask_trim = None
+try:  # array-expression mode's copy of the same helper (dask.array._array_expr)
+    from dask.array._array_expr._overlap import _trim as _expr_trim
+except ImportError:  # pragma: no cover
+    _expr_trim = None
+_TRIMS = tuple(f for f in (_dask_trim, _expr_trim) if f is not None)
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ def trim_params(layer) -> tuple[dict, dict] | None:
     if not isinstance(layer, Blockwise):
         return None
     for arg, ind in layer.indices:
-        if ind is None and isinstance(arg, functools.partial) and arg.func is _dask_trim:
+        if ind is None and isinstance(arg, functools.partial) and arg.func in _TRIMS:
             return dict(arg.keywords["axes"]), dict(arg.keywords["boundary"])
     return None
 
@@ -218,15 +223,23 @@ def is_pure_elementwise(ev: BlockwiseEval) -> bool:
     assumed pure: it may depend on the block it is given.
     """
     from dask._task_spec import Task
+    from dask.array.core import _enforce_dtype
 
     if ev.io_deps:
         return False
     pure = _pure_funcs()
 
+    def is_pure(f) -> bool:
+        return isinstance(f, np.ufunc) or any(f is g for g in pure)
+
     def ok(node) -> bool:
         if isinstance(node, Task):
             f = node.func
-            if not (isinstance(f, np.ufunc) or any(f is g for g in pure)):
+            if f is _enforce_dtype:  # array-expression elemwise: op, then a cast to its dtype
+                op = node.kwargs.get("enforce_dtype_function")
+                if not is_pure(getattr(op, "value", op)):
+                    return False
+            elif not is_pure(f):
                 return False
             return all(ok(a) for a in node.args) and all(ok(v) for v in node.kwargs.values())
         return True  # a reference to an input block, or a literal

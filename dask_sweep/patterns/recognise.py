@@ -37,7 +37,8 @@ from dask_sweep.patterns.layers import (
 )
 
 PAD_PREFIXES = ("concatenate-", "getitem-", "full_like-", "repeat-", "rechunk-", "reflect-",
-                "periodic-", "nearest-")
+                "periodic-", "nearest-",
+                "stack-", "full-")  # array-expression mode's Concatenate and Full
 
 
 @dataclass

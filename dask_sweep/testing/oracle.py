@@ -7,13 +7,15 @@ from typing import Any
 import dask
 import numpy as np
 
-from dask_sweep.integration.optimize import SweepPass, analyse
+from dask_sweep.integration.optimize import SweepPass
 
 
 def swept(x: Any, **settings: Any) -> bool:
     """Whether the sweep rewrites ``x``'s graph (at least one region planned)."""
+    from dask_sweep.integration.expr import analyse_collection  # either dask array mode
+
     s = SweepPass(**settings).settings().with_(fallback="silent")
-    return bool(analyse(x.__dask_graph__(), x.__dask_keys__(), s).plans)
+    return bool(analyse_collection(x, s).plans)
 
 
 def assert_sweep_equal(x: Any, *, scheduler: str = "sync", expect_swept: bool | None = True,

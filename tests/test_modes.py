@@ -1,0 +1,240 @@
+"""The same pipelines in both dask array modes: graphs (default) and expressions.
+
+dask reads ``array.query-planning`` once, when ``dask.array`` is imported, so
+the expression-mode run is this module again in a second pytest process with
+``DASK_ARRAY__QUERY_PLANNING=True`` (``test_expression_mode_in_a_subprocess``).
+Every case is computed with and without the sweep in the mode of its process and
+compared bit for bit (``assert_sweep_equal``: compute, persist), and ``explain``
+must say what it swept or why not.
+
+APIs that dask 2026.8's expression mode lacks (``da.where``, ``from_zarr``,
+``store``, ``to_zarr``, ``da.ma``, hence dask-image's binary morphology) are
+written with what both modes have (``elemwise(np.where, ...)``,
+``from_array(zarr_array)``, ``map_overlap(ndi.binary_opening, ...)``); the
+graph-mode-only spellings are tested in graph mode only.
+"""
+
+import os
+import subprocess
+import sys
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+import dask_sweep
+from dask_sweep.errors import BudgetError
+from dask_sweep.testing import assert_sweep_equal
+
+EXPR = bool(da.array_expr_enabled())
+MODE = "expressions" if EXPR else "graphs"
+SMALL = dict(target_slab_bytes="2KiB", memory_limit="16MiB")
+graph_mode_only = pytest.mark.skipif(EXPR, reason="not in dask 2026.8's expression mode")
+
+
+def where(m, a, b):
+    if EXPR:
+        return da.elemwise(np.where, m, a, b)
+    return da.where(m, a, b)
+
+
+def opaque(a):
+    # depends on the whole block it is given: kept on dask's blocks
+    return (a * 2 - a.mean(axis=0)).astype(a.dtype)
+
+
+@pytest.fixture
+def vol(rng):
+    return rng.random((24, 13, 11))
+
+
+def explain(y) -> str:
+    return str(dask_sweep.explain(y, **SMALL))
+
+
+def test_mode_is_what_the_process_asked_for():
+    want = os.environ.get("DASK_ARRAY__QUERY_PLANNING", "").lower() == "true"
+    assert EXPR == want
+    x = da.ones((4, 4), chunks=2)
+    assert (type(x).__module__ == "dask.array._array_expr._collection") == EXPR
+
+
+@pytest.mark.parametrize("boundary", ["none", "reflect", "nearest", "periodic", 0.5])
+@pytest.mark.parametrize("depth", [1, 3, (2, 1, 0)])
+def test_map_overlap_scipy_filters(vol, boundary, depth):
+    x = da.from_array(vol, chunks=(5, 13, 6))
+    g = x.map_overlap(ndi.gaussian_filter, depth=depth, boundary=boundary, sigma=0.6,
+                      mode="nearest")
+    y = x.map_overlap(opaque, depth=depth, boundary=boundary)
+    assert_sweep_equal(g, **SMALL)
+    assert_sweep_equal(y, **SMALL)
+    assert "sweep 0" in explain(y)
+
+
+# chunks at least the depth: in expression mode dask 2026.8 cannot combine the
+# differently rechunked outputs of two overlaps (NotImplementedError, stock dask too)
+@pytest.mark.parametrize("chunks", [(4, 13, 11), (5, 7, 6), (24, 7, 11)])
+def test_kernels_and_elementwise_stages(vol, chunks):
+    x = da.from_array((vol * 200).astype("u1"), chunks=chunks)
+    g = x.map_overlap(ndi.uniform_filter, depth=2, size=3, boundary="reflect")
+    m = x.map_overlap(ndi.median_filter, depth=1, size=3, boundary="nearest")
+    y = (np.sqrt(g.astype("f4")) - m).clip(0, 9) > 2
+    assert_sweep_equal(y, **SMALL)
+    text = explain(y)
+    assert "uniform_filter" in text and "median_filter" in text and "elementwise" in text
+
+
+def test_dask_image_filters(vol):
+    from dask_image import ndfilters
+
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    for y in (ndfilters.gaussian_filter(x, 1.0), ndfilters.uniform_filter(x, 3),
+              ndfilters.minimum_filter(x, 3), ndfilters.median_filter(x, 3)):
+        assert_sweep_equal(y, **SMALL)
+
+
+def test_morphology_pipeline(vol):
+    # gaussian -> threshold -> binary opening -> where -> uniform, in either mode
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    g = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1.0, boundary="none")
+    b = g > 0.5
+    o = b.map_overlap(ndi.binary_opening, depth=2, boundary="none", iterations=1)
+    w = where(o, g, 0.0)
+    y = w.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect")
+    assert_sweep_equal(y, **SMALL)
+    text = explain(y)
+    assert "binary_opening" in text and "gaussian_filter" in text
+
+
+@graph_mode_only
+def test_dask_image_morphology_and_where(vol):
+    from dask_image import ndfilters, ndmorph
+
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    g = ndfilters.gaussian_filter(x, 1.0)
+    o = ndmorph.binary_opening(g > 0.5)
+    y = ndfilters.uniform_filter(da.where(o, g, 0.0), 3)
+    assert_sweep_equal(y, **SMALL)
+
+
+def test_fan_out_and_several_outputs(vol):
+    x = da.from_array(vol, chunks=(5, 13, 11))
+    g = x.map_overlap(ndi.gaussian_filter, depth=2, sigma=0.5, boundary="reflect")
+    a, b = g - x, (g * 2).astype("f4")
+    expected = dask.compute(a, b, scheduler="sync")
+    total = a.sum().compute(scheduler="sync")
+    with dask_sweep.enable(**SMALL):
+        actual = dask.compute(a, b, scheduler="sync")
+        reduced = dask.compute(a.sum(), scheduler="sync")[0]
+    for p, q in zip(actual, expected):
+        np.testing.assert_array_equal(p, q, strict=True)
+    assert reduced == total
+
+
+def test_zarr_source(tmp_path, vol):
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(4, 13, 11),
+                          dtype="f4")
+    z[:] = vol.astype("f4")
+    x = da.from_array(z, chunks=z.chunks)
+    y = x.map_overlap(ndi.gaussian_filter, depth=3, sigma=1.0, boundary="nearest") + 1
+    assert_sweep_equal(y, **SMALL)
+    assert "inline" in explain(y)
+
+
+@graph_mode_only
+def test_from_zarr_to_zarr(tmp_path, vol):
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(4, 13, 11),
+                          dtype="f4")
+    z[:] = vol.astype("f4")
+    x = da.from_zarr(str(tmp_path / "in.zarr"))
+    y = x.map_overlap(ndi.gaussian_filter, depth=3, sigma=1.0, boundary="nearest")
+    y.to_zarr(str(tmp_path / "a.zarr"))
+    with dask_sweep.enable(**SMALL):
+        y.to_zarr(str(tmp_path / "b.zarr"))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"))[:],
+                                  zarr.open_array(str(tmp_path / "b.zarr"))[:], strict=True)
+
+
+def test_fallbacks_have_reasons(rng, vol):
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    one = da.from_array(vol, chunks=-1).map_overlap(opaque, depth=1, boundary="reflect")
+    assert_sweep_equal(one, expect_swept=False, **SMALL)
+    assert "every array is a single block" in explain(one)
+    small = da.from_array(rng.random(11), chunks=11)  # broadcast: left to dask
+    y = x.map_overlap(opaque, depth=1, boundary="none") + small
+    assert_sweep_equal(y, expect_swept=None, **SMALL)
+    masked = da.from_array(np.ma.masked_less(vol, 0.3), chunks=(6, 13, 11))
+    z = masked.map_overlap(opaque, depth=1, boundary="reflect")
+    text = explain(z)
+    assert "masked arrays" in text and "nothing swept" in text
+    expected = z.compute(scheduler="sync")
+    with dask_sweep.enable(**SMALL):
+        actual = z.compute(scheduler="sync")
+    np.testing.assert_array_equal(np.ma.getmaskarray(actual), np.ma.getmaskarray(expected))
+    np.testing.assert_array_equal(np.ma.getdata(actual), np.ma.getdata(expected))
+
+
+def test_budget_is_kept_or_refused(vol):
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    y = x.map_overlap(opaque, depth=2, boundary="reflect")
+    with pytest.raises(BudgetError):
+        with dask_sweep.enable(memory_limit="1KiB", runtime_overhead=0, fallback="raise"):
+            y.compute(scheduler="sync")
+    text = str(dask_sweep.explain(y, memory_limit="1KiB", runtime_overhead=0))
+    assert "left to stock dask" in text and "budget" in text
+    assert "of 16.00 MiB budget" in explain(y)
+
+
+def test_configured_with_the_optimizations_key(vol):
+    x = da.from_array(vol, chunks=(6, 13, 11))
+    y = x.map_overlap(ndi.gaussian_filter, depth=2, sigma=0.5, boundary="reflect")
+    expected = y.compute(scheduler="sync")
+    with dask.config.set(optimizations=[dask_sweep.sweep(**SMALL)]):
+        np.testing.assert_array_equal(y.compute(scheduler="sync"), expected, strict=True)
+
+
+@pytest.mark.skipif(EXPR, reason="runs the expression-mode process")
+def test_expression_mode_in_a_subprocess():
+    env = dict(os.environ, DASK_ARRAY__QUERY_PLANNING="True")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+def _recording(seen: list):
+    from dask.local import get_sync
+
+    def get(dsk, keys, **kwargs):
+        graph = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
+        seen.extend(k[0] if isinstance(k, tuple) else k for k in graph)
+        return get_sync(dsk, keys, **kwargs)
+
+    return get
+
+
+def test_compute_persist_and_dask_compute_run_the_sweep_tasks(vol):
+    x = da.from_array(vol, chunks=(5, 13, 11))
+    y = x.map_overlap(opaque, depth=2, boundary="reflect") * 2
+    expected = y.compute(scheduler="sync")
+    for run in (lambda get: y.compute(scheduler=get),
+                lambda get: dask.compute(y, y.sum(), scheduler=get)[0],
+                lambda get: y.persist(scheduler=get).compute(scheduler="sync")):
+        seen: list = []
+        with dask_sweep.enable(**SMALL):
+            got = run(_recording(seen))
+        np.testing.assert_array_equal(got, expected, strict=True)
+        assert any(str(k).startswith("sweep-step-") for k in seen)
+        assert not any(str(k).startswith("overlap-") for k in seen)
+    seen = []
+    y.compute(scheduler=_recording(seen))  # sweep off: stock dask's tasks
+    assert not any(str(k).startswith("sweep-") for k in seen)

@@ -172,6 +172,7 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
             _write_all(layout, dst, r)
         nbytes = read = 0
     else:
+        import zarr
 
         import dask_sweep
 
@@ -184,7 +185,10 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
             y = build(op, x)
             with track() as io, PeakRSS() as m:
                 if layout == "zarr":
-                    y.to_zarr(dst)
+                    # the same layout and codec (none) as the input and as scipy's write
+                    z = zarr.create_array(dst, shape=y.shape, chunks=(64,) * 3, dtype=y.dtype,
+                                          compressors=None, fill_value=0)
+                    y.to_zarr(z)
                 else:
                     imwrite(y, dst, format="tiff-stack")
         read = io.bytes_read

@@ -23,6 +23,7 @@ these objects; passes and the runtime never know which front end made them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,7 +61,7 @@ class Stage:
         return None
 
     def plane_bytes(self, axis: int) -> int:
-        n = int(np.prod([s for i, s in enumerate(self.shape) if i != axis], dtype=np.int64))
+        n = math.prod(s for i, s in enumerate(self.shape) if i != axis)
         return n * np.dtype(self.dtype).itemsize
 
 

@@ -45,15 +45,21 @@ def gaussian_weights(fn) -> np.ndarray | None:
     kw = fn.keywords
     if kw.get("order", 0) != 0 or fn.args:
         return None
+    sd = float(kw["sigma"])
+    lw = int(kw.get("truncate", 4.0) * sd + 0.5)
+    if kw.get("radius") is not None:
+        lw = int(kw["radius"])
+    return _half_weights(sd, lw)
+
+
+@functools.lru_cache(maxsize=64)
+def _half_weights(sd: float, lw: int) -> np.ndarray | None:
+    # planning asks once per dry-run step: computed once per (sigma, radius)
     try:  # scipy's own weights, so the bits are the same
         from scipy.ndimage._filters import _gaussian_kernel1d
     except ImportError:  # pragma: no cover - a scipy that moved it: scipy's pass runs
         return None
 
-    sd = float(kw["sigma"])
-    lw = int(kw.get("truncate", 4.0) * sd + 0.5)
-    if kw.get("radius") is not None:
-        lw = int(kw["radius"])
     w = np.asarray(_gaussian_kernel1d(sd, 0, lw)[::-1], dtype=np.float64)
     size1 = len(w) // 2
     # scipy's symmetry test (NI_Correlate1D): within DBL_EPSILON, else another loop
@@ -61,7 +67,9 @@ def gaussian_weights(fn) -> np.ndarray | None:
         abs(w[size1 + i] - w[size1 - i]) > np.finfo(np.float64).eps for i in range(1, size1 + 1)
     ):
         return None
-    return np.ascontiguousarray(w[: size1 + 1])
+    half = np.ascontiguousarray(w[: size1 + 1])
+    half.flags.writeable = False  # shared by every caller (cached)
+    return half
 
 
 def scratch_bytes(st, threads: int) -> int:

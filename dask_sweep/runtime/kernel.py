@@ -27,6 +27,8 @@ run uses, so the projected peak is that of the real arrays.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dask_sweep.plan.ir import Kernel
@@ -101,6 +103,7 @@ def _line_bytes(st: Kernel, dtype) -> int:
     return n * np.dtype(dtype).itemsize
 
 
+@functools.lru_cache(maxsize=1024)
 def layout(st: Kernel, p_out: int, p_in: int, threads: int) -> tuple[int, int]:
     """``(lines per piece, bytes of temporaries)`` for ``p_out`` planes from ``p_in``.
 

@@ -30,6 +30,7 @@ must not be advanced again (slab tasks hand their rings over, see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,12 @@ class Shape:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # planning replays every step: plain integers, not numpy reductions
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, np.dtype):
+            object.__setattr__(self, "dtype", np.dtype(self.dtype))
 
 
 def take(x, a: int, b: int, axis: int):
@@ -83,7 +89,8 @@ def _empty(like, planes: int, axis: int):
 class Ring:
     """Planes ``[start, stop)`` of one stage: folded into a buffer, or transient pieces."""
 
-    __slots__ = ("axis", "pieces", "start", "stop", "capacity", "buf", "base", "span")
+    __slots__ = ("axis", "pieces", "start", "stop", "capacity", "buf", "base", "span",
+                 "_piece_bytes")
 
     def __init__(self, axis: int, start: int | None = 0, capacity: int = 0) -> None:
         self.axis = axis
@@ -94,6 +101,7 @@ class Ring:
         self.buf = None
         self.base = start  # plane index at buf[0]
         self.span = 0  # the most planes held at once (read by the planner)
+        self._piece_bytes = 0  # bytes of the transient pieces (kept, not summed per call)
 
     def copy(self) -> Ring:
         """A ring holding the same planes (a folded buffer is shared, not copied)."""
@@ -103,6 +111,7 @@ class Ring:
         r.buf = self.buf
         r.base = self.base
         r.span = self.span
+        r._piece_bytes = self._piece_bytes
         return r
 
     def append(self, a: int, value) -> None:
@@ -115,6 +124,7 @@ class Ring:
             self._fold_in(value, n)
         else:
             self.pieces.append((a, a + n, value))
+            self._piece_bytes += int(value.nbytes)
         self.stop = a + n
         self.span = max(self.span, self.stop - self.start)
 
@@ -220,12 +230,14 @@ class Ring:
             else:
                 keep.append((s, e, v))
         self.pieces = keep
+        self._piece_bytes = sum(int(v.nbytes) for _, _, v in keep)
         self.start = min(a, self.stop)
 
     def release(self) -> None:
         """Free the buffer (the sweep is past every consumer of this ring)."""
         self.buf = None
         self.pieces = []
+        self._piece_bytes = 0
         if self.stop is not None:
             self.start = self.base = self.stop
 
@@ -237,4 +249,4 @@ class Ring:
     def nbytes(self) -> int:
         if self.capacity:
             return 0 if self.buf is None else int(self.buf.nbytes)
-        return sum(int(v.nbytes) for _, _, v in self.pieces)
+        return self._piece_bytes

@@ -238,3 +238,33 @@ def test_compute_persist_and_dask_compute_run_the_sweep_tasks(vol):
     seen = []
     y.compute(scheduler=_recording(seen))  # sweep off: stock dask's tasks
     assert not any(str(k).startswith("sweep-") for k in seen)
+
+
+def test_tiled_in_plane_when_a_row_does_not_fit(tmp_path, rng):
+    import zarr
+
+    vol = (rng.random((48, 96, 80)) * 255).astype("u1")
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(16, 32, 32),
+                          dtype="u1", compressors=None)
+    z[:] = vol
+    x = da.from_array(z, chunks=z.chunks)
+    y = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary="none")
+    y = y.map_overlap(ndi.uniform_filter, depth=2, size=5, boundary=0)
+    settings = dict(memory_limit="500KiB", runtime_overhead=0, fallback="raise")
+    assert "tiled in-plane" in str(dask_sweep.explain(y, **settings))
+    assert_sweep_equal(y, **settings)
+
+
+def test_distributed(vol):
+    from distributed import Client, LocalCluster
+
+    x = da.from_array(vol, chunks=(5, 13, 11))
+    y = x.map_overlap(ndi.gaussian_filter, depth=2, sigma=0.5, boundary="reflect") + 1
+    expected = y.compute(scheduler="sync")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        with dask_sweep.enable(**SMALL):
+            got = client.compute(y).result()
+            persisted = y.persist().compute()
+    np.testing.assert_array_equal(got, expected, strict=True)
+    np.testing.assert_array_equal(persisted, expected, strict=True)

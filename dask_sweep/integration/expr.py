@@ -151,100 +151,11 @@ def sweep_expression(root, settings):
 # --- emission into the expression tree -------------------------------------------------
 
 
-def _expr_classes():
-    from dask._expr import Expr
-    from dask.array._array_expr._expr import ArrayExpr
-
-    class SweepTasks(Expr):
-        """The slab chain of one sweep (``sweep-plan``, ``sweep-step``), after its external inputs."""
-
-        _parameters = ["token", "graph"]
-
-        @property
-        def _name(self) -> str:
-            return f"sweep-{self.operand('token')}"
-
-        def __dask_tokenize__(self):
-            return self._name
-
-        def dependencies(self):
-            return [op for op in self.operands[len(self._parameters):] if isinstance(op, Expr)]
-
-        def _layer(self) -> dict:
-            return dict(self.operand("graph"))
-
-    class SweepOutput(ArrayExpr):
-        """A region's output array, cut from the sweep's steps under its original name."""
-
-        _parameters = ["out_name", "out_chunks", "out_meta", "graph", "sweep"]
-
-        def __new__(cls, *args, **kwargs):
-            # not a singleton: an array of this name already exists (the one replaced)
-            return Expr.__new__(cls, *args, **kwargs)
-
-        @property
-        def _name(self) -> str:
-            return self.operand("out_name")
-
-        def __dask_tokenize__(self):
-            return ("sweep-output", self._name, self.operand("sweep")._name)
-
-        @functools.cached_property
-        def chunks(self):
-            return self.operand("out_chunks")
-
-        @functools.cached_property
-        def _meta(self):
-            return self.operand("out_meta")
-
-        def _layer(self) -> dict:
-            return dict(self.operand("graph"))
-
-    class SweepAlias(ArrayExpr):
-        """An array under its original name, aliasing the blocks of its rebuilt expression."""
-
-        _parameters = ["out_name", "target"]
-
-        def __new__(cls, *args, **kwargs):
-            return Expr.__new__(cls, *args, **kwargs)
-
-        @property
-        def _name(self) -> str:
-            return self.operand("out_name")
-
-        def __dask_tokenize__(self):
-            return ("sweep-alias", self._name, self.target._name)
-
-        @functools.cached_property
-        def chunks(self):
-            return self.target.chunks
-
-        @functools.cached_property
-        def _meta(self):
-            return self.target._meta
-
-        def _layer(self) -> dict:
-            import numpy as np
-            from dask._task_spec import Alias
-
-            out = {}
-            for idx in np.ndindex(*self.numblocks):
-                key = (self._name, *idx)
-                out[key] = Alias(key, (self.target._name, *idx))
-            return out
-
-    return SweepTasks, SweepOutput, SweepAlias
-
-
-_CLASSES: tuple | None = None
-
-
 def classes():
-    """``(SweepTasks, SweepOutput, SweepAlias)``, made once (they subclass dask's own)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _expr_classes()
-    return _CLASSES
+    """``(SweepTasks, SweepOutput, SweepAlias)``: expression nodes (module-level, picklable)."""
+    from dask_sweep.integration import _expr_nodes as n
+
+    return n.SweepTasks, n.SweepOutput, n.SweepAlias
 
 
 def rewrite_expression(root, result, view):

@@ -82,3 +82,230 @@ class PeakRSS:
     @property
     def peak_above_baseline(self) -> int:
         return max(0, self.peak - self.baseline)
+
+
+# ----------------------------------------------------------------------------- the dashboard
+
+DASHBOARD_ROUTES = "dask_sweep.integration.dashboard"
+"""The module that serves ``<dashboard>/sweeps`` (a ``distributed.scheduler.http.routes``
+entry)."""
+
+
+def add_dashboard_route() -> bool:
+    """Add the ``/sweeps`` page to the routes a ``distributed`` scheduler will serve.
+
+    distributed mounts the modules listed under ``distributed.scheduler.http.routes``
+    when a scheduler starts, so this must run before (importing dask_sweep calls it).
+    distributed itself is not imported: when its defaults are not loaded yet, they are
+    read from its ``distributed.yaml``.  Returns whether the list now holds the page.
+    """
+    import importlib.util
+
+    import dask
+
+    key = "distributed.scheduler.http.routes"
+    routes = dask.config.get(key, None)
+    if routes is None:
+        try:
+            import yaml
+
+            spec = importlib.util.find_spec("distributed")
+            if spec is None or spec.origin is None:
+                return False
+            with open(os.path.join(os.path.dirname(spec.origin), "distributed.yaml")) as f:
+                routes = yaml.safe_load(f)["distributed"]["scheduler"]["http"]["routes"]
+        except (OSError, KeyError, TypeError, ImportError):
+            return False
+    if DASHBOARD_ROUTES not in routes:
+        # a value of its own (not a default): distributed's defaults, loaded later, keep it
+        dask.config.set({key: [*routes, DASHBOARD_ROUTES]})
+    return True
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _is_step(key) -> bool:
+    return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith("sweep-step-")
+
+
+def _plan_in(dsk, task):
+    """The plan a ``sweep-step`` task carries (or refers to), else ``None``."""
+    from dask._task_spec import DataNode, TaskRef
+
+    args = getattr(task, "args", ())
+    first = args[0] if args else None
+    if isinstance(first, TaskRef):
+        first = dsk.get(first.key)
+    if isinstance(first, DataNode):
+        return first.value
+    return None
+
+
+class SweepProgress:
+    """A progress bar of the planes swept, for the local schedulers and ``dsl.run``.
+
+    A dask callback (like :class:`dask.diagnostics.ProgressBar`, which counts tasks;
+    a sweep has few, long ones): it counts the planes of the ``sweep-step`` tasks
+    done, over every sweep of the computation, and shows the time left at the rate
+    so far.  Inside the block, :func:`dask_sweep.dsl.run`'s steps are counted too.
+    Under ``distributed`` use the dashboard's ``/sweeps`` page instead.
+
+    >>> with dask_sweep.enable(memory_limit="512MiB"), SweepProgress():  # doctest: +SKIP
+    ...     y.to_zarr("out.zarr")
+    [####################--------------------]  50% 512 of 1024 planes | 12.0 s, 12.0 s left
+
+    Parameters
+    ----------
+    minimum
+        Seconds before the bar is first shown (short runs print nothing).
+    dt
+        Seconds between redraws.
+    out
+        A text stream (default: ``sys.stdout``).
+    width
+        Characters of the bar.
+    """
+
+    def __init__(self, minimum: float = 0.5, dt: float = 0.1, out=None, width: int = 40) -> None:
+        from dask.callbacks import Callback
+
+        self.minimum = minimum
+        self.dt = dt
+        self.out = out
+        self.width = width
+        self.total = 0
+        self.done = 0
+        self.steps_total = 0
+        self.steps_done = 0
+        self._lock = threading.Lock()
+        self._running = False
+        self._shown = False
+        self._t0 = time.perf_counter()
+        self._timer: threading.Thread | None = None
+        self._dsl = None
+        me = self
+
+        class _CB(Callback):
+            def _start(self, dsk):
+                me._start(dsk)
+
+            def _posttask(self, key, result, dsk, state, worker_id):
+                if _is_step(key):
+                    me._step_done(key, result)
+
+            def _finish(self, dsk, state, errored):
+                me._finish(errored)
+
+        self._callback = _CB()
+
+    # dask callback side
+    def _start(self, dsk) -> None:
+        with self._lock:
+            if not self._running:  # a new computation: count afresh
+                self.total = self.done = self.steps_total = self.steps_done = 0
+            plans = {}
+            for key, task in dsk.items():
+                if not _is_step(key):
+                    continue
+                self.steps_total += 1
+                plan = _plan_in(dsk, task)
+                if plan is not None:
+                    plans[id(plan)] = plan
+            # every plane of every sweep (a step fused with an output block by dask's
+            # optimiser is counted when the computation ends)
+            self.total += sum(p.extent for p in plans.values())
+            if not self._running:
+                self._begin()
+
+    def _step_done(self, key, result) -> None:
+        with self._lock:
+            self.steps_done += 1
+            plan = result[2] if isinstance(result, tuple) and len(result) == 3 else None
+            if plan is not None and hasattr(plan, "steps"):
+                t = key[1]
+                self.done += plan.steps[t] - (plan.steps[t - 1] if t else 0)
+
+    def _finish(self, errored: bool) -> None:
+        if not errored:
+            with self._lock:
+                self.done, self.steps_done = self.total, self.steps_total
+        self._end(errored)
+
+    # dsl.run side
+    def _dsl_step(self, record) -> None:
+        a, b = record.planes
+        with self._lock:
+            self.done += max(0, int(b) - int(a))
+            self.total = max(self.total, self.done)
+            self.steps_done += 1
+            if not self._running:
+                self._begin()
+
+    # drawing
+    def _begin(self) -> None:
+        self._running = True
+        self._t0 = time.perf_counter()
+        self._timer = threading.Thread(target=self._tick, daemon=True, name="sweep-progress")
+        self._timer.start()
+
+    def _tick(self) -> None:
+        while self._running:
+            if time.perf_counter() - self._t0 >= self.minimum:
+                self._draw()
+            time.sleep(self.dt)
+
+    def line(self) -> str:
+        """The progress line as it is now."""
+        elapsed = time.perf_counter() - self._t0
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            what = f"{self.done} of {self.total} planes"
+        else:
+            frac = self.steps_done / self.steps_total if self.steps_total else 0.0
+            what = f"{self.steps_done} of {self.steps_total} steps"
+        bar = "#" * int(round(frac * self.width))
+        left = f", {elapsed * (1 - frac) / frac:.1f} s left" if 0 < frac < 1 else ""
+        return f"[{bar:-<{self.width}}] {100 * frac:3.0f}% {what} | {elapsed:.1f} s{left}"
+
+    def _draw(self, final: bool = False) -> None:
+        import sys
+
+        out = self.out if self.out is not None else sys.stdout
+        with self._lock:
+            text = self.line()
+        out.write("\r" + text + ("\n" if final else ""))
+        out.flush()
+        self._shown = True
+
+    def _end(self, errored: bool = False) -> None:
+        if not self._running:
+            return
+        self._running = False
+        if self._timer is not None:
+            self._timer.join()
+        if self._shown or time.perf_counter() - self._t0 >= self.minimum:
+            self._draw(final=True)
+
+    def __enter__(self) -> SweepProgress:
+        import contextlib
+
+        from dask_sweep.cli import _observe_steps
+
+        self._callback.__enter__()
+        self._dsl = contextlib.ExitStack()
+        self._dsl.enter_context(_observe_steps(self._dsl_step))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end(exc[0] is not None)
+        self._callback.__exit__(*exc)
+        if self._dsl is not None:
+            self._dsl.close()
+
+    def register(self) -> None:
+        """Show the bar for every computation from now on (``unregister()`` stops)."""
+        self._callback.register()
+
+    def unregister(self) -> None:
+        self._callback.unregister()

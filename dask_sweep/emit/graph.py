@@ -37,6 +37,9 @@ def _step(plan, prev, t, ext_keys, ext_values, *after):
         plan = prev[2]
     if plan.info.get("tune_malloc", True):
         tune_allocator()
+    # set only when emitted on a distributed scheduler (the dashboard's /sweeps page)
+    report = plan.info.get("report")
+    begun = report.begin() if report is not None else None
     externals = dict(zip(ext_keys, ext_values))
     state = None if prev is None else prev[0]
     new_state, emitted = run_step(plan, state, t, externals)
@@ -50,6 +53,8 @@ def _step(plan, prev, t, ext_keys, ext_values, *after):
             _write(plan, o, *emitted[k])
             # written: do not keep the planes alive in this task's result
             emitted[k] = (emitted[k][0], None)
+    if report is not None:
+        report.end(t, begun)
     return new_state, emitted, plan
 
 
@@ -76,6 +81,26 @@ def _done(*_):
     return None
 
 
+def _reporting(plan: Plan, trace: Trace, token: str) -> None:
+    """On a ``distributed`` scheduler: file the sweep for the dashboard's ``/sweeps``
+    page and let its steps report to it (``plan.info["report"]``); elsewhere nothing."""
+    from dask_sweep.integration.cluster import _scheduler_here
+
+    sched = _scheduler_here()
+    if sched is None:
+        plan.info.pop("report", None)
+        return
+    try:
+        from dask_sweep.integration.dashboard import register
+
+        plan.info["report"] = register(sched, token, plan, trace)
+    except Exception:  # noqa: BLE001 - watching a sweep must never stop it
+        import logging
+
+        logging.getLogger("dask_sweep").warning("the sweep is not on the dashboard",
+                                                exc_info=True)
+
+
 def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
          outputs: bool = True) -> tuple[dict, dict]:
     """Tasks of the sweep: ``({layer name: MaterializedLayer}, {layer name: deps})``.
@@ -85,6 +110,7 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
     for (the previous tile's last steps); ``outputs=False`` leaves the output keys out.
     """
     token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
+    _reporting(plan, trace, token)
     axis = plan.axis
     plan_key = f"sweep-plan-{token}"
     step_name = f"sweep-step-{token}"

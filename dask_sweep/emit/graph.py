@@ -116,7 +116,11 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
     step_name = f"sweep-step-{token}"
     tasks: dict = {} if plan.segments else {plan_key: DataNode(plan_key, plan)}
     ext_layers: set[str] = set()
-    for t in range(len(plan.steps)):
+    # a resumed write: segments whose planes the output recorded get no task
+    skip = set(plan.info.get("skip", ()))
+    chains = [seg for k, seg in enumerate(plan.segment_steps()) if k not in skip]
+    scheduled = sorted(t for seg in chains for t in seg) if skip else range(len(plan.steps))
+    for t in scheduled:
         externals = {}
         for j, r in trace.rows_read[t]:
             st = plan.stages[j]
@@ -147,7 +151,7 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
             step_of_row.append(next(t for t, b in enumerate(plan.steps) if b >= end))
         layer = {}
         step_refs = [TaskRef((step_name, t)) for t in range(len(plan.steps))]
-        lasts = [step_refs[seg[-1]] for seg in plan.segment_steps()]
+        lasts = [step_refs[seg[-1]] for seg in chains]
         for idx in np.ndindex(*[len(c) for c in o.chunks]):
             key = (o.name, *idx)
             # few, flat arguments: building tens of thousands of these must stay cheap

@@ -28,6 +28,7 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.emit.graph import StepPriority, emit, emit_tiled
 from dask_sweep.errors import BudgetError, NotSweepable, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
+from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
@@ -152,6 +153,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 )
             try:
                 plan, trace = _size(plan, settings, where_slots)
+                plan, trace = skip_recorded(plan, trace)  # a resumed write: only what is left
             except BudgetError as whole:
                 why = tileable(plan)
                 if why:

@@ -260,6 +260,8 @@ class SinkTarget:
         self.dtype = sink.dtype
         self.ndim = len(sink.shape)
         self.chunks = (sink.row_step, *sink.shape[1:])
+        # rows an interrupted run recorded: the sweep does not recompute them (resume)
+        self.recorded_planes = tuple(sink.done_slabs())
 
     def __setitem__(self, index: tuple, value) -> None:
         rows = index[0]
@@ -275,12 +277,15 @@ class SinkTarget:
         self.sink.write_slab(rows.start or 0, np.asarray(value), commit=False)
 
     def __dask_tokenize__(self) -> tuple:
-        return ("dask-sweep-sink-target", self.sink.path, self.sink.manifest())
+        return ("dask-sweep-sink-target", self.sink.path, self.sink.manifest(),
+                self.recorded_planes)
 
 
 def _swept_store(array, sink: Sink):
     """A ``da.store`` into ``sink`` that the active sweep writes entirely in its slab
-    tasks, or ``None`` (no sweep on, a resumed write, or a graph it leaves to dask)."""
+    tasks, or ``None`` (no sweep on, or a graph it leaves to dask).  A resumed write
+    sweeps only the rows not recorded (``dask_sweep.passes.resume``), or is left to
+    the slab chain if the sweep cannot skip them."""
     import dataclasses
 
     import dask.array as da
@@ -289,9 +294,10 @@ def _swept_store(array, sink: Sink):
     from dask_sweep.integration.optimize import active_pass
 
     p = active_pass()
-    if p is None or sink.done_slabs():
+    if p is None:
         return None
-    store = da.store(array, SinkTarget(sink), lock=False, compute=False)
+    target = SinkTarget(sink)
+    store = da.store(array, target, lock=False, compute=False)
     try:
         e = dask_sweep.explain(store, **dataclasses.asdict(p.settings()))
     except Exception:  # noqa: BLE001 - whatever the analysis trips on, the chain path works
@@ -300,7 +306,7 @@ def _swept_store(array, sink: Sink):
     if e.result.fallbacks or len(plans) != 1:
         return None
     plan = plans[0][0]
-    if "tile_plans" in plan.info:
+    if "tile_plans" in plan.info or (target.recorded_planes and "skip" not in plan.info):
         return None
     # the sweep must write the planes itself, straight into this sink
     if not any(getattr(getattr(o.sink, "target", None), "sink", None) is sink

@@ -9,6 +9,7 @@ from dask_sweep.diagnostics import add_dashboard_route as _add_dashboard_route
 from dask_sweep.errors import BudgetError, PlanError, SinkError, SourceError, SweepError
 from dask_sweep.explain import explain
 from dask_sweep.integration.expr import install as _install_expr_hook
+from dask_sweep.integration.expr_store import store, to_zarr
 from dask_sweep.integration.optimize import enable, install_shim, optimize, sweep
 
 install_shim()
@@ -24,6 +25,8 @@ __all__ = [
     "enable",
     "explain",
     "optimize",
+    "store",
     "sweep",
+    "to_zarr",
 ]
 __version__ = "0.1.0"

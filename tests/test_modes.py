@@ -268,3 +268,34 @@ def test_distributed(vol):
             persisted = y.persist().compute()
     np.testing.assert_array_equal(got, expected, strict=True)
     np.testing.assert_array_equal(persisted, expected, strict=True)
+
+
+def test_store_and_to_zarr_in_both_modes(tmp_path, vol):
+    # dask_sweep.store / to_zarr: dask's own in graph mode; in expression mode, where dask
+    # 2026.8 has neither, the same store-map tasks, which the sweep writes in its slab tasks
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(4, 13, 11),
+                          dtype="f4")
+    z[:] = vol.astype("f4")
+    x = da.from_array(z, chunks=z.chunks)
+    y = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1.0, boundary="nearest") * 2
+    expected = y.compute(scheduler="sync")
+    dask_sweep.to_zarr(y, str(tmp_path / "stock.zarr"))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "stock.zarr"))[:], expected)
+    # (y is float64 in expression mode: elemwise makes the 2 an int64 0-d array)
+    target = zarr.create_array(str(tmp_path / "t.zarr"), shape=y.shape, chunks=(6, 13, 11),
+                               dtype=y.dtype)
+    pending = dask_sweep.store(y, target, lock=False, compute=False)
+    text = str(dask_sweep.explain(pending, **SMALL))
+    assert "sweep 0" in text and "written in the slab task" in text
+    with dask_sweep.enable(**SMALL):
+        dask.compute(pending, scheduler="sync")
+        dask_sweep.to_zarr(y, str(tmp_path / "swept.zarr"))
+        outs = [np.empty(y.shape, y.dtype), np.empty(y.shape, y.dtype)]
+        dask_sweep.store([y, y - 1], outs)
+    np.testing.assert_array_equal(outs[0], expected, strict=True)
+    np.testing.assert_array_equal(outs[1], (y - 1).compute(scheduler="sync"), strict=True)
+    np.testing.assert_array_equal(target[:], expected, strict=True)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "swept.zarr"))[:], expected,
+                                  strict=True)

@@ -92,3 +92,23 @@ class SweepAlias(ArrayExpr):
             key = (self._name, *idx)
             out[key] = Alias(key, (self.target._name, *idx))
         return out
+
+
+def _none(*_):
+    return None
+
+
+class StoreDone(Expr):
+    """Waits for every block write of its ``store-map`` expressions (expression-mode store)."""
+
+    _parameters: list = []
+
+    def __dask_keys__(self):
+        return [self._name]
+
+    def _layer(self) -> dict:
+        from dask._task_spec import List, Task, TaskRef
+        from dask.core import flatten
+
+        keys = [k for op in self.operands for k in flatten(op.__dask_keys__())]
+        return {self._name: Task(self._name, _none, List(*(TaskRef(k) for k in keys)))}

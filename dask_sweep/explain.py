@@ -14,6 +14,7 @@ and every part of the graph left to stock dask, with the reason.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dask
@@ -37,6 +38,7 @@ class Explanation:
         self.ntasks_before = ntasks_before
         self.with_floor = with_floor
         self._floors: dict = {}
+        self.shown = None  # the settings in force (the analysis ran with fallback silent)
 
     @property
     def plans(self):
@@ -117,8 +119,12 @@ class Explanation:
                     rb = st.row_bounds
                     rows = [b - a for a, b in zip(rb[:-1], rb[1:])]
                     how = "from upstream tasks" if st.external else "inline, in the slab task"
-                    what = (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "
-                            f"{_planes(max(rows))} ({how})")
+                    if getattr(st.reader, "free", False):
+                        what = ("read    any planes, by their byte ranges in the chunk files "
+                                f"({how})")
+                    else:
+                        what = (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "
+                                f"{_planes(max(rows))} ({how})")
                 elif isinstance(st, Kernel):
                     d = st.depth[ax]
                     bnd = set(st.boundary)
@@ -143,13 +149,7 @@ class Explanation:
                 what += f" <- [{ins}]" if ins else ""
                 out.append(f"  [{j:>2}] {label:<22.22} {what:<68} {ring}")
             for o in plan.outputs:
-                what = "written in the slab task" if o.sink is not None else "dask blocks"
-                file_sink = getattr(getattr(o.sink, "target", None), "sink", None)
-                if getattr(file_sink, "fsync", False):
-                    # a dask_sweep.io sink: say when its writes become durable
-                    what += (f" to {file_sink.path}, synced in groups of "
-                             f"{format_bytes(file_sink.sync_bytes)} on a helper thread")
-                out.append(f"  out {o.name} from [{o.stage}]: {what}")
+                out.append(f"  out [{o.stage}] {plan.stages[o.stage].label}: {_output(o)}")
             budget = plan.budget
             out.append(
                 f"  projected peak {format_bytes(trace.peak)} of {format_bytes(budget)} budget "
@@ -158,9 +158,11 @@ class Explanation:
                 f"at stage {trace.peak_stage!r}; "
                 f"held between steps <= {format_bytes(max(trace.held_after or [0]))}"
             )
+            nkeys = sum(math.prod(len(c) for c in o.chunks) for o in plan.outputs)
             out.append(
-                f"  slabs in flight: 1 step (+ carried rings); tasks: {len(steps)} steps "
-                f"+ output keys (stock dask: {self.ntasks_before} tasks)"
+                f"  slabs in flight: 1 step per chain (+ carried rings); tasks: "
+                f"{len(steps)} sweep steps and {nkeys} output keys, where dask's graph had "
+                f"{self.ntasks_before} tasks"
             )
             out.append(f"  expected bytes read / input bytes = {ratio:.3f} "
                        f"({format_bytes(trace.bytes_read)} of {format_bytes(in_bytes)})")
@@ -170,9 +172,10 @@ class Explanation:
                     counts[jr] = counts.get(jr, 0) + 1
             if counts:
                 vals = list(counts.values())
-                out.append(f"  predicted reads per chunk: max {max(vals)}, "
-                           f"mean {sum(vals) / len(vals):.2f} (each chunk row read whole, in "
-                           "disk order)")
+                free = any(getattr(st.reader, "free", False) for st in plan.stages
+                           if isinstance(st, Source))
+                out.append(f"  predicted reads per {'plane' if free else 'chunk row'}: max "
+                           f"{max(vals)}, mean {sum(vals) / len(vals):.2f} (in disk order)")
             tiling = plan.info.get("tiling")
             if tiling:
                 counts = "x".join(str(c) for i, c in enumerate(tiling["counts"]) if i != ax)
@@ -194,8 +197,11 @@ class Explanation:
         for fb in self.result.fallbacks:
             out.append(f"left to stock dask: {fb.where}: {fb.reason}")
         if s is not None:
-            out.append(f"settings: memory_limit={format_bytes(s.memory_limit)}, "
-                       f"fallback={s.fallback}, reblock={s.reblock}")
+            shown = self.shown or s
+            seg = "auto" if shown.segments is None else shown.segments
+            out.append(f"settings: memory_limit={format_bytes(shown.memory_limit)}, "
+                       f"fallback={shown.fallback}, threads={shown.threads}, "
+                       f"segments={seg}, reblock={shown.reblock}")
         return out
 
     def __str__(self) -> str:
@@ -204,9 +210,80 @@ class Explanation:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        import html
+        """A table per sweep (stages, windows, rings), its budget bar, and the fallbacks."""
+        from html import escape as e
 
-        return "<pre>" + html.escape(str(self)) + "</pre>"
+        parts = ['<div class="dask-sweep-explain" style="font-family:sans-serif">']
+        for n, (plan, trace) in enumerate(self.result.plans):
+            floor_bytes = None if "tiling" in plan.info else self._floor(n).peak
+            parts.append(f"<h4>sweep {n}: axis {plan.axis}, {plan.extent} planes, "
+                         f"{len(plan.steps)} steps</h4>")
+            parts.append(_budget_bar(trace.peak, plan.budget, floor_bytes))
+            parts.append("<table><tr><th>#</th><th>stage</th><th>kind</th>"
+                         "<th>window</th><th>ring</th><th>inputs</th></tr>")
+            for j, st in enumerate(plan.stages):
+                win = ", ".join(f"-{lo}/+{hi}" for lo, hi in
+                                (st.window(i) for i in range(len(st.inputs)))) or "-"
+                cap = plan.rings[j] if plan.rings else 0
+                ring = (f"{cap} planes, {format_bytes(trace.ring_peak.get(j, 0))}" if cap
+                        else "transient")
+                parts.append(
+                    f"<tr><td>{j}</td><td>{e(st.label)}</td><td>{e(_kind(st))}</td>"
+                    f"<td>{win}</td><td>{ring}</td>"
+                    f"<td>{', '.join(map(str, st.inputs))}</td></tr>")
+            parts.append("</table><ul>")
+            for o in plan.outputs:
+                parts.append(f"<li>{e(plan.stages[o.stage].label)}: {e(_output(o))}</li>")
+            parts.append("</ul>")
+        if not self.result.plans:
+            parts.append("<p>nothing swept; the graph runs as stock dask.</p>")
+        if self.result.fallbacks:
+            parts.append("<p>left to stock dask:</p><ul>")
+            for fb in self.result.fallbacks:
+                parts.append(f"<li><code>{e(fb.where)}</code>: {e(fb.reason)}</li>")
+            parts.append("</ul>")
+        parts.append(f"<details><summary>as text</summary><pre>{e(str(self))}</pre>"
+                     "</details></div>")
+        return "".join(parts)
+
+
+def _kind(st) -> str:
+    return {Source: "read", Kernel: "kernel", Pointwise: "elementwise", Identity: "rechunk",
+            Blocked: "dask's blocks"}.get(type(st), type(st).__name__.lower())
+
+
+def _output(o) -> str:
+    """Where an output goes, in the user's terms (the dask key in parentheses)."""
+    sink = o.sink
+    if sink is None:
+        return f"dask blocks, returned by compute/persist ({o.name})"
+    file_sink = getattr(getattr(sink, "target", None), "sink", None)
+    if getattr(file_sink, "fsync", False):  # a dask_sweep.io sink: when writes are durable
+        return (f"written in the slab task to {file_sink.path}, synced in groups of "
+                f"{format_bytes(file_sink.sync_bytes)} on a helper thread")
+    planes = getattr(sink, "planes", None)
+    if planes is not None:
+        return f"written in the slab task to {planes.path}, by planes ({o.name})"
+    target = getattr(sink, "target", None)
+    where = (getattr(target, "store_path", None) or type(target).__name__) if target is not None \
+        else "the store"
+    return f"written in the slab task to {where} ({o.name})"
+
+
+def _budget_bar(peak: int, budget: int, floor_bytes: int | None) -> str:
+    """An HTML bar: the projected peak (and the floor) against the budget."""
+    w = max(1.0, budget)
+    frac = min(1.0, peak / w)
+    mark = ""
+    if floor_bytes is not None:
+        mark = (f'<div style="position:absolute;left:{100 * min(1.0, floor_bytes / w):.1f}%;'
+                'top:0;bottom:0;border-left:2px dashed #333" title="floor"></div>')
+    label = (f"projected peak {format_bytes(peak)} of {format_bytes(budget)}"
+             + (f"; floor {format_bytes(floor_bytes)}" if floor_bytes is not None else ""))
+    return ('<div style="position:relative;width:28em;height:1.2em;background:#eee;'
+            'border:1px solid #999">'
+            f'<div style="width:{100 * frac:.1f}%;height:100%;background:#4c9be8"></div>'
+            f'{mark}</div><div style="font-size:90%">{label}</div>')
 
 
 def explain(x: Any, **settings: Any) -> Explanation:
@@ -236,9 +313,10 @@ def explain(x: Any, **settings: Any) -> Explanation:
         s = active.first.settings()
     else:
         s = SweepSettings.resolve(**settings)
-    if s.fallback == "raise":
-        s = s.with_(fallback="silent")
+    shown = s  # what is in force; the analysis itself never raises or warns
     graph = x.__dask_graph__()
     from dask_sweep.integration.expr import analyse_collection  # either dask array mode
 
-    return Explanation(analyse_collection(x, s.with_(fallback="silent")), len(graph))
+    out = Explanation(analyse_collection(x, s.with_(fallback="silent")), len(graph))
+    out.shown = shown
+    return out

@@ -96,7 +96,7 @@ def test_h5py_and_dask_image_sources_are_inlined(tmp_path, rng):
         for x in sources:
             y = x.map_overlap(ndi.gaussian_filter, depth=3, sigma=1, boundary="none")
             text = str(dask_sweep.explain(y))
-            assert "inline, in the slab task" in text and "predicted reads per chunk: max 1" in text
+            assert "inline, in the slab task" in text and "predicted reads per chunk row: max 1" in text
             assert_sweep_equal(y, target_slab_bytes="4KiB")
 
 

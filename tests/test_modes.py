@@ -299,3 +299,21 @@ def test_store_and_to_zarr_in_both_modes(tmp_path, vol):
     np.testing.assert_array_equal(target[:], expected, strict=True)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "swept.zarr"))[:], expected,
                                   strict=True)
+
+
+def test_sources_behind_slices_casts_rechunks_and_named_layers(tmp_path, vol):
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(4, 13, 11),
+                          dtype="f4")
+    z[:] = vol.astype("f4")
+    x = da.from_array(z, chunks=z.chunks)
+    for y in (x[2:20].map_overlap(opaque, depth=1, boundary="reflect"),
+              x.astype("f8").map_overlap(opaque, depth=1, boundary="none"),
+              x.rechunk((6, 13, 11)).map_overlap(opaque, depth=2, boundary="nearest"),
+              x.map_overlap(opaque, depth=6, boundary="reflect"),  # depth beyond a chunk
+              da.map_overlap(lambda a, b: a + b, x, x * 2, depth=1, boundary="none"),
+              # a layer named by the user after a swept one keeps its name
+              x.map_overlap(opaque, depth=1, boundary="none").map_blocks(
+                  lambda b: b + 1, name="plus-one")):
+        assert_sweep_equal(y, **SMALL)

@@ -286,3 +286,25 @@ def test_pipeline_property(shape, sigma, size, slab, seed):
     got = out.to().run(memory_limit="16MiB", target_slab_bytes=slab).value
     want = (ndi.gaussian_filter(x, sigma) - ndi.uniform_filter(x, size)) > 0
     np.testing.assert_array_equal(got, want)
+
+
+def test_dask_array_sources_are_read_by_the_plugins_readers(tmp_path):
+    """No nested compute per row: the array's read tasks (or planes) run in the step."""
+    import dask.array as da
+    import zarr
+
+    from dask_sweep.dsl.sources import DaskRows
+
+    vol = (np.random.default_rng(5).random((30, 16, 12)) * 255).astype("u1")
+    z = zarr.create_array(tmp_path / "v.zarr", shape=vol.shape, chunks=(4, 16, 12),
+                          dtype="u1", compressors=None)
+    z[:] = vol
+    for x, free in [(da.from_zarr(str(tmp_path / "v.zarr")), True),
+                    (da.from_array(vol, chunks=(4, 8, 12)) + 1, False)]:
+        s = dsl.source(x)
+        reader = s.source.reader(0)
+        assert isinstance(reader, DaskRows) and reader.inner is not None
+        assert getattr(reader.inner, "free", False) == free
+        want = ndi.gaussian_filter(np.asarray(x), 1)
+        np.testing.assert_array_equal(s.gaussian(1).to().run(memory_limit="64KiB",
+                                                             runtime_overhead=0).value, want)

@@ -310,7 +310,7 @@ def test_budget_too_small_fails_before_io(tmp_path):
     lab, _ = dsl.label(dsl.source(vol) > 10)
     out = tmp_path / "out.zarr"
     with pytest.raises(BudgetError, match="label.*memory budget"):
-        dsl.run(lab.to(str(out)), memory_limit="8200KiB")
+        dsl.run(lab.to(str(out)), memory_limit="8200KiB", runtime_overhead="8MiB")
     assert not out.exists()
 
 

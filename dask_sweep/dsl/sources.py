@@ -60,19 +60,48 @@ class FileRows:
 
 
 class DaskRows:
-    """Rows of a dask array, each computed (synchronously) inside the slab task."""
+    """Rows of a dask array, read inside the slab task by the plugin's own readers.
 
-    def __init__(self, array: Any, row_bounds: tuple[int, ...], axis: int) -> None:
+    :func:`dask_sweep.patterns.readers.make_reader` evaluates the array's read
+    tasks for a chunk row in place (or reads planes of a raw local Zarr array
+    at their offsets), so no read runs ahead of the sweep and nothing is
+    scheduled twice.  An array computed by real upstream work (not only
+    reads) has no inline reader: each of its rows is computed with dask's
+    synchronous scheduler.
+    """
+
+    def __init__(self, array: Any, row_bounds: tuple[int, ...], axis: int,
+                 inner: Any = None) -> None:
         self.array = array
         self.row_bounds = row_bounds
         self.axis = axis
+        self.inner = inner
         self.bytes_read = 0
 
     def read_row(self, r: int, externals: dict) -> np.ndarray:
-        idx = (slice(None),) * self.axis + (slice(self.row_bounds[r], self.row_bounds[r + 1]),)
-        out = np.asarray(self.array[idx].compute(scheduler="sync"))
+        a, b = self.row_bounds[r], self.row_bounds[r + 1]
+        if getattr(self.inner, "free", False):
+            out = self.inner.read_planes(a, b)
+        elif getattr(self.inner, "carries", False):
+            # upstream values shared with the next row are recomputed there (no memo)
+            out = np.asarray(self.inner.read_row(r, {}, None)[0])
+        elif self.inner is not None:
+            out = np.asarray(self.inner.read_row(r, {}))
+        else:
+            idx = (slice(None),) * self.axis + (slice(a, b),)
+            out = np.asarray(self.array[idx].compute(scheduler="sync"))
         self.bytes_read += out.nbytes
         return out
+
+
+def _dask_reader(array: Any, axis: int) -> Any:
+    """The plugin's inline reader of a dask array's rows, or ``None`` (see DaskRows)."""
+    from dask_sweep.patterns.readers import make_reader
+
+    reader = make_reader(array.__dask_graph__(), array.name, array.numblocks, axis)
+    if getattr(reader, "free", False) or getattr(reader, "tasks", None):
+        return reader
+    return None
 
 
 class SourceSpec:
@@ -90,11 +119,21 @@ class SourceSpec:
         if self.kind == "file":
             c = self.obj.chunks[axis]
             return tuple(sorted({*range(0, n, c), n}))
+        if getattr(self._dask_reader(axis), "free", False):
+            return tuple(range(n + 1))  # planes of a raw local Zarr array: any boundary
         return bounds(self.obj.chunks[axis])
+
+    def _dask_reader(self, axis: int) -> Any:
+        cache = self.__dict__.setdefault("_readers", {})
+        if axis not in cache:
+            cache[axis] = _dask_reader(self.obj, axis)
+        return cache[axis]
 
     def reader(self, axis: int) -> Any:
         rb = self.row_bounds(axis)
-        cls = {"numpy": NumpyRows, "file": FileRows, "dask": DaskRows}[self.kind]
+        if self.kind == "dask":
+            return DaskRows(self.obj, rb, axis, self._dask_reader(axis))
+        cls = {"numpy": NumpyRows, "file": FileRows}[self.kind]
         return cls(self.obj, rb, axis)
 
 

@@ -30,6 +30,16 @@ class BudgetError(SweepError, MemoryError):
         self.projected = projected
         self.budget = budget
 
+    def __reduce__(self):
+        # keyword-only fields: without this, unpickling fails and distributed hands
+        # the client a bare Exception("BudgetError(...)") instead
+        return _rebuild_budget_error, (type(self), str(self), self.stage, self.projected,
+                                       self.budget)
+
+
+def _rebuild_budget_error(cls, message, stage, projected, budget):
+    return cls(message, stage=stage, projected=projected, budget=budget)
+
 
 class NotSweepable(SweepError):
     """A recognised region the sweep still leaves to dask (the reason is the message)."""

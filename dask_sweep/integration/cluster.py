@@ -60,7 +60,11 @@ def _scheduler_here():
         from distributed import Scheduler
     except ImportError:  # pragma: no cover
         return None
-    live = [s for s in list(Scheduler._instances) if getattr(s, "workers", None) is not None]
+    # closed schedulers linger in the weak set until collected (a notebook that made a
+    # cluster before this one): only a running one can be running this optimiser
+    live = [s for s in list(Scheduler._instances)
+            if getattr(s, "workers", None) is not None
+            and getattr(getattr(s, "status", None), "name", "running") == "running"]
     return live[0] if len(live) == 1 else None
 
 

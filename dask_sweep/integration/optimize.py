@@ -224,6 +224,16 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
         sized.info.update(segments=len(sized.segments) + 1, together=together, slots=where,
                           worker_budget=budget, one_chain=why)
         return sized, trace
+    if where.kind == "distributed" and where.memory and budget < settings.memory_limit:
+        from dask_sweep.utils import format_bytes
+
+        floor = error.projected  # the one-chain attempt's floor
+        raise BudgetError(
+            f"dask_sweep: the workers' memory_limit ({format_bytes(where.memory)}, the "
+            f"smallest) is too small for this sweep: a sweep may use {WORKER_FRACTION:.0%} of "
+            f"it ({format_bytes(budget)}), below the sweep's floor of {format_bytes(floor)}. "
+            f"Start the workers with memory_limit >= {format_bytes(int(floor / WORKER_FRACTION))}"
+            f". ({error})", stage=error.stage, projected=floor, budget=budget) from None
     raise error  # the one-chain attempt's refusal (its floor and what sets it)
 
 

@@ -3,7 +3,10 @@
 Algorithm
 ---------
 The input is cut into slabs along axis 0 (whole input chunk rows; see
-:mod:`dask_sweep.ndimage._common`).  Label ``l`` of slab ``s`` means scipy's
+:mod:`dask_sweep.ndimage._common`; or, when one chunk row does not fit the
+budget and the input is read inside the slab tasks, slabs within the rows:
+each row is then read once per pass into a mask of one bit per voxel and
+its slabs are unpacked from it, :func:`_split_plan`).  Label ``l`` of slab ``s`` means scipy's
 local label ``l`` of that slab alone; global order is ``(s, l)``
 lexicographic, which is raster order of the pieces' first voxels.
 

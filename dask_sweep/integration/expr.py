@@ -83,9 +83,10 @@ def install() -> bool:
         if stage not in _STAGES:
             return out
         from dask_sweep.integration.optimize import active_pass
+        from dask_sweep.patterns.expr import expression_mode
 
         p = active_pass()
-        if p is None:
+        if p is None or not expression_mode():  # graph mode: array_optimize sweeps
             return out
         return sweep_expression(out, p.settings())
 

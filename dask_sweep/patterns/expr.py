@@ -49,11 +49,14 @@ from dask.highlevelgraph import HighLevelGraph, Layer
 
 
 def expression_mode() -> bool:
-    """Whether ``dask.array`` runs on expressions (``array.query-planning``; fixed at import)."""
+    """Whether ``dask.array`` runs on expressions (``array.query-planning``; fixed at import).
+
+    Read from what dask recorded at import (asking ``array_expr_enabled()`` again
+    warns if the config was changed since).
+    """
     import dask.array as da
 
-    enabled = getattr(da, "array_expr_enabled", None)
-    return bool(enabled()) if enabled is not None else False
+    return getattr(da, "ARRAY_EXPR_ENABLED", None) is True
 
 
 def array_expr_of(x: Any):

@@ -154,3 +154,43 @@ def test_emit_chains_carry_the_plan_and_priorities():
     assert tasks[("sweep-step-t", 6)].dependencies == {("sweep-step-t", 5)}
     prio = layers["sweep-t"].annotations["priority"]
     assert prio(("sweep-step-t", 1)) == 0 and prio(("sweep-step-t", 6)) == -1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(30, 400), rows=st.integers(1, 9), steps=st.integers(1, 17),
+    depth=st.integers(0, 6), out=st.integers(1, 12), segments=st.integers(1, 3),
+)
+def test_dry_runs_that_jump_repeats_equal_step_by_step_ones(n, rows, steps, depth, out,
+                                                            segments):
+    """Skipping the steps that repeat themselves changes nothing in the trace."""
+    from dataclasses import replace
+
+    from dask_sweep.passes.segments import cut
+    from dask_sweep.passes.slabs import size_rings
+
+    plan = _plan(n=n, rows=rows, steps=steps, depth=depth)
+    oc = tuple([out] * (n // out) + ([n % out] if n % out else []))
+    plan = replace(plan, outputs=(replace(plan.outputs[0], chunks=(oc, (4,), (3,))),))
+    plan, _ = size_rings(cut(plan, segments))
+    fast, slow = dry_run(plan), dry_run(plan, skip=False)
+    for field in ("peak", "bytes_read", "rows_read", "held_after", "step_peaks", "ring_peak",
+                  "span", "carried"):
+        assert getattr(fast, field) == getattr(slow, field), field
+
+
+def test_a_long_regular_sweep_is_replayed_in_a_few_steps(monkeypatch):
+    from dataclasses import replace
+
+    import dask_sweep.runtime.executor as ex
+    from dask_sweep.passes.slabs import size_rings
+
+    plan = _plan(n=4000, rows=4, steps=8, depth=3)
+    plan, _ = size_rings(replace(plan, outputs=(
+        replace(plan.outputs[0], chunks=((8,) * 500, (4,), (3,))),)))
+    calls = []
+    real = ex.run_step
+    monkeypatch.setattr(ex, "run_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = ex.dry_run(plan)
+    assert len(calls) < 40 < len(plan.steps) == 500  # jumped over the repeats
+    assert fast.rows_read == ex.dry_run(plan, skip=False).rows_read

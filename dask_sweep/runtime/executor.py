@@ -380,12 +380,114 @@ def _write_event(plan: Plan, ex: _Step, state: State, emitted: list) -> None:
         ex._event("writing the step's outputs", extra + int(temps), parts)
 
 
-def dry_run(plan: Plan) -> Trace:
-    """Replay the whole sweep on placeholders: reads, peaks, rows per step, ring spans."""
+def dry_run(plan: Plan, skip: bool = True) -> Trace:
+    """Replay the whole sweep on placeholders: reads, peaks, rows per step, ring spans.
+
+    Away from the volume's faces a sweep with regular grids and steps repeats
+    itself: once the state seen from a step's end is the state of an earlier
+    step moved by whole periods of every grid, the steps in between recur, and
+    the replay jumps ahead (``skip``), copying their records.  The trace is the
+    same as a step-by-step replay (``tests/test_runtime.py`` compares them), at a
+    cost that no longer grows with the number of steps.
+    """
     trace = Trace()
+    period = _grid_period(plan) if skip else None
     for seg in plan.segment_steps():
         state = None  # each segment starts afresh (its warm-up included)
-        for t in seg:
+        seen: dict = {}
+        t = seg.start
+        while t < seg.stop:
             state, _ = run_step(plan, state, t, dry=True, trace=trace)
+            if period is not None:
+                jump = _steady(plan, state, trace, t, seg, period, seen)
+                if jump:
+                    t += jump
+            t += 1
     return trace
+
+
+def _grid_period(plan: Plan) -> int | None:
+    """Planes after which every grid repeats (None: a grid is irregular, or periodic ends)."""
+    import math
+
+    if any(periodic_inputs(st) for st in plan.stages):
+        return None
+    grids = [st.grid(plan.axis) for st in plan.stages] + [o.grid(plan.axis) for o in plan.outputs]
+    period = 1
+    for g in grids:
+        if g is None:
+            continue
+        inner = list(g[:-1])  # the last bound is the volume's end (a short last row)
+        if len(inner) < 2:
+            return None
+        w = inner[1] - inner[0]
+        if inner[0] != 0 or w <= 0 or any(b - a != w for a, b in zip(inner, inner[1:])):
+            return None
+        period = period * w // math.gcd(period, w)
+    return period
+
+
+def _signature(state: State, a: int) -> tuple:
+    """The state seen from plane ``a`` (so equal signatures are translates of each other)."""
+    rings = []
+    for r in state.rings:
+        if r.stop is None:
+            rings.append(None)
+            continue
+        buf = None if r.buf is None else (r.buf.shape, r.base - a)
+        rings.append((r.start - a, r.stop - a, r.span, buf,
+                      tuple((s - a, e - a, v.shape) for s, e, v in r.pieces)))
+    return tuple(rings), tuple(d - a for d in state.done)
+
+
+def _steady(plan: Plan, state: State, trace: Trace, t: int, seg: range, period: int,
+            seen: dict) -> int:
+    """Steps to jump after step ``t`` because the sweep repeats itself (0: none)."""
+    import math
+
+    steps = plan.steps
+    a = steps[t]
+    width = a - (steps[t - 1] if t else 0)
+    key = (a % math.lcm(period, max(1, width)), width, _signature(state, a))
+    t0 = seen.get(key)
+    seen[key] = t
+    if t0 is None:
+        return 0
+    dist = a - steps[t0]  # planes of one repetition
+    per = t - t0  # steps of one repetition
+    if any(steps[k] - steps[k - 1] != width for k in range(t0 + 1, t + 1)):
+        return 0
+    # stay clear of the end face: the windows reach ahead of the last step by `ahead`
+    ahead = max((lead[1] for lead in plan.lead()), default=0)
+    room = min(plan.extent - ahead - 2 * dist - width, steps[seg.stop - 1] - 2 * dist)
+    reps = max(0, (room - a) // dist)
+    last = seg.stop - 1
+    reps = min(reps, (last - t - per) // per)
+    if reps <= 0 or any(steps[k] - steps[k - 1] != width
+                        for k in range(t + 1, t + reps * per + 1)):
+        return 0
+    for rep in range(1, reps + 1):
+        shift = rep * dist
+        for k in range(t0 + 1, t + 1):
+            moved = []
+            for j, r in trace.rows_read[k]:  # rows of sources, whose grids repeat too
+                st = plan.stages[j]
+                r2 = r + shift // (st.row_bounds[1] - st.row_bounds[0])
+                moved.append((j, r2))
+                if st.bytes_per_row:
+                    trace.bytes_read += st.bytes_per_row[r2]
+            trace.rows_read.append(moved)
+            trace.held_after.append(trace.held_after[k])
+            trace.step_peaks.append(trace.step_peaks[k])
+    shift = reps * dist
+    for r in state.rings:
+        if r.stop is None:
+            continue
+        r.start += shift
+        r.stop += shift
+        r.base += shift
+        r.pieces = [(s + shift, e + shift, v) for s, e, v in r.pieces]
+    state.done = [d + shift for d in state.done]
+    seen.clear()  # the recorded steps now lie behind the jump
+    return reps * per
 

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dask_sweep.runtime.morphology import BoolRun
+from dask_sweep.runtime.parallel import pmap
 
 _DTYPES = tuple(np.dtype(c) for c in "bBhHiIlLqQfd")
 _BLOCK = 1 << 14  # voxels per block: the double accumulators stay in L2, 256 KiB a thread
@@ -105,7 +106,7 @@ def kept_planes(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
     """
     if isinstance(fn, BoolRun):
         return fn.kept(x, axis, c0, t)  # exact at the volume's faces too
-    if isinstance(fn, functools.partial) and fn.func in _WINDOW_OPS:
+    if isinstance(fn, functools.partial) and fn.func in WINDOW_OPS:
         return _window_kept(fn, x, axis, c0, t, threads)
     if axis != 0 or x.ndim < 2 or x.dtype not in _DTYPES or not x.flags.c_contiguous:
         return None
@@ -129,8 +130,6 @@ def kept_planes(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
     if threads <= 1 or len(blocks) < 2:
         _planes(fw, xf, of, c0, blocks)
         return out
-    from dask_sweep.runtime.compute import pmap
-
     share = [blocks[k::threads] for k in range(threads)]
     pmap(lambda k: _planes(fw, xf, of, c0, share[k]), list(range(threads)), threads)
     return out
@@ -157,7 +156,7 @@ def _planes(fw: np.ndarray, xf: np.ndarray, of: np.ndarray, c0: int, blocks) -> 
 
 # ---------------------------------------------------------------- windows that select or sum
 
-_WINDOW_OPS = {ndi.uniform_filter1d: "sum", ndi.minimum_filter1d: "min",
+WINDOW_OPS = {ndi.uniform_filter1d: "sum", ndi.minimum_filter1d: "min",
                ndi.maximum_filter1d: "max"}
 
 
@@ -171,7 +170,7 @@ def _window_kept(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
     pass (sums round, and NaNs compare differently).
     """
     kw = fn.keywords
-    op = _WINDOW_OPS[fn.func]
+    op = WINDOW_OPS[fn.func]
     if fn.args or kw.get("origin", 0) != 0 or kw.get("axis") not in (axis, axis - x.ndim):
         return None
     kind = x.dtype.kind
@@ -215,9 +214,7 @@ def _window_kept(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
                     np.divide(a, float(size), out=a)
                     of[q, m0:m1] = a  # a C cast: truncation toward zero
         if len(share) > 1:
-            from dask_sweep.runtime.compute import pmap
-
-            pmap(work, list(range(len(share))), threads)
+                    pmap(work, list(range(len(share))), threads)
         else:
             work(0)
         return out

@@ -5,71 +5,21 @@ clipped to the volume) and returns the planes ``[a, b)`` of its output.  In a
 dry run the inputs are :class:`~dask_sweep.runtime.ring.Shape` placeholders and
 only the output's shape is computed.
 
-Boundary padding reproduces dask's ``overlap.boundaries`` exactly:
-
-============  ==================  =====================================
-dask          numpy ``np.pad``    picture (depth 2, values ``a b c``)
-============  ==================  =====================================
-reflect       symmetric           ``b a | a b c | c b``
-nearest       edge                ``a a | a b c | c c``
-periodic      wrap                ``b c | a b c | a b``
-constant v    constant (cast)     ``v v | a b c | v v``
-none          no padding          the function's own edge handling
-============  ==================  =====================================
+Boundary padding is :func:`dask_sweep.runtime.boundary.pad_axis` (dask's own
+``overlap.boundaries``); threads inside a step are
+:func:`dask_sweep.runtime.parallel.pmap`.
 """
 
 from __future__ import annotations
-
-import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 from dask.array.core import concatenate3
 
 from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Reduce, Source, partial_shape
+from dask_sweep.runtime.boundary import pad_axis
 from dask_sweep.runtime.kernel import compute_kernel, kernel_temp_bytes
+from dask_sweep.runtime.parallel import pmap
 from dask_sweep.runtime.ring import Shape
-
-_NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
-
-
-@lru_cache(maxsize=8)
-def pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool for in-plane work inside one slab task."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sweep")
-
-
-def pmap(fn, items: list, threads: int) -> list:
-    if threads <= 1 or len(items) <= 1 or os.environ.get("DASK_SWEEP_NO_THREADS"):
-        return [fn(x) for x in items]
-    return list(pool(threads).map(fn, items))
-
-
-def pad_axis(x: np.ndarray, axis: int, lo: int, hi: int, boundary) -> np.ndarray:
-    """Pad ``x`` along ``axis`` as dask's ``overlap.boundaries`` would."""
-    if lo == 0 and hi == 0:
-        return x
-    if isinstance(x, Shape):
-        s = list(x.shape)
-        s[axis] += lo + hi
-        return Shape(tuple(s), x.dtype)
-    if boundary in _NP_MODE:
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (lo, hi)
-        return np.pad(x, widths, mode=_NP_MODE[boundary])
-    # constant: dask uses full_like(x, value, dtype=x.dtype)
-    parts = []
-    if lo:
-        s = list(x.shape)
-        s[axis] = lo
-        parts.append(np.full(s, boundary, dtype=x.dtype))
-    parts.append(x)
-    if hi:
-        s = list(x.shape)
-        s[axis] = hi
-        parts.append(np.full(s, boundary, dtype=x.dtype))
-    return np.concatenate(parts, axis=axis)
 
 
 def _bounds(chunks) -> list[int]:
@@ -229,5 +179,4 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
 
 
 __all__ = ["compute_blocked", "compute_kernel", "compute_pointwise", "compute_reduce",
-           "compute_source",
-           "pad_axis", "pmap", "temp_bytes"]
+           "compute_source", "pad_axis", "pmap", "temp_bytes"]

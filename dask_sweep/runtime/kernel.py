@@ -32,8 +32,10 @@ import functools
 import numpy as np
 
 from dask_sweep.plan.ir import Kernel
-from dask_sweep.runtime.axis_pass import gaussian_weights, kept_planes
+from dask_sweep.runtime.axis_pass import WINDOW_OPS, gaussian_weights, kept_planes
+from dask_sweep.runtime.boundary import pad_axis
 from dask_sweep.runtime.morphology import BoolRun
+from dask_sweep.runtime.parallel import pmap
 from dask_sweep.runtime.ring import Shape
 
 
@@ -85,11 +87,9 @@ def _kept_first(st: Kernel, clipped: bool) -> bool:
     if clipped:
         return False
     func = getattr(first, "func", None)
-    from dask_sweep.runtime.axis_pass import _WINDOW_OPS
-
-    if func in _WINDOW_OPS:
+    if func in WINDOW_OPS:
         kind = np.dtype(st.in_dtype or st.dtype).kind
-        return kind in "biu" and not (_WINDOW_OPS[func] == "sum" and kind == "b")
+        return kind in "biu" and not (WINDOW_OPS[func] == "sum" and kind == "b")
     return gaussian_weights(first) is not None
 
 
@@ -159,8 +159,6 @@ def kernel_temp_bytes(st: Kernel, out_bytes: int, in_bytes: int, threads: int) -
 def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads: int,
                    dry: bool, prepadded: bool = False):
     """Planes ``[a, b)`` of a block-invariant kernel, from its input's window."""
-    from dask_sweep.runtime.compute import pad_axis, pmap
-
     (x,) = inputs
     t_out = b - a
     if dry:
@@ -183,16 +181,16 @@ def compute_kernel(st: Kernel, a: int, b: int, axis: int, inputs: list, threads:
     crop = tuple(slice(lo, lo + st.shape[ax]) if ax != axis else slice(None)
                  for ax, (lo, hi) in enumerate(pads))
     if separable(st):
-        y = _separable(st, x, axis, c0, t_out, threads, pmap)
+        y = _separable(st, x, axis, c0, t_out, threads)
     else:
-        y = _pieces(st, x, axis, c0, t_out, threads, pmap)
+        y = _pieces(st, x, axis, c0, t_out, threads)
     y = y[crop]
     if np.may_share_memory(y, x):
         return y.copy()  # never a view of the input's ring
     return np.ascontiguousarray(y)
 
 
-def _separable(st: Kernel, x, axis: int, c0: int, t: int, threads: int, pmap):
+def _separable(st: Kernel, x, axis: int, c0: int, t: int, threads: int):
     first = _sweep_first(st)
     rest = st.passes[1:] if first is not None else st.passes
     keep = (slice(None),) * axis + (slice(c0, c0 + t),)
@@ -201,13 +199,13 @@ def _separable(st: Kernel, x, axis: int, c0: int, t: int, threads: int, pmap):
     else:
         y = kept_planes(first, x, axis, c0, t, threads)
         if y is None:  # scipy's pass over the window, on in-plane pieces, planes kept
-            y = _first_in_pieces(st, first, x, axis, keep, t, threads, pmap)
+            y = _first_in_pieces(st, first, x, axis, keep, t, threads)
     for ax, fn in rest:
-        y = inplane_pass(fn, y, ax, threads, pmap)
+        y = inplane_pass(fn, y, ax, threads)
     return y
 
 
-def _first_in_pieces(st, first, x, axis, keep, t, threads, pmap):
+def _first_in_pieces(st, first, x, axis, keep, t, threads):
     tl = tile_axis(st)
     rows = x.shape[tl] if tl is not None else 1
     r, _ = layout(st, t, x.shape[axis], threads)
@@ -222,11 +220,11 @@ def _first_in_pieces(st, first, x, axis, keep, t, threads, pmap):
         y = first(x[tuple(idx)])
         out[tuple(idx)] = y[keep]
 
-    _each(piece, [(s, min(rows, s + r)) for s in range(0, rows, r)], threads, pmap)
+    _each(piece, [(s, min(rows, s + r)) for s in range(0, rows, r)], threads)
     return out
 
 
-def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int, pmap):
+def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int):
     """The N-D call on in-plane pieces of the window, each with its halo, planes kept."""
     tl = tile_axis(st)
     rows = x.shape[tl] if tl is not None else 1
@@ -252,11 +250,11 @@ def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int, pmap):
         y = st.fn(np.ascontiguousarray(xs) if len(pieces) > 1 else xs)
         out[tuple(dst)] = y[tuple(crop)]
 
-    _each(piece, pieces, threads, pmap)
+    _each(piece, pieces, threads)
     return out
 
 
-def _each(fn, items: list, threads: int, pmap) -> None:
+def _each(fn, items: list, threads: int) -> None:
     """``fn`` on every item, by ``threads`` workers each taking every ``threads``-th item."""
     if threads <= 1 or len(items) <= 1:
         for it in items:
@@ -271,14 +269,12 @@ def _each(fn, items: list, threads: int, pmap) -> None:
     pmap(work, groups, threads)
 
 
-def inplane_pass(fn, x: np.ndarray, ax: int, threads: int, pmap=None) -> np.ndarray:
+def inplane_pass(fn, x: np.ndarray, ax: int, threads: int) -> np.ndarray:
     """One 1-D pass along ``ax`` into a new array, split across threads along another axis.
 
     Lines along ``ax`` are independent: the pieces need no halo and write
     straight into one output array (exact, nothing recomputed).
     """
-    if pmap is None:
-        from dask_sweep.runtime.compute import pmap
     out = np.empty(x.shape, dtype=_out_dtype(fn, x.dtype if not isinstance(fn, BoolRun)
                                              else bool))
     other = [a for a in range(x.ndim) if a != ax]

@@ -15,6 +15,7 @@ graph-mode-only spellings are tested in graph mode only.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -169,6 +170,8 @@ def test_fallbacks_have_reasons(rng, vol):
     small = da.from_array(rng.random(11), chunks=11)  # broadcast: left to dask
     y = x.map_overlap(opaque, depth=1, boundary="none") + small
     assert_sweep_equal(y, expect_swept=None, **SMALL)
+    window = x.map_overlap(opaque, depth=1, boundary="none", trim=False)
+    assert "overlap without trim (trim=False) is not swept" in explain(window)
     masked = da.from_array(np.ma.masked_less(vol, 0.3), chunks=(6, 13, 11))
     z = masked.map_overlap(opaque, depth=1, boundary="reflect")
     text = explain(z)
@@ -208,7 +211,7 @@ def test_expression_mode_in_a_subprocess():
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
     assert proc.returncode == 0, tail
-    assert " passed" in tail and "failed" not in tail, tail
+    assert re.search(r"\b\d+ passed", tail) and not re.search(r"\b\d+ failed", tail), tail
 
 
 def _recording(seen: list):
@@ -317,3 +320,26 @@ def test_sources_behind_slices_casts_rechunks_and_named_layers(tmp_path, vol):
               x.map_overlap(opaque, depth=1, boundary="none").map_blocks(
                   lambda b: b + 1, name="plus-one")):
         assert_sweep_equal(y, **SMALL)
+
+
+@pytest.mark.skipif(EXPR, reason="runs its own expression-mode process")
+def test_dasks_overlap_tests_pass_in_expression_mode_with_the_sweep_on(tmp_path):
+    # dask's own map_overlap tests, in expression mode, every graph through the sweep
+    # (fallback="raise", 4 KiB slabs); tests/test_dask_suite.py does this in graph mode
+    import shutil
+
+    src = os.path.join(os.path.dirname(dask.__file__), "array", "tests", "test_overlap.py")
+    if not os.path.exists(src):
+        pytest.skip("dask's tests are not installed with this dask")
+    shutil.copy(src, tmp_path / "test_overlap.py")
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\nimport dask_sweep\n\n\n@pytest.fixture(autouse=True)\n"
+        "def sweep_on():\n    with dask_sweep.enable(memory_limit='64MiB', fallback='raise',"
+        " target_slab_bytes='4KiB'):\n        yield\n")
+    env = dict(os.environ, DASK_ARRAY__QUERY_PLANNING="True")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                        "ignore", "test_overlap.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    tail = p.stdout[-3000:]
+    assert p.returncode == 0, tail
+    assert re.search(r"\b\d+ passed", tail) and not re.search(r"\b\d+ failed", tail), tail

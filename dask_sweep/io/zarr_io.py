@@ -439,8 +439,9 @@ class ZarrSink(Sink):
             # Every chunk is stored, even one equal to the fill value: zarr's
             # emptiness check costs as much as the write, and a stale chunk of
             # an interrupted run must be overwritten, not left in place.
-            return zarr.open_array(
-                LocalStore(self.partial_path), mode="r+", config={"write_empty_chunks": True}
+            # (``open_array(config=...)`` ignores the config of an existing array)
+            return zarr.open_array(LocalStore(self.partial_path), mode="r+").with_config(
+                {"write_empty_chunks": True}
             )
 
         meta = "zarr.json" if self.zarr_format == 3 else ".zarray"

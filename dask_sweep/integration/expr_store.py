@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dask import threaded
+
 from dask_sweep.patterns.expr import array_expr_of, expression_mode
 
 
@@ -64,7 +66,7 @@ class Stored:
     def __dask_optimize__(self, dsk, keys, **kwargs):
         return dsk
 
-    __dask_scheduler__ = staticmethod(__import__("dask").threaded.get)
+    __dask_scheduler__ = staticmethod(threaded.get)
 
     def compute(self, **kwargs):
         import dask

@@ -77,3 +77,17 @@ def test_sparse_or_other_chunk_types_refused():
     m = ArrayMeta((4,), ((2, 2),), np.dtype("f8"), "sparse._coo.core.COO")
     assert "sparse._coo.core.COO" in not_plain({"x": m}, ["x"])
     assert not_plain({"x": ArrayMeta((4,), ((2, 2),), np.dtype("f8"))}, ["x"]) is None
+
+
+def test_scipy_sparse_blocks_keep_their_type():
+    import scipy.sparse as sp
+
+    x = da.from_array(sp.random(16, 12, density=0.3, format="csr", random_state=0),
+                      chunks=(4, 12))
+    y = x.map_overlap(lambda b: b * 2, depth={0: 1, 1: 0}, boundary="none")
+    expected = y.compute(scheduler="sync")
+    with dask_sweep.enable(**SMALL):
+        actual = y.compute(scheduler="sync")
+    assert type(actual) is type(expected)
+    assert (actual != expected).nnz == 0
+    assert "scipy.sparse._csr.csr_matrix, not plain numpy" in str(dask_sweep.explain(y, **SMALL))

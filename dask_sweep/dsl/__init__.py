@@ -14,9 +14,12 @@ executor as the dask plugin, locally (:meth:`Target.run`) or as a dask graph
 (:meth:`Target.to_dask`).  See ``docs/dsl.md``.
 """
 
+from dask_sweep.dsl import core as _core
 from dask_sweep.dsl.algorithms import distance_transform_edt, label
+from dask_sweep.dsl.compile import compile_pipeline as _compile
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target, zip
-from dask_sweep.dsl.execute import RunReport, RunResult, run, to_dask
+from dask_sweep.dsl.execute import RunReport, RunResult, _items, run, to_dask
+from dask_sweep.dsl.explanation import Explanation as _Explanation
 from dask_sweep.dsl.library import bilateral, difference_of_gaussians, otsu_threshold
 from dask_sweep.dsl.reductions import (
     histogram,
@@ -33,10 +36,12 @@ from dask_sweep.dsl.sources import source
 
 def explain(*items, **settings):
     """Explain several targets/scalars planned together (see :meth:`Target.explain`)."""
-    from dask_sweep.dsl.compile import compile_pipeline
-    from dask_sweep.dsl.execute import _items
+    return _Explanation(_compile(_items(items), **settings))
 
-    return compile_pipeline(_items(items), **settings).explain()
+
+# the pipeline's objects run, explain and build graphs through these (dsl.core imports
+# nothing of the compiler)
+_core.ENGINE.update(run=run, explain=explain, to_dask=to_dask, explain_compiled=_Explanation)
 
 
 __all__ = [

@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from dask_sweep.dsl.core import Scalar, Stream
+from dask_sweep.dsl.core import Scalar, Stream, Tables
+from dask_sweep.dsl.lower import lower_streams, walk_streams
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.runtime.executor import compute_stage
@@ -260,29 +261,6 @@ class _SlabIn:
 # --------------------------------------------------------------------------- tables
 
 
-class Tables(Scalar):
-    """The tables an algorithm's first pass makes: a "scalar" that later passes read.
-
-    Its value (set by the table pass, never by :func:`evaluate_scalars`) is
-    what the algorithm's output needs to turn a slab of the input into a slab
-    of the result.
-    """
-
-    def __init__(self, label: str, stream: Stream, algo: _Algorithm) -> None:
-        super().__init__(label, (), lambda: None, None, "o")
-        self.stream = stream
-        self.algo = algo
-
-    @property
-    def pass_index(self) -> int:
-        """The pass (level) of the input stream: the table pass runs after its sweep."""
-        return self.stream.level
-
-    @property
-    def ready_pass(self) -> int:
-        return self.pass_index + 1
-
-
 class _Prepared:
     """An algorithm planned for one compile: its slabs, plan and input evaluator."""
 
@@ -321,8 +299,6 @@ class _Algorithm:
         compile, so an input two algorithms read is stored once.
         ``resident``: bytes of earlier algorithms' tables, in memory meanwhile.
         """
-        from dask_sweep.dsl.compile import _walk_streams, lower_streams
-
         self = copy.copy(self)  # this compile's copy: the user's objects are never changed
         self.resident = resident
         if axis != 0:
@@ -330,7 +306,7 @@ class _Algorithm:
                 f"dask_sweep.dsl: {self.name}() sweeps along axis 0 (its slabs are whole "
                 f"axis-0 rows); this pipeline runs along axis {axis}. Use axis=0."
             )
-        order = _walk_streams([self.stream])
+        order = walk_streams([self.stream])
         stages, index = lower_streams(order, axis, settings)
         slabs_in = StreamSlabs(stages, index[id(self.stream)], axis, settings.threads)
         self.store = None
@@ -368,8 +344,6 @@ class _Algorithm:
 
     def _stored(self, axis: int, settings: Any, stores: dict | None) -> StreamSlabs:
         """Store the input once (shared with the compile's other algorithms); its reader."""
-        from dask_sweep.dsl.compile import lower_streams
-
         stores = {} if stores is None else stores
         if id(self.stream) not in stores:
             rows = _store_rows(self.stream, settings)
@@ -986,12 +960,7 @@ def _warm_edt(ndim: int) -> None:
     """Compile the EDT kernels now (on a tiny slab), not inside a pass's budget."""
     from dask_sweep.ndimage import edt as E
 
-    shape = (3,) * ndim
-    fg = np.ones((3, 3 ** (ndim - 1)), dtype=bool)
-    fg[1, 0] = False
-    up, down = E.slab_edges(fg)
-    E.chain_edges(E.chain_edges(None, up, 3, up.size), down, 3, up.size)
-    E.distances(fg, up, down, np.empty_like(up), True, 0, (1.0,) * ndim, shape, 1)
+    E.warm(ndim)
 
 
 def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:

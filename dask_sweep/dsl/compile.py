@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.dsl.algorithms import PREPARED, Tables
-from dask_sweep.dsl.core import Reduction, Scalar, Stream, Target
+from dask_sweep.dsl.algorithms import PREPARED
+from dask_sweep.dsl.core import Reduction, Scalar, Stream, Tables, Target, _engine
+from dask_sweep.dsl.lower import deps, lower_streams, walk_streams
 from dask_sweep.dsl.stages import Reduce, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
+from dask_sweep.integration.optimize import active_settings
 from dask_sweep.passes.slabs import choose_steps, size_rings
-from dask_sweep.plan.ir import Kernel, Output, Plan, Pointwise, Source, Stage
+from dask_sweep.plan.ir import Output, Plan, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
 
@@ -119,53 +121,18 @@ class Compiled:
     options: dict = field(default_factory=dict)
 
     def explain(self):
-        from dask_sweep.dsl.explanation import Explanation
+        """The pass schedule, stages, windows, rings, slabs, memory and I/O, as text."""
+        return _engine("explain_compiled")(self)
 
-        return Explanation(self)
 
 
 def resolve_settings(settings: dict) -> tuple[SweepSettings, dict]:
-    """Split DSL-only options from the ``sweep.*`` settings and resolve those."""
-    extra = {k: settings.pop(k) for k in list(settings) if k in DSL_SETTINGS}
-    return SweepSettings.resolve(**settings), extra
+    """Split DSL-only options from the ``sweep.*`` settings and resolve those.
 
-
-def _walk_streams(roots: list[Stream], cross: bool = False) -> list[Stream]:
-    """All streams the roots depend on (through inputs and scalars), topologically.
-
-    ``cross``: also the inputs of algorithms whose tables a stream reads (those are
-    computed in the table pass, not in the pass of the stream).
+    Given settings win, then the active sweep pass's (``enable(...)``), then ``sweep.*``.
     """
-    order: list[Stream] = []
-    seen: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(r, False) for r in reversed(roots)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            if isinstance(node, Stream):
-                order.append(node)
-            continue
-        key = id(node)
-        if key in seen:
-            continue
-        seen.add(key)
-        stack.append((node, True))
-        for d in _deps(node, cross):
-            if id(d) not in seen:
-                stack.append((d, False))
-    return order
-
-
-def _deps(node: Any, cross: bool = True) -> list[Any]:
-    if isinstance(node, Stream):
-        return [*node.inputs, *node.scalars]
-    if isinstance(node, Tables):
-        return [node.stream] if cross else []
-    if isinstance(node, Reduction):
-        return [node.stream, *node.params]
-    if isinstance(node, Scalar):
-        return list(node.deps)
-    return []
+    extra = {k: settings.pop(k) for k in list(settings) if k in DSL_SETTINGS}
+    return active_settings(**settings), extra  # explicit > enable(...) > sweep.* config
 
 
 def _all_scalars(roots: list[Any]) -> list[Scalar]:
@@ -179,7 +146,7 @@ def _all_scalars(roots: list[Any]) -> list[Scalar]:
         seen.add(id(n))
         if isinstance(n, Scalar):
             out.append(n)
-        stack.extend(_deps(n))
+        stack.extend(deps(n))
     return out
 
 
@@ -206,7 +173,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     scalars = _all_scalars(roots)
     reductions = [x for x in scalars if isinstance(x, Reduction)]
     tables = [x for x in scalars if isinstance(x, Tables)]
-    streams = _walk_streams(roots, cross=True)
+    streams = walk_streams(roots, cross=True)
     if not streams:
         raise PlanError("dask_sweep.dsl: nothing to compute (no stream behind the outputs).")
     shape = streams[0].shape
@@ -340,59 +307,11 @@ def _expected_row_step(t: Target, grain_guess: int) -> int:
     return 1
 
 
-def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[list[Stage], dict]:
-    """Stages of ``order`` (streams, topologically sorted) and ``{id(stream): stage index}``."""
-    index: dict[int, int] = {}
-    stages: list[Stage] = []
-    for x in order:
-        ins = tuple(index[id(i)] for i in x.inputs)
-        if x.kind == "source":
-            spec = x.source
-            rb = spec.row_bounds(axis)
-            plane = int(np.prod([n for d, n in enumerate(x.shape) if d != axis], dtype=np.int64))
-            plane *= x.dtype.itemsize
-            per_row = getattr(spec, "bytes_per_row", None)
-            st: Stage = Source(
-                label=f"{x.label} ({spec.desc})",
-                shape=x.shape,
-                dtype=x.dtype,
-                row_bounds=rb,
-                reader=spec.reader(axis),
-                external=False,
-                bytes_per_row=(
-                    per_row(axis)
-                    if per_row is not None
-                    else tuple((b - a) * plane for a, b in zip(rb[:-1], rb[1:]))
-                ),
-            )
-        elif x.kind == "kernel":
-            st = Kernel(
-                label=x.label,
-                shape=x.shape,
-                dtype=x.dtype,
-                inputs=ins,
-                fn=x.fn,
-                depth=x.depth,
-                boundary=("none",) * x.ndim,  # the kernel's own mode acts at the faces
-                temps=x.temps,
-                passes=_passes(x.fn, x.ndim),
-                in_dtype=x.inputs[0].dtype,
-                sweep_axis=axis,
-            )
-        else:
-            st = Pointwise(
-                label=x.label, shape=x.shape, dtype=x.dtype, inputs=ins, fn=x.fn, scalars=x.scalars
-            )
-        index[id(x)] = len(stages)
-        stages.append(st)
-    return stages, index
-
-
 def _lower_pass(
     p: int, outs: list[tuple[str, Any]], axis: int, s: SweepSettings, sinks: dict, kept: int = 0
 ) -> PassPlan:
     roots: list[Stream] = [o.stream for _, o in outs]
-    order = _walk_streams(roots)
+    order = walk_streams(roots)
     order = [x for x in order if x.level <= p]
     stages, index = lower_streams(order, axis, s)
     # what reading an algorithm's output holds beyond the planes (its tables, its
@@ -641,28 +560,3 @@ def open_sink(t: Target, g: int) -> SinkWriter:
 
 
 __all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "project", "step_peaks", "step_reads"]
-
-
-def _passes(fn: Any, ndim: int) -> tuple | None:
-    """scipy's separable 1-D passes for a plain ``partial(scipy_filter, **kw)``, else None.
-
-    With ``output=dtype`` the first pass writes that dtype and the later ones
-    work in it, as scipy's N-D filters do (``input = output`` after the first axis).
-    """
-    import functools
-
-    from dask_sweep.patterns.kernels import separable_passes
-
-    if not isinstance(fn, functools.partial) or fn.args:
-        return None
-    kw = dict(fn.keywords)
-    output = kw.pop("output", None)
-    if output is not None and not isinstance(output, (str, type, np.dtype)):
-        return None  # an output array: not something a stream can do per slab
-    passes = separable_passes(fn.func, kw, ndim)
-    if passes is None or output is None:
-        return passes
-    if not passes:
-        return None  # no pass at all: the N-D call casts
-    (ax, first), rest = passes[0], passes[1:]
-    return ((ax, functools.partial(first, output=np.dtype(output))), *rest)

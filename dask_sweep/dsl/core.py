@@ -160,9 +160,7 @@ class Scalar:
         **settings
             ``memory_limit=``, ``threads=``... as for :meth:`Target.run`.
         """
-        from dask_sweep.dsl.execute import run
-
-        return run(self, **settings).value
+        return _engine("run")(self, **settings).value
 
     def __repr__(self) -> str:
         return f"Scalar({self.label}, range={_fmt_range(self.vrange)})"
@@ -1005,15 +1003,11 @@ class Target:
         RunResult
             ``.value`` (the array, the path...), ``.scalars``, ``.report``.
         """
-        from dask_sweep.dsl.execute import run
-
-        return run(self, **settings)
+        return _engine("run")(self, **settings)
 
     def explain(self, **settings: Any):
         """The pass schedule, stages, windows, rings, slabs, memory and I/O, before any I/O."""
-        from dask_sweep.dsl.compile import compile_pipeline
-
-        return compile_pipeline([self], **settings).explain()
+        return _engine("explain")(self, **settings)
 
     def to_dask(self, **settings: Any):
         """The pipeline as a dask collection, built with :func:`dask_sweep.emit.graph.emit`.
@@ -1021,6 +1015,45 @@ class Target:
         A numpy target gives a :class:`dask.array.Array`; a path or store target a
         :class:`dask.delayed.Delayed` that writes and returns the path.
         """
-        from dask_sweep.dsl.execute import to_dask
+        return _engine("to_dask")(self, **settings)
 
-        return to_dask(self, **settings)
+
+ENGINE: dict[str, Any] = {}
+"""``run``, ``explain`` and ``to_dask`` of the compiler and runners, registered by
+:mod:`dask_sweep.dsl` when it is imported: the pipeline's objects (this module)
+import nothing of the compiler."""
+
+
+def _engine(name: str) -> Any:
+    try:
+        return ENGINE[name]
+    except KeyError:  # pragma: no cover - dask_sweep.dsl registers them on import
+        import dask_sweep.dsl  # noqa: F401
+
+        return ENGINE[name]
+
+
+class Tables(Scalar):
+    """The tables an algorithm's first pass makes: a "scalar" that later passes read.
+
+    (A node of the pipeline graph like the others; the algorithms, in
+    :mod:`dask_sweep.dsl.algorithms`, make and fill them.)
+
+    Its value (set by the table pass, never by :func:`evaluate_scalars`) is
+    what the algorithm's output needs to turn a slab of the input into a slab
+    of the result.
+    """
+
+    def __init__(self, label: str, stream: Stream, algo: Any) -> None:
+        super().__init__(label, (), lambda: None, None, "o")
+        self.stream = stream
+        self.algo = algo
+
+    @property
+    def pass_index(self) -> int:
+        """The pass (level) of the input stream: the table pass runs after its sweep."""
+        return self.stream.level
+
+    @property
+    def ready_pass(self) -> int:
+        return self.pass_index + 1

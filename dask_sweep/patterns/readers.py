@@ -197,51 +197,6 @@ def _chunks_of(hlg, name):
     return meta.chunks if meta is not None else ()
 
 
-class TileReader:
-    """Read only the chunks of a row that meet an in-plane region, and cut the region."""
-
-    def __init__(self, inner, chunks, axis: int, region) -> None:
-        self.inner = inner
-        self.axis = axis
-        self.region = [r for ax, r in enumerate(region) if ax != axis]
-        if getattr(inner, "free", False):  # reads the tile's own region, any planes
-            self.free = True
-        self.carries = getattr(inner, "carries", False)
-        self.tasks = getattr(inner, "tasks", None)
-        self.blocks, self.cut = [], []
-        for ax, c in enumerate(chunks):
-            b = np.cumsum((0, *c)).tolist()
-            if ax == axis:
-                self.blocks.append((0, len(c)))
-                self.cut.append(slice(None))
-                continue
-            s, e = region[ax]
-            q0 = max(i for i in range(len(c)) if b[i] <= s)
-            q1 = min(i for i in range(1, len(c) + 1) if b[i] >= e)
-            self.blocks.append((q0, q1))
-            self.cut.append(slice(s - b[q0], e - b[q0]))
-
-    def read_planes(self, a: int, b: int) -> np.ndarray:
-        return self.inner.read_planes(a, b, self.region)
-
-    def row_keys(self, r: int) -> list[tuple]:
-        keep = []
-        for k in self.inner.row_keys(r):
-            idx = k[1:]
-            if all(lo <= q < hi for ax, (q, (lo, hi)) in enumerate(zip(idx, self.blocks))
-                   if ax != self.axis):
-                keep.append(k)
-        return keep
-
-    def read_row(self, r: int, externals: dict, memo: dict | None = None):
-        if self.carries:
-            row, memo = self.inner.read_row(r, externals, memo, blocks=self.blocks)
-        else:
-            row = self.inner.read_row(r, externals, blocks=self.blocks)
-        row = np.ascontiguousarray(row[tuple(self.cut)])
-        return (row, memo) if self.carries else row
-
-
 def _row_indices(numblocks, axis, r):
     ranges = [range(n) for n in numblocks]
     ranges[axis] = range(r, r + 1)

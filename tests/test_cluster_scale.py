@@ -127,3 +127,23 @@ def test_a_worker_too_small_for_one_segment_names_its_memory_limit_and_the_floor
     msg = str(info.value)
     assert "memory_limit (16.00 MiB" in msg and "floor of" in msg
     assert info.value.budget == 8 << 20 and info.value.projected > info.value.budget
+
+
+@pytest.mark.timeout(300)
+def test_the_distributed_benchmark_runs_small(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                         "bench_distributed.py")
+    p = subprocess.run([sys.executable, bench, "--shape", "48", "64", "64", "--chunks", "4",
+                        "--target-slab-bytes", "16KiB", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    for text in ("identical output 2 workers vs 1: True",
+                 "identical output sweep vs stock dask: True",
+                 "peak above baseline within the budget on every worker: True",
+                 "bytes spilled by the sweeps' workers: 0", "wall ratio 2 workers / 1 worker"):
+        assert text in out, out

@@ -104,7 +104,9 @@ def test_explain_text_and_html(pipeline):
     text = str(e)
     for word in ("sweep 0", "window", "ring", "projected peak", "bytes read / input bytes"):
         assert word in text
-    assert e._repr_html_().startswith("<pre>")
+    html = e._repr_html_()  # a table of the stages and a budget bar, the text folded away
+    assert "<table>" in html and "projected peak" in html and "floor" in html
+    assert all(st.label in html for st in e.plans[0].stages)
     with pytest.raises(SweepConfigError, match="dask collection"):
         dask_sweep.explain(np.zeros(3))
 

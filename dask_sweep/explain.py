@@ -159,10 +159,11 @@ class Explanation:
                 f"held between steps <= {format_bytes(max(trace.held_after or [0]))}"
             )
             nkeys = sum(math.prod(len(c) for c in o.chunks) for o in plan.outputs)
+            before = ("" if self.ntasks_before is None
+                      else f", where dask's graph had {self.ntasks_before} tasks")
             out.append(
                 f"  slabs in flight: 1 step per chain (+ carried rings); tasks: "
-                f"{len(steps)} sweep steps and {nkeys} output keys, where dask's graph had "
-                f"{self.ntasks_before} tasks"
+                f"{len(steps)} sweep steps and {nkeys} output keys{before}"
             )
             out.append(f"  expected bytes read / input bytes = {ratio:.3f} "
                        f"({format_bytes(trace.bytes_read)} of {format_bytes(in_bytes)})")
@@ -314,9 +315,12 @@ def explain(x: Any, **settings: Any) -> Explanation:
     else:
         s = SweepSettings.resolve(**settings)
     shown = s  # what is in force; the analysis itself never raises or warns
-    graph = x.__dask_graph__()
     from dask_sweep.integration.expr import analyse_collection  # either dask array mode
+    from dask_sweep.patterns.expr import array_expr_of
 
-    out = Explanation(analyse_collection(x, s.with_(fallback="silent")), len(graph))
+    # a HighLevelGraph counts its tasks cheaply; an expression would be lowered and
+    # materialised only to count them (seconds for thousands of blocks): not counted
+    ntasks = len(x.__dask_graph__()) if array_expr_of(x) is None else None
+    out = Explanation(analyse_collection(x, s.with_(fallback="silent")), ntasks)
     out.shown = shown
     return out

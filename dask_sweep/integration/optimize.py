@@ -201,19 +201,20 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
         budget = min(budget, int(where.memory * WORKER_FRACTION))
     # auto: as many chains as distributed has threads; on the local schedulers one chain,
     # whose steps use every core (every chunk read once, in disk order, and less CPU than
-    # chains that recompute their warm-ups; measured in benchmarks/bench_segments.py)
+    # chains that recompute their warm-ups)
     auto = where.total if where.kind == "distributed" else 1
     most = settings.segments if settings.segments is not None else auto
     why = why_one_chain(plan)
     # every count up to 16, then halvings: long_enough() weeds out most without a dry run
     counts = [1] if why else sorted({*range(1, min(most, 16) + 1),
                                      *(max(1, most >> k) for k in range(8))}, reverse=True)
+    # threads of the process that runs a chain: a distributed worker's, else sweep.threads
+    threads = where.threads if where.kind == "distributed" else settings.threads
     error = None
     for count in counts:
         together = min(count, where.threads)  # chains one worker runs at once
         cand = replace(plan, budget=budget // together,
-                       threads=max(1, settings.threads // together) if count > 1
-                       else plan.threads)
+                       threads=max(1, threads // together))
         if count > 1 and not long_enough(cand, count):
             continue
         try:

@@ -284,6 +284,17 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
                 fallbacks.append(res)
             else:
                 stages[name] = res
+    # padded sliding windows reduced over their window axes (xarray's rolling): rolling.py
+    from dask_sweep.patterns.rolling import find_windows
+
+    windows, why_not = find_windows(hlg, metas, set().union(*(s.internal for s in stages.values())))
+    for name, spec in windows.items():
+        why = not_plain(metas, [name, *spec.inputs])
+        if why:
+            fallbacks.append(Fallback(name, why))
+        else:
+            stages[name] = spec
+    fallbacks.extend(why_not)
     stores = [n for n, lay in layers.items()
               if n.startswith("store-map-") and is_simple_blockwise(lay)]
     if not stages:
@@ -346,7 +357,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         if len(arrays) == 1:
             written[u] = arrays[0][1]
     candidates = [members for members in comps.values()
-                  if any(stages[m].kind == "overlap" for m in members)
+                  if any(stages[m].kind in ("overlap", "window") for m in members)
                   or any(m in written.values() for m in members)]
     copied = {m for m in written.values()
               if m not in stages and metas.get(m) is not None and not m.startswith("store-map-")}

@@ -229,7 +229,11 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             # the same planes in other chunks: a sweep sees planes, so the stage is its input
             index[n] = ins[0]
             continue
-        if spec.kind == "elementwise" and is_pure_elementwise(spec.func_eval):
+        if spec.kind == "window":  # a rolling window (patterns/rolling.py)
+            from dask_sweep.patterns.rolling import window_stage
+
+            st = window_stage(spec, ins, axis, stages[ins[0]].dtype, notes)
+        elif spec.kind == "elementwise" and is_pure_elementwise(spec.func_eval):
             # no window, no block dependence: any slab (or in-plane tile) will do
             st = Pointwise(
                 label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,

@@ -450,14 +450,23 @@ def active_pass() -> SweepPass | None:
     return None
 
 
-def active_settings() -> SweepSettings:
-    """The settings of the sweep pass switched on now, else those of ``dask.config``.
+def active_settings(**overrides: Any) -> SweepSettings:
+    """The settings an entry point runs with: one budget source everywhere.
 
-    Helpers that size their own buffers (the ``imwrite`` slab writer) follow the
-    same budget as the sweep.
+    An explicit argument (``overrides``; ``None`` means not given) wins, else the
+    settings of the sweep pass switched on now (``enable``, ``array_optimize=``,
+    ``optimizations=[...]``), else ``dask.config`` (``sweep.*``).  The ndimage
+    drop-ins, the DSL and ``imwrite`` size their own buffers from it, so they keep
+    the same budget as the sweep.
+
+    >>> with enable(memory_limit="32MiB"):
+    ...     active_settings().memory_limit >> 20, active_settings(memory_limit="8MiB").memory_limit >> 20
+    (32, 8)
     """
     p = active_pass()
-    return p.settings() if p is not None else SweepSettings.resolve()
+    base = p.overrides if p is not None else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return SweepSettings.resolve(**{**base, **given})
 
 
 class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``

@@ -51,6 +51,7 @@ from dask.base import tokenize
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import SweepConfigError
+from dask_sweep.integration.optimize import active_settings
 from dask_sweep.ndimage import _edt_kernels as K
 from dask_sweep.ndimage import _spill
 from dask_sweep.ndimage._common import (
@@ -101,7 +102,7 @@ def normalize_sampling(sampling: Any, ndim: int) -> tuple[float, ...]:
 
 
 def _plan(image, sampling, memory_limit):
-    settings = SweepSettings.resolve(memory_limit=memory_limit)
+    settings = active_settings(memory_limit=memory_limit)  # explicit > enable(...) > config
     image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
     samp = normalize_sampling(sampling, image.ndim)
     item = image.dtype.itemsize

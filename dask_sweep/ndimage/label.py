@@ -82,6 +82,7 @@ from scipy import ndimage as ndi
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
+from dask_sweep.integration.optimize import active_settings
 from dask_sweep.ndimage import _label_kernels as K
 from dask_sweep.ndimage import _spill
 from dask_sweep.ndimage._common import (
@@ -273,7 +274,7 @@ def explain_label(
 
 
 def _plan(image, structure, output, memory_limit):
-    settings = SweepSettings.resolve(memory_limit=memory_limit)
+    settings = active_settings(memory_limit=memory_limit)  # explicit > enable(...) > config
     image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
     st = normalize_structure(structure, image.ndim)
     out_dtype = _normalize_output(output)

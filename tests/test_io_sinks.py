@@ -20,6 +20,7 @@ from dask_sweep.io import (
     read_hdf5,
     read_zarr,
 )
+from dask_sweep.io.base import CHAIN_SLABS
 from dask_sweep.io.conformance import SinkConformance
 
 
@@ -111,7 +112,8 @@ def test_slab_rows_default_from_config(tmp_path):
 def test_slab_rows_default_within_the_active_budget(tmp_path):
     import dask_sweep
 
-    with dask_sweep.enable(memory_limit=4 * 16 * 64 * 64):  # a quarter: 16 rows
+    # the chained writer holds CHAIN_SLABS slabs beyond the runtime overhead: 16 rows
+    with dask_sweep.enable(memory_limit=CHAIN_SLABS * 16 * 64 * 64, runtime_overhead=0):
         sink = ZarrSink(tmp_path / "o.zarr", (100, 64, 64), "u1", chunks=(4, 64, 64))
     assert sink.slab_rows == 16
     assert sink.chunks == (4, 64, 64)

@@ -14,17 +14,23 @@ idle threads would run the reads ahead and fill memory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from dask_sweep.errors import SinkError, SourceError
+from dask_sweep.config import SweepSettings
+from dask_sweep.errors import BudgetError, SinkError, SourceError
 from dask_sweep.io.base import Sink, Source
 from dask_sweep.io.hdf5 import HDF5Sink, HDF5Source, split_hdf5_path
 from dask_sweep.io.tiff import BigTiffSink, TiffSource, TiffStackSink, TiffStackSource
 from dask_sweep.io.zarr_io import ZarrSink, ZarrSource, split_zarr_path
+from dask_sweep.plan.ir import Plan
+from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.utils import format_bytes
 
 __all__ = ["imread", "imwrite", "open_sink", "open_source", "write_graph"]
 
@@ -159,9 +165,10 @@ def imwrite(
     slab_rows: int | None = None,
     lag: int = 2,
     scheduler: str | None = None,
+    memory_limit: int | str | None = None,
     **options: Any,
 ):
-    """Write a dask or numpy array slab by slab along axis 0, resumably.
+    """Write a dask or numpy array slab by slab along axis 0, resumably, within a budget.
 
     Parameters
     ----------
@@ -177,7 +184,8 @@ def imwrite(
         nor rewritten, and the result is byte-identical to an uninterrupted run.
     chunks
         Output chunk shape (Zarr, HDF5); default for Zarr: about 8 MiB chunks,
-        for HDF5: contiguous.
+        thinner along axis 0 when the budget needs it (a slab holds whole chunk
+        rows), for HDF5: contiguous.
     compute
         Write now and return the path; ``False`` returns a
         :class:`dask.delayed.Delayed` that does the write when computed.
@@ -191,6 +199,10 @@ def imwrite(
         to about ``lag`` slabs).
     scheduler
         Passed to :func:`dask.compute` (default: the current scheduler).
+    memory_limit
+        Budget of the write (bytes or ``"512MiB"``); default: the active sweep's
+        (``enable(...)``), else ``sweep.memory-limit``.  Given here, a pipeline
+        the sweep recognises is swept as under ``enable``.
     **options
         Passed to the sink (``shards=``, ``zarr_format=``, ``compression=``,
         ``prefix=``, ``dataset=``, ``fsync=``, ``sync_bytes=``...).
@@ -206,14 +218,25 @@ def imwrite(
         Before anything is written: the output exists (without ``overwrite``),
         an interrupted write is in the way (without ``resume``/``overwrite``),
         the dtype cannot be stored in the format, the layout is invalid.
+    BudgetError
+        Before anything is written: explicit ``chunks``/``shards`` whose rows
+        do not fit the budget (the message names the rows that would), or, with
+        ``sweep.fallback: raise``, a write that fits it with no chunking.
     """
     import dask
     import dask.array as da
+
+    from dask_sweep.integration.optimize import active_pass, active_settings
 
     if not isinstance(array, da.Array):
         array = np.asarray(array)
     if chunks is not None:
         options["chunks"] = chunks
+    settings = active_settings(memory_limit=memory_limit)
+    sweeping = memory_limit is not None or active_pass() is not None
+    kind = format or _sink_kind(os.path.abspath(os.fspath(path)))
+    if isinstance(array, da.Array) and compute:
+        _fit_layout(array, path, kind, options, settings, sweeping, resume)
     sink = open_sink(
         path,
         array.shape,
@@ -222,6 +245,7 @@ def imwrite(
         overwrite=overwrite,
         resume=resume,
         slab_rows=slab_rows,
+        memory_limit=settings.memory_limit,
         **options,
     )
     if not isinstance(array, da.Array):
@@ -230,11 +254,17 @@ def imwrite(
         sink.slab_rows = _block_aligned_rows(array, sink)
     if not compute:
         return write_graph(array, sink, lag=lag)
-    swept = _swept_store(array, sink)
+    swept = _swept_store(array, sink, settings) if sweeping else None
     try:
         if swept is not None:
-            dask.compute(swept, scheduler=scheduler)
+            from dask_sweep.integration.optimize import enable
+
+            # the pass that planned the write (explicit budget, else the active one's)
+            with enable(**dataclasses.asdict(settings)):
+                dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
+        if settings.tune_malloc:
+            tune_allocator()  # freed slabs leave the process at once (as in the sweep)
         (result,) = dask.compute(write_graph(array, sink, lag=lag), scheduler=scheduler)
     except BaseException:
         # keep what was written: resume=True then redoes only the slabs not finished
@@ -281,38 +311,196 @@ class SinkTarget:
                 self.recorded_planes)
 
 
-def _swept_store(array, sink: Sink):
-    """A ``da.store`` into ``sink`` that the active sweep writes entirely in its slab
-    tasks, or ``None`` (no sweep on, or a graph it leaves to dask).  A resumed write
-    sweeps only the rows not recorded (``dask_sweep.passes.resume``), or is left to
-    the slab chain if the sweep cannot skip them."""
-    import dataclasses
-
+def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):
+    """A ``da.store`` into ``sink`` that a sweep with ``settings`` (default: the active
+    pass's) writes entirely in its slab tasks, or ``None`` (no sweep on, a graph it
+    leaves to dask, or over the budget).  A resumed write sweeps only the rows not
+    recorded (``dask_sweep.passes.resume``), or is left to the slab chain if the
+    sweep cannot skip them."""
     import dask.array as da
 
-    import dask_sweep
     from dask_sweep.integration.optimize import active_pass
 
-    p = active_pass()
-    if p is None:
-        return None
+    if settings is None:
+        p = active_pass()
+        if p is None:
+            return None
+        settings = p.settings()
+
     target = SinkTarget(sink)
     store = da.store(array, target, lock=False, compute=False)
+    plan = _plan_store(store, sink, settings)
+    if not isinstance(plan, Plan):
+        return None
+    if target.recorded_planes and "skip" not in plan.info:
+        return None
+    return store
+
+
+def _plan_store(store, sink, settings: SweepSettings):
+    """The sweep's plan writing ``store`` (a ``da.store`` into ``SinkTarget(sink)``) in
+    its slab tasks; else the :class:`BudgetError` that refused it, or ``None`` (left
+    to dask: not recognised, tiled, or not written by the sweep itself)."""
+    from dask_sweep.integration.optimize import analyse
+
     try:
-        e = dask_sweep.explain(store, **dataclasses.asdict(p.settings()))
+        res = analyse(store.__dask_graph__(), store.__dask_keys__(),
+                      settings.with_(fallback="raise"))
+    except BudgetError as e:
+        return e
     except Exception:  # noqa: BLE001 - whatever the analysis trips on, the chain path works
         return None
-    plans = e.result.plans
-    if e.result.fallbacks or len(plans) != 1:
+    if res.fallbacks or len(res.plans) != 1:
         return None
-    plan = plans[0][0]
-    if "tile_plans" in plan.info or (target.recorded_planes and "skip" not in plan.info):
+    plan = res.plans[0][0]
+    if "tile_plans" in plan.info:
         return None
     # the sweep must write the planes itself, straight into this sink
     if not any(getattr(getattr(o.sink, "target", None), "sink", None) is sink
                for o in plan.outputs):
         return None
-    return store
+    return plan
+
+
+class _Draft:
+    """What planning needs of a sink not yet created: its shape, dtype and row grid."""
+
+    def __init__(self, path: str, shape: tuple, dtype: Any, row_step: int) -> None:
+        self.path, self.shape, self.dtype, self.row_step = path, shape, np.dtype(dtype), row_step
+
+    def done_slabs(self) -> list:
+        return []
+
+    def manifest(self) -> dict:
+        return {"draft": self.row_step, "shape": self.shape, "dtype": self.dtype.str}
+
+
+def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
+                sweeping: bool, resume: bool) -> None:
+    """Choose (Zarr, default) or check (explicit ``chunks``/``shards``) the output's rows
+    along axis 0 so that the write keeps the budget, before anything is created.
+
+    A slab holds whole chunk rows: the sweep's output ring (a recognised pipeline,
+    sweep on) or the chained writer's slabs (:data:`~.base.CHAIN_SLABS`) must fit.
+    Default chunks are halved along axis 0 until they do; explicit ones that do not
+    fit raise :class:`BudgetError` naming the rows that would.  When no rows fit
+    (the pipeline itself is over the budget), ``settings.fallback`` decides: raise,
+    warn and write with the chained writer, or write silently.
+    """
+    from dask_sweep.io.zarr_io import _auto_chunks
+
+    shape, dtype = tuple(array.shape), array.dtype
+    if len(shape) < 1 or shape[0] == 0:
+        return
+    given = options.get("shards") or options.get("chunks")
+    if kind == "zarr" and given is None:
+        if resume and (old := _recorded_chunks(path)) is not None:
+            options["chunks"] = old  # a resumed write keeps its layout
+            return
+        auto = _auto_chunks(shape, dtype, settings)
+        rows, choose = auto[0], True
+    elif kind in ("zarr", "hdf5") and given is not None:
+        rows, choose = int(given[0]), False
+    else:
+        rows, choose = 1, False  # one page per slice; contiguous HDF5
+    p = os.path.abspath(os.fspath(path))
+
+    def refusal(r: int) -> BudgetError | None:
+        import dask.array as da
+
+        if sweeping:
+            target = SinkTarget(_Draft(p, shape, dtype, r))
+            got = _plan_store(da.store(array, target, lock=False, compute=False), target.sink,
+                              settings)
+            if isinstance(got, (Plan, BudgetError)):
+                return got if isinstance(got, BudgetError) else None
+        return _chain_refusal(array, r, settings)
+
+    why = refusal(rows)
+    if why is None:
+        if choose:
+            options["chunks"] = (rows, *auto[1:])
+        return
+    smaller = next((r for r in _thinner(rows, array.chunks[0]) if refusal(r) is None), None)
+    if smaller is not None and choose:
+        options["chunks"] = (smaller, *auto[1:])
+        return
+    if smaller is not None:
+        name = "shards" if options.get("shards") else "chunks"
+        fix = (smaller, *given[1:])
+        raise BudgetError(
+            f"imwrite to {p}: {name} of {rows} rows along axis 0 do not fit the memory budget "
+            f"of {format_bytes(settings.memory_limit)} (a slab holds whole chunk rows): {why} "
+            f"Pass {name}={fix} (at most {smaller} rows fit) or raise memory_limit.",
+            stage=why.stage, projected=why.projected, budget=settings.memory_limit,
+        ) from None
+    if settings.fallback == "raise":
+        raise why
+    if settings.fallback == "warn":
+        warnings.warn(f"{why} Writing {p} anyway.", RuntimeWarning, stacklevel=3)
+    if choose:
+        options["chunks"] = (1, *auto[1:])
+
+
+def _thinner(rows: int, blocks: tuple[int, ...]) -> list[int]:
+    """Rows below ``rows`` to try, thickest first: its halvings, and the divisors of
+    the input's block rows (slabs on the blocks' boundaries compute no block twice).
+
+    >>> _thinner(10, (8, 8))
+    [8, 5, 4, 2, 1]
+    """
+    out, r = set(), rows
+    while r > 1:
+        r //= 2
+        out.add(r)
+    b = blocks[0] if blocks else 1
+    out |= {d for d in range(1, min(b, rows - 1) + 1) if b % d == 0}
+    return sorted(out, reverse=True)
+
+
+def _chain_refusal(array, rows: int, settings: SweepSettings) -> BudgetError | None:
+    """Why the chained writer cannot keep the budget with output chunk rows of ``rows``.
+
+    It holds :data:`~.base.CHAIN_SLABS` slabs, each of at least one chunk row and of
+    the dask blocks it is cut from (a block is computed whole).  What dask's own
+    tasks hold while computing a block is not counted: swept pipelines are planned.
+    """
+    from dask_sweep.io.base import CHAIN_SLABS, chain_slab_bytes
+
+    shape = tuple(array.shape)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * array.dtype.itemsize
+    slab = max(1, min(settings.target_slab_bytes, chain_slab_bytes(settings)) // max(1, row_bytes))
+    slab = max(rows, slab // rows * rows)
+    edges = np.cumsum((0, *array.chunks[0]))
+    unit = 0
+    for a in range(0, shape[0], slab):
+        b = min(a + slab, shape[0])
+        i0 = int(np.searchsorted(edges, a, side="right")) - 1
+        i1 = int(np.searchsorted(edges, b, side="left"))
+        unit = max(unit, b - a, int(edges[i1] - edges[i0]))
+    need = CHAIN_SLABS * unit * row_bytes + settings.runtime_overhead
+    if need <= settings.memory_limit:
+        return None
+    return BudgetError(
+        f"the slab writer holds {CHAIN_SLABS} slabs of {unit} planes "
+        f"({format_bytes(unit * row_bytes)} each: whole chunk rows of the output and whole "
+        f"dask blocks of the input) + {format_bytes(settings.runtime_overhead)}: "
+        f"{format_bytes(need)}, over the memory budget of "
+        f"{format_bytes(settings.memory_limit)}.",
+        stage="imwrite", projected=need, budget=settings.memory_limit,
+    )
+
+
+def _recorded_chunks(path) -> tuple | None:
+    """The chunks an interrupted write to ``path`` was started with, if any."""
+    import json
+
+    try:
+        with open(os.path.abspath(os.fspath(path)) + ".progress/manifest.json") as f:
+            chunks = json.load(f)["layout"]["chunks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tuple(chunks) if chunks else None
 
 
 def _block_aligned_rows(array, sink: Sink) -> int:
@@ -328,7 +516,7 @@ def _block_aligned_rows(array, sink: Sink) -> int:
     if len(sizes) < 2 or len(set(sizes[:-1])) != 1:
         return rows
     b = sizes[0]
-    if b % sink.row_step or b > rows * 2:
+    if b % sink.row_step or b > rows:  # a larger slab would leave the budget
         return rows
     if 4 * b >= rows:
         return b

@@ -313,23 +313,29 @@ def read_zarr(path: Any, *, component: str | None = None, chunks: Any = None, st
     return ZarrSource(path, component=component, strict=strict).to_dask(chunks)
 
 
-def _auto_chunks(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+def _auto_chunks(shape: tuple[int, ...], dtype: np.dtype, settings=None) -> tuple[int, ...]:
     """Default output chunks for a slab writer: about 8 MiB, at most 1024 wide in-plane.
 
     The axis-0 extent is capped so that a row of chunks (what one slab must
     hold) stays within an eighth of the sweep's slab target: cube-shaped
-    8 MiB chunks of a 1024² plane would force 128-plane (128 MiB) slabs.
+    8 MiB chunks of a 1024² plane would force 128-plane (128 MiB) slabs; and
+    within the budget (``settings``, default the active sweep's): a chunk row is
+    at most the slab the chained writer may hold (:func:`~.base.chain_slab_bytes`).
     """
     from dask_sweep.integration.optimize import active_settings
+    from dask_sweep.io.base import chain_slab_bytes
 
+    s = settings or active_settings()
     itemsize = np.dtype(dtype).itemsize
+    fit = chain_slab_bytes(s)
     if len(shape) < 2:
-        return (max(1, min(shape[0] if shape else 1, (8 << 20) // itemsize)),)
+        return (max(1, min(shape[0] if shape else 1, min(8 << 20, fit) // itemsize)),)
     inplane = tuple(max(1, min(n, 1024)) for n in shape[1:])
     tile = int(np.prod(inplane, dtype=np.int64)) * itemsize
     plane = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
-    target = active_settings().target_slab_bytes  # as the sink's slab size (Sink._slab_rows)
-    rows = min((8 << 20) // max(1, tile), target // max(1, 8 * plane))
+    # the target as the sink's slab size (Sink._slab_rows)
+    rows = min((8 << 20) // max(1, tile), s.target_slab_bytes // max(1, 8 * plane),
+               fit // max(1, plane))
     return (max(1, min(shape[0], rows)), *inplane)
 
 
@@ -385,7 +391,7 @@ class ZarrSink(Sink):
     def _setup(self) -> None:
         n = len(self.shape)
         if self.chunks is None:
-            self.chunks = _auto_chunks(self.shape, self.dtype)
+            self.chunks = _auto_chunks(self.shape, self.dtype, self.settings())
         if len(self.chunks) != n or (self.shards is not None and len(self.shards) != n):
             raise SinkError(
                 f"Expected chunks/shards with {n} entries for {self.path} of shape {self.shape}. "

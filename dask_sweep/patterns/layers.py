@@ -245,3 +245,14 @@ def is_pure_elementwise(ev: BlockwiseEval) -> bool:
         return True  # a reference to an input block, or a literal
 
     return ok(ev.task)
+
+
+def returns_stored(layer) -> bool:
+    """Whether a ``store-map`` layer hands the stored blocks on (``return_stored=True``).
+
+    Such a store is a stage whose output later layers read, not an end the
+    sweep can write and replace by completion markers.
+    """
+    kwargs = getattr(getattr(layer, "task", None), "kwargs", None) or {}
+    value = kwargs.get("return_stored", False)
+    return bool(getattr(value, "value", value))

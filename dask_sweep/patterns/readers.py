@@ -263,6 +263,10 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
                 del pending[k]
     if pending:
         return ExternalReader(name, numblocks, axis)
+    if any(isinstance(v, GraphNode) and v.dependencies for v in ordered.values()):
+        # computed values the blocks share (a chain carried from block to block, as in
+        # an EDT's passes) would all be computed by the first row and held to the end
+        return ExternalReader(name, numblocks, axis)
     for t in tasks.values():
         if isinstance(t, GraphNode) and not set(t.dependencies) <= set(ordered):
             return ExternalReader(name, numblocks, axis)
@@ -275,6 +279,11 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     from dask_sweep.patterns.recognise import _ancestors
 
     closure = _ancestors(hlg.dependencies, name)
+    # upstream work another layer also uses is computed once, by dask, not once per reader
+    inside = closure | {name}
+    for lay, deps in hlg.dependencies.items():
+        if lay not in inside and deps & closure:
+            return None
     nblocks = int(np.prod(numblocks))
     total = 0
     for lay in closure | {name}:
@@ -307,6 +316,22 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             t = tasks[k]
             if isinstance(t, GraphNode):
                 stack.extend(t.dependencies)
+    # a row that computes far more than its share (a carried chain: the last row of a
+    # backward pass needs every row before it) would hold the rows ahead in the cache
+    first_use: dict = {}
+    for r in range(numblocks[axis]):
+        stack = [(name, *idx) for idx in _row_indices(numblocks, axis, r)]
+        while stack:
+            k = stack.pop()
+            if k in first_use:
+                continue
+            first_use[k] = r
+            t = tasks[k]
+            if isinstance(t, GraphNode):
+                stack.extend(t.dependencies)
+    per_row = np.bincount(list(first_use.values()), minlength=numblocks[axis])
+    if per_row.max() > 3 * len(first_use) / numblocks[axis] + 16:
+        return None
     # small upstream values used by every row (e.g. the zarr array) stay cached
     tasks = {k: v for k, v in tasks.items() if k in last_use}
     return SubgraphReader(name, numblocks, axis, tasks, last_use)

@@ -94,11 +94,14 @@ class DirectStoreWriter:
     the ``rechunk-merge`` that ``to_zarr`` inserts costs nothing.
     """
 
-    def __init__(self, target, region, axis: int, ndim: int) -> None:
+    def __init__(self, target, region, axis: int, ndim: int, lock=None) -> None:
         self.target = target
         self.region = region
         self.axis = axis
         self.ndim = ndim
+        # the user's lock (da.store(lock=...)): a target may not take two writes at once
+        # (h5py), even of different chunks, and segments write at the same time
+        self.lock = lock if lock not in (None, False, True) else None
         # a zarr array encodes the slab's chunks at once (the chunks and their encoded
         # bytes); a numpy array takes the planes as they are
         self.write_temps = 0.0 if isinstance(target, np.ndarray) else 2.0
@@ -114,7 +117,14 @@ class DirectStoreWriter:
         index = tuple(idx)
         if self.region:
             index = fuse_slice(self.region, index)
-        self.target[index] = planes
+        if self.lock is None:
+            self.target[index] = planes
+            return
+        self.lock.acquire()  # as dask's load_store_chunk does (any lock-like object)
+        try:
+            self.target[index] = planes
+        finally:
+            self.lock.release()
 
 
 class PlaneStoreWriter:
@@ -185,7 +195,7 @@ def _direct_store(hlg, store: str, shape, axis: int):
         align = (0, *cuts, n)
     else:
         align = None
-    return DirectStoreWriter(target, region, axis, len(shape)), align
+    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock")), align
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,

@@ -33,8 +33,10 @@ from dask_sweep.patterns.layers import (
     array_meta,
     is_simple_blockwise,
     kernel_call,
+    returns_stored,
     trim_params,
 )
+from dask_sweep.patterns.readers import ExternalReader, make_reader
 
 PAD_PREFIXES = ("concatenate-", "getitem-", "full_like-", "repeat-", "rechunk-", "reflect-",
                 "periodic-", "nearest-",
@@ -296,13 +298,14 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
             stages[name] = spec
     fallbacks.extend(why_not)
     stores = [n for n, lay in layers.items()
-              if n.startswith("store-map-") and is_simple_blockwise(lay)]
+              if n.startswith("store-map-") and is_simple_blockwise(lay)
+              and not returns_stored(lay)]
     if not stages:
         overlaps = [n for n, lay in layers.items() if isinstance(lay, ArrayOverlapLayer)]
         if overlaps and not fallbacks:
             fallbacks.append(Fallback(overlaps[0], "overlap without trim (trim=False) is not swept"))
         if not stores:
-            return [], fallbacks
+            return [], fallbacks + _unswept(hlg, [], fallbacks)
     internal = set().union(*(s.internal for s in stages.values()))
     for name in layers:
         if name in stages or name in internal:
@@ -369,6 +372,10 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         if not_plain(metas, [m]):
             fallbacks.append(Fallback(m, not_plain(metas, [m])))
             continue
+        if isinstance(make_reader(hlg, m, metas[m].numblocks, 0), ExternalReader):
+            fallbacks.append(Fallback(m, "a store of blocks that dask computes (not a read a "
+                                         "sweep step can do itself): nothing to stream"))
+            continue
         regions.append(Region(stages={}, sources=[m], outputs=[],
                               stores={u: w for u, w in written.items() if w == m},
                               extra_users={m: True}, ndim=metas[m].ndim))
@@ -403,7 +410,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
                 region.outputs.append(m)
                 others = False
                 for u in outside:
-                    if u.startswith("store-map-") and is_simple_blockwise(layers[u]):
+                    if u in stores:
                         region.stores[u] = m
                     else:
                         others = True
@@ -412,7 +419,14 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
             fallbacks.append(Fallback(members[0], bad))
             continue
         regions.append(region)
-    return regions, fallbacks
+    return regions, fallbacks + _unswept(hlg, regions, fallbacks)
+
+
+def _unswept(hlg, regions, fallbacks) -> list[Fallback]:
+    """Reasons for the layers no region took and no refusal names (patterns/unswept.py)."""
+    from dask_sweep.patterns.unswept import unswept
+
+    return unswept(hlg, regions, fallbacks)
 
 
 def _flatten(keys):

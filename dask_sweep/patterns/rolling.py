@@ -293,13 +293,15 @@ class WindowReduce:
     agg: Any = None  # the aggregate's function, called on [[...[chunk result]...]]
     post: tuple = ()  # BlockwiseEvals after it (``_sqrt``)
     extend: tuple[int, ...] = ()  # axes along which a piece 1 element thick is padded to 2
+    front: tuple[int, ...] = ()  # axes moved outermost (a contiguous copy) before reducing
 
-    def block(self, region: np.ndarray) -> np.ndarray:
-        view = np.lib.stride_tricks.sliding_window_view(region, self.window, axis=self.axes)
+    def block(self, region: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
+        axes = self.axes if axes is None else axes
+        view = np.lib.stride_tricks.sliding_window_view(region, self.window, axis=axes)
         out = self.chunk((0,) * view.ndim, {self.chunk.array_args()[0][0]: view})
         if self.agg is not None:
             nested = out
-            for _ in self.axes:
+            for _ in axes:
                 nested = [nested]
             out = self.agg(nested)
         for ev in self.post:
@@ -311,7 +313,15 @@ class WindowReduce:
         shape = tuple(n + lo + hi + e for n, lo, hi, e in zip(x.shape, self.lo, self.hi, extra))
         padded = np.full(shape, self.fill, dtype=self.pad_dtype)  # C order
         padded[tuple(slice(lo, lo + n) for lo, n in zip(self.lo, x.shape))] = x
-        out = self.block(padded)
+        if self.front:
+            # numpy sums as on blocks 1 element thick along these axes: made outermost
+            order = (*self.front, *(a for a in range(x.ndim) if a not in self.front))
+            moved = np.ascontiguousarray(padded.transpose(order))
+            del padded
+            out = self.block(moved, tuple(order.index(a) for a in self.axes))
+            out = out.transpose(tuple(int(i) for i in np.argsort(order)))
+        else:
+            out = self.block(padded)
         if any(extra):
             out = out[tuple(slice(0, n) for n in x.shape)]
         return out
@@ -568,6 +578,30 @@ def _block_signatures(chunks, window: dict[int, int]) -> set[tuple]:
     return {order_signature(ext, window) for ext in itertools.product(*kinds)}
 
 
+def _pieces_like(shape, window: dict[int, int], theirs: set[tuple]):
+    """How the sweep's pieces get the one signature all of dask's blocks share, or ``None``.
+
+    A piece has >= 2 elements along every axis but its outermost (a piece 1 element
+    thick is padded to 2: ``extend``).  Axes that are 1 element thick in dask's blocks
+    are made outermost instead (``front``: a contiguous copy with them first); only
+    axes that are not rolled, so the window's values keep their order.
+    """
+    if len(theirs) != 1:
+        return None
+    (target,) = theirs
+    ndim = len(shape)
+    movable = [a for a in range(ndim) if a not in window]
+    for n in range(len(movable) + 1):
+        for front in itertools.combinations(movable, n):
+            order = (*front, *(a for a in range(ndim) if a not in front))
+            ext = tuple(2 if shape[a] > 1 else 1 for a in order)
+            sig = order_signature(ext, {order.index(a): w for a, w in window.items()})
+            if sig == target:
+                extend = tuple(a for a in range(ndim) if shape[a] > 1 and a != order[0])
+                return sig, front, extend
+    return None
+
+
 def window_stage(spec: WindowSpec, ins: tuple[int, ...], axis: int, in_dtype, notes: list):
     """The plan stage of a recognised window: a Kernel when block-invariant, else Blocked."""
     from dask_sweep.plan.ir import Blocked, Kernel
@@ -578,16 +612,15 @@ def window_stage(spec: WindowSpec, ins: tuple[int, ...], axis: int, in_dtype, no
     window = dict(zip(red.axes, red.window))
     why = None
     extend: tuple[int, ...] = ()
+    front: tuple[int, ...] = ()
     if spec.invariance == "exact":
         how = "an order statistic or an integer sum: the same on any block"
     elif spec.invariance == "sum":
-        # the sweep's pieces have >= 2 elements along every axis but the first (a piece
-        # 1 element thick is padded to 2), unless the array itself has 1
-        extend = tuple(ax for ax in range(1, ndim) if shape[ax] > 1)
-        mine = order_signature(tuple(2 if shape[ax] > 1 else 1 for ax in range(ndim)), window)
         theirs = _block_signatures(spec.out_chunks, window)
-        if theirs == {mine}:
-            how = (f"floating sums, added {_describe_order(mine)}, as numpy does on every "
+        found = _pieces_like(shape, window, theirs)
+        if found is not None:
+            sig, front, extend = found
+            how = (f"floating sums, added {_describe_order(sig)}, as numpy does on every "
                    "one of dask's blocks and on the sweep's pieces")
         else:
             why = ("numpy adds the window's values in different orders on dask's blocks of "
@@ -596,7 +629,7 @@ def window_stage(spec: WindowSpec, ins: tuple[int, ...], axis: int, in_dtype, no
     else:
         why = f"{spec.op} is not a reduction known to be block-invariant"
     if why is None:
-        red = _with(red, extend=extend)
+        red = _with(red, extend=extend, front=front)
         depth = tuple(max(a, b) for a, b in zip(red.lo, red.hi))
         wsize = math.prod(red.window)
         copies = spec.op in ("var", "std", "mean", "median") or any(
@@ -604,7 +637,8 @@ def window_stage(spec: WindowSpec, ins: tuple[int, ...], axis: int, in_dtype, no
         st = Kernel(
             label=spec.label, shape=shape, dtype=spec.meta.dtype, inputs=ins,
             fn=red, depth=depth, boundary=("none",) * ndim,
-            temps=2.0 + (4.0 * wsize if copies else 0.0), sweep_axis=axis, passes=None,
+            temps=2.0 + bool(front) + (4.0 * wsize if copies else 0.0), sweep_axis=axis,
+            passes=None,
             in_dtype=np.dtype(in_dtype),
         )
         notes.append(f"{spec.described}: a kernel on any slab ({how})")

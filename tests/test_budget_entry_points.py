@@ -1,0 +1,441 @@
+"""A budget is a promise (issue 11): every entry point that takes one keeps it, measured.
+
+Each workload runs in a fresh interpreter (this file run as a script, see
+:func:`_worker`): it imports everything first, builds the graph, reads its
+resident size, resets the kernel's high-water mark (``/proc/self/clear_refs``),
+runs the computation and reports ``VmHWM`` minus that baseline as JSON.  The
+test asserts the growth is within the budget and compares the result with scipy,
+computed here in the test process.
+
+What "everything" is: ``distributed`` (dask imports it at the first compute, to
+look for a default client: ~14 MiB of module code, measured) and every
+``dask_sweep`` module (the engine imports some lazily); imports are not the
+run's memory.  numba kernels are *not* compiled beforehand: the entry points
+must do that outside the run themselves.
+
+Volumes are 64 MiB of uint8, budgets 24-48 MiB.  No tolerance is added to the
+budgets: the projections include the runtime overhead (``sweep.runtime-overhead``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads the kernel's VmHWM (Linux)"
+)
+
+MiB = 1 << 20
+PLUGIN_SHAPE = (128, 512, 1024)  # slab chunks of 8 planes (4 MiB)
+MASK_SHAPE = (256, 512, 512)  # chunks of 4 planes (1 MiB)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _volume(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """uint8 noise in 2 x 4 x 4 blocks: blobs after a threshold, thousands of components."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (shape[0] // 2, shape[1] // 4, shape[2] // 4), dtype=np.uint8)
+    return np.repeat(np.repeat(np.repeat(small, 2, 0), 4, 1), 4, 2)
+
+
+def _store(path, vol: np.ndarray, rows: int) -> str:
+    import zarr
+
+    z = zarr.create_array(
+        str(path), shape=vol.shape, chunks=(rows, *vol.shape[1:]), dtype=vol.dtype,
+        compressors=None,
+    )
+    z[:] = vol
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def plugin_data(tmp_path_factory):
+    """The windowed pipeline's input and scipy's result of it."""
+    import scipy.ndimage as ndi
+
+    d = tmp_path_factory.mktemp("budget-plugin")
+    vol = _volume(PLUGIN_SHAPE, 0)
+    ref = ndi.uniform_filter(ndi.gaussian_filter(vol, 1) > 128, 3)
+    return _store(d / "vol.zarr", vol, 8), ref, d
+
+
+@pytest.fixture(scope="module")
+def mask_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("budget-mask")
+    vol = _volume(MASK_SHAPE, 1)
+    return _store(d / "vol.zarr", vol, 4), vol, d
+
+
+def _read(path: str) -> np.ndarray:
+    from dask_sweep.io import imread
+
+    return imread(path).compute()
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _measured(case: str, env: dict | None = None, **args) -> dict:
+    """Run ``case`` in a fresh interpreter; its JSON report (``growth`` in bytes)."""
+    full = dict(os.environ)
+    full.pop("DASK_SWEEP__MEMORY_LIMIT", None)
+    full.update(env or {})
+    p = subprocess.run(
+        [sys.executable, __file__, case, json.dumps(args)],
+        capture_output=True, text=True, env=full, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    print(case, args.get("budget"), f"growth {out['growth'] / MiB:.1f} MiB", out)
+    return out
+
+
+CASES: dict = {}
+
+
+def _case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def _windowed(src: str):
+    """dask-image: gaussian σ=1, threshold, uniform 3, from a Zarr store on slab chunks."""
+    import dask.array as da
+    from dask_image import ndfilters
+
+    x = da.from_zarr(src)
+    return ndfilters.uniform_filter(ndfilters.gaussian_filter(x, 1) > 128, 3)
+
+
+@_case
+def plugin(mode: str, budget: str, src: str, out: str):
+    """The windowed pipeline written with ``to_zarr``, the sweep switched on by ``mode``."""
+    import dask
+
+    import dask_sweep
+
+    if mode == "optimizations":
+        dask.config.set(optimizations=[dask_sweep.sweep(memory_limit=budget)])
+    elif mode == "array_optimize":
+        dask.config.set({"array_optimize": dask_sweep.optimize, "sweep.memory-limit": budget})
+    elif mode == "enable":
+        dask_sweep.enable(memory_limit=budget)  # on until the process ends
+    elif mode == "config":
+        dask.config.set({"optimizations": [dask_sweep.sweep], "sweep.memory-limit": budget})
+    elif mode == "env":  # DASK_SWEEP__MEMORY_LIMIT is set by the test
+        dask.config.set(optimizations=[dask_sweep.sweep])
+    store = _windowed(src).to_zarr(out, compute=False)
+    return lambda: dask.compute(store)
+
+
+@_case
+def imwrite(budget: str, src: str, out: str):
+    """``io.imwrite`` of the windowed pipeline, default chunks, budget from ``enable``."""
+    import numpy as np
+
+    import dask_sweep
+    from dask_sweep.io import imwrite as write
+
+    y = _windowed(src).astype(np.uint8)
+    dask_sweep.enable(memory_limit=budget)
+    return lambda: write(y, out)
+
+
+def _mask(src: str):
+    import dask.array as da
+
+    return da.from_zarr(src) > 128
+
+
+def _settings(mode: str, budget: str):
+    """``memory_limit=`` for an explicit budget; the other modes switch one on globally."""
+    import dask
+
+    import dask_sweep
+
+    if mode == "enable":
+        dask_sweep.enable(memory_limit=budget)
+    elif mode == "config":
+        dask.config.set({"sweep.memory-limit": budget})
+    elif mode == "explicit-over-enable":  # enable's budget is 16x larger: the argument wins
+        dask_sweep.enable(memory_limit="1GiB")
+        return {"memory_limit": budget}
+    return {}
+
+
+def _to_zarr(x, out: str):
+    """A store of ``x`` into an uncompressed Zarr array that writes every chunk
+    (zarr's emptiness check would add its own temporaries to the measurement)."""
+    import dask.array as da
+    import zarr
+
+    z = zarr.create_array(
+        out, shape=x.shape, chunks=(x.chunks[0][0], *x.shape[1:]), dtype=x.dtype,
+        compressors=None, config={"write_empty_chunks": True},
+    )
+    return da.store(x, z, lock=False, compute=False)
+
+
+@_case
+def ndimage_label(mode: str, budget: str, src: str, out: str):
+    import dask
+
+    from dask_sweep.ndimage import label, plan_label
+
+    kw = _settings(mode, budget)
+    mask = _mask(src)
+    lab, n = label(mask, **kw)
+    plan = plan_label(mask, **kw)
+    store = _to_zarr(lab, out)
+
+    def run():
+        return {"n": int(dask.compute(store, n)[1]), "budget": plan.budget,
+                "projected": plan.projected_peak}
+
+    return run
+
+
+@_case
+def ndimage_edt(mode: str, budget: str, src: str, out: str):
+    import dask
+
+    from dask_sweep.ndimage import distance_transform_edt, plan_edt
+
+    kw = _settings(mode, budget)
+    mask = _mask(src)
+    dist = distance_transform_edt(mask, **kw)
+    plan = plan_edt(mask, **kw)
+    store = _to_zarr(dist, out)
+
+    def run():
+        dask.compute(store)
+        return {"budget": plan.budget, "projected": plan.projected_peak}
+
+    return run
+
+
+@_case
+def dsl_label(budget: str, src: str, out: str):
+    """``dsl.run`` of gaussian -> threshold -> label, budget from ``enable``."""
+    import dask_sweep
+    from dask_sweep import dsl
+
+    labels, n = dsl.label(dsl.source(src).gaussian(sigma=1) > 128)
+    target = labels.to(out)
+    dask_sweep.enable(memory_limit=budget)
+
+    def run():
+        res = dsl.run(target, n)
+        return {"n": int(res.values[1]), "budget": res.report.budget}
+
+    return run
+
+
+def _worker(name: str, args: dict) -> None:
+    """Measure one case in this (fresh) process; print its report as JSON."""
+    import gc
+    import importlib
+    import pkgutil
+
+    import distributed  # noqa: F401 - dask imports it at the first compute
+
+    import dask_sweep
+    from dask_sweep.diagnostics import read_hwm, reset_hwm
+
+    for m in pkgutil.walk_packages(dask_sweep.__path__, "dask_sweep."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+    run = CASES[name](**args)
+    gc.collect()
+    base = _rss()
+    if not reset_hwm():
+        raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs)")
+    report = run()
+    peak = read_hwm()
+    report = report if isinstance(report, dict) else {}
+    print(json.dumps({"growth": peak - base, "baseline": base, **report}))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_env_var_reaches_settings(monkeypatch):
+    """``DASK_SWEEP__MEMORY_LIMIT`` becomes ``sweep.memory_limit`` (dask keeps the
+    spelling of whichever key came first: the environment is read before our
+    defaults), and every other underscore spelling is read too."""
+    import dask
+
+    from dask_sweep.config import SweepSettings
+
+    env = dask.config.collect_env({
+        "DASK_SWEEP__MEMORY_LIMIT": "256MiB",
+        "DASK_SWEEP__TARGET_SLAB_BYTES": "3MiB",
+        "DASK_SWEEP__TUNE_MALLOC": "False",
+    })["sweep"]
+    assert "memory_limit" in env
+    # as after dask's import: the environment's spelling, the defaults merged onto it
+    rest = {k: v for k, v in dask.config.config["sweep"].items()
+            if k.replace("-", "_") not in env}
+    monkeypatch.setitem(dask.config.config, "sweep", {**env, **rest})
+    s = SweepSettings.resolve()
+    assert (s.memory_limit, s.target_slab_bytes, s.tune_malloc) == (256 * MiB, 3 * MiB, False)
+    assert SweepSettings.resolve(memory_limit="1MiB").memory_limit == MiB
+
+
+def test_one_budget_source_for_the_drop_ins_and_the_dsl():
+    """An explicit ``memory_limit=`` wins, else the active sweep pass, else ``sweep.*``."""
+    import dask
+    import dask.array as da
+
+    import dask_sweep
+    from dask_sweep import dsl
+    from dask_sweep.dsl.compile import compile_pipeline
+    from dask_sweep.ndimage import plan_edt, plan_label
+
+    x = da.zeros((64, 64, 64), dtype=bool, chunks=(4, 64, 64))
+    t = dsl.source(np.zeros((8, 16, 16), np.uint8)).gaussian(sigma=1).to()
+
+    def budgets(**kw):
+        return (plan_label(x, **kw).budget, plan_edt(x, **kw).budget,
+                compile_pipeline([t], **kw).settings.memory_limit)
+
+    with dask.config.set({"sweep.memory-limit": "40MiB"}):
+        assert budgets() == (40 * MiB,) * 3
+        with dask_sweep.enable(memory_limit="30MiB"):
+            assert budgets() == (30 * MiB,) * 3
+            assert budgets(memory_limit="20MiB") == (20 * MiB,) * 3
+        with dask.config.set(optimizations=[dask_sweep.sweep(memory_limit="25MiB")]):
+            assert budgets() == (25 * MiB,) * 3
+        with dask.config.set(array_optimize=dask_sweep.optimize):
+            assert budgets() == (40 * MiB,) * 3
+
+
+@pytest.mark.parametrize(
+    "mode", ["optimizations", "array_optimize", "enable", "config", "env"]
+)
+def test_plugin_keeps_its_budget(plugin_data, mode):
+    src, ref, d = plugin_data
+    budget = 24 * MiB
+    out = str(d / f"out-{mode}.zarr")
+    env = {"DASK_SWEEP__MEMORY_LIMIT": "24MiB"} if mode == "env" else None
+    rep = _measured("plugin", env=env, mode=mode, budget="24MiB", src=src, out=out)
+    assert rep["growth"] <= budget, rep
+    np.testing.assert_array_equal(_read(out), ref)
+
+
+@pytest.mark.parametrize("name", ["stack", "out.zarr"])
+def test_imwrite_keeps_its_budget(plugin_data, name):
+    src, ref, d = plugin_data
+    out = str(d / f"imwrite-{name}")
+    rep = _measured("imwrite", budget="24MiB", src=src, out=out)
+    assert rep["growth"] <= 24 * MiB, rep
+    np.testing.assert_array_equal(_read(out), ref)
+
+
+def test_imwrite_refuses_chunks_over_the_budget_before_writing(tmp_path):
+    """Explicit chunks whose rows cannot fit: the error names the chunks that would."""
+    import re
+
+    import dask
+    import dask.array as da
+
+    import dask_sweep
+    from dask_sweep.errors import BudgetError
+    from dask_sweep.io import imwrite
+
+    x = da.ones((64, 512, 512), dtype="u1", chunks=(8, 512, 512)) + 1  # 2 MiB blocks
+    out = tmp_path / "o.zarr"
+    with pytest.raises(BudgetError, match=r"Pass chunks=\((\d+), 512, 512\)") as e:
+        imwrite(x, out, chunks=(64, 512, 512), memory_limit="24MiB")
+    assert not os.listdir(tmp_path)  # nothing created
+    rows = int(re.search(r"at most (\d+) rows fit", str(e.value)).group(1))
+    assert 1 <= rows < 64
+    with dask_sweep.enable(memory_limit="24MiB"):  # the same budget from the active sweep
+        with pytest.raises(BudgetError, match=f"at most {rows} rows fit"):
+            imwrite(x, out, chunks=(64, 512, 512))
+        imwrite(x, out, chunks=(rows, 512, 512))  # the chunks it named do fit
+    with dask.config.set({"sweep.memory-limit": "24MiB"}):  # sweep off: the slab writer
+        with pytest.raises(BudgetError, match=r"slab writer holds .*at most 8 rows fit"):
+            imwrite(x, tmp_path / "chain.zarr", chunks=(64, 512, 512))
+    np.testing.assert_array_equal(_read(str(out))[::9], 2)
+
+
+@pytest.fixture(scope="module")
+def labels_ref(mask_data):
+    import scipy.ndimage as ndi
+
+    return ndi.label(mask_data[1] > 128)
+
+
+@pytest.mark.parametrize("mode", ["enable", "config", "explicit-over-enable"])
+def test_ndimage_label_keeps_its_budget(mask_data, labels_ref, mode):
+    src, _, d = mask_data
+    out = str(d / f"label-{mode}.zarr")
+    rep = _measured("ndimage_label", mode=mode, budget="32MiB", src=src, out=out)
+    assert rep["budget"] == 32 * MiB and rep["growth"] <= 32 * MiB, rep
+    assert rep["n"] == labels_ref[1]
+    np.testing.assert_array_equal(_read(out), labels_ref[0])
+
+
+def _edt_windows(vol: np.ndarray, got: np.ndarray) -> None:
+    """scipy's EDT on windows with a halo (scipy needs ~1 min for the whole volume).
+
+    Exact: every distance is below the halo, so the nearest background of each
+    voxel of a window's interior lies inside the window (at the volume's faces
+    the window ends where the volume does, as for the whole).
+    """
+    import scipy.ndimage as ndi
+
+    halo = 8
+    assert got.max() < halo
+    fg = vol > 128
+    n0, n1, n2 = fg.shape
+    for c in [(0, 0, 0), (n0 // 2, n1 // 2, n2 // 2), (n0 - 24, n1 - 40, 100), (37, 300, n2 - 33)]:
+        lo = [max(0, a - halo) for a in c]
+        hi = [min(n, a + 24 + halo) for a, n in zip(c, fg.shape)]
+        w = ndi.distance_transform_edt(fg[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+        inner = tuple(slice(a - b, a - b + min(24, n - a)) for a, b, n in zip(c, lo, fg.shape))
+        part = tuple(slice(a, min(a + 24, n)) for a, n in zip(c, fg.shape))
+        np.testing.assert_allclose(got[part], w[inner], rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["enable", "config", "explicit-over-enable"])
+def test_ndimage_edt_keeps_its_budget(mask_data, mode):
+    src, vol, d = mask_data
+    out = str(d / f"edt-{mode}.zarr")
+    rep = _measured("ndimage_edt", mode=mode, budget="40MiB", src=src, out=out)
+    assert rep["budget"] == 40 * MiB and rep["growth"] <= 40 * MiB, rep
+    _edt_windows(vol, _read(out))
+
+
+def test_dsl_label_keeps_its_budget(mask_data):
+    import scipy.ndimage as ndi
+
+    src, vol, d = mask_data
+    out = str(d / "dsl-labels.zarr")
+    rep = _measured("dsl_label", budget="32MiB", src=src, out=out)
+    assert rep["budget"] == 32 * MiB and rep["growth"] <= 32 * MiB, rep
+    ref, n = ndi.label(ndi.gaussian_filter(vol, 1) > 128)
+    assert rep["n"] == n
+    np.testing.assert_array_equal(_read(out), ref)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], json.loads(sys.argv[2]))

@@ -747,40 +747,6 @@ class Progress:
             self.stream.flush()
 
 
-@contextlib.contextmanager
-def _observe_steps(callback: Callable[[Any], None]):
-    """Call ``callback(step_record)`` as ``dsl.run`` records each step.
-
-    The DSL's local runner has no progress hook; it records every step (and
-    every table-pass slab) in its :class:`~dask_sweep.dsl.RunReport` as the step
-    finishes, so this observes that list.  If the runner changes shape, the
-    run goes on without progress.
-    """
-    from dask_sweep.dsl import execute
-
-    base = getattr(execute, "RunReport", None)
-    if base is None:  # pragma: no cover - a future runner
-        yield False
-        return
-
-    class _Steps(list):
-        def append(self, record: Any) -> None:
-            super().append(record)
-            with contextlib.suppress(Exception):
-                callback(record)
-
-    class _ObservedReport(base):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.steps = _Steps(self.steps)
-
-    execute.RunReport = _ObservedReport
-    try:
-        yield True
-    finally:
-        execute.RunReport = base
-
-
 def _pass_extents(explanation: Any) -> list[int]:
     """Planes each pass of a compiled pipeline sweeps (table passes: their slabs)."""
     out = []
@@ -864,7 +830,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress = Progress(_pass_extents(dsl.explain(*items, **settings))).start()
     ok = False
     try:
-        with _observe_steps(progress.step) if progress else contextlib.nullcontext():
+        from dask_sweep.diagnostics import observe_steps
+
+        with observe_steps(progress.step) if progress else contextlib.nullcontext():
             res = dsl.run(*items, **settings)
         ok = True
     finally:

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
+
+_STEP_OBSERVERS: list[Callable[[Any], None]] = []
+
+
+@contextlib.contextmanager
+def observe_steps(callback: Callable[[Any], None]) -> Iterator[bool]:
+    """Call ``callback(step_record)`` as a local ``dsl.run`` finishes each step (and each
+    table-pass slab), e.g. to draw a progress bar; an observer's error never stops a run."""
+    _STEP_OBSERVERS.append(callback)
+    try:
+        yield True
+    finally:
+        _STEP_OBSERVERS.remove(callback)
+
+
+def notify_step(record: Any) -> None:
+    """Hand a finished step's record to the observers (called by the DSL's runner)."""
+    for callback in list(_STEP_OBSERVERS):
+        with contextlib.suppress(Exception):
+            callback(record)
 
 
 def reset_hwm() -> bool:
@@ -125,23 +148,6 @@ def add_dashboard_route() -> bool:
 # ----------------------------------------------------------------------------- progress
 
 
-def _is_step(key) -> bool:
-    return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith("sweep-step-")
-
-
-def _plan_in(dsk, task):
-    """The plan a ``sweep-step`` task carries (or refers to), else ``None``."""
-    from dask._task_spec import DataNode, TaskRef
-
-    args = getattr(task, "args", ())
-    first = args[0] if args else None
-    if isinstance(first, TaskRef):
-        first = dsk.get(first.key)
-    if isinstance(first, DataNode):
-        return first.value
-    return None
-
-
 class SweepProgress:
     """A progress bar of the planes swept, for the local schedulers and ``dsl.run``.
 
@@ -191,7 +197,7 @@ class SweepProgress:
                 me._start(dsk)
 
             def _posttask(self, key, result, dsk, state, worker_id):
-                if _is_step(key):
+                if isinstance(key, tuple) and str(key[0]).startswith("sweep-step-"):
                     me._step_done(key, result)
 
             def _finish(self, dsk, state, errored):
@@ -201,15 +207,17 @@ class SweepProgress:
 
     # dask callback side
     def _start(self, dsk) -> None:
+        from dask_sweep.emit.graph import is_step, plan_in
+
         with self._lock:
             if not self._running:  # a new computation: count afresh
                 self.total = self.done = self.steps_total = self.steps_done = 0
             plans = {}
             for key, task in dsk.items():
-                if not _is_step(key):
+                if not is_step(key):
                     continue
                 self.steps_total += 1
-                plan = _plan_in(dsk, task)
+                plan = plan_in(dsk, task)
                 if plan is not None:
                     plans[id(plan)] = plan
             # every plane of every sweep (a step fused with an output block by dask's
@@ -288,13 +296,9 @@ class SweepProgress:
             self._draw(final=True)
 
     def __enter__(self) -> SweepProgress:
-        import contextlib
-
-        from dask_sweep.cli import _observe_steps
-
         self._callback.__enter__()
         self._dsl = contextlib.ExitStack()
-        self._dsl.enter_context(_observe_steps(self._dsl_step))
+        self._dsl.enter_context(observe_steps(self._dsl_step))
         return self
 
     def __exit__(self, *exc) -> None:

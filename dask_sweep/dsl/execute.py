@@ -43,6 +43,7 @@ from dask_sweep.dsl.compile import (
 )
 
 __all__ = ["RunReport", "RunResult", "StepRecord", "run", "to_dask"]
+from dask_sweep.diagnostics import notify_step
 from dask_sweep.dsl.algorithms import Tables, _TableValue, run_tables
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.stages import combine_partials
@@ -130,6 +131,11 @@ class RunReport:
     rss_start: int = 0  # resident memory when the run started
     traced_start: int = 0  # bytes traced by tracemalloc when the run started (if tracing)
     result_bytes: int = 0  # bytes of numpy results filled in (the caller's memory)
+
+    def record(self, step: StepRecord) -> None:
+        """Keep a finished step's record and hand it to the step observers."""
+        self.steps.append(step)
+        notify_step(step)
 
     @property
     def peak_projected(self) -> int:
@@ -413,7 +419,7 @@ def _run_algo(
         if tracing:
             traced = tracemalloc.get_traced_memory()[1] - report.traced_start
             tracemalloc.reset_peak()
-        report.steps.append(
+        report.record(
             StepRecord(
                 ap.index, s, plan.slabs[s], now - clock[0], nbytes, ap.projected_peak, 0,
                 rss, projected_reads[s], traced,
@@ -496,7 +502,7 @@ def _run_pass(
         # allocations (results were allocated before the start, so are not in it)
         traced = tracemalloc.get_traced_memory()[1] - report.traced_start if tracing else None
         prev = plan.steps[t - 1] if t else 0
-        report.steps.append(
+        report.record(
             StepRecord(
                 pp.index, t, (prev, plan.steps[t]), dt, read, peaks[t], tr.peak, rss, reads[t],
                 traced,

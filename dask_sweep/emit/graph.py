@@ -22,6 +22,8 @@ untouched; every key whose meaning changed starts with ``sweep-``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from dask._task_spec import DataNode, List, Task, TaskRef
 from dask.base import tokenize
@@ -77,28 +79,36 @@ def _write(plan: Plan, o, a: int, planes) -> None:
         o.sink.write_block(idx, planes[sl])
 
 
+def is_step(key) -> bool:
+    """Whether ``key`` names a ``sweep-step`` task."""
+    return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith("sweep-step-")
+
+
+def plan_in(dsk, task) -> Plan | None:
+    """The plan a ``sweep-step`` task carries (the chain's head) or refers to, else ``None``."""
+    args = getattr(task, "args", ())
+    first = args[0] if args else None
+    if isinstance(first, TaskRef):
+        first = dsk.get(first.key)
+    if isinstance(first, DataNode):
+        return first.value
+    return None
+
+
 def _done(*_):
     return None
 
 
+# Who files an emitted sweep for watching (the dashboard's ``/sweeps`` page under
+# ``distributed``: integration.cluster registers it on import).  emit knows no scheduler.
+REPORTERS: list[Callable[[Plan, Trace, str], None]] = []
+
+
 def _reporting(plan: Plan, trace: Trace, token: str) -> None:
-    """On a ``distributed`` scheduler: file the sweep for the dashboard's ``/sweeps``
-    page and let its steps report to it (``plan.info["report"]``); elsewhere nothing."""
-    from dask_sweep.integration.cluster import _scheduler_here
-
-    sched = _scheduler_here()
-    if sched is None:
-        plan.info.pop("report", None)
-        return
-    try:
-        from dask_sweep.integration.dashboard import register
-
-        plan.info["report"] = register(sched, token, plan, trace)
-    except Exception:  # noqa: BLE001 - watching a sweep must never stop it
-        import logging
-
-        logging.getLogger("dask_sweep").warning("the sweep is not on the dashboard",
-                                                exc_info=True)
+    """Let the reporters file the sweep; one that does sets ``plan.info["report"]``."""
+    plan.info.pop("report", None)
+    for reporter in REPORTERS:
+        reporter(plan, trace, token)
 
 
 def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,

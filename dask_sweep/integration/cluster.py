@@ -87,3 +87,30 @@ def slots(threads: int) -> Slots:
     if sched_name in ("sync", "synchronous", "single-threaded"):
         return Slots("local", 1, 1)
     return Slots("local", 1, max(1, threads))
+
+
+def report_sweep(plan, trace, token: str) -> None:
+    """On a ``distributed`` scheduler: file the sweep for the dashboard's ``/sweeps``
+    page and let its steps report to it (``plan.info["report"]``); elsewhere nothing."""
+    sched = _scheduler_here()
+    if sched is None:
+        return
+    try:
+        from dask_sweep.integration.dashboard import register
+
+        plan.info["report"] = register(sched, token, plan, trace)
+    except Exception:  # noqa: BLE001 - watching a sweep must never stop it
+        import logging
+
+        logging.getLogger("dask_sweep").warning("the sweep is not on the dashboard",
+                                                exc_info=True)
+
+
+def _register_reporter() -> None:
+    from dask_sweep.emit.graph import REPORTERS
+
+    if report_sweep not in REPORTERS:
+        REPORTERS.append(report_sweep)
+
+
+_register_reporter()

@@ -499,3 +499,16 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
 
     def disable(self) -> None:
         self._cfg.__exit__(None, None, None)
+
+
+def _serve_io() -> None:
+    """Hand io (a leaf: it imports nothing of the plugin) the sweep's settings and plans."""
+    from dask_sweep.io.host import HOST
+
+    HOST.settings = active_settings
+    HOST.active_pass = active_pass
+    HOST.analyse = analyse
+    HOST.enable = enable
+
+
+_serve_io()

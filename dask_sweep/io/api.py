@@ -26,6 +26,7 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.errors import BudgetError, SinkError, SourceError
 from dask_sweep.io.base import Sink, Source
 from dask_sweep.io.hdf5 import HDF5Sink, HDF5Source, split_hdf5_path
+from dask_sweep.io.host import HOST
 from dask_sweep.io.tiff import BigTiffSink, TiffSource, TiffStackSink, TiffStackSource
 from dask_sweep.io.zarr_io import ZarrSink, ZarrSource, split_zarr_path
 from dask_sweep.plan.ir import Plan
@@ -226,14 +227,13 @@ def imwrite(
     import dask
     import dask.array as da
 
-    from dask_sweep.integration.optimize import active_pass, active_settings
-
     if not isinstance(array, da.Array):
         array = np.asarray(array)
     if chunks is not None:
         options["chunks"] = chunks
-    settings = active_settings(memory_limit=memory_limit)
-    sweeping = memory_limit is not None or active_pass() is not None
+    settings = HOST.settings(memory_limit=memory_limit)
+    sweeping = HOST.analyse is not None and (
+        memory_limit is not None or HOST.active_pass() is not None)
     kind = format or _sink_kind(os.path.abspath(os.fspath(path)))
     if isinstance(array, da.Array) and compute:
         _fit_layout(array, path, kind, options, settings, sweeping, resume)
@@ -257,10 +257,8 @@ def imwrite(
     swept = _swept_store(array, sink, settings) if sweeping else None
     try:
         if swept is not None:
-            from dask_sweep.integration.optimize import enable
-
             # the pass that planned the write (explicit budget, else the active one's)
-            with enable(**dataclasses.asdict(settings)):
+            with HOST.enable(**dataclasses.asdict(settings)):
                 dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
         if settings.tune_malloc:
@@ -319,10 +317,8 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):
     sweep cannot skip them."""
     import dask.array as da
 
-    from dask_sweep.integration.optimize import active_pass
-
     if settings is None:
-        p = active_pass()
+        p = HOST.active_pass()
         if p is None:
             return None
         settings = p.settings()
@@ -341,10 +337,10 @@ def _plan_store(store, sink, settings: SweepSettings):
     """The sweep's plan writing ``store`` (a ``da.store`` into ``SinkTarget(sink)``) in
     its slab tasks; else the :class:`BudgetError` that refused it, or ``None`` (left
     to dask: not recognised, tiled, or not written by the sweep itself)."""
-    from dask_sweep.integration.optimize import analyse
-
+    if HOST.analyse is None:
+        return None
     try:
-        res = analyse(store.__dask_graph__(), store.__dask_keys__(),
+        res = HOST.analyse(store.__dask_graph__(), store.__dask_keys__(),
                       settings.with_(fallback="raise"))
     except BudgetError as e:
         return e

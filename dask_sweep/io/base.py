@@ -485,9 +485,9 @@ class Sink(ABC):
     def settings(self):
         """The sweep settings this sink sizes its slabs for (``memory_limit`` given, else
         the active sweep's, else ``sweep.*``)."""
-        from dask_sweep.integration.optimize import active_settings
+        from dask_sweep.io.host import HOST
 
-        return active_settings(memory_limit=self.memory_limit)
+        return HOST.settings(memory_limit=self.memory_limit)
 
     def slabs(self) -> list[tuple[int, int]]:
         """``(start, stop)`` row ranges of the slabs, in sweep order."""

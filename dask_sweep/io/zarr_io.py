@@ -322,10 +322,10 @@ def _auto_chunks(shape: tuple[int, ...], dtype: np.dtype, settings=None) -> tupl
     within the budget (``settings``, default the active sweep's): a chunk row is
     at most the slab the chained writer may hold (:func:`~.base.chain_slab_bytes`).
     """
-    from dask_sweep.integration.optimize import active_settings
     from dask_sweep.io.base import chain_slab_bytes
+    from dask_sweep.io.host import HOST
 
-    s = settings or active_settings()
+    s = settings or HOST.settings()
     itemsize = np.dtype(dtype).itemsize
     fit = chain_slab_bytes(s)
     if len(shape) < 2:

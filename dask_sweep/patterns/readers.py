@@ -276,9 +276,9 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
 def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
                      max_deps: int = 16):
     """A :class:`SubgraphReader` when the upstream of ``name`` is small and narrow."""
-    from dask_sweep.patterns.recognise import _ancestors
+    from dask_sweep.patterns.spec import ancestors
 
-    closure = _ancestors(hlg.dependencies, name)
+    closure = ancestors(hlg.dependencies, name)
     # upstream work another layer also uses is computed once, by dask, not once per reader
     inside = closure | {name}
     for lay, deps in hlg.dependencies.items():

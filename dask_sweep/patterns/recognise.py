@@ -21,14 +21,12 @@ uses something we cannot reproduce exactly is refused with a reason.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.layers import ArrayOverlapLayer
 
 from dask_sweep.patterns.layers import (
-    ArrayMeta,
     BlockwiseEval,
     array_meta,
     is_simple_blockwise,
@@ -37,60 +35,18 @@ from dask_sweep.patterns.layers import (
     trim_params,
 )
 from dask_sweep.patterns.readers import ExternalReader, make_reader
+from dask_sweep.patterns.spec import (  # noqa: F401 - re-exported
+    Fallback,
+    Region,
+    StageSpec,
+    _prefix,
+    ancestors,
+    follow_rechunk,
+)
 
 PAD_PREFIXES = ("concatenate-", "getitem-", "full_like-", "repeat-", "rechunk-", "reflect-",
                 "periodic-", "nearest-",
                 "stack-", "full-")  # array-expression mode's Concatenate and Full
-
-
-@dataclass
-class Fallback:
-    """Part of the graph left to stock dask, and why."""
-
-    where: str
-    reason: str
-
-
-@dataclass
-class StageSpec:
-    """A recognised stage: the layer that produces it and how to evaluate it."""
-
-    name: str  # output layer name (e.g. ``_trim-…``)
-    kind: str  # "overlap" | "elementwise" | "rechunk"
-    inputs: list[str]  # array names read
-    meta: ArrayMeta
-    internal: set[str] = field(default_factory=set)  # layers absorbed by this stage
-    depth: list[dict] = field(default_factory=list)  # per input: axis -> int | (lo, hi)
-    boundary: list[dict] = field(default_factory=list)
-    func_eval: BlockwiseEval | None = None
-    trim_eval: BlockwiseEval | None = None
-    func_positions: list[int] = field(default_factory=list)
-    kernel: tuple | None = None  # (function, kwargs) when the func is a plain f(x, **kw)
-    label: str = ""
-
-
-@dataclass
-class Region:
-    stages: dict[str, StageSpec]
-    sources: list[str]
-    outputs: list[str]
-    stores: dict[str, str] = field(default_factory=dict)  # store-map layer -> its input
-    extra_users: dict[str, bool] = field(default_factory=dict)  # output used beyond stores
-    ndim: int = 0
-
-
-def _prefix(name: str) -> str:
-    return name.rsplit("-", 1)[0] if "-" in name else name
-
-
-def _ancestors(deps: dict, name: str) -> set[str]:
-    seen, stack = set(), [name]
-    while stack:
-        for d in deps.get(stack.pop(), ()):
-            if d not in seen:
-                seen.add(d)
-                stack.append(d)
-    return seen
 
 
 def _find_padding_input(deps: dict, metas: dict, x2: str, shape) -> tuple[str, set[str]] | None:
@@ -99,12 +55,12 @@ def _find_padding_input(deps: dict, metas: dict, x2: str, shape) -> tuple[str, s
     It is the nearest ancestor of ``x2`` with the unpadded shape that every path
     from ``x2`` crosses, with only padding-kind layers in between.
     """
-    anc = _ancestors(deps, x2)
+    anc = ancestors(deps, x2)
     best = None
     for cand in anc:
         if metas.get(cand) is None or metas[cand].shape != shape:
             continue
-        inner = _ancestors(deps, cand) | {cand}
+        inner = ancestors(deps, cand) | {cand}
         pad = (anc | {x2}) - inner
         # every padding layer only reads padding layers or the candidate
         if not all(set(deps.get(p, ())) <= pad | {cand} for p in pad):
@@ -116,22 +72,6 @@ def _find_padding_input(deps: dict, metas: dict, x2: str, shape) -> tuple[str, s
     if best is None:
         return None
     return best[0], best[2]
-
-
-def _follow_rechunk(deps: dict, layers: dict, metas: dict, name: str) -> tuple[str, set[str]]:
-    """Skip rechunk layers (identity on values) down to the array they rechunk."""
-    internal = set()
-    shape = metas[name].shape if metas.get(name) else None
-    while name.startswith("rechunk-") and len(deps.get(name, ())) == 1:
-        (dep,) = deps[name]
-        if metas.get(dep) is None and not dep.startswith("rechunk-"):
-            break
-        internal.add(name)
-        name = dep
-        if metas.get(name) is not None and metas[name].shape == shape:
-            if not name.startswith("rechunk-"):
-                break
-    return name, internal
 
 
 KNOWN_BOUNDARIES = ("none", "reflect", "periodic", "nearest")
@@ -204,7 +144,7 @@ def _overlap_group(hlg: HighLevelGraph, metas, tname: str) -> StageSpec | Fallba
             internal |= pad
         else:
             x1 = x2
-        x, rech = _follow_rechunk(deps, layers, metas, x1)
+        x, rech = follow_rechunk(deps, layers, metas, x1)
         internal |= rech
         if metas.get(x) is None:
             return Fallback(x, "input array's shape/chunks are unknown")
@@ -317,7 +257,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         elif spec is not None:
             stages[name] = spec
         elif name.startswith("rechunk-") and metas.get(name) is not None:
-            src, rech = _follow_rechunk(deps, layers, metas, name)
+            src, rech = follow_rechunk(deps, layers, metas, name)
             if src != name and metas.get(src) and metas[src].shape == metas[name].shape \
                     and not not_plain(metas, [name, src]):
                 stages[name] = StageSpec(

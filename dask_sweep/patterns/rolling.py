@@ -57,7 +57,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.layers import ArrayOverlapLayer
 
 from dask_sweep.patterns.layers import BlockwiseEval, kernel_call
-from dask_sweep.patterns.recognise import Fallback, StageSpec, _follow_rechunk
+from dask_sweep.patterns.spec import Fallback, StageSpec, follow_rechunk
 
 TRIM_FALSE = "overlap without trim (trim=False) is not swept"
 
@@ -236,7 +236,7 @@ def _unpad(hlg: HighLevelGraph, metas: dict, name: str):
         lo[ax] += before
         hi[ax] += m.shape[ax] - md.shape[ax] - before
         absorbed |= {cur, *pads}
-        cur, rech = _follow_rechunk(deps, layers, metas, d)
+        cur, rech = follow_rechunk(deps, layers, metas, d)
         absorbed |= rech
     if fill is None:
         return "the window's input is not padded with a constant"
@@ -461,7 +461,7 @@ def _window(hlg, metas, users, oname, sname, rname, kw) -> WindowSpec | Fallback
         return Fallback(last, "the window reduction's shape/chunks are unknown")
     # the input: rechunks, then the constant pad
     q = olayer.name
-    padded, rech = _follow_rechunk(hlg.dependencies, layers, metas, q)
+    padded, rech = follow_rechunk(hlg.dependencies, layers, metas, q)
     internal |= rech
     if metas.get(padded) is None:
         return Fallback(oname, "the window's input shape/chunks are unknown")

@@ -23,7 +23,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.layers import ArrayOverlapLayer
 
 from dask_sweep.patterns.layers import is_simple_blockwise, trim_params
-from dask_sweep.patterns.recognise import Fallback
+from dask_sweep.patterns.spec import Fallback
 
 _SLICING = ("getitem-", "concatenate-", "broadcast_to-", "stack-", "pad-", "array-",
             "full-", "full_like-", "repeat-", "block-")

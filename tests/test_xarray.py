@@ -8,6 +8,7 @@ negative zeros.  ``explain`` must say what it swept and why the rest is not.
 import gc
 import tracemalloc
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -298,3 +299,64 @@ def test_rolling_mean_larger_than_the_budget_stays_within_it(tmp_path, rng):
     assert peak <= budget, (peak, trace.peak, budget)
     expected = out.compute(scheduler="sync")
     np.testing.assert_array_equal(bits(target), bits(expected.values))
+
+
+# --- the .sweep accessor ---------------------------------------------------------------
+
+def _sweep_keys_run(fn):
+    """Run ``fn()`` on the local sync scheduler; return it and the sweep-step keys it ran."""
+    from dask.callbacks import Callback
+
+    ran = []
+
+    class Seen(Callback):
+        def _pretask(self, key, dsk, state):
+            name = key[0] if isinstance(key, tuple) else key
+            ran.append(str(name))
+
+    with Seen():
+        out = fn()
+    return out, [k for k in ran if k.startswith("sweep-")]
+
+
+def test_accessor_explains_computes_and_writes_with_its_settings(tmp_path, rng):
+    import dask_sweep.xarray  # noqa: F401  (registers .sweep)
+
+    arr = xr.DataArray(da.from_array(values(rng, (24, 8, 6)), chunks=(4, 8, 6)),
+                       dims=("z", "y", "x"), name="v")
+    mean = arr.rolling(z=5, center=True).mean()
+    expected = mean.compute(scheduler="sync")
+
+    text = str(mean.sweep(**SMALL).explain())
+    assert "sweep 0" in text and "64.00 MiB" in text, text
+    # the settings in force: an enclosing enable(...) unless overridden
+    with dask_sweep.enable(memory_limit="48MiB"):
+        assert "48.00 MiB" in str(mean.sweep.explain())
+        assert "40.00 MiB" in str(mean.sweep(memory_limit="40MiB").explain())
+
+    got, steps = _sweep_keys_run(lambda: mean.sweep(**SMALL).compute(scheduler="sync"))
+    assert steps, "compute through the accessor was not swept"
+    xr.testing.assert_identical(got, expected)
+    np.testing.assert_array_equal(bits(got.values), bits(expected.values))
+    _, steps = _sweep_keys_run(lambda: mean.compute(scheduler="sync"))
+    assert not steps  # the accessor switched the sweep on for its own call only
+
+    ds = mean.to_dataset(name="mean").chunk(z=8, y=8, x=6)  # zarr needs regular chunks
+    with dask.config.set(scheduler="sync"):
+        _, steps = _sweep_keys_run(lambda: ds.sweep(**SMALL).to_zarr(tmp_path / "m.zarr", consolidated=False))
+    assert steps
+    back = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)["mean"].load()
+    np.testing.assert_array_equal(bits(back.values), bits(expected.values))
+
+    held = ds.sweep(**SMALL).persist()
+    xr.testing.assert_identical(held.compute(), expected.to_dataset(name="mean"))
+
+
+def test_accessor_names_a_bad_setting():
+    import dask_sweep.xarray  # noqa: F401
+
+    arr = xr.DataArray(da.zeros((4, 4), chunks=2), dims=("y", "x"))
+    with pytest.raises(dask_sweep.errors.SweepConfigError, match="memory_limt"):
+        arr.sweep(memory_limt="1GiB")
+    with pytest.raises(dask_sweep.errors.SweepConfigError, match="memory_limit"):
+        arr.sweep(memory_limit="lots")

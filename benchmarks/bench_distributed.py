@@ -152,12 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--segments", type=int, default=None, help="sweep.segments (default: auto)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--no-stock", action="store_true", help="skip the stock dask run")
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--workdir", default=None,
+                   help="make the volume here (created if missing; default: a temp dir)")
     a = p.parse_args(argv)
 
     from dask_sweep.demo import make_volume
 
     shape = tuple(a.shape)
+    if a.workdir:
+        os.makedirs(a.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench-distributed-", dir=a.workdir)
     try:
         src = os.path.join(work, "in.zarr")

@@ -164,6 +164,7 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
     from dask_sweep.io import imread, imwrite, track
 
     shutil.rmtree(dst, ignore_errors=True)
+    fell: list[str] = []
     if mode == "scipy":
         with PeakRSS() as m:
             v = _read_all(layout, src)
@@ -181,7 +182,11 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
         else:
             x = imread(os.path.join(src, "*.tif"))
         nbytes = int(x.nbytes)
-        with dask_sweep.enable(memory_limit=budget, fallback="warn"):
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught, \
+                dask_sweep.enable(memory_limit=budget, fallback="warn"):
+            warnings.simplefilter("always", RuntimeWarning)
             y = build(op, x)
             with track() as io, PeakRSS() as m:
                 if layout == "zarr":
@@ -192,15 +197,19 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
                 else:
                     imwrite(y, dst, format="tiff-stack")
         read = io.bytes_read
+        fell = [str(w.message) for w in caught if "Falling back" in str(w.message)]
     out = _read_all(layout, dst)
     return {"wall": m.wall, "cpu": m.cpu, "peak": m.peak_above_baseline, "bytes_read": read,
             "input_bytes": nbytes, "checksum": int(out.astype(np.float64).sum()),
-            "dtype": str(out.dtype)}
+            "dtype": str(out.dtype), "fallback": fell[0] if fell else ""}
 
 
 def _spawn(args: list[str]) -> dict:
     p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True,
                        text=True)
+    if p.returncode and "BudgetError" in p.stderr:
+        # a budget below the operation's floor is refused before any I/O: a result, not a crash
+        return {"refused": p.stderr.strip().splitlines()[-1]}
     if p.returncode:
         raise RuntimeError(f"run {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -226,12 +235,19 @@ def compare(sizes, dtypes, layouts, ops, fraction: float, workdir: str | None) -
                         dst = os.path.join(tmp, "out")
                         base = _spawn([layout, src, dst, op, "scipy", budget])
                         sw = _spawn([layout, src, dst, op, "sweep", budget])
-                        same = sw["checksum"] == base["checksum"]
                         case = f"{op} {dtype} {n}^3 {layout}"
+                        if "refused" in sw:
+                            print(f"{case:<34} {base['wall']:6.2f}s refused at "
+                                  f"{format_bytes(vol * fraction)}: {sw['refused'][-160:]}",
+                                  flush=True)
+                            rows.append({"case": case, "scipy": base, "sweep": sw, "same": None})
+                            continue
+                        same = sw["checksum"] == base["checksum"]
+                        note = " (fell back to stock dask)" if sw["fallback"] else ""
                         print(f"{case:<34} {base['wall']:6.2f}s {sw['wall']:6.2f}s "
                               f"{sw['wall'] / base['wall']:6.2f} "
                               f"{sw['peak'] / (vol * fraction):11.2f} "
-                              f"{sw['bytes_read'] / max(1, sw['input_bytes']):7.2f} {same}",
+                              f"{sw['bytes_read'] / max(1, sw['input_bytes']):7.2f} {same}{note}",
                               flush=True)
                         rows.append({"case": case, "budget": format_bytes(vol * fraction),
                                      "scipy": base, "sweep": sw, "same": same})

@@ -13,6 +13,8 @@ import numpy as np
 from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.array.core import concatenate3
 
+from dask_sweep.io.planes import zarr_planes
+
 
 class InlineReader:
     """Evaluate dask's own tasks for a chunk row (picklable; no open handles)."""
@@ -161,7 +163,6 @@ def zarr_plane_reader(hlg, name: str, numblocks, axis: int) -> PlaneReader | Non
     from dask.array.core import getter
     from dask.blockwise import Blockwise
 
-    from dask_sweep.io.planes import zarr_planes
     from dask_sweep.patterns.layers import BlockwiseEval
 
     layer = hlg.layers.get(name)

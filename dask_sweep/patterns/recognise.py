@@ -35,6 +35,7 @@ from dask_sweep.patterns.layers import (
     trim_params,
 )
 from dask_sweep.patterns.readers import ExternalReader, make_reader
+from dask_sweep.patterns.rolling import find_windows
 from dask_sweep.patterns.spec import (  # noqa: F401 - re-exported
     Fallback,
     Region,
@@ -43,6 +44,10 @@ from dask_sweep.patterns.spec import (  # noqa: F401 - re-exported
     ancestors,
     follow_rechunk,
 )
+from dask_sweep.patterns.unswept import unswept
+
+# rolling and unswept are imported with the package, not lazily in the first compute:
+# a lazy import there adds ~2 MiB of resident code inside that run's budget
 
 PAD_PREFIXES = ("concatenate-", "getitem-", "full_like-", "repeat-", "rechunk-", "reflect-",
                 "periodic-", "nearest-",
@@ -227,8 +232,6 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
             else:
                 stages[name] = res
     # padded sliding windows reduced over their window axes (xarray's rolling): rolling.py
-    from dask_sweep.patterns.rolling import find_windows
-
     windows, why_not = find_windows(hlg, metas, set().union(*(s.internal for s in stages.values())))
     for name, spec in windows.items():
         why = not_plain(metas, [name, *spec.inputs])
@@ -364,8 +367,6 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
 
 def _unswept(hlg, regions, fallbacks) -> list[Fallback]:
     """Reasons for the layers no region took and no refusal names (patterns/unswept.py)."""
-    from dask_sweep.patterns.unswept import unswept
-
     return unswept(hlg, regions, fallbacks)
 
 

@@ -7,6 +7,7 @@ from dask._task_spec import TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
 from dask_sweep.errors import NotSweepable
+from dask_sweep.io.planes import zarr_planes
 from dask_sweep.patterns.kernels import kernel_stage
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
@@ -146,7 +147,6 @@ class PlaneStoreWriter:
 
 def _plane_store(target, region, shape, axis: int):
     """A :class:`PlaneStoreWriter` for a raw local zarr target (axis 0 sweeps), else None."""
-    from dask_sweep.io.planes import zarr_planes
 
     if axis != 0:
         return None

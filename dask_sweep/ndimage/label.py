@@ -361,7 +361,20 @@ def _split_plan(image, item, settings, out_dtype, target):
     count = len(chunks0)
     while True:
         room = settings.memory_limit - per_slab * count
-        cut = choose_slabs(_FUNC, (1,) * max(chunks0), plane, passes, room, target)
+        try:
+            cut = choose_slabs(_FUNC, (1,) * max(chunks0), plane, passes, room, target)
+        except BudgetError as e:
+            # quote the whole budget, and what dask's bookkeeping of the slabs takes of it
+            book = per_slab * count
+            raise BudgetError(
+                f"{_FUNC}: even one plane per slab needs a projected "
+                f"{format_bytes(e.projected + book)} ({format_bytes(e.projected)} for the "
+                f"slab's passes + {format_bytes(book)} of dask's bookkeeping of {count} "
+                f"slabs), over the memory budget of {format_bytes(settings.memory_limit)}. "
+                "Raise memory_limit (or give the input fewer, thicker chunk rows along axis "
+                "0, so there are fewer slabs).",
+                stage=_FUNC, projected=e.projected + book, budget=settings.memory_limit,
+            ) from None
         k = max(b - a for a, b in cut)
         new = sum(math.ceil(h / k) for h in chunks0)
         if new <= count:

@@ -439,3 +439,33 @@ def test_dsl_label_keeps_its_budget(mask_data):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], json.loads(sys.argv[2]))
+
+
+_FIRST_SWEEP = r"""
+import sys
+import dask.array as da, numpy as np, zarr
+import distributed  # noqa: F401  (dask imports it at the first compute)
+import xarray as xr
+from dask_image import ndfilters, ndmorph
+import dask_sweep
+before = {m for m in sys.modules if m.startswith("dask_sweep")}
+x = da.from_zarr(sys.argv[1])
+with dask_sweep.enable(memory_limit="8MiB", fallback="raise"):
+    y = ndmorph.binary_dilation(ndfilters.uniform_filter(x, 3) > 100).astype("u1")
+    z = zarr.create_array(sys.argv[2], shape=y.shape, chunks=(8, 64, 64), dtype=y.dtype)
+    y.to_zarr(z)
+    xr.DataArray(x, dims=("z", "y", "x")).rolling(z=3, center=True).mean().compute()
+    dask_sweep.explain(ndfilters.gaussian_filter(x, 1) + 1)
+print(sorted({m for m in sys.modules if m.startswith("dask_sweep")} - before))
+"""
+
+
+def test_a_first_sweep_imports_nothing_of_dask_sweep(tmp_path):
+    """The modules a sweep's planning and run use come with ``import dask_sweep``: a lazy
+    import inside the first compute puts its code (~2 MiB for three modules, measured)
+    inside that run's budget (bench_ops: a copy at 1.01-1.10x its budget)."""
+    src = _store(tmp_path / "v.zarr", _volume((32, 128, 128), 3), 8)
+    p = subprocess.run([sys.executable, "-c", _FIRST_SWEEP, src, str(tmp_path / "o.zarr")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout

@@ -447,3 +447,31 @@ def test_empty_axis_zero_like_scipy():
     lab, n = label(np.zeros((0, 4, 4), bool))
     assert lab.compute().shape == (0, 4, 4) and lab.dtype == np.int32 and int(n.compute()) == 0
     assert distance_transform_edt(np.zeros((0, 4))).compute().shape == (0, 4)
+
+
+def test_labels_and_count_have_layers_of_their_own(tmp_path):
+    """Each array's layer carries its own shape and chunks (graph optimisers read them):
+    the labels' layer was shared with the count's and said shape ``()``.  With them right,
+    labels written with ``to_zarr`` under the sweep are swept (read once, written by
+    planes), not concatenated by dask into ``array.chunk-size`` blocks, and equal scipy's."""
+    import zarr
+
+    import dask_sweep
+
+    rng = np.random.default_rng(5)
+    mask = ndi.uniform_filter(rng.random((48, 32, 32)), 3) > 0.5
+    lab, num = label(da.from_array(mask, chunks=(8, 32, 32)),
+                     memory_limit=_budget_for(mask.shape, 8))
+    assert lab.numblocks[0] > 1
+    layers = lab.__dask_graph__().layers
+    assert layers[lab.name].collection_annotations["shape"] == mask.shape
+    assert layers[lab.name].collection_annotations["chunks"] == lab.chunks
+    assert layers[num.name].collection_annotations["shape"] == ()
+    z = zarr.create_array(str(tmp_path / "l.zarr"), shape=lab.shape, chunks=(16, 16, 16),
+                          dtype=lab.dtype, compressors=None, fill_value=0)
+    with dask_sweep.enable(memory_limit="4MiB", fallback="raise"):
+        assert "sweep 0" in str(dask_sweep.explain(lab.to_zarr(z, compute=False)))
+        lab.to_zarr(z)
+    ref, n = ndi.label(mask)
+    np.testing.assert_array_equal(z[:], ref)
+    assert int(num.compute()) == n

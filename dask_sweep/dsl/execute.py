@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from dask_sweep.diagnostics import notify_step
+from dask_sweep.dsl.algorithms import Tables, _TableValue, run_tables
 from dask_sweep.dsl.compile import (
     AlgoPass,
     Compiled,
@@ -41,16 +43,14 @@ from dask_sweep.dsl.compile import (
     project,
     step_reads,
 )
-
-__all__ = ["RunReport", "RunResult", "StepRecord", "run", "to_dask"]
-from dask_sweep.diagnostics import notify_step
-from dask_sweep.dsl.algorithms import Tables, _TableValue, run_tables
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.stages import combine_partials
 from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
 from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
+
+__all__ = ["RunReport", "RunResult", "StepRecord", "run", "to_dask"]
 
 
 def _bytes_read(plan: Plan) -> int:

@@ -1218,13 +1218,18 @@ def _arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtyp
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     deps = () if plan.inline else (image,)
-    layer = MaterializedLayer(dsk)
-    g_out = HighLevelGraph.from_collections(out, layer, dependencies=deps)
-    g_num = HighLevelGraph.from_collections(num, layer, dependencies=deps)
+    # two layers, each with its own array's shape and chunks (graph optimisers, the sweep's
+    # among them, read a layer's collection annotations): the labels' blocks, and the rest
+    # (passes 1, the resolve step, the count) that they depend on
+    blocks = {k: v for k, v in dsk.items() if isinstance(k, tuple) and k[0] == out}
+    rest = {k: v for k, v in dsk.items() if k not in blocks}
+    g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
+    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
+    g_out = HighLevelGraph.from_collections(out, MaterializedLayer(blocks),
+                                            dependencies=(*deps, count))
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
-    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
     return labels, count
 
 

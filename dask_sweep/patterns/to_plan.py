@@ -147,7 +147,6 @@ class PlaneStoreWriter:
 
 def _plane_store(target, region, shape, axis: int):
     """A :class:`PlaneStoreWriter` for a raw local zarr target (axis 0 sweeps), else None."""
-
     if axis != 0:
         return None
     planes = zarr_planes(target)

@@ -180,9 +180,13 @@ class Explanation:
             tiling = plan.info.get("tiling")
             if tiling:
                 counts = "x".join(str(c) for i, c in enumerate(tiling["counts"]) if i != ax)
+                at_once = plan.info.get("tiles_at_once", 1)
+                how = (f"at once over the workers ({at_once} threads), each within its "
+                       f"worker's share of the budget, {format_bytes(plan.budget)}"
+                       if at_once > 1 else "one after the other")
                 out.append(
                     f"  tiled in-plane: one row of chunks does not fit, so {tiling['tiles']} "
-                    f"tiles ({counts}) with halo {tiling['halo']} are swept one after the other "
+                    f"tiles ({counts}) with halo {tiling['halo']} are swept {how} "
                     f"(the stages above describe tile 0); peak of the largest tile "
                     f"{format_bytes(tiling['peak'])}")
                 out.append(

@@ -192,7 +192,10 @@ class StepPriority:
 
     def __init__(self, plan: Plan, step_name: str) -> None:
         self.step_name = step_name
-        self.segment_of = {t: k for k, seg in enumerate(plan.segment_steps()) for t in seg}
+        # tiles swept at once rank after one another as chains do (emit_tiled)
+        first = plan.info.get("chain_offset", 0)
+        self.segment_of = {t: first + k for k, seg in enumerate(plan.segment_steps())
+                           for t in seg}
         self.count = len(self.segment_of)
 
     def __call__(self, key) -> int:
@@ -204,22 +207,34 @@ class StepPriority:
         return f"StepPriority({self.step_name!r}, {self.count} steps)"
 
 
-def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]:
-    """Tiles swept one after the other; the output keys wait for the last tile.
+def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str,
+               at_once: bool = False) -> tuple[dict, dict]:
+    """Tiles swept one after the other (or, ``at_once``, as independent chains that
+    ``distributed`` spreads over its workers); the output keys wait for every tile.
 
     A sink output's keys are completion markers (each tile writes its own
     region); an in-memory output's block is cut from the step of the one tile
-    whose interior holds it.
+    whose interior holds it.  Tiles at once rank like a sweep's segments: a
+    worker finishes the tile it holds before it starts another.
     """
     layers, deps = {}, {}
     after = None
+    lasts: list = []
+    offset = 0
     for n, (plan, trace) in enumerate(tiles):
+        if at_once:
+            plan.info["chain_offset"] = offset
+            offset += len(plan.segment_steps())
         lay, dep = emit(plan, trace, token=f"{token}-tile{n}", after=after, outputs=False)
         layers.update(lay)
         deps.update(dep)
         if after is not None:
             deps[f"sweep-{token}-tile{n}"].add(f"sweep-{token}-tile{n - 1}")
-        after = [(f"sweep-step-{token}-tile{n}", seg[-1]) for seg in plan.segment_steps()]
+        ends = [(f"sweep-step-{token}-tile{n}", seg[-1]) for seg in plan.segment_steps()]
+        lasts += ends
+        after = None if at_once else ends
+    after = lasts if at_once else after
+    tile_layers = {f"sweep-{token}-tile{n}" for n in range(len(tiles))}
     last = f"sweep-{token}-tile{len(tiles) - 1}"
     plan = tiles[-1][0]
     axis = plan.axis
@@ -230,7 +245,7 @@ def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str) -> tuple[dict, dict]
             owner = _tile_of_block(tiles, o)
             deps[o.name] = {f"sweep-{token}-tile{n}" for n in range(len(tiles))}
         else:
-            deps[o.name] = {last}
+            deps[o.name] = tile_layers if at_once else {last}
         bnds = np.cumsum((0, *o.chunks[axis])).tolist()
         for idx in np.ndindex(*[len(c) for c in o.chunks]):
             key = (o.name, *idx)

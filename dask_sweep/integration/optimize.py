@@ -161,7 +161,8 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                                       stage=whole.stage, projected=whole.projected,
                                       budget=whole.budget) from None
                 try:
-                    tiles = tile(plan, settings.target_slab_bytes)
+                    tiles = tile(*_tile_share(plan, settings, where_slots),
+                                 settings.target_slab_bytes)
                 except BudgetError as e:
                     raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
                                       projected=whole.projected, budget=whole.budget) from None
@@ -183,6 +184,24 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         plan.info["sources"] = set(region.sources)
         res.plans.append((plan, trace))
     return res
+
+
+def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan]:
+    """The plan each in-plane tile is sized from, marked for running tiles at once or not.
+
+    Under ``distributed`` with more than one thread in all, tiles are independent chains
+    spread over the workers (each worker's budget at most ``WORKER_FRACTION`` of its
+    ``memory_limit``, shared by the chains it runs at once: one per thread); on the local
+    schedulers they run one after the other, each with the whole budget and every thread.
+    """
+    if where.kind != "distributed" or where.total <= 1:
+        return (replace(plan, info={**plan.info, "tiles_at_once": 1}),)
+    budget = settings.memory_limit
+    if where.memory:
+        budget = min(budget, int(where.memory * WORKER_FRACTION))
+    together = max(1, where.threads)
+    return (replace(plan, budget=budget // together, threads=1,
+                    info={**plan.info, "tiles_at_once": where.total}),)
 
 
 def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trace]:
@@ -249,8 +268,9 @@ def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGra
         sources |= plan.info.get("sources", set())
     for plan, trace in result.plans:
         if "tile_plans" in plan.info:
-            new_layers, new_deps = emit_tiled(plan.info["tile_plans"],
-                                              tokenize([o.name for o in plan.outputs]))
+            new_layers, new_deps = emit_tiled(
+                plan.info["tile_plans"], tokenize([o.name for o in plan.outputs]),
+                at_once=plan.info.get("tiles_at_once", 1) > 1)
         else:
             new_layers, new_deps = emit(plan, trace)
         absorbed = plan.info["absorbed"]

@@ -161,7 +161,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                                       stage=whole.stage, projected=whole.projected,
                                       budget=whole.budget) from None
                 try:
-                    tiles = tile(*_tile_share(plan, settings, where_slots),
+                    tiles = tile(_tile_share(plan, settings, where_slots),
                                  settings.target_slab_bytes)
                 except BudgetError as e:
                     raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
@@ -186,7 +186,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     return res
 
 
-def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan]:
+def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> Plan:
     """The plan each in-plane tile is sized from, marked for running tiles at once or not.
 
     Under ``distributed`` with more than one thread in all, tiles are independent chains
@@ -195,13 +195,13 @@ def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan
     schedulers they run one after the other, each with the whole budget and every thread.
     """
     if where.kind != "distributed" or where.total <= 1:
-        return (replace(plan, info={**plan.info, "tiles_at_once": 1}),)
+        return replace(plan, info={**plan.info, "tiles_at_once": 1})
     budget = settings.memory_limit
     if where.memory:
         budget = min(budget, int(where.memory * WORKER_FRACTION))
     together = max(1, where.threads)
-    return (replace(plan, budget=budget // together, threads=1,
-                    info={**plan.info, "tiles_at_once": where.total}),)
+    return replace(plan, budget=budget // together, threads=1,
+                   info={**plan.info, "tiles_at_once": where.total})
 
 
 def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trace]:

@@ -12,6 +12,8 @@ uniform k      ``ndfilters.uniform_filter(x, k)``, k = 3, 5, 7
 median r       ``ndfilters.median_filter(x, 2 r + 1)``, r = 1, 2, 3
 dilation r     ``ndmorph.binary_dilation(x > t, ball(r)).astype("u1")``, r = 1, 2, 3
 label          ``dask_sweep.ndimage.label(x > t)``
+rolling5       ``xr.DataArray(x).rolling(z=5, center=True, min_periods=1).mean()``
+               (xarray's default path; its reference is xarray on the numpy array)
 =============  ====================================================================
 
 The sweep runs at ``--budget-fraction`` of the volume's bytes (default 1/4).
@@ -41,7 +43,7 @@ import tempfile
 import numpy as np
 
 OPS = ["copy", "threshold", "uniform3", "uniform5", "uniform7", "median1", "median2",
-       "median3", "dilation1", "dilation2", "dilation3", "label"]
+       "median3", "dilation1", "dilation2", "dilation3", "label", "rolling5"]
 
 
 def ball(r: int) -> np.ndarray:
@@ -103,7 +105,15 @@ def build(op: str, x):
         from dask_sweep.ndimage import label
 
         return label(x > t)[0]
+    if op == "rolling5":
+        return _rolling(x).data
     raise ValueError(op)
+
+
+def _rolling(v):
+    import xarray as xr
+
+    return xr.DataArray(v, dims=("z", "y", "x")).rolling(z=5, center=True, min_periods=1).mean()
 
 
 def scipy_op(op: str, v: np.ndarray) -> np.ndarray:
@@ -122,6 +132,8 @@ def scipy_op(op: str, v: np.ndarray) -> np.ndarray:
         return ndi.binary_dilation(v > t, structure=ball(int(op[8:]))).astype("u1")
     if op == "label":
         return ndi.label(v > t)[0]
+    if op == "rolling5":
+        return _rolling(v).values
     raise ValueError(op)
 
 

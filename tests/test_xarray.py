@@ -307,16 +307,18 @@ def _sweep_keys_run(fn):
     """Run ``fn()`` on the local sync scheduler; return it and the sweep-step keys it ran."""
     from dask.callbacks import Callback
 
+    from dask_sweep.emit.graph import is_step
+
     ran = []
 
     class Seen(Callback):
         def _pretask(self, key, dsk, state):
-            name = key[0] if isinstance(key, tuple) else key
-            ran.append(str(name))
+            if is_step(key):
+                ran.append(key)
 
     with Seen():
         out = fn()
-    return out, [k for k in ran if k.startswith("sweep-")]
+    return out, ran
 
 
 def test_accessor_explains_computes_and_writes_with_its_settings(tmp_path, rng):

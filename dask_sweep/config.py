@@ -79,6 +79,10 @@ class SweepSettings:
     task_overhead
         Resident bytes per dask task for the whole run (graph and scheduler state),
         counted per slab by the ndimage plans.
+    key_overhead
+        Resident bytes per key of a graph the plugin rewrites (the optimised graph
+        and the local scheduler's state), counted by every plugin plan for all the
+        keys the rewritten graph keeps.
     segments
         Chains a sweep is cut into, run at the same time (``None``: the threads of
         all ``distributed`` workers, as the budget allows; one chain on the local
@@ -94,6 +98,7 @@ class SweepSettings:
     tune_malloc: bool = True
     runtime_overhead: int = 3 << 20
     task_overhead: int = 5 << 10
+    key_overhead: int = 3 << 10
     segments: int | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +143,9 @@ class SweepSettings:
             task_overhead=parse_bytes(
                 cfg("task-overhead", "5KiB"), "sweep.task-overhead", allow_zero=True
             ),
+            key_overhead=parse_bytes(
+                cfg("key-overhead", "3KiB"), "sweep.key-overhead", allow_zero=True
+            ),
             segments=cfg("segments", None),
         )
         for k, v in overrides.items():
@@ -148,8 +156,9 @@ class SweepSettings:
                     f"Unknown sweep setting {k!r}. Expected one of "
                     f"{sorted(f.name for f in fields(cls))}."
                 )
-            if k in ("memory_limit", "target_slab_bytes", "runtime_overhead", "task_overhead"):
-                v = parse_bytes(v, k, allow_zero=k in ("runtime_overhead", "task_overhead"))
+            overheads = ("runtime_overhead", "task_overhead", "key_overhead")
+            if k in ("memory_limit", "target_slab_bytes", *overheads):
+                v = parse_bytes(v, k, allow_zero=k in overheads)
             base[k] = v
         return cls(**base)
 

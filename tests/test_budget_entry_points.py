@@ -146,6 +146,25 @@ def plugin(mode: str, budget: str, src: str, out: str):
 
 
 @_case
+def many_keys(budget: str, src: str, out: str):
+    """The windowed pipeline on 8 x 32 x 32 chunks, written to Zarr chunks of that
+    shape: 8 192 blocks, each a key the scheduler keeps for the whole run."""
+    import dask
+    import dask.array as da
+    import zarr
+    from dask_image import ndfilters
+
+    import dask_sweep
+
+    x = da.from_zarr(src).rechunk((8, 32, 32))
+    y = ndfilters.uniform_filter(ndfilters.gaussian_filter(x, 1) > 128, 3)
+    z = zarr.create_array(out, shape=y.shape, chunks=(8, 32, 32), dtype=y.dtype)
+    store = da.store(y, z, lock=False, compute=False)
+    dask_sweep.enable(memory_limit=budget, fallback="raise")
+    return lambda: dask.compute(store)
+
+
+@_case
 def imwrite(budget: str, src: str, out: str):
     """``io.imwrite`` of the windowed pipeline, default chunks, budget from ``enable``."""
     import numpy as np
@@ -353,6 +372,41 @@ def test_plugin_keeps_its_budget(plugin_data, mode):
     rep = _measured("plugin", env=env, mode=mode, budget="24MiB", src=src, out=out)
     assert rep["growth"] <= budget, rep
     np.testing.assert_array_equal(_read(out), ref)
+
+
+def test_the_scheduler_bookkeeping_of_many_keys_is_in_the_budget(plugin_data):
+    """8 192 output blocks: the graph and the local scheduler's state (~3 KiB a key,
+    ``sweep.key-overhead``) are projected with the sweep's buffers, and kept."""
+    import dask.array as da
+    from dask_image import ndfilters
+
+    import dask_sweep
+
+    src, ref, d = plugin_data
+    x = da.from_zarr(src).rechunk((8, 32, 32))
+    y = ndfilters.uniform_filter(ndfilters.gaussian_filter(x, 1) > 128, 3)
+    text = str(dask_sweep.explain(y, memory_limit="56MiB"))
+    assert "the scheduler's" in text, text
+    out = str(d / "many-keys.zarr")
+    rep = _measured("many_keys", budget="56MiB", src=src, out=out)
+    assert rep["growth"] <= 56 * MiB, rep
+    np.testing.assert_array_equal(_read(out), ref)
+
+
+def test_enable_passes_every_setting_on():
+    """``enable(...)`` keeps every setting it is given (it once dropped the overheads)."""
+    import dataclasses
+
+    import dask_sweep
+    from dask_sweep.config import SweepSettings
+
+    given = dict(memory_limit="40MiB", task_overhead="1KiB", key_overhead="2KiB",
+                 runtime_overhead="1MiB", target_slab_bytes="1MiB", threads=1, segments=2,
+                 fallback="raise", axis=1, reblock=False, tune_malloc=False)
+    with dask_sweep.enable(**given) as p:
+        assert p.settings() == SweepSettings.resolve(**given)
+    names = {f.name for f in dataclasses.fields(SweepSettings)}
+    assert names == set(given), "a new setting: add it here"
 
 
 @pytest.mark.parametrize("name", ["stack", "out.zarr"])

@@ -15,6 +15,8 @@ compute / persist / store.  There is one slot, so everything here chains:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -146,6 +148,10 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         notes = [note] if note else []
         try:
             plan = region_to_plan(dsk, region, axis, settings, notes)
+            if where_slots.kind != "distributed":
+                # the local scheduler holds every key of the graph for the whole run
+                plan.info["graph_keys"] = _kept_keys(dsk, region, plan)
+                plan.info["key_overhead"] = settings.key_overhead
             if _one_block_each(region, plan):
                 raise NotSweepable(
                     "every array is a single block and no stage can be cut into slabs: "
@@ -178,12 +184,29 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 warnings.warn(f"{e} Falling back to stock dask.", RuntimeWarning, stacklevel=4)
             res.fallbacks.append(Fallback(where, str(e)))
             continue
-        plan.info["absorbed"] = set().union(
-            *(s.internal for s in region.stages.values())
-        ) | set(region.stages) | set(region.stores)
+        plan.info["absorbed"] = _absorbed(region)
         plan.info["sources"] = set(region.sources)
         res.plans.append((plan, trace))
     return res
+
+
+def _absorbed(region) -> set[str]:
+    """Names of the layers a region's sweep replaces."""
+    return set().union(*(s.internal for s in region.stages.values())) | set(
+        region.stages) | set(region.stores)
+
+
+def _kept_keys(dsk: HighLevelGraph, region, plan: Plan) -> int:
+    """Keys of the graph once the region is swept, less the step tasks: the layers
+    it leaves (``len`` of a Blockwise layer counts without materialising it) and the
+    output blocks, which keep their names.  ``len`` over-counts layers only an
+    absorbed source needed; the projection errs on the safe side."""
+    gone = _absorbed(region)
+    # sources read inside the slab tasks leave the graph (their stages come first, in order)
+    gone |= {name for name, st in zip(region.sources, plan.stages)
+             if isinstance(st, Source) and not st.external}
+    kept = sum(len(layer) for name, layer in dsk.layers.items() if name not in gone)
+    return kept + sum(math.prod(len(c) for c in o.chunks) for o in plan.outputs)
 
 
 def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> Plan:
@@ -504,10 +527,7 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
 
     def __init__(self, memory_limit: int | str | None = None, **kwargs: Any) -> None:
         s = SweepSettings.resolve(memory_limit=memory_limit, **kwargs)
-        self.pass_ = SweepPass(memory_limit=s.memory_limit, fallback=s.fallback, axis=s.axis,
-                               threads=s.threads, target_slab_bytes=s.target_slab_bytes,
-                               reblock=s.reblock, tune_malloc=s.tune_malloc,
-                               runtime_overhead=s.runtime_overhead, segments=s.segments)
+        self.pass_ = SweepPass(**dataclasses.asdict(s))  # every setting, captured now
         prev = dask.config.get("array_optimize", None) or dask_default_optimize
         self._cfg = dask.config.set(array_optimize=_Chained(self.pass_, prev))
 

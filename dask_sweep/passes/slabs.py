@@ -89,7 +89,9 @@ def grain(plan: Plan) -> int:
 def size_rings(plan: Plan) -> tuple[Plan, Trace]:
     """The plan with its rings folded to their spans, and its dry-run trace (peak included).
 
-    ``trace.peak`` includes ``plan.info["runtime_overhead"]``.
+    ``trace.peak`` includes ``plan.info["runtime_overhead"]`` and the scheduler's
+    bookkeeping: ``plan.info["key_overhead"]`` for each key the graph keeps
+    (``plan.info["graph_keys"]``) and each step.
     """
     probe = dry_run(replace(plan, rings=()))
     rings = tuple(probe.span.get(j, 0) if j in probe.carried else 0
@@ -97,10 +99,15 @@ def size_rings(plan: Plan) -> tuple[Plan, Trace]:
     sized = replace(plan, rings=rings)
     trace = dry_run(sized)
     overhead = plan.info.get("runtime_overhead", 0)
-    trace.peak += overhead
-    trace.step_peaks = [p + overhead for p in trace.step_peaks]
+    keys = plan.info.get("graph_keys", 0) + len(plan.steps)
+    bookkeeping = keys * plan.info.get("key_overhead", 0)
+    trace.peak += overhead + bookkeeping
+    trace.step_peaks = [p + overhead + bookkeeping for p in trace.step_peaks]
     if overhead:
         trace.peak_parts.append(("runtime overhead (sweep.runtime-overhead)", overhead))
+    if bookkeeping:
+        trace.peak_parts.append((f"the scheduler's {keys} tasks (sweep.key-overhead each)",
+                                 bookkeeping))
     return sized, trace
 
 

@@ -12,6 +12,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 from numpy.lib.stride_tricks import sliding_window_view
 
 import dask_sweep
@@ -89,6 +91,31 @@ def test_integer_data(rng, op):
     vol = (rng.random((20, 8, 7)) * 255).astype("u1")
     arr = xr.DataArray(da.from_array(vol, chunks=(3, 8, 7)), dims=("z", "y", "x"))
     assert_swept_equal(getattr(arr.rolling(z=4, y=3, center=True), op)())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hst.data())
+def test_block_invariant_windows_reduce_only_the_kept_planes(data):
+    """Order statistics and integer sums reduce only the windows of the planes a step
+    keeps (``WindowReduce.planes``), at the faces and inside, on any steps: the same
+    bits as xarray on dask."""
+    rng = np.random.default_rng(data.draw(hst.integers(0, 2**16)))
+    n = data.draw(hst.integers(1, 14), "planes")
+    window = data.draw(hst.integers(1, 7), "window")
+    roll = dict(z=window, center=data.draw(hst.booleans(), "center"),
+                min_periods=data.draw(hst.integers(1, window), "min_periods"))
+    if data.draw(hst.booleans(), "also y"):
+        roll["y"] = data.draw(hst.integers(1, 4), "y window")
+    op = data.draw(hst.sampled_from(["min", "max", "count", "median", "sum", "mean"]), "op")
+    vol = (rng.random((n, 6, 5)) * 200).astype("i4" if op in ("sum", "mean") else "u1")
+    chunks = (data.draw(hst.integers(1, n), "z chunk"), data.draw(hst.integers(2, 6)), 5)
+    arr = xr.DataArray(da.from_array(vol, chunks=chunks), dims=("z", "y", "x"))
+    out = getattr(arr.rolling(**roll), op)()
+    slab = data.draw(hst.sampled_from(["1B", "200B", "1KiB", "64MiB"]), "target slab")
+    expected = out.compute(scheduler="sync")
+    with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes=slab, fallback="raise"):
+        got = out.compute(scheduler="sync")
+    np.testing.assert_array_equal(bits(got.values), bits(expected.values), strict=True)
 
 
 @pytest.mark.parametrize("shape,chunks,roll", [

@@ -294,6 +294,9 @@ class WindowReduce:
     post: tuple = ()  # BlockwiseEvals after it (``_sqrt``)
     extend: tuple[int, ...] = ()  # axes along which a piece 1 element thick is padded to 2
     front: tuple[int, ...] = ()  # axes moved outermost (a contiguous copy) before reducing
+    # the same on any block (an order statistic, an integer sum): the kernel may ask for
+    # its kept planes only (planes()), without reducing the windows of the halo's planes
+    cropped: bool = False
 
     def block(self, region: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
         axes = self.axes if axes is None else axes
@@ -309,10 +312,30 @@ class WindowReduce:
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._reduce(x, self.lo, self.hi, x.shape)
+
+    def planes(self, x: np.ndarray, axis: int, c0: int, t: int) -> np.ndarray:
+        """Planes ``[c0, c0 + t)`` along ``axis`` of ``self(x)``, reducing only their windows.
+
+        The kernel keeps ``t`` of the planes it passes (the rest is halo): in the
+        volume's interior those planes' windows lie inside ``x`` and nothing is
+        padded along ``axis``; at a face the missing planes are ``fill``, as in
+        ``self(x)``.  Only for a ``cropped`` (block-invariant) reduction.
+        """
+        lo, hi = list(self.lo), list(self.hi)
+        s, e = c0 - lo[axis], c0 + t + hi[axis]
+        a, b = max(0, s), min(x.shape[axis], e)
+        lo[axis], hi[axis] = a - s, e - b
+        shape = list(x.shape)
+        shape[axis] = t
+        return self._reduce(x[(slice(None),) * axis + (slice(a, b),)], lo, hi, tuple(shape))
+
+    def _reduce(self, x: np.ndarray, los, his, want: tuple[int, ...]) -> np.ndarray:
+        """Reduce the windows of ``x`` padded by ``los`` / ``his``; ``want``: the result's shape."""
         extra = [1 if (ax in self.extend and n == 1) else 0 for ax, n in enumerate(x.shape)]
-        shape = tuple(n + lo + hi + e for n, lo, hi, e in zip(x.shape, self.lo, self.hi, extra))
+        shape = tuple(n + lo + hi + e for n, lo, hi, e in zip(x.shape, los, his, extra))
         padded = np.full(shape, self.fill, dtype=self.pad_dtype)  # C order
-        padded[tuple(slice(lo, lo + n) for lo, n in zip(self.lo, x.shape))] = x
+        padded[tuple(slice(lo, lo + n) for lo, n in zip(los, x.shape))] = x
         if self.front:
             # numpy sums as on blocks 1 element thick along these axes: made outermost
             order = (*self.front, *(a for a in range(x.ndim) if a not in self.front))
@@ -323,7 +346,7 @@ class WindowReduce:
         else:
             out = self.block(padded)
         if any(extra):
-            out = out[tuple(slice(0, n) for n in x.shape)]
+            out = out[tuple(slice(0, n) for n in want)]
         return out
 
 
@@ -629,7 +652,7 @@ def window_stage(spec: WindowSpec, ins: tuple[int, ...], axis: int, in_dtype, no
     else:
         why = f"{spec.op} is not a reduction known to be block-invariant"
     if why is None:
-        red = _with(red, extend=extend, front=front)
+        red = _with(red, extend=extend, front=front, cropped=spec.invariance == "exact")
         depth = tuple(max(a, b) for a, b in zip(red.lo, red.hi))
         wsize = math.prod(red.window)
         copies = spec.op in ("var", "std", "mean", "median") or any(

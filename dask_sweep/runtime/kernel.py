@@ -247,7 +247,12 @@ def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int):
             crop[tl] = slice(s - hs, s - hs + (e - s))
             dst[tl] = slice(s, e)
         xs = x[tuple(idx)]
-        y = st.fn(np.ascontiguousarray(xs) if len(pieces) > 1 else xs)
+        if getattr(st.fn, "cropped", False):
+            # the function computes the kept planes only (its windows, not the halo's)
+            y = st.fn.planes(xs, axis, c0, t)
+            crop[axis] = slice(None)
+        else:
+            y = st.fn(np.ascontiguousarray(xs) if len(pieces) > 1 else xs)
         out[tuple(dst)] = y[tuple(crop)]
 
     _each(piece, pieces, threads)

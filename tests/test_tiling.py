@@ -70,7 +70,8 @@ def _check_tiled_compute(cube, pipe, budget, scheduler):
     x = da.from_zarr(zarr.open_array(store, mode="r"))
     y = pipe(x)
     expected = y.compute(scheduler="sync")
-    settings = dict(memory_limit=budget, runtime_overhead=0, fallback="raise")
+    # budgets of a few hundred KiB: the arrays only, not the overheads a real run adds
+    settings = dict(memory_limit=budget, runtime_overhead=0, key_overhead=0, fallback="raise")
     e = dask_sweep.explain(y, **settings)
     (plan, _), = e.result.plans
     tiling = plan.info["tiling"]

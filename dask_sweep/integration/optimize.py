@@ -36,8 +36,9 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan
-from dask_sweep.plan.ir import Kernel, Plan, Source
+from dask_sweep.plan.ir import FEEDING, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
+from dask_sweep.utils import format_bytes
 
 
 @dataclass
@@ -146,40 +147,36 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
             res.fallbacks.append(Fallback(where, note))
             continue
         notes = [note] if note else []
+        feeding, budgeted = _after_feeders(dsk, region, settings, notes)
         try:
-            plan = region_to_plan(dsk, region, axis, settings, notes)
-            if where_slots.kind != "distributed":
-                # the local scheduler holds every key of the graph for the whole run
-                plan.info["graph_keys"] = _kept_keys(dsk, region, plan)
-                plan.info["key_overhead"] = settings.key_overhead
-            if _one_block_each(region, plan):
-                raise NotSweepable(
-                    "every array is a single block and no stage can be cut into slabs: "
-                    "stock dask already computes each stage once, in one task"
-                )
             try:
-                plan, trace = _size(plan, settings, where_slots)
-                plan, trace = skip_recorded(plan, trace)  # a resumed write: only what is left
-            except BudgetError as whole:
-                why = tileable(plan)
-                if why:
-                    raise BudgetError(f"{whole} In-plane tiling is not possible: {why}.",
-                                      stage=whole.stage, projected=whole.projected,
-                                      budget=whole.budget) from None
-                try:
-                    tiles = tile(_tile_share(plan, settings, where_slots),
-                                 settings.target_slab_bytes)
-                except BudgetError as e:
-                    raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
-                                      projected=whole.projected, budget=whole.budget) from None
-                plan, trace = tiles[0]
-                plan.info["tile_plans"] = tiles
+                plan, trace = _plan_region(dsk, region, axis, budgeted, notes, where_slots)
+            except BudgetError as shared:
+                if not feeding or settings.fallback == "raise":
+                    raise
+                # stock dask would hold far more (a store of rechunked 128 MiB blocks):
+                # sweep with the whole budget beside the drop-in, and say so
+                notes.remove(feeding)
+                plan, trace = _plan_region(dsk, region, axis, settings, notes, where_slots)
+                both = settings.memory_limit - budgeted.memory_limit + trace.peak
+                over = (f"{shared} The drop-in feeding this sweep and the sweep together "
+                        f"are projected at up to {format_bytes(both)}, over the budget of "
+                        f"{format_bytes(settings.memory_limit)}: the "
+                        f"sweep plans for the whole budget beside it (stock dask would hold "
+                        f"more). Raise memory_limit, or write the drop-in's output with "
+                        f"dask_sweep.io.imwrite, which chooses output chunks that fit.")
+                plan = replace(plan, notes=(*plan.notes, over))
+                if settings.fallback == "warn":
+                    warnings.warn(over, RuntimeWarning, stacklevel=4)
         except NotSweepable as e:
             res.fallbacks.append(Fallback(where, str(e)))
             continue
         except BudgetError as e:
+            if feeding:
+                e = BudgetError(f"{e} ({feeding})", stage=e.stage, projected=e.projected,
+                                budget=e.budget)
             if settings.fallback == "raise":
-                raise
+                raise e from None
             if settings.fallback == "warn":
                 warnings.warn(f"{e} Falling back to stock dask.", RuntimeWarning, stacklevel=4)
             res.fallbacks.append(Fallback(where, str(e)))
@@ -188,6 +185,71 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         plan.info["sources"] = set(region.sources)
         res.plans.append((plan, trace))
     return res
+
+
+def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[str],
+                 where_slots: Slots) -> tuple[Plan, Trace]:
+    """The region's plan, sized for ``settings`` (in-plane tiles when rows do not fit).
+
+    Raises
+    ------
+    NotSweepable, BudgetError
+    """
+    plan = region_to_plan(dsk, region, axis, settings, notes)
+    if where_slots.kind != "distributed":
+        # the local scheduler holds every key of the graph for the whole run
+        plan.info["graph_keys"] = _kept_keys(dsk, region, plan)
+        plan.info["key_overhead"] = settings.key_overhead
+    if _one_block_each(region, plan):
+        raise NotSweepable(
+            "every array is a single block and no stage can be cut into slabs: "
+            "stock dask already computes each stage once, in one task"
+        )
+    try:
+        plan, trace = _size(plan, settings, where_slots)
+        plan, trace = skip_recorded(plan, trace)  # a resumed write: only what is left
+    except BudgetError as whole:
+        why = tileable(plan)
+        if why:
+            raise BudgetError(f"{whole} In-plane tiling is not possible: {why}.",
+                              stage=whole.stage, projected=whole.projected,
+                              budget=whole.budget) from None
+        try:
+            tiles = tile(_tile_share(plan, settings, where_slots),
+                         settings.target_slab_bytes)
+        except BudgetError as e:
+            raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
+                              projected=whole.projected, budget=whole.budget) from None
+        plan, trace = tiles[0]
+        plan.info["tile_plans"] = tiles
+    return plan, trace
+
+
+def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
+                   notes: list[str]) -> tuple[str, SweepSettings]:
+    """What the drop-ins feeding this region hold while it runs (a note, also appended
+    to ``notes``; empty if none), and the settings with the budget that leaves: one
+    budget for both, not one each.
+
+    A drop-in's output layer (``ndimage.label``, ``distance_transform_edt``) records
+    what its last pass holds (:data:`~dask_sweep.plan.ir.FEEDING`); that pass emits
+    the slabs this sweep reads, so both run at once.
+    """
+    held = {}
+    for src in region.sources:
+        ann = getattr(dsk.layers.get(src), "collection_annotations", None) or {}
+        if ann.get(FEEDING):
+            held[src] = int(ann[FEEDING])
+    total = sum(held.values())
+    if not total:
+        return "", settings
+    left = max(1, settings.memory_limit - total)
+    who = ", ".join(f"{n.rsplit('-', 1)[0]} {format_bytes(b)}" for n, b in held.items())
+    note = (f"of the {format_bytes(settings.memory_limit)} budget, {who} held by the "
+            f"drop-in feeding this sweep (its last pass, at the same time): the sweep "
+            f"plans for the {format_bytes(left)} left")
+    notes.append(note)
+    return note, settings.with_(memory_limit=left)
 
 
 def _absorbed(region) -> set[str]:

@@ -186,6 +186,14 @@ class SweepPlan:
         return passes + self.per_slab * len(self.slabs)
 
     @property
+    def feeding_bytes(self) -> int:
+        """Bytes held while the output is consumed: the last pass (which emits the output
+        slabs) and the tasks' bookkeeping.  A sweep reading the output gets the rest."""
+        v = self.max_rows * self.plane_voxels
+        last = self.passes[-1].bytes_for(v) if self.passes else 0
+        return last + self.per_slab * len(self.slabs)
+
+    @property
     def bytes_read_ratio(self) -> float:
         """Bytes read ÷ input bytes: each pass reads the input once."""
         return float(len(self.passes))

@@ -61,6 +61,7 @@ from dask_sweep.ndimage._common import (
     choose_slabs,
 )
 from dask_sweep.ndimage._reader import SlabReader, make_readers
+from dask_sweep.plan.ir import FEEDING
 from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
 
@@ -556,7 +557,9 @@ def distance_transform_edt(
         if s > 0:
             dsk[(bcar, s)] = Task((bcar, s), operator.getitem, TaskRef((bwd, s)), 1)
     deps = () if plan.inline else (image,)
-    graph = HighLevelGraph.from_collections(out, MaterializedLayer(dsk), dependencies=deps)
+    # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
+    layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes})
+    graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))

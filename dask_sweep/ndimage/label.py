@@ -92,6 +92,7 @@ from dask_sweep.ndimage._common import (
     choose_slabs,
 )
 from dask_sweep.ndimage._reader import SlabReader, _evaluate, make_readers
+from dask_sweep.plan.ir import FEEDING
 from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
 
@@ -1225,8 +1226,9 @@ def _arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtyp
     rest = {k: v for k, v in dsk.items() if k not in blocks}
     g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
     count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
-    g_out = HighLevelGraph.from_collections(out, MaterializedLayer(blocks),
-                                            dependencies=(*deps, count))
+    # what pass 2 holds while a sweep consumes the labels: that sweep plans for the rest
+    layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes})
+    g_out = HighLevelGraph.from_collections(out, layer, dependencies=(*deps, count))
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))

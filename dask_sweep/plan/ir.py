@@ -203,6 +203,12 @@ class Pointwise(Stage):
         return replace(self, values=tuple(env[s.uid] for s in self.scalars))
 
 
+# The collection annotation under which a drop-in (ndimage.label, distance_transform_edt)
+# records the bytes it holds while its output is consumed (its last pass and the bookkeeping
+# of its tasks): a sweep reading that output plans for the budget less that.
+FEEDING = "dask_sweep_feeding"
+
+
 def partial_shape(ndim: int, axis: int, n: int, k: int) -> tuple[int, ...]:
     """Shape of ``n`` planes of a ``k``-vector partial in an ``ndim``-D volume.
 

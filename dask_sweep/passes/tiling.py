@@ -212,6 +212,18 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
     return replace(plan, stages=tuple(stages), outputs=outputs, info=info)
 
 
+def _alike(tp: Plan) -> tuple:
+    """What sizing a tile's plan depends on: tiles with the same key get the same steps,
+    rings and trace (the dry run sees shapes, faces and source rows, not where a tile is)."""
+    def stage(st) -> tuple:
+        return (type(st).__name__, st.shape, str(st.dtype), st.inputs,
+                getattr(st, "edges", None), getattr(st, "row_bounds", None),
+                getattr(st, "bytes_per_row", None), getattr(st, "chunks", None))
+
+    return (tuple(stage(st) for st in tp.stages),
+            tuple((o.stage, o.chunks, o.sink is None) for o in tp.outputs))
+
+
 def tile(plan: Plan, target_slab_bytes: int):
     """Sub-plans (with traces) of the cheapest in-plane tiling that fits, or raise.
 
@@ -244,12 +256,22 @@ def tile(plan: Plan, target_slab_bytes: int):
     def area(region):
         return np.prod([e - s for s, e in region])
 
+    sized: dict = {}  # tiles alike (see _alike) are sized once
+
+    def size(tp: Plan):
+        key = _alike(tp)
+        if key not in sized:
+            sized[key] = choose_steps(tp, target_slab_bytes)
+        done, trace = sized[key]
+        if done.stages is tp.stages:
+            return done, trace
+        return replace(tp, steps=done.steps, rings=done.rings, segments=done.segments), trace
+
     for total, _, counts, tiles, mx, mean in candidates:
         try:
             # the largest tile first: if it does not fit, the tiling does not
             order = sorted(range(len(tiles)), key=lambda i: -area(tiles[i]))
-            planned = {i: choose_steps(_tile_plan(plan, tiles[i], halo), target_slab_bytes)
-                       for i in order}
+            planned = {i: size(_tile_plan(plan, tiles[i], halo)) for i in order}
             out = [planned[i] for i in range(len(tiles))]
         except BudgetError as e:
             last_error = e

@@ -480,8 +480,49 @@ def test_a_sweep_reading_labels_plans_for_what_the_drop_in_leaves(mask_data):
         text = str(dask_sweep.explain(lab.to_zarr(z, compute=False)))
     held = lab.dask.layers[lab.name].collection_annotations["dask_sweep_feeding"]
     assert 0 < held < 64 * MiB
+    from dask_sweep.ndimage import distance_transform_edt
+
+    with dask_sweep.enable(memory_limit="64MiB"):
+        dist = distance_transform_edt(_mask(src))
+    edt_held = dist.dask.layers[dist.name].collection_annotations["dask_sweep_feeding"]
+    assert 0 < edt_held < 64 * MiB
     assert "held by the drop-in feeding this sweep" in text, text
     assert f"plans for the {(64 * MiB - held) / MiB:.2f} MiB left" in text, text
+
+
+def test_a_sweep_that_cannot_fit_beside_the_drop_in_says_so():
+    """Below the write's floor once the drop-in's share is taken: with ``fallback="warn"``
+    the write is swept with the whole budget (stock dask would hold far more) and a
+    warning gives the combined projection; with ``"raise"`` it is refused, naming what
+    the drop-in holds."""
+    import warnings
+
+    import dask.array as da
+    import zarr
+
+    import dask_sweep
+    from dask_sweep.config import SweepSettings
+    from dask_sweep.errors import BudgetError
+    from dask_sweep.integration.optimize import analyse
+    from dask_sweep.ndimage import label
+
+    vol = np.random.default_rng(0).random((64, 256, 256)) > 0.6
+    with dask_sweep.enable(memory_limit="12MiB"):
+        lab, _ = label(da.from_array(vol, chunks=(8, 256, 256)))
+    y = lab * 2
+    z = zarr.create_array(zarr.storage.MemoryStore(), shape=y.shape, chunks=(8, 256, 256),
+                          dtype=y.dtype)
+    st = da.store(y, z, lock=False, compute=False)
+    graph, keys = st.__dask_graph__(), st.__dask_keys__()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = analyse(graph, keys, SweepSettings.resolve(memory_limit="12MiB", fallback="warn"))
+    (plan, _), = res.plans
+    said = [str(w.message) for w in caught if "together are projected" in str(w.message)]
+    assert said and "over the budget of 12.00 MiB" in said[0], said
+    assert any("together are projected" in n for n in plan.notes)
+    with pytest.raises(BudgetError, match="held by the drop-in feeding this sweep"):
+        analyse(graph, keys, SweepSettings.resolve(memory_limit="12MiB", fallback="raise"))
 
 
 def _edt_windows(vol: np.ndarray, got: np.ndarray) -> None:

@@ -148,6 +148,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
             continue
         notes = [note] if note else []
         feeding, budgeted = _after_feeders(dsk, region, settings, notes)
+        given = list(notes)  # planning appends its own notes: a second attempt starts afresh
         try:
             try:
                 plan, trace = _plan_region(dsk, region, axis, budgeted, notes, where_slots)
@@ -156,7 +157,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                     raise
                 # stock dask would hold far more (a store of rechunked 128 MiB blocks):
                 # sweep with the whole budget beside the drop-in, and say so
-                notes.remove(feeding)
+                notes[:] = [n for n in given if n != feeding]
                 plan, trace = _plan_region(dsk, region, axis, settings, notes, where_slots)
                 both = settings.memory_limit - budgeted.memory_limit + trace.peak
                 over = (f"{shared} The drop-in feeding this sweep and the sweep together "

@@ -18,7 +18,7 @@ def _sync_default():
 @pytest.fixture(autouse=True)
 def _ndimage_budgets_without_overhead(request):
     # The label/EDT tests use budgets of a few KiB, below the default runtime overhead
-    # (8 MiB, added to every projection) and the per-task bookkeeping (5 KiB a task,
+    # (3 MiB, added to every projection) and the per-task bookkeeping (5 KiB a task,
     # counted per slab); they measure the arrays, so count neither.
     if not request.node.fspath.basename.startswith("test_ndimage_"):
         yield

@@ -303,22 +303,12 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             dd = t.dependencies
             if len(dd) > max_deps or not set(dd) <= tasks.keys():
                 return None
-    # last row needing each upstream key, by walking each row's closure
-    last_use: dict = {}
-    for r in range(numblocks[axis]):
-        stack = [(name, *idx) for idx in _row_indices(numblocks, axis, r)]
-        seen = set()
-        while stack:
-            k = stack.pop()
-            if k in seen:
-                continue
-            seen.add(k)
-            last_use[k] = r
-            t = tasks[k]
-            if isinstance(t, GraphNode):
-                stack.extend(t.dependencies)
-    # a row that computes far more than its share (a carried chain: the last row of a
-    # backward pass needs every row before it) would hold the rows ahead in the cache
+    # Rows are evaluated in order and every task once: a task runs in the first row whose
+    # closure reaches it (first_use), and its value is needed until the last row in which
+    # a task depending on it runs (or, for a block, its own row).  Not the last row whose
+    # closure reaches it: through a chain (ndimage.label's rows, each gated on the
+    # previous row's last slab) the last row reaches every row before it, and their
+    # values would all be held to the end (the whole packed mask, measured).
     first_use: dict = {}
     for r in range(numblocks[axis]):
         stack = [(name, *idx) for idx in _row_indices(numblocks, axis, r)]
@@ -330,9 +320,21 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             t = tasks[k]
             if isinstance(t, GraphNode):
                 stack.extend(t.dependencies)
+    # a row that computes far more than its share (a carried chain: the last row of a
+    # backward pass needs every row before it) would hold the rows ahead in the cache
     per_row = np.bincount(list(first_use.values()), minlength=numblocks[axis])
     if per_row.max() > 3 * len(first_use) / numblocks[axis] + 16:
         return None
+    last_use: dict = {}
+    for k, r in first_use.items():
+        last_use[k] = max(last_use.get(k, -1), r)
+        t = tasks[k]
+        if isinstance(t, GraphNode):
+            for d in t.dependencies:
+                last_use[d] = max(last_use.get(d, -1), r)
+    for r in range(numblocks[axis]):
+        for idx in _row_indices(numblocks, axis, r):
+            last_use[(name, *idx)] = max(last_use.get((name, *idx), -1), r)
     # small upstream values used by every row (e.g. the zarr array) stay cached
     tasks = {k: v for k, v in tasks.items() if k in last_use}
     return SubgraphReader(name, numblocks, axis, tasks, last_use)

@@ -229,10 +229,15 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
     planes = zarr_plane_reader(hlg, name, numblocks, axis)
     if planes is not None:
         return planes
-    closure = layer_root_closure(hlg, name)
-    if closure is None:
+    def subgraph_or_external():
+        # a SubgraphReader frees each upstream value after the last row whose tasks read
+        # it; what it would carry too long (a backward chain) it refuses, and dask computes
         sub = _subgraph_reader(hlg, name, numblocks, axis)
         return sub if sub is not None else ExternalReader(name, numblocks, axis)
+
+    closure = layer_root_closure(hlg, name)
+    if closure is None:
+        return subgraph_or_external()
     layer = hlg.layers[name]
     if isinstance(layer, Blockwise):
         ev = BlockwiseEval(layer)
@@ -262,15 +267,15 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
             if all(d in ordered for d in dd):
                 ordered[k] = v
                 del pending[k]
-    if pending:
-        return ExternalReader(name, numblocks, axis)
+    if pending:  # shared tasks that wait for blocks (ndimage.label's gated rows)
+        return subgraph_or_external()
     if any(isinstance(v, GraphNode) and v.dependencies for v in ordered.values()):
-        # computed values the blocks share (a chain carried from block to block, as in
-        # an EDT's passes) would all be computed by the first row and held to the end
-        return ExternalReader(name, numblocks, axis)
+        # computed values the blocks share would all be computed by the first row and
+        # held to the end by an InlineReader
+        return subgraph_or_external()
     for t in tasks.values():
         if isinstance(t, GraphNode) and not set(t.dependencies) <= set(ordered):
-            return ExternalReader(name, numblocks, axis)
+            return subgraph_or_external()
     return InlineReader(name, numblocks, axis, tasks, ordered)
 
 

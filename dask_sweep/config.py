@@ -164,3 +164,10 @@ class SweepSettings:
 
     def with_(self, **changes: Any) -> SweepSettings:
         return replace(self, **changes)
+
+
+def temporary_directory() -> str:
+    """dask's ``temporary-directory`` setting, or the system's temporary directory."""
+    import tempfile
+
+    return dask.config.get("temporary-directory", None) or tempfile.gettempdir()

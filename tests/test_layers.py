@@ -86,6 +86,27 @@ def test_plan_and_runtime_know_no_dask_graphs_and_no_layer_above(layer):
         assert not bad, (mod, bad)
 
 
+def test_the_multipass_algorithms_know_no_dask_and_no_front_end():
+    """label's and the EDT's slab steps are numpy/numba/scipy/cc3d only: both front ends
+    (the drop-ins' dask tasks, the DSL's passes) drive the same steps."""
+    above = ("dask_sweep.patterns", "dask_sweep.integration", "dask_sweep.emit",
+             "dask_sweep.passes", "dask_sweep.dsl", "dask_sweep.ndimage")
+    mods = [m for m in MODULES if m.startswith("dask_sweep.multipass")]
+    assert len(mods) >= 5
+    for mod in mods:
+        bad = [n for n in IMPORTS[mod] if n == "dask" or n.startswith(("dask.", *above))]
+        # the storage layer's byte accounting (a leaf) counts what spilled tables write
+        bad = [n for n in bad if not n.startswith("dask_sweep.io.")]
+        io = [n for n in _internal(mod) if n.startswith("dask_sweep.io")]
+        assert not bad and set(io) <= {"dask_sweep.io.accounting"}, (mod, bad, io)
+
+
+def test_the_dsl_does_not_stand_on_the_drop_ins():
+    for mod in (m for m in MODULES if m.startswith("dask_sweep.dsl")):
+        bad = [n for n in _internal(mod) if n.startswith("dask_sweep.ndimage")]
+        assert not bad, (mod, bad)
+
+
 def test_the_dsl_objects_import_nothing_of_the_compiler():
     bad = [n for n in _internal("dask_sweep.dsl.core")
            if n.startswith("dask_sweep.dsl.") and n != "dask_sweep.dsl.core"]

@@ -20,7 +20,7 @@ The input reaches both passes in one of two ways, decided at compile time:
   its level writes it to a Zarr array under dask's temporary directory, both
   passes read it back, and it is removed when the run ends.
 
-The slab work itself is :mod:`dask_sweep.ndimage`'s (``label``: local scipy
+The slab work itself is :mod:`dask_sweep.multipass`'s (``label``: local scipy
 labels, face pairs, link chain, numbering; EDT: the up/down scans and the
 in-plane envelopes), so results equal scipy's.
 
@@ -47,6 +47,11 @@ import numpy as np
 from dask_sweep.dsl.core import Scalar, Stream, Tables
 from dask_sweep.dsl.lower import lower_streams, walk_streams
 from dask_sweep.errors import BudgetError, PlanError
+from dask_sweep.multipass import edt as E
+from dask_sweep.multipass import label as L
+from dask_sweep.multipass import label_kernels as LK
+from dask_sweep.multipass import spill as _spill
+from dask_sweep.passes.tables import plan_edt_stream, plan_label_stream
 from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.runtime.executor import compute_stage
 from dask_sweep.utils import format_bytes
@@ -243,7 +248,7 @@ def _read(st: Source, a: int, b: int, axis: int) -> tuple[np.ndarray, int]:
 
 
 class _SlabIn:
-    """One slab of the input, in :mod:`dask_sweep.ndimage`'s reader form (``read()``).
+    """One slab of the input, in :class:`~dask_sweep.multipass.SlabInput` form (``read()``).
 
     ``counter`` collects the bytes its reads took (for the per-slab report).
     """
@@ -434,7 +439,6 @@ class SpillStore:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, rows: int) -> None:
-        from dask_sweep.ndimage import _spill
 
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -508,7 +512,6 @@ class _TableValue:
         self.dirs = dirs  # spill directories, removed when the run ends
 
     def cleanup(self) -> None:
-        from dask_sweep.ndimage import _spill
 
         for d in self.dirs:
             _spill.remove_tree(d)
@@ -655,13 +658,6 @@ def _ordered(pool: ThreadPoolExecutor, fn: Any, items: list, ahead: int):
         yield pending.pop(k).result()
 
 
-def _label_module():
-    # the package re-exports the function ``label`` under the module's name
-    import importlib
-
-    return importlib.import_module("dask_sweep.ndimage.label")
-
-
 class _Label(_Algorithm):
     name = "label"
 
@@ -671,13 +667,10 @@ class _Label(_Algorithm):
         self.out_dtype = out_dtype
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
-        L = _label_module()
-
-        plan, _, _ = L.plan_stream(
+        plan = plan_label_stream(
             self.stream.shape,
             self.stream.dtype,
             chunks0,
-            self.structure,
             self.out_dtype,
             settings,
             per_voxel,
@@ -703,19 +696,15 @@ class _Label(_Algorithm):
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
-        import os
-
-        L = _label_module()
-
         plan = self.prepared.plan
         counters: list[list] = [[] for _ in plan.slabs]
         readers = [_SlabIn(slabs_in, a, b, c) for (a, b), c in zip(plan.slabs, counters)]
-        res = L._resolve(
+        res = L.resolve(
             readers,
             self.structure,
             self.out_dtype,
             self.prepared.extra["reserve"],
-            L._block(settings.memory_limit),
+            L.numbering_block(settings.memory_limit),
             settings.threads,
             settings.tune_malloc,
             on_slab=None if on_slab is None else lambda s: on_slab(s, sum(counters[s])),
@@ -724,12 +713,9 @@ class _Label(_Algorithm):
         return res, dirs
 
     def empty_tables(self) -> Any:
-        return _label_module()._Resolved([], 0)
+        return L.Resolved([], 0)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
-        from dask_sweep.ndimage import _spill
-
-        L = _label_module()
 
         x = value.slabs_in.planes(a, b, counter)
         mask = x if x.dtype == bool else x != 0
@@ -770,14 +756,12 @@ def label(stream: Any, structure: Any = None, *, output: Any = None) -> tuple[St
     ([[1, 0, 2], [1, 0, 0]], 2)
     """
     from dask_sweep.dsl.sources import source
-    from dask_sweep.ndimage import _label_kernels as K
-    from dask_sweep.ndimage.label import _normalize_output, normalize_structure
 
     s = source(stream)
-    st = normalize_structure(structure, s.ndim)
-    out = _normalize_output(output)
+    st = L.normalize_structure(structure, s.ndim, "dask_sweep.dsl.label")
+    out = L.normalize_output(output, "dask_sweep.dsl.label")
     if s.ndim <= 3:
-        K.warm()  # compile the face kernel now, not inside a pass's budget
+        LK.warm()  # compile the face kernel now, not inside a pass's budget
     algo = _Label(s, st, out)
     tables = Tables(f"label-tables({s.label})", s, algo)
     spec = AlgoSource(algo, tables)
@@ -806,9 +790,8 @@ class _EDT(_Algorithm):
         self.sampling = sampling
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
-        from dask_sweep.ndimage import edt as E
 
-        plan = E.plan_stream(
+        plan = plan_edt_stream(
             self.stream.shape,
             self.stream.dtype,
             chunks0,
@@ -834,8 +817,6 @@ class _EDT(_Algorithm):
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
-        from dask_sweep.ndimage import _spill
-        from dask_sweep.ndimage import edt as E
 
         plan = self.prepared.plan
         slabs = plan.slabs
@@ -894,8 +875,6 @@ class _EDT(_Algorithm):
         return ([], [], False)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
-        from dask_sweep.ndimage import _spill
-        from dask_sweep.ndimage import edt as E
 
         F, B, has_bg = value.tables
         shape = self.stream.shape
@@ -936,10 +915,9 @@ def distance_transform_edt(stream: Any, sampling: Any = None) -> Stream:
     [[0.0, 1.0, 2.0, 3.0]]
     """
     from dask_sweep.dsl.sources import source
-    from dask_sweep.ndimage.edt import normalize_sampling
 
     s = source(stream)
-    samp = normalize_sampling(sampling, s.ndim)
+    samp = E.normalize_sampling(sampling, s.ndim, "dask_sweep.dsl.distance_transform_edt")
     _warm_edt(len(samp))
     algo = _EDT(s, samp)
     tables = Tables(f"edt-tables({s.label})", s, algo)
@@ -958,8 +936,6 @@ def distance_transform_edt(stream: Any, sampling: Any = None) -> Stream:
 
 def _warm_edt(ndim: int) -> None:
     """Compile the EDT kernels now (on a tiny slab), not inside a pass's budget."""
-    from dask_sweep.ndimage import edt as E
-
     E.warm(ndim)
 
 

@@ -99,7 +99,7 @@ class AlgoPass:
     index: int
     tables: Any  # dask_sweep.dsl.algorithms.Tables
     algo: Any  # its algorithm, prepared by this compile
-    plan: Any  # dask_sweep.ndimage._common.SweepPlan
+    plan: Any  # dask_sweep.plan.tables.SweepPlan
     input_bytes: int
     read_bytes: int
 

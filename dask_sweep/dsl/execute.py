@@ -378,7 +378,7 @@ def run(*items: Any, **settings: Any) -> RunResult:
 
 def _cleanup_tables(env: dict, compiled: Compiled) -> None:
     """Remove the run's spilled tables and stored inputs (the run is over, or failed)."""
-    from dask_sweep.ndimage import _spill
+    from dask_sweep.multipass import spill as _spill
 
     for v in env.values():
         if isinstance(v, _TableValue):

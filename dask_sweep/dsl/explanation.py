@@ -28,7 +28,8 @@ class Explanation:
 
     @property
     def plans(self):
-        """The sweep plan of every pass (a table pass's is an ndimage ``SweepPlan``)."""
+        """The sweep plan of every pass (a table pass's: a
+        :class:`~dask_sweep.plan.tables.SweepPlan`)."""
         return [pp.plan for pp in self.compiled.passes]
 
     def lines(self) -> list[str]:

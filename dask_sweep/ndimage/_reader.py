@@ -83,6 +83,25 @@ class SlabReader:
             return nested.flat[0]
         return concatenate3(nested.tolist())
 
+    def blocks(self):
+        """``(in-plane block index, block)`` of the slab, one block at a time.
+
+        Each block's own sub-graph is evaluated apart, so the slab is never whole in
+        memory (a task several blocks share would run once per block).
+        """
+        tasks = self.tasks
+        for key in self.block_keys():
+            need: dict = {}
+            stack = [key]
+            while stack:
+                k = stack.pop()
+                if k in need:
+                    continue
+                need[k] = True
+                stack.extend(_deps(tasks[k]))
+            sub = {k: t for k, t in tasks.items() if k in need}  # tasks is dependency-ordered
+            yield key[2:], np.asarray(_evaluate(sub, {key})[key])
+
 
 def _evaluate(tasks: dict, wanted: set) -> dict:
     """Run ``tasks`` (dependencies first), dropping each value when no longer needed."""

@@ -1,0 +1,247 @@
+"""Numba kernel of connected-component labelling: the label pairs joined across a face.
+
+Voxel ``p`` of the upper plane touches voxel ``p + d`` of the lower plane for
+every offset ``d`` of the structure's crossing part; both nonzero gives a pair.
+One scan of the plane visits each upper foreground voxel once.
+
+Most offsets need not be looked at: when the straight offset crosses and ``d``
+also connects voxels *within* a plane, then
+
+* ``low[p] > 0`` means ``low[p]`` and ``low[p + d]`` are one label (the lower
+  slab's own labelling joined them), and ``(up[p], low[p])`` is the straight
+  pair at ``p``;
+* ``up[p + d] > 0`` means ``up[p + d] == up[p]``, and the straight pair at
+  ``p + d`` is the same pair,
+
+so offset ``d`` can only add a pair where both are background.  A key
+equal to the last one of its offset (a component crossing the face over many
+voxels) is not emitted again; the buffer is sorted and deduplicated when it fills.  The kernel releases
+the GIL.
+
+Also here: :func:`apply_lut`, pass 2's mapping of local labels to final ids,
+in place when both have the same width (so a slab's labels become its output
+block without a second array), without the GIL.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=False, nogil=True)
+def _scan(up, low, offs, nr, straight, width, buf, k, prev, start):  # pragma: no cover
+    """Emit keys from flat voxel ``start`` on; stop when ``buf`` is full.
+
+    ``offs[:nr]`` are the offsets always looked at, ``offs[nr:]`` the reducible
+    ones, looked at only where the straight pair is absent.  Returns ``(keys in
+    buf, voxel to resume at)``; the voxel where it stopped is scanned again from
+    its first offset (a repeated key is harmless).
+    """
+    n0, n1 = up.shape
+    m = offs.shape[0]
+    i0 = start // n1
+    for i in range(i0, n0):
+        for j in range(start - i0 * n1 if i == i0 else 0, n1):
+            a = up[i, j]
+            if a <= 0:
+                continue
+            b = low[i, j]
+            top = m
+            if straight and b > 0:
+                top = nr  # the straight pair stands for every reducible offset
+                key = a * width + b
+                if key != prev[m]:
+                    if k == buf.shape[0]:
+                        return k, i * n1 + j
+                    prev[m] = key
+                    buf[k] = key
+                    k += 1
+            for o in range(top):
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                if ii < 0 or ii >= n0 or jj < 0 or jj >= n1:
+                    continue
+                bb = low[ii, jj]
+                if bb <= 0 or (o >= nr and up[ii, jj] > 0):
+                    continue
+                key = a * width + bb
+                if key == prev[o]:
+                    continue
+                if k == buf.shape[0]:
+                    return k, i * n1 + j
+                prev[o] = key
+                buf[k] = key
+                k += 1
+    return k, n0 * n1
+
+
+def face_pairs_2d(
+    up: np.ndarray,
+    low: np.ndarray,
+    cross: np.ndarray,
+    inplane: np.ndarray,
+    cap: int | None = None,
+) -> np.ndarray:
+    """Unique ``(upper id, lower id)`` pairs, sorted, as an int64 ``(k, 2)`` array.
+
+    Parameters
+    ----------
+    up, low
+        2-D planes of label ids (0: background), same shape, C-contiguous.
+    cross
+        ``(3, 3)`` bool: offsets from an upper voxel to the lower voxels it touches.
+    inplane
+        ``(3, 3)`` bool: offsets that connect voxels within one plane (the
+        structure's middle part), which make most crossing offsets redundant.
+    cap
+        Initial buffer size in keys (default: a quarter of the plane, at least 1024).
+    """
+    straight = bool(cross[1, 1])
+    offs = np.argwhere(cross).astype(np.int64) - 1
+    offs = offs[(offs != 0).any(axis=1)].reshape(-1, 2)
+    reducible = np.array(
+        [straight and bool(inplane[d0 + 1, d1 + 1]) for d0, d1 in offs], dtype=np.bool_
+    )
+    offs = np.ascontiguousarray(np.concatenate([offs[~reducible], offs[reducible]]))
+    nr = int((~reducible).sum())
+    width = int(low.max(initial=0)) + 1
+    # A quarter of the plane: the buffer is compacted (sorted, unique) when full and
+    # doubled only when compaction leaves it more than half full.
+    buf = np.empty(cap or max(1024, up.size // 4), dtype=np.int64)
+    prev = np.full(len(offs) + 1, -1, dtype=np.int64)
+    k, p = _scan(up, low, offs, nr, straight, width, buf, 0, prev, 0)
+    while p < up.size:
+        u = np.unique(buf[:k])
+        if 2 * len(u) > len(buf):
+            buf = np.empty(2 * len(buf), dtype=np.int64)
+        buf[: len(u)] = u
+        k, p = _scan(up, low, offs, nr, straight, width, buf, len(u), prev, p)
+    keys = np.unique(buf[:k])
+    return np.stack([keys // width, keys % width], axis=1)
+
+
+@numba.njit(cache=False, nogil=True)
+def _apply_lut(lab, lut, out):  # pragma: no cover - compiled
+    for i in range(lab.shape[0]):
+        out[i] = lut[lab[i]]
+
+
+# (local labels, table / output) dtypes the compiled mapping handles: cc3d's uint32
+# labels or scipy's int32 ones, to the default int32 output.  Anything else goes
+# through numpy (compiling another signature inside a run would cost its budget).
+_LUT_TYPES = {
+    (np.dtype(np.uint32), np.dtype(np.int32)),
+    (np.dtype(np.int32), np.dtype(np.int32)),
+    (np.dtype(np.uint32), np.dtype(np.uint32)),  # raster_order's renumbering
+}
+
+
+@numba.njit(cache=False, nogil=True)
+def _first_seen(lab, n, rank):  # pragma: no cover - compiled
+    nxt = 1
+    for i in range(lab.shape[0]):
+        v = lab[i]
+        if v != 0 and rank[v] == 0:
+            rank[v] = nxt
+            nxt += 1
+            if nxt > n:
+                break
+    return nxt
+
+
+def raster_order(lab: np.ndarray, n: int) -> np.ndarray | None:
+    """Labels ``1..n`` renumbered by the raster order (C order) of their first voxel.
+
+    Returns the ``uint32`` table ``old -> new`` (0 stays 0), or None when the
+    numbering already is scipy's.  One scan of ``uint32`` labels, stopping at the
+    first voxel of the last label, without the GIL.
+    """
+    rank = np.zeros(n + 1, dtype=np.uint32)
+    if n:
+        _first_seen(lab.reshape(-1), n, rank)
+    if np.array_equal(rank, np.arange(n + 1, dtype=np.uint32)):
+        return None
+    return rank
+
+
+def apply_lut(lab: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[lab]`` with ``lut``'s dtype, written over ``lab`` when both are as wide.
+
+    ``lab`` is consumed (its buffer may become the result); the compiled loop
+    releases the GIL, so the other slabs' work runs meanwhile.
+    """
+    if (lab.dtype, lut.dtype) not in _LUT_TYPES or not lab.flags.c_contiguous:
+        return lut[lab]
+    flat = lab.reshape(-1)
+    out = flat.view(lut.dtype) if lab.dtype.itemsize == lut.dtype.itemsize else None
+    if out is None:  # pragma: no cover - both int32-sized today
+        out = np.empty(flat.shape, lut.dtype)
+    _apply_lut(flat, lut, out)
+    return out.reshape(lab.shape)
+
+
+@numba.njit(cache=False, nogil=True)
+def _find(parent, x):  # pragma: no cover - compiled
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:  # path compression
+        nxt = parent[x]
+        parent[x] = root
+        x = nxt
+    return root
+
+
+@numba.njit(cache=False, nogil=True)
+def _union_by_shared(parent, first, labels, bs):  # pragma: no cover - compiled
+    for i in range(labels.shape[0]):
+        lab, b = labels[i], bs[i]
+        f = first[b]
+        if f < 0:
+            first[b] = lab
+            continue
+        x, y = _find(parent, lab), _find(parent, f)
+        if x != y:  # the smaller label is the root: a set's root is its smallest label
+            if x < y:
+                parent[y] = x
+            else:
+                parent[x] = y
+    for i in range(parent.shape[0]):
+        parent[i] = parent[parent[i]]  # roots come first (root <= label): one sweep
+
+
+def smallest_linked(n: int, labels: np.ndarray, bs: np.ndarray, dtype) -> np.ndarray:
+    """For each label ``0..n``, the smallest label joined to it by sharing a ``b``.
+
+    ``labels[i]`` and ``bs[i]`` (int64, ``bs`` >= 0) are the pairs; a union-find
+    (``dtype``: int32, or int64 beyond) whose roots are their sets' smallest
+    labels, in place in the result, without the GIL.
+    """
+    parent = np.arange(n + 1, dtype=dtype)  # becomes B in place
+    if len(labels):
+        first = np.full(int(bs.max()) + 1, -1, dtype=dtype)
+        _union_by_shared(parent, first, labels, bs)
+    return parent
+
+
+_warm = False
+
+
+def warm() -> None:
+    """Compile the kernel now, on a tiny face (once per process).
+
+    Called when a labelling is planned, so that numba's compiler (tens of MiB of
+    resident memory, about a second) runs before the sweep, not inside its budget.
+    """
+    global _warm
+    if not _warm:
+        one = np.ones((2, 2), dtype=np.int32)
+        face_pairs_2d(one, one, np.ones((3, 3), bool), np.ones((3, 3), bool))
+        lut = np.zeros(2, dtype=np.int32)
+        for dt, lt in _LUT_TYPES:
+            apply_lut(np.ones(2, dtype=dt), lut.astype(lt))
+        raster_order(np.ones(2, dtype=np.uint32), 1)
+        one = np.ones(1, dtype=np.int64)
+        smallest_linked(1, one, one, np.int32)
+        _warm = True

@@ -1,0 +1,518 @@
+"""Sizing the slabs of table-pass algorithms (label, EDT) for a budget.
+
+Every table-pass algorithm cuts its input into *slabs*: runs of whole axis-0
+chunks of the input, whole in the other axes::
+
+    axis 0 (rows)
+      |   chunk rows of the input       slabs (whole chunk rows)
+      v   +------------------+          +------------------+
+          | row 0            |          |                  |
+          +------------------+          |   slab 0         |
+          | row 1            |          |                  |
+          +------------------+          +------------------+
+          | row 2            |          |   slab 1         |
+          +------------------+          +------------------+
+          | ...              |          | ...              |
+
+A slab is the unit of one task: read, compute, emit.  Its thickness is the
+largest number of chunk rows whose *footprint* (bytes per voxel of the pass
+times voxels, times the slabs a pass may hold at once) fits the budget next to
+the fixed costs (carried planes, tables).  When not even one chunk row fits,
+:class:`~dask_sweep.errors.BudgetError` is raised before any I/O.
+
+The footprints of each algorithm's passes are here too, for both front ends:
+the ndimage drop-ins (input read by dask tasks or inline) and the DSL (input
+computed per slab, with halos).  Nothing here knows dask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dask_sweep.config import SweepSettings
+from dask_sweep.errors import BudgetError
+from dask_sweep.multipass.label import BLOCK_BYTES, numbering_block
+from dask_sweep.plan.tables import Footprint, SweepPlan
+from dask_sweep.utils import format_bytes
+
+
+def choose_slabs(
+    func: str,
+    chunks0: Sequence[int],
+    plane_voxels: int,
+    passes: Sequence[Footprint],
+    budget: int,
+    target_voxels: int | None = None,
+    per_slab: int = 0,
+) -> tuple[tuple[int, int], ...]:
+    """Group consecutive chunk rows into slabs whose every pass fits the budget.
+
+    Greedy: a slab grows by whole chunk rows while the largest pass footprint
+    stays within ``budget`` (and the slab within ``target_voxels``, which keeps
+    slabs small enough to pipeline when the budget is generous).  ``per_slab``
+    bytes are held for every slab for the whole run (task bookkeeping), so the
+    budget left to the slabs shrinks as their number grows: the grouping is
+    repeated with the budget less the bookkeeping of the last count until the
+    count stops growing.
+
+    Raises
+    ------
+    BudgetError
+        When even the largest single chunk row does not fit; the message names
+        the function, the projected bytes and the budget.
+
+    Examples
+    --------
+    >>> fp = [Footprint("p", 1.0, 1, 0, "")]
+    >>> choose_slabs("f", [2, 2, 2], 10, fp, budget=45)
+    ((0, 4), (4, 6))
+    >>> choose_slabs("f", [2, 2, 2], 10, fp, budget=45, per_slab=3)
+    ((0, 2), (2, 4), (4, 6))
+    """
+    count = 1
+    while True:
+        slabs = _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab, count)
+        if len(slabs) <= count:
+            return slabs
+        count = len(slabs)
+
+
+def _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab, count):
+    room = budget - per_slab * count
+
+    def need(rows: int) -> int:
+        return max((p.bytes_for(rows * plane_voxels) for p in passes), default=0)
+
+    worst = max(chunks0, default=0)
+    if need(worst) > room:
+        p = max(passes, key=lambda p: p.bytes_for(worst * plane_voxels))
+        book = (
+            f" + dask's bookkeeping of {count} slabs x {format_bytes(per_slab)}"
+            if per_slab and count > 1
+            else ""
+        )
+        raise BudgetError(
+            f"{func}: even the thinnest slab (one chunk row of {worst} rows along axis 0) "
+            f"needs a projected {format_bytes(need(worst))} in {p.name} "
+            f"({p.per_voxel:g} B/voxel x {p.in_flight} slab(s) + {format_bytes(p.fixed)} "
+            f"fixed){book}, over the memory budget of {format_bytes(budget)}. Raise "
+            "memory_limit or rechunk the input to thinner rows along axis 0.",
+            stage=func,
+            projected=need(worst) + per_slab * count,
+            budget=budget,
+        )
+    slabs: list[tuple[int, int]] = []
+    start = stop = 0
+    for c in chunks0:
+        rows = stop - start + c
+        fits = need(rows) <= room and (
+            target_voxels is None or rows * plane_voxels <= target_voxels
+        )
+        if stop > start and not fits:
+            slabs.append((start, stop))
+            start = stop
+        stop += c
+    if stop > start or not slabs:
+        slabs.append((start, stop))
+    return tuple(slabs)
+
+
+# --------------------------------------------------------------------------- label
+
+# Bytes per voxel of the local labeller's own tables.  cc3d (C++ allocations, not seen
+# by tracemalloc; measured as resident growth on 8 x 512 x 512 slabs): at most 2.3 B
+# per voxel beyond its uint32 output (6-connectivity, a checkerboard: one provisional
+# label per two voxels), 0.8 with 26-connectivity; scipy's <= 1.
+LOCAL_TABLES = 2.5
+
+def label_footprints(
+    shape: tuple[int, ...],
+    item: int,
+    settings: SweepSettings,
+    out_dtype: np.dtype,
+    inline: bool,
+    read: float | None = None,
+    read_fixed: int = 0,
+) -> tuple[Footprint, Footprint]:
+    """The two passes' footprints.
+
+    ``read`` replaces the bytes per voxel of reading a slab (default: the blocks and
+    their concatenation, ``2 x item``) and ``read_fixed`` is added to the fixed
+    bytes: the DSL computes its input stream per slab, with halos; a split plan
+    unpacks its slabs from bit-packed rows (``read=0``; it adds the rows to ``fixed``).
+
+    One slab at a time is labelled (:data:`_LABELLING`); the model still counts
+    every slab in flight at its largest phase.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    out = out_dtype.itemsize
+    threads = max(1, settings.threads)
+    # Local labelling holds the largest of its phases: reading (the blocks and their
+    # concatenation, 2 x item, then the mask next to the slab: + 1), and labelling
+    # (mask 1, labels 4, the labeller's own tables LOCAL_TABLES).
+    read = 2 * item if read is None else read
+    local = max(read + 1, 1 + 4 + LOCAL_TABLES)
+    # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
+    # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
+    p1 = local + 2.0 / threads
+    # Faces of finished slabs waiting for their face step (top + bottom, 4 + 4, one
+    # more than the threads), the face kernel's keys (<= 1/4 plane x 8 B, doubled when
+    # full) and the pairs (<= 16 B per voxel of one plane).
+    face = plane * (8 * (threads + 1) + 4 + 16)
+    # Relabel: the lookup table (out per label, <= 1/2 per voxel) next to the local
+    # labelling, then the labels mapped through it: in place for int32 (the labels'
+    # buffer becomes the output block), else into a new block (out).  For an external
+    # input the numbering chain runs next to it: B (4) and int64 ids (8) per label;
+    # inline, it has finished before pass 2 starts.
+    mapped = 4 + (0 if out_dtype == np.int32 else out)
+    p2 = max(local, mapped) + out / 2 + (0 if inline else (12 + out) / 2 / threads)
+    numbering = numbering_block(settings.memory_limit) * BLOCK_BYTES  # its block temporaries
+    return (
+        # + the runtime overhead (sweep.runtime-overhead): resident memory beyond the arrays
+        Footprint(
+            "label-local",
+            p1,
+            threads,
+            face + settings.runtime_overhead + threads * read_fixed,
+            "read, local label (cc3d or scipy; slabs in flight), backward link chain",
+        ),
+        Footprint(
+            "relabel",
+            p2,
+            threads,
+            numbering + settings.runtime_overhead + threads * read_fixed,
+            "read, local label again, lookup table, emit",
+        ),
+    )
+
+
+def label_split(func, shape, chunks, item, settings, out_dtype, target):
+    """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
+
+    Each chunk row is read once per pass, block by block, into a mask packed to
+    one bit per voxel (:func:`~dask_sweep.multipass.label.read_row`), and its slabs are unpacked from it.
+    ``split[s]`` is ``(row, a, b)``: slab ``s`` is planes ``a:b`` of chunk row
+    ``row``.  The passes hold up to two packed rows (one consumed, the next being
+    read) and one block's read.
+
+    Raises
+    ------
+    BudgetError
+        When not even one plane per slab fits.
+    """
+    chunks0 = tuple(int(c) for c in chunks[0])
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    row_bits = max(chunks0) * int(np.prod(shape[1:-1], dtype=np.int64))
+    packed = row_bits * math.ceil(shape[-1] / 8)
+    # One block at a time (a strip of blocks along the last axis when the blocks do not
+    # start on whole bytes): its inputs, the block and its mask.
+    last = chunks[-1]
+    aligned = all(c % 8 == 0 for c in last[:-1])
+    block = max(chunks0) * int(np.prod([max(c) for c in chunks[1:-1]], dtype=np.int64))
+    block *= max(last) if aligned else shape[-1]
+    # (+ dask's bookkeeping of the rows' read tasks)
+    rows_fixed = 2 * packed + block * (2 * item + 2) + settings.task_overhead * len(chunks0)
+    passes = tuple(
+        dataclasses.replace(p, fixed=p.fixed + rows_fixed)
+        for p in label_footprints(shape, item, settings, out_dtype, True, read=0)
+    )
+    # A pass-2 task per slab, plus a consumer's two (the rows' read tasks are fixed).
+    per_slab = settings.task_overhead * 3
+    count = len(chunks0)
+    while True:
+        room = settings.memory_limit - per_slab * count
+        try:
+            cut = choose_slabs(func, (1,) * max(chunks0), plane, passes, room, target)
+        except BudgetError as e:
+            # quote the whole budget, and what dask's bookkeeping of the slabs takes of it
+            book = per_slab * count
+            raise BudgetError(
+                f"{func}: even one plane per slab needs a projected "
+                f"{format_bytes(e.projected + book)} ({format_bytes(e.projected)} for the "
+                f"slab's passes + {format_bytes(book)} of dask's bookkeeping of {count} "
+                f"slabs), over the memory budget of {format_bytes(settings.memory_limit)}. "
+                "Raise memory_limit (or give the input fewer, thicker chunk rows along axis "
+                "0, so there are fewer slabs).",
+                stage=func, projected=e.projected + book, budget=settings.memory_limit,
+            ) from None
+        k = max(b - a for a, b in cut)
+        new = sum(math.ceil(h / k) for h in chunks0)
+        if new <= count:
+            break
+        count = new
+    split, slabs, start = [], [], 0
+    for r, h in enumerate(chunks0):
+        parts = math.ceil(h / k)
+        sizes = [h // parts + (i < h % parts) for i in range(parts)]
+        a = 0
+        for m in sizes:
+            split.append((r, a, a + m))
+            slabs.append((start + a, start + a + m))
+            a += m
+        start += h
+    return passes, per_slab, tuple(slabs), split
+
+
+def plan_label_stream(
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks0: tuple[int, ...],
+    out_dtype: np.dtype,
+    settings: SweepSettings,
+    read: float,
+    read_fixed: int,
+    func: str,
+    slab_budget: int | None = None,
+) -> SweepPlan:
+    """The plan of labelling an input computed slab by slab in the process (the DSL's).
+
+    Parameters
+    ----------
+    shape, dtype, chunks0
+        The input's shape, dtype and the row grid its slabs may be cut on.
+    out_dtype
+        The labels' dtype.
+    settings
+        The run's settings (budget, threads, target slab size).
+    read, read_fixed
+        Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
+    func
+        The name errors and ``explain`` give.
+    slab_budget
+        The budget the slabs are sized for (default the whole ``memory_limit``):
+        less when the pass that reads the output needs room of its own.
+
+    Raises
+    ------
+    BudgetError
+        When even one row of ``chunks0`` does not fit the budget.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    item = np.dtype(dtype).itemsize
+    passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed)
+    target = max(1, settings.target_slab_bytes // item)
+    budget = slab_budget or settings.memory_limit
+    slabs = choose_slabs(func, chunks0, plane, passes, budget, target)
+    plan = SweepPlan(
+        func=func,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        in_chunks0=tuple(chunks0),
+        slabs=slabs,
+        passes=passes,
+        budget=settings.memory_limit,
+        inline=True,
+    )
+    return label_notes(plan, out_dtype)
+
+
+def label_notes(plan: SweepPlan, out_dtype: np.dtype, split: list | None = None) -> SweepPlan:
+    """``plan`` with the labelling's notes for ``explain`` (tables, split rows, dtype)."""
+    reserve = table_reserve(plan)
+    within = ()
+    if split:
+        within = (
+            f"chunk rows of up to {max(plan.in_chunks0)} planes do not fit one slab: each "
+            "row is read once per pass, block by block, into a mask of one bit per voxel, "
+            f"and labelled in {len(split)} slabs within the rows",
+        )
+    notes = within + (
+        "pass 1 runs from the last slab to the first; numbering: a forward chain over "
+        "the tables only (no input read)",
+        f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "
+        f"{out_dtype.itemsize} B per label): kept in memory up to "
+        f"{format_bytes(reserve)} (the budget left by the passes), beyond that "
+        "spilled to .npy files in dask's temporary-directory (written once, read once)",
+        f"output dtype {out_dtype}",
+    )
+    return SweepPlan(**{**plan.__dict__, "notes": notes})
+
+
+def table_reserve(plan: SweepPlan) -> int:
+    """Bytes of tables kept in memory: what the slab footprints leave of the budget."""
+    return max(0, plan.budget - plan.projected_peak)
+
+
+def row_slabs(func, chunks0, plane, passes, budget, target, per_slab):
+    """:func:`choose_slabs`, and each slab's axis-0 block indices."""
+    slabs = choose_slabs(func, chunks0, plane, passes, budget, target, per_slab)
+    # Map row bounds back to block indices (slabs are whole chunk rows).
+    edges = np.cumsum((0, *chunks0))
+    bounds = []
+    for a, b in slabs:
+        i0 = int(np.searchsorted(edges, a))
+        i1 = int(np.searchsorted(edges, b))
+        bounds.append(list(range(i0, i1)))
+    return bounds, slabs
+
+
+# --------------------------------------------------------------------------- EDT
+
+
+def edt_footprints(
+    shape: tuple[int, ...], item: int, settings: SweepSettings
+) -> tuple[Footprint, Footprint]:
+    """The drop-in's two passes (a forward chain, then a backward chain that emits)."""
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    longest = max(shape[1:], default=1)
+    # Reading a slab of several blocks holds the blocks and their concatenation (2 x).
+    # fixed parts include the runtime overhead (sweep.runtime-overhead): resident
+    # memory beyond the arrays
+    fwd = Footprint(
+        "forward",
+        2 * item + 1,
+        1,
+        2 * 4 * plane + settings.runtime_overhead,
+        "read, foreground mask, carry up-distance",
+    )
+    # + squared distances = the output block (8) and the previous output block still
+    # held by its consumer (8); line buffers per thread.
+    bwd = Footprint(
+        "backward",
+        2 * item + 1 + 16,
+        1,
+        3 * 4 * plane + settings.threads * 32 * longest + settings.runtime_overhead,
+        "read, up/down distances, in-plane envelopes, sqrt, emit",
+    )
+    return fwd, bwd
+
+
+# forward, spill, backward and its two parts, plus two of a consumer's per output
+# block (an external input's own tasks are not counted)
+EDT_TASKS_PER_SLAB = 7
+
+
+def edt_plan(
+    func: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks0: tuple[int, ...],
+    slabs: tuple[tuple[int, int], ...],
+    passes: tuple[Footprint, Footprint],
+    sampling: tuple[float, ...],
+    settings: SweepSettings,
+    inline: bool,
+) -> tuple[SweepPlan, bool]:
+    """The drop-in's plan on ``slabs``, and whether its boundary planes are spilled.
+
+    The boundary planes ``F`` (one int32 plane per slab but the last) are kept in
+    memory, counted as fixed bytes of both passes, when they fit next to a slab;
+    otherwise each goes to a ``.npy`` file, written once and read once.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    per_slab = settings.task_overhead * EDT_TASKS_PER_SLAB
+    fwd, bwd = passes
+    boundary = 4 * plane * (len(slabs) - 1)
+    common = dict(
+        func=func,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        in_chunks0=tuple(chunks0),
+        slabs=slabs,
+        budget=settings.memory_limit,
+        inline=inline,
+        per_slab=per_slab,
+    )
+    spill = SweepPlan(passes=passes, **common).projected_peak + boundary > settings.memory_limit
+    if spill:
+        note = (
+            f"boundary planes F: {len(slabs) - 1} x {format_bytes(4 * plane)} spilled to "
+            f".npy files in a temporary directory (written once, read once)"
+        )
+        written = boundary
+    else:
+        note = (
+            f"boundary planes F: {len(slabs) - 1} x {format_bytes(4 * plane)} kept in "
+            "memory (counted as fixed bytes)"
+        )
+        fwd = dataclasses.replace(fwd, fixed=fwd.fixed + boundary)
+        bwd = dataclasses.replace(bwd, fixed=bwd.fixed + boundary)
+        written = 0
+    notes = (note, f"sampling {sampling}; output float64, blocks emitted last slab first")
+    plan = SweepPlan(passes=(fwd, bwd), bytes_written=written, notes=notes, **common)
+    return plan, spill
+
+
+def plan_edt_stream(
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks0: tuple[int, ...],
+    sampling: tuple[float, ...],
+    settings: SweepSettings,
+    read: float,
+    read_fixed: int,
+    func: str,
+    slab_budget: int | None = None,
+) -> SweepPlan:
+    """The plan of the distance transform of an input computed slab by slab (the DSL's).
+
+    Pass 1 ("edges") computes every slab's own up/down distances (any order,
+    ``threads`` slabs in flight), the carries are chained over those planes
+    only, and pass 2 ("distances") turns any slab into its output block.
+
+    Parameters
+    ----------
+    shape, dtype, chunks0
+        The input's shape, dtype and the row grid its slabs may be cut on.
+    sampling
+        Normalised sampling.
+    settings
+        The run's settings.
+    read, read_fixed
+        Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
+    func
+        The name errors and ``explain`` give.
+    slab_budget
+        The budget the slabs are sized for (default the whole ``memory_limit``):
+        less when the pass that reads the output needs room of its own.
+
+    Raises
+    ------
+    BudgetError
+        When even one row of ``chunks0`` does not fit the budget.
+    """
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    longest = max(shape[1:], default=1)
+    threads = max(1, settings.threads)
+    edges = Footprint(
+        "edges",
+        read + 1,
+        threads,
+        threads * (2 * 4 * plane + read_fixed) + settings.runtime_overhead,
+        "compute the input slab, foreground, its own up/down distances (any order)",
+    )
+    # + squared distances = the output block (8) and the block before it, still held
+    # by the next stage (8); carries and line buffers per thread.
+    dist = Footprint(
+        "distances",
+        read + 1 + 16,
+        1,
+        3 * 4 * plane + threads * 32 * longest + read_fixed + settings.runtime_overhead,
+        "compute the input slab again, axis-0 distances from the carries, in-plane "
+        "envelopes, sqrt",
+    )
+    item = np.dtype(dtype).itemsize
+    target = max(1, settings.target_slab_bytes // item)
+    budget = slab_budget or settings.memory_limit
+    slabs = choose_slabs(func, chunks0, plane, (edges, dist), budget, target)
+    return SweepPlan(
+        func=func,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        in_chunks0=tuple(chunks0),
+        slabs=slabs,
+        passes=(edges, dist),
+        budget=settings.memory_limit,
+        inline=True,
+        notes=(
+            f"tables: up-carries F, the slabs' own down edges and down-carries B, 3 x "
+            f"{len(slabs)} x {format_bytes(4 * plane)}, chained over the edge planes only "
+            "(no input read)",
+            f"sampling {sampling}; output float64, slabs in any order",
+        ),
+    )

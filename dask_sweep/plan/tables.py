@@ -1,0 +1,160 @@
+"""The plan of a table-pass algorithm (label, EDT): slabs, per-pass footprints, notes.
+
+A table-pass algorithm (:mod:`dask_sweep.multipass`) reads its input once per
+pass, slab by slab along axis 0; what one pass holds is a :class:`Footprint`
+(bytes per voxel of a slab in flight, times the slabs in flight, plus fixed
+bytes such as carried planes).  The :class:`SweepPlan` is fixed when sized
+(:mod:`dask_sweep.passes.tables`) and printed by ``explain``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dask_sweep.utils import format_bytes
+
+__all__ = ["Footprint", "SweepPlan"]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one pass holds, per voxel of a slab and in fixed bytes.
+
+    Attributes
+    ----------
+    name
+        Pass name shown by ``explain``.
+    per_voxel
+        Bytes held per voxel of one slab in flight (input, masks, labels...).
+    in_flight
+        Slabs the pass may hold at once (1 for a carried chain).
+    fixed
+        Bytes independent of the slab thickness (carried planes, tables).
+    what
+        One-line description of the work, for ``explain``.
+    """
+
+    name: str
+    per_voxel: float
+    in_flight: int
+    fixed: int
+    what: str
+
+    def bytes_for(self, voxels: int) -> int:
+        return int(math.ceil(self.per_voxel * voxels)) * self.in_flight + self.fixed
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The schedule and costs of one ndimage function on one input, fixed at call time.
+
+    Attributes
+    ----------
+    func
+        Public function name.
+    shape, dtype, in_chunks0
+        The input's shape, dtype and axis-0 chunks.
+    slabs
+        ``(start, stop)`` rows of each slab, whole input chunk rows.
+    passes
+        The :class:`Footprint` of each pass over the input, in order.
+    budget
+        The memory limit in bytes.
+    inline
+        Whether reads happen inside the slab tasks (input needs no upstream
+        computation) or the input blocks are dependencies of the slab tasks.
+    bytes_written
+        Bytes written to temporary storage (0 when everything stays in memory).
+    per_slab
+        Bytes held per slab for the whole run (dask's bookkeeping of its tasks).
+    notes
+        Extra lines for ``explain`` (data-dependent tables, spill decisions).
+    """
+
+    func: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    in_chunks0: tuple[int, ...]
+    slabs: tuple[tuple[int, int], ...]
+    passes: tuple[Footprint, ...]
+    budget: int
+    inline: bool
+    bytes_written: int = 0
+    per_slab: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def plane_voxels(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def input_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def max_rows(self) -> int:
+        return max((b - a for a, b in self.slabs), default=0)
+
+    @property
+    def projected_peak(self) -> int:
+        """Largest projected footprint over the passes plus the tasks' bookkeeping, in bytes."""
+        v = self.max_rows * self.plane_voxels
+        passes = max((p.bytes_for(v) for p in self.passes), default=0)
+        return passes + self.per_slab * len(self.slabs)
+
+    @property
+    def feeding_bytes(self) -> int:
+        """Bytes held while the output is consumed: the last pass (which emits the output
+        slabs) and the tasks' bookkeeping.  A sweep reading the output gets the rest."""
+        v = self.max_rows * self.plane_voxels
+        last = self.passes[-1].bytes_for(v) if self.passes else 0
+        return last + self.per_slab * len(self.slabs)
+
+    @property
+    def bytes_read_ratio(self) -> float:
+        """Bytes read ÷ input bytes: each pass reads the input once."""
+        return float(len(self.passes))
+
+    def explain(self) -> str:
+        """The plan as text: passes, slabs, projected peak vs budget, I/O."""
+        rows = [b - a for a, b in self.slabs]
+        lines = [
+            f"{self.func}: input shape {self.shape} {self.dtype} "
+            f"({format_bytes(self.input_bytes)}), axis-0 chunks "
+            f"{_fmt_chunks(self.in_chunks0)}",
+            f"  {len(self.slabs)} slabs of {min(rows, default=0)}-{max(rows, default=0)} rows "
+            f"(whole chunk rows, in-plane whole); reads "
+            + ("inline in the slab tasks" if self.inline else "from upstream dask tasks"),
+        ]
+        v = self.max_rows * self.plane_voxels
+        for i, p in enumerate(self.passes, 1):
+            lines.append(
+                f"  pass {i} {p.name}: {p.what}; {p.per_voxel:g} B/voxel x "
+                f"{p.in_flight} slab(s) in flight + {format_bytes(p.fixed)} fixed "
+                f"= {format_bytes(p.bytes_for(v))}"
+            )
+        if self.per_slab:
+            lines.append(
+                f"  dask's bookkeeping: {len(self.slabs)} slabs x {format_bytes(self.per_slab)} "
+                f"= {format_bytes(self.per_slab * len(self.slabs))} for the whole run"
+            )
+        lines += [f"  {n}" for n in self.notes]
+        lines.append(
+            f"  projected peak {format_bytes(self.projected_peak)} of "
+            f"{format_bytes(self.budget)} budget; bytes read / input bytes = "
+            f"{self.bytes_read_ratio:.2f}; bytes written = {format_bytes(self.bytes_written)}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def _fmt_chunks(c: Sequence[int]) -> str:
+    if len(set(c)) <= 1:
+        return f"{len(c)} chunks of {c[0] if c else 0} rows"
+    return f"{len(c)} chunks of {min(c)}-{max(c)} rows"

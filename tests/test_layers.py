@@ -126,9 +126,6 @@ def test_io_is_a_leaf():
 # known exceptions, each a debt with its reason (remove the entry when it is paid)
 GRAPH_WRITERS = {
     "dask_sweep.dsl.execute": "to_dask writes the DSL's between-pass tasks around emit's chains",
-    "dask_sweep.ndimage.label": "the drop-in builds its own slab tasks (not yet a DSL front end)",
-    "dask_sweep.ndimage.edt": "the drop-in builds its own slab tasks (not yet a DSL front end)",
-    "dask_sweep.ndimage._reader": "its own reader of dask arrays (not yet patterns.readers)",
     "dask_sweep.io.api": "the chained imwrite builds its own write tasks",
     "dask_sweep.io.base": "sinks' delayed finalize",
 }

@@ -10,33 +10,22 @@ configured pass, else ``sweep.*``), the slabs are sized
 
 from __future__ import annotations
 
-import operator
-import os
 from typing import Any
 
 import numpy as np
-from dask._task_spec import Task, TaskRef
-from dask.base import tokenize
 
+from dask_sweep.emit.tables import edt_graph
 from dask_sweep.errors import SweepConfigError
 from dask_sweep.integration.optimize import active_settings
-from dask_sweep.multipass import spill as _spill
-from dask_sweep.multipass.edt import (  # noqa: F401 - INF kept importable here
-    INF,
-    backward_step,
-    forward_step,
-    normalize_sampling,
-    warm,
-)
+from dask_sweep.multipass.edt import INF, normalize_sampling, warm  # noqa: F401 - INF kept
 from dask_sweep.ndimage._common import as_dask_array
-from dask_sweep.ndimage._reader import make_readers
 from dask_sweep.passes.tables import (
     EDT_TASKS_PER_SLAB,
     choose_slabs,
     edt_footprints,
     edt_plan,
 )
-from dask_sweep.plan.ir import FEEDING
+from dask_sweep.patterns.slab_reader import make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]
@@ -141,7 +130,6 @@ def distance_transform_edt(
     [[0.0, 1.0, 2.0, 3.0]]
     """
     import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     if not return_distances or return_indices or distances is not None or indices is not None:
         raise SweepConfigError(
@@ -152,49 +140,4 @@ def distance_transform_edt(
     if image.shape[0] == 0:  # no slabs: an empty result (as scipy)
         return da.zeros(image.shape, dtype=np.float64, chunks=image.chunks)
     warm(image.ndim)  # numba compiles now, outside the run's budget
-    # spill paths must be unique per call
-    spill_dir = _spill.new_dir("edt") if spill else None
-    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill_dir)
-    fwd, spl, bwd = f"edt-fwd-{token}", f"edt-spill-{token}", f"edt-bwd-{token}"
-    bcar, out = f"edt-bcarry-{token}", f"distance-transform-edt-{token}"
-    n = len(readers)
-    nz = (0,) * (image.ndim - 1)
-    dsk: dict = {}
-    for s, r in enumerate(readers):
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        prev = TaskRef((fwd, s - 1)) if s else None
-        dsk[(fwd, s)] = Task((fwd, s), forward_step, r, prev, settings.tune_malloc, *ext)
-        if spill and s + 1 < n:
-            path = os.path.join(spill_dir, f"F-{s:08d}.npy")
-            dsk[(spl, s)] = Task((spl, s), _spill.spill, path, TaskRef((fwd, s)))
-    for s in range(n - 1, -1, -1):
-        r = readers[s]
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        f_in = None if s == 0 else TaskRef(((spl if spill else fwd), s - 1))
-        b_in = TaskRef((bcar, s + 1)) if s + 1 < n else None
-        last = TaskRef((fwd, n - 1)) if s + 1 == n else None
-        dsk[(bwd, s)] = Task(
-            (bwd, s),
-            backward_step,
-            r,
-            f_in,
-            b_in,
-            last,
-            plan.slabs[s][0],
-            samp,
-            tuple(image.shape),
-            settings.threads,
-            spill_dir,
-            settings.tune_malloc,
-            *ext,
-        )
-        dsk[(out, s, *nz)] = Task((out, s, *nz), operator.getitem, TaskRef((bwd, s)), 0)
-        if s > 0:
-            dsk[(bcar, s)] = Task((bcar, s), operator.getitem, TaskRef((bwd, s)), 1)
-    deps = () if plan.inline else (image,)
-    # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
-    layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes})
-    graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
-    rows = tuple(b - a for a, b in plan.slabs)
-    chunks = (rows,) + tuple((m,) for m in image.shape[1:])
-    return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))
+    return edt_graph(plan, image, readers, samp, settings, spill)

@@ -14,37 +14,25 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from dask._task_spec import Task, TaskRef
-from dask.base import tokenize
 
+from dask_sweep.emit.tables import label_graph
 from dask_sweep.errors import BudgetError
 from dask_sweep.integration.optimize import active_settings
 from dask_sweep.multipass import label_kernels as K
 from dask_sweep.multipass import spill as _spill  # noqa: F401 - kept importable from here
 from dask_sweep.multipass.label import (
-    count,
     face_pairs,
-    face_step,
     final_ids,
-    link_step,
     local_label,  # noqa: F401 - kept importable from here
-    local_step,
     normalize_output,
     normalize_structure,
-    number_step,
-    numbering_block,
-    pass2,
-    pass2_split,
-    read_row,
-    resolve,
     smallest_linked,
     structure_rank,  # noqa: F401
 )
 from dask_sweep.ndimage._common import as_dask_array
-from dask_sweep.ndimage._reader import make_readers
 from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
 from dask_sweep.passes.tables import table_reserve as _reserve
-from dask_sweep.plan.ir import FEEDING
+from dask_sweep.patterns.slab_reader import make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["explain_label", "label", "plan_label"]
@@ -201,114 +189,4 @@ def label(
             da.zeros(image.shape, dtype=out_dtype, chunks=image.chunks),
             da.from_array(np.array(0, dtype=np.intp)),
         )
-    token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads, reserve)
-    num, out = f"label-num-{token}", f"label-{token}"
-    nz = (0,) * (image.ndim - 1)
-    block = numbering_block(settings.memory_limit)
-    tune = settings.tune_malloc  # freed slabs leave the process at once
-    if split is not None:
-        return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token)
-    if plan.inline:
-        res = f"label-resolve-{token}"
-        dsk: dict = {
-            res: Task(
-                res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune
-            )
-        }
-        first = [res] * len(readers)
-    else:
-        dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token)
-    dsk[(num,)] = Task((num,), count, TaskRef(first[-1]))
-    for s, r in enumerate(readers):  # pass 2: independent slabs
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        key = (out, s, *nz)
-        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext)
-    return _arrays(dsk, plan, image, out, num, out_dtype)
-
-
-def _arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
-    deps = () if plan.inline else (image,)
-    # two layers, each with its own array's shape and chunks (graph optimisers, the sweep's
-    # among them, read a layer's collection annotations): the labels' blocks, and the rest
-    # (passes 1, the resolve step, the count) that they depend on
-    blocks = {k: v for k, v in dsk.items() if isinstance(k, tuple) and k[0] == out}
-    rest = {k: v for k, v in dsk.items() if k not in blocks}
-    g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
-    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
-    # what pass 2 holds while a sweep consumes the labels: that sweep plans for the rest
-    layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes})
-    g_out = HighLevelGraph.from_collections(out, layer, dependencies=(*deps, count))
-    rows = tuple(b - a for a, b in plan.slabs)
-    chunks = (rows,) + tuple((m,) for m in image.shape[1:])
-    labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
-    return labels, count
-
-
-def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token):
-    """The graph of slabs within chunk rows: pass 1 as one task, then per row a read
-    task (the packed mask) and per slab a pass-2 task.
-
-    Row ``r`` is read once the last slab of row ``r - 1`` is done (the row it
-    replaces), so at most two packed rows are held at a time, as the plan counts.
-    """
-    num, out = f"label-num-{token}", f"label-{token}"
-    res, rowk = f"label-resolve-{token}", f"label-row-{token}"
-    nz = (0,) * (image.ndim - 1)
-    tune = settings.tune_malloc
-    chunks0 = image.chunks[0]
-    shapes = [(int(h), *image.shape[1:]) for h in chunks0]
-    chunks = tuple(image.chunks[1:])
-    block = numbering_block(settings.memory_limit)
-    dsk: dict = {
-        res: Task(
-            res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
-            None, (split, shapes, chunks),
-        )
-    }
-    dsk[(num,)] = Task((num,), count, TaskRef(res))
-    last: dict = {}
-    for s, (r, _, _) in enumerate(split):
-        last[r] = s
-    for r, reader in enumerate(readers):
-        gate = [TaskRef((out, last[r - 1], *nz))] if r >= 1 else []
-        dsk[(rowk, r)] = Task(
-            (rowk, r), read_row, reader, shapes[r], chunks, tune, TaskRef(res), *gate
-        )
-    for s, (r, a, b) in enumerate(split):
-        key = (out, s, *nz)
-        dsk[key] = Task(
-            key, pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune
-        )
-    return _arrays(dsk, plan, image, out, num, out_dtype)
-
-
-def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tuple[dict, list]:
-    """Pass 1 and the numbering as per-slab tasks, for an input dask computes (external).
-
-    The input blocks are then dependencies of the local tasks, one slab's worth at a
-    time; returns the graph and the key each pass-2 slab waits for.
-    """
-    loc, fac, lnk = f"label-local-{token}", f"label-face-{token}", f"label-link-{token}"
-    numb = f"label-number-{token}"
-    n = len(readers)
-    ahead = max(1, settings.threads)  # finished local slabs waiting for the link chain
-    dsk: dict = {}
-    for s in range(n - 1, -1, -1):  # pass 1: backward
-        r = readers[s]
-        ext = [TaskRef(k) for k in r.block_keys()]
-        after = TaskRef((lnk, s + ahead)) if s + ahead < n else None
-        dsk[(loc, s)] = Task((loc, s), local_step, r, st, after, settings.tune_malloc, *ext)
-        pairs = prev = None
-        if s + 1 < n:
-            dsk[(fac, s)] = Task((fac, s), face_step, TaskRef((loc, s)), TaskRef((loc, s + 1)), st)
-            pairs, prev = TaskRef((fac, s)), TaskRef((lnk, s + 1))
-        dsk[(lnk, s)] = Task((lnk, s), link_step, TaskRef((loc, s)), pairs, prev, reserve, s)
-    for s in range(n):  # numbering: forward over the tables
-        prev = TaskRef((numb, s - 1)) if s else None
-        dsk[(numb, s)] = Task(
-            (numb, s), number_step, TaskRef((lnk, s)), prev, out_dtype, reserve, block, s
-        )
-    return dsk, [(numb, s) for s in range(n)]
+    return label_graph(plan, image, readers, st, out_dtype, settings, reserve, split)

@@ -1,4 +1,9 @@
-"""Reading one slab of a dask array from inside a slab task.
+"""Reading one slab of a dask array from inside a drop-in's slab task.
+
+The drop-ins (``ndimage.label``, ``distance_transform_edt``) read whole slabs
+of several chunk rows, in their passes' orders (label's first pass runs
+backwards, on several threads); the plugin's sweeps read chunk rows in sweep
+order with :mod:`dask_sweep.patterns.readers`.
 
 The input's own tasks for the blocks of a slab are gathered into a small
 sub-graph that the slab task evaluates itself (*inline*), so no reader can run

@@ -1,0 +1,238 @@
+"""The drop-ins' graphs: :mod:`dask_sweep.multipass`'s steps as dask tasks.
+
+``ndimage.label`` and ``ndimage.distance_transform_edt`` plan their slabs
+(:mod:`dask_sweep.passes.tables`) and read them with
+:mod:`dask_sweep.patterns.slab_reader`; here each step becomes a task::
+
+    label, inline input          label, input dask computes     EDT
+    label-resolve (pass 1 +      (label-local, s) backward      (edt-fwd, s) forward chain
+      numbering, one task)       (label-face, s), (label-link,  [(edt-spill, s)]
+    (label-N, s, 0..) pass 2       s), (label-number, s) fwd    (edt-bwd, s) backward chain
+    label-num (the count)        (label-N, s, 0..) pass 2       (distance-transform-edt-N, s)
+
+The output layer carries the bytes its last pass holds while a sweep consumes
+it (:data:`~dask_sweep.plan.ir.FEEDING`), so that sweep plans for the rest.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any
+
+import numpy as np
+from dask._task_spec import Task, TaskRef
+from dask.base import tokenize
+
+from dask_sweep.config import SweepSettings
+from dask_sweep.multipass import spill as _spill
+from dask_sweep.multipass.edt import backward_step, forward_step
+from dask_sweep.multipass.label import (
+    count,
+    face_step,
+    link_step,
+    local_step,
+    number_step,
+    numbering_block,
+    pass2,
+    pass2_split,
+    read_row,
+    resolve,
+)
+from dask_sweep.plan.ir import FEEDING
+from dask_sweep.plan.tables import SweepPlan
+
+__all__ = ["edt_graph", "label_graph"]
+
+
+def label_graph(
+    plan: SweepPlan,
+    image: Any,
+    readers: list,
+    st: np.ndarray,
+    out_dtype: np.dtype,
+    settings: SweepSettings,
+    reserve: int,
+    split: list | None,
+) -> tuple[Any, Any]:
+    """``ndimage.label``'s labels and count as dask arrays, from its plan and slab readers.
+
+    Inline reads: one task for pass 1 and the numbering (:func:`~dask_sweep.multipass.label.resolve`),
+    then a pass-2 task per slab; an input dask computes: per-slab tasks of each
+    step (:func:`_stage_graph`); slabs within chunk rows: :func:`_split_graph`.
+    """
+    token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads, reserve)
+    num, out = f"label-num-{token}", f"label-{token}"
+    nz = (0,) * (image.ndim - 1)
+    block = numbering_block(settings.memory_limit)
+    tune = settings.tune_malloc  # freed slabs leave the process at once
+    if split is not None:
+        return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token)
+    if plan.inline:
+        res = f"label-resolve-{token}"
+        dsk: dict = {
+            res: Task(
+                res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune
+            )
+        }
+        first = [res] * len(readers)
+    else:
+        dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token)
+    dsk[(num,)] = Task((num,), count, TaskRef(first[-1]))
+    for s, r in enumerate(readers):  # pass 2: independent slabs
+        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
+        key = (out, s, *nz)
+        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext)
+    return _label_arrays(dsk, plan, image, out, num, out_dtype)
+
+
+def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    deps = () if plan.inline else (image,)
+    # two layers, each with its own array's shape and chunks (graph optimisers, the sweep's
+    # among them, read a layer's collection annotations): the labels' blocks, and the rest
+    # (passes 1, the resolve step, the count) that they depend on
+    blocks = {k: v for k, v in dsk.items() if isinstance(k, tuple) and k[0] == out}
+    rest = {k: v for k, v in dsk.items() if k not in blocks}
+    g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
+    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
+    # what pass 2 holds while a sweep consumes the labels: that sweep plans for the rest
+    layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes})
+    g_out = HighLevelGraph.from_collections(out, layer, dependencies=(*deps, count))
+    rows = tuple(b - a for a, b in plan.slabs)
+    chunks = (rows,) + tuple((m,) for m in image.shape[1:])
+    labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
+    return labels, count
+
+
+def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token):
+    """The graph of slabs within chunk rows: pass 1 as one task, then per row a read
+    task (the packed mask) and per slab a pass-2 task.
+
+    Row ``r`` is read once the last slab of row ``r - 1`` is done (the row it
+    replaces), so at most two packed rows are held at a time, as the plan counts.
+    """
+    num, out = f"label-num-{token}", f"label-{token}"
+    res, rowk = f"label-resolve-{token}", f"label-row-{token}"
+    nz = (0,) * (image.ndim - 1)
+    tune = settings.tune_malloc
+    chunks0 = image.chunks[0]
+    shapes = [(int(h), *image.shape[1:]) for h in chunks0]
+    chunks = tuple(image.chunks[1:])
+    block = numbering_block(settings.memory_limit)
+    dsk: dict = {
+        res: Task(
+            res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
+            None, (split, shapes, chunks),
+        )
+    }
+    dsk[(num,)] = Task((num,), count, TaskRef(res))
+    last: dict = {}
+    for s, (r, _, _) in enumerate(split):
+        last[r] = s
+    for r, reader in enumerate(readers):
+        gate = [TaskRef((out, last[r - 1], *nz))] if r >= 1 else []
+        dsk[(rowk, r)] = Task(
+            (rowk, r), read_row, reader, shapes[r], chunks, tune, TaskRef(res), *gate
+        )
+    for s, (r, a, b) in enumerate(split):
+        key = (out, s, *nz)
+        dsk[key] = Task(
+            key, pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune
+        )
+    return _label_arrays(dsk, plan, image, out, num, out_dtype)
+
+
+def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tuple[dict, list]:
+    """Pass 1 and the numbering as per-slab tasks, for an input dask computes (external).
+
+    The input blocks are then dependencies of the local tasks, one slab's worth at a
+    time; returns the graph and the key each pass-2 slab waits for.
+    """
+    loc, fac, lnk = f"label-local-{token}", f"label-face-{token}", f"label-link-{token}"
+    numb = f"label-number-{token}"
+    n = len(readers)
+    ahead = max(1, settings.threads)  # finished local slabs waiting for the link chain
+    dsk: dict = {}
+    for s in range(n - 1, -1, -1):  # pass 1: backward
+        r = readers[s]
+        ext = [TaskRef(k) for k in r.block_keys()]
+        after = TaskRef((lnk, s + ahead)) if s + ahead < n else None
+        dsk[(loc, s)] = Task((loc, s), local_step, r, st, after, settings.tune_malloc, *ext)
+        pairs = prev = None
+        if s + 1 < n:
+            dsk[(fac, s)] = Task((fac, s), face_step, TaskRef((loc, s)), TaskRef((loc, s + 1)), st)
+            pairs, prev = TaskRef((fac, s)), TaskRef((lnk, s + 1))
+        dsk[(lnk, s)] = Task((lnk, s), link_step, TaskRef((loc, s)), pairs, prev, reserve, s)
+    for s in range(n):  # numbering: forward over the tables
+        prev = TaskRef((numb, s - 1)) if s else None
+        dsk[(numb, s)] = Task(
+            (numb, s), number_step, TaskRef((lnk, s)), prev, out_dtype, reserve, block, s
+        )
+    return dsk, [(numb, s) for s in range(n)]
+
+
+def edt_graph(
+    plan: SweepPlan,
+    image: Any,
+    readers: list,
+    samp: tuple[float, ...],
+    settings: SweepSettings,
+    spill: bool,
+) -> Any:
+    """``ndimage.distance_transform_edt``'s output as a dask array, from its plan and readers.
+
+    A forward chain of one int32 plane per slab (spilled to ``.npy`` files when the
+    plan says so), then a backward chain that emits each slab's block, last first.
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    # spill paths must be unique per call
+    spill_dir = _spill.new_dir("edt") if spill else None
+    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill_dir)
+    fwd, spl, bwd = f"edt-fwd-{token}", f"edt-spill-{token}", f"edt-bwd-{token}"
+    bcar, out = f"edt-bcarry-{token}", f"distance-transform-edt-{token}"
+    n = len(readers)
+    nz = (0,) * (image.ndim - 1)
+    dsk: dict = {}
+    for s, r in enumerate(readers):
+        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
+        prev = TaskRef((fwd, s - 1)) if s else None
+        dsk[(fwd, s)] = Task((fwd, s), forward_step, r, prev, settings.tune_malloc, *ext)
+        if spill and s + 1 < n:
+            path = os.path.join(spill_dir, f"F-{s:08d}.npy")
+            dsk[(spl, s)] = Task((spl, s), _spill.spill, path, TaskRef((fwd, s)))
+    for s in range(n - 1, -1, -1):
+        r = readers[s]
+        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
+        f_in = None if s == 0 else TaskRef(((spl if spill else fwd), s - 1))
+        b_in = TaskRef((bcar, s + 1)) if s + 1 < n else None
+        last = TaskRef((fwd, n - 1)) if s + 1 == n else None
+        dsk[(bwd, s)] = Task(
+            (bwd, s),
+            backward_step,
+            r,
+            f_in,
+            b_in,
+            last,
+            plan.slabs[s][0],
+            samp,
+            tuple(image.shape),
+            settings.threads,
+            spill_dir,
+            settings.tune_malloc,
+            *ext,
+        )
+        dsk[(out, s, *nz)] = Task((out, s, *nz), operator.getitem, TaskRef((bwd, s)), 0)
+        if s > 0:
+            dsk[(bcar, s)] = Task((bcar, s), operator.getitem, TaskRef((bwd, s)), 1)
+    deps = () if plan.inline else (image,)
+    # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
+    layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes})
+    graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
+    rows = tuple(b - a for a, b in plan.slabs)
+    chunks = (rows,) + tuple((m,) for m in image.shape[1:])
+    return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))

@@ -156,6 +156,31 @@ def test_emit_chains_carry_the_plan_and_priorities():
     assert prio(("sweep-step-t", 1)) == 0 and prio(("sweep-step-t", 6)) == -1
 
 
+def test_a_sized_plan_is_frozen_and_its_copies_independent():
+    import pickle
+    from dataclasses import replace
+
+    from dask_sweep.emit.graph import REPORTERS, emit
+    from dask_sweep.passes.slabs import size_rings
+
+    plan, trace = size_rings(_plan(steps=2))
+    with pytest.raises(TypeError, match="with_info"):
+        plan.info["x"] = 1
+    with pytest.raises(TypeError):
+        plan.info.update(x=1)
+    other = replace(plan, budget=plan.budget + 1).with_info(x=1)
+    assert "x" in other.info and "x" not in plan.info
+    assert pickle.loads(pickle.dumps(other.info)) == other.info  # plans travel to workers
+    # a reporter's entries reach the plan the steps carry, not the plan emitted
+    REPORTERS.append(lambda p, t, tok: {"report": tok})
+    try:
+        layers, _ = emit(plan, trace, token="r")
+    finally:
+        REPORTERS.pop()
+    carried = layers["sweep-r"].mapping["sweep-plan-r"].value
+    assert carried.info["report"] == "r" and "report" not in plan.info
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(30, 400), rows=st.integers(1, 9), steps=st.integers(1, 17),

@@ -368,8 +368,10 @@ def _lower_pass(
         if o.kind == "path":
             step = sinks[id(o)].row_step if id(o) in sinks else rs
             align = tuple(sorted({*range(0, n, step), n}))
-            sink = sinks.get(id(o), _PendingSink(o.target, step))
-            sink.piece = piece_rows(plane, step, s.memory_limit)
+            piece = piece_rows(plane, step, s.memory_limit)
+            opened = sinks.get(id(o))
+            # a writer of its own per plan: the opened sink's writer is not changed
+            sink = _PendingSink(o.target, piece) if opened is None else opened.cut(piece)
         elif o.kind in ("array", "store"):
             tch = getattr(o.target, "shards", None) or getattr(o.target, "chunks", None)
             piece = None
@@ -534,10 +536,14 @@ class SinkWriter:
 
     write_temps = WRITE_TEMPS
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: Any, piece: int | None = None) -> None:
         self.sink = sink
         self.row_step = sink.row_step
-        self.piece = sink.row_step
+        self.piece = piece or sink.row_step
+
+    def cut(self, piece: int) -> SinkWriter:
+        """A writer of the same sink that writes ``piece`` planes per call."""
+        return SinkWriter(self.sink, piece)
 
     def write_planes(self, a: int, planes: np.ndarray) -> None:
         for s in range(0, len(planes), max(1, self.piece)):

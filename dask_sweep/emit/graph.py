@@ -23,6 +23,7 @@ untouched; every key whose meaning changed starts with ``sweep-``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from dask._task_spec import DataNode, List, Task, TaskRef
@@ -101,14 +102,17 @@ def _done(*_):
 
 # Who files an emitted sweep for watching (the dashboard's ``/sweeps`` page under
 # ``distributed``: integration.cluster registers it on import).  emit knows no scheduler.
-REPORTERS: list[Callable[[Plan, Trace, str], None]] = []
+# A reporter returns what the steps need to report to it (``plan.info`` entries), or None.
+REPORTERS: list[Callable[[Plan, Trace, str], dict | None]] = []
 
 
-def _reporting(plan: Plan, trace: Trace, token: str) -> None:
-    """Let the reporters file the sweep; one that does sets ``plan.info["report"]``."""
-    plan.info.pop("report", None)
+def _reporting(plan: Plan, trace: Trace, token: str) -> Plan:
+    """The plan the steps carry: the reporters' entries (``report``) in its ``info``."""
+    info = {k: v for k, v in plan.info.items() if k != "report"}
+    plan = replace(plan, info=info)
     for reporter in REPORTERS:
-        reporter(plan, trace, token)
+        info.update(reporter(plan, trace, token) or {})
+    return replace(plan, info=info)
 
 
 def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
@@ -120,7 +124,7 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
     for (the previous tile's last steps); ``outputs=False`` leaves the output keys out.
     """
     token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
-    _reporting(plan, trace, token)
+    plan = _reporting(plan, trace, token)
     axis = plan.axis
     plan_key = f"sweep-plan-{token}"
     step_name = f"sweep-step-{token}"
@@ -223,7 +227,7 @@ def emit_tiled(tiles: list[tuple[Plan, Trace]], token: str,
     offset = 0
     for n, (plan, trace) in enumerate(tiles):
         if at_once:
-            plan.info["chain_offset"] = offset
+            plan = plan.with_info(chain_offset=offset)
             offset += len(plan.segment_steps())
         lay, dep = emit(plan, trace, token=f"{token}-tile{n}", after=after, outputs=False)
         layers.update(lay)

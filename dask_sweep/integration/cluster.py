@@ -89,16 +89,16 @@ def slots(threads: int) -> Slots:
     return Slots("local", 1, max(1, threads))
 
 
-def report_sweep(plan, trace, token: str) -> None:
+def report_sweep(plan, trace, token: str) -> dict | None:
     """On a ``distributed`` scheduler: file the sweep for the dashboard's ``/sweeps``
-    page and let its steps report to it (``plan.info["report"]``); elsewhere nothing."""
+    page; its steps report to what goes in ``plan.info["report"]``.  Elsewhere None."""
     sched = _scheduler_here()
     if sched is None:
-        return
+        return None
     try:
         from dask_sweep.integration.dashboard import register
 
-        plan.info["report"] = register(sched, token, plan, trace)
+        return {"report": register(sched, token, plan, trace)}
     except Exception:  # noqa: BLE001 - watching a sweep must never stop it
         import logging
 

@@ -182,8 +182,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 warnings.warn(f"{e} Falling back to stock dask.", RuntimeWarning, stacklevel=4)
             res.fallbacks.append(Fallback(where, str(e)))
             continue
-        plan.info["absorbed"] = _absorbed(region)
-        plan.info["sources"] = set(region.sources)
+        plan = plan.with_info(absorbed=_absorbed(region), sources=set(region.sources))
         res.plans.append((plan, trace))
     return res
 
@@ -199,8 +198,8 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
     plan = region_to_plan(dsk, region, axis, settings, notes)
     if where_slots.kind != "distributed":
         # the local scheduler holds every key of the graph for the whole run
-        plan.info["graph_keys"] = _kept_keys(dsk, region, plan)
-        plan.info["key_overhead"] = settings.key_overhead
+        plan = plan.with_info(graph_keys=_kept_keys(dsk, region, plan),
+                              key_overhead=settings.key_overhead)
     if _one_block_each(region, plan):
         raise NotSweepable(
             "every array is a single block and no stage can be cut into slabs: "
@@ -222,7 +221,7 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
                               projected=whole.projected, budget=whole.budget) from None
         plan, trace = tiles[0]
-        plan.info["tile_plans"] = tiles
+        plan = plan.with_info(tile_plans=tiles)
     return plan, trace
 
 
@@ -327,8 +326,8 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
         except BudgetError as e:
             error = e
             continue
-        sized.info.update(segments=len(sized.segments) + 1, together=together, slots=where,
-                          worker_budget=budget, one_chain=why)
+        sized = sized.with_info(segments=len(sized.segments) + 1, together=together,
+                                slots=where, worker_budget=budget, one_chain=why)
         return sized, trace
     if where.kind == "distributed" and where.memory and budget < settings.memory_limit:
         from dask_sweep.utils import format_bytes

@@ -92,7 +92,7 @@ def skip_recorded(plan: Plan, trace: Trace) -> tuple[Plan, Trace]:
         if any(x <= a and b <= y for x, y in done):
             skip.append(k)
     swept = n - sum(b - a for a, b in done)
-    sized.info.update(skip=tuple(skip), segments=len(segments) + 1, resumed=tuple(done))
+    sized = sized.with_info(skip=tuple(skip), segments=len(segments) + 1, resumed=tuple(done))
     note = (f"resumed write: planes {', '.join(f'{a}-{b}' for a, b in done)} are recorded "
             f"and not recomputed; {swept} of {n} planes swept in {len(todo)} range(s), "
             f"each warming up on its halo")

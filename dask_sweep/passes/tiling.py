@@ -282,9 +282,7 @@ def tile(plan: Plan, target_slab_bytes: int):
                 "input_bytes": input_bytes,
                 "bytes_read": sum(t.bytes_read for _, t in out),
                 "peak": max(t.peak for _, t in out)}
-        for p, _ in out:
-            p.info["tiling"] = info
-        return out
+        return [(p.with_info(tiling=info), t) for p, t in out]
     if last_error is None:
         raise BudgetError(
             "in-plane tiling cannot help: the source's chunks span whole planes (or no tiling "

@@ -33,6 +33,25 @@ import numpy as np
 BoundaryT = Any  # "none" | "reflect" | "periodic" | "nearest" | a constant value
 
 
+class PlanInfo(dict):
+    """A plan's notes for the layers after sizing (read-only; picklable).
+
+    Copies of a plan (``dataclasses.replace``) share it, so writing to it would
+    change every copy: :meth:`Plan.with_info` makes a new plan instead.
+    """
+
+    __slots__ = ()
+
+    def _frozen(self, *_: Any, **__: Any) -> None:
+        raise TypeError("Plan.info is read-only: use plan.with_info(key=value).")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _frozen
+    __ior__ = _frozen
+
+    def __reduce__(self):
+        return (PlanInfo, (dict(self),))
+
+
 @dataclass(frozen=True, eq=False)
 class Stage:
     """Base of every stage.
@@ -304,9 +323,17 @@ class Plan:
     fallbacks: tuple[tuple[str, str], ...] = ()
     budget: int = 0
     threads: int = 1
-    info: dict = field(default_factory=dict)
+    info: PlanInfo = field(default_factory=PlanInfo)
     rings: tuple[int, ...] = ()  # per stage: planes of its folded ring buffer (0: transient)
     segments: tuple[int, ...] = ()  # steps that start an independent chain (besides 0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.info, PlanInfo):
+            object.__setattr__(self, "info", PlanInfo(self.info))
+
+    def with_info(self, **entries: Any) -> Plan:
+        """This plan with ``entries`` added to (or replacing those of) its :attr:`info`."""
+        return replace(self, info=PlanInfo({**self.info, **entries}))
 
     @property
     def extent(self) -> int:

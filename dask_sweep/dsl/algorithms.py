@@ -382,6 +382,10 @@ class _Algorithm:
         p = self.prepared
         return tuple(p.slabs_in.read_bytes(a, b) for a, b in p.plan.slabs)
 
+    def params(self) -> tuple:  # pragma: no cover - abstract
+        """What, besides its input, the output depends on (for graph keys)."""
+        raise NotImplementedError
+
     def empty_tables(self) -> Any:  # pragma: no cover - abstract
         """The tables of an input with no planes (no slab is read)."""
         raise NotImplementedError
@@ -666,6 +670,10 @@ class _Label(_Algorithm):
         self.structure = structure
         self.out_dtype = out_dtype
 
+    def params(self) -> tuple:
+        """What, besides its input, the labels depend on."""
+        return (self.structure.tobytes(), self.structure.shape, self.out_dtype.str)
+
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
         plan = plan_label_stream(
             self.stream.shape,
@@ -788,6 +796,10 @@ class _EDT(_Algorithm):
     def __init__(self, stream: Stream, sampling: tuple[float, ...]) -> None:
         super().__init__(stream)
         self.sampling = sampling
+
+    def params(self) -> tuple:
+        """What, besides its input, the distances depend on."""
+        return self.sampling
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
 

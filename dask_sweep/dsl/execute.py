@@ -24,7 +24,6 @@ import contextlib
 import threading
 import time
 import tracemalloc
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +43,7 @@ from dask_sweep.dsl.compile import (
     step_reads,
 )
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
+from dask_sweep.dsl.lower import pipeline_token
 from dask_sweep.dsl.stages import combine_partials
 from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
@@ -601,7 +601,8 @@ def to_dask(*items: Any, **settings: Any):
     its = _items(items)
     compiled, sinks = _compile_and_open(its, settings)
     axis = compiled.axis
-    token = uuid.uuid4().hex[:12]
+    # deterministic: the same pipeline (and settings) gives the same keys, as dask's own do
+    token = pipeline_token(its, compiled.settings)[:16]
     layers: dict = {}
     deps: dict = {}
     env_key = f"dsl-env-{token}-init"
@@ -684,9 +685,9 @@ def to_dask(*items: Any, **settings: Any):
             deps[new_env] = {env_key, *names}
             env_key = new_env
     results = []
-    for x in its:
+    for i, x in enumerate(its):
         if isinstance(x, Scalar):
-            k = f"dsl-scalar-{token}-{x.uid}"
+            k = f"dsl-scalar-{token}-{i}"
             layers[k] = {k: Task(k, _get, TaskRef(env_key), x.uid)}
             deps[k] = {env_key}
             hlg = _hlg(layers, deps)
@@ -697,7 +698,7 @@ def to_dask(*items: Any, **settings: Any):
             hlg = _hlg(layers, deps)
             results.append(da.Array(hlg, name, chunks, dtype=x.stream.dtype))
         else:
-            k = f"dsl-finalize-{token}-{id(x)}"
+            k = f"dsl-finalize-{token}-{i}"
             keys = [(name, *idx) for idx in np.ndindex(*[len(c) for c in chunks])]
             writer = sinks.get(id(x))
             if writer is not None:

@@ -119,3 +119,67 @@ def _passes(fn: Any, ndim: int) -> tuple | None:
         return None  # no pass at all: the N-D call casts
     (ax, first), rest = passes[0], passes[1:]
     return ((ax, functools.partial(first, output=np.dtype(output))), *rest)
+
+
+def pipeline_token(items: list[Any], settings: SweepSettings) -> str:
+    """A deterministic token of what ``items`` (targets and scalars) compute, and how.
+
+    Equal for the same pipeline objects, and for pipelines built again from the same
+    functions and data (graph keys then match, as dask's own do); different when a
+    function, a constant, a source's data, an output target or a setting differs.
+    Node ids (``uid``) are replaced by positions, so building order does not matter.
+    """
+    from dask.base import tokenize
+
+    from dask_sweep.dsl.core import Constant, Target
+
+    index: dict[int, int] = {}
+    nodes: list[tuple] = []
+
+    def visit(root: Any) -> int:
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if id(node) in index:
+                continue
+            # (an algorithm's output stream has its tables among its scalars)
+            kids = [node.stream] if isinstance(node, Target) else deps(node, cross=True)
+            if not done:
+                stack.append((node, True))
+                stack.extend((k, False) for k in kids if id(k) not in index)
+                continue
+            index[id(node)] = len(nodes)
+            nodes.append(_node_key(node, [index[id(k)] for k in kids], Constant, Target))
+        return index[id(root)]
+
+    roots = [visit(x) for x in items]
+    return tokenize(roots, nodes, settings)
+
+
+def _node_key(node: Any, kids: list[int], constant: type, target: type) -> tuple:
+    """What identifies one node of the pipeline graph (its inputs by position)."""
+    from dask.base import tokenize
+
+    if isinstance(node, target):
+        t = node.target
+        where = ("path", str(t)) if node.kind == "path" else (node.kind, id(t))
+        return ("target", where, tokenize(node.options), kids)
+    if isinstance(node, Stream):
+        src = node.source
+        if src is None:
+            what: Any = None
+        elif hasattr(src, "algo"):
+            what = "algorithm"  # identified by its tables (among the kids)
+        else:
+            obj = src.obj
+            what = (src.kind, obj.name if src.kind == "dask" else tokenize(obj))
+        return ("stream", node.kind, node.label, node.shape, node.dtype.str, node.vrange,
+                tokenize(node.fn), node.depth, what, kids)
+    if isinstance(node, Tables):
+        return ("tables", node.algo.name, tokenize(node.algo.params()), kids)
+    if isinstance(node, Reduction):
+        return ("reduction", node.label, tokenize(node.partial, node.fn), node.k,
+                node.pdtype.str, node.identity, node.combine, kids)
+    if isinstance(node, constant):
+        return ("constant", repr(node.value), node.kind)
+    return ("scalar", node.label, tokenize(node.fn), node.kind, kids)

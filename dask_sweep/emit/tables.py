@@ -4,11 +4,12 @@
 (:mod:`dask_sweep.passes.tables`) and read them with
 :mod:`dask_sweep.patterns.slab_reader`; here each step becomes a task::
 
-    label, inline input          label, input dask computes     EDT
-    label-resolve (pass 1 +      (label-local, s) backward      (edt-fwd, s) forward chain
-      numbering, one task)       (label-face, s), (label-link,  [(edt-spill, s)]
-    (label-N, s, 0..) pass 2       s), (label-number, s) fwd    (edt-bwd, s) backward chain
-    label-num (the count)        (label-N, s, 0..) pass 2       (distance-transform-edt-N, s)
+    label, inline input    label-resolve-T: pass 1 and the numbering, one task
+                           (label-T, s, 0, ..): pass 2, one task per slab; label-num-T
+    label, input that      (label-local-T, s), (label-face-T, s), (label-link-T, s):
+      dask computes        pass 1 backward; (label-number-T, s) forward; pass 2 as above
+    EDT                    (edt-fwd-T, s) forward chain [+ (edt-spill-T, s)], then
+                           (edt-bwd-T, s) backward chain -> (distance-transform-edt-T, s, ..)
 
 The output layer carries the bytes its last pass holds while a sweep consumes
 it (:data:`~dask_sweep.plan.ir.FEEDING`), so that sweep plans for the rest.
@@ -57,9 +58,10 @@ def label_graph(
 ) -> tuple[Any, Any]:
     """``ndimage.label``'s labels and count as dask arrays, from its plan and slab readers.
 
-    Inline reads: one task for pass 1 and the numbering (:func:`~dask_sweep.multipass.label.resolve`),
-    then a pass-2 task per slab; an input dask computes: per-slab tasks of each
-    step (:func:`_stage_graph`); slabs within chunk rows: :func:`_split_graph`.
+    Inline reads: one task for pass 1 and the numbering
+    (:func:`~dask_sweep.multipass.label.resolve`), then a pass-2 task per slab; an
+    input dask computes: per-slab tasks of each step (:func:`_stage_graph`); slabs
+    within chunk rows: :func:`_split_graph`.
     """
     token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads, reserve)
     num, out = f"label-num-{token}", f"label-{token}"

@@ -103,7 +103,11 @@ def _foreground(reader: SlabInput, blocks: tuple) -> np.ndarray:
     return np.ascontiguousarray(fg).reshape(fg.shape[0], -1)
 
 
-def forward_step(reader: SlabInput, carry: np.ndarray | None, tune: bool, *blocks: Any) -> np.ndarray:
+def forward_step(
+    reader: SlabInput, carry: np.ndarray | None, tune: bool, *blocks: Any
+) -> np.ndarray:
+    """Pass 1 of a slab: the up-distance carried past its last row (``carry``: the one
+    before it; ``tune``: ``sweep.tune-malloc``)."""
     if tune:
         tune_allocator()  # sweep.tune-malloc: freed slabs leave the process at once
     fg = _foreground(reader, blocks)

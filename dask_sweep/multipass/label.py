@@ -82,6 +82,29 @@ from dask_sweep.multipass import SlabInput, spill
 from dask_sweep.multipass import label_kernels as K
 from dask_sweep.runtime.memory import tune_allocator
 
+__all__ = [
+    "NAME",
+    "Resolved",
+    "count",
+    "face_pairs",
+    "face_step",
+    "final_ids",
+    "link_step",
+    "local_label",
+    "local_step",
+    "normalize_output",
+    "normalize_structure",
+    "number_step",
+    "numbering_block",
+    "pass2",
+    "pass2_split",
+    "read_row",
+    "relabel",
+    "resolve",
+    "smallest_linked",
+    "structure_rank",
+]
+
 # The name errors give (the DSL's front end passes its own to the validation).
 NAME = "dask_sweep.ndimage.label"
 
@@ -139,6 +162,7 @@ def normalize_structure(structure: Any, ndim: int, func: str = NAME) -> np.ndarr
 
 
 def normalize_output(output: Any, func: str = NAME) -> np.dtype:
+    """The labels' dtype: ``None`` is scipy's int32; only integer dtypes, no arrays."""
     if output is None:
         return np.dtype(np.int32)
     if isinstance(output, np.ndarray):
@@ -701,6 +725,7 @@ def resolve(
 
 
 def count(src: _Numbered | Resolved) -> np.ndarray:
+    """The number of components, from the last numbering step (or the resolve step)."""
     return np.array(src.cum if isinstance(src, _Numbered) else src.num, dtype=np.intp)
 
 
@@ -713,6 +738,8 @@ def pass2(
     tune: bool,
     *blocks: Any,
 ) -> np.ndarray:
+    """Pass 2 of slab ``s``: read, label again, map through its lookup table (taken from
+    ``src``, the numbering step's or the resolve step's result, and dropped there)."""
     if tune:
         tune_allocator()
     if isinstance(src, Resolved):

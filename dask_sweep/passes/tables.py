@@ -195,7 +195,8 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
 
     Each chunk row is read once per pass, block by block, into a mask packed to
-    one bit per voxel (:func:`~dask_sweep.multipass.label.read_row`), and its slabs are unpacked from it.
+    one bit per voxel (:func:`~dask_sweep.multipass.label.read_row`), and its slabs
+    are unpacked from it.
     ``split[s]`` is ``(row, a, b)``: slab ``s`` is planes ``a:b`` of chunk row
     ``row``.  The passes hold up to two packed rows (one consumed, the next being
     read) and one block's read.

@@ -293,23 +293,28 @@ def plan_label_stream(
     BudgetError
         When even one row of ``chunks0`` does not fit the budget.
     """
-    plane = int(np.prod(shape[1:], dtype=np.int64))
     item = np.dtype(dtype).itemsize
     passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed)
-    target = max(1, settings.target_slab_bytes // item)
+    plan = _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
+    return label_notes(plan, out_dtype)
+
+
+def _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget) -> SweepPlan:
+    """The DSL's table pass on ``passes``: slabs sized for ``slab_budget`` (default the
+    whole budget), its input computed in the process (inline)."""
+    plane = int(np.prod(shape[1:], dtype=np.int64))
+    target = max(1, settings.target_slab_bytes // np.dtype(dtype).itemsize)
     budget = slab_budget or settings.memory_limit
-    slabs = choose_slabs(func, chunks0, plane, passes, budget, target)
-    plan = SweepPlan(
+    return SweepPlan(
         func=func,
         shape=tuple(shape),
         dtype=np.dtype(dtype),
         in_chunks0=tuple(chunks0),
-        slabs=slabs,
-        passes=passes,
+        slabs=choose_slabs(func, chunks0, plane, passes, budget, target),
+        passes=tuple(passes),
         budget=settings.memory_limit,
         inline=True,
     )
-    return label_notes(plan, out_dtype)
 
 
 def label_notes(plan: SweepPlan, out_dtype: np.dtype, split: list | None = None) -> SweepPlan:
@@ -497,23 +502,11 @@ def plan_edt_stream(
         "compute the input slab again, axis-0 distances from the carries, in-plane "
         "envelopes, sqrt",
     )
-    item = np.dtype(dtype).itemsize
-    target = max(1, settings.target_slab_bytes // item)
-    budget = slab_budget or settings.memory_limit
-    slabs = choose_slabs(func, chunks0, plane, (edges, dist), budget, target)
-    return SweepPlan(
-        func=func,
-        shape=tuple(shape),
-        dtype=np.dtype(dtype),
-        in_chunks0=tuple(chunks0),
-        slabs=slabs,
-        passes=(edges, dist),
-        budget=settings.memory_limit,
-        inline=True,
-        notes=(
-            f"tables: up-carries F, the slabs' own down edges and down-carries B, 3 x "
-            f"{len(slabs)} x {format_bytes(4 * plane)}, chained over the edge planes only "
-            "(no input read)",
-            f"sampling {sampling}; output float64, slabs in any order",
-        ),
+    plan = _stream_plan(func, shape, dtype, chunks0, (edges, dist), settings, slab_budget)
+    notes = (
+        f"tables: up-carries F, the slabs' own down edges and down-carries B, 3 x "
+        f"{len(plan.slabs)} x {format_bytes(4 * plane)}, chained over the edge planes only "
+        "(no input read)",
+        f"sampling {sampling}; output float64, slabs in any order",
     )
+    return dataclasses.replace(plan, notes=notes)

@@ -588,149 +588,71 @@ def to_dask(*items: Any, **settings: Any):
     """The pipeline as dask collections, one per item (see :meth:`Target.to_dask`).
 
     Every pass is emitted by :func:`dask_sweep.emit.graph.emit` (a chain of
-    ``sweep-step`` tasks); between passes one task combines the reduction
-    partials into the scalars, and the next pass's plan is bound to them.
+    ``sweep-step`` tasks) with its plan bound to the scalars found so far (the
+    *env*); between passes one task folds the reduction partials into the next
+    env, and an algorithm's table pass is one task.  The tasks are written by
+    :class:`dask_sweep.emit.pipeline.GraphBuilder`; this says which.
     """
-    import dask.array as da
-    from dask._task_spec import DataNode, List, Task, TaskRef
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import MaterializedLayer
-
-    from dask_sweep.emit.graph import emit
+    from dask_sweep.emit.pipeline import GraphBuilder
 
     its = _items(items)
     compiled, sinks = _compile_and_open(its, settings)
     axis = compiled.axis
     # deterministic: the same pipeline (and settings) gives the same keys, as dask's own do
     token = pipeline_token(its, compiled.settings)[:16]
-    layers: dict = {}
-    deps: dict = {}
-    env_key = f"dsl-env-{token}-init"
-    layers[env_key] = {
-        env_key: Task(
-            env_key,
-            evaluate_scalars,
-            DataNode(None, {}),
-            DataNode(None, {}),
-            DataNode(None, compiled.scalars),
-        )
-    }
-    deps[env_key] = set()
+    b = GraphBuilder()
+    scalars = b.const(compiled.scalars)
+    env = b.task(f"dsl-env-{token}-init", evaluate_scalars, b.const({}), b.const({}), scalars)
     out_of: dict[int, tuple[str, tuple]] = {}
-    stored_by: dict[int, tuple[str, list]] = {}
+    stored_by: dict[int, list] = {}
     for k, pp in enumerate(compiled.passes):
         if isinstance(pp, AlgoPass):
-            new_env = f"dsl-env-{token}-tables{k}"
             # a stored input: the table pass waits for every block of its writing pass
-            store = pp.algo.store
-            wrote = stored_by.get(id(store), (None, ()))
-            layers[new_env] = {
-                new_env: Task(
-                    new_env,
-                    _advance_tables,
-                    TaskRef(env_key),
-                    DataNode(None, pp.tables.uid),
-                    DataNode(None, pp.algo),
-                    DataNode(None, compiled.scalars),
-                    DataNode(None, compiled.settings),
-                    *(TaskRef(q) for q in wrote[1]),
-                )
-            }
-            deps[new_env] = {env_key} | ({wrote[0]} if wrote[0] else set())
-            env_key = new_env
+            wrote = stored_by.get(id(pp.algo.store), [])
+            env = b.task(
+                f"dsl-env-{token}-tables{k}", _advance_tables, b.ref(env),
+                b.const(pp.tables.uid), b.const(pp.algo), scalars,
+                b.const(compiled.settings), *(b.ref(q) for q in wrote),
+            )
             continue
         tok = f"{token}-p{k}"
         # output names unique per graph
         plan = replace(
             pp.plan,
             outputs=tuple(
-                replace(o, name=f"dsl-{tok}-out{k}") for k, o in enumerate(pp.plan.outputs)
+                replace(o, name=f"dsl-{tok}-out{i}") for i, o in enumerate(pp.plan.outputs)
             ),
         )
-        lays, dps = emit(plan, pp.trace, tok)
-        sweep_name = f"sweep-{tok}"
-        tasks = dict(lays[sweep_name].mapping)
-        plan_key = f"sweep-plan-{tok}"
-        tasks[plan_key] = Task(plan_key, bind_plan, DataNode(None, plan), TaskRef(env_key))
-        lays[sweep_name] = MaterializedLayer(tasks)
-        dps[sweep_name] = set(dps[sweep_name]) | {env_key}
-        for name, layer in lays.items():
-            layers[name] = layer
-            deps[name] = set(dps.get(name, ()))
-        reds, refs, names = [], [], []
+        b.sweep(plan, pp.trace, tok, bind=(bind_plan, env))
+        reds, parts = [], []
         for (kind, o), out in zip(pp.outputs, plan.outputs):
             keys = [(out.name, *idx) for idx in np.ndindex(*[len(c) for c in out.chunks])]
             if kind == "reduce":
                 reds.append(o)
-                refs.append(List(*(TaskRef(k) for k in keys)))
-                names.append(out.name)
+                parts.append(b.refs(keys))
             else:
                 out_of[id(o)] = (out.name, out.chunks)
                 if o.kind == "store":
-                    keys = [(out.name, *ix) for ix in np.ndindex(*[len(c) for c in out.chunks])]
-                    stored_by[id(o.target)] = (out.name, keys)
+                    stored_by[id(o.target)] = keys
         if reds:
-            new_env = f"dsl-env-{tok}"
-            layers[new_env] = {
-                new_env: Task(
-                    new_env,
-                    _advance_env,
-                    TaskRef(env_key),
-                    DataNode(None, reds),
-                    DataNode(None, compiled.scalars),
-                    axis,
-                    *refs,
-                )
-            }
-            deps[new_env] = {env_key, *names}
-            env_key = new_env
+            env = b.task(f"dsl-env-{tok}", _advance_env, b.ref(env), b.const(reds), scalars,
+                         axis, *parts)
     results = []
     for i, x in enumerate(its):
         if isinstance(x, Scalar):
-            k = f"dsl-scalar-{token}-{i}"
-            layers[k] = {k: Task(k, _get, TaskRef(env_key), x.uid)}
-            deps[k] = {env_key}
-            hlg = _hlg(layers, deps)
-            results.append(Delayed(k, hlg))
+            results.append(b.delayed(b.task(f"dsl-scalar-{token}-{i}", _get, b.ref(env), x.uid)))
             continue
         name, chunks = out_of[id(x)]
         if x.kind == "numpy":
-            hlg = _hlg(layers, deps)
-            results.append(da.Array(hlg, name, chunks, dtype=x.stream.dtype))
-        else:
-            k = f"dsl-finalize-{token}-{i}"
-            keys = [(name, *idx) for idx in np.ndindex(*[len(c) for c in chunks])]
-            writer = sinks.get(id(x))
-            if writer is not None:
-                layers[k] = {
-                    k: Task(k, _finalize_sink, DataNode(None, writer), *(TaskRef(q) for q in keys))
-                }
-            else:
-                layers[k] = {
-                    k: Task(
-                        k, _target_value, DataNode(None, x.target), *(TaskRef(q) for q in keys)
-                    )
-                }
-            deps[k] = {name}
-            results.append(Delayed(k, _hlg(layers, deps)))
+            results.append(b.array(name, chunks, x.stream.dtype))
+            continue
+        blocks = [b.ref((name, *idx)) for idx in np.ndindex(*[len(c) for c in chunks])]
+        writer = sinks.get(id(x))
+        fn, what = (_finalize_sink, writer) if writer is not None else (_target_value, x.target)
+        results.append(b.delayed(b.task(f"dsl-finalize-{token}-{i}", fn, b.const(what),
+                                        *blocks)))
     return results[0] if len(results) == 1 else tuple(results)
 
 
 def _target_value(target: Any, *_: Any) -> Any:
     return target
-
-
-def _hlg(layers: dict, deps: dict):
-    """A graph of the layers so far; copies, so later layers do not leak into it."""
-    from dask.highlevelgraph import HighLevelGraph
-
-    return HighLevelGraph(_materialize(layers), {name: set(d) for name, d in deps.items()})
-
-
-def _materialize(layers: dict) -> dict:
-    from dask.highlevelgraph import MaterializedLayer
-
-    return {
-        n: (v if isinstance(v, MaterializedLayer) else MaterializedLayer(v))
-        for n, v in layers.items()
-    }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from dask._task_spec import DataNode, List, Task, TaskRef
@@ -116,12 +117,15 @@ def _reporting(plan: Plan, trace: Trace, token: str) -> Plan:
 
 
 def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
-         outputs: bool = True) -> tuple[dict, dict]:
+         outputs: bool = True, bind: tuple[Callable, Any] | None = None
+         ) -> tuple[dict, dict]:
     """Tasks of the sweep: ``({layer name: MaterializedLayer}, {layer name: deps})``.
 
     The output layers keep the output names; one extra layer ``sweep-T`` holds
     the plan and the step chains.  ``after``: keys every chain's first step waits
     for (the previous tile's last steps); ``outputs=False`` leaves the output keys out.
+    ``bind=(fn, key)``: the steps run ``fn(plan, value of key)`` (a DSL pass binds the
+    scalars earlier passes found), not the plan itself.
     """
     token = token or tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
     plan = _reporting(plan, trace, token)
@@ -130,6 +134,12 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
     step_name = f"sweep-step-{token}"
     tasks: dict = {} if plan.segments else {plan_key: DataNode(plan_key, plan)}
     ext_layers: set[str] = set()
+    if bind is not None:
+        if plan.segments:
+            raise ValueError("emit: a plan bound at run time is one chain (no segments)")
+        fn, key = bind
+        tasks[plan_key] = Task(plan_key, fn, DataNode(None, plan), TaskRef(key))
+        ext_layers.add(key[0] if isinstance(key, tuple) else key)
     # a resumed write: segments whose planes the output recorded get no task
     skip = set(plan.info.get("skip", ()))
     chains = [seg for k, seg in enumerate(plan.segment_steps()) if k not in skip]

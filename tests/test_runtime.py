@@ -219,3 +219,20 @@ def test_a_long_regular_sweep_is_replayed_in_a_few_steps(monkeypatch):
     fast = ex.dry_run(plan)
     assert len(calls) < 40 < len(plan.steps) == 500  # jumped over the repeats
     assert fast.rows_read == ex.dry_run(plan, skip=False).rows_read
+
+
+def test_graph_builder_layers_take_their_dependencies_from_their_references():
+    import dask
+
+    from dask_sweep.emit.pipeline import GraphBuilder
+
+    b = GraphBuilder()
+    a = b.task("a", lambda d: dict(d, x=1), b.const({"k": ("a", 0)}))  # a tuple, not a key
+    parts = b.task("parts", lambda *v: list(v), 1, 2)
+    c = b.task("c", lambda d, p: d["x"] + sum(p), b.ref(a), b.ref(parts))
+    early = b.delayed(a)
+    assert b.deps[c] == {"a", "parts"} and b.deps[a] == set()
+    late = b.task("late", lambda v: v * 10, b.ref(c))
+    # a collection made earlier holds only what existed then
+    assert "late" not in early.__dask_graph__().layers
+    assert dask.compute(early, b.delayed(late)) == ({"k": ("a", 0), "x": 1}, 40)

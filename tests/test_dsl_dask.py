@@ -167,3 +167,21 @@ def test_graph_keys_are_deterministic():
     # merged in one compute, equal keys are one computation, and the values are right
     a, b = dask.compute(first[1], rebuilt[1])
     assert a == b == ndi.label(ndi.gaussian_filter(x, 1) > 100)[1]
+
+
+def test_graph_keys_are_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from dask_sweep import dsl\n"
+        "s = dsl.source(np.arange(8 * 5 * 5, dtype='u1').reshape(8, 5, 5))\n"
+        "m = s.map(lambda a: a * 2 + 1) > dsl.mean(s)\n"
+        "lab, n = dsl.label(m)\n"
+        "print(s.gaussian(1).to_dask(memory_limit='64MiB').name,\n"
+        "      lab.to_dask(memory_limit='64MiB').name, dsl.to_dask(n).key)\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 3

@@ -24,8 +24,8 @@ def test_chunkings_cover_the_shape(data, shape):
 @given(x=sst.volumes(), sparse=sst.volumes(sparse=True, dtype="u1"))
 def test_volumes_have_their_dtype_and_kind(x, sparse):
     assert x.dtype in sst.DTYPES and x.ndim == 3
-    # sparse volumes: objects on zeros
-    assert (sparse == 0).any()
+    # sparse volumes: objects on zeros (a few voxels may all be objects)
+    assert sparse.size < 64 or (sparse == 0).any()
 
 
 def test_fit_depth_keeps_what_dask_accepts():

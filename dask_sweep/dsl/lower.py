@@ -125,8 +125,9 @@ def pipeline_token(items: list[Any], settings: SweepSettings) -> str:
     """A deterministic token of what ``items`` (targets and scalars) compute, and how.
 
     Equal for the same pipeline objects, and for pipelines built again from the same
-    functions and data (graph keys then match, as dask's own do); different when a
-    function, a constant, a source's data, an output target or a setting differs.
+    functions and data, in this process or another (graph keys then match, as dask's
+    own do); different when a function, a constant, a source's data, an output target
+    or a setting differs.  An array given as a target is identified by the object.
     Node ids (``uid``) are replaced by positions, so building order does not matter.
     """
     from dask.base import tokenize
@@ -162,7 +163,9 @@ def _node_key(node: Any, kids: list[int], constant: type, target: type) -> tuple
 
     if isinstance(node, target):
         t = node.target
-        where = ("path", str(t)) if node.kind == "path" else (node.kind, id(t))
+        # a numpy result has no target; a file is its path; an array the user gave is
+        # identified by the object (its contents are what the graph writes)
+        where = {"numpy": ("numpy",), "path": ("path", str(t))}.get(node.kind, (node.kind, id(t)))
         return ("target", where, tokenize(node.options), kids)
     if isinstance(node, Stream):
         src = node.source
@@ -173,8 +176,9 @@ def _node_key(node: Any, kids: list[int], constant: type, target: type) -> tuple
         else:
             obj = src.obj
             what = (src.kind, obj.name if src.kind == "dask" else tokenize(obj))
+        # temps changes the plan, not the values: in the token, so a plan is one graph
         return ("stream", node.kind, node.label, node.shape, node.dtype.str, node.vrange,
-                tokenize(node.fn), node.depth, what, kids)
+                tokenize(node.fn), node.depth, node.temps, what, kids)
     if isinstance(node, Tables):
         return ("tables", node.algo.name, tokenize(node.algo.params()), kids)
     if isinstance(node, Reduction):

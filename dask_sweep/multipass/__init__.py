@@ -27,9 +27,13 @@ class SlabInput(Protocol):
         """The slab's planes as one array (``externals``: blocks computed elsewhere)."""
         ...
 
+
+class BlockInput(Protocol):
+    """A chunk row read block by block (label's rows too thick for one slab)."""
+
     def blocks(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """The slab's blocks one at a time, each with its in-plane block index."""
+        """The row's blocks one at a time, each with its in-plane block index."""
         ...
 
 
-__all__ = ["SlabInput"]
+__all__ = ["BlockInput", "SlabInput"]

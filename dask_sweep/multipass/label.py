@@ -19,7 +19,7 @@ the slabs backwards carrying the ``B`` of the labels on the top face of slab
 label of slab ``s`` in the same component of the sub-volume *from slab s to
 the end*.  The link step of slab ``s`` takes the pairs ``(l, b)`` joined
 across its bottom face (every offset of ``structure[2]``: with full
-connectivity the diagonals count; :mod:`._label_kernels`), unites the slab's
+connectivity the diagonals count; :mod:`.label_kernels`), unites the slab's
 labels that reach the same ``b``, and gets ``B`` for its own labels::
 
     slab s      ... | 3 3 . 4 |  ...   local labels (bottom face)
@@ -78,7 +78,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from dask_sweep.errors import SweepConfigError, SweepError
-from dask_sweep.multipass import SlabInput, spill
+from dask_sweep.multipass import BlockInput, SlabInput, spill
 from dask_sweep.multipass import label_kernels as K
 from dask_sweep.runtime.memory import tune_allocator
 
@@ -232,7 +232,7 @@ def local_label(
     ``uint32``, and 1-D ones as runs (cc3d refuses some inputs with an axis of
     length 1).  cc3d numbers labels in raster order of their first voxel, as
     scipy; that is checked on every slab (one scan,
-    :func:`~._label_kernels.raster_order`), and the labels would be renumbered
+    :func:`~.label_kernels.raster_order`), and the labels would be renumbered
     in place if it differed.  Anything else, and a slab cc3d refuses, is
     labelled by :func:`scipy.ndimage.label` (``int32``).  ``check=False`` skips
     the scan (pass 2, when pass 1 found every slab in scipy's numbering).
@@ -319,7 +319,7 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
-def read_row(reader: SlabInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
+def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
     """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
 
     ``shape`` is the row's, ``chunks`` the input's in-plane chunks.  Blocks whose
@@ -376,7 +376,7 @@ class _RowSlab:
 
 
 class _SharedRow:
-    def __init__(self, reader: SlabInput, shape: tuple, chunks: tuple, uses: int) -> None:
+    def __init__(self, reader: BlockInput, shape: tuple, chunks: tuple, uses: int) -> None:
         self.reader, self.shape, self.chunks, self.uses = reader, shape, chunks, uses
         self.row: _Row | None = None
         self.lock = threading.Lock()

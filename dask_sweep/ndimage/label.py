@@ -111,23 +111,21 @@ def _plan(image, structure, output, memory_limit):
         readers, inline = make_readers(image, bounds)
         if inline or not guess:
             break
-    plan = label_notes(
-        SweepPlan(
-            func=_FUNC,
-            shape=tuple(image.shape),
-            dtype=image.dtype,
-            in_chunks0=tuple(image.chunks[0]),
-            slabs=slabs,
-            passes=passes,
-            budget=settings.memory_limit,
-            inline=inline,
-            bytes_written=0,
-            per_slab=per_slab,
-        ),
-        out_dtype,
-        split,
+    plan = SweepPlan(
+        func=_FUNC,
+        shape=tuple(image.shape),
+        dtype=image.dtype,
+        in_chunks0=tuple(image.chunks[0]),
+        slabs=slabs,
+        passes=passes,
+        budget=settings.memory_limit,
+        inline=inline,
+        bytes_written=0,
+        per_slab=per_slab,
     )
-    return plan, (image, st, out_dtype, settings, _reserve(plan), split), readers
+    reserve = _reserve(plan)  # tables kept in memory: what the slab footprints leave
+    plan = label_notes(plan, out_dtype, split, reserve)
+    return plan, (image, st, out_dtype, settings, reserve, split), readers
 
 
 # --------------------------------------------------------------------------- public

@@ -146,7 +146,7 @@ def label_footprints(
     bytes: the DSL computes its input stream per slab, with halos; a split plan
     unpacks its slabs from bit-packed rows (``read=0``; it adds the rows to ``fixed``).
 
-    One slab at a time is labelled (:data:`_LABELLING`); the model still counts
+    One slab at a time is labelled (``multipass.label._LABELLING``); the model still counts
     every slab in flight at its largest phase.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
@@ -317,9 +317,12 @@ def _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget) -> 
     )
 
 
-def label_notes(plan: SweepPlan, out_dtype: np.dtype, split: list | None = None) -> SweepPlan:
-    """``plan`` with the labelling's notes for ``explain`` (tables, split rows, dtype)."""
-    reserve = table_reserve(plan)
+def label_notes(
+    plan: SweepPlan, out_dtype: np.dtype, split: list | None = None, reserve: int | None = None
+) -> SweepPlan:
+    """``plan`` with the labelling's notes for ``explain`` (tables kept up to ``reserve``,
+    default :func:`table_reserve`; split rows; dtype)."""
+    reserve = table_reserve(plan) if reserve is None else reserve
     within = ()
     if split:
         within = (

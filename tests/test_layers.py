@@ -124,10 +124,7 @@ def test_io_is_a_leaf():
 
 
 # known exceptions, each a debt with its reason (remove the entry when it is paid)
-GRAPH_WRITERS = {
-    "dask_sweep.io.api": "the chained imwrite builds its own write tasks",
-    "dask_sweep.io.base": "Source.to_dask: imread's root layer of read tasks",
-}
+GRAPH_WRITERS: dict[str, str] = {}
 
 
 def test_every_listed_graph_writer_still_needs_its_exception():

@@ -605,12 +605,15 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
 
 def _serve_io() -> None:
     """Hand io (a leaf: it imports nothing of the plugin) the sweep's settings and plans."""
+    from dask_sweep.emit import io_graphs
     from dask_sweep.io.host import HOST
 
     HOST.settings = active_settings
     HOST.active_pass = active_pass
     HOST.analyse = analyse
     HOST.enable = enable
+    HOST.source_array = io_graphs.source_array
+    HOST.write_graph = io_graphs.write_graph
 
 
 _serve_io()

@@ -2,9 +2,10 @@
 
 ``io/`` is a leaf: it imports nothing of the plugin.  Three things it does depend
 on the sweep that is switched on (a sink sizes its slabs for the active budget,
-``imwrite`` sweeps a pipeline the plugin recognises), so
-:mod:`dask_sweep.integration.optimize` fills :data:`HOST` in when the package is
-imported.  Until then (``io`` used on its own) the settings are the configured
+``imwrite`` sweeps a pipeline the plugin recognises), and its dask graphs (a
+source's read tasks, the chained slab writes) are written by
+:mod:`dask_sweep.emit.io_graphs`, so :mod:`dask_sweep.integration.optimize`
+fills :data:`HOST` in when the package is imported.  Until then (``io`` used on its own) the settings are the configured
 ``sweep.*`` ones and nothing is swept.
 """
 
@@ -21,6 +22,13 @@ def _no_pass() -> Any:
     return None
 
 
+def _no_graphs(*_: Any, **__: Any) -> Any:
+    raise RuntimeError(
+        "dask_sweep.io: dask graphs are written by dask_sweep.emit; import dask_sweep "
+        "(not only dask_sweep.io's modules) before making dask arrays of sources or sinks."
+    )
+
+
 @dataclass
 class Host:
     """The sweep's services to io (defaults: no sweep switched on)."""
@@ -33,6 +41,10 @@ class Host:
     analyse: Callable[..., Any] | None = None
     #: ``enable(**settings)``: a context in which computes are swept with these settings
     enable: Callable[..., Any] | None = None
+    #: ``source_array(source, chunks, name)``: a source's read tasks as a dask array
+    source_array: Callable[..., Any] = _no_graphs
+    #: ``write_graph(array, sink, lag=)``: the delayed chain of a sink's slab writes
+    write_graph: Callable[..., Any] = _no_graphs
 
 
 HOST = Host()

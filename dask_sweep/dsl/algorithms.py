@@ -443,7 +443,6 @@ class SpillStore:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, rows: int) -> None:
-
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.chunks = (rows, *self.shape[1:])
@@ -516,7 +515,6 @@ class _TableValue:
         self.dirs = dirs  # spill directories, removed when the run ends
 
     def cleanup(self) -> None:
-
         for d in self.dirs:
             _spill.remove_tree(d)
 
@@ -724,7 +722,6 @@ class _Label(_Algorithm):
         return L.Resolved([], 0)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
-
         x = value.slabs_in.planes(a, b, counter)
         mask = x if x.dtype == bool else x != 0
         del x
@@ -802,7 +799,6 @@ class _EDT(_Algorithm):
         return self.sampling
 
     def _plan(self, chunks0, per_voxel, halo, settings, slab_budget):
-
         plan = plan_edt_stream(
             self.stream.shape,
             self.stream.dtype,
@@ -829,7 +825,6 @@ class _EDT(_Algorithm):
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
-
         plan = self.prepared.plan
         slabs = plan.slabs
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
@@ -887,7 +882,6 @@ class _EDT(_Algorithm):
         return ([], [], False)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
-
         F, B, has_bg = value.tables
         shape = self.stream.shape
         plane = int(np.prod(shape[1:], dtype=np.int64))

@@ -5,8 +5,9 @@ on the sweep that is switched on (a sink sizes its slabs for the active budget,
 ``imwrite`` sweeps a pipeline the plugin recognises), and its dask graphs (a
 source's read tasks, the chained slab writes) are written by
 :mod:`dask_sweep.emit.io_graphs`, so :mod:`dask_sweep.integration.optimize`
-fills :data:`HOST` in when the package is imported.  Until then (``io`` used on its own) the settings are the configured
-``sweep.*`` ones and nothing is swept.
+fills :data:`HOST` in when the package is imported.  Until then (while the
+package itself is being imported) the settings are the configured ``sweep.*``
+ones, nothing is swept, and making a dask array of a source is an error.
 """
 
 from __future__ import annotations

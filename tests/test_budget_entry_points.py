@@ -561,6 +561,48 @@ def test_a_sweep_that_cannot_fit_beside_the_drop_in_says_so():
         analyse(graph, keys, SweepSettings.resolve(memory_limit="12MiB", fallback="raise"))
 
 
+def test_a_drop_ins_output_left_to_dask_over_the_budget_says_so():
+    """The EDT's blocks written with ``to_zarr`` into chunks of their own are a copy the
+    sweep leaves to dask; when a block and its writer beside the drop-in are over the
+    budget, the user is told (or, with ``"raise"``, refused) and pointed to ``imwrite``;
+    with room for them, nothing is said."""
+    import warnings
+
+    import dask.array as da
+    import zarr
+
+    from dask_sweep.config import SweepSettings
+    from dask_sweep.errors import BudgetError
+    from dask_sweep.integration.optimize import analyse
+    from dask_sweep.ndimage import distance_transform_edt
+
+    vol = np.random.default_rng(0).random((256, 128, 128)) > 0.05
+    mask = zarr.create_array(zarr.storage.MemoryStore(), shape=vol.shape,
+                             chunks=(4, 128, 128), dtype=bool)
+    mask[:] = vol
+    # 22 slabs whose output comes last first: the write reads them as dask's blocks
+    d = distance_transform_edt(da.from_zarr(mask), memory_limit="8MiB")
+    z = zarr.create_array(zarr.storage.MemoryStore(), shape=d.shape, chunks=d.chunksize,
+                          dtype=d.dtype)
+    st = da.store(d, z, lock=False, compute=False)
+    graph, keys = st.__dask_graph__(), st.__dask_keys__()
+
+    def said(budget, fallback="warn"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = analyse(graph, keys, SweepSettings.resolve(memory_limit=budget,
+                                                             fallback=fallback))
+        assert not res.plans  # a copy of blocks dask computes: left to dask
+        return [str(w.message) for w in caught if "imwrite" in str(w.message)], res
+
+    over, res = said("8MiB")
+    assert over and "over the memory budget of 8.00 MiB" in over[0], over
+    assert any("imwrite" in f.reason for f in res.fallbacks)
+    with pytest.raises(BudgetError, match="written by stock dask as it is"):
+        said("8MiB", "raise")
+    assert not said("1GiB")[0]
+
+
 def _edt_windows(vol: np.ndarray, got: np.ndarray) -> None:
     """scipy's EDT on windows with a halo (scipy needs ~1 min for the whole volume).
 

@@ -34,6 +34,7 @@ from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
+from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan
 from dask_sweep.plan.ir import FEEDING, Kernel, Plan, Source
@@ -139,6 +140,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         res.fallbacks.append(Fallback("graph", "not a HighLevelGraph (a plain dict graph)"))
         return res
     regions, res.fallbacks = find_regions(dsk, keys)
+    res.fallbacks = [_feeding_copy(dsk, fb, settings) for fb in res.fallbacks]
     where_slots = slots(settings.threads) if regions else None
     for region in regions:
         axis, note = _choose_axis(region, settings)
@@ -250,6 +252,43 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
             f"plans for the {format_bytes(left)} left")
     notes.append(note)
     return note, settings.with_(memory_limit=left)
+
+
+# What a store holds beyond a block it writes, as a multiple of the block (the plugin's
+# model of a writer's encoding temporaries, patterns.to_plan)
+_STORE_TEMPS = 2.0
+
+
+def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) -> Fallback:
+    """``fb``, and the budget it breaks when it leaves a drop-in's output to stock dask.
+
+    A store of a drop-in's blocks into chunks of their own is a copy with nothing to
+    stream, so dask writes each block as it is, beside the drop-in's last pass.  When
+    that is over the budget the user is told (``fallback="warn"``), or it is refused
+    (``"raise"``): the budget is a promise, also where the sweep does not apply.
+    """
+    layer = dsk.layers.get(fb.where)
+    ann = getattr(layer, "collection_annotations", None) or {}
+    meta = array_meta(layer) if ann.get(FEEDING) else None
+    if meta is None or not fb.reason.startswith("a store of blocks that dask computes"):
+        return fb
+    block = math.prod(max(c, default=0) for c in meta.chunks) * meta.dtype.itemsize
+    projected = int(ann[FEEDING]) + int(block * (1 + _STORE_TEMPS))
+    if projected <= settings.memory_limit:
+        return fb
+    name = fb.where.rsplit("-", 1)[0]
+    msg = (f"dask_sweep: {name}'s output is written by stock dask as it is, a block at a "
+           f"time: blocks of up to {format_bytes(block)} and the writer's temporaries "
+           f"beside the {format_bytes(int(ann[FEEDING]))} the drop-in holds are projected "
+           f"at {format_bytes(projected)}, over the memory budget of "
+           f"{format_bytes(settings.memory_limit)}. Write it with dask_sweep.io.imwrite, "
+           "which chooses output chunks that fit, or raise memory_limit.")
+    if settings.fallback == "raise":
+        raise BudgetError(msg, stage=fb.where, projected=projected,
+                          budget=settings.memory_limit)
+    if settings.fallback == "warn":
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+    return Fallback(fb.where, f"{fb.reason}; {msg.removeprefix('dask_sweep: ')}")
 
 
 def _absorbed(region) -> set[str]:

@@ -88,6 +88,10 @@ class TileWriter:
         self.inner = inner
         self.cut = cut
         self.origin = origin
+        # what a write holds beyond the planes (the plan counts it): the interior copied
+        # contiguous, beside it, then the inner writer's own temporaries
+        self.write_temps = getattr(inner, "write_temps", 0.0) + 1.0
+        self.piece = getattr(inner, "piece", None)
 
     def write_planes(self, a: int, planes) -> None:
         self.inner.write_planes(a, np.ascontiguousarray(planes[self.cut]), origin=self.origin)

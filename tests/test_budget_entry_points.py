@@ -149,19 +149,12 @@ def plugin(mode: str, budget: str, src: str, out: str):
 def many_keys(budget: str, src: str, out: str):
     """The windowed pipeline on 8 x 32 x 32 chunks, written to Zarr chunks of that
     shape: 8 192 blocks, each a key the scheduler keeps for the whole run."""
-    import dask
     import dask.array as da
-    import zarr
     from dask_image import ndfilters
-
-    import dask_sweep
 
     x = da.from_zarr(src).rechunk((8, 32, 32))
     y = ndfilters.uniform_filter(ndfilters.gaussian_filter(x, 1) > 128, 3)
-    z = zarr.create_array(out, shape=y.shape, chunks=(8, 32, 32), dtype=y.dtype)
-    store = da.store(y, z, lock=False, compute=False)
-    dask_sweep.enable(memory_limit=budget, fallback="raise")
-    return lambda: dask.compute(store)
+    return _swept_store(y, out, (8, 32, 32), budget)
 
 
 @_case
@@ -169,16 +162,24 @@ def tiled_to_zarr(budget: str, src: str, out: str):
     """The main job (``dask-sweep demo``): gaussian, erosion, uniform on 64 x 96 x 96
     chunks, written to compressed Zarr chunks of that shape; a row of chunks does not
     fit, so the sweep is tiled in-plane and each tile writes its interior."""
+    import dask.array as da
+
+    from dask_sweep.demo import pipeline
+
+    x = da.from_zarr(src).rechunk((64, 96, 96))
+    return _swept_store(pipeline(x, "map_overlap"), out, (64, 96, 96), budget)
+
+
+def _swept_store(y, out: str, chunks: tuple, budget: str):
+    """The run of a store of ``y`` into Zarr chunks ``chunks`` (zarr's default codec),
+    under ``enable(memory_limit=budget, fallback="raise")``."""
     import dask
     import dask.array as da
     import zarr
 
     import dask_sweep
-    from dask_sweep.demo import pipeline
 
-    x = da.from_zarr(src).rechunk((64, 96, 96))
-    y = pipeline(x, "map_overlap")
-    z = zarr.create_array(out, shape=y.shape, chunks=(64, 96, 96), dtype=y.dtype)
+    z = zarr.create_array(out, shape=y.shape, chunks=chunks, dtype=y.dtype)
     store = da.store(y, z, lock=False, compute=False)
     dask_sweep.enable(memory_limit=budget, fallback="raise")
     return lambda: dask.compute(store)

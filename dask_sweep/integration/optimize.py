@@ -36,7 +36,7 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
-from dask_sweep.patterns.to_plan import region_to_plan
+from dask_sweep.patterns.to_plan import STORE_TEMPS, region_to_plan
 from dask_sweep.plan.ir import FEEDING, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
@@ -254,11 +254,6 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
     return note, settings.with_(memory_limit=left)
 
 
-# What a store holds beyond a block it writes, as a multiple of the block (the plugin's
-# model of a writer's encoding temporaries, patterns.to_plan)
-_STORE_TEMPS = 2.0
-
-
 def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) -> Fallback:
     """``fb``, and the budget it breaks when it leaves a drop-in's output to stock dask.
 
@@ -270,10 +265,10 @@ def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) ->
     layer = dsk.layers.get(fb.where)
     ann = getattr(layer, "collection_annotations", None) or {}
     meta = array_meta(layer) if ann.get(FEEDING) else None
-    if meta is None or not fb.reason.startswith("a store of blocks that dask computes"):
+    if meta is None or fb.kind != "copy":
         return fb
     block = math.prod(max(c, default=0) for c in meta.chunks) * meta.dtype.itemsize
-    projected = int(ann[FEEDING]) + int(block * (1 + _STORE_TEMPS))
+    projected = int(ann[FEEDING]) + int(block * (1 + STORE_TEMPS))
     if projected <= settings.memory_limit:
         return fb
     name = fb.where.rsplit("-", 1)[0]
@@ -288,7 +283,7 @@ def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) ->
                           budget=settings.memory_limit)
     if settings.fallback == "warn":
         warnings.warn(msg, RuntimeWarning, stacklevel=5)
-    return Fallback(fb.where, f"{fb.reason}; {msg.removeprefix('dask_sweep: ')}")
+    return Fallback(fb.where, f"{fb.reason}; {msg.removeprefix('dask_sweep: ')}", fb.kind)
 
 
 def _absorbed(region) -> set[str]:
@@ -369,8 +364,6 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
                                 slots=where, worker_budget=budget, one_chain=why)
         return sized, trace
     if where.kind == "distributed" and where.memory and budget < settings.memory_limit:
-        from dask_sweep.utils import format_bytes
-
         floor = error.projected  # the one-chain attempt's floor
         raise BudgetError(
             f"dask_sweep: the workers' memory_limit ({format_bytes(where.memory)}, the "

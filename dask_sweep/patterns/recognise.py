@@ -317,7 +317,8 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
             continue
         if isinstance(make_reader(hlg, m, metas[m].numblocks, 0), ExternalReader):
             fallbacks.append(Fallback(m, "a store of blocks that dask computes (not a read a "
-                                         "sweep step can do itself): nothing to stream"))
+                                         "sweep step can do itself): nothing to stream",
+                                      kind="copy"))
             continue
         regions.append(Region(stages={}, sources=[m], outputs=[],
                               stores={u: w for u, w in written.items() if w == m},

@@ -14,10 +14,12 @@ from dask_sweep.patterns.layers import ArrayMeta, BlockwiseEval
 
 @dataclass
 class Fallback:
-    """Part of the graph left to stock dask, and why."""
+    """Part of the graph left to stock dask, and why (``kind``: which case, for the
+    passes that look further at it; ``"copy"``: a store of blocks dask computes)."""
 
     where: str
     reason: str
+    kind: str = ""
 
 
 @dataclass

@@ -86,6 +86,11 @@ def _literal_refs(hlg, ev: BlockwiseEval) -> dict | None:
     return out
 
 
+#: What a store holds while it writes, beyond the planes, as a multiple of them: a zarr
+#: array encodes the slab's chunks at once (the chunks and their encoded bytes).
+STORE_TEMPS = 2.0
+
+
 class DirectStoreWriter:
     """Write whole slabs straight into the target (zarr or any sliceable array).
 
@@ -103,9 +108,8 @@ class DirectStoreWriter:
         # the user's lock (da.store(lock=...)): a target may not take two writes at once
         # (h5py), even of different chunks, and segments write at the same time
         self.lock = lock if lock not in (None, False, True) else None
-        # a zarr array encodes the slab's chunks at once (the chunks and their encoded
-        # bytes); a numpy array takes the planes as they are
-        self.write_temps = 0.0 if isinstance(target, np.ndarray) else 2.0
+        # a numpy array takes the planes as they are
+        self.write_temps = 0.0 if isinstance(target, np.ndarray) else STORE_TEMPS
 
     def write_planes(self, a: int, planes, origin=None) -> None:
         from dask.array.core import fuse_slice

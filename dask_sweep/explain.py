@@ -1,13 +1,15 @@
 """``explain(x)``: what the sweep will do with a collection, before any I/O.
 
-Prints, per swept region, a loop nest in the spirit of Halide's schedules::
+Prints, per swept region, a loop nest in the spirit of Halide's schedules
+(the lines are :mod:`dask_sweep.plan.printer`'s, shared with the DSL)::
 
-    sweep along axis 0: 24 steps of ~16 planes (2 slab tasks per step ...)
-      for each step:
-        read   from-zarr   (chunk rows of 16 planes, 4.0 MiB each)   ring 8.0 MiB
-        stage  gaussian    window -8/+8 planes, free slabs          ring 12.0 MiB
-        ...
-    projected peak 52 MiB of 512 MiB budget; bytes read / input bytes = 1.00
+    sweep 0: along axis 0 over 64 planes in 4 steps of 16 planes; 2 threads per step
+      [ 0] array    read    8 chunk rows of 8 planes (inline, in the slab task)    2.00 MiB
+      [ 1] gaussian kernel  window -4/+4, halo (4, 4, 4), boundary none, any slab, ...
+      ...
+      projected peak 13.00 MiB of 16.00 MiB budget (81%; incl. 3.00 MiB runtime overhead), ...
+      expected bytes read / input bytes = 1.000 (2.00 MiB of 2.00 MiB)
+      floor (smallest budget, one plane per step): 5.27 MiB; set by ...
 
 and every part of the graph left to stock dask, with the reason.
 """
@@ -21,16 +23,12 @@ import dask
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.passes.slabs import describe_peak, floor
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Pointwise, Source
+from dask_sweep.plan import printer
+from dask_sweep.plan.ir import Source
 from dask_sweep.utils import format_bytes
 
 
-def _planes(n: int) -> str:
-    """``'1 plane'``, ``'8 planes'``."""
-    return f"{n} plane{'s' * (n != 1)}"
-
-
-class Explanation:
+class Explanation(printer.Printout):
     """Text (``str``) and HTML (notebook) view of a sweep analysis."""
 
     def __init__(self, result, ntasks_before: int, with_floor: bool = True) -> None:
@@ -95,78 +93,20 @@ class Explanation:
             out.append("dask_sweep: nothing swept; the graph runs as stock dask.")
         for n, (plan, trace) in enumerate(self.result.plans):
             ax = plan.axis
-            steps = plan.steps
-            widths = [b - a for a, b in zip((0, *steps[:-1]), steps)]
             in_bytes = sum(
                 sum(st.bytes_per_row) for st in plan.stages if isinstance(st, Source)
             )
-            ratio = trace.bytes_read / in_bytes if in_bytes else float("nan")
-            size = (_planes(min(widths)) if min(widths) == max(widths)
-                    else f"{min(widths)}-{max(widths)} planes")
-            out.append(
-                f"sweep {n}: along axis {ax} over {plan.extent} planes in {len(steps)} "
-                f"step{'s' * (len(steps) != 1)} of {size}; {plan.threads} "
-                f"thread{'s' * (plan.threads != 1)} per step"
-            )
+            out.append(f"sweep {n}: {printer.sweep_summary(plan)}")
             out.extend(self._segment_lines(plan))
-            out.append(f"  {'':5} {'stage':<22} {'':8}{'what':<60} ring")
-            for j, st in enumerate(plan.stages):
-                cap = plan.rings[j] if plan.rings else 0
-                ring = (f"{cap} planes, {format_bytes(trace.ring_peak.get(j, 0))}" if cap
-                        else "transient")
-                label = st.label.removeprefix("read ")
-                if isinstance(st, Source):
-                    rb = st.row_bounds
-                    rows = [b - a for a, b in zip(rb[:-1], rb[1:])]
-                    how = "from upstream tasks" if st.external else "inline, in the slab task"
-                    if getattr(st.reader, "free", False):
-                        what = ("read    any planes, by their byte ranges in the chunk files "
-                                f"({how})")
-                    else:
-                        what = (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "
-                                f"{_planes(max(rows))} ({how})")
-                elif isinstance(st, Kernel):
-                    d = st.depth[ax]
-                    bnd = set(st.boundary)
-                    what = (f"kernel  window -{d}/+{d}, halo {st.depth}, boundary "
-                            f"{bnd.pop() if len(bnd) == 1 else st.boundary}, any slab")
-                elif isinstance(st, Pointwise):
-                    what = "map     elementwise, any slab"
-                elif isinstance(st, Identity):
-                    what = "rechunk identity on planes"
-                elif isinstance(st, Blocked):
-                    w = [st.window(i) for i in range(len(st.inputs))]
-                    lo = max(x[0] for x in w)
-                    hi = max(x[1] for x in w)
-                    nb = 1
-                    for c in st.chunks:
-                        nb *= len(c)
-                    what = (f"blocks  {st.kind}, window -{lo}/+{hi}, on dask's {nb} blocks "
-                            "exactly (an opaque function: its block row is part of the floor)")
-                else:  # pragma: no cover
-                    what = type(st).__name__
-                ins = ",".join(str(i) for i in st.inputs)
-                what += f" <- [{ins}]" if ins else ""
-                out.append(f"  [{j:>2}] {label:<22.22} {what:<68} {ring}")
-            for o in plan.outputs:
-                out.append(f"  out [{o.stage}] {plan.stages[o.stage].label}: {_output(o)}")
-            budget = plan.budget
-            out.append(
-                f"  projected peak {format_bytes(trace.peak)} of {format_bytes(budget)} budget "
-                f"({100 * trace.peak / budget:.0f}%; incl. "
-                f"{format_bytes(plan.info.get('runtime_overhead', 0))} runtime overhead), "
-                f"at stage {trace.peak_stage!r}; "
-                f"held between steps <= {format_bytes(max(trace.held_after or [0]))}"
-            )
+            out += printer.sweep_lines(plan, trace, _output)
             nkeys = sum(math.prod(len(c) for c in o.chunks) for o in plan.outputs)
             before = ("" if self.ntasks_before is None
                       else f", where dask's graph had {self.ntasks_before} tasks")
             out.append(
                 f"  slabs in flight: 1 step per chain (+ carried rings); tasks: "
-                f"{len(steps)} sweep steps and {nkeys} output keys{before}"
+                f"{len(plan.steps)} sweep steps and {nkeys} output keys{before}"
             )
-            out.append(f"  expected bytes read / input bytes = {ratio:.3f} "
-                       f"({format_bytes(trace.bytes_read)} of {format_bytes(in_bytes)})")
+            out.append("  expected" + printer.io_line(trace.bytes_read, in_bytes)[1:])
             counts: dict = {}
             for step_rows in trace.rows_read:
                 for jr in step_rows:
@@ -209,37 +149,16 @@ class Explanation:
                        f"segments={seg}, reblock={shown.reblock}")
         return out
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    __repr__ = __str__
-
-    def _repr_html_(self) -> str:
+    def html_blocks(self) -> list[str]:
         """A table per sweep (stages, windows, rings), its budget bar, and the fallbacks."""
         from html import escape as e
 
-        parts = ['<div class="dask-sweep-explain" style="font-family:sans-serif">']
+        parts = []
         for n, (plan, trace) in enumerate(self.result.plans):
             floor_bytes = None if "tiling" in plan.info else self._floor(n).peak
-            parts.append(f"<h4>sweep {n}: axis {plan.axis}, {plan.extent} planes, "
-                         f"{len(plan.steps)} steps</h4>")
-            parts.append(_budget_bar(trace.peak, plan.budget, floor_bytes))
-            parts.append("<table><tr><th>#</th><th>stage</th><th>kind</th>"
-                         "<th>window</th><th>ring</th><th>inputs</th></tr>")
-            for j, st in enumerate(plan.stages):
-                win = ", ".join(f"-{lo}/+{hi}" for lo, hi in
-                                (st.window(i) for i in range(len(st.inputs)))) or "-"
-                cap = plan.rings[j] if plan.rings else 0
-                ring = (f"{cap} planes, {format_bytes(trace.ring_peak.get(j, 0))}" if cap
-                        else "transient")
-                parts.append(
-                    f"<tr><td>{j}</td><td>{e(st.label)}</td><td>{e(_kind(st))}</td>"
-                    f"<td>{win}</td><td>{ring}</td>"
-                    f"<td>{', '.join(map(str, st.inputs))}</td></tr>")
-            parts.append("</table><ul>")
-            for o in plan.outputs:
-                parts.append(f"<li>{e(plan.stages[o.stage].label)}: {e(_output(o))}</li>")
-            parts.append("</ul>")
+            parts.append(printer.sweep_html(
+                f"sweep {n}: axis {plan.axis}, {plan.extent} planes, {len(plan.steps)} steps",
+                plan, trace, _output, floor_bytes))
         if not self.result.plans:
             parts.append("<p>nothing swept; the graph runs as stock dask.</p>")
         if self.result.fallbacks:
@@ -247,14 +166,7 @@ class Explanation:
             for fb in self.result.fallbacks:
                 parts.append(f"<li><code>{e(fb.where)}</code>: {e(fb.reason)}</li>")
             parts.append("</ul>")
-        parts.append(f"<details><summary>as text</summary><pre>{e(str(self))}</pre>"
-                     "</details></div>")
-        return "".join(parts)
-
-
-def _kind(st) -> str:
-    return {Source: "read", Kernel: "kernel", Pointwise: "elementwise", Identity: "rechunk",
-            Blocked: "dask's blocks"}.get(type(st), type(st).__name__.lower())
+        return parts
 
 
 def _output(o) -> str:
@@ -273,22 +185,6 @@ def _output(o) -> str:
     where = (getattr(target, "store_path", None) or type(target).__name__) if target is not None \
         else "the store"
     return f"written in the slab task to {where} ({o.name})"
-
-
-def _budget_bar(peak: int, budget: int, floor_bytes: int | None) -> str:
-    """An HTML bar: the projected peak (and the floor) against the budget."""
-    w = max(1.0, budget)
-    frac = min(1.0, peak / w)
-    mark = ""
-    if floor_bytes is not None:
-        mark = (f'<div style="position:absolute;left:{100 * min(1.0, floor_bytes / w):.1f}%;'
-                'top:0;bottom:0;border-left:2px dashed #333" title="floor"></div>')
-    label = (f"projected peak {format_bytes(peak)} of {format_bytes(budget)}"
-             + (f"; floor {format_bytes(floor_bytes)}" if floor_bytes is not None else ""))
-    return ('<div style="position:relative;width:28em;height:1.2em;background:#eee;'
-            'border:1px solid #999">'
-            f'<div style="width:{100 * frac:.1f}%;height:100%;background:#4c9be8"></div>'
-            f'{mark}</div><div style="font-size:90%">{label}</div>')
 
 
 def explain(x: Any, **settings: Any) -> Explanation:

@@ -278,9 +278,9 @@ def test_explain_mentions_budget_io_and_outputs():
         "histogram",
         "projected peak",
         "budget",
-        "read 1.00 x input",
+        "bytes read / input bytes = 1.000",
         "2.00 x input",
-        "kernel gaussian(sigma=1)",
+        "gaussian(sigma=1)      kernel  window -4/+4",
         "numpy array",
     ):
         assert word in text, word

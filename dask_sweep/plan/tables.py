@@ -10,12 +10,11 @@ bytes such as carried planes).  The :class:`SweepPlan` is fixed when sized
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dask_sweep.utils import format_bytes
+from dask_sweep.plan.printer import table_plan_lines
 
 __all__ = ["Footprint", "SweepPlan"]
 
@@ -121,40 +120,7 @@ class SweepPlan:
 
     def explain(self) -> str:
         """The plan as text: passes, slabs, projected peak vs budget, I/O."""
-        rows = [b - a for a, b in self.slabs]
-        lines = [
-            f"{self.func}: input shape {self.shape} {self.dtype} "
-            f"({format_bytes(self.input_bytes)}), axis-0 chunks "
-            f"{_fmt_chunks(self.in_chunks0)}",
-            f"  {len(self.slabs)} slabs of {min(rows, default=0)}-{max(rows, default=0)} rows "
-            f"(whole chunk rows, in-plane whole); reads "
-            + ("inline in the slab tasks" if self.inline else "from upstream dask tasks"),
-        ]
-        v = self.max_rows * self.plane_voxels
-        for i, p in enumerate(self.passes, 1):
-            lines.append(
-                f"  pass {i} {p.name}: {p.what}; {p.per_voxel:g} B/voxel x "
-                f"{p.in_flight} slab(s) in flight + {format_bytes(p.fixed)} fixed "
-                f"= {format_bytes(p.bytes_for(v))}"
-            )
-        if self.per_slab:
-            lines.append(
-                f"  dask's bookkeeping: {len(self.slabs)} slabs x {format_bytes(self.per_slab)} "
-                f"= {format_bytes(self.per_slab * len(self.slabs))} for the whole run"
-            )
-        lines += [f"  {n}" for n in self.notes]
-        lines.append(
-            f"  projected peak {format_bytes(self.projected_peak)} of "
-            f"{format_bytes(self.budget)} budget; bytes read / input bytes = "
-            f"{self.bytes_read_ratio:.2f}; bytes written = {format_bytes(self.bytes_written)}"
-        )
-        return "\n".join(lines)
+        return "\n".join(table_plan_lines(self))
 
     def __str__(self) -> str:
         return self.explain()
-
-
-def _fmt_chunks(c: Sequence[int]) -> str:
-    if len(set(c)) <= 1:
-        return f"{len(c)} chunks of {c[0] if c else 0} rows"
-    return f"{len(c)} chunks of {min(c)}-{max(c)} rows"

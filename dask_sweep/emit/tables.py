@@ -2,7 +2,7 @@
 
 ``ndimage.label`` and ``ndimage.distance_transform_edt`` plan their slabs
 (:mod:`dask_sweep.passes.tables`) and read them with
-:mod:`dask_sweep.patterns.slab_reader`; here each step becomes a task::
+:func:`dask_sweep.patterns.readers.make_readers`; here each step becomes a task::
 
     label, inline input    label-resolve-T: pass 1 and the numbering, one task
                            (label-T, s, 0, ..): pass 2, one task per slab; label-num-T

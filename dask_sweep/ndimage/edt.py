@@ -31,7 +31,7 @@ from dask_sweep.passes.tables import (
     edt_footprints,
     edt_plan,
 )
-from dask_sweep.patterns.slab_reader import make_readers
+from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]

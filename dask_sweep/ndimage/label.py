@@ -32,7 +32,7 @@ from dask_sweep.multipass.label import (
 from dask_sweep.ndimage._common import as_dask_array
 from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
 from dask_sweep.passes.tables import table_reserve as _reserve
-from dask_sweep.patterns.slab_reader import make_readers
+from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["explain_label", "label", "plan_label"]

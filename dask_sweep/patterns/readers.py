@@ -1,19 +1,32 @@
-"""Reading a region's source rows from inside a slab task.
+"""The one reader of dask arrays: rows for the sweeps, slabs for the table passes.
 
-A source whose blocks need no upstream computation (``from_zarr``,
-``from_array``, ``imread``, random, ...) is *inlined*: the slab task runs dask's
-own read tasks for the chunk row it needs, so no reader can run ahead of the
-sweep.  Any other source is *external*: its blocks are dependencies of the slab
-task that first needs them.
+A sweep (plugin or DSL) reads its sources chunk row by chunk row, in sweep order
+(:func:`make_reader`); a table pass (``ndimage.label`` / ``distance_transform_edt``)
+reads whole slabs of chunk rows in any order (:func:`make_readers`).  Both read the
+same ways, in order of preference:
+
+* a raw local Zarr array (``da.from_zarr``) by its planes' byte ranges
+  (:class:`PlaneReader`, :class:`~dask_sweep.io.planes.ZarrPlanes`);
+* *inline*: the slab task runs dask's own tasks for the blocks it needs (and the
+  cheap upstream tasks they need), so no read can run ahead of the sweep;
+* *external*: the blocks are dependencies of the slab task, computed by dask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
 from dask.array.core import concatenate3
 
 from dask_sweep.io.planes import zarr_planes
+
+__all__ = [
+    "ExternalReader", "InlineReader", "PlaneReader", "SlabReader", "SubgraphReader",
+    "make_reader", "make_readers",
+]
 
 
 class InlineReader:
@@ -210,11 +223,20 @@ def _assemble(numblocks, axis, r, get, blocks=None):
     lo = [0] * len(numblocks) if blocks is None else [b[0] for b in blocks]
     shape = list(numblocks) if blocks is None else [b[1] - b[0] for b in blocks]
     shape[axis] = 1
-    nested = np.empty(shape, dtype=object)
-    for ix in np.ndindex(*shape):
+
+    def at(ix):
         idx = [q + o for q, o in zip(ix, lo)]
         idx[axis] = r
-        nested[ix] = np.asarray(get(tuple(idx)))
+        return get(tuple(idx))
+
+    return _concatenate(shape, at)
+
+
+def _concatenate(shape, get) -> np.ndarray:
+    """The blocks ``get(ix)`` for ``ix`` over the grid ``shape``, as one array."""
+    nested = np.empty(shape, dtype=object)
+    for ix in np.ndindex(*shape):
+        nested[ix] = np.asarray(get(ix))
     if nested.size == 1:
         return nested.flat[0]
     return concatenate3(nested.tolist())
@@ -343,3 +365,213 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     # small upstream values used by every row (e.g. the zarr array) stay cached
     tasks = {k: v for k, v in tasks.items() if k in last_use}
     return SubgraphReader(name, numblocks, axis, tasks, last_use)
+
+
+# --- slabs, read in any order (the drop-ins' table passes) -------------------------------
+#
+# ndimage.label and distance_transform_edt read whole slabs of several chunk rows, in
+# their passes' orders (label's first pass runs backwards, on several threads), so a
+# slab's reader carries nothing from one slab to the next.  The same three ways as the
+# sweeps' rows, in order of preference:
+#
+#   planes   the array is a raw local Zarr array (``da.from_zarr``): the slab's planes
+#            are read at their byte offsets (:class:`PlaneReader`'s ``ZarrPlanes``)
+#   inline   the slab's blocks and the upstream tasks they need are evaluated in the slab
+#            task, when the slabs' sub-graphs share nothing but *data* (``DataNode``
+#            keys: the zarr array handle, ``from_array``'s numpy blocks); a shared *task*
+#            would run once per slab that needs it
+#   external the blocks are dependencies of the slab task, computed by dask
+#
+#     input graph (from_zarr -> x > 0)       slab task i
+#     (read, 2, 0) (read, 3, 0)  ─┐  inline   eval (read,2,0) (read,3,0) (gt,2,0) (gt,3,0)
+#     (gt, 2, 0)   (gt, 3, 0)   ─┘  ======>  concatenate -> slab
+
+
+class SlabReader:
+    """One slab of a dask array: its axis-0 chunk rows ``rows`` (picklable).
+
+    Parameters
+    ----------
+    name
+        The array's name.
+    rows
+        Axis-0 block indices of the slab.
+    chunks
+        The array's chunks.
+    tasks
+        Key -> task of the slab's sub-graph, dependencies first (inline); ``None``
+        when the slab is read from ``planes`` or handed its blocks (external).
+    planes
+        A raw Zarr array's :class:`~dask_sweep.io.planes.ZarrPlanes`, read directly.
+    """
+
+    def __init__(self, name: str, rows: Sequence[int], chunks: tuple, tasks: dict | None,
+                 planes=None) -> None:
+        self.name = name
+        self.rows = tuple(rows)
+        self.inplane = tuple(len(c) for c in chunks[1:])
+        self.tasks = tasks
+        self.planes = planes
+        starts = np.cumsum((0, *chunks[0]))
+        self.bounds = ((int(starts[self.rows[0]]), int(starts[self.rows[-1] + 1]))
+                       if self.rows else (0, 0))
+        self.edges = [np.cumsum((0, *c)).tolist() for c in chunks[1:]]
+
+    @property
+    def inline(self) -> bool:
+        """Whether the slab task reads the slab itself (no blocks handed in)."""
+        return self.tasks is not None or self.planes is not None
+
+    def block_keys(self) -> list[tuple]:
+        return [(self.name, r, *ix) for r in self.rows for ix in np.ndindex(*self.inplane)]
+
+    def read(self, externals: Sequence[Any] = ()) -> np.ndarray:
+        """The slab as one numpy array.
+
+        Parameters
+        ----------
+        externals
+            For an external reader, the blocks in :meth:`block_keys` order.
+        """
+        if self.planes is not None:
+            return self.planes.read(*self.bounds)
+        keys = self.block_keys()
+        values = dict(zip(keys, externals)) if self.tasks is None else _run(self.tasks, keys)
+        r0 = self.rows[0]
+        return _concatenate((len(self.rows), *self.inplane),
+                            lambda ix: values.pop((self.name, r0 + ix[0], *ix[1:])))
+
+    def blocks(self):
+        """``(in-plane block index, block)`` of the slab, one block at a time.
+
+        Each block's own sub-graph is evaluated apart, so the slab is never whole in
+        memory (a task several blocks share would run once per block).
+        """
+        for key in self.block_keys():
+            if self.planes is not None:
+                region = [(e[q], e[q + 1]) for e, q in zip(self.edges, key[2:])]
+                yield key[2:], self.planes.read(*self.bounds, region)
+                continue
+            need: set = set()
+            stack = [key]
+            while stack:
+                k = stack.pop()
+                if k not in need:
+                    need.add(k)
+                    stack.extend(_deps(self.tasks[k]))
+            sub = {k: t for k, t in self.tasks.items() if k in need}  # dependency-ordered
+            yield key[2:], _run(sub, [key])[key]
+
+
+def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[SlabReader], bool]:
+    """One reader per slab (given as its axis-0 block indices) and whether they are inline.
+
+    Parameters
+    ----------
+    image
+        The input dask array.
+    slabs_blocks
+        For each slab, the axis-0 block indices it covers, in order.
+
+    Returns
+    -------
+    readers, inline
+        Inline readers read their slab themselves; external readers expect the
+        blocks of :meth:`SlabReader.block_keys` as arguments.
+    """
+    name, chunks = image.name, image.chunks
+    hlg = image.__dask_graph__()
+    planes = (zarr_plane_reader(hlg, name, image.numblocks, 0)
+              if hasattr(hlg, "layers") else None)
+    if planes is not None:
+        return [SlabReader(name, rows, chunks, None, planes.planes)
+                for rows in slabs_blocks], True
+    inplane = tuple(len(c) for c in chunks[1:])
+    dsk = convert_legacy_graph(dict(hlg))
+    raw = _raw_zarr_layers(hlg)
+    owner: dict = {}  # computed key -> the slab that needs it
+    closures: list[dict] = []
+    for s, rows in enumerate(slabs_blocks):
+        seen: set = set()
+        stack = [(name, r, *ix) for r in rows for ix in np.ndindex(*inplane)]
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            if isinstance(k, tuple) and k[0] in raw:  # a raw Zarr block: its planes' bytes
+                zp, edges = raw[k[0]]
+                dsk[k] = node = Task(k, _read_block, zp, [(e[q], e[q + 1])
+                                                          for e, q in zip(edges, k[1:])])
+            else:
+                node = dsk[k]
+            # pure data may be shared; a computed task must belong to one slab
+            if not isinstance(node, DataNode) and owner.setdefault(k, s) != s:
+                return [SlabReader(name, rows, chunks, None) for rows in slabs_blocks], False
+            stack.extend(_deps(node))
+        closures.append(_toposort({k: dsk[k] for k in seen}))
+    return [SlabReader(name, rows, chunks, c) for rows, c in zip(slabs_blocks, closures)], True
+
+
+def _raw_zarr_layers(hlg) -> dict:
+    """``{layer: (ZarrPlanes, per-axis block edges)}`` for the graph's raw local Zarr reads.
+
+    Such a block is read by its planes' byte ranges (:func:`_read_block`), skipping
+    zarr's per-chunk machinery; the values are the same.
+    """
+    from dask_sweep.patterns.layers import array_meta
+
+    out: dict = {}
+    for lay in getattr(hlg, "layers", {}):
+        meta = array_meta(hlg.layers[lay])
+        if meta is None:
+            continue
+        pr = zarr_plane_reader(hlg, lay, tuple(len(c) for c in meta.chunks), 0)
+        if pr is not None:
+            out[lay] = (pr.planes, [np.cumsum((0, *c)).tolist() for c in meta.chunks])
+    return out
+
+
+def _read_block(planes, bounds) -> np.ndarray:
+    (a, b), *region = bounds
+    return planes.read(a, b, region)
+
+
+def _run(tasks: dict, wanted: Sequence) -> dict:
+    """Run ``tasks`` (dependencies first), dropping each value after its last consumer."""
+    keep = set(wanted)
+    remaining: dict = {}
+    for t in tasks.values():
+        for d in _deps(t):
+            remaining[d] = remaining.get(d, 0) + 1
+    values: dict = {}
+    for k, t in tasks.items():
+        deps = _deps(t)
+        values[k] = t({d: values[d] for d in deps}) if isinstance(t, GraphNode) else t
+        # the slab's pre-processing chain then holds at most two versions of a block
+        for d in deps:
+            remaining[d] -= 1
+            if remaining[d] == 0 and d not in keep:
+                del values[d]
+    return {k: values[k] for k in keep}
+
+
+def _deps(t: Any) -> frozenset:
+    return t.dependencies if isinstance(t, GraphNode) else frozenset()
+
+
+def _toposort(tasks: dict) -> dict:
+    """``tasks`` reordered so that every task's dependencies come before it."""
+    out: dict = {}
+    for k in tasks:
+        stack = [(k, False)]
+        while stack:
+            key, done = stack.pop()
+            if key in out:
+                continue
+            if done:
+                out[key] = tasks[key]
+                continue
+            stack.append((key, True))
+            stack.extend((d, False) for d in _deps(tasks[key]) if d not in out)
+    return out

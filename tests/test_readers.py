@@ -1,0 +1,94 @@
+"""The one reader of dask arrays (``patterns.readers``): rows for sweeps, slabs for table passes.
+
+Both read a raw local Zarr array by its planes' byte ranges, evaluate cheap upstream tasks
+inline, and hand anything else to dask; these tests check that each way is chosen where
+it should be and reads the same values as dask.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import zarr
+
+from dask_sweep.io import track
+from dask_sweep.ndimage import distance_transform_edt, label, plan_label
+from dask_sweep.patterns.readers import PlaneReader, _read_block, make_reader, make_readers
+
+
+@pytest.fixture
+def mask(tmp_path):
+    rng = np.random.default_rng(5)
+    m = (ndi.uniform_filter(rng.random((48, 40, 36)), 5) > 0.5).astype("u1")
+    z = zarr.create_array(tmp_path / "m.zarr", shape=m.shape, chunks=(12, 16, 16), dtype="u1",
+                          compressors=None, fill_value=0)
+    z[:] = m
+    return m, str(tmp_path / "m.zarr")
+
+
+def _slabs(x, rows):
+    n = len(x.chunks[0])
+    return [list(range(a, min(a + rows, n))) for a in range(0, n, rows)]
+
+
+def test_rows_and_slabs_of_a_raw_zarr_array_read_its_planes(mask):
+    m, path = mask
+    x = da.from_zarr(path)
+    row = make_reader(x.__dask_graph__(), x.name, x.numblocks, 0)
+    assert isinstance(row, PlaneReader)
+    readers, inline = make_readers(x, _slabs(x, 2))
+    assert inline and all(r.planes is not None and r.tasks is None for r in readers)
+    np.testing.assert_array_equal(np.concatenate([r.read() for r in readers[::-1]][::-1]), m)
+    # block by block (label's rows too thick for a slab), each block its own read
+    got = np.zeros_like(m)
+    for r in readers:
+        a, b = r.bounds
+        for ix, block in r.blocks():
+            sl = tuple(slice(e[q], e[q + 1]) for e, q in zip(r.edges, ix))
+            got[(slice(a, b), *sl)] = block
+    np.testing.assert_array_equal(got, m)
+
+
+def test_computed_inputs_are_evaluated_inline_or_handed_to_dask(mask):
+    m, path = mask
+    x = da.from_zarr(path)
+    gt = x > 0  # each slab's blocks need only their own reads: inline
+    readers, inline = make_readers(gt, _slabs(gt, 3))
+    assert inline and all(r.planes is None and r.tasks for r in readers)
+    # the Zarr blocks under the comparison are read by their planes' byte ranges too
+    assert all(getattr(t, "func", None) is _read_block for t in readers[0].tasks.values()
+               if t.key[0] == x.name)
+    np.testing.assert_array_equal(np.concatenate([r.read() for r in readers]), m > 0)
+    # an overlap shares computed blocks between slabs: dask computes them
+    smooth = x.map_overlap(lambda b: b, depth=1, boundary="none")
+    readers, inline = make_readers(smooth, _slabs(smooth, 2))
+    assert not inline and all(not r.inline for r in readers)
+    blocks = dict(zip(readers[0].block_keys(), dask.compute(
+        *[smooth.blocks[k[1:]] for k in readers[0].block_keys()], scheduler="sync")))
+    np.testing.assert_array_equal(readers[0].read(list(blocks.values())), m[:24])
+
+
+@pytest.mark.parametrize("memory_limit", ["64MiB", "4MiB"])  # whole rows; slabs within rows
+@pytest.mark.parametrize("computed", [False, True])  # the stored mask, or x > 0 of it
+def test_label_and_edt_of_a_raw_zarr_mask_read_each_byte_once_per_pass(mask, memory_limit,
+                                                                        computed):
+    m, path = mask
+    x = da.from_zarr(path)
+    if computed:
+        x = (x > 0).astype("u1")
+    passes = len(plan_label(x, memory_limit=memory_limit).passes)
+    lab, n = label(x, memory_limit=memory_limit)
+    with track() as io:
+        got, num = dask.compute(lab, n, scheduler="threads")
+    read = io.bytes_read
+    ref, rn = ndi.label(m)
+    np.testing.assert_array_equal(got, ref)
+    assert int(num) == rn
+    # every chunk's planes are read whole (its in-plane padding too), once per pass
+    stored = np.prod([-(-n // c) * c for n, c in zip(m.shape, (12, 16, 16))])
+    assert read == passes * stored, (read, stored)
+    d = distance_transform_edt(x, memory_limit=memory_limit).compute(scheduler="threads")
+    np.testing.assert_array_equal(d, ndi.distance_transform_edt(m))

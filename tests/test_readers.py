@@ -92,3 +92,25 @@ def test_label_and_edt_of_a_raw_zarr_mask_read_each_byte_once_per_pass(mask, mem
     assert read == passes * stored, (read, stored)
     d = distance_transform_edt(x, memory_limit=memory_limit).compute(scheduler="threads")
     np.testing.assert_array_equal(d, ndi.distance_transform_edt(m))
+
+
+def test_a_sweep_reads_raw_zarr_blocks_under_a_slice_by_their_byte_ranges(tmp_path):
+    import scipy.ndimage as ndi
+
+    import dask_sweep
+    from dask_sweep.patterns.readers import SubgraphReader
+
+    v = (np.random.default_rng(2).random((48, 40, 36)) * 255).astype("u1")
+    z = zarr.create_array(tmp_path / "v.zarr", shape=v.shape, chunks=(12, 16, 16), dtype="u1",
+                          compressors=None, fill_value=0)
+    z[:] = v
+    y = da.from_zarr(str(tmp_path / "v.zarr"))[3:45, 5:].map_overlap(
+        ndi.uniform_filter, depth=1, size=3, boundary="reflect")
+    ref = y.compute(scheduler="sync")
+    src = dask_sweep.explain(y, memory_limit="8MiB").plans[0].stages[0]
+    assert isinstance(src.reader, SubgraphReader)
+    assert any(getattr(t, "func", None) is _read_block for t in src.reader.tasks.values())
+    with dask_sweep.enable(memory_limit="8MiB"), track() as io:
+        got = y.compute()
+    np.testing.assert_array_equal(got, ref)
+    assert io.bytes_read == 48 ** 3  # every stored chunk once (the edge chunks whole)

@@ -325,6 +325,10 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     for lay in closure | {name}:
         merged.update(hlg.layers[lay].items())
     tasks = convert_legacy_graph(merged)
+    raw = _raw_zarr_layers(hlg, closure)
+    for k in tasks:  # raw Zarr blocks upstream (a slice, a cast): read by byte ranges
+        if isinstance(k, tuple) and k[0] in raw:
+            tasks[k] = _block_task(k, *raw[k[0]])
     for t in tasks.values():
         if isinstance(t, GraphNode):
             dd = t.dependencies
@@ -500,9 +504,7 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
                 continue
             seen.add(k)
             if isinstance(k, tuple) and k[0] in raw:  # a raw Zarr block: its planes' bytes
-                zp, edges = raw[k[0]]
-                dsk[k] = node = Task(k, _read_block, zp, [(e[q], e[q + 1])
-                                                          for e, q in zip(edges, k[1:])])
+                dsk[k] = node = _block_task(k, *raw[k[0]])
             else:
                 node = dsk[k]
             # pure data may be shared; a computed task must belong to one slab
@@ -513,16 +515,17 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
     return [SlabReader(name, rows, chunks, c) for rows, c in zip(slabs_blocks, closures)], True
 
 
-def _raw_zarr_layers(hlg) -> dict:
-    """``{layer: (ZarrPlanes, per-axis block edges)}`` for the graph's raw local Zarr reads.
+def _raw_zarr_layers(hlg, among=None) -> dict:
+    """``{layer: (ZarrPlanes, per-axis block edges)}`` for the graph's raw local Zarr reads
+    (of the layers ``among``, or all).
 
-    Such a block is read by its planes' byte ranges (:func:`_read_block`), skipping
+    Such a block is read by its planes' byte ranges (:func:`_block_task`), skipping
     zarr's per-chunk machinery; the values are the same.
     """
     from dask_sweep.patterns.layers import array_meta
 
     out: dict = {}
-    for lay in getattr(hlg, "layers", {}):
+    for lay in (getattr(hlg, "layers", {}) if among is None else among):
         meta = array_meta(hlg.layers[lay])
         if meta is None:
             continue
@@ -530,6 +533,11 @@ def _raw_zarr_layers(hlg) -> dict:
         if pr is not None:
             out[lay] = (pr.planes, [np.cumsum((0, *c)).tolist() for c in meta.chunks])
     return out
+
+
+def _block_task(key, planes, edges) -> Task:
+    """The task reading block ``key`` of a raw Zarr layer by its planes' byte ranges."""
+    return Task(key, _read_block, planes, [(e[q], e[q + 1]) for e, q in zip(edges, key[1:])])
 
 
 def _read_block(planes, bounds) -> np.ndarray:

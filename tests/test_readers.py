@@ -114,3 +114,41 @@ def test_a_sweep_reads_raw_zarr_blocks_under_a_slice_by_their_byte_ranges(tmp_pa
         got = y.compute()
     np.testing.assert_array_equal(got, ref)
     assert io.bytes_read == 48 ** 3  # every stored chunk once (the edge chunks whole)
+
+
+def test_values_another_output_shares_come_from_dask_and_the_rest_runs_in_the_steps():
+    """``dask.compute(labels.store(...), count)``: the count's layer uses label's pass 1,
+    so dask computes it once and hands it to the steps writing the labels, which run the
+    rest (the rows, pass 2) inside.  Before, the sweep refused such labels and the write
+    was left to dask (256 x 512², slabs of 2 planes within 4-plane rows, 32 MiB: 57 MiB
+    grown)."""
+    import warnings
+    from collections import Counter
+
+    from dask.callbacks import Callback
+
+    import dask_sweep
+
+    vol = ndi.uniform_filter(np.random.default_rng(0).random((32, 128, 128)), 3) > 0.5
+    x = da.from_array(vol, chunks=(16, 128, 128))
+    assert "within the rows" in str(plan_label(x, memory_limit="6MiB"))
+    ran: list = []
+
+    class Record(Callback):
+        def _pretask(self, key, dsk, state):
+            ran.append((key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0])
+
+    with dask_sweep.enable(memory_limit="6MiB"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing over the budget, nothing left to dask
+        lab, n = label(x)
+        z = zarr.create_array(zarr.storage.MemoryStore(), shape=lab.shape,
+                              chunks=(lab.chunks[0][0], 128, 128), dtype=lab.dtype)
+        store = da.store(lab, z, lock=False, compute=False)
+        with Record():
+            _, num = dask.compute(store, n, scheduler="threads")
+    ref, rn = ndi.label(vol)
+    assert num == rn
+    np.testing.assert_array_equal(z[:], ref)
+    tasks = Counter(ran)
+    assert tasks["label-resolve"] == 1 and tasks["sweep-step"] > 1, tasks
+    assert not tasks["label"] and not tasks["label-row"], tasks  # inside the steps

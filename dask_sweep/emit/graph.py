@@ -151,7 +151,7 @@ def emit(plan: Plan, trace: Trace, token: str | None = None, *, after=None,
             if isinstance(st, Source) and st.external:
                 for key in st.reader.row_keys(r):
                     externals[key] = TaskRef(key)
-                    ext_layers.add(key[0])
+                    ext_layers.add(st.reader.layer_of(key))
         first = t == 0 or t in plan.segments  # a chain starts here, from no state
         prev = None if first else TaskRef((step_name, t - 1))
         key = (step_name, t)

@@ -245,11 +245,15 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
     total = sum(held.values())
     if not total:
         return "", settings
-    left = max(1, settings.memory_limit - total)
+    # Both run in one process under one scheduler: the resident memory beyond the
+    # arrays (sweep.runtime-overhead), in the drop-in's figure, is not held twice.
+    shared = min(settings.runtime_overhead, total)
+    left = max(1, settings.memory_limit - total + shared)
     who = ", ".join(f"{n.rsplit('-', 1)[0]} {format_bytes(b)}" for n, b in held.items())
     note = (f"of the {format_bytes(settings.memory_limit)} budget, {who} held by the "
             f"drop-in feeding this sweep (its last pass, at the same time): the sweep "
-            f"plans for the {format_bytes(left)} left")
+            f"plans for the {format_bytes(left)} left (the "
+            f"{format_bytes(shared)} runtime overhead in both counted once)")
     notes.append(note)
     return note, settings.with_(memory_limit=left)
 

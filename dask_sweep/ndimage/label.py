@@ -90,11 +90,18 @@ def _plan(image, structure, output, memory_limit):
         # Inline reads: one resolve task, then a pass-2 task per slab; external: four
         # tasks more per slab.  Plus two of a consumer's per output block.
         per_slab = settings.task_overhead * (3 if guess else 7)
-        passes = label_footprints(image.shape, item, settings, out_dtype, guess)
         try:
-            bounds, slabs = row_slabs(
-                _FUNC, image.chunks[0], plane, passes, settings.memory_limit, target, per_slab
-            )
+            # room for a sweep consuming the labels (a write), unless that costs whole rows
+            for consumer in (True, False):
+                passes = label_footprints(image.shape, item, settings, out_dtype, guess,
+                                          consumer=consumer)
+                try:
+                    bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
+                                              settings.memory_limit, target, per_slab)
+                    break
+                except BudgetError:
+                    if not consumer:
+                        raise
         except BudgetError:
             if not guess or image.ndim < 2:
                 raise
@@ -104,9 +111,15 @@ def _plan(image, structure, output, memory_limit):
             readers, inline = make_readers(image, rows)
             if not inline:
                 raise
-            passes, per_slab, slabs, split = label_split(
-                _FUNC, image.shape, image.chunks, item, settings, out_dtype, target
-            )
+            try:
+                passes, per_slab, slabs, split = label_split(
+                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target
+                )
+            except BudgetError:  # no room for a consumer: the labels alone
+                passes, per_slab, slabs, split = label_split(
+                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
+                    consumer=False,
+                )
             break
         readers, inline = make_readers(image, bounds)
         if inline or not guess:

@@ -130,6 +130,11 @@ def _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab,
 # label per two voxels), 0.8 with 26-connectivity; scipy's <= 1.
 LOCAL_TABLES = 2.5
 
+# A sweep reading a slab of the drop-in's output holds it three times over at its peak
+# (``explain`` of a labels write: its ring, the step's slab, the write's temporaries).
+CONSUMER = 3.0
+
+
 def label_footprints(
     shape: tuple[int, ...],
     item: int,
@@ -138,8 +143,14 @@ def label_footprints(
     inline: bool,
     read: float | None = None,
     read_fixed: int = 0,
+    consumer: bool = True,
 ) -> tuple[Footprint, Footprint]:
     """The two passes' footprints.
+
+    With ``consumer``, the second pass leaves room for a sweep that reads the labels
+    as they are emitted (a write with ``to_zarr`` / ``da.store`` under ``enable``):
+    :data:`CONSUMER` bytes per voxel of one slab.  The DSL's own reading of the labels
+    is planned by its pass (``consumer=False``).
 
     ``read`` replaces the bytes per voxel of reading a slab (default: the blocks and
     their concatenation, ``2 x item``) and ``read_fixed`` is added to the fixed
@@ -187,11 +198,12 @@ def label_footprints(
             threads,
             numbering + settings.runtime_overhead + threads * read_fixed,
             "read, local label again, lookup table, emit",
+            CONSUMER * out if consumer else 0.0,
         ),
     )
 
 
-def label_split(func, shape, chunks, item, settings, out_dtype, target):
+def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
 
     Each chunk row is read once per pass, block by block, into a mask packed to
@@ -220,7 +232,8 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target):
     rows_fixed = 2 * packed + block * (2 * item + 2) + settings.task_overhead * len(chunks0)
     passes = tuple(
         dataclasses.replace(p, fixed=p.fixed + rows_fixed)
-        for p in label_footprints(shape, item, settings, out_dtype, True, read=0)
+        for p in label_footprints(shape, item, settings, out_dtype, True, read=0,
+                                  consumer=consumer)
     )
     # A pass-2 task per slab, plus a consumer's two (the rows' read tasks are fixed).
     per_slab = settings.task_overhead * 3
@@ -294,7 +307,8 @@ def plan_label_stream(
         When even one row of ``chunks0`` does not fit the budget.
     """
     item = np.dtype(dtype).itemsize
-    passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed)
+    passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
+                              consumer=False)
     plan = _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
     return label_notes(plan, out_dtype)
 

@@ -62,6 +62,9 @@ class TileReader:
     def read_planes(self, a: int, b: int) -> np.ndarray:
         return self.inner.read_planes(a, b, self.region)
 
+    def layer_of(self, key) -> str:
+        return self.inner.layer_of(key)
+
     def row_keys(self, r: int) -> list[tuple]:
         keep = []
         for k in self.inner.row_keys(r):

@@ -87,6 +87,9 @@ class BlockwiseReader(InlineReader):
 class ExternalReader:
     """Blocks handed in by the scheduler as dependencies of the slab task."""
 
+    def layer_of(self, key) -> str:
+        return key[0]
+
     def __init__(self, name: str, numblocks: tuple[int, ...], axis: int) -> None:
         self.name = name
         self.numblocks = numblocks
@@ -110,20 +113,34 @@ class SubgraphReader:
     upstream task still runs once.
     """
 
-    def __init__(self, name, numblocks, axis, tasks: dict, last_use: dict) -> None:
+    def __init__(self, name, numblocks, axis, tasks: dict, last_use: dict,
+                 needs: dict | None = None, homes: dict | None = None) -> None:
         self.name = name
         self.numblocks = numblocks
         self.axis = axis
         self.tasks = tasks
         self.last_use = last_use  # upstream key -> last row that needs it
+        self.needs = needs or {}  # row -> values dask computes that it first needs
+        self.homes = homes or {}  # each of those keys -> its layer
 
-    def row_keys(self, r: int) -> list[tuple]:
-        return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
+    def layer_of(self, key) -> str:
+        """The layer holding ``key`` (a dependency of the steps that read it)."""
+        return self.homes[key]
+
+    @property
+    def external(self) -> bool:
+        """Whether some upstream values come from dask (dependencies of the steps)."""
+        return bool(self.needs)
+
+    def row_keys(self, r: int) -> list:
+        """The keys dask computes whose values row ``r`` is the first to need."""
+        return list(self.needs.get(r, ()))
 
     carries = True  # values for later rows travel in the sweep state
 
     def read_row(self, r: int, externals: dict, memo: dict | None = None, blocks=None):
         memo = dict(memo or {})
+        memo.update((k, externals[k]) for k in self.needs.get(r, ()))
         tasks = self.tasks
         # A module-level evaluator, not a recursive closure: a closure that calls
         # itself is a reference cycle holding ``memo`` (every block this row read)
@@ -307,11 +324,9 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     from dask_sweep.patterns.spec import ancestors
 
     closure = ancestors(hlg.dependencies, name)
-    # upstream work another layer also uses is computed once, by dask, not once per reader
     inside = closure | {name}
-    for lay, deps in hlg.dependencies.items():
-        if lay not in inside and deps & closure:
-            return None
+    outside = [lay for lay, deps in hlg.dependencies.items()
+               if lay not in inside and deps & closure]
     nblocks = int(np.prod(numblocks))
     total = 0
     for lay in closure | {name}:
@@ -325,6 +340,23 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     for lay in closure | {name}:
         merged.update(hlg.layers[lay].items())
     tasks = convert_legacy_graph(merged)
+    # Upstream work another layer also uses (ndimage.label's count, computed with its
+    # labels) is computed once, by dask: those keys and what they need are cut out of
+    # the reader's tasks, and the steps that need them get their values (``row_keys``).
+    cut: set = set()
+    for lay in outside:
+        if len(hlg.layers[lay]) > factor * nblocks + 64:
+            return None
+        used = convert_legacy_graph(dict(hlg.layers[lay]), all_keys=set(tasks) | set(
+            hlg.layers[lay].keys()))
+        stack = [d for t in used.values() for d in _deps(t) if d in tasks]
+        while stack:
+            k = stack.pop()
+            if k not in cut:
+                cut.add(k)
+                stack.extend(_deps(tasks[k]))
+    if any(isinstance(k, tuple) and k[0] == name for k in cut):
+        return None  # the blocks themselves are used elsewhere: dask computes them
     raw = _raw_zarr_layers(hlg, closure)
     for k in tasks:  # raw Zarr blocks upstream (a slice, a cast): read by byte ranges
         if isinstance(k, tuple) and k[0] in raw:
@@ -334,6 +366,7 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             dd = t.dependencies
             if len(dd) > max_deps or not set(dd) <= tasks.keys():
                 return None
+    given = {k: tasks.pop(k) for k in cut}
     # Rows are evaluated in order and every task once: a task runs in the first row whose
     # closure reaches it (first_use), and its value is needed until the last row in which
     # a task depending on it runs (or, for a block, its own row).  Not the last row whose
@@ -348,7 +381,7 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             if k in first_use:
                 continue
             first_use[k] = r
-            t = tasks[k]
+            t = tasks.get(k)  # None: a value dask computes (cut)
             if isinstance(t, GraphNode):
                 stack.extend(t.dependencies)
     # a row that computes far more than its share (a carried chain: the last row of a
@@ -359,7 +392,7 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     last_use: dict = {}
     for k, r in first_use.items():
         last_use[k] = max(last_use.get(k, -1), r)
-        t = tasks[k]
+        t = tasks.get(k)
         if isinstance(t, GraphNode):
             for d in t.dependencies:
                 last_use[d] = max(last_use.get(d, -1), r)
@@ -368,7 +401,13 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
             last_use[(name, *idx)] = max(last_use.get((name, *idx), -1), r)
     # small upstream values used by every row (e.g. the zarr array) stay cached
     tasks = {k: v for k, v in tasks.items() if k in last_use}
-    return SubgraphReader(name, numblocks, axis, tasks, last_use)
+    needs: dict = {}  # row -> the cut values it is the first to need
+    for k in given:
+        if k in first_use:
+            needs.setdefault(first_use[k], []).append(k)
+    homes = {k: lay for lay in closure if needs for k in hlg.layers[lay].keys()
+             if k in given and k in first_use}
+    return SubgraphReader(name, numblocks, axis, tasks, last_use, needs, homes)
 
 
 # --- slabs, read in any order (the drop-ins' table passes) -------------------------------

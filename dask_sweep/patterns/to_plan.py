@@ -219,7 +219,7 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         stages.append(Source(
             label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if not hasattr(reader, "tasks") else ""),
             shape=m.shape, dtype=m.dtype, row_bounds=_bounds(rows), reader=reader,
-            external=not hasattr(reader, "tasks"),
+            external=not hasattr(reader, "tasks") or getattr(reader, "external", False),
             bytes_per_row=tuple(c * plane for c in rows), chunks=m.chunks,
         ))
     # topological order of region stages

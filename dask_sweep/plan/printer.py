@@ -178,9 +178,11 @@ def table_plan_lines(sp) -> list[str]:
     ]
     v = sp.max_rows * sp.plane_voxels
     for i, p in enumerate(sp.passes, 1):
+        room = (f" + {p.consumer:g} B/voxel of one slab left to a sweep reading the output "
+                "at the same time" if p.consumer else "")
         lines.append(
             f"  pass {i} {p.name}: {p.what}; {p.per_voxel:g} B/voxel x {p.in_flight} slab(s) "
-            f"in flight + {format_bytes(p.fixed)} fixed = {format_bytes(p.bytes_for(v))}")
+            f"in flight + {format_bytes(p.fixed)} fixed{room} = {format_bytes(p.bytes_for(v))}")
     if sp.per_slab:
         lines.append(f"  dask's bookkeeping: {len(sp.slabs)} slabs x "
                      f"{format_bytes(sp.per_slab)} = "

@@ -35,6 +35,10 @@ class Footprint:
         Bytes independent of the slab thickness (carried planes, tables).
     what
         One-line description of the work, for ``explain``.
+    consumer
+        Bytes per voxel of one slab left to a sweep that reads the pass's output
+        while the pass runs (a write of the labels): counted when the slabs are
+        sized, not in what the pass itself holds (:meth:`held_for`).
     """
 
     name: str
@@ -42,9 +46,15 @@ class Footprint:
     in_flight: int
     fixed: int
     what: str
+    consumer: float = 0.0
+
+    def held_for(self, voxels: int) -> int:
+        """Bytes the pass holds with slabs of ``voxels``."""
+        return int(math.ceil(self.per_voxel * voxels)) * self.in_flight + self.fixed
 
     def bytes_for(self, voxels: int) -> int:
-        return int(math.ceil(self.per_voxel * voxels)) * self.in_flight + self.fixed
+        """Bytes the pass and a sweep consuming its output hold together."""
+        return self.held_for(voxels) + int(math.ceil(self.consumer * voxels))
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class SweepPlan:
         """Bytes held while the output is consumed: the last pass (which emits the output
         slabs) and the tasks' bookkeeping.  A sweep reading the output gets the rest."""
         v = self.max_rows * self.plane_voxels
-        last = self.passes[-1].bytes_for(v) if self.passes else 0
+        last = self.passes[-1].held_for(v) if self.passes else 0
         return last + self.per_slab * len(self.slabs)
 
     @property

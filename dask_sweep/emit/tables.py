@@ -40,7 +40,7 @@ from dask_sweep.multipass.label import (
     read_row,
     resolve,
 )
-from dask_sweep.plan.ir import FEEDING
+from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["edt_graph", "label_graph"]
@@ -101,7 +101,8 @@ def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, ou
     g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
     count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
     # what pass 2 holds while a sweep consumes the labels: that sweep plans for the rest
-    layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes})
+    layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes,
+                                                       FEEDING_BUDGET: plan.budget})
     g_out = HighLevelGraph.from_collections(out, layer, dependencies=(*deps, count))
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
@@ -233,7 +234,8 @@ def edt_graph(
             dsk[(bcar, s)] = Task((bcar, s), operator.getitem, TaskRef((bwd, s)), 1)
     deps = () if plan.inline else (image,)
     # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
-    layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes})
+    layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes,
+                                                       FEEDING_BUDGET: plan.budget})
     graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])

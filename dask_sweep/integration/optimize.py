@@ -37,7 +37,7 @@ from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import STORE_TEMPS, region_to_plan
-from dask_sweep.plan.ir import FEEDING, Kernel, Plan, Source
+from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
 
@@ -149,7 +149,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
             res.fallbacks.append(Fallback(where, note))
             continue
         notes = [note] if note else []
-        feeding, budgeted = _after_feeders(dsk, region, settings, notes)
+        feeding, budgeted, held = _after_feeders(dsk, region, settings, notes)
         given = list(notes)  # planning appends its own notes: a second attempt starts afresh
         try:
             try:
@@ -161,7 +161,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 # sweep with the whole budget beside the drop-in, and say so
                 notes[:] = [n for n in given if n != feeding]
                 plan, trace = _plan_region(dsk, region, axis, settings, notes, where_slots)
-                both = settings.memory_limit - budgeted.memory_limit + trace.peak
+                both = held + trace.peak
                 over = (f"{shared} The drop-in feeding this sweep and the sweep together "
                         f"are projected at up to {format_bytes(both)}, over the budget of "
                         f"{format_bytes(settings.memory_limit)}: the "
@@ -228,34 +228,40 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
 
 
 def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
-                   notes: list[str]) -> tuple[str, SweepSettings]:
+                   notes: list[str]) -> tuple[str, SweepSettings, int]:
     """What the drop-ins feeding this region hold while it runs (a note, also appended
-    to ``notes``; empty if none), and the settings with the budget that leaves: one
-    budget for both, not one each.
+    to ``notes``; empty if none), the settings with the budget that leaves (one budget
+    for both, not one each), and the bytes held beside the sweep.
 
     A drop-in's output layer (``ndimage.label``, ``distance_transform_edt``) records
     what its last pass holds (:data:`~dask_sweep.plan.ir.FEEDING`); that pass emits
     the slabs this sweep reads, so both run at once.
     """
     held = {}
+    budget = settings.memory_limit
     for src in region.sources:
         ann = getattr(dsk.layers.get(src), "collection_annotations", None) or {}
         if ann.get(FEEDING):
             held[src] = int(ann[FEEDING])
+            # the drop-in's last pass runs in the steps: within its own budget too
+            budget = min(budget, int(ann.get(FEEDING_BUDGET) or budget))
     total = sum(held.values())
     if not total:
-        return "", settings
+        return "", settings, 0
     # Both run in one process under one scheduler: the resident memory beyond the
     # arrays (sweep.runtime-overhead), in the drop-in's figure, is not held twice.
     shared = min(settings.runtime_overhead, total)
-    left = max(1, settings.memory_limit - total + shared)
+    left = max(1, budget - total + shared)
     who = ", ".join(f"{n.rsplit('-', 1)[0]} {format_bytes(b)}" for n, b in held.items())
-    note = (f"of the {format_bytes(settings.memory_limit)} budget, {who} held by the "
+    given = ("" if budget == settings.memory_limit else
+             f" (the drop-in's own memory_limit, {format_bytes(budget)}, bounds the steps "
+             "that run its last pass)")
+    note = (f"of the {format_bytes(budget)} budget{given}, {who} held by the "
             f"drop-in feeding this sweep (its last pass, at the same time): the sweep "
             f"plans for the {format_bytes(left)} left (the "
             f"{format_bytes(shared)} runtime overhead in both counted once)")
     notes.append(note)
-    return note, settings.with_(memory_limit=left)
+    return note, settings.with_(memory_limit=left), total - shared
 
 
 def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) -> Fallback:

@@ -226,6 +226,9 @@ class Pointwise(Stage):
 # records the bytes it holds while its output is consumed (its last pass and the bookkeeping
 # of its tasks): a sweep reading that output plans for the budget less that.
 FEEDING = "dask_sweep_feeding"
+# ... and the budget it was given: a sweep that reads the output runs the drop-in's last
+# pass inside its steps, so it plans within that budget too.
+FEEDING_BUDGET = "dask_sweep_feeding_budget"
 
 
 def partial_shape(ndim: int, axis: int, n: int, k: int) -> tuple[int, ...]:

@@ -152,3 +152,23 @@ def test_values_another_output_shares_come_from_dask_and_the_rest_runs_in_the_st
     tasks = Counter(ran)
     assert tasks["label-resolve"] == 1 and tasks["sweep-step"] > 1, tasks
     assert not tasks["label"] and not tasks["label-row"], tasks  # inside the steps
+
+
+def test_a_write_beside_a_drop_in_with_its_own_budget_says_which_budget():
+    """``label(x, memory_limit="6MiB")`` under ``enable(memory_limit="64MiB")``, stored in
+    64-plane chunks: the write cannot fit within the drop-in's own budget (which bounds the
+    steps that run its last pass), so it is planned within the sweep's, and the note says
+    both (it once said "over the budget of 64 MiB" for 17.6 MiB)."""
+    import re
+
+    import dask_sweep
+
+    vol = ndi.uniform_filter(np.random.default_rng(0).random((64, 128, 128)), 3) > 0.5
+    with dask_sweep.enable(memory_limit="64MiB", fallback="silent"):
+        lab, _ = label(da.from_array(vol, chunks=(8, 128, 128)), memory_limit="6MiB")
+        z = zarr.create_array(zarr.storage.MemoryStore(), shape=lab.shape,
+                              chunks=(64, 128, 128), dtype=lab.dtype, compressors=None)
+        text = str(dask_sweep.explain(da.store(lab, z, lock=False, compute=False)))
+    m = re.search(r"projected at up to ([\d.]+) MiB, over the budget of 6\.00 MiB: the sweep "
+                  r"plans for 64\.00 MiB beside it", text)
+    assert m and 6 < float(m.group(1)) < 64, text

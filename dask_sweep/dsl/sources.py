@@ -99,6 +99,8 @@ def _dask_reader(array: Any, axis: int) -> Any:
     from dask_sweep.patterns.readers import make_reader
 
     reader = make_reader(array.__dask_graph__(), array.name, array.numblocks, axis)
+    if getattr(reader, "external", False):  # some values come from dask: not inline
+        return None
     if getattr(reader, "free", False) or getattr(reader, "tasks", None):
         return reader
     return None

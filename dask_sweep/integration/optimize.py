@@ -149,7 +149,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
             res.fallbacks.append(Fallback(where, note))
             continue
         notes = [note] if note else []
-        feeding, budgeted, held = _after_feeders(dsk, region, settings, notes)
+        feeding, budgeted, held, whole = _after_feeders(dsk, region, settings, notes)
         given = list(notes)  # planning appends its own notes: a second attempt starts afresh
         try:
             try:
@@ -160,12 +160,20 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 # stock dask would hold far more (a store of rechunked 128 MiB blocks):
                 # sweep with the whole budget beside the drop-in, and say so
                 notes[:] = [n for n in given if n != feeding]
-                plan, trace = _plan_region(dsk, region, axis, settings, notes, where_slots)
+                try:
+                    plan, trace = _plan_region(dsk, region, axis, whole, notes, where_slots)
+                except BudgetError:
+                    if whole.memory_limit >= settings.memory_limit:
+                        raise
+                    # not even within the drop-in's own budget: within the sweep's
+                    notes[:] = [n for n in given if n != feeding]
+                    plan, trace = _plan_region(dsk, region, axis, settings, notes,
+                                               where_slots)
                 both = held + trace.peak
                 over = (f"{shared} The drop-in feeding this sweep and the sweep together "
                         f"are projected at up to {format_bytes(both)}, over the budget of "
-                        f"{format_bytes(settings.memory_limit)}: the "
-                        f"sweep plans for the whole budget beside it (stock dask would hold "
+                        f"{format_bytes(whole.memory_limit)}: the sweep plans for "
+                        f"{format_bytes(plan.budget)} beside it (stock dask would hold "
                         f"more). Raise memory_limit, or write the drop-in's output with "
                         f"dask_sweep.io.imwrite, which chooses output chunks that fit.")
                 plan = replace(plan, notes=(*plan.notes, over))
@@ -228,10 +236,11 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
 
 
 def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
-                   notes: list[str]) -> tuple[str, SweepSettings, int]:
+                   notes: list[str]) -> tuple[str, SweepSettings, int, SweepSettings]:
     """What the drop-ins feeding this region hold while it runs (a note, also appended
     to ``notes``; empty if none), the settings with the budget that leaves (one budget
-    for both, not one each), and the bytes held beside the sweep.
+    for both, not one each), the bytes held beside the sweep, and the settings with the
+    whole budget (the smaller of the sweep's and the drop-ins' own).
 
     A drop-in's output layer (``ndimage.label``, ``distance_transform_edt``) records
     what its last pass holds (:data:`~dask_sweep.plan.ir.FEEDING`); that pass emits
@@ -247,10 +256,10 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
             budget = min(budget, int(ann.get(FEEDING_BUDGET) or budget))
     total = sum(held.values())
     if not total:
-        return "", settings, 0
+        return "", settings, 0, settings
     # Both run in one process under one scheduler: the resident memory beyond the
     # arrays (sweep.runtime-overhead), in the drop-in's figure, is not held twice.
-    shared = min(settings.runtime_overhead, total)
+    shared = sum(min(settings.runtime_overhead, b) for b in held.values())
     left = max(1, budget - total + shared)
     who = ", ".join(f"{n.rsplit('-', 1)[0]} {format_bytes(b)}" for n, b in held.items())
     given = ("" if budget == settings.memory_limit else
@@ -261,7 +270,8 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
             f"plans for the {format_bytes(left)} left (the "
             f"{format_bytes(shared)} runtime overhead in both counted once)")
     notes.append(note)
-    return note, settings.with_(memory_limit=left), total - shared
+    return (note, settings.with_(memory_limit=left), total - shared,
+            settings.with_(memory_limit=budget))
 
 
 def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) -> Fallback:
@@ -279,18 +289,20 @@ def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) ->
         return fb
     block = math.prod(max(c, default=0) for c in meta.chunks) * meta.dtype.itemsize
     projected = int(ann[FEEDING]) + int(block * (1 + STORE_TEMPS))
-    if projected <= settings.memory_limit:
+    # dask runs the drop-in's tasks here, not a sweep's steps: the copy's budget is the
+    # active one (the drop-in's own bounds what the drop-in holds, in FEEDING)
+    budget = settings.memory_limit
+    if projected <= budget:
         return fb
     name = fb.where.rsplit("-", 1)[0]
     msg = (f"dask_sweep: {name}'s output is written by stock dask as it is, a block at a "
            f"time: blocks of up to {format_bytes(block)} and the writer's temporaries "
            f"beside the {format_bytes(int(ann[FEEDING]))} the drop-in holds are projected "
            f"at {format_bytes(projected)}, over the memory budget of "
-           f"{format_bytes(settings.memory_limit)}. Write it with dask_sweep.io.imwrite, "
+           f"{format_bytes(budget)}. Write it with dask_sweep.io.imwrite, "
            "which chooses output chunks that fit, or raise memory_limit.")
     if settings.fallback == "raise":
-        raise BudgetError(msg, stage=fb.where, projected=projected,
-                          budget=settings.memory_limit)
+        raise BudgetError(msg, stage=fb.where, projected=projected, budget=budget)
     if settings.fallback == "warn":
         warnings.warn(msg, RuntimeWarning, stacklevel=5)
     return Fallback(fb.where, f"{fb.reason}; {msg.removeprefix('dask_sweep: ')}", fb.kind)

@@ -503,7 +503,7 @@ class SlabReader:
                     need.add(k)
                     stack.extend(_deps(self.tasks[k]))
             sub = {k: t for k, t in self.tasks.items() if k in need}  # dependency-ordered
-            yield key[2:], _run(sub, [key])[key]
+            yield key[2:], np.asarray(_run(sub, [key])[key])
 
 
 def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[SlabReader], bool]:

@@ -216,10 +216,11 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         index[src] = len(stages)
         # a reader of single planes (raw local zarr) lets the sweep cut steps anywhere
         rows = (1,) * m.shape[axis] if getattr(reader, "free", False) else m.chunks[axis]
+        external = not hasattr(reader, "tasks") or getattr(reader, "external", False)
         stages.append(Source(
-            label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if not hasattr(reader, "tasks") else ""),
+            label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if external else ""),
             shape=m.shape, dtype=m.dtype, row_bounds=_bounds(rows), reader=reader,
-            external=not hasattr(reader, "tasks") or getattr(reader, "external", False),
+            external=external,
             bytes_per_row=tuple(c * plane for c in rows), chunks=m.chunks,
         ))
     # topological order of region stages

@@ -91,7 +91,8 @@ class Source(Stage):
     ``read_row(r)`` returns the planes of chunk row ``r`` (along the sweep axis);
     ``row_bounds`` are the chunk boundaries along the sweep axis.  ``external``
     rows are not read by the stage but handed to the slab task by the scheduler
-    (their keys are ``row_keys[r]``).
+    (their keys are ``reader.row_keys(r)``): a row's blocks, or the upstream values
+    (computed by dask for another output too) that a row evaluated in the step needs.
     """
 
     row_bounds: tuple[int, ...] = ()

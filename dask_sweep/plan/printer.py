@@ -82,7 +82,9 @@ def stage_what(st, axis: int, reach: tuple[int, int] | None = None,
     if isinstance(st, Source):
         rb = st.row_bounds
         rows = [b - a for a, b in zip(rb[:-1], rb[1:])]
-        how = "from upstream tasks" if st.external else "inline, in the slab task"
+        how = ("inline, in the slab task" if not st.external else
+               "inline, with values dask computes" if getattr(st.reader, "tasks", None)
+               else "from upstream tasks")
         if getattr(st.reader, "free", False):
             return f"read    any planes, by their byte ranges in the chunk files ({how})"
         return (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "

@@ -87,13 +87,14 @@ class BlockwiseReader(InlineReader):
 class ExternalReader:
     """Blocks handed in by the scheduler as dependencies of the slab task."""
 
-    def layer_of(self, key) -> str:
-        return key[0]
-
     def __init__(self, name: str, numblocks: tuple[int, ...], axis: int) -> None:
         self.name = name
         self.numblocks = numblocks
         self.axis = axis
+
+    def layer_of(self, key) -> str:
+        """The layer holding ``key`` (a block of this array)."""
+        return key[0]
 
     def row_keys(self, r: int) -> list[tuple]:
         return [(self.name, *idx) for idx in _row_indices(self.numblocks, self.axis, r)]
@@ -337,8 +338,11 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
         if total > factor * nblocks + 64:
             return None
     merged: dict = {}
+    home: dict = {}  # key -> its layer (the dependency of a step that is handed it)
     for lay in closure | {name}:
-        merged.update(hlg.layers[lay].items())
+        for k, v in hlg.layers[lay].items():
+            merged[k] = v
+            home[k] = lay
     tasks = convert_legacy_graph(merged)
     # Upstream work another layer also uses (ndimage.label's count, computed with its
     # labels) is computed once, by dask: those keys and what they need are cut out of
@@ -405,8 +409,7 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
     for k in given:
         if k in first_use:
             needs.setdefault(first_use[k], []).append(k)
-    homes = {k: lay for lay in closure if needs for k in hlg.layers[lay].keys()
-             if k in given and k in first_use}
+    homes = {k: home[k] for ks in needs.values() for k in ks}
     return SubgraphReader(name, numblocks, axis, tasks, last_use, needs, homes)
 
 

@@ -186,6 +186,17 @@ def _swept_store(y, out: str, chunks: tuple, budget: str):
 
 
 @_case
+def uint8_store(budget: str, src: str, out: str):
+    """A uniform filter of uint8 noise stored into zarr's default (zstd) chunks of whole
+    planes (zarr's emptiness check of a uint8 chunk would hold five copies of it)."""
+    import dask.array as da
+    import scipy.ndimage as ndi
+
+    y = da.from_zarr(src).map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
+    return _swept_store(y, out, (4, *y.shape[1:]), budget)
+
+
+@_case
 def label_to_zarr(budget: str, src: str, out: str):
     """Labels written with ``to_zarr`` into the input's 64³ chunks, as users write it:
     dask rechunks the labels' slabs, and the plugin sweeps that write beside the drop-in."""
@@ -472,6 +483,69 @@ def test_a_tiled_sweep_counts_what_its_tiles_write(tmp_path):
     assert "tiled in-plane" in text, text
     rep = _measured("tiled_to_zarr", budget="48MiB", src=src, out=out)
     assert rep["growth"] <= 48 * MiB, rep
+
+
+def test_a_zarr_targets_encoding_is_counted_whole(tmp_path):
+    """A uint8 store into 4 MiB zarr chunks of whole planes is planned with zarr's
+    temporaries of one chunk and kept (the plugin once counted 2x the planes and grew
+    30.5 MiB at a 24 MiB budget: zarr's own emptiness check of a uint8 chunk holds 5x
+    it, which the sweep's writes now skip by checking the chunk themselves)."""
+    import dask.array as da
+    import scipy.ndimage as ndi
+    import zarr
+
+    import dask_sweep
+
+    rng = np.random.default_rng(3)
+    src = zarr.create_array(str(tmp_path / "in.zarr"), shape=(96, 1024, 1024),
+                            chunks=(4, 1024, 1024), dtype="u1", compressors=None)
+    for a in range(0, 96, 4):
+        src[a:a + 4] = rng.integers(0, 256, (4, 1024, 1024), dtype=np.uint8)
+    y = da.from_zarr(src).map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
+    probe = zarr.create_array(str(tmp_path / "probe.zarr"), shape=y.shape,
+                              chunks=(4, 1024, 1024), dtype="u1")
+    store = da.store(y, probe, lock=False, compute=False)
+    text = str(dask_sweep.explain(store, memory_limit="24MiB"))
+    assert "the writer's temporaries 6.00 MiB" in text, text
+    text = str(dask_sweep.explain(store, memory_limit="12MiB"))
+    assert "needs at least 16.00 MiB" in text and "temporaries 6.00 MiB" in text, text
+    out = str(tmp_path / "out.zarr")
+    rep = _measured("uint8_store", budget="24MiB", src=str(tmp_path / "in.zarr"), out=out)
+    assert rep["growth"] <= 24 * MiB, rep
+    np.testing.assert_array_equal(zarr.open_array(out)[40:44], y[40:44].compute())
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2", "f4", "bool"])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_the_zarr_write_model_bounds_a_measured_write(tmp_path, dtype, chunks):
+    """:func:`write_temporaries` against zarr itself: the growth of one write of
+    ``chunks`` 4 MiB chunks as the sweeps write them, with glibc tuned as in a sweep
+    (a zarr or numpy release that copies more shows here first)."""
+    code = f"""
+import json, numpy as np, zarr
+from dask_sweep.diagnostics import read_hwm, reset_hwm
+from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
+from dask_sweep.runtime.memory import tune_allocator
+tune_allocator()
+dt = np.dtype("{dtype}"); n = (4 << 20) // dt.itemsize
+z = zarr.create_array({str(tmp_path / "z.zarr")!r}, shape=(4 * {chunks}, n), chunks=(1, n),
+                      dtype=dt)
+v = (np.random.default_rng(0).random(({chunks}, n)) * 200).astype(dt)
+z[:{chunks}] = v  # warm: zarr's loop and threads
+import gc; gc.collect()
+with open("/proc/self/status") as f:
+    base = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
+reset_hwm()
+idx = (slice({chunks}, {2 * chunks}),)
+if not write_whole_chunks(z, idx, v):  # as the sweeps write
+    z[idx] = v
+print(json.dumps({{"growth": read_hwm() - base, "model": write_temporaries(z, v.nbytes)}}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rep["growth"] <= rep["model"], rep
 
 
 def test_enable_passes_every_setting_on():

@@ -44,6 +44,7 @@ from dask_sweep.dsl.lower import deps, lower_streams, walk_streams
 from dask_sweep.dsl.stages import Reduce, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.integration.optimize import active_settings
+from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
 from dask_sweep.passes.slabs import choose_steps, size_rings
 from dask_sweep.plan.ir import Output, Plan, Source
 from dask_sweep.runtime.executor import Trace
@@ -505,13 +506,21 @@ class ArrayWriter:
         self.piece = piece  # None: one assignment, no temporaries (numpy)
         self.write_temps = 0.0 if piece is None else WRITE_TEMPS
 
+    def temps_of(self, nbytes: int) -> int:
+        """Bytes held beyond the planes while one call writes ``nbytes`` of them: zarr's
+        (:func:`~dask_sweep.io.zarr_io.write_temporaries`), else ``write_temps`` of them."""
+        zarr = write_temporaries(self.target, nbytes) if self.piece is not None else None
+        return int(self.write_temps * nbytes) if zarr is None else zarr
+
     def write_planes(self, a: int, planes: np.ndarray) -> None:
         n = planes.shape[self.axis]
         step = self.piece or n
         lead = (slice(None),) * self.axis
         for s in range(0, n, max(1, step)):
             e = min(n, s + step)
-            self.target[lead + (slice(a + s, a + e),)] = planes[lead + (slice(s, e),)]
+            index, piece = lead + (slice(a + s, a + e),), planes[lead + (slice(s, e),)]
+            if not write_whole_chunks(self.target, index, piece):
+                self.target[index] = piece
 
 
 class _PendingSink:

@@ -30,13 +30,14 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.emit.graph import StepPriority, emit, emit_tiled
 from dask_sweep.errors import BudgetError, NotSweepable, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
+from dask_sweep.io.zarr_io import encode_temporaries
 from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
-from dask_sweep.patterns.to_plan import STORE_TEMPS, region_to_plan
+from dask_sweep.patterns.to_plan import region_to_plan
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
@@ -288,7 +289,8 @@ def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) ->
     if meta is None or fb.kind != "copy":
         return fb
     block = math.prod(max(c, default=0) for c in meta.chunks) * meta.dtype.itemsize
-    projected = int(ann[FEEDING]) + int(block * (1 + STORE_TEMPS))
+    # each block is one call, into chunks of its own: zarr's temporaries of one chunk
+    projected = int(ann[FEEDING]) + block + encode_temporaries(block, block, meta.dtype)
     # dask runs the drop-in's tasks here, not a sweep's steps: the copy's budget is the
     # active one (the drop-in's own bounds what the drop-in holds, in FEEDING)
     budget = settings.memory_limit

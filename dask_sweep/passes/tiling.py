@@ -91,10 +91,14 @@ class TileWriter:
         self.inner = inner
         self.cut = cut
         self.origin = origin
-        # what a write holds beyond the planes (the plan counts it): the interior copied
-        # contiguous, beside it, then the inner writer's own temporaries
-        self.write_temps = getattr(inner, "write_temps", 0.0) + 1.0
         self.piece = getattr(inner, "piece", None)
+
+    def temps_of(self, nbytes: int) -> int:
+        """What a write holds beyond the planes (the plan counts it): the interior copied
+        contiguous, beside it, then the inner writer's own temporaries."""
+        inner = getattr(self.inner, "temps_of", None)
+        own = inner(nbytes) if inner else getattr(self.inner, "write_temps", 0.0) * nbytes
+        return int(own) + nbytes
 
     def write_planes(self, a: int, planes) -> None:
         self.inner.write_planes(a, np.ascontiguousarray(planes[self.cut]), origin=self.origin)

@@ -8,6 +8,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from dask_sweep.errors import NotSweepable
 from dask_sweep.io.planes import zarr_planes
+from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
 from dask_sweep.patterns.kernels import kernel_stage
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
@@ -86,8 +87,8 @@ def _literal_refs(hlg, ev: BlockwiseEval) -> dict | None:
     return out
 
 
-#: What a store holds while it writes, beyond the planes, as a multiple of them: a zarr
-#: array encodes the slab's chunks at once (the chunks and their encoded bytes).
+#: What a store other than zarr holds while it writes, beyond the planes, as a multiple
+#: of them (a zarr array's temporaries: :func:`dask_sweep.io.zarr_io.write_temporaries`).
 STORE_TEMPS = 2.0
 
 
@@ -95,12 +96,15 @@ class DirectStoreWriter:
     """Write whole slabs straight into the target (zarr or any sliceable array).
 
     Used for ``da.store`` / ``to_zarr`` without ``return_stored``: the slab task
-    writes planes ``[a, b)`` in one call, cut on the target's chunk (or shard)
-    boundaries, so no chunk is shared by two writes and no lock is needed; and
-    the ``rechunk-merge`` that ``to_zarr`` inserts costs nothing.
+    writes planes ``[a, b)`` cut on the target's chunk (or shard) boundaries, so no
+    chunk is shared by two writes and no lock is needed, and the ``rechunk-merge``
+    that ``to_zarr`` inserts costs nothing.  A zarr target is written one chunk row
+    (``piece`` planes) per call: its encoding temporaries grow with what one call
+    writes, and the plan counts those of one row (:meth:`temps_of`).
     """
 
-    def __init__(self, target, region, axis: int, ndim: int, lock=None) -> None:
+    def __init__(self, target, region, axis: int, ndim: int, lock=None,
+                 piece: int | None = None) -> None:
         self.target = target
         self.region = region
         self.axis = axis
@@ -108,10 +112,30 @@ class DirectStoreWriter:
         # the user's lock (da.store(lock=...)): a target may not take two writes at once
         # (h5py), even of different chunks, and segments write at the same time
         self.lock = lock if lock not in (None, False, True) else None
+        # a zarr target (one with a model of its temporaries) is written a chunk row a call
+        self.piece = piece if write_temporaries(target, 0) is not None else None
         # a numpy array takes the planes as they are
         self.write_temps = 0.0 if isinstance(target, np.ndarray) else STORE_TEMPS
 
+    def temps_of(self, nbytes: int) -> int:
+        """Bytes held beyond the planes while one call writes ``nbytes`` of them."""
+        zarr = write_temporaries(self.target, nbytes)
+        return int(self.write_temps * nbytes) if zarr is None else zarr
+
     def write_planes(self, a: int, planes, origin=None) -> None:
+        n, c = planes.shape[self.axis], self.piece
+        # pieces end on the target's chunk rows (its grid starts at the region's start)
+        o = a + self._start()
+        cuts = [0, *(p for p in range(1, n) if c and (o + p) % c == 0), n]
+        for s, e in zip(cuts, cuts[1:]):
+            self._write(a + s, planes[(slice(None),) * self.axis + (slice(s, e),)], origin)
+
+    def _start(self) -> int:
+        if not self.region or self.axis >= len(self.region):
+            return 0
+        return self.region[self.axis].start or 0
+
+    def _write(self, a: int, planes, origin) -> None:
         from dask.array.core import fuse_slice
 
         idx = [slice(None)] * self.ndim
@@ -123,13 +147,17 @@ class DirectStoreWriter:
         if self.region:
             index = fuse_slice(self.region, index)
         if self.lock is None:
-            self.target[index] = planes
+            self._put(index, planes)
             return
         self.lock.acquire()  # as dask's load_store_chunk does (any lock-like object)
         try:
-            self.target[index] = planes
+            self._put(index, planes)
         finally:
             self.lock.release()
+
+    def _put(self, index: tuple, planes) -> None:
+        if not write_whole_chunks(self.target, index, planes):
+            self.target[index] = planes
 
 
 class PlaneStoreWriter:
@@ -192,13 +220,14 @@ def _direct_store(hlg, store: str, shape, axis: int):
         start = r.start or 0
     tchunks = getattr(target, "shards", None) or getattr(target, "chunks", None)
     n = shape[axis]
+    c = None
     if tchunks and len(tchunks) == len(shape) and isinstance(tchunks[axis], int):
         c = tchunks[axis]
         cuts = [p for p in range(1, n) if (p + start) % c == 0]
         align = (0, *cuts, n)
     else:
         align = None
-    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock")), align
+    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), c), align
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,

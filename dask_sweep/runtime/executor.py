@@ -368,16 +368,21 @@ def _write_event(plan: Plan, ex: _Step, state: State, emitted: list) -> None:
             parts.append((f"output {k}: planes emitted", int(planes.nbytes)))
         # planes of an in-memory output are the caller's result from here on (dask
         # holds them until it returns them), outside the sweep's working memory
-        wt = getattr(o.sink, "write_temps", 0.0)
-        if wt:
-            n = planes.shape[plan.axis]
-            piece = getattr(o.sink, "piece", None) or n
-            share = planes.nbytes * min(n, piece) // max(1, n)
-            if wt * share > temps:
-                temps = wt * share
-                parts.append((f"output {k}: the writer's temporaries", int(temps)))
+        t = _writer_temps(o.sink, planes, plan.axis)
+        if t > temps:
+            temps = t
+            parts.append((f"output {k}: the writer's temporaries", int(temps)))
     if extra or temps:
         ex._event("writing the step's outputs", extra + int(temps), parts)
+
+
+def _writer_temps(sink, planes, axis: int) -> int:
+    """What ``sink`` holds beyond ``planes`` while it writes them: one call writes one
+    ``piece`` of planes; ``temps_of`` (bytes of a call) or ``write_temps`` (a multiple)."""
+    n = planes.shape[axis]
+    share = planes.nbytes * min(n, getattr(sink, "piece", None) or n) // max(1, n)
+    temps_of = getattr(sink, "temps_of", None)
+    return int(temps_of(share) if temps_of else getattr(sink, "write_temps", 0.0) * share)
 
 
 def dry_run(plan: Plan, skip: bool = True) -> Trace:

@@ -1,0 +1,84 @@
+"""Whole zarr chunks written with the emptiness check done by dask_sweep: the store
+ends up exactly as zarr's own write leaves it, and the model of what a write holds."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr")
+
+from dask_sweep.io.zarr_io import (  # noqa: E402
+    encode_temporaries,
+    write_temporaries,
+    write_whole_chunks,
+)
+
+
+def _files(path: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            if n not in ("zarr.json", ".zarray", ".zattrs"):
+                with open(os.path.join(root, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(root, n), path)] = f.read()
+    return out
+
+
+def _volume(dtype, fill, rng) -> np.ndarray:
+    v = (rng.random((10, 9, 8)) * 50).astype(dtype)
+    v[0:4, 0:3, 0:4] = fill  # whole chunks equal to the fill value
+    v[4:8, 6:9, 4:8] = fill
+    if v.dtype.kind == "f":
+        v[8:10, 0:3, 0:4] = -0.0  # data where the fill is +0.0: zarr compares bits
+        v[8:10, 3:6, 4:8] = np.nan  # a chunk of NaN (empty when the fill is NaN)
+    return v
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("dtype,fill", [("u1", 0), ("u2", 7), ("i2", -3), ("bool", False),
+                                        ("f4", 0.0), ("f8", np.nan), ("f4", 1.5)])
+def test_the_store_is_zarrs_own(tmp_path, fmt, dtype, fill):
+    rng = np.random.default_rng(0)
+    v = _volume(dtype, fill, rng)
+
+    def make(name):
+        return zarr.create_array(str(tmp_path / name), shape=v.shape, chunks=(4, 3, 4),
+                                 dtype=dtype, fill_value=fill, zarr_format=fmt)
+
+    ours, theirs = make("ours"), make("theirs")
+    for z in (ours, theirs):  # a stale non-empty chunk where the new data is empty
+        z[:] = np.full(v.shape, fill, dtype) + np.ones(v.shape, dtype)
+    for a in (0, 4, 8):
+        b = min(a + 4, v.shape[0])
+        assert write_whole_chunks(ours, (slice(a, b),), v[a:b])
+        theirs[a:b] = v[a:b]
+    np.testing.assert_array_equal(ours[:], v)
+    assert _files(str(tmp_path / "ours")) == _files(str(tmp_path / "theirs"))
+
+
+def test_only_whole_chunks_of_a_checked_array_are_taken(tmp_path):
+    v = np.ones((8, 6), "u1")
+    z = zarr.create_array(str(tmp_path / "a"), shape=(8, 6), chunks=(4, 3), dtype="u1")
+    assert not write_whole_chunks(z, (slice(1, 5),), v[1:5])  # off the chunk grid
+    assert not write_whole_chunks(z, (slice(0, 4), slice(0, 2)), v[0:4, 0:2])
+    c = zarr.create_array(str(tmp_path / "c"), shape=(8, 6), chunks=(4, 3), dtype="c8")
+    assert not write_whole_chunks(c, (slice(0, 4),), v[0:4].astype("c8"))  # zarr checks
+    e = zarr.create_array(str(tmp_path / "e"), shape=(8, 6), chunks=(4, 3), dtype="u1",
+                          config={"write_empty_chunks": True})
+    assert not write_whole_chunks(e, (slice(0, 4),), v[0:4])  # nothing to check
+    assert not write_whole_chunks(np.zeros((8, 6), "u1"), (slice(0, 4),), v[0:4])
+    assert write_whole_chunks(z, (slice(4, 8),), v[4:8])
+    np.testing.assert_array_equal(z[4:8], v[4:8])
+
+
+def test_the_model():
+    c = 4 << 20
+    assert encode_temporaries(c, c, np.uint8) == 5 * c  # zarr's own emptiness check
+    assert encode_temporaries(c, c, np.float32) == int(1.5 * c)
+    assert encode_temporaries(c // 2, c, np.float32) == int(3.5 * c)  # read, merged first
+    assert encode_temporaries(4 * c, c) == 11 * c
+    assert encode_temporaries(64 * c, c) == 50 * c  # at most async.concurrency in flight
+    assert write_temporaries(np.zeros(3), 10) is None

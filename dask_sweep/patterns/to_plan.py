@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from dask._task_spec import TaskRef
 from dask.highlevelgraph import HighLevelGraph
@@ -193,7 +195,13 @@ def _plane_store(target, region, shape, axis: int):
     return PlaneStoreWriter(planes, tuple(offset))
 
 
-def _direct_store(hlg, store: str, shape, axis: int):
+#: A zarr target is written in calls of about this share of the budget (whole chunk rows,
+#: one at least): zarr encodes a call's chunks at once and pays its per-call cost once
+#: (one-plane chunks of 256 KiB: 1.39 s per 512 planes one by one, 0.69 s eight at a time).
+WRITE_SHARE = 16
+
+
+def _direct_store(hlg, store: str, shape, axis: int, budget: int = 0):
     """A :class:`DirectStoreWriter` and its slab grid for a plain store layer, else None."""
     from dask.array.core import load_store_chunk
 
@@ -220,14 +228,17 @@ def _direct_store(hlg, store: str, shape, axis: int):
         start = r.start or 0
     tchunks = getattr(target, "shards", None) or getattr(target, "chunks", None)
     n = shape[axis]
-    c = None
+    piece = None
     if tchunks and len(tchunks) == len(shape) and isinstance(tchunks[axis], int):
         c = tchunks[axis]
         cuts = [p for p in range(1, n) if (p + start) % c == 0]
         align = (0, *cuts, n)
+        row = c * math.prod(s for d, s in enumerate(shape) if d != axis)
+        row *= np.dtype(getattr(target, "dtype", "u1")).itemsize
+        piece = c * max(1, budget // WRITE_SHARE // max(1, row))
     else:
         align = None
-    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), c), align
+    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), piece), align
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
@@ -317,7 +328,7 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             outputs.append(Output(stage=index[m], name=m, chunks=spec.meta.chunks))
     for store, m in region.stores.items():
         meta = region.stages[m].meta if m in region.stages else metas[m]
-        direct = _direct_store(hlg, store, meta.shape, axis)
+        direct = _direct_store(hlg, store, meta.shape, axis, settings.memory_limit)
         if direct is not None:
             outputs.append(Output(stage=index[m], name=store, chunks=meta.chunks,
                                   sink=direct[0], align=direct[1]))

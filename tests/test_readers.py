@@ -172,3 +172,39 @@ def test_a_write_beside_a_drop_in_with_its_own_budget_says_which_budget():
     m = re.search(r"projected at up to ([\d.]+) MiB, over the budget of 6\.00 MiB: the sweep "
                   r"plans for 64\.00 MiB beside it", text)
     assert m and 6 < float(m.group(1)) < 64, text
+
+
+@pytest.mark.parametrize("layout", [
+    {"chunks": (4, 40, 36)},  # one stored chunk per row: the zstd slice stack
+    {"chunks": (12, 16, 16)},
+    {"chunks": (12, 16, 16), "tiled": True},  # in-plane tiles: blocks and their halos
+    {"chunks": (12, 40, 36), "dask": (3, 20, 36)},  # dask rows thinner than stored chunks
+    {"chunks": (4, 20, 18), "shards": (8, 40, 36)},
+    {"chunks": (6, 16, 16), "inline": True, "tiled": True},
+])
+def test_a_compressed_zarr_source_is_read_by_rows_with_the_values_of_dask(tmp_path, layout):
+    """Any zarr array but a raw local one is read a step's rows per zarr call
+    (:class:`ZarrRowsReader`): the same values as dask's getter, every byte counted."""
+    import dask_sweep
+    from dask_sweep.patterns.readers import ZarrRowsReader
+
+    v = (ndi.uniform_filter(np.random.default_rng(4).random((48, 40, 36)), 3) * 255).astype("u1")
+    kw = {"shards": layout["shards"]} if "shards" in layout else {}
+    z = zarr.create_array(tmp_path / "v.zarr", shape=v.shape, chunks=layout["chunks"],
+                          dtype="u1", **kw)  # zarr's default codec (zstd)
+    z[:] = v
+    x = da.from_zarr(z, chunks=layout.get("dask", layout.get("shards", layout["chunks"])),
+                     inline_array=layout.get("inline", False))
+    y = (x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect") > 100)
+    ref = y.compute(scheduler="sync", optimize_graph=False)
+    settings = ({"memory_limit": "20KiB", "runtime_overhead": "0B"} if layout.get("tiled")
+                else {"memory_limit": "64MiB"})
+    reader = dask_sweep.explain(y, **settings).plans[0].stages[0].reader
+    assert isinstance(getattr(reader, "inner", reader), ZarrRowsReader)  # a tile's, or itself
+    with dask_sweep.enable(fallback="raise", **settings), track() as io:
+        got = y.compute()
+    np.testing.assert_array_equal(got, ref)
+    if layout.get("tiled"):
+        assert io.bytes_read > v.nbytes  # the tiles' halos are read again
+    else:
+        assert io.bytes_read == v.nbytes  # whole planes: every byte once

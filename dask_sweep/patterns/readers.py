@@ -6,7 +6,8 @@ reads whole slabs of chunk rows in any order (:func:`make_readers`).  Both read 
 same ways, in order of preference:
 
 * a raw local Zarr array (``da.from_zarr``) by its planes' byte ranges
-  (:class:`PlaneReader`, :class:`~dask_sweep.io.planes.ZarrPlanes`);
+  (:class:`PlaneReader`, :class:`~dask_sweep.io.planes.ZarrPlanes`); any other
+  zarr array by the rows of a step in one zarr call (:class:`ZarrRowsReader`);
 * *inline*: the slab task runs dask's own tasks for the blocks it needs (and the
   cheap upstream tasks they need), so no read can run ahead of the sweep;
 * *external*: the blocks are dependencies of the slab task, computed by dask.
@@ -21,11 +22,12 @@ import numpy as np
 from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
 from dask.array.core import concatenate3
 
+from dask_sweep.io.accounting import REGISTRY
 from dask_sweep.io.planes import zarr_planes
 
 __all__ = [
     "ExternalReader", "InlineReader", "PlaneReader", "SlabReader", "SubgraphReader",
-    "make_reader", "make_readers",
+    "ZarrRowsReader", "make_reader", "make_readers",
 ]
 
 
@@ -189,16 +191,58 @@ class PlaneReader:
         return self.planes.read(r, r + 1)
 
 
-def zarr_plane_reader(hlg, name: str, numblocks, axis: int) -> PlaneReader | None:
-    """A :class:`PlaneReader` for a ``from_zarr`` layer over a raw local array, else None."""
+class ZarrRowsReader:
+    """Chunk rows of any other zarr array under ``da.from_zarr`` (compressed, sharded,
+    remote), the rows of a step in one zarr call.
+
+    dask's ``getter`` reads each block with ``np.asarray(arr[block])``; one call for
+    several rows returns the same values, and zarr decodes the chunks it meets at once
+    (``async.concurrency``) and pays its per-call cost once: one-plane zstd chunks of
+    256 KiB, 512 planes: 0.69 s one by one, 0.41 s eight at a time.
+    """
+
+    def __init__(self, arr, name: str, numblocks: tuple[int, ...], axis: int,
+                 chunks: tuple) -> None:
+        self.arr = arr
+        self.name = name
+        self.numblocks = numblocks
+        self.axis = axis
+        self.bounds = [np.cumsum((0, *c)).tolist() for c in chunks]
+        self.tasks = None  # read inside the slab task (no dask keys)
+
+    def read_rows(self, r0: int, r1: int, blocks=None) -> np.ndarray:
+        """Chunk rows ``[r0, r1)`` (of the in-plane block ranges ``blocks``)."""
+        idx = []
+        for d, bd in enumerate(self.bounds):
+            lo, hi = (r0, r1) if d == self.axis else (blocks[d] if blocks else (0, len(bd) - 1))
+            idx.append(slice(bd[lo], bd[hi]))
+        out = np.asarray(self.arr[tuple(idx)])
+        REGISTRY.read(str(getattr(self.arr, "store_path", self.name)), int(out.nbytes),
+                      _chunks_met(idx, self.arr.chunks))
+        return out
+
+    def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
+        return self.read_rows(r, r + 1, blocks)
+
+
+def _chunks_met(idx: Sequence[slice], chunks: Sequence[int]) -> int:
+    """How many stored chunks the selection ``idx`` meets."""
+    n = 1
+    for s, c in zip(idx, chunks):
+        n *= -(-s.stop // c) - s.start // c
+    return n
+
+
+def zarr_plane_reader(hlg, name: str, numblocks, axis: int):
+    """A :class:`PlaneReader` for a ``from_zarr`` layer over a raw local array, a
+    :class:`ZarrRowsReader` over any other zarr array, else None."""
     from dask.array.core import getter
     from dask.blockwise import Blockwise
 
     from dask_sweep.patterns.layers import BlockwiseEval
 
     layer = hlg.layers.get(name)
-    if axis != 0 or not isinstance(layer, Blockwise) or getattr(layer.task, "func", None) \
-            is not getter:
+    if not isinstance(layer, Blockwise) or getattr(layer.task, "func", None) is not getter:
         return None
     kw = dict(getattr(layer.task, "kwargs", {}) or {})
     if kw.get("asarray", True) is not True or kw.get("lock") not in (None, False):
@@ -216,10 +260,15 @@ def zarr_plane_reader(hlg, name: str, numblocks, axis: int) -> PlaneReader | Non
             if key in lay:
                 arr = lay[key]
                 arr = getattr(arr, "value", arr)
-    planes = zarr_planes(arr)
-    if planes is None or tuple(planes.shape) != tuple(sum(c) for c in _chunks_of(hlg, name)):
+    chunks = _chunks_of(hlg, name)
+    if tuple(getattr(arr, "shape", ())) != tuple(sum(c) for c in chunks):
         return None
-    return PlaneReader(planes, name, numblocks)
+    planes = zarr_planes(arr) if axis == 0 else None
+    if planes is not None:
+        return PlaneReader(planes, name, numblocks)
+    if type(arr).__module__.startswith("zarr") and hasattr(arr, "chunks"):
+        return ZarrRowsReader(arr, name, numblocks, axis, chunks)
+    return None
 
 
 def _chunks_of(hlg, name):
@@ -529,7 +578,7 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
     hlg = image.__dask_graph__()
     planes = (zarr_plane_reader(hlg, name, image.numblocks, 0)
               if hasattr(hlg, "layers") else None)
-    if planes is not None:
+    if isinstance(planes, PlaneReader):
         return [SlabReader(name, rows, chunks, None, planes.planes)
                 for rows in slabs_blocks], True
     inplane = tuple(len(c) for c in chunks[1:])
@@ -572,7 +621,7 @@ def _raw_zarr_layers(hlg, among=None) -> dict:
         if meta is None:
             continue
         pr = zarr_plane_reader(hlg, lay, tuple(len(c) for c in meta.chunks), 0)
-        if pr is not None:
+        if isinstance(pr, PlaneReader):
             out[lay] = (pr.planes, [np.cumsum((0, *c)).tolist() for c in meta.chunks])
     return out
 

@@ -37,6 +37,8 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
         return Shape(tuple(s), st.dtype)
     if getattr(st.reader, "free", False):  # any planes in one read (rows of one plane)
         return st.reader.read_planes(a, b)
+    if hasattr(st.reader, "read_rows"):  # the step's rows in one call
+        return st.reader.read_rows(r0, r1)
     rows = []
     for r in range(r0, r1):
         if getattr(st.reader, "carries", False):

@@ -3,7 +3,8 @@
 The operations of the StackProcessing report's own benchmark, written as users
 write them (dask-image / dask_sweep.ndimage on a dask array), read from a Zarr
 volume in 64³ chunks or from a TIFF stack (one file per plane) and written back
-in the same layout:
+in the same layout (``--layouts``: ``zarr`` raw 64³ chunks, ``zarr-zstd`` the same
+with zarr's default codec, ``slab-zstd`` one-plane chunks with it, ``tiff``):
 
 =============  ====================================================================
 copy           ``x``
@@ -57,6 +58,24 @@ def threshold_of(dtype) -> float:
     return float(np.iinfo(dt).max // 2) if dt.kind in "iu" else 0.5
 
 
+#: Zarr layouts: chunks of a volume of side ``n`` and the codec (``None``: raw bytes;
+#: ``"default"``: zarr's own, zstd, as ``to_zarr`` and ``create_array`` write by default).
+ZARR_LAYOUTS = {
+    "zarr": (lambda n: (64,) * 3, None),
+    "zarr-zstd": (lambda n: (64,) * 3, "default"),
+    "slab-zstd": (lambda n: (1, n, n), "default"),  # a slice stack converted to Zarr
+}
+
+
+def _zarr_array(layout: str, path: str, shape: tuple, dtype, overwrite: bool = False):
+    import zarr
+
+    chunks, codec = ZARR_LAYOUTS[layout]
+    kw = {} if codec == "default" else {"compressors": None}
+    return zarr.create_array(path, shape=shape, chunks=chunks(shape[1]), dtype=dtype,
+                             fill_value=0, overwrite=overwrite, **kw)
+
+
 def make_volume(layout: str, path: str, n: int, dtype: str, seed: int = 0) -> None:
     """A smooth random volume of ``n``³ in ``dtype``'s range (about half above the middle)."""
     import scipy.ndimage as ndi
@@ -65,11 +84,8 @@ def make_volume(layout: str, path: str, n: int, dtype: str, seed: int = 0) -> No
     dt = np.dtype(dtype)
     scale = float(np.iinfo(dt).max) if dt.kind in "iu" else 1.0
     z = None
-    if layout == "zarr":
-        import zarr
-
-        z = zarr.create_array(path, shape=(n,) * 3, chunks=(64,) * 3, dtype=dt,
-                              compressors=None, fill_value=0)
+    if layout in ZARR_LAYOUTS:
+        z = _zarr_array(layout, path, (n,) * 3, dt)
     else:
         os.makedirs(path)
     for a in range(0, n, 64):
@@ -138,7 +154,7 @@ def scipy_op(op: str, v: np.ndarray) -> np.ndarray:
 
 
 def _read_all(layout: str, src: str) -> np.ndarray:
-    if layout == "zarr":
+    if layout in ZARR_LAYOUTS:
         import zarr
 
         return zarr.open_array(src, mode="r")[:]
@@ -151,12 +167,8 @@ def _read_all(layout: str, src: str) -> np.ndarray:
 
 
 def _write_all(layout: str, dst: str, v: np.ndarray) -> None:
-    if layout == "zarr":
-        import zarr
-
-        z = zarr.create_array(dst, shape=v.shape, chunks=(64,) * 3, dtype=v.dtype,
-                              compressors=None, fill_value=0, overwrite=True)
-        z[:] = v
+    if layout in ZARR_LAYOUTS:
+        _zarr_array(layout, dst, v.shape, v.dtype, overwrite=True)[:] = v
     else:
         import tifffile
 
@@ -185,11 +197,9 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
             _write_all(layout, dst, r)
         nbytes = read = 0
     else:
-        import zarr
-
         import dask_sweep
 
-        if layout == "zarr":
+        if layout in ZARR_LAYOUTS:
             x = da.from_zarr(src)  # as users write it; the sweep reports its reads
         else:
             x = imread(os.path.join(src, "*.tif"))
@@ -201,11 +211,9 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
             warnings.simplefilter("always", RuntimeWarning)
             y = build(op, x)
             with track() as io, PeakRSS() as m:
-                if layout == "zarr":
-                    # the same layout and codec (none) as the input and as scipy's write
-                    z = zarr.create_array(dst, shape=y.shape, chunks=(64,) * 3, dtype=y.dtype,
-                                          compressors=None, fill_value=0)
-                    y.to_zarr(z)
+                if layout in ZARR_LAYOUTS:
+                    # the same layout and codec as the input and as scipy's write
+                    y.to_zarr(_zarr_array(layout, dst, y.shape, y.dtype))
                 else:
                     imwrite(y, dst, format="tiff-stack")
         read = io.bytes_read
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64])
     ap.add_argument("--dtypes", nargs="+", default=["uint8"],
                     choices=["uint8", "uint16", "float32"])
-    ap.add_argument("--layouts", nargs="+", default=["zarr", "tiff"], choices=["zarr", "tiff"])
+    ap.add_argument("--layouts", nargs="+", default=["zarr", "tiff"],
+                    choices=[*ZARR_LAYOUTS, "tiff"])
     ap.add_argument("--ops", nargs="+", default=["copy", "threshold", "uniform3", "median1",
                                                  "dilation1", "label"], choices=OPS)
     ap.add_argument("--budget-fraction", type=float, default=0.25)

@@ -82,3 +82,34 @@ def test_the_model():
     assert encode_temporaries(4 * c, c) == 11 * c
     assert encode_temporaries(64 * c, c) == 50 * c  # at most async.concurrency in flight
     assert write_temporaries(np.zeros(3), 10) is None
+
+
+@pytest.mark.parametrize("origin", [None, (0, 4, 6)])  # whole planes; a tile's interior
+def test_a_sweep_writes_a_zarr_target_in_calls_of_whole_chunks(tmp_path, monkeypatch, origin):
+    """:class:`DirectStoreWriter` cuts a slab into calls of ``piece`` planes and ``strip``
+    columns on the target's chunk grid (region included); each call is at most
+    ``call_bytes``, and what it writes is the slab."""
+    import dask_sweep.patterns.to_plan as tp
+
+    calls = []
+
+    def spy(target, index, value):
+        calls.append(index)
+        return write_whole_chunks(target, index, value)
+
+    monkeypatch.setattr(tp, "write_whole_chunks", spy)
+    z = zarr.create_array(str(tmp_path / "t"), shape=(13, 20, 24), chunks=(2, 4, 6), dtype="u1")
+    region = (slice(2, 13), slice(0, 20), slice(0, 24))  # the array starts at plane 2
+    w = tp.DirectStoreWriter(z, region, 0, 3, piece=4, strip=8, call_bytes=4 * 8 * 24)
+    v = np.random.default_rng(1).integers(1, 255, (11, 20, 24), dtype=np.uint8)
+    part = v if origin is None else v[:, 4:20, 6:24]
+    for a, b in ((0, 4), (4, 10), (10, 11)):  # slabs on the chunk grid, as plans align them
+        w.write_planes(a, part[a:b], origin)
+    got = z[2:13] if origin is None else z[2:13, 4:20, 6:24]
+    np.testing.assert_array_equal(got, part)
+    for index in calls:
+        for s, c, n, most in zip(index, (2, 4, 6), (13, 20, 24), (4, 8, 24)):
+            assert s.start % c == 0 and (s.stop % c == 0 or s.stop == n), index  # whole chunks
+            assert s.stop - s.start <= most, index  # a piece, a strip
+    assert len(calls) > 3
+    assert w.temps_of(10**9) == w.temps_of(4 * 8 * 24)  # a call writes at most call_bytes

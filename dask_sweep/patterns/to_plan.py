@@ -100,13 +100,16 @@ class DirectStoreWriter:
     Used for ``da.store`` / ``to_zarr`` without ``return_stored``: the slab task
     writes planes ``[a, b)`` cut on the target's chunk (or shard) boundaries, so no
     chunk is shared by two writes and no lock is needed, and the ``rechunk-merge``
-    that ``to_zarr`` inserts costs nothing.  A zarr target is written one chunk row
-    (``piece`` planes) per call: its encoding temporaries grow with what one call
-    writes, and the plan counts those of one row (:meth:`temps_of`).
+    that ``to_zarr`` inserts costs nothing.  A zarr target is written in calls of
+    whole chunks: ``piece`` planes along the sweep axis and, where a chunk row is
+    wider than a call should be, ``strip`` along the first in-plane axis.  Its
+    encoding temporaries grow with what one call writes, and the plan counts those
+    of one call (:meth:`temps_of`).
     """
 
     def __init__(self, target, region, axis: int, ndim: int, lock=None,
-                 piece: int | None = None) -> None:
+                 piece: int | None = None, strip: int | None = None,
+                 call_bytes: int | None = None) -> None:
         self.target = target
         self.region = region
         self.axis = axis
@@ -114,28 +117,43 @@ class DirectStoreWriter:
         # the user's lock (da.store(lock=...)): a target may not take two writes at once
         # (h5py), even of different chunks, and segments write at the same time
         self.lock = lock if lock not in (None, False, True) else None
-        # a zarr target (one with a model of its temporaries) is written a chunk row a call
-        self.piece = piece if write_temporaries(target, 0) is not None else None
+        zarr = write_temporaries(target, 0) is not None  # a model of its temporaries
+        self.piece = piece if zarr else None
+        self.strip = strip if zarr else None
+        self.inplane = next(d for d in range(ndim) if d != axis) if ndim > 1 else None
+        self.call_bytes = call_bytes if zarr else None
         # a numpy array takes the planes as they are
         self.write_temps = 0.0 if isinstance(target, np.ndarray) else STORE_TEMPS
 
     def temps_of(self, nbytes: int) -> int:
-        """Bytes held beyond the planes while one call writes ``nbytes`` of them."""
+        """Bytes held beyond the planes while one call writes ``nbytes`` of them (a call
+        writes at most ``call_bytes``)."""
+        if self.call_bytes:
+            nbytes = min(nbytes, self.call_bytes)
         zarr = write_temporaries(self.target, nbytes)
         return int(self.write_temps * nbytes) if zarr is None else zarr
 
     def write_planes(self, a: int, planes, origin=None) -> None:
-        n, c = planes.shape[self.axis], self.piece
-        # pieces end on the target's chunk rows (its grid starts at the region's start)
-        o = a + self._start()
-        cuts = [0, *(p for p in range(1, n) if c and (o + p) % c == 0), n]
-        for s, e in zip(cuts, cuts[1:]):
-            self._write(a + s, planes[(slice(None),) * self.axis + (slice(s, e),)], origin)
+        # calls end on the target's chunk grid (in its coordinates: the region's start added)
+        along = _cuts(planes.shape[self.axis], a + self._start(self.axis), self.piece)
+        d, o = self.inplane, 0
+        if d is not None and self.strip:
+            o = (origin[d] if origin is not None else 0) + self._start(d)
+        across = _cuts(planes.shape[d], o, self.strip) if d is not None else [0, 0]
+        for s, e in zip(along, along[1:]):
+            for u, v in zip(across, across[1:]):
+                box = [slice(None)] * self.ndim
+                box[self.axis] = slice(s, e)
+                at = list(origin) if origin is not None else [0] * self.ndim
+                if d is not None and self.strip:
+                    box[d] = slice(u, v)
+                    at[d] += u
+                self._write(a + s, planes[tuple(box)], at if self.strip or origin else None)
 
-    def _start(self) -> int:
-        if not self.region or self.axis >= len(self.region):
+    def _start(self, d: int) -> int:
+        if not self.region or d >= len(self.region):
             return 0
-        return self.region[self.axis].start or 0
+        return self.region[d].start or 0
 
     def _write(self, a: int, planes, origin) -> None:
         from dask.array.core import fuse_slice
@@ -177,6 +195,15 @@ class PlaneStoreWriter:
         o = origin if origin is not None else (0,) * planes.ndim
         org = tuple(x + y for x, y in zip(o, self.offset))
         self.planes.write(a + self.offset[0], planes, org)
+
+
+def _cuts(n: int, start: int, step: int | None) -> list[int]:
+    """Bounds of ``n`` items cut where ``start + p`` is a multiple of ``step``.
+
+    >>> _cuts(10, 3, 4)
+    [0, 1, 5, 9, 10]
+    """
+    return [0, *(p for p in range(1, n) if step and (start + p) % step == 0), n]
 
 
 def _plane_store(target, region, shape, axis: int):
@@ -228,17 +255,25 @@ def _direct_store(hlg, store: str, shape, axis: int, budget: int = 0):
         start = r.start or 0
     tchunks = getattr(target, "shards", None) or getattr(target, "chunks", None)
     n = shape[axis]
-    piece = None
+    piece = strip = call = None
     if tchunks and len(tchunks) == len(shape) and isinstance(tchunks[axis], int):
         c = tchunks[axis]
         cuts = [p for p in range(1, n) if (p + start) % c == 0]
         align = (0, *cuts, n)
-        row = c * math.prod(s for d, s in enumerate(shape) if d != axis)
-        row *= np.dtype(getattr(target, "dtype", "u1")).itemsize
-        piece = c * max(1, budget // WRITE_SHARE // max(1, row))
+        itemsize = np.dtype(getattr(target, "dtype", "u1")).itemsize
+        row = c * math.prod(s for d, s in enumerate(shape) if d != axis) * itemsize
+        share = budget // WRITE_SHARE
+        piece = c * max(1, share // max(1, row))
+        call = piece * row // c
+        d = next((d for d in range(len(shape)) if d != axis), None)
+        if d is not None and row > share and tchunks[d] < shape[d]:
+            column = row // shape[d] * tchunks[d]  # a chunk row one chunk wide along d
+            strip = tchunks[d] * max(1, share // max(1, column))
+            call = strip * row // shape[d]
     else:
         align = None
-    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), piece), align
+    return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), piece, strip,
+                             call), align
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,

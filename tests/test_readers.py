@@ -131,14 +131,15 @@ def test_values_another_output_shares_come_from_dask_and_the_rest_runs_in_the_st
 
     vol = ndi.uniform_filter(np.random.default_rng(0).random((32, 128, 128)), 3) > 0.5
     x = da.from_array(vol, chunks=(16, 128, 128))
-    assert "within the rows" in str(plan_label(x, memory_limit="6MiB"))
+    assert "within the rows" in str(plan_label(x, memory_limit="7MiB"))
     ran: list = []
 
     class Record(Callback):
         def _pretask(self, key, dsk, state):
             ran.append((key[0] if isinstance(key, tuple) else key).rsplit("-", 1)[0])
 
-    with dask_sweep.enable(memory_limit="6MiB"), warnings.catch_warnings():
+    # 7 MiB: zarr writes the 1 MiB int32 chunks with 2.15 MiB of temporaries beside them
+    with dask_sweep.enable(memory_limit="7MiB"), warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing over the budget, nothing left to dask
         lab, n = label(x)
         z = zarr.create_array(zarr.storage.MemoryStore(), shape=lab.shape,

@@ -75,12 +75,17 @@ def test_only_whole_chunks_of_a_checked_array_are_taken(tmp_path):
 
 
 def test_the_model():
-    c = 4 << 20
-    assert encode_temporaries(c, c, np.uint8) == 5 * c  # zarr's own emptiness check
-    assert encode_temporaries(c, c, np.float32) == int(1.5 * c)
-    assert encode_temporaries(c // 2, c, np.float32) == int(3.5 * c)  # read, merged first
-    assert encode_temporaries(4 * c, c) == 11 * c
-    assert encode_temporaries(64 * c, c) == 50 * c  # at most async.concurrency in flight
+    from dask_sweep.io.zarr_io import CALL_BYTES, KEY_BYTES
+
+    c, call = 4 << 20, CALL_BYTES + KEY_BYTES
+    assert encode_temporaries(c, c, np.uint8) == 5 * c + call  # zarr's own emptiness check
+    assert encode_temporaries(c, c, np.uint8, checked=False) == int(1.5 * c) + call
+    assert encode_temporaries(c, c, np.float32) == int(1.5 * c) + call
+    assert encode_temporaries(c // 2, c, np.float32) == int(3.5 * c) + call  # read, merged
+    assert encode_temporaries(4 * c, c, checked=False) == 16 * c + CALL_BYTES + 4 * KEY_BYTES
+    assert encode_temporaries(4 * c, c) == 20 * c + CALL_BYTES + 4 * KEY_BYTES
+    # at most async.concurrency chunks in flight
+    assert encode_temporaries(64 * c, c, checked=False) == 40 * c + CALL_BYTES + 64 * KEY_BYTES
     assert write_temporaries(np.zeros(3), 10) is None
 
 

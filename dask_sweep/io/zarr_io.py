@@ -30,7 +30,7 @@ from dask_sweep.io.base import (
 from dask_sweep.io.stores import MissingChunkError, StrictStore
 
 __all__ = ["ZarrSink", "ZarrSource", "read_zarr", "split_zarr_path", "encode_temporaries",
-           "write_temporaries", "write_whole_chunks"]
+           "write_temporaries", "write_whole_chunks", "CALL_BYTES", "KEY_BYTES"]
 
 _META = ("zarr.json", ".zarray", ".zgroup")
 
@@ -511,20 +511,18 @@ class ZarrSink(Sink):
 
 def write_temporaries(target: Any, written: int) -> int | None:
     """Bytes a zarr array holds beyond the data while ``target[...] = data`` writes
-    ``written`` bytes; ``None`` when ``target`` is not a zarr array.
+    ``written`` bytes as the sweeps write it (:func:`write_whole_chunks` where it
+    applies); ``None`` when ``target`` is not a zarr array.
 
     See :func:`encode_temporaries` (the chunk is the shard when there are shards: a
-    shard is assembled and encoded whole).  Whole chunks written through
-    :func:`write_whole_chunks` skip zarr's emptiness check, the costliest part.
+    shard is assembled and encoded whole).
     """
     grid = getattr(target, "shards", None) or getattr(target, "chunks", None)
     if not type(target).__module__.startswith("zarr") or not grid:
         return None
     dtype = np.dtype(target.dtype)
-    chunk = int(np.prod(grid)) * dtype.itemsize
-    if written == chunk and _checks_itself(target):
-        return int(1.5 * chunk)
-    return encode_temporaries(written, chunk, dtype)
+    return encode_temporaries(written, int(np.prod(grid)) * dtype.itemsize, dtype,
+                              checked=not _checks_itself(target))
 
 
 def _checks_itself(target: Any) -> bool:
@@ -565,19 +563,15 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
         blocks.append(range(a // c, -(-b // c)))
     fill = target.fill_value
     origin = [s.indices(n)[0] for s, n in zip(index, shape)]
-    empty = []
-    for block in itertools.product(*blocks):
-        local = tuple(slice(k * c - o, min((k + 1) * c, n) - o)
-                      for k, c, o, n in zip(block, grid, origin, shape))
-        if _all_fill(value[local], fill):
-            empty.append((block, local))
+    gone = {block for block in itertools.product(*blocks) if _all_fill(value[tuple(
+        slice(k * c - o, min((k + 1) * c, n) - o)
+        for k, c, o, n in zip(block, grid, origin, shape))], fill)}
     keep = target.with_config({"write_empty_chunks": True})
-    if not empty:
+    if not gone:
         keep[index] = value
         return True
     from zarr.core.sync import sync
 
-    gone = {b for b, _ in empty}
     for block in itertools.product(*blocks):
         sel = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(block, grid, shape))
         if block in gone:
@@ -604,42 +598,56 @@ def _all_fill(chunk: np.ndarray, fill: Any) -> bool:
     return all(not np.any(p != fill) for p in planes)
 
 
-def encode_temporaries(written: int, chunk: int, dtype: Any = np.uint8) -> int:
+#: What one zarr write call holds beyond its chunks' copies (its tasks, buffers, the
+#: event loop's bookkeeping; 16 chunks' worth, from a quarter of it to all of it),
+#: and per chunk it meets; measured, see :func:`encode_temporaries`.
+CALL_BYTES, KEY_BYTES = 640 << 10, 24 << 10
+
+
+def encode_temporaries(written: int, chunk: int, dtype: Any = np.uint8,
+                       checked: bool = True) -> int:
     """What one zarr write call of ``written`` bytes, in chunks of ``chunk`` bytes, holds
-    beyond the data it is given.
+    beyond the data it is given; ``checked``: zarr checks each chunk for emptiness
+    itself (not so through :func:`write_whole_chunks`).
 
     Measured as resident growth with glibc's thresholds fixed (as a sweep runs), zarr
     3.1 and numpy 2.4, for every codec (the raw ``bytes`` codec too, and whether the
-    data compresses or not: the costs are copies, not the codec's output), C = chunk:
+    data compresses or not: the costs are copies, not the codec's output), C = chunk,
+    m chunks a call:
 
-    =========================  ===================================  ===============
-    one call writes            held beyond the data                 model
-    =========================  ===================================  ===============
-    one whole chunk, uint8     5.0 C (uint16 3.5 C, uint32 2.8 C)    5 C
-    one whole chunk, other     0.8-1.2 C (int, float, bool)         1.5 C
-    2 / 4 chunks of 4 MiB      7.0 C / 6.2-9.0 C                    7 C / 11 C
-    16 chunks of 1 MiB         22-24 MiB                            35 MiB
-    16 / 64 chunks of 256 KiB  8.4 / 8.2 MiB                        8.75 / 12.5 MiB
-    =========================  ===================================  ===============
+    ============================  =============================  =====================
+    one call writes (m x C)       held beyond the data           model
+    ============================  =============================  =====================
+    1 x 4 MiB, zarr's check       uint8 5.0 C, uint16 3.5 C,     5 C (unsigned),
+                                  int, float, bool 0.8-1.2 C     1.5 C (else) + call
+    1 x 4 MiB / 256 KiB, ours     1.24 C / 0.75-0.93 MiB         1.5 C + call
+    2, 4, 8 x 256 KiB, ours       1.8, 2.9, 4.6-7.5 MiB          4 C m + call
+    16, 32, 64 x 256 KiB, ours    6.5, 6.7, 8.1 MiB              4 C k + call
+    4, 8, 16 x 4 MiB, ours        8.5 C, 16.7 C, 20.6 C          16 C, 32 C, 40 C + ..
+    2, 4 x 4 MiB, zarr's check    uint8 7.0 C, 9.0 C             + 4 C (unsigned)
+    ============================  =============================  =====================
 
-    Unsigned integers cost most: zarr checks whether a chunk equals its fill value
-    with ``np.array_equal(..., equal_nan=True)``, which takes numpy's NaN path for
-    unsigned types (masks and masked copies of the chunk).  A value of several
-    chunks is copied chunk by chunk and up to ``async.concurrency`` (k) chunks are
-    encoded at once: ``min(2 W + 3 C, 5 min(W, k C))``.  A chunk written in part
-    is read, decoded and merged first (2 C more).
+    "call" is :data:`CALL_BYTES` (at most 16 C) and :data:`KEY_BYTES` per chunk; ``k`` is zarr's
+    ``async.concurrency`` (chunks in flight at once).  Unsigned integers cost most
+    under zarr's own check: it compares a chunk with its fill value through
+    ``np.array_equal(..., equal_nan=True)``, which takes numpy's NaN path for unsigned
+    types (masks and masked copies of the chunk).  A chunk written in part is read,
+    decoded and merged first (2 C more).  Several chunks vary most from run to run
+    (how many are in flight at once): eight of 256 KiB held 4.6-7.5 MiB in ten runs.
 
-    >>> encode_temporaries(4 << 20, 4 << 20) == 5 * (4 << 20)
+    >>> encode_temporaries(4 << 20, 4 << 20) == 5 * (4 << 20) + CALL_BYTES + KEY_BYTES
     True
     """
     import zarr
 
-    kind = np.dtype(dtype).kind
-    if written <= chunk:
-        whole = (5.0 if kind == "u" else 1.5) * chunk
-        return int(whole + (2 * chunk if written < chunk else 0))
-    k = int(zarr.config.get("async.concurrency", 10) or 10)
-    return int(min(2 * written + 3 * chunk, 5 * min(written, k * chunk)))
+    m = max(1, -(-written // max(1, chunk)))
+    unsigned = np.dtype(dtype).kind == "u" and checked
+    if m == 1:
+        held = (5.0 if unsigned else 1.5) * chunk + (2 * chunk if written < chunk else 0)
+    else:
+        k = int(zarr.config.get("async.concurrency", 10) or 10)
+        held = 4.0 * chunk * min(m, k) + (4 * chunk if unsigned else 0)
+    return int(held) + min(CALL_BYTES, max(CALL_BYTES // 4, 16 * chunk)) + KEY_BYTES * m
 
 
 def _raw_chunk_dtype(arr) -> np.dtype | None:

@@ -44,16 +44,6 @@ def uniform_steps(n: int, planes: int) -> tuple[int, ...]:
     return (*out, n) if n else (0,)
 
 
-def steps_for(plan: Plan, rows_per_step: int) -> tuple[int, ...]:
-    """Step bounds grouping ``rows_per_step`` rows of the outputs' common grid."""
-    sets = [set(o.grid(plan.axis)) for o in plan.outputs]
-    grid = sorted((set.intersection(*sets) if sets else {0}) | {plan.extent})[1:]
-    out = [grid[i] for i in range(rows_per_step - 1, len(grid), rows_per_step)]
-    if not out or out[-1] != plan.extent:
-        out.append(plan.extent)
-    return tuple(out)
-
-
 def input_bytes_per_plane(plan: Plan) -> int:
     return sum(st.plane_bytes(plan.axis) for st in plan.stages if isinstance(st, Source))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, TaskRef, convert_legacy_task
+from dask._task_spec import GraphNode, TaskRef
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph
 
@@ -60,13 +60,6 @@ def array_meta(layer) -> ArrayMeta | None:
     shape = tuple(sum(c) for c in chunks)
     return ArrayMeta(shape, chunks, np.dtype(ann["dtype"]),
                      str(ann.get("chunk_type") or "numpy.ndarray"))
-
-
-def task_of(value: Any, key) -> GraphNode:
-    """A graph value as a ``GraphNode`` (legacy tuples are converted)."""
-    if isinstance(value, GraphNode):
-        return value
-    return convert_legacy_task(key, value, ())
 
 
 class BlockwiseEval:

@@ -178,10 +178,10 @@ def test_a_write_beside_a_drop_in_with_its_own_budget_says_which_budget():
 @pytest.mark.parametrize("layout", [
     {"chunks": (4, 40, 36)},  # one stored chunk per row: the zstd slice stack
     {"chunks": (12, 16, 16)},
-    {"chunks": (12, 16, 16), "tiled": True},  # in-plane tiles: blocks and their halos
+    {"chunks": (12, 16, 16), "tiled": "56KiB"},  # in-plane tiles: blocks and their halos
     {"chunks": (12, 40, 36), "dask": (3, 20, 36)},  # dask rows thinner than stored chunks
     {"chunks": (4, 20, 18), "shards": (8, 40, 36)},
-    {"chunks": (6, 16, 16), "inline": True, "tiled": True},
+    {"chunks": (6, 16, 16), "inline": True, "tiled": "32KiB"},
 ])
 def test_a_compressed_zarr_source_is_read_by_rows_with_the_values_of_dask(tmp_path, layout):
     """Any zarr array but a raw local one is read a step's rows per zarr call
@@ -198,7 +198,7 @@ def test_a_compressed_zarr_source_is_read_by_rows_with_the_values_of_dask(tmp_pa
                      inline_array=layout.get("inline", False))
     y = (x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect") > 100)
     ref = y.compute(scheduler="sync", optimize_graph=False)
-    settings = ({"memory_limit": "20KiB", "runtime_overhead": "0B"} if layout.get("tiled")
+    settings = ({"memory_limit": layout["tiled"], "runtime_overhead": "0B"} if "tiled" in layout
                 else {"memory_limit": "64MiB"})
     reader = dask_sweep.explain(y, **settings).plans[0].stages[0].reader
     assert isinstance(getattr(reader, "inner", reader), ZarrRowsReader)  # a tile's, or itself

@@ -14,8 +14,13 @@ halo ``H`` (the sum of the stages' in-plane depths) of real neighbouring data::
 
 Exact for block-invariant kernels (their output within ``H`` of a tile's inner
 edge is wrong, and it is cut away) and for pure elementwise stages (numpy
-ufuncs, ``astype``..., evaluated on any slab); so tiling is offered for regions
-made of :class:`Kernel`, :class:`Identity`, :class:`Pointwise` and inline
+ufuncs, ``astype``..., evaluated on any slab).  An opaque stage
+(:class:`Blocked`: dask's own blocks) is tiled on its block boundaries: a tile
+evaluates the whole blocks of its interior, each with its own halo from the
+tile's, and leaves its halo zero, so no later stage may read across it (a window
+after it would need whole neighbouring blocks); then its floor is one block, not
+one row of blocks.  So tiling is offered for regions made of :class:`Kernel`,
+:class:`Identity`, :class:`Pointwise`, :class:`Blocked` and inline
 :class:`Source` stages.  Outputs
 written by the sweep (``to_zarr`` / ``store``) are cut to each tile's interior;
 outputs handed back to dask (``compute``, ``persist``) need tile cuts on their
@@ -32,7 +37,7 @@ import numpy as np
 
 from dask_sweep.errors import BudgetError
 from dask_sweep.passes.slabs import choose_steps
-from dask_sweep.plan.ir import Identity, Kernel, Plan, Pointwise, Source
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Source
 
 
 class TileReader:
@@ -104,17 +109,50 @@ class TileWriter:
         self.inner.write_planes(a, np.ascontiguousarray(planes[self.cut]), origin=self.origin)
 
 
+def _inplane_depth(st, axis: int) -> list[int]:
+    """Per axis, how far across its inputs' planes stage ``st`` reads (0 on ``axis``)."""
+    ndim = len(st.shape)
+    if isinstance(st, Kernel):
+        return [st.depth[ax] if ax != axis else 0 for ax in range(ndim)]
+    if isinstance(st, Blocked):
+        return [max((max(d[ax]) for d in st.depth), default=0) if ax != axis else 0
+                for ax in range(ndim)]
+    return [0] * ndim
+
+
+def _periodic_inplane(st, axis: int) -> list[bool]:
+    """Per in-plane axis that ``st`` reads across, whether its boundary there is periodic."""
+    if isinstance(st, Kernel):
+        bounds = [st.boundary]
+    elif isinstance(st, Blocked):
+        bounds = list(st.boundary)
+    else:
+        return []
+    depth = _inplane_depth(st, axis)
+    return [isinstance(b[ax], str) and b[ax] == "periodic"
+            for b in bounds for ax in range(len(depth)) if ax != axis and depth[ax]]
+
+
 def tileable(plan: Plan) -> str:
     """Why ``plan`` cannot be tiled in-plane ('' when it can)."""
-    for st in plan.stages:
+    blocked = set()  # stages downstream of (or equal to) an opaque stage
+    for j, st in enumerate(plan.stages):
         if isinstance(st, Source):
             if st.external or not st.chunks:
                 return "a source is not read inside the slab tasks"
-        elif not isinstance(st, (Kernel, Identity, Pointwise)):
-            return (
-                f"stage {st.label!r} keeps dask's blocks (only known kernels and "
-                "elementwise stages can be tiled)"
-            )
+        elif not isinstance(st, (Kernel, Identity, Pointwise, Blocked)):
+            return f"stage {st.label!r} cannot be cut in-plane"
+        if any(_periodic_inplane(st, plan.axis)):
+            # a tile at a face would wrap around its own far side, not the volume's
+            return f"stage {st.label!r} wraps around in-plane (a periodic boundary)"
+        after = [i for i in st.inputs if i in blocked]
+        if after and any(_inplane_depth(st, plan.axis)):
+            # a tile evaluates an opaque stage's whole blocks only: its halo holds no
+            # values a window could read (a whole neighbouring block would be needed)
+            return (f"stage {st.label!r} reads across the in-plane blocks of "
+                    f"{plan.stages[after[0]].label!r}, which keeps dask's blocks")
+        if isinstance(st, Blocked) or after:
+            blocked.add(j)
     if not plan.outputs:
         return "the region has no output"
     for o in plan.outputs:
@@ -126,13 +164,14 @@ def tileable(plan: Plan) -> str:
 
 
 def _blocks_fit(plan: Plan, tiles) -> bool:
-    """Whether every in-memory output block lies inside one tile's interior."""
+    """Whether every in-memory output block, and every block of an opaque stage, lies
+    inside one tile's interior."""
     axis = plan.axis
     cuts = [{s for region in tiles for s in region[ax]} for ax in range(len(tiles[0]))]
-    for o in plan.outputs:
-        if o.sink is not None:
-            continue
-        for ax, c in enumerate(o.chunks):
+    grids = [o.chunks for o in plan.outputs if o.sink is None]
+    grids += [st.chunks for st in plan.stages if isinstance(st, Blocked)]
+    for chunks in grids:
+        for ax, c in enumerate(chunks):
             if ax != axis and not cuts[ax] <= set(np.cumsum((0, *c)).tolist()):
                 return False
     return True
@@ -200,15 +239,17 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
             reader = TileReader(st.reader, st.chunks, axis, hreg)
             covered = 1
             for ax, (q0, q1) in enumerate(reader.blocks):
-                if ax != axis:  # whole chunks, or exactly the region for a plane reader
-                    covered *= (hreg[ax][1] - hreg[ax][0] if getattr(reader, "free", False)
-                                else sum(st.chunks[ax][q0:q1]))
+                if ax != axis:  # whole chunks (a plane reader reads the chunks' planes)
+                    covered *= sum(st.chunks[ax][q0:q1])
             itemsize = np.dtype(st.dtype).itemsize
             rows = np.diff(st.row_bounds).tolist()
             stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
                 c * covered * itemsize for c in rows)))
         elif isinstance(st, Kernel):
             stages.append(replace(st, shape=shape, edges=tuple(edges)))
+        elif isinstance(st, Blocked):
+            stages.append(replace(st, shape=shape, origin=tuple(s for s, _ in hreg),
+                                  interior=tuple(region)))
         else:
             stages.append(replace(st, shape=shape))
     outputs = tuple(
@@ -247,10 +288,8 @@ def tile(plan: Plan, target_slab_bytes: int):
     ndim = len(plan.stages[0].shape)
     halo = [0] * ndim
     for st in plan.stages:
-        if isinstance(st, Kernel):
-            for ax in range(ndim):
-                if ax != axis:
-                    halo[ax] += st.depth[ax]
+        for ax, d in enumerate(_inplane_depth(st, axis)):
+            halo[ax] += d
     src = next(st for st in plan.stages if isinstance(st, Source))
     choices = [range(1, len(src.chunks[ax]) + 1) if ax != axis else [1] for ax in range(ndim)]
     candidates = []

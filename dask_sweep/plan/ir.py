@@ -124,6 +124,13 @@ class Blocked(Stage):
         Per input, per axis boundary kind as dask spells it.
     block_fn
         ``block_fn(index, *regions) -> ndarray``: evaluate one block.
+    origin
+        In an in-plane tile: where the stage's planes start in the whole array, per
+        axis (``chunks`` stay the whole array's); empty: the whole array.
+    interior
+        In a tile: per axis, the ``(start, stop)`` of the tile's interior in the whole
+        array.  Only the blocks inside it are evaluated; the halo around them is zero
+        (no later stage reads across it, see :mod:`dask_sweep.passes.tiling`).
     """
 
     chunks: tuple[tuple[int, ...], ...] = ()
@@ -131,6 +138,8 @@ class Blocked(Stage):
     boundary: tuple[tuple[BoundaryT, ...], ...] = ()
     block_fn: Callable[..., np.ndarray] | None = None
     kind: str = "blockwise"
+    origin: tuple[int, ...] = ()
+    interior: tuple[tuple[int, int], ...] = ()
 
     def window(self, i: int) -> tuple[int, int]:
         return self._axis_depth[i]

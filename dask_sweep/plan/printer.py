@@ -113,7 +113,7 @@ def stage_what(st, axis: int, reach: tuple[int, int] | None = None,
         for c in st.chunks:
             nb *= len(c)
         return (f"blocks  {st.kind}, window -{max(x[0] for x in w)}/+{max(x[1] for x in w)}, "
-                f"on dask's {nb} blocks exactly (an opaque function: its block row is part "
+                f"on dask's {nb} blocks exactly (an opaque function: a whole block is part "
                 "of the floor)")
     return type(st).__name__  # pragma: no cover
 

@@ -83,15 +83,22 @@ def compute_reduce(st: Reduce, a: int, b: int, axis: int, inputs: list, dry: boo
 
 def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, threads: int, dry: bool,
                     prepadded=()):
-    """Evaluate every dask block of rows ``[a, b)`` with its own halo and padding."""
+    """Evaluate every dask block of rows ``[a, b)`` with its own halo and padding.
+
+    In an in-plane tile (``st.origin``), the inputs hold the tile's planes and only the
+    blocks of the tile's interior are evaluated, padded at the volume's faces only
+    (elsewhere the tile's halo holds the real neighbours); the rest is zero.
+    """
     n = st.shape[axis]
     if dry:
         s = list(st.shape)
         s[axis] = b - a
         return Shape(tuple(s), st.dtype)
     ndim = len(st.shape)
-    # Pad each input once (sweep axis at the volume's faces only, in-plane fully),
-    # and remember where real coordinate 0 sits in the padded slab.
+    bnds = [_bounds(c) for c in st.chunks]
+    origin = st.origin or (0,) * ndim
+    # Pad each input once (sweep axis at the volume's faces only, in-plane at the faces
+    # the stage's planes reach), and remember where real coordinate 0 sits in the slab.
     padded, offsets = [], []
     for i, x in enumerate(inputs):
         off = [0] * ndim
@@ -109,17 +116,23 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
                 else:
                     off[ax] = -pa
             elif bnd != "none" and (lo or hi):
-                x = pad_axis(x, ax, lo, hi, bnd)
-                off[ax] = lo
+                plo = lo if origin[ax] == 0 else 0
+                phi = hi if origin[ax] + x.shape[ax] == bnds[ax][-1] else 0
+                x = pad_axis(x, ax, plo, phi, bnd)
+                off[ax] = plo - origin[ax]
+            else:
+                off[ax] = -origin[ax]
         padded.append(x)
         offsets.append(off)
 
-    bnds = [_bounds(c) for c in st.chunks]
     nblocks = [len(c) for c in st.chunks]
     r0 = bnds[axis].index(a)
     r1 = bnds[axis].index(b)
     grid = [range(nb) for nb in nblocks]
     grid[axis] = range(r0, r1)
+    for ax, (s, e) in enumerate(st.interior):
+        if ax != axis:
+            grid[ax] = range(bnds[ax].index(s), bnds[ax].index(e))
     indices = list(np.ndindex(*[len(g) for g in grid]))
     indices = [tuple(grid[ax][q] for ax, q in enumerate(idx)) for idx in indices]
 
@@ -154,6 +167,16 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
                 f"array declares {want}. A sweep needs the declared chunks; pass the right "
                 "`chunks=`/`drop_axis=` to map_overlap/map_blocks, or compute without the sweep."
             )
+    if st.interior:  # a tile: the interior's blocks in place, the halo zero
+        shape = list(st.shape)
+        shape[axis] = b - a
+        out = np.zeros(shape, dtype=results[0].dtype if results else st.dtype)
+        for idx, res in zip(indices, results):
+            at = tuple(slice(bnds[ax][q] - (a if ax == axis else origin[ax]),
+                             bnds[ax][q + 1] - (a if ax == axis else origin[ax]))
+                       for ax, q in enumerate(idx))
+            out[at] = res
+        return out
     shape = [len(g) for g in grid]
     nested = np.empty(shape, dtype=object)
     for pos, res in zip(np.ndindex(*shape), results):
@@ -171,8 +194,11 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
     if isinstance(st, Pointwise):
         return int(out_bytes * st.temps)
     if isinstance(st, Source):
-        # a row assembled from dask's blocks: the blocks and the row, for a moment
-        return 0 if getattr(st.reader, "free", False) else out_bytes
+        if getattr(st.reader, "free", False):
+            return 0
+        # a row assembled from dask's blocks: the blocks and the row, for a moment; in an
+        # in-plane tile, the whole chunks read (``in_bytes``) and the row before its cut
+        return out_bytes if in_bytes <= out_bytes else 2 * in_bytes
     if isinstance(st, Reduce):
         # partials work in blocks of 65536 voxels (bincount's intp copy, histogram's
         # float64 bin indices and masks): at most ~24 bytes a voxel of one block

@@ -161,7 +161,9 @@ class _Step:
                 r0, r1 = st.row_bounds.index(a), st.row_bounds.index(b)
                 for r in range(r0, r1):
                     self.trace.rows_read[-1].append((j, r))
-                    self.trace.bytes_read += st.bytes_per_row[r] if st.bytes_per_row else 0
+                    read = st.bytes_per_row[r] if st.bytes_per_row else 0
+                    self.trace.bytes_read += read
+                    in_bytes += read  # more than the rows kept when a tile cuts them
         else:
             ins = []
             periodic = periodic_inputs(st)

@@ -94,6 +94,34 @@ def test_label_and_edt_of_a_raw_zarr_mask_read_each_byte_once_per_pass(mask, mem
     np.testing.assert_array_equal(d, ndi.distance_transform_edt(m))
 
 
+@pytest.mark.parametrize("memory_limit", ["64MiB", "4MiB"])  # whole rows; slabs within rows
+def test_label_and_edt_of_a_compressed_zarr_mask_read_a_slab_per_zarr_call(tmp_path,
+                                                                          memory_limit):
+    """A zstd mask under ``da.from_zarr`` is read by the table passes as the sweeps read it
+    (:class:`ZarrRowsReader`): a slab (or a block of a split row) per zarr call, every
+    byte counted once per pass (dask's getter read each block in a call of its own,
+    uncounted: label of 512 one-plane chunks ran 7.8-8.2 s, now 6.3-6.8 s)."""
+    from dask_sweep.patterns.readers import ZarrRowsReader
+
+    m = (ndi.uniform_filter(np.random.default_rng(6).random((48, 40, 36)), 5) > 0.5)
+    z = zarr.create_array(tmp_path / "m.zarr", shape=m.shape, chunks=(12, 16, 16),
+                          dtype=bool)  # zarr's default codec (zstd)
+    z[:] = m
+    x = da.from_zarr(z)
+    readers, inline = make_readers(x, [[0, 1], [2, 3]])
+    assert inline and all(isinstance(r.planes, ZarrRowsReader) for r in readers)
+    passes = len(plan_label(x, memory_limit=memory_limit).passes)
+    lab, n = label(x, memory_limit=memory_limit)
+    with track() as io:
+        got, num = dask.compute(lab, n, scheduler="threads")
+    ref, rn = ndi.label(m)
+    np.testing.assert_array_equal(got, ref)
+    assert int(num) == rn
+    assert io.bytes_read == passes * m.nbytes, (io.bytes_read, m.nbytes)
+    d = distance_transform_edt(x, memory_limit=memory_limit).compute(scheduler="threads")
+    np.testing.assert_array_equal(d, ndi.distance_transform_edt(m))
+
+
 def test_a_sweep_reads_raw_zarr_blocks_under_a_slice_by_their_byte_ranges(tmp_path):
     import scipy.ndimage as ndi
 

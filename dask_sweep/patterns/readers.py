@@ -216,7 +216,16 @@ class ZarrRowsReader:
         for d, bd in enumerate(self.bounds):
             lo, hi = (r0, r1) if d == self.axis else (blocks[d] if blocks else (0, len(bd) - 1))
             idx.append(slice(bd[lo], bd[hi]))
-        out = np.asarray(self.arr[tuple(idx)])
+        return self._read(tuple(idx))
+
+    def read(self, a: int, b: int, region=None) -> np.ndarray:
+        """Planes ``[a, b)`` along axis 0 (of the in-plane element ranges ``region``), as
+        :class:`~dask_sweep.io.planes.ZarrPlanes` reads them: a table pass's slab."""
+        rest = region or [(0, bd[-1]) for bd in self.bounds[1:]]
+        return self._read((slice(a, b), *(slice(lo, hi) for lo, hi in rest)))
+
+    def _read(self, idx: tuple) -> np.ndarray:
+        out = np.asarray(self.arr[idx])
         REGISTRY.read(str(getattr(self.arr, "store_path", self.name)), int(out.nbytes),
                       _chunks_met(idx, self.arr.chunks))
         return out
@@ -469,8 +478,9 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
 # slab's reader carries nothing from one slab to the next.  The same three ways as the
 # sweeps' rows, in order of preference:
 #
-#   planes   the array is a raw local Zarr array (``da.from_zarr``): the slab's planes
-#            are read at their byte offsets (:class:`PlaneReader`'s ``ZarrPlanes``)
+#   planes   the array is a zarr array (``da.from_zarr``): a raw local one's planes are
+#            read at their byte offsets (:class:`PlaneReader`'s ``ZarrPlanes``), any
+#            other's slab in one zarr call (:class:`ZarrRowsReader`)
 #   inline   the slab's blocks and the upstream tasks they need are evaluated in the slab
 #            task, when the slabs' sub-graphs share nothing but *data* (``DataNode``
 #            keys: the zarr array handle, ``from_array``'s numpy blocks); a shared *task*
@@ -497,7 +507,8 @@ class SlabReader:
         Key -> task of the slab's sub-graph, dependencies first (inline); ``None``
         when the slab is read from ``planes`` or handed its blocks (external).
     planes
-        A raw Zarr array's :class:`~dask_sweep.io.planes.ZarrPlanes`, read directly.
+        A zarr array read directly: a raw local one's
+        :class:`~dask_sweep.io.planes.ZarrPlanes`, any other's :class:`ZarrRowsReader`.
     """
 
     def __init__(self, name: str, rows: Sequence[int], chunks: tuple, tasks: dict | None,
@@ -578,9 +589,9 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
     hlg = image.__dask_graph__()
     planes = (zarr_plane_reader(hlg, name, image.numblocks, 0)
               if hasattr(hlg, "layers") else None)
-    if isinstance(planes, PlaneReader):
-        return [SlabReader(name, rows, chunks, None, planes.planes)
-                for rows in slabs_blocks], True
+    if planes is not None:  # a zarr array read directly: by byte ranges, or in one call
+        source = planes.planes if isinstance(planes, PlaneReader) else planes
+        return [SlabReader(name, rows, chunks, None, source) for rows in slabs_blocks], True
     inplane = tuple(len(c) for c in chunks[1:])
     dsk = convert_legacy_graph(dict(hlg))
     raw = _raw_zarr_layers(hlg)

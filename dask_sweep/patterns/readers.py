@@ -419,10 +419,10 @@ def _subgraph_reader(hlg, name: str, numblocks, axis: int, factor: int = 8,
                 stack.extend(_deps(tasks[k]))
     if any(isinstance(k, tuple) and k[0] == name for k in cut):
         return None  # the blocks themselves are used elsewhere: dask computes them
-    raw = _raw_zarr_layers(hlg, closure)
-    for k in tasks:  # raw Zarr blocks upstream (a slice, a cast): read by byte ranges
-        if isinstance(k, tuple) and k[0] in raw:
-            tasks[k] = _block_task(k, *raw[k[0]])
+    direct = _zarr_layers(hlg, closure)
+    for k in tasks:  # zarr blocks upstream (a slice, a cast): read directly, counted
+        if isinstance(k, tuple) and k[0] in direct:
+            tasks[k] = _block_task(k, *direct[k[0]])
     for t in tasks.values():
         if isinstance(t, GraphNode):
             dd = t.dependencies
@@ -594,7 +594,7 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
         return [SlabReader(name, rows, chunks, None, source) for rows in slabs_blocks], True
     inplane = tuple(len(c) for c in chunks[1:])
     dsk = convert_legacy_graph(dict(hlg))
-    raw = _raw_zarr_layers(hlg)
+    direct = _zarr_layers(hlg)
     owner: dict = {}  # computed key -> the slab that needs it
     closures: list[dict] = []
     for s, rows in enumerate(slabs_blocks):
@@ -605,8 +605,8 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
             if k in seen:
                 continue
             seen.add(k)
-            if isinstance(k, tuple) and k[0] in raw:  # a raw Zarr block: its planes' bytes
-                dsk[k] = node = _block_task(k, *raw[k[0]])
+            if isinstance(k, tuple) and k[0] in direct:  # a zarr block, read directly
+                dsk[k] = node = _block_task(k, *direct[k[0]])
             else:
                 node = dsk[k]
             # pure data may be shared; a computed task must belong to one slab
@@ -617,12 +617,14 @@ def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[Sla
     return [SlabReader(name, rows, chunks, c) for rows, c in zip(slabs_blocks, closures)], True
 
 
-def _raw_zarr_layers(hlg, among=None) -> dict:
-    """``{layer: (ZarrPlanes, per-axis block edges)}`` for the graph's raw local Zarr reads
-    (of the layers ``among``, or all).
+def _zarr_layers(hlg, among=None) -> dict:
+    """``{layer: (reader, per-axis block edges)}`` for the graph's zarr reads (of the
+    layers ``among``, or all).
 
-    Such a block is read by its planes' byte ranges (:func:`_block_task`), skipping
-    zarr's per-chunk machinery; the values are the same.
+    Such a block is read by :func:`_block_task`: a raw local array's by its planes' byte
+    ranges (``ZarrPlanes``), skipping zarr's per-chunk machinery; any other's in one
+    zarr call (:class:`ZarrRowsReader`), as dask's getter would, but counted.  The
+    values are the same.
     """
     from dask_sweep.patterns.layers import array_meta
 
@@ -632,13 +634,14 @@ def _raw_zarr_layers(hlg, among=None) -> dict:
         if meta is None:
             continue
         pr = zarr_plane_reader(hlg, lay, tuple(len(c) for c in meta.chunks), 0)
-        if isinstance(pr, PlaneReader):
-            out[lay] = (pr.planes, [np.cumsum((0, *c)).tolist() for c in meta.chunks])
+        if pr is not None:
+            out[lay] = (pr.planes if isinstance(pr, PlaneReader) else pr,
+                        [np.cumsum((0, *c)).tolist() for c in meta.chunks])
     return out
 
 
 def _block_task(key, planes, edges) -> Task:
-    """The task reading block ``key`` of a raw Zarr layer by its planes' byte ranges."""
+    """The task reading block ``key`` of a zarr layer (see :func:`_zarr_layers`)."""
     return Task(key, _read_block, planes, [(e[q], e[q + 1]) for e, q in zip(edges, key[1:])])
 
 

@@ -149,6 +149,24 @@ def test_opaque_stages_are_tiled_on_their_blocks(cube, pipe, small):
     _check_tiled_compute(cube, _OPAQUE[pipe], f"{budget}KiB", "threads")
 
 
+def _plus_block_max(b):
+    return b.astype("f4") + b.max() + 1
+
+
+def test_an_opaque_stages_tile_halo_raises_no_warnings(cube):
+    """A tile fills an opaque stage's halo with its interior's edges: an elementwise stage
+    after it (here ``1 / y``) sees real-looking values, not zeros that would warn."""
+    import warnings
+
+    def pipe(x):
+        y = x.map_overlap(ndi.grey_erosion, depth=1, size=3, boundary="reflect")
+        return 1 / y.map_blocks(_plus_block_max, dtype="f4")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_tiled_compute(cube, pipe, "700KiB", "sync")
+
+
 def test_no_tiling_when_a_window_reads_across_opaque_blocks(cube):
     x = da.from_zarr(zarr.open_array(cube, mode="r"))
     y = x.map_blocks(_minus_block_min)

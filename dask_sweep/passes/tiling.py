@@ -17,7 +17,7 @@ edge is wrong, and it is cut away) and for pure elementwise stages (numpy
 ufuncs, ``astype``..., evaluated on any slab).  An opaque stage
 (:class:`Blocked`: dask's own blocks) is tiled on its block boundaries: a tile
 evaluates the whole blocks of its interior, each with its own halo from the
-tile's, and leaves its halo zero, so no later stage may read across it (a window
+tile's, and fills its halo with their edges, so no later stage may read across it (a window
 after it would need whole neighbouring blocks); then its floor is one block, not
 one row of blocks.  So tiling is offered for regions made of :class:`Kernel`,
 :class:`Identity`, :class:`Pointwise`, :class:`Blocked` and inline

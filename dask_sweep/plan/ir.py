@@ -129,8 +129,8 @@ class Blocked(Stage):
         axis (``chunks`` stay the whole array's); empty: the whole array.
     interior
         In a tile: per axis, the ``(start, stop)`` of the tile's interior in the whole
-        array.  Only the blocks inside it are evaluated; the halo around them is zero
-        (no later stage reads across it, see :mod:`dask_sweep.passes.tiling`).
+        array.  Only the blocks inside it are evaluated; the halo around them repeats
+        their edges (no later stage reads it, see :mod:`dask_sweep.passes.tiling`).
     """
 
     chunks: tuple[tuple[int, ...], ...] = ()

@@ -87,7 +87,7 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
 
     In an in-plane tile (``st.origin``), the inputs hold the tile's planes and only the
     blocks of the tile's interior are evaluated, padded at the volume's faces only
-    (elsewhere the tile's halo holds the real neighbours); the rest is zero.
+    (elsewhere the tile's halo holds the real neighbours); the rest repeats their edges.
     """
     n = st.shape[axis]
     if dry:
@@ -167,21 +167,18 @@ def compute_blocked(st: Blocked, a: int, b: int, axis: int, inputs: list, thread
                 f"array declares {want}. A sweep needs the declared chunks; pass the right "
                 "`chunks=`/`drop_axis=` to map_overlap/map_blocks, or compute without the sweep."
             )
-    if st.interior:  # a tile: the interior's blocks in place, the halo zero
-        shape = list(st.shape)
-        shape[axis] = b - a
-        out = np.zeros(shape, dtype=results[0].dtype if results else st.dtype)
-        for idx, res in zip(indices, results):
-            at = tuple(slice(bnds[ax][q] - (a if ax == axis else origin[ax]),
-                             bnds[ax][q + 1] - (a if ax == axis else origin[ax]))
-                       for ax, q in enumerate(idx))
-            out[at] = res
-        return out
     shape = [len(g) for g in grid]
     nested = np.empty(shape, dtype=object)
     for pos, res in zip(np.ndindex(*shape), results):
         nested[pos] = res
-    return concatenate3(nested.tolist())
+    out = concatenate3(nested.tolist())
+    if st.interior:  # a tile: its halo repeats the interior's edges (values no stage
+        # reads; real-looking ones keep later elementwise stages free of spurious warnings)
+        pads = [(0, 0) if ax == axis else (s - origin[ax], origin[ax] + st.shape[ax] - e)
+                for ax, (s, e) in enumerate(st.interior)]
+        if any(p != (0, 0) for p in pads):
+            out = np.pad(out, pads, mode="edge")
+    return out
 
 
 def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:

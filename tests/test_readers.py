@@ -237,3 +237,41 @@ def test_a_compressed_zarr_source_is_read_by_rows_with_the_values_of_dask(tmp_pa
         assert io.bytes_read > v.nbytes  # the tiles' halos are read again
     else:
         assert io.bytes_read == v.nbytes  # whole planes: every byte once
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: da.zeros_like(x), lambda x: da.ones_like(x, dtype="f4"),
+    lambda x: da.full_like(x, 7, dtype="i2"), lambda x: da.full(x.shape, 2.5, chunks=x.chunks),
+    lambda x: da.ones(x.shape, chunks=(5, 7, 9), dtype=bool),
+])
+def test_constant_arrays_are_made_on_demand_with_dasks_values(rng, make):
+    """``da.zeros``/``ones``/``full`` (and ``*_like``) beside an input are made by dask's
+    own block function for any planes (:class:`ConstantReader`): no chunk rows held, no
+    bytes counted as read, and the sweep's result is stock dask's, tiled in-plane too."""
+    import dask_sweep
+    from dask_sweep.patterns.readers import ConstantReader
+    from dask_sweep.testing import assert_sweep_equal
+
+    x = da.from_array((rng.random((24, 20, 18)) * 99).astype("u1"), chunks=(8, 10, 9))
+    c = make(x)
+    reader = make_reader(c.__dask_graph__(), c.name, c.numblocks, 0)
+    assert isinstance(reader, ConstantReader)
+    planes = reader.read_planes(3, 7, [(2, 5), (1, 9)])
+    np.testing.assert_array_equal(planes, c[3:7, 2:5, 1:9].compute())
+    assert planes.dtype == c.dtype
+    y = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect")
+    y = da.where(y > 50, c.rechunk(x.chunks), y)
+    text = str(dask_sweep.explain(y, memory_limit="64MiB"))
+    assert "made on demand" in text and "read / input bytes = 1.000 (8." in text, text
+    assert_sweep_equal(y, target_slab_bytes="2KiB", scheduler="threads")
+    tiled = [b for b in ("12KiB", "24KiB", "48KiB") if "tiled in-plane" in str(
+        dask_sweep.explain(y, memory_limit=b, runtime_overhead=0, key_overhead=0))]
+    assert tiled  # a budget at which the sweep is cut in-plane (float64 needs more)
+    assert_sweep_equal(y, memory_limit=tiled[0], runtime_overhead=0, key_overhead=0)
+
+
+def test_empty_is_not_made_on_demand():
+    """``da.empty``'s values are whatever memory held: not a constant to make again."""
+    e = da.empty((8, 6, 6), chunks=4)
+    assert make_reader(e.__dask_graph__(), e.name, e.numblocks, 0).__class__.__name__ != \
+        "ConstantReader"

@@ -100,8 +100,10 @@ def _one_block_each(region, plan: Plan) -> bool:
     """
     if any(isinstance(st, Kernel) for st in plan.stages):
         return False  # a known kernel runs on slabs of the block: bounded memory
+    # a source's dask blocks, not its rows (a reader of single planes has one per plane)
     return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values()) and all(
-        len(st.row_bounds) <= 2 for st in plan.stages if isinstance(st, Source))
+        all(len(c) <= 1 for c in st.chunks) if st.chunks else len(st.row_bounds) <= 2
+        for st in plan.stages if isinstance(st, Source))
 
 
 def dask_sweep_config_error(axis, ndim):

@@ -49,6 +49,8 @@ class TileReader:
         self.region = [r for ax, r in enumerate(region) if ax != axis]
         if getattr(inner, "free", False):  # reads the tile's own region, any planes
             self.free = True
+            self.what = getattr(inner, "what", None) or "by their byte ranges in the chunk files"
+        self.made = getattr(inner, "made", False)
         self.carries = getattr(inner, "carries", False)
         self.tasks = getattr(inner, "tasks", None)
         self.blocks, self.cut = [], []
@@ -163,6 +165,13 @@ def tileable(plan: Plan) -> str:
     return ""
 
 
+def _read_source(plan: Plan) -> Source:
+    """The source whose chunks the tiles are cut on and counted: the first read from
+    storage (a constant made on demand reads nothing)."""
+    sources = [st for st in plan.stages if isinstance(st, Source)]
+    return next((st for st in sources if not getattr(st.reader, "made", False)), sources[0])
+
+
 def _blocks_fit(plan: Plan, tiles) -> bool:
     """Whether every in-memory output block, and every block of an opaque stage, lies
     inside one tile's interior."""
@@ -185,7 +194,7 @@ def _cuts(bounds: list[int], n: int) -> list[int]:
 def _tiles(plan: Plan, counts) -> list[tuple]:
     """Interior regions ``[(s, e) per axis]`` for ``counts`` tiles per in-plane axis."""
     axis = plan.axis
-    src = next(st for st in plan.stages if isinstance(st, Source))
+    src = _read_source(plan)
     per_axis = []
     for ax, c in enumerate(src.chunks):
         if ax == axis:
@@ -200,7 +209,7 @@ def _tiles(plan: Plan, counts) -> list[tuple]:
 def _predicted_reads(plan: Plan, tiles, halo) -> tuple[int, int, float]:
     """(total chunk reads, max reads of one chunk, mean) for a tiling."""
     axis = plan.axis
-    src = next(st for st in plan.stages if isinstance(st, Source))
+    src = _read_source(plan)
     counts: dict = {}
     bnds = [np.cumsum((0, *c)).tolist() for c in src.chunks]
     for region in tiles:
@@ -241,7 +250,7 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
             for ax, (q0, q1) in enumerate(reader.blocks):
                 if ax != axis:  # whole chunks (a plane reader reads the chunks' planes)
                     covered *= sum(st.chunks[ax][q0:q1])
-            itemsize = np.dtype(st.dtype).itemsize
+            itemsize = 0 if getattr(st.reader, "made", False) else np.dtype(st.dtype).itemsize
             rows = np.diff(st.row_bounds).tolist()
             stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
                 c * covered * itemsize for c in rows)))
@@ -290,7 +299,7 @@ def tile(plan: Plan, target_slab_bytes: int):
     for st in plan.stages:
         for ax, d in enumerate(_inplane_depth(st, axis)):
             halo[ax] += d
-    src = next(st for st in plan.stages if isinstance(st, Source))
+    src = _read_source(plan)
     choices = [range(1, len(src.chunks[ax]) + 1) if ax != axis else [1] for ax in range(ndim)]
     candidates = []
     for counts in itertools.product(*choices):

@@ -26,8 +26,8 @@ from dask_sweep.io.accounting import REGISTRY
 from dask_sweep.io.planes import zarr_planes
 
 __all__ = [
-    "ExternalReader", "InlineReader", "PlaneReader", "SlabReader", "SubgraphReader",
-    "ZarrRowsReader", "make_reader", "make_readers",
+    "ConstantReader", "ExternalReader", "InlineReader", "PlaneReader", "SlabReader",
+    "SubgraphReader", "ZarrRowsReader", "constant_reader", "make_reader", "make_readers",
 ]
 
 
@@ -191,6 +191,69 @@ class PlaneReader:
         return self.planes.read(r, r + 1)
 
 
+class ConstantReader:
+    """A constant array (``da.zeros``/``ones``/``full`` and their ``*_like``): any planes,
+    made on demand by dask's own block function.
+
+    dask makes each block with ``np.broadcast_to`` of one value, its shape the only
+    argument, so the planes of any range (or of an in-plane region) are the same call
+    with their own shape: the source's rows are single planes, and a constant beside a
+    chunked input (xarray's rolling counts) no longer holds its chunk rows in a ring.
+    """
+
+    free = True
+    made = True  # nothing read from storage
+    what = "made on demand, as dask makes its blocks"
+
+    def __init__(self, fn, name: str, numblocks: tuple[int, ...], axis: int,
+                 shape: tuple[int, ...]) -> None:
+        self.fn = fn
+        self.name = name
+        self.numblocks = numblocks
+        self.axis = axis
+        self.shape = shape
+        self.tasks = None  # made inside the slab task (no dask keys)
+
+    def read_planes(self, a: int, b: int, region=None) -> np.ndarray:
+        rest = iter(region or [(0, n) for d, n in enumerate(self.shape) if d != self.axis])
+        shape = tuple(b - a if d == self.axis else (lambda r: r[1] - r[0])(next(rest))
+                      for d in range(len(self.shape)))
+        return self.fn(shape)
+
+    read = read_planes  # a table pass's slab (along axis 0)
+
+    def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
+        return self.read_planes(r, r + 1)
+
+
+def constant_reader(hlg, name: str, numblocks, axis: int) -> ConstantReader | None:
+    """A :class:`ConstantReader` for a layer of ``da.zeros``/``ones``/``full`` (or their
+    ``*_like``), else None (``da.empty``'s values are whatever memory held: left to dask).
+    """
+    import functools
+
+    from dask.array import wrap
+    from dask.blockwise import Blockwise
+
+    layer = hlg.layers.get(name)
+    if not isinstance(layer, Blockwise) or len(layer.indices) != 1:
+        return None
+    fn = getattr(layer.task, "func", None)
+    inner = getattr(fn, "func", None)  # partial(curry(_broadcast_trick_inner, np.*_like))
+    if (not isinstance(fn, functools.partial) or fn.args
+            or getattr(inner, "func", None) is not wrap._broadcast_trick_inner.func
+            or getattr(inner, "args", (None,))[0] is np.empty_like):
+        return None
+    from dask.layers import ArrayChunkShapeDep
+
+    # the one argument is each block's shape
+    deps = list(layer.io_deps.values())
+    if len(deps) != 1 or not isinstance(deps[0], ArrayChunkShapeDep):
+        return None
+    shape = tuple(int(sum(c)) for c in _chunks_of(hlg, name))
+    return ConstantReader(fn, name, numblocks, axis, shape)
+
+
 class ZarrRowsReader:
     """Chunk rows of any other zarr array under ``da.from_zarr`` (compressed, sharded,
     remote), the rows of a step in one zarr call.
@@ -325,8 +388,11 @@ def make_reader(hlg, name: str, numblocks: tuple[int, ...], axis: int):
     from dask_sweep.patterns.layers import BlockwiseEval, layer_root_closure
 
     planes = zarr_plane_reader(hlg, name, numblocks, axis)
+    if planes is None:
+        planes = constant_reader(hlg, name, numblocks, axis)
     if planes is not None:
         return planes
+
     def subgraph_or_external():
         # a SubgraphReader frees each upstream value after the last row whose tasks read
         # it; what it would carry too long (a backward chain) it refuses, and dask computes

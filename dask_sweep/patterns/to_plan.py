@@ -297,7 +297,9 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
             label=f"read {src.rsplit('-', 1)[0]}" + (" (external)" if external else ""),
             shape=m.shape, dtype=m.dtype, row_bounds=_bounds(rows), reader=reader,
             external=external,
-            bytes_per_row=tuple(c * plane for c in rows), chunks=m.chunks,
+            # a constant made on demand reads nothing from storage
+            bytes_per_row=tuple(0 if getattr(reader, "made", False) else c * plane
+                                for c in rows), chunks=m.chunks,
         ))
     # topological order of region stages
     order, seen = [], set()

@@ -86,7 +86,8 @@ def stage_what(st, axis: int, reach: tuple[int, int] | None = None,
                "inline, with values dask computes" if getattr(st.reader, "tasks", None)
                else "from upstream tasks")
         if getattr(st.reader, "free", False):
-            return f"read    any planes, by their byte ranges in the chunk files ({how})"
+            made = getattr(st.reader, "what", "by their byte ranges in the chunk files")
+            return f"read    any planes, {made} ({how})"
         return (f"read    {len(rows)} chunk row{'s' * (len(rows) != 1)} of "
                 f"{planes(max(rows, default=0))} ({how})")
     if isinstance(st, Kernel):

@@ -264,6 +264,10 @@ def test_constant_arrays_are_made_on_demand_with_dasks_values(rng, make):
     text = str(dask_sweep.explain(y, memory_limit="64MiB"))
     assert "made on demand" in text and "read / input bytes = 1.000 (8." in text, text
     assert_sweep_equal(y, target_slab_bytes="2KiB", scheduler="threads")
+    reader2 = make_reader(c.__dask_graph__(), c.name, c.numblocks, 2)  # another sweep axis
+    np.testing.assert_array_equal(reader2.read_planes(4, 6, [(1, 9), (0, 3)]),
+                                  c[1:9, 0:3, 4:6].compute())
+    assert_sweep_equal(y, target_slab_bytes="2KiB", axis=2)
     tiled = [b for b in ("12KiB", "24KiB", "48KiB") if "tiled in-plane" in str(
         dask_sweep.explain(y, memory_limit=b, runtime_overhead=0, key_overhead=0))]
     assert tiled  # a budget at which the sweep is cut in-plane (float64 needs more)

@@ -215,12 +215,12 @@ class ConstantReader:
         self.tasks = None  # made inside the slab task (no dask keys)
 
     def read_planes(self, a: int, b: int, region=None) -> np.ndarray:
-        rest = iter(region or [(0, n) for d, n in enumerate(self.shape) if d != self.axis])
-        shape = tuple(b - a if d == self.axis else (lambda r: r[1] - r[0])(next(rest))
-                      for d in range(len(self.shape)))
-        return self.fn(shape)
-
-    read = read_planes  # a table pass's slab (along axis 0)
+        """Planes ``[a, b)`` along the sweep axis (of the in-plane ``region``): a
+        read-only broadcast, as dask's blocks are."""
+        rest = region or [(0, n) for d, n in enumerate(self.shape) if d != self.axis]
+        sizes = [e - s for s, e in rest]
+        sizes.insert(self.axis, b - a)
+        return self.fn(tuple(sizes))
 
     def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
         return self.read_planes(r, r + 1)

@@ -121,6 +121,12 @@ def _where_am_i(b, block_info=None):  # depends on the block's place in the arra
     return b + np.uint8(sum(block_info[0]["chunk-location"]))
 
 
+def _float_uniform(x):  # a running sum: not block-invariant on floats, dask's blocks kept
+    from dask_image import ndfilters
+
+    return ndfilters.uniform_filter(x.astype("f4"), 3)
+
+
 _OPAQUE = {
     "map_overlap none": lambda x: x.map_overlap(_minus_block_min, depth=2, boundary="none"),
     "map_overlap reflect": lambda x: x.map_overlap(
@@ -131,8 +137,7 @@ _OPAQUE = {
     "map_blocks block_info": lambda x: (x.map_overlap(ndi.grey_erosion, depth=1, size=3,
                                                       boundary="reflect")
                                         .map_blocks(_where_am_i, dtype="u1") + np.uint8(1)),
-    "float uniform (dask-image)": lambda x: __import__("dask_image.ndfilters").ndfilters
-        .uniform_filter(x.astype("f4"), 3),
+    "float uniform (dask-image)": _float_uniform,
 }
 
 

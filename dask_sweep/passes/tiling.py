@@ -51,6 +51,8 @@ class TileReader:
             self.free = True
             self.what = getattr(inner, "what", None) or "by their byte ranges in the chunk files"
         self.made = getattr(inner, "made", False)
+        # a zarr array read a step's rows per call reads exactly the tile's region
+        self.reads_rows = getattr(inner, "reads_rows", False)
         self.carries = getattr(inner, "carries", False)
         self.tasks = getattr(inner, "tasks", None)
         self.blocks, self.cut = [], []
@@ -68,6 +70,11 @@ class TileReader:
 
     def read_planes(self, a: int, b: int) -> np.ndarray:
         return self.inner.read_planes(a, b, self.region)
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of the tile's region, in one call (``reads_rows`` readers):
+        zarr decodes the chunks met one by one and keeps only the region."""
+        return self.inner.read_rows(r0, r1, region=self.region)
 
     def layer_of(self, key) -> str:
         return self.inner.layer_of(key)

@@ -273,12 +273,21 @@ class ZarrRowsReader:
         self.bounds = [np.cumsum((0, *c)).tolist() for c in chunks]
         self.tasks = None  # read inside the slab task (no dask keys)
 
-    def read_rows(self, r0: int, r1: int, blocks=None) -> np.ndarray:
-        """Chunk rows ``[r0, r1)`` (of the in-plane block ranges ``blocks``)."""
+    reads_rows = True  # a step's rows in one call (compute_source)
+
+    def read_rows(self, r0: int, r1: int, blocks=None, region=None) -> np.ndarray:
+        """Chunk rows ``[r0, r1)`` (of the in-plane block ranges ``blocks``, or of exactly
+        the in-plane element ranges ``region``: an in-plane tile's)."""
         idx = []
+        rest = iter(region or ())
         for d, bd in enumerate(self.bounds):
-            lo, hi = (r0, r1) if d == self.axis else (blocks[d] if blocks else (0, len(bd) - 1))
-            idx.append(slice(bd[lo], bd[hi]))
+            if d == self.axis:
+                idx.append(slice(bd[r0], bd[r1]))
+            elif region:
+                idx.append(slice(*next(rest)))
+            else:
+                lo, hi = blocks[d] if blocks else (0, len(bd) - 1)
+                idx.append(slice(bd[lo], bd[hi]))
         return self._read(tuple(idx))
 
     def read(self, a: int, b: int, region=None) -> np.ndarray:

@@ -194,12 +194,11 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
         if getattr(st.reader, "free", False):
             return 0
         # a row assembled from dask's blocks: the blocks and the row, for a moment.  In an
-        # in-plane tile the whole chunks met (``in_bytes``) are held: zarr's buffers as it
-        # decodes them into the tile's region (measured 1.33x: 12 MiB for nine 1 MiB
-        # chunks), or dask's blocks and their concatenation before the cut (2x)
-        if in_bytes <= out_bytes:
-            return out_bytes
-        return int(1.5 * in_bytes) if getattr(st.reader, "reads_rows", False) else 2 * in_bytes
+        # in-plane tile the whole chunks met (``in_bytes``) are held twice over: zarr's
+        # buffers as it decodes them into the tile's region (one call alone held 1.33x:
+        # 12 MiB for nine 1 MiB chunks; a swept float32 uniform at 40 MiB planned with
+        # 1.5x grew 40.1 MiB), or dask's blocks and their concatenation before the cut
+        return out_bytes if in_bytes <= out_bytes else 2 * in_bytes
     if isinstance(st, Reduce):
         # partials work in blocks of 65536 voxels (bincount's intp copy, histogram's
         # float64 bin indices and masks): at most ~24 bytes a voxel of one block

@@ -1,5 +1,7 @@
 """Block-invariance of the kernels the sweep re-blocks, proven against dask on random cuts."""
 
+from unittest import mock
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -55,6 +57,19 @@ def test_gaussian_any_slab_boundaries(n, c0, slab, sigma, dtype):
     assert_sweep_equal(y, target_slab_bytes=slab * 12 * 40, threads=2)
 
 
+def _kept_planes(axis_pass, shared: bool):
+    """``kept_planes``, with ``shared``: voxel blocks shared by threads from any size (in
+    uneven blocks of 7 voxels), as on large planes."""
+    if not shared:
+        return axis_pass.kept_planes
+
+    def kept(*args):
+        with mock.patch.multiple(axis_pass, _SHARE_FROM=1, _BLOCK_SHARED=7):
+            return axis_pass.kept_planes(*args)
+
+    return kept
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     dtype=st.sampled_from(["u1", "i1", "u2", "i2", "i4", "u4", "f4", "f8"]),
@@ -65,14 +80,17 @@ def test_gaussian_any_slab_boundaries(n, c0, slab, sigma, dtype):
     extra=st.integers(0, 4),
     inplane=st.sampled_from([(1, 1), (3, 17), (16, 5)]),
     threads=st.sampled_from([1, 2]),
+    shared=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_kept_planes_pass_is_scipy_bit_for_bit(dtype, sigma, truncate, radius, planes, extra,
-                                               inplane, threads, seed):
+                                               inplane, threads, shared, seed):
     """The sweep-axis gaussian pass over the kept planes only equals scipy's full pass."""
     import functools
 
-    from dask_sweep.runtime.axis_pass import kept_planes
+    from dask_sweep.runtime import axis_pass
+
+    kept_planes = _kept_planes(axis_pass, shared)
 
     rng = np.random.default_rng(seed)
     r = radius if radius is not None else int(truncate * sigma + 0.5)
@@ -102,14 +120,17 @@ def test_kept_planes_pass_is_scipy_bit_for_bit(dtype, sigma, truncate, radius, p
     extra=st.integers(0, 3),
     inplane=st.sampled_from([(1, 1), (3, 17), (16, 5)]),
     threads=st.sampled_from([1, 2]),
+    shared=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_window_kept_planes_are_scipy_bit_for_bit(op, dtype, size, planes, extra, inplane,
-                                                  threads, seed):
+                                                  threads, shared, seed):
     """Uniform (integer sums), minimum and maximum passes over the kept planes only."""
     import functools
 
-    from dask_sweep.runtime.axis_pass import kept_planes
+    from dask_sweep.runtime import axis_pass
+
+    kept_planes = _kept_planes(axis_pass, shared)
 
     rng = np.random.default_rng(seed)
     lo, hi = size // 2, size - size // 2 - 1

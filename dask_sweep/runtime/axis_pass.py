@@ -35,7 +35,23 @@ from dask_sweep.runtime.morphology import BoolRun
 from dask_sweep.runtime.parallel import pmap
 
 _DTYPES = tuple(np.dtype(c) for c in "bBhHiIlLqQfd")
-_BLOCK = 1 << 14  # voxels per block: the double accumulators stay in L2, 256 KiB a thread
+# Voxels per block, for one thread: its double accumulators stay in L2 (256 KiB).
+_BLOCK = 1 << 14
+# Shared by threads, blocks are longer: a pass makes a few numpy calls per block and
+# plane, each holding the GIL, and with 16 K-voxel blocks two threads were slower than
+# one even on 2048^2 planes (gaussian sigma 2: 247 against 179 ms for 4 planes; with
+# 64 K-voxel blocks 104 ms).  A second thread pays from about 1 M kept voxels (measured
+# on 2 cores: 512^2 x 8 planes 16.4 against 18.9 ms; 512^2 x 2 planes no gain).
+_BLOCK_SHARED = 1 << 16
+_SHARE_FROM = 1 << 20
+
+
+def _blocks(m: int, t: int, threads: int) -> tuple[int, int]:
+    """``(voxels per block, threads used)`` for ``t`` kept planes of ``m`` voxels."""
+    if threads > 1 and t * m >= _SHARE_FROM:
+        block = min(_BLOCK_SHARED, -(-m // threads))
+        return block, min(threads, -(-m // block))
+    return min(_BLOCK, m), 1
 
 
 def gaussian_weights(fn) -> np.ndarray | None:
@@ -73,8 +89,8 @@ def _half_weights(sd: float, lw: int) -> np.ndarray | None:
     return half
 
 
-def scratch_bytes(st, threads: int) -> int:
-    """The double accumulators a kernel stage's kept-planes gaussian pass allocates."""
+def scratch_bytes(st, threads: int, t: int) -> int:
+    """The double accumulators a kernel stage's kept-planes pass allocates for ``t`` planes."""
     passes = getattr(st, "passes", None)
     if not passes:
         return 0
@@ -83,14 +99,14 @@ def scratch_bytes(st, threads: int) -> int:
     first = passes[0][1]
     if getattr(first, "func", None) is ndi.uniform_filter1d:
         plane = int(np.prod([n for ax, n in enumerate(st.shape) if ax != st.sweep_axis]))
-        return 8 * min(_BLOCK, plane) * max(1, threads)  # the sum's double accumulators
+        block, used = _blocks(plane, t, threads)
+        return 8 * block * used  # the sum's double accumulators
     if gaussian_weights(first) is None:
         return 0
     plane = int(np.prod([n + 2 * d for ax, (n, d) in enumerate(zip(st.shape, st.depth))
                          if ax != st.sweep_axis], dtype=np.int64))
-    used = min(max(1, threads), -(-plane // _BLOCK))  # kept_planes: a thread per block
+    block, used = _blocks(plane, t, threads)
     # two double accumulators, and numpy's casting buffers for the two inputs of an add
-    block = min(_BLOCK, plane)
     return (16 * block + 16 * min(np.getbufsize(), block)) * used
 
 
@@ -126,12 +142,13 @@ def kept_planes(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
     out = np.empty((t, *x.shape[1:]), dtype=odt)
     of = out.reshape(t, -1)
     m = xf.shape[1]
-    blocks = [(m0, min(m, m0 + _BLOCK)) for m0 in range(0, m, _BLOCK)]
-    if threads <= 1 or len(blocks) < 2:
+    block, used = _blocks(m, t, threads)
+    blocks = [(m0, min(m, m0 + block)) for m0 in range(0, m, block)]
+    if used <= 1:
         _planes(fw, xf, of, c0, blocks)
         return out
-    share = [blocks[k::threads] for k in range(threads)]
-    pmap(lambda k: _planes(fw, xf, of, c0, share[k]), list(range(threads)), threads)
+    share = [blocks[k::used] for k in range(used)]
+    pmap(lambda k: _planes(fw, xf, of, c0, share[k]), list(range(used)), used)
     return out
 
 
@@ -198,12 +215,13 @@ def _window_kept(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
         out = np.empty((t, *x.shape[1:]), dtype=odt)
         of = out.reshape(t, -1)
         m = xf.shape[1]
-        blocks = [(m0, min(m, m0 + _BLOCK)) for m0 in range(0, m, _BLOCK)]
-        share = [blocks[k::threads] for k in range(max(1, min(threads, len(blocks))))]
+        block, used = _blocks(m, t, threads)
+        blocks = [(m0, min(m, m0 + block)) for m0 in range(0, m, block)]
+        share = [blocks[k::used] for k in range(used)]
 
         def work(k):
             # double accumulators a block of voxels long: bounded, and they stay in cache
-            acc = np.empty(min(m, _BLOCK), np.float64)
+            acc = np.empty(block, np.float64)
             for m0, m1 in share[k]:
                 a = acc[: m1 - m0]
                 for q in range(t):
@@ -213,8 +231,8 @@ def _window_kept(fn, x: np.ndarray, axis: int, c0: int, t: int, threads: int):
                         np.add(a, xf[p + j, m0:m1], out=a)
                     np.divide(a, float(size), out=a)
                     of[q, m0:m1] = a  # a C cast: truncation toward zero
-        if len(share) > 1:
-                    pmap(work, list(range(len(share))), threads)
+        if used > 1:
+            pmap(work, list(range(used)), used)
         else:
             work(0)
         return out

@@ -189,7 +189,7 @@ class _Step:
         if self.trace is not None:
             self.trace.computes += 1
             ob = int(out.nbytes)
-            temps = C.temp_bytes(st, ob, in_bytes, plan.threads) + scratch_bytes(st, plan.threads)
+            temps = C.temp_bytes(st, ob, in_bytes, plan.threads) + scratch_bytes(st, plan.threads, b - a)
             ring = self.state.rings[j]
             # a view of a ring piece is already in held(); a joined input is not
             self._event(st.label, ob + transient + temps,

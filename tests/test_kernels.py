@@ -106,9 +106,29 @@ def test_kept_planes_pass_is_scipy_bit_for_bit(dtype, sigma, truncate, radius, p
     got = kept_planes(fn, x, 0, c0, planes, threads)
     assert got is not None
     np.testing.assert_array_equal(got, fn(x)[c0:c0 + planes], strict=True)
-    # a window reaching past the slab is left to scipy (its boundary mode applies)
-    if r:
-        assert kept_planes(fn, x, 0, r - 1, planes, threads) is None
+    _faces_are_scipy(kept_planes, fn, x, planes, threads)
+
+
+def _faces_are_scipy(kept_planes, fn, x, planes, threads):
+    """Kept planes whose windows reach past the slab (a face of the volume) are scipy's,
+    for every boundary mode and cval, or left to scipy's pass (``None``)."""
+    import functools
+
+    n = x.shape[0]
+    for mode, cval in [("reflect", 0.0), ("mirror", 0.0), ("nearest", 0.0),
+                       ("constant", 0.0), ("constant", 3.0), ("constant", 0.5),
+                       ("constant", -2.0), ("wrap", 0.0)]:
+        f = functools.partial(fn.func, *fn.args, **{**fn.keywords, "mode": mode, "cval": cval})
+        full = f(x)
+        for c0 in sorted({0, max(0, n // 2 - planes), max(0, n - planes)}):
+            t = min(planes, n - c0)
+            got = kept_planes(f, x, 0, c0, t, threads)
+            if got is None:  # wrap, or a cval the dtype cannot hold (scipy extends in double)
+                with np.errstate(all="ignore"):
+                    held = np.asarray(cval).astype(x.dtype).astype(float) == cval
+                assert mode == "wrap" or mode == "constant" and not held or n < 4
+                continue
+            np.testing.assert_array_equal(got, full[c0:c0 + t], strict=True)
 
 
 @settings(max_examples=80, deadline=None)
@@ -144,3 +164,4 @@ def test_window_kept_planes_are_scipy_bit_for_bit(op, dtype, size, planes, extra
         return
     np.testing.assert_array_equal(got, fn(x)[c0 : c0 + planes])
     assert got.dtype == fn(x).dtype
+    _faces_are_scipy(kept_planes, fn, x, planes, threads)

@@ -32,7 +32,12 @@ import functools
 import numpy as np
 
 from dask_sweep.plan.ir import Kernel
-from dask_sweep.runtime.axis_pass import WINDOW_OPS, gaussian_weights, kept_planes
+from dask_sweep.runtime.axis_pass import (
+    WINDOW_OPS,
+    extends_faces,
+    gaussian_weights,
+    kept_planes,
+)
 from dask_sweep.runtime.boundary import pad_axis
 from dask_sweep.runtime.morphology import BoolRun
 from dask_sweep.runtime.parallel import pmap
@@ -89,7 +94,7 @@ def _kept_first(st: Kernel, clipped: bool) -> bool:
         return False
     if isinstance(first, BoolRun):
         return True
-    if clipped:
+    if clipped and not extends_faces(first, np.dtype(st.in_dtype or st.dtype)):
         return False
     func = getattr(first, "func", None)
     if func in WINDOW_OPS:

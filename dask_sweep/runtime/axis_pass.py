@@ -15,11 +15,12 @@ voxels that stay in cache, with scipy's own arithmetic so the bits are the same:
 * the result is cast to the input's dtype the way C casts (truncation for
   integers, rounding to nearest for float32).
 
-Only order-0 gaussians whose window lies inside the slab take this path (a
-kept plane within the radius of the volume's face needs scipy's boundary mode:
-scipy runs there).  ``tests/test_kernels.py`` compares it with scipy bit for bit
-over dtypes, sigmas, radii and shapes.  numpy's loops release the GIL, so the
-voxel blocks are shared among the threads.  (A numba version was 4× faster
+Order-0 gaussians take this path.  Where a kept plane's window reaches past a
+face of the volume, the planes beyond are read as scipy extends its lines
+(reflect, mirror, nearest, or a constant the dtype holds exactly); other modes
+run scipy's pass there.  ``tests/test_kernels.py`` compares it with scipy bit for
+bit over dtypes, sigmas, radii, shapes, modes and both faces.  numpy's loops
+release the GIL, so on large steps the voxel blocks are shared among threads.  (A numba version was 4× faster
 still, but importing numba costs ~100 MiB of resident memory mid-run, more than
 a small budget.)
 """

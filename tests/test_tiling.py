@@ -1,5 +1,7 @@
 """In-plane tiling when a row of 3D chunks does not fit the budget."""
 
+import dataclasses
+
 import dask
 import dask.array as da
 import numpy as np
@@ -92,6 +94,47 @@ def test_tiled_compute_and_store_together(tmp_path, cube):
         got, _ = dask.compute(y, da.store(y, out, lock=False, compute=False))
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(out[:], expected)
+
+
+def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng,
+                                                                    monkeypatch):
+    """Tilings are tried from the fewest tiles up, and most are refused: a tile shape is
+    sized once (a refusal too: tilings share shapes), and a refusal costs one attempt at
+    one plane per step (a 512^3 rolling mean planned in 14.4 s, now 6.4 s); the plans
+    are the same."""
+    from dask_sweep.passes import slabs, tiling
+
+    z = zarr.create_array(tmp_path / "c.zarr", shape=(24, 96, 96), chunks=(8, 16, 16),
+                          dtype="u1", compressors=None)
+    z[:] = (rng.random(z.shape) * 255).astype("u1")
+    y = _pipe(da.from_zarr(z))
+    settings = dict(memory_limit="150KiB", runtime_overhead=0, fallback="raise")
+    shapes = []
+    real = tiling.choose_steps
+
+    def counted(tp, target, **kw):
+        shapes.append(tiling._alike(tp))
+        return real(tp, target, **kw)
+
+    monkeypatch.setattr(tiling, "choose_steps", counted)
+    (plan, _), = dask_sweep.explain(y, **settings).result.plans
+    assert plan.info["tiling"]["tiles"] > 1
+    assert len(shapes) == len(set(shapes)) > 1  # several shapes tried, each once
+
+    # one plane per step first: the same plans, and the same refusal
+    attempts = []
+    real_attempt = slabs.size_rings
+    monkeypatch.setattr(slabs, "size_rings", lambda p: attempts.append(1) or real_attempt(p))
+    got, _ = slabs.choose_steps(plan, 1 << 20, floor_first=True)
+    want, _ = slabs.choose_steps(plan, 1 << 20)
+    assert got.steps == want.steps and got.rings == want.rings
+    tight = dataclasses.replace(plan, budget=1)
+    with pytest.raises(BudgetError) as slow:
+        slabs.choose_steps(tight, 1 << 20)
+    attempts.clear()
+    with pytest.raises(BudgetError) as fast:
+        slabs.choose_steps(tight, 1 << 20, floor_first=True)
+    assert str(fast.value) == str(slow.value) and len(attempts) == 1
 
 
 def test_no_tiling_when_output_blocks_straddle_every_cut(cube):

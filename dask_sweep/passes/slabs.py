@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from dask_sweep.errors import BudgetError
 from dask_sweep.plan.ir import Blocked, Plan, Source
@@ -166,11 +166,13 @@ def floor(plan: Plan) -> tuple[Plan, Trace]:
 
 
 def choose_steps(plan: Plan, target_slab_bytes: int,
-                 segments: int = 1) -> tuple[Plan, Trace]:
+                 segments: int = 1, floor_first: bool = False) -> tuple[Plan, Trace]:
     """Return the plan with steps and rings set, and its dry-run trace.
 
     ``segments``: cut the steps into that many chains (see
     :mod:`dask_sweep.passes.segments`); every chain's warm-up is in the trace.
+    ``floor_first``: try one plane per step first, so that a plan that cannot fit
+    is refused after one attempt, not a search (for callers that try many plans).
 
     Raises
     ------
@@ -191,6 +193,10 @@ def choose_steps(plan: Plan, target_slab_bytes: int,
     def fits(c: tuple[Plan, Trace]) -> bool:
         return c[1].peak <= plan.budget
 
+    if floor_first and hi > 1:
+        lowest = attempt(1)
+        if not fits(lowest):
+            _refuse(plan, lowest[1])
     if 1 < g <= hi:
         _, best = thickest(lambda u: attempt(u * g), fits, hi // g)
         if fits(best):
@@ -199,7 +205,11 @@ def choose_steps(plan: Plan, target_slab_bytes: int,
     planes, best = thickest(attempt, fits, hi)
     if fits(best):
         return best
-    cand, trace = best if planes == 1 else attempt(1)
+    _refuse(plan, (best if planes == 1 else attempt(1))[1])
+
+
+def _refuse(plan: Plan, trace: Trace) -> NoReturn:
+    """Raise the error of a plan whose floor (``trace``: one plane per step) does not fit."""
     raise BudgetError(
         f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (its floor, one "
         f"plane per step), more than the memory budget of {format_bytes(plan.budget)}. "

@@ -322,12 +322,19 @@ def tile(plan: Plan, target_slab_bytes: int):
     def area(region):
         return np.prod([e - s for s, e in region])
 
-    sized: dict = {}  # tiles alike (see _alike) are sized once
+    # Tiles alike (see _alike) are sized once, refusals too: tilings share tile shapes,
+    # and most candidates tried before one fits are refused (one-plane steps first).
+    sized: dict = {}
 
     def size(tp: Plan):
         key = _alike(tp)
         if key not in sized:
-            sized[key] = choose_steps(tp, target_slab_bytes)
+            try:
+                sized[key] = choose_steps(tp, target_slab_bytes, floor_first=True)
+            except BudgetError as e:
+                sized[key] = e
+        if isinstance(sized[key], BudgetError):
+            raise sized[key]
         done, trace = sized[key]
         if done.stages is tp.stages:
             return done, trace

@@ -20,9 +20,9 @@ face of the volume, the planes beyond are read as scipy extends its lines
 (reflect, mirror, nearest, or a constant the dtype holds exactly); other modes
 run scipy's pass there.  ``tests/test_kernels.py`` compares it with scipy bit for
 bit over dtypes, sigmas, radii, shapes, modes and both faces.  numpy's loops
-release the GIL, so on large steps the voxel blocks are shared among threads.  (A numba version was 4× faster
-still, but importing numba costs ~100 MiB of resident memory mid-run, more than
-a small budget.)
+release the GIL, so on large steps the voxel blocks are shared among threads.
+(A numba version was 4× faster still, but importing numba costs ~100 MiB of
+resident memory mid-run, more than a small budget.)
 """
 
 from __future__ import annotations

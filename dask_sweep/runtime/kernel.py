@@ -94,8 +94,9 @@ def _kept_first(st: Kernel, clipped: bool) -> bool:
         return False
     if isinstance(first, BoolRun):
         return True
-    if clipped and not extends_faces(first, np.dtype(st.in_dtype or st.dtype)):
-        return False
+    if clipped and not (extends_faces(first, np.dtype(st.in_dtype or st.dtype))
+                        and st.shape[st.sweep_axis] > st.depth[st.sweep_axis]):
+        return False  # (a volume thinner than the window reflects more than once)
     func = getattr(first, "func", None)
     if func in WINDOW_OPS:
         kind = np.dtype(st.in_dtype or st.dtype).kind

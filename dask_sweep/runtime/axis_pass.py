@@ -246,7 +246,8 @@ def _planes(fw: np.ndarray, line, of: np.ndarray, c0: int, blocks, pair_dtype=No
     acc = np.empty(n, np.float64)
     tmp = np.empty(n, np.float64)
     # Integers: a pair's sum is exact in a wider integer and exact again in double, so it
-    # equals scipy's sum of the two doubles; 1.6x faster than adding them as doubles.
+    # equals scipy's sum of the two doubles; the add alone is 1.6x faster than adding them
+    # as doubles, a whole gaussian pass 8 % (measured on 3 x 1024^2 uint8 planes).
     pair = np.empty(n, pair_dtype) if pair_dtype is not None else None
     for m0, m1 in blocks:
         a, tm = acc[: m1 - m0], tmp[: m1 - m0]

@@ -46,7 +46,7 @@ from dask_sweep.runtime.ring import Shape
 # A 1-D in-plane pass is shared by threads from 256 K voxels: below, the pieces' calls
 # cost more than they save (measured on 2 cores: 2 x 256^2 uint8 0.70 ms in one thread,
 # 0.78 ms in two; 8 x 256^2 2.95 against 2.25 ms).
-_SHARE_FROM = 1 << 18
+_INPLANE_SHARE_FROM = 1 << 18
 
 
 def _out_dtype(fn, default) -> np.dtype:
@@ -295,7 +295,7 @@ def inplane_pass(fn, x: np.ndarray, ax: int, threads: int) -> np.ndarray:
                                              else bool))
     other = [a for a in range(x.ndim) if a != ax]
     tile = max(other, key=lambda a: x.shape[a]) if other else None
-    if threads <= 1 or tile is None or x.shape[tile] < 2 * threads or x.size < _SHARE_FROM:
+    if threads <= 1 or tile is None or x.shape[tile] < 2 * threads or x.size < _INPLANE_SHARE_FROM:
         fn(x, output=out)
         return out
     cuts = np.linspace(0, x.shape[tile], threads + 1).astype(int).tolist()

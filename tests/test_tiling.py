@@ -100,8 +100,8 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
                                                                     monkeypatch):
     """Tilings are tried from the fewest tiles up, and most are refused: a tile shape is
     sized once (a refusal too: tilings share shapes), and a refusal costs one attempt at
-    one plane per step (a 512^3 rolling mean planned in 14.4 s, now 6.4 s); the plans
-    are the same."""
+    one plane per step, stopped at its first step over the budget (a 512^3 rolling mean
+    planned in 14.4 s, then 6.4 s, now 3.9 s); the plans are the same."""
     from dask_sweep.passes import slabs, tiling
 
     z = zarr.create_array(tmp_path / "c.zarr", shape=(24, 96, 96), chunks=(8, 16, 16),
@@ -124,7 +124,8 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
     # one plane per step first: the same plans, and the same refusal
     attempts = []
     real_attempt = slabs.size_rings
-    monkeypatch.setattr(slabs, "size_rings", lambda p: attempts.append(1) or real_attempt(p))
+    monkeypatch.setattr(slabs, "size_rings",
+                        lambda p, limit=None: attempts.append(limit) or real_attempt(p, limit))
     got, _ = slabs.choose_steps(plan, 1 << 20, floor_first=True)
     want, _ = slabs.choose_steps(plan, 1 << 20)
     assert got.steps == want.steps and got.rings == want.rings
@@ -134,7 +135,30 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
     attempts.clear()
     with pytest.raises(BudgetError) as fast:
         slabs.choose_steps(tight, 1 << 20, floor_first=True)
-    assert str(fast.value) == str(slow.value) and len(attempts) == 1
+    # the attempt stopped at its first step over the budget; the floor quoted is whole
+    assert str(fast.value) == str(slow.value) and attempts == [1, None]
+    attempts.clear()
+    with pytest.raises(BudgetError) as lower:
+        slabs.choose_steps(tight, 1 << 20, floor_first=True, exact=False)
+    assert attempts == [1] and 1 < lower.value.projected < slow.value.projected
+
+
+def test_a_replay_stops_where_it_passes_its_limit(tmp_path, rng):
+    """A dry run given a limit stops after the first step over it (a plan known not to
+    fit); under it, the trace is the whole replay's."""
+    from dask_sweep.runtime.executor import dry_run
+
+    z = zarr.create_array(tmp_path / "c.zarr", shape=(40, 48, 48), chunks=(4, 16, 16),
+                          dtype="u1", compressors=None)
+    z[:] = (rng.random(z.shape) * 255).astype("u1")
+    (plan, whole), = dask_sweep.explain(_pipe(da.from_zarr(z)), memory_limit="4MiB",
+                                        runtime_overhead=0).result.plans
+    full = dry_run(plan)
+    same = dry_run(plan, limit=full.peak)
+    assert not same.cut and (same.peak, same.step_peaks, same.rows_read) == (
+        full.peak, full.step_peaks, full.rows_read)
+    short = dry_run(plan, limit=full.step_peaks[0] - 1)
+    assert short.cut and len(short.step_peaks) == 1 and short.peak == full.step_peaks[0]
 
 
 def test_no_tiling_when_output_blocks_straddle_every_cut(cube):

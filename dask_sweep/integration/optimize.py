@@ -218,11 +218,12 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             "every array is a single block and no stage can be cut into slabs: "
             "stock dask already computes each stage once, in one task"
         )
+    why = tileable(plan)
     try:
-        plan, trace = _size(plan, settings, where_slots)
+        # where tiles may follow, a refusal need not replay its whole floor to be quoted
+        plan, trace = _size(plan, settings, where_slots, exact=bool(why))
         plan, trace = skip_recorded(plan, trace)  # a resumed write: only what is left
     except BudgetError as whole:
-        why = tileable(plan)
         if why:
             raise BudgetError(f"{whole} In-plane tiling is not possible: {why}.",
                               stage=whole.stage, projected=whole.projected,
@@ -231,6 +232,10 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             tiles = tile(_tile_share(plan, settings, where_slots),
                          settings.target_slab_bytes)
         except BudgetError as e:
+            try:
+                _size(plan, settings, where_slots)  # refused again, quoting its whole floor
+            except BudgetError as exact:
+                whole = exact
             raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
                               projected=whole.projected, budget=whole.budget) from None
         plan, trace = tiles[0]
@@ -349,7 +354,8 @@ def _tile_share(plan: Plan, settings: SweepSettings, where: Slots) -> Plan:
                    info={**plan.info, "tiles_at_once": where.total})
 
 
-def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trace]:
+def _size(plan: Plan, settings: SweepSettings, where: Slots,
+          exact: bool = True) -> tuple[Plan, Trace]:
     """Steps, rings and segments of ``plan`` for the budget of each worker.
 
     Under ``distributed`` a worker's budget is at most ``WORKER_FRACTION`` of its
@@ -359,6 +365,7 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
     schedulers) down to one: chains running at once on one worker share its
     budget and its threads.  The first count whose chains fit and are
     long enough for their warm-up wins; one chain gets the whole budget.
+    ``exact``: a refusal quotes the whole floor (else a lower bound, see ``choose_steps``).
     """
     budget = settings.memory_limit
     if where.kind == "distributed" and where.memory:
@@ -382,7 +389,8 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots) -> tuple[Plan, Trac
         if count > 1 and not long_enough(cand, count):
             continue
         try:
-            sized, trace = choose_steps(cand, settings.target_slab_bytes, segments=count)
+            sized, trace = choose_steps(cand, settings.target_slab_bytes, segments=count,
+                                        exact=exact)
         except BudgetError as e:
             error = e
             continue

@@ -81,22 +81,24 @@ def grain(plan: Plan) -> int:
 KEYS_IN_RUNTIME_OVERHEAD = 512
 
 
-def size_rings(plan: Plan) -> tuple[Plan, Trace]:
+def size_rings(plan: Plan, limit: int | None = None) -> tuple[Plan, Trace]:
     """The plan with its rings folded to their spans, and its dry-run trace (peak included).
 
     ``trace.peak`` includes ``plan.info["runtime_overhead"]`` and the scheduler's
     bookkeeping: ``plan.info["key_overhead"]`` for each key the graph keeps
     (``plan.info["graph_keys"]``) and each step, beyond the
     :data:`KEYS_IN_RUNTIME_OVERHEAD` that the runtime overhead covers.
+    With ``limit``, the sized replay stops once its peak passes it (``trace.cut``:
+    the peak is then a lower bound, enough to know the plan does not fit).
     """
     probe = dry_run(replace(plan, rings=()))
     rings = tuple(probe.span.get(j, 0) if j in probe.carried else 0
                   for j in range(len(plan.stages)))
     sized = replace(plan, rings=rings)
-    trace = dry_run(sized)
     overhead = plan.info.get("runtime_overhead", 0)
     keys = plan.info.get("graph_keys", 0) + len(plan.steps)
     bookkeeping = max(0, keys - KEYS_IN_RUNTIME_OVERHEAD) * plan.info.get("key_overhead", 0)
+    trace = dry_run(sized, limit=None if limit is None else limit - overhead - bookkeeping)
     trace.peak += overhead + bookkeeping
     trace.step_peaks = [p + overhead + bookkeeping for p in trace.step_peaks]
     if overhead:
@@ -165,14 +167,16 @@ def floor(plan: Plan) -> tuple[Plan, Trace]:
     return size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
 
 
-def choose_steps(plan: Plan, target_slab_bytes: int,
-                 segments: int = 1, floor_first: bool = False) -> tuple[Plan, Trace]:
+def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
+                 floor_first: bool = False, exact: bool = True) -> tuple[Plan, Trace]:
     """Return the plan with steps and rings set, and its dry-run trace.
 
     ``segments``: cut the steps into that many chains (see
     :mod:`dask_sweep.passes.segments`); every chain's warm-up is in the trace.
     ``floor_first``: try one plane per step first, so that a plan that cannot fit
     is refused after one attempt, not a search (for callers that try many plans).
+    ``exact``: a refusal quotes the whole floor; else (for callers that drop most
+    refusals) the peak up to where the replay passed the budget, a lower bound.
 
     Raises
     ------
@@ -187,25 +191,31 @@ def choose_steps(plan: Plan, target_slab_bytes: int,
     hi = max(1, min(n, int(target_slab_bytes // per_plane)))
     g = grain(plan)
 
-    def attempt(planes: int) -> tuple[Plan, Trace]:
-        return size_rings(cut(replace(plan, steps=uniform_steps(n, planes)), segments))
+    def attempt(planes: int, limit: int | None = plan.budget) -> tuple[Plan, Trace]:
+        # a refused attempt stops at its first step over the budget (a lower bound)
+        return size_rings(cut(replace(plan, steps=uniform_steps(n, planes)), segments), limit)
 
     def fits(c: tuple[Plan, Trace]) -> bool:
         return c[1].peak <= plan.budget
 
+    def refuse() -> NoReturn:  # quoting the whole floor unless told a lower bound will do
+        cut_short = lowest is None or (lowest[1].cut and exact)
+        _refuse(plan, attempt(1, None)[1] if cut_short else lowest[1])
+
+    lowest = None
     if floor_first and hi > 1:
         lowest = attempt(1)
         if not fits(lowest):
-            _refuse(plan, lowest[1])
+            refuse()
     if 1 < g <= hi:
         _, best = thickest(lambda u: attempt(u * g), fits, hi // g)
         if fits(best):
             return best
         hi = g - 1
-    planes, best = thickest(attempt, fits, hi)
-    if fits(best):
-        return best
-    _refuse(plan, (best if planes == 1 else attempt(1))[1])
+    _, lowest = thickest(attempt, fits, hi)
+    if fits(lowest):
+        return lowest
+    refuse()
 
 
 def _refuse(plan: Plan, trace: Trace) -> NoReturn:

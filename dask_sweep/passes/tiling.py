@@ -323,17 +323,21 @@ def tile(plan: Plan, target_slab_bytes: int):
         return np.prod([e - s for s, e in region])
 
     # Tiles alike (see _alike) are sized once, refusals too: tilings share tile shapes,
-    # and most candidates tried before one fits are refused (one-plane steps first).
+    # and most candidates tried before one fits are refused (one-plane steps first,
+    # whose replay stops where it passes the budget; only the last refusal is quoted,
+    # with its whole floor).
     sized: dict = {}
+    refused: list[Plan] = []
 
     def size(tp: Plan):
         key = _alike(tp)
         if key not in sized:
             try:
-                sized[key] = choose_steps(tp, target_slab_bytes, floor_first=True)
+                sized[key] = choose_steps(tp, target_slab_bytes, floor_first=True, exact=False)
             except BudgetError as e:
                 sized[key] = e
         if isinstance(sized[key], BudgetError):
+            refused.append(tp)
             raise sized[key]
         done, trace = sized[key]
         if done.stages is tp.stages:
@@ -361,6 +365,11 @@ def tile(plan: Plan, target_slab_bytes: int):
             "in-plane tiling cannot help: the source's chunks span whole planes (or no tiling "
             "keeps the output blocks whole), so a tile is never smaller than a row of chunks"
         )
+    if refused:
+        try:
+            choose_steps(refused[-1], target_slab_bytes, floor_first=True)
+        except BudgetError as e:
+            last_error = e
     raise BudgetError(f"no in-plane tiling fits either; the best one tried: {last_error}",
                       stage=last_error.stage, projected=last_error.projected,
                       budget=last_error.budget)

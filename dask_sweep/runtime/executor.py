@@ -63,6 +63,7 @@ class Trace:
     ring_peak: dict = field(default_factory=dict)  # stage index -> max bytes held
     span: dict = field(default_factory=dict)  # stage index -> most planes held at once
     carried: set = field(default_factory=set)  # stages holding planes between steps
+    cut: bool = False  # the replay stopped once its peak passed a limit (a lower bound)
 
 
 def initial_state(plan: Plan, step: int = 0) -> State:
@@ -387,8 +388,12 @@ def _writer_temps(sink, planes, axis: int) -> int:
     return int(temps_of(share) if temps_of else getattr(sink, "write_temps", 0.0) * share)
 
 
-def dry_run(plan: Plan, skip: bool = True) -> Trace:
+def dry_run(plan: Plan, skip: bool = True, limit: int | None = None) -> Trace:
     """Replay the whole sweep on placeholders: reads, peaks, rows per step, ring spans.
+
+    With ``limit``, the replay stops after the first step whose peak passes it
+    (``trace.cut``): a peak only grows, so the plan is known not to fit, and a
+    search over step sizes or tilings pays a few steps for each refusal.
 
     Away from the volume's faces a sweep with regular grids and steps repeats
     itself: once the state seen from a step's end is the state of an earlier
@@ -405,6 +410,9 @@ def dry_run(plan: Plan, skip: bool = True) -> Trace:
         t = seg.start
         while t < seg.stop:
             state, _ = run_step(plan, state, t, dry=True, trace=trace)
+            if limit is not None and trace.peak > limit:
+                trace.cut = True
+                return trace
             if period is not None:
                 jump = _steady(plan, state, trace, t, seg, period, seen)
                 if jump:

@@ -143,6 +143,26 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
     assert attempts == [1] and 1 < lower.value.projected < slow.value.projected
 
 
+def test_tiles_alike_but_for_faces_no_kernel_pads_are_sized_once(tmp_path, rng):
+    """A tile's place matters to its sizing only where a kernel pads a face in-plane
+    (a boundary other than ``"none"``): four corner tiles of a clipped gaussian are one
+    shape to size, of a reflected one four."""
+    from dask_sweep.passes import tiling
+
+    z = zarr.create_array(tmp_path / "c.zarr", shape=(16, 64, 64), chunks=(4, 16, 16),
+                          dtype="u1", compressors=None)
+    z[:] = (rng.random(z.shape) * 255).astype("u1")
+    x = da.from_zarr(z)
+    keys = {}
+    for boundary in ("none", "reflect"):
+        y = x.map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary=boundary)
+        (plan, _), = dask_sweep.explain(y, memory_limit="64MiB").result.plans
+        regions = [((0, 16), (a, a + 32), (b, b + 32)) for a in (0, 32) for b in (0, 32)]
+        keys[boundary] = {tiling._alike(tiling._tile_plan(plan, r, (0, 4, 4)))
+                          for r in regions}
+    assert len(keys["none"]) == 1 and len(keys["reflect"]) == 4
+
+
 def test_a_replay_stops_where_it_passes_its_limit(tmp_path, rng):
     """A dry run given a limit stops after the first step over it (a plan known not to
     fit); under it, the trace is the whole replay's."""

@@ -283,10 +283,16 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
 def _alike(tp: Plan) -> tuple:
     """What sizing a tile's plan depends on: tiles with the same key get the same steps,
     rings and trace (the dry run sees shapes, faces and source rows, not where a tile is)."""
+    def faces(st) -> tuple | None:  # a face matters where a kernel pads it in-plane
+        if getattr(st, "edges", None) is None:
+            return None
+        return tuple(e if ax != st.sweep_axis and d and st.boundary[ax] != "none" else None
+                     for ax, (e, d) in enumerate(zip(st.edges, st.depth)))
+
     def stage(st) -> tuple:
-        return (type(st).__name__, st.shape, str(st.dtype), st.inputs,
-                getattr(st, "edges", None), getattr(st, "row_bounds", None),
-                getattr(st, "bytes_per_row", None), getattr(st, "chunks", None))
+        return (type(st).__name__, st.shape, str(st.dtype), st.inputs, faces(st),
+                getattr(st, "row_bounds", None), getattr(st, "bytes_per_row", None),
+                getattr(st, "chunks", None))
 
     return (tuple(stage(st) for st in tp.stages),
             tuple((o.stage, o.chunks, o.sink is None) for o in tp.outputs))

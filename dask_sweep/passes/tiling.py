@@ -213,25 +213,47 @@ def _tiles(plan: Plan, counts) -> list[tuple]:
     return list(itertools.product(*per_axis))
 
 
+def _plane_bytes(st: Source, hreg, axis: int) -> int:
+    """Bytes source ``st`` reads per plane for a tile spanning ``hreg`` (halo included):
+    a plane reader says (a halo's rows only), else the whole chunks it meets."""
+    if getattr(st.reader, "made", False):
+        return 0
+    exact = getattr(st.reader, "region_bytes", None)
+    if exact is not None:
+        return exact([r for ax, r in enumerate(hreg) if ax != axis])
+    covered = 1
+    for ax, (s, e) in enumerate(hreg):
+        if ax != axis:
+            b = np.cumsum((0, *st.chunks[ax])).tolist()
+            covered *= sum(b[q + 1] - b[q] for q in range(len(b) - 1) if b[q] < e and b[q + 1] > s)
+    return covered * np.dtype(st.dtype).itemsize
+
+
 def _predicted_reads(plan: Plan, tiles, halo) -> tuple[int, int, float]:
-    """(total chunk reads, max reads of one chunk, mean) for a tiling."""
+    """(cost, max reads of one chunk, mean) for a tiling; the cost is the chunk reads, or
+    for a plane reader the bytes read per plane (it reads a halo's rows only)."""
     axis = plan.axis
     src = _read_source(plan)
     counts: dict = {}
     bnds = [np.cumsum((0, *c)).tolist() for c in src.chunks]
+    shape = plan.stages[0].shape
+    cost = 0
     for region in tiles:
         ranges = []
-        for ax, (s, e) in enumerate(region):
+        hreg = [(max(0, s - halo[ax]), min(shape[ax], e + halo[ax])) if ax != axis else (s, e)
+                for ax, (s, e) in enumerate(region)]
+        if getattr(src.reader, "region_bytes", None) is not None:
+            cost += _plane_bytes(src, hreg, axis)
+        for ax, (s, e) in enumerate(hreg):
             if ax == axis:
                 ranges.append(range(len(src.chunks[ax])))
                 continue
-            s, e = max(0, s - halo[ax]), min(plan.stages[0].shape[ax], e + halo[ax])
             b = bnds[ax]
             ranges.append([q for q in range(len(b) - 1) if b[q] < e and b[q + 1] > s])
         for idx in itertools.product(*ranges):
             counts[idx] = counts.get(idx, 0) + 1
     vals = list(counts.values())
-    return sum(vals), max(vals), sum(vals) / len(vals)
+    return cost or sum(vals), max(vals), sum(vals) / len(vals)
 
 
 def _tile_plan(plan: Plan, region, halo) -> Plan:
@@ -253,14 +275,9 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
     for st in plan.stages:
         if isinstance(st, Source):
             reader = TileReader(st.reader, st.chunks, axis, hreg)
-            covered = 1
-            for ax, (q0, q1) in enumerate(reader.blocks):
-                if ax != axis:  # whole chunks (a plane reader reads the chunks' planes)
-                    covered *= sum(st.chunks[ax][q0:q1])
-            itemsize = 0 if getattr(st.reader, "made", False) else np.dtype(st.dtype).itemsize
             rows = np.diff(st.row_bounds).tolist()
             stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
-                c * covered * itemsize for c in rows)))
+                c * _plane_bytes(st, hreg, axis) for c in rows)))
         elif isinstance(st, Kernel):
             stages.append(replace(st, shape=shape, edges=tuple(edges)))
         elif isinstance(st, Blocked):

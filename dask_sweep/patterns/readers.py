@@ -187,6 +187,10 @@ class PlaneReader:
     def read_planes(self, a: int, b: int, region=None) -> np.ndarray:
         return self.planes.read(a, b, region)
 
+    def region_bytes(self, region) -> int:
+        """Bytes read per plane of an in-plane ``region`` (a tile's halo: its rows only)."""
+        return self.planes.region_bytes(region)
+
     def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
         return self.planes.read(r, r + 1)
 

@@ -289,6 +289,9 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         for ax, s in enumerate(m.shape):
             if ax != axis:
                 plane *= s
+        exact = getattr(reader, "region_bytes", None)  # a plane reader's own count
+        if exact is not None:
+            plane = exact([(0, s) for ax, s in enumerate(m.shape) if ax != axis])
         index[src] = len(stages)
         # a reader of single planes (raw local zarr) lets the sweep cut steps anywhere
         rows = (1,) * m.shape[axis] if getattr(reader, "free", False) else m.chunks[axis]

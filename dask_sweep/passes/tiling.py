@@ -275,9 +275,9 @@ def _tile_plan(plan: Plan, region, halo) -> Plan:
     for st in plan.stages:
         if isinstance(st, Source):
             reader = TileReader(st.reader, st.chunks, axis, hreg)
-            rows = np.diff(st.row_bounds).tolist()
+            per_plane = _plane_bytes(st, hreg, axis)
             stages.append(replace(st, shape=shape, reader=reader, bytes_per_row=tuple(
-                c * _plane_bytes(st, hreg, axis) for c in rows)))
+                c * per_plane for c in np.diff(st.row_bounds).tolist())))
         elif isinstance(st, Kernel):
             stages.append(replace(st, shape=shape, edges=tuple(edges)))
         elif isinstance(st, Blocked):

@@ -31,6 +31,8 @@ CASES = {
     "bench_ops": (["--sizes", "64", "--layouts", "zarr", "tiff", "--ops", "copy", "threshold",
                    "uniform3", "label"],
                   ["copy uint8 64^3 zarr", "uniform3 uint8 64^3 tiff", "label uint8 64^3 zarr"]),
+    "bench_planning": (["--rows", "2", "--tiled"],
+                       ["dilation r1: planned in", "rolling mean 5: planned in", "chunks: sweep pass"]),
     "bench_reference": (["--shape", "24", "64", "64", "--layouts", "slab", "tiff",
                          "--memory-limit", "16MiB", "--no-plan"],
                         ["== slab", "== tiff", "sweep"]),

@@ -40,6 +40,13 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Source
 
 
+def _met(chunks, s: int, e: int) -> range:
+    """The chunks (of one axis' ``chunks``) that meet ``[s, e)``."""
+    b = np.cumsum((0, *chunks)).tolist()
+    return range(max(i for i in range(len(chunks)) if b[i] <= s),
+                 min(i for i in range(1, len(chunks) + 1) if b[i] >= e))
+
+
 class TileReader:
     """Read only the chunks of a row that meet an in-plane region, and cut the region."""
 
@@ -63,8 +70,8 @@ class TileReader:
                 self.cut.append(slice(None))
                 continue
             s, e = region[ax]
-            q0 = max(i for i in range(len(c)) if b[i] <= s)
-            q1 = min(i for i in range(1, len(c) + 1) if b[i] >= e)
+            q = _met(c, s, e)
+            q0, q1 = q.start, q.stop
             self.blocks.append((q0, q1))
             self.cut.append(slice(s - b[q0], e - b[q0]))
 
@@ -224,8 +231,7 @@ def _plane_bytes(st: Source, hreg, axis: int) -> int:
     covered = 1
     for ax, (s, e) in enumerate(hreg):
         if ax != axis:
-            b = np.cumsum((0, *st.chunks[ax])).tolist()
-            covered *= sum(b[q + 1] - b[q] for q in range(len(b) - 1) if b[q] < e and b[q + 1] > s)
+            covered *= sum(st.chunks[ax][q] for q in _met(st.chunks[ax], s, e))
     return covered * np.dtype(st.dtype).itemsize
 
 
@@ -235,25 +241,20 @@ def _predicted_reads(plan: Plan, tiles, halo) -> tuple[int, int, float]:
     axis = plan.axis
     src = _read_source(plan)
     counts: dict = {}
-    bnds = [np.cumsum((0, *c)).tolist() for c in src.chunks]
     shape = plan.stages[0].shape
+    by_bytes = getattr(src.reader, "region_bytes", None) is not None
     cost = 0
     for region in tiles:
-        ranges = []
         hreg = [(max(0, s - halo[ax]), min(shape[ax], e + halo[ax])) if ax != axis else (s, e)
                 for ax, (s, e) in enumerate(region)]
-        if getattr(src.reader, "region_bytes", None) is not None:
+        if by_bytes:
             cost += _plane_bytes(src, hreg, axis)
-        for ax, (s, e) in enumerate(hreg):
-            if ax == axis:
-                ranges.append(range(len(src.chunks[ax])))
-                continue
-            b = bnds[ax]
-            ranges.append([q for q in range(len(b) - 1) if b[q] < e and b[q + 1] > s])
+        ranges = [range(len(c)) if ax == axis else _met(c, *hreg[ax])
+                  for ax, c in enumerate(src.chunks)]
         for idx in itertools.product(*ranges):
             counts[idx] = counts.get(idx, 0) + 1
     vals = list(counts.values())
-    return cost or sum(vals), max(vals), sum(vals) / len(vals)
+    return cost if by_bytes else sum(vals), max(vals), sum(vals) / len(vals)
 
 
 def _tile_plan(plan: Plan, region, halo) -> Plan:

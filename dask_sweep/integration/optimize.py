@@ -30,6 +30,7 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.emit.graph import StepPriority, emit, emit_tiled
 from dask_sweep.errors import BudgetError, NotSweepable, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
+from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import encode_temporaries
 from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
@@ -37,7 +38,7 @@ from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import tile, tileable
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
-from dask_sweep.patterns.to_plan import region_to_plan
+from dask_sweep.patterns.to_plan import region_to_plan, staged
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
@@ -219,28 +220,67 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             "stock dask already computes each stage once, in one task"
         )
     why = tileable(plan)
+    last = bool(why) and _staged(plan, settings, where_slots, dry=True) is None
     try:
-        # where tiles may follow, a refusal need not replay its whole floor to be quoted
-        plan, trace = _size(plan, settings, where_slots, exact=bool(why))
-        plan, trace = skip_recorded(plan, trace)  # a resumed write: only what is left
-    except BudgetError as whole:
-        if why:
-            raise BudgetError(f"{whole} In-plane tiling is not possible: {why}.",
-                              stage=whole.stage, projected=whole.projected,
-                              budget=whole.budget) from None
+        # where tiles (or staging) may follow, a refusal need not replay its whole floor
+        plan_, trace = _size(plan, settings, where_slots, exact=last)
+        return skip_recorded(plan_, trace)  # a resumed write: only what is left
+    except BudgetError as e:
+        whole = e
+    tiled = None
+    if not why:
         try:
-            tiles = tile(_tile_share(plan, settings, where_slots),
-                         settings.target_slab_bytes)
+            tiles = tile(_tile_share(plan, settings, where_slots), settings.target_slab_bytes)
+            return tiles[0][0].with_info(tile_plans=tiles), tiles[0][1]
         except BudgetError as e:
-            try:
-                _size(plan, settings, where_slots)  # refused again, quoting its whole floor
-            except BudgetError as exact:
-                whole = exact
-            raise BudgetError(f"{whole} And {e}.", stage=whole.stage,
-                              projected=whole.projected, budget=whole.budget) from None
-        plan, trace = tiles[0]
-        plan = plan.with_info(tile_plans=tiles)
-    return plan, trace
+            tiled = e
+    stage = _staged(plan, settings, where_slots)
+    if stage is not None:
+        return stage
+    if not last:
+        try:
+            _size(plan, settings, where_slots)  # refused again, quoting its whole floor
+        except BudgetError as exact:
+            whole = exact
+    more = f"In-plane tiling is not possible: {why}." if why else f"And {tiled}."
+    raise BudgetError(f"{whole} {more}", stage=whole.stage, projected=whole.projected,
+                      budget=whole.budget) from None
+
+
+def _staged(plan: Plan, settings: SweepSettings, where: Slots,
+            dry: bool = False) -> tuple[Plan, Trace] | Plan | None:
+    """The sized plan with its deep compressed chunk rows staged on local disk
+    (:func:`~dask_sweep.patterns.to_plan.staged`), or None when nothing can be staged
+    or it does not fit either (``dry``: the plan unsized, None when nothing can be
+    staged).  Staging keeps state in this process: local schedulers (threads or
+    synchronous) only."""
+    if where.kind != "local" or dask.config.get("scheduler", None) in (
+            "processes", "multiprocessing"):
+        return None
+    alt = staged(plan, settings.memory_limit, where.threads)
+    if alt is None or dry:
+        return alt
+    try:
+        sized, trace = _size(alt, settings, where)
+    except BudgetError:
+        try:  # one call at a time, of one chunk
+            sized, trace = _size(staged(plan, settings.memory_limit), settings, where)
+        except BudgetError:
+            return None
+    notes = []
+    for o in sized.outputs:
+        w = o.sink
+        if isinstance(w, StagedWriter):
+            depth = max(b - a for a, b in zip(w.rows, w.rows[1:]))
+            notes.append(
+                f"output {o.name.rsplit('-', 1)[0]}: its chunks, {depth} planes deep and "
+                "encoded whole, do not fit the budget a chunk row at a time, and in-plane "
+                "tiles do not help: each chunk row is staged raw on local disk (up to "
+                f"{format_bytes(w.staged_bytes())} per row, in {w.directory}; unlinked "
+                "files, freed as each row is written) and written from there, "
+                f"{format_bytes(w.largest_box)} of whole chunks per call, {w.workers} "
+                "call(s) at once")
+    return replace(sized, notes=sized.notes + tuple(notes)), trace
 
 
 def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,

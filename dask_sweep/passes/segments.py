@@ -46,6 +46,9 @@ def why_one_chain(plan: Plan) -> str:
     for st in plan.stages:
         if isinstance(st, Source) and st.external:
             return f"source {st.label!r} is computed by dask, in its own order"
+    for o in plan.outputs:
+        if getattr(o.sink, "one_chain", ""):
+            return o.sink.one_chain
     return ""
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from dask._task_spec import TaskRef
 from dask.highlevelgraph import HighLevelGraph
 
+from dask_sweep.config import temporary_directory
 from dask_sweep.errors import NotSweepable
 from dask_sweep.io.planes import zarr_planes
+from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
 from dask_sweep.patterns.kernels import kernel_stage
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
@@ -275,6 +278,57 @@ def _direct_store(hlg, store: str, shape, axis: int, budget: int = 0):
         align = None
     return DirectStoreWriter(target, region, axis, len(shape), kw.get("lock"), piece, strip,
                              call), align
+
+
+#: A staged row is written in calls of whole chunks, ``threads`` calls at once where they
+#: fit in this share of the budget (each: the box read back and its encoder's
+#: temporaries), one chunk at least.
+STAGED_SHARE = 2
+
+
+def staged(plan: Plan, budget: int, threads: int = 1) -> Plan | None:
+    """``plan`` with its zarr stores in chunks deeper than a plane staged on local disk
+    (:class:`~dask_sweep.io.staging.StagedWriter`): steps of any planes write them; None
+    when no output is such a store.
+
+    The last resort when whole chunk rows do not fit the budget and in-plane tiles
+    cannot help: an extra raw write and read of the output on local disk.  Up to
+    ``threads`` calls write a row at once, as the budget allows (``threads=1``: the
+    smallest footprint, one chunk per call).
+    """
+    outputs, changed = [], False
+    axis = plan.axis
+    for o in plan.outputs:
+        w = o.sink
+        target = getattr(w, "target", None)
+        tchunks = getattr(target, "shards", None) or getattr(target, "chunks", None)
+        shape = plan.stages[o.stage].shape
+        if (not isinstance(w, DirectStoreWriter) or w.call_bytes is None or o.align is None
+                or not tchunks or len(tchunks) != len(shape)):
+            outputs.append(o)
+            continue
+        inplane = [d for d in range(len(shape)) if d != axis]
+        depth = max(b - a for a, b in zip(o.align, o.align[1:]))
+        chunk = depth * np.dtype(target.dtype).itemsize * math.prod(
+            int(tchunks[d]) for d in inplane)
+        # calls at once and chunks per call: the box and about five times it in the
+        # encoder (see encode_temporaries) each, within the share; along the last axis only
+        room = budget // STAGED_SHARE
+        one = chunk + write_temporaries(target, chunk)
+        workers = max(1, min(threads, room // max(1, one)))
+        per_call = max(1, (room // workers - write_temporaries(target, 0)) // max(1, 6 * chunk))
+        if inplane:
+            per_call = min(per_call, -(-shape[inplane[-1]] // tchunks[inplane[-1]]))
+        cuts = [_cuts(shape[d], w._start(d),
+                      tchunks[d] * (per_call if d == inplane[-1] else 1)) for d in inplane]
+        sink = StagedWriter(w._write, o.align, cuts, shape, plan.stages[o.stage].dtype, axis,
+                            temporary_directory(),
+                            write_temporaries(target, per_call * chunk), workers)
+        outputs.append(dataclasses.replace(o, sink=sink, align=tuple(range(shape[axis] + 1))))
+        changed = True
+    if not changed:
+        return None
+    return dataclasses.replace(plan, outputs=tuple(outputs))
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,

@@ -46,12 +46,14 @@ class _Target:
     per_call=st.integers(1, 3),
     workers=st.integers(1, 2),
     dtype=st.sampled_from(["u1", "i4", "f8"]),
+    overlap=st.booleans(),
 )
 def test_every_plane_is_written_once_in_whole_chunks(tmp_path_factory, shape, depth, grid,
                                                      axis, start, steps, per_call, workers,
-                                                     dtype):
+                                                     dtype, overlap):
     """Any steps, any sweep axis, chunk rows offset by a region's start: the target gets
-    the data exactly, each box once, on the chunk grid, a row as soon as it is complete."""
+    the data exactly, each box once, on the chunk grid, a row once it is complete (in the
+    step that completes it, or in the background by the end of the sweep)."""
     n = shape[axis]
     inplane = [d for d in range(3) if d != axis]
     v = (np.arange(np.prod(shape)).reshape(shape) % 251 + 1).astype(dtype)
@@ -61,17 +63,19 @@ def test_every_plane_is_written_once_in_whole_chunks(tmp_path_factory, shape, de
     t = _Target(shape, dtype)
     t.axis = axis
     w = StagedWriter(t.put, rows, cuts, shape, dtype, axis,
-                     str(tmp_path_factory.mktemp("stage")), workers=workers)
+                     str(tmp_path_factory.mktemp("stage")), workers=workers, overlap=overlap)
     a, k = 0, 0
     while a < n:
         b = min(n, a + steps[k % len(steps)])
         cut = [slice(None)] * 3
         cut[axis] = slice(a, b)
         w.write_planes(a, v[tuple(cut)])
-        # every row that ends by b is written, no other
+        # every row that ends by b is written (or being written), no other
         done = {c[0] for c in t.calls}
-        assert done == {r for r, e in zip(rows, rows[1:]) if e <= b}
+        complete = {r for r, e in zip(rows, rows[1:]) if e <= b}
+        assert done <= complete if overlap else done == complete
         a, k = b, k + 1
+    w.end_of_sweep()
     np.testing.assert_array_equal(t.data, v)
     assert not w._open  # every file closed
     for a, box, origin in t.calls:
@@ -86,12 +90,13 @@ def test_the_files_leave_nothing_behind_and_a_copy_refuses(tmp_path):
     t = _Target((6, 4, 4), "u2")
     t.axis = 0
     w = StagedWriter(t.put, [0, 3, 6], [[0, 2, 4], [0, 4]], (6, 4, 4), "u2", 0, str(tmp_path),
-                     call_temps=100)
+                     call_temps=100, overlap=False)
     w.write_planes(0, np.ones((2, 4, 4), "u2"))
     assert os.listdir(tmp_path) == []  # unlinked at once: a crash leaves nothing
     assert len(w._open) == 1
     assert w.largest_box == 3 * 2 * 4 * 2
     assert w.temps_of(10) == w.largest_box + 100  # a row's box read back, and its encoder's
+    assert w.background == 0
     assert w.staged_bytes() == 3 * 4 * 4 * 2
     copy = pickle.loads(pickle.dumps(w))  # another process (distributed, processes)
     with pytest.raises(SinkError, match="another process"):
@@ -172,3 +177,25 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch):
     with pytest.raises(SinkError, match=f"chunk row 0.*{tmp_path}.*temporary-directory"):
         w.write_planes(0, np.ones((1, 4, 4), "u1"))
     assert not t.data.any()  # nothing written to the target
+
+
+def test_a_row_written_in_the_background_raises_at_the_end(tmp_path):
+    """Rows are written by the writer's thread while the sweep goes on; its memory is
+    held beside every step; a failure is raised by the next row or the sweep's end."""
+    t = _Target((6, 4, 4), "u1")
+    t.axis = 0
+    w = StagedWriter(t.put, [0, 3, 6], [[0, 4], [0, 4]], (6, 4, 4), "u1", 0, str(tmp_path),
+                     call_temps=100)
+    assert w.background == w.largest_box + 100 and w.temps_of(48) == 48
+    w.write_planes(0, np.ones((6, 4, 4), "u1"))
+    w.end_of_sweep()
+    assert t.data.all()
+
+    def broken(*_):
+        raise OSError("the target went away")
+
+    w = StagedWriter(broken, [0, 3, 6], [[0, 4], [0, 4]], (6, 4, 4), "u1", 0, str(tmp_path))
+    w.write_planes(0, np.ones((3, 4, 4), "u1"))  # row 0 complete: written in the background
+    with pytest.raises(OSError, match="went away"):
+        w.write_planes(3, np.ones((3, 4, 4), "u1"))  # row 1 waits for row 0
+    w.close()

@@ -57,6 +57,11 @@ def _step(plan, prev, t, ext_keys, ext_values, *after):
             _write(plan, o, *emitted[k])
             # written: do not keep the planes alive in this task's result
             emitted[k] = (emitted[k][0], None)
+    if t == len(plan.steps) - 1:  # a sink writing in the background is done with the sweep
+        for o in plan.outputs:
+            end = getattr(o.sink, "end_of_sweep", None)
+            if end is not None:
+                end()
     if report is not None:
         report.end(t, begun)
     return new_state, emitted, plan

@@ -277,9 +277,9 @@ def _staged(plan: Plan, settings: SweepSettings, where: Slots,
                 "encoded whole, do not fit the budget a chunk row at a time, and in-plane "
                 "tiles do not help: each chunk row is staged raw on local disk (up to "
                 f"{format_bytes(w.staged_bytes())} per row, in {w.directory}; unlinked "
-                "files, freed as each row is written) and written from there, "
-                f"{format_bytes(w.largest_box)} of whole chunks per call, {w.workers} "
-                "call(s) at once")
+                "files, freed as each row is written) and written from there in the "
+                f"background, {format_bytes(w.largest_box)} of whole chunks per call, "
+                f"{w.workers} call(s) at once")
     return replace(sized, notes=sized.notes + tuple(notes)), trace
 
 

@@ -15,9 +15,15 @@ a few whole chunks) at a time::
     +----------------------+       contiguous within the box)
                                    row complete: pread box k, write it (whole chunks)
 
-Memory: the box being encoded and its encoder's temporaries; the staged bytes
-are in the page cache (not the process's), and each file is freed once its row
-is written.  Disk: the rows not yet complete (one, or two where a step spans a
+A complete row is written in the background, by a thread of the writer's own,
+while the sweep goes on (encoding overlaps the next steps' compute); one row at
+a time: a row completed while the previous one is still being written waits for
+it.  The sweep's last step waits for the last row (:meth:`StagedWriter.end_of_sweep`),
+and an error of a background write is raised there or at the next row.
+
+Memory: the boxes being encoded and their encoder's temporaries, held beside
+every step (:attr:`StagedWriter.background`); the staged bytes are in the page
+cache (not the process's), and each file is freed once its row is written.  Disk: the rows not yet complete (one, or two where a step spans a
 row boundary).  The files are unlinked when created, so nothing is left behind,
 even by a crash.
 
@@ -34,7 +40,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,6 +74,9 @@ class StagedWriter:
     workers
         Boxes written at once, each by a thread of its own (encoding is most of a
         write's time and zarr encodes one call's chunks at once, one call at a time).
+    overlap
+        Write complete rows in the background (the default), else within the step
+        that completes them.
     """
 
     #: the segments of a sweep would write one row from two chains (two processes,
@@ -77,7 +86,7 @@ class StagedWriter:
     def __init__(self, put: Callable[[int, np.ndarray, Sequence[int]], None],
                  rows: Sequence[int], cuts: Sequence[Sequence[int]], shape: Sequence[int],
                  dtype: Any, axis: int, directory: str, call_temps: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, overlap: bool = True) -> None:
         self.put = put
         self.rows = tuple(int(r) for r in rows)
         self.cuts = tuple(tuple(int(c) for c in cs) for cs in cuts)
@@ -87,6 +96,7 @@ class StagedWriter:
         self.directory = directory
         self.call_temps = int(call_temps)
         self.workers = max(1, int(workers))
+        self.overlap = overlap
         self.inplane = [d for d in range(len(self.shape)) if d != axis]
         # each box: its in-plane slices and the bytes of one of its planes
         self.boxes = [tuple(slice(c[i], c[i + 1]) for c, i in zip(self.cuts, ix))
@@ -99,10 +109,12 @@ class StagedWriter:
         self._lock = threading.Lock()
         self._open: dict[int, list] = {}  # row -> [fd, planes staged]
         self._copy = False
+        self._pool: ThreadPoolExecutor | None = None  # the background writer
+        self._pending: Future | None = None  # the row it is writing
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_open")}
-        return state
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_lock", "_open", "_pool", "_pending")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -117,13 +129,24 @@ class StagedWriter:
         depth = max(b - a for a, b in zip(self.rows, self.rows[1:]))
         return depth * max(self.box_plane, default=0)
 
+    @property
+    def writing(self) -> int:
+        """Bytes held while a row is written: a box read back and its encoder's
+        temporaries, for each worker."""
+        return self.workers * (self.largest_box + self.call_temps)
+
+    @property
+    def background(self) -> int:
+        """Bytes held beside every step of the sweep (a row written in the background)."""
+        return self.writing if self.overlap else 0
+
     def temps_of(self, nbytes: int) -> int:
         """Bytes held beyond ``nbytes`` of planes while they are written: a box's share
-        of them made contiguous, or, when they complete a row, one box read back and
-        its encoder's temporaries, for each worker."""
+        of them made contiguous, or, when they complete a row written in the step, the
+        row's writing."""
         plane = math.prod(self.shape[d] for d in self.inplane) * self.dtype.itemsize
         share = math.ceil(nbytes * max(self.box_plane, default=0) / max(1, plane))
-        return max(share, self.workers * (self.largest_box + self.call_temps))
+        return share if self.overlap else max(share, self.writing)
 
     def staged_bytes(self) -> int:
         """Disk bytes of the largest chunk row (a staging file at its fullest)."""
@@ -148,8 +171,31 @@ class StagedWriter:
         while r < len(self.rows) - 1 and self.rows[r] < b:
             lo, hi = max(a, self.rows[r]), min(b, self.rows[r + 1])
             if self._stage(r, lo, hi, a, planes):
-                self._flush(r)
+                self._write_row(r)
             r += 1
+
+    def _write_row(self, r: int) -> None:
+        if not self.overlap:
+            self._flush(r)
+            return
+        self._wait()  # one row at a time: its memory is counted once
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, "dask-sweep-staged-row")
+        self._pending = self._pool.submit(self._flush, r)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # a background write's error is raised here
+
+    def end_of_sweep(self) -> None:
+        """Wait for the row being written in the background (the sweep's last step)."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def _stage(self, r: int, lo: int, hi: int, a: int, planes: np.ndarray) -> bool:
         """Planes ``[lo, hi)`` into row ``r``'s file; whether the row is complete."""
@@ -209,16 +255,24 @@ class StagedWriter:
         finally:
             os.close(fd)
 
-    def close(self) -> None:
-        """Free the files of rows never completed (a sweep that failed)."""
+    def close(self, wait: bool = True) -> None:
+        """Free the files of rows never completed (a sweep that failed), after the
+        row being written in the background (``wait``)."""
+        pool, self._pool = self._pool, None
+        if pool is not None and wait:
+            pool.shutdown(wait=True)
         with self._lock:
             opened, self._open = self._open, {}
         for fd, _ in opened.values():
             os.close(fd)
+        if pool is not None and not wait:
+            pool.shutdown(wait=False)
 
     def __del__(self) -> None:  # files of a failed sweep: their space is freed with them
         try:
-            self.close()
+            # unreachable, so no row is being written (its task would hold this writer);
+            # this may run on the writer's own thread, which cannot wait for itself
+            self.close(wait=False)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -95,14 +95,21 @@ def size_rings(plan: Plan, limit: int | None = None) -> tuple[Plan, Trace]:
     rings = tuple(probe.span.get(j, 0) if j in probe.carried else 0
                   for j in range(len(plan.stages)))
     sized = replace(plan, rings=rings)
-    overhead = plan.info.get("runtime_overhead", 0)
+    # the runtime overhead, and what sinks hold beside every step (rows written in the
+    # background: io.staging)
+    background = [(k, getattr(o.sink, "background", 0)) for k, o in enumerate(plan.outputs)]
+    background = [(k, b) for k, b in background if b]
+    overhead = plan.info.get("runtime_overhead", 0) + sum(b for _, b in background)
     keys = plan.info.get("graph_keys", 0) + len(plan.steps)
     bookkeeping = max(0, keys - KEYS_IN_RUNTIME_OVERHEAD) * plan.info.get("key_overhead", 0)
     trace = dry_run(sized, limit=None if limit is None else limit - overhead - bookkeeping)
     trace.peak += overhead + bookkeeping
     trace.step_peaks = [p + overhead + bookkeeping for p in trace.step_peaks]
-    if overhead:
-        trace.peak_parts.append(("runtime overhead (sweep.runtime-overhead)", overhead))
+    if plan.info.get("runtime_overhead", 0):
+        trace.peak_parts.append(("runtime overhead (sweep.runtime-overhead)",
+                                 plan.info["runtime_overhead"]))
+    for k, b in background:
+        trace.peak_parts.append((f"output {k}: a row written in the background", b))
     if bookkeeping:
         trace.peak_parts.append((f"the scheduler's {keys} tasks (sweep.key-overhead each "
                                   f"beyond {KEYS_IN_RUNTIME_OVERHEAD})", bookkeeping))

@@ -222,6 +222,28 @@ def label_to_zarr(budget: str, src: str, out: str, codec: str = "raw"):
 
 
 @_case
+def windowed_into_zstd(budget: str, src: str, out: str):
+    """The windowed pipeline (slab chunks: no in-plane tiles) written with ``to_zarr`` into
+    zstd chunks 64 planes deep, a chunk row (32 MiB) over the budget: staged on disk."""
+    import zarr
+
+    import dask_sweep
+
+    dask_sweep.enable(memory_limit=budget, fallback="raise")
+    y = _windowed(src)
+    z = zarr.create_array(out, shape=y.shape, chunks=(64, 128, 128), dtype=y.dtype)
+    store = y.to_zarr(z, compute=False)
+    text = str(dask_sweep.explain(store))
+
+    def run():
+        store.compute()
+        return {"staged": "staged raw on local disk" in text,
+                "background": "in the background" in text}
+
+    return run
+
+
+@_case
 def label_split_with_count(budget: str, src: str, out: str):
     """Labels of chunk rows too thick for a slab (labelled in slabs within the rows), stored
     and counted in one ``dask.compute``: the count's own layer uses pass 1, which the
@@ -797,6 +819,18 @@ def test_labels_written_into_zstd_chunks_are_staged_within_the_budget(tmp_path):
     assert rep["staged"], rep
     assert rep["growth"] <= 32 * MiB, rep
     np.testing.assert_array_equal(_read(out), ndi.label(vol > 128)[0])
+
+
+@pytest.mark.parametrize("budget,background", [("16MiB", False), ("24MiB", True)])
+def test_rows_staged_on_disk_keep_the_budget(plugin_data, tmp_path, budget, background):
+    """Chunk rows staged on local disk, written in the step that completes them (the
+    smallest form) or in the background beside the next steps: within the budget."""
+    src, ref, _ = plugin_data
+    out = str(tmp_path / "out.zarr")
+    rep = _measured("windowed_into_zstd", budget=budget, src=src, out=out)
+    assert rep["staged"] and rep["background"] == background, rep
+    assert rep["growth"] <= int(budget[:-3]) * MiB, rep
+    np.testing.assert_array_equal(_read(out), ref)
 
 
 def test_labels_counted_and_stored_from_thick_rows_keep_the_budget(tmp_path):

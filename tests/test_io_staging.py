@@ -199,3 +199,14 @@ def test_a_row_written_in_the_background_raises_at_the_end(tmp_path):
     with pytest.raises(OSError, match="went away"):
         w.write_planes(3, np.ones((3, 4, 4), "u1"))  # row 1 waits for row 0
     w.close()
+
+
+def test_a_refusal_quotes_what_staging_would_need(tmp_path):
+    import dask_sweep
+    from dask_sweep.errors import BudgetError
+
+    store, _, _ = _filtered_into_deep_chunks(tmp_path)
+    with pytest.raises(BudgetError, match=r"Staging its chunk rows on local disk needs at "
+                                          r"least \d+\.\d+ MiB too"):
+        with dask_sweep.enable(memory_limit="4MiB", fallback="raise"):
+            store.compute()

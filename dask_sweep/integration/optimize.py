@@ -235,7 +235,7 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
         except BudgetError as e:
             tiled = e
     stage = _staged(plan, settings, where_slots)
-    if stage is not None:
+    if isinstance(stage, tuple):
         return stage
     if not last:
         try:
@@ -243,17 +243,20 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
         except BudgetError as exact:
             whole = exact
     more = f"In-plane tiling is not possible: {why}." if why else f"And {tiled}."
+    if stage is not None:
+        more += (f" Staging its chunk rows on local disk needs at least "
+                 f"{format_bytes(stage.projected)} too.")
     raise BudgetError(f"{whole} {more}", stage=whole.stage, projected=whole.projected,
                       budget=whole.budget) from None
 
 
 def _staged(plan: Plan, settings: SweepSettings, where: Slots,
-            dry: bool = False) -> tuple[Plan, Trace] | Plan | None:
+            dry: bool = False) -> tuple[Plan, Trace] | Plan | BudgetError | None:
     """The sized plan with its deep compressed chunk rows staged on local disk
-    (:func:`~dask_sweep.patterns.to_plan.staged`), or None when nothing can be staged
-    or it does not fit either (``dry``: the plan unsized, None when nothing can be
-    staged).  Staging keeps state in this process: local schedulers (threads or
-    synchronous) only."""
+    (:func:`~dask_sweep.patterns.to_plan.staged`), or the refusal of its smallest form,
+    or None when nothing can be staged (``dry``: the plan unsized, None when nothing
+    can be staged).  Staging keeps state in this process: local schedulers (threads
+    or synchronous) only."""
     if where.kind != "local" or dask.config.get("scheduler", None) in (
             "processes", "multiprocessing"):
         return None
@@ -263,10 +266,11 @@ def _staged(plan: Plan, settings: SweepSettings, where: Slots,
     try:
         sized, trace = _size(alt, settings, where)
     except BudgetError:
-        try:  # one call at a time, of one chunk
-            sized, trace = _size(staged(plan, settings.memory_limit), settings, where)
-        except BudgetError:
-            return None
+        try:  # one call of one chunk at a time, in the step that completes a row
+            sized, trace = _size(staged(plan, settings.memory_limit, least=True), settings,
+                                 where)
+        except BudgetError as e:
+            return e
     notes = []
     for o in sized.outputs:
         w = o.sink
@@ -277,8 +281,9 @@ def _staged(plan: Plan, settings: SweepSettings, where: Slots,
                 "encoded whole, do not fit the budget a chunk row at a time, and in-plane "
                 "tiles do not help: each chunk row is staged raw on local disk (up to "
                 f"{format_bytes(w.staged_bytes())} per row, in {w.directory}; unlinked "
-                "files, freed as each row is written) and written from there in the "
-                f"background, {format_bytes(w.largest_box)} of whole chunks per call, "
+                "files, freed as each row is written) and written from there"
+                + (" in the background" if w.overlap else "")
+                + f", {format_bytes(w.largest_box)} of whole chunks per call, "
                 f"{w.workers} call(s) at once")
     return replace(sized, notes=sized.notes + tuple(notes)), trace
 

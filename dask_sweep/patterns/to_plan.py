@@ -286,15 +286,16 @@ def _direct_store(hlg, store: str, shape, axis: int, budget: int = 0):
 STAGED_SHARE = 2
 
 
-def staged(plan: Plan, budget: int, threads: int = 1) -> Plan | None:
+def staged(plan: Plan, budget: int, threads: int = 1, least: bool = False) -> Plan | None:
     """``plan`` with its zarr stores in chunks deeper than a plane staged on local disk
     (:class:`~dask_sweep.io.staging.StagedWriter`): steps of any planes write them; None
     when no output is such a store.
 
     The last resort when whole chunk rows do not fit the budget and in-plane tiles
     cannot help: an extra raw write and read of the output on local disk.  Up to
-    ``threads`` calls write a row at once, as the budget allows (``threads=1``: the
-    smallest footprint, one chunk per call).
+    ``threads`` calls write a row at once in the background, as the budget allows;
+    ``least``: the smallest footprint, one chunk per call, within the step that
+    completes the row.
     """
     outputs, changed = [], False
     axis = plan.axis
@@ -313,7 +314,7 @@ def staged(plan: Plan, budget: int, threads: int = 1) -> Plan | None:
             int(tchunks[d]) for d in inplane)
         # calls at once and chunks per call: the box and about five times it in the
         # encoder (see encode_temporaries) each, within the share; along the last axis only
-        room = budget // STAGED_SHARE
+        room = 0 if least else budget // STAGED_SHARE
         one = chunk + write_temporaries(target, chunk)
         workers = max(1, min(threads, room // max(1, one)))
         per_call = max(1, (room // workers - write_temporaries(target, 0)) // max(1, 6 * chunk))
@@ -323,7 +324,8 @@ def staged(plan: Plan, budget: int, threads: int = 1) -> Plan | None:
                       tchunks[d] * (per_call if d == inplane[-1] else 1)) for d in inplane]
         sink = StagedWriter(w._write, o.align, cuts, shape, plan.stages[o.stage].dtype, axis,
                             temporary_directory(),
-                            write_temporaries(target, per_call * chunk), workers)
+                            write_temporaries(target, per_call * chunk), workers,
+                            overlap=not least)
         outputs.append(dataclasses.replace(o, sink=sink, align=tuple(range(shape[axis] + 1))))
         changed = True
     if not changed:

@@ -263,14 +263,17 @@ def _staged(plan: Plan, settings: SweepSettings, where: Slots,
     alt = staged(plan, settings.memory_limit, where.threads)
     if alt is None or dry:
         return alt
-    try:
-        sized, trace = _size(alt, settings, where)
-    except BudgetError:
-        try:  # one call of one chunk at a time, in the step that completes a row
-            sized, trace = _size(staged(plan, settings.memory_limit, least=True), settings,
-                                 where)
+    # calls at once in the background; one; then one chunk per call, in the step
+    forms = [(where.threads, False), (1, False), (1, True)]
+    for threads, least in forms[0 if where.threads > 1 else 1:]:
+        try:
+            sized, trace = _size(staged(plan, settings.memory_limit, threads, least),
+                                 settings, where)
+            break
         except BudgetError as e:
-            return e
+            refused = e
+    else:
+        return refused
     notes = []
     for o in sized.outputs:
         w = o.sink

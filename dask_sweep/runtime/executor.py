@@ -54,12 +54,10 @@ class Trace:
     bytes_read: int = 0
     rows_read: list = field(default_factory=list)  # per step: [(stage, row)]
     peak: int = 0
-    peak_step: int = 0
     peak_stage: str = ""
     peak_parts: list = field(default_factory=list)  # [(what, bytes)] at the peak
     held_after: list = field(default_factory=list)  # per step: bytes held between steps
     step_peaks: list = field(default_factory=list)  # per step: its own peak
-    computes: int = 0
     ring_peak: dict = field(default_factory=dict)  # stage index -> max bytes held
     span: dict = field(default_factory=dict)  # stage index -> most planes held at once
     carried: set = field(default_factory=set)  # stages holding planes between steps
@@ -188,7 +186,6 @@ class _Step:
             if not self.dry:
                 out = self._own(out, st)
         if self.trace is not None:
-            self.trace.computes += 1
             ob = int(out.nbytes)
             temps = C.temp_bytes(st, ob, in_bytes, plan.threads) + scratch_bytes(st, plan.threads, b - a)
             ring = self.state.rings[j]
@@ -236,7 +233,6 @@ class _Step:
         if peak > tr.peak:
             tr.peak = int(peak)
             tr.peak_stage = what
-            tr.peak_step = len(tr.rows_read) - 1
             rings = [(f"ring of {self.plan.stages[k].label}", r.nbytes)
                      for k, r in enumerate(self.state.rings) if r.nbytes]
             wrap = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())

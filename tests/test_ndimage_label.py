@@ -1,6 +1,7 @@
 """dask_sweep.ndimage.label against scipy.ndimage.label: values, numbering, graph, memory plan."""
 
 import importlib
+import os
 
 import dask
 import dask.array as da
@@ -216,10 +217,16 @@ def test_non_bool_inputs_and_output_dtype(rng):
     assert int(n.compute()) == rn
 
 
-def test_zarr_source_read_twice_in_chain_order(tmp_path, rng):
+@pytest.mark.parametrize("room", [True, False])
+def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, room):
+    """Pass 1 keeps the masks it reads (one bit per voxel, on local disk) and pass 2
+    reads them there: each chunk is read once.  Without room on disk for them, each
+    chunk is read once per pass, in chain order."""
     zarr = pytest.importorskip("zarr")
     from dask_sweep.io import read_zarr, track
 
+    if not room:
+        monkeypatch.setattr(label_mod, "masks_fit", lambda *a: False)
     mask = (rng.random((16, 12, 10)) < 0.5).astype("u1")
     z = zarr.create_array(
         str(tmp_path / "v.zarr"), shape=mask.shape, chunks=(2, 12, 10), dtype="u1"
@@ -227,15 +234,17 @@ def test_zarr_source_read_twice_in_chain_order(tmp_path, rng):
     z[:] = mask
     x = read_zarr(tmp_path / "v.zarr")
     plan = plan_label(x, memory_limit=_budget_for(mask.shape, 2))
-    assert plan.inline and plan.bytes_read_ratio == 2 and plan.bytes_written == 0
+    reads = 1 if room else 2
+    assert plan.inline and plan.bytes_read_ratio == reads
+    assert plan.bytes_written == (16 * 12 * 2 if room else 0)  # 10 bits: 2 bytes a line
     assert plan.projected_peak <= plan.budget
     with track() as stats:
         lab, n = label(x, memory_limit=_budget_for(mask.shape, 2))
         got, gn = dask.compute(lab, n)
     np.testing.assert_array_equal(got, ndi.label(mask)[0])
     c = next(iter(stats.sources.values()))
-    assert c.bytes_read == 2 * mask.nbytes
-    assert c.reads_per_chunk.histogram == {2: 8}
+    assert c.bytes_read == reads * mask.nbytes
+    assert c.reads_per_chunk.histogram == {reads: 8}
 
 
 def test_budget_error_at_call_time_before_io(tmp_path, rng):
@@ -262,7 +271,9 @@ def test_explain_text(rng):
         "pass 1 label-local",
         "pass 2 relabel",
         "projected peak",
-        "bytes read / input bytes = 2.00",
+        "bytes read / input bytes = 1.00",  # pass 2 reads the masks pass 1 kept
+        "bytes written = 160 B",  # 20 x 8 planes of one byte (8 bits)
+        "pass 1 keeps the masks it reads",
         "slabs of 2-2 rows",
         "numbering",
         "spilled",
@@ -475,3 +486,29 @@ def test_labels_and_count_have_layers_of_their_own(tmp_path):
     ref, n = ndi.label(mask)
     np.testing.assert_array_equal(z[:], ref)
     assert int(num.compute()) == n
+
+
+def test_kept_masks_are_read_back_once_and_freed(tmp_path):
+    """The masks pass 1 keeps: each entry read back once (then None), the file unlinked
+    from the start and closed when the last entry is taken, even by threads at once; a
+    pickled copy (another process) keeps and finds nothing."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dask_sweep.multipass.spill import KeptMasks
+
+    rng = np.random.default_rng(5)
+    masks = [rng.random((k, 5, 11)) < 0.5 for k in (3, 1, 4, 2)]
+    kept = KeptMasks([m.shape for m in masks], 11, str(tmp_path))
+    assert kept.nbytes == (3 + 1 + 4 + 2) * 5 * 2
+    for i, m in enumerate(masks):
+        kept.put(i, np.packbits(m, axis=-1))
+    assert os.listdir(tmp_path) == [] and kept._fd is not None
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(kept.take_mask, range(4)))
+    for g, m in zip(got, masks):
+        np.testing.assert_array_equal(g, m)
+    assert kept.take_mask(0) is None and kept._fd is None  # read once; file closed
+    copy = pickle.loads(pickle.dumps(kept))
+    copy.put(0, np.packbits(masks[0], axis=-1))
+    assert copy.take(0) is None and copy._fd is None

@@ -25,21 +25,22 @@ import numpy as np
 from dask._task_spec import Task, TaskRef
 from dask.base import tokenize
 
-from dask_sweep.config import SweepSettings
+from dask_sweep.config import SweepSettings, temporary_directory
 from dask_sweep.multipass import spill as _spill
 from dask_sweep.multipass.edt import backward_step, forward_step
 from dask_sweep.multipass.label import (
     count,
     face_step,
+    kept_row,
     link_step,
     local_step,
     number_step,
     numbering_block,
     pass2,
     pass2_split,
-    read_row,
     resolve,
 )
+from dask_sweep.multipass.spill import KeptMasks
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET
 from dask_sweep.plan.tables import SweepPlan
 
@@ -68,13 +69,16 @@ def label_graph(
     nz = (0,) * (image.ndim - 1)
     block = numbering_block(settings.memory_limit)
     tune = settings.tune_malloc  # freed slabs leave the process at once
+    kept = _kept_masks(plan, image, split)
     if split is not None:
-        return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token)
+        return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve,
+                            token, kept)
     if plan.inline:
         res = f"label-resolve-{token}"
         dsk: dict = {
             res: Task(
-                res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune
+                res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
+                kept=kept,
             )
         }
         first = [res] * len(readers)
@@ -84,8 +88,21 @@ def label_graph(
     for s, r in enumerate(readers):  # pass 2: independent slabs
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         key = (out, s, *nz)
-        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext)
+        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext,
+                        kept=kept)
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
+
+
+def _kept_masks(plan: SweepPlan, image: Any, split: list | None) -> KeptMasks | None:
+    """Where pass 1 keeps the masks it reads for pass 2, when the plan says so (its
+    ``input_reads`` is 1): per chunk row when slabs lie within rows, else per slab."""
+    if plan.input_reads != 1:
+        return None
+    if split is not None:
+        shapes = [(int(h), *image.shape[1:]) for h in image.chunks[0]]
+    else:
+        shapes = [(b - a, *image.shape[1:]) for a, b in plan.slabs]
+    return KeptMasks(shapes, image.shape[-1], temporary_directory())
 
 
 def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
@@ -110,7 +127,8 @@ def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, ou
     return labels, count
 
 
-def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token):
+def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token,
+                 kept=None):
     """The graph of slabs within chunk rows: pass 1 as one task, then per row a read
     task (the packed mask) and per slab a pass-2 task.
 
@@ -128,7 +146,7 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
     dsk: dict = {
         res: Task(
             res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
-            None, (split, shapes, chunks),
+            None, (split, shapes, chunks), kept,
         )
     }
     dsk[(num,)] = Task((num,), count, TaskRef(res))
@@ -138,7 +156,7 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
     for r, reader in enumerate(readers):
         gate = [TaskRef((out, last[r - 1], *nz))] if r >= 1 else []
         dsk[(rowk, r)] = Task(
-            (rowk, r), read_row, reader, shapes[r], chunks, tune, TaskRef(res), *gate
+            (rowk, r), kept_row, kept, r, reader, shapes[r], chunks, tune, TaskRef(res), *gate
         )
     for s, (r, a, b) in enumerate(split):
         key = (out, s, *nz)

@@ -95,6 +95,7 @@ __all__ = [
     "normalize_output",
     "normalize_structure",
     "number_step",
+    "kept_row",
     "numbering_block",
     "pass2",
     "pass2_split",
@@ -319,6 +320,16 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
+def kept_row(kept: spill.KeptMasks | None, r: int, reader: BlockInput, shape: tuple,
+             chunks: tuple, tune: bool, *_after: Any):
+    """Chunk row ``r``'s packed mask as pass 1 kept it (:class:`~.spill.KeptMasks`), else
+    read again (:func:`read_row`)."""
+    bits = kept.take(r) if kept is not None else None
+    if bits is None:
+        return read_row(reader, shape, chunks, tune)
+    return _Row(bits, shape[-1])
+
+
 def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
     """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
 
@@ -376,8 +387,10 @@ class _RowSlab:
 
 
 class _SharedRow:
-    def __init__(self, reader: BlockInput, shape: tuple, chunks: tuple, uses: int) -> None:
+    def __init__(self, reader: BlockInput, shape: tuple, chunks: tuple, uses: int,
+                 kept: spill.KeptMasks | None = None, r: int = 0) -> None:
         self.reader, self.shape, self.chunks, self.uses = reader, shape, chunks, uses
+        self.kept, self.r = kept, r
         self.row: _Row | None = None
         self.lock = threading.Lock()
 
@@ -385,6 +398,8 @@ class _SharedRow:
         with self.lock:
             if self.row is None:
                 self.row = read_row(self.reader, self.shape, self.chunks, False)
+                if self.kept is not None:  # for pass 2, instead of the input
+                    self.kept.put(self.r, self.row.bits)
             out = self.row.planes(a, b)
             self.uses -= 1
             if self.uses == 0:
@@ -456,17 +471,22 @@ def local_step(
     tune: bool,
     *blocks: Any,
     planes: _Planes | None = None,
+    kept: spill.KeptMasks | None = None,
+    s: int = 0,
 ) -> _Local:
     """Local label of one slab (faces are copies: a view would pin the label slab).
 
     ``_after`` is ignored: the dependency on a later link step only limits how
     many finished slabs wait for the link chain.  ``tune``: fix glibc's malloc
     thresholds first (``sweep.tune-malloc``).  ``planes``: where the faces are
-    copied to (default new arrays).
+    copied to (default new arrays).  ``kept``: where slab ``s``'s mask is kept, packed,
+    for pass 2.
     """
     if tune:
         tune_allocator()
     mask = _read_mask(reader, blocks)
+    if kept is not None:
+        kept.put(s, np.packbits(mask, axis=-1))
     lab, n, renumbered = _labelled(mask, structure, True)
     del mask
     if lab.shape[0] == 0:
@@ -671,6 +691,7 @@ def resolve(
     tune: bool,
     on_slab: Any = None,
     split: Any = None,
+    kept: spill.KeptMasks | None = None,
 ) -> Resolved:
     """Pass 1 and the numbering of inline-read slabs, in one task.
 
@@ -679,7 +700,8 @@ def resolve(
     calling thread, works on the current slab), so the dask graph has one task
     here instead of four per slab, and the scheduler's bookkeeping does not grow
     with the number of slabs.  ``split``: ``(rows, row shapes, in-plane chunks)``
-    when the slabs lie within chunk rows (``readers`` are then the rows').
+    when the slabs lie within chunk rows (``readers`` are then the rows').  ``kept``:
+    where the masks read are kept for pass 2 (per row, or per slab).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -690,8 +712,10 @@ def resolve(
         uses = [0] * len(readers)
         for r, _, _ in layout:
             uses[r] += 1
-        rows = [_SharedRow(rd, sh, chunks, u) for rd, sh, u in zip(readers, shapes, uses)]
+        rows = [_SharedRow(rd, sh, chunks, u, kept, r)
+                for r, (rd, sh, u) in enumerate(zip(readers, shapes, uses))]
         readers = [_RowSlab(rows[r], a, b) for r, a, b in layout]
+        kept = None  # kept by the rows
     n = len(readers)
     linked: list = [None] * n
     planes = _Planes(2 * max(1, threads) + 2)  # the faces the plan counts
@@ -704,7 +728,8 @@ def resolve(
             # at most `threads` slabs being labelled or waiting besides this one
             while nxt >= 0 and nxt >= s - threads:
                 pending[nxt] = pool.submit(
-                    local_step, readers[nxt], structure, None, False, planes=planes
+                    local_step, readers[nxt], structure, None, False, planes=planes,
+                    kept=kept, s=nxt,
                 )
                 nxt -= 1
             here = pending.pop(s).result()
@@ -737,9 +762,11 @@ def pass2(
     dtype: np.dtype,
     tune: bool,
     *blocks: Any,
+    kept: spill.KeptMasks | None = None,
 ) -> np.ndarray:
-    """Pass 2 of slab ``s``: read, label again, map through its lookup table (taken from
-    ``src``, the numbering step's or the resolve step's result, and dropped there)."""
+    """Pass 2 of slab ``s``: read (its mask as pass 1 kept it, when ``kept`` has it),
+    label again, map through its lookup table (taken from ``src``, the numbering
+    step's or the resolve step's result, and dropped there)."""
     if tune:
         tune_allocator()
     if isinstance(src, Resolved):
@@ -751,7 +778,10 @@ def pass2(
         lut = spill.take(path)
         spill.remove_dir(os.path.dirname(path))
     check = not (isinstance(src, Resolved) and src.raster)
-    return relabel(_read_mask(reader, blocks), structure, lut, s, dtype, check)
+    mask = kept.take_mask(s) if kept is not None else None
+    if mask is None:
+        mask = _read_mask(reader, blocks)
+    return relabel(mask, structure, lut, s, dtype, check)
 
 
 def pass2_split(

@@ -1,4 +1,4 @@
-"""Tables and planes that outlive a pass: kept in memory within a reserve, else on disk.
+"""Tables, planes and masks that outlive a pass: in memory within a reserve, else on disk.
 
 A multi-pass sweep produces small per-slab results (boundary planes, label
 tables) that a later pass consumes in another order, so all of them can be
@@ -14,13 +14,19 @@ keys stay deterministic, and a recomputation gets its own directory).  A file
 is deleted when it is read; a directory is removed by :func:`remove_dir` once
 its last file is read, and whatever a partial computation left behind is
 removed when the process exits.
+
+:class:`KeptMasks` keeps the input masks a first pass read (one bit per voxel) in
+an unlinked local file, so that the second pass reads them there instead of the
+input: every input byte is read once.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 
@@ -131,3 +137,121 @@ def remove_dir(path: str | None) -> None:
 def _cleanup() -> None:  # pragma: no cover - runs at interpreter exit
     for path in list(_CREATED):
         shutil.rmtree(path, ignore_errors=True)
+
+
+class KeptMasks:
+    """Packed masks (``uint8``, one bit per voxel) written once and read back once each.
+
+    Entry ``i`` is a mask of shape ``shapes[i]`` (its last axis ``width`` long), packed
+    along the last axis (:func:`numpy.packbits`); all live in one unlinked file in
+    ``directory`` (nothing is left on disk, even by a crash), opened at the first
+    :meth:`put` and closed, its space freed, when every entry put has been taken.
+    The state lives in this object: a copy made by pickling (another process: a
+    ``distributed`` worker, the processes scheduler) keeps nothing and finds
+    nothing, and its consumer reads the input again.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], width: int, directory: str) -> None:
+        self.shapes = [tuple(int(n) for n in s[:-1]) + (math.ceil(s[-1] / 8),)
+                       for s in shapes]
+        self.width = int(width)
+        sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
+        self.directory = directory
+        self._reset(False)
+
+    @property
+    def nbytes(self) -> int:
+        """Disk bytes when every entry is kept."""
+        return int(self.offsets[-1])
+
+    def _reset(self, copy: bool) -> None:
+        self._copy = copy
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._kept: set[int] = set()
+        self._readers = 0
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_lock", "_fd", "_kept", "_readers")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset(True)
+
+    def put(self, i: int, bits: np.ndarray) -> None:
+        """Keep entry ``i`` (its packed mask); a failed write keeps nothing."""
+        if self._copy or tuple(bits.shape) != self.shapes[i]:
+            return
+        with self._lock:
+            if self._fd is None:
+                fd, path = tempfile.mkstemp(prefix="dask-sweep-mask-", dir=self.directory)
+                os.unlink(path)
+                self._fd = fd
+            fd = self._fd
+        data = memoryview(np.ascontiguousarray(bits, dtype=np.uint8)).cast("B")
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], self.offsets[i] + done)
+        except OSError:
+            return  # a full disk: the consumer reads the input again
+        with self._lock:
+            self._kept.add(i)
+
+    def take(self, i: int) -> np.ndarray | None:
+        """Entry ``i`` read back (once), or None when it was not kept here."""
+        with self._lock:
+            if i not in self._kept:
+                return None
+            self._kept.discard(i)
+            fd = self._fd
+            self._readers += 1
+        try:
+            out = np.empty(self.shapes[i], np.uint8)
+            view = memoryview(out).cast("B")
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], self.offsets[i] + done)
+                if got <= 0:
+                    raise OSError(f"dask_sweep: a kept mask in {self.directory} was read "
+                                  f"back short ({done + got} of {len(view)} bytes)")
+                done += got
+        finally:
+            with self._lock:
+                self._readers -= 1
+                if not self._kept and not self._readers and self._fd == fd:
+                    os.close(fd)  # every entry taken: the file's space is freed
+                    self._fd = None
+        return out
+
+    def take_mask(self, i: int) -> np.ndarray | None:
+        """Entry ``i`` read back and unpacked (bool), or None when it was not kept."""
+        bits = self.take(i)
+        if bits is None:
+            return None
+        return np.unpackbits(bits, axis=-1, count=self.width).view(bool)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._kept.clear()
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def masks_fit(nbytes: int, directory: str | None = None) -> bool:
+    """Whether ``nbytes`` of kept masks fit in a quarter of the free space of
+    ``directory`` (default dask's temporary directory)."""
+    try:
+        free = shutil.disk_usage(directory or temporary_directory()).free
+    except OSError:
+        return False
+    return nbytes <= free // 4

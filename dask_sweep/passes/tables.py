@@ -167,7 +167,8 @@ def label_footprints(
     # concatenation, 2 x item, then the mask next to the slab: + 1), and labelling
     # (mask 1, labels 4, the labeller's own tables LOCAL_TABLES).
     read = 2 * item if read is None else read
-    local = max(read + 1, 1 + 4 + LOCAL_TABLES)
+    # (+ the mask packed, 1/8, where pass 1 keeps it for pass 2)
+    local = max(read + 1 + 0.125, 1 + 4 + LOCAL_TABLES)
     # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
     # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
     p1 = local + 2.0 / threads
@@ -341,10 +342,19 @@ def label_notes(
     if split:
         within = (
             f"chunk rows of up to {max(plan.in_chunks0)} planes do not fit one slab: each "
-            "row is read once per pass, block by block, into a mask of one bit per voxel, "
+            f"row is read {'once' if plan.input_reads == 1 else 'once per pass'}, block "
+            "by block, into a mask of one bit per voxel, "
             f"and labelled in {len(split)} slabs within the rows",
         )
-    notes = within + (
+    kept = ()
+    if plan.input_reads == 1:
+        kept = (
+            "pass 1 keeps the masks it reads, one bit per voxel, in an unlinked file in "
+            f"dask's temporary-directory ({format_bytes(plan.bytes_written)}), and pass 2 "
+            "reads them there: the input is read once (read again where they could not "
+            "be kept: a full disk, or pass 2 in another process)",
+        )
+    notes = within + kept + (
         "pass 1 runs from the last slab to the first; numbering: a forward chain over "
         "the tables only (no input read)",
         f"tables (data-dependent: 4 B per local label + 8 B per face pair, then "

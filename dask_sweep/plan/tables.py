@@ -78,6 +78,9 @@ class SweepPlan:
         computation) or the input blocks are dependencies of the slab tasks.
     bytes_written
         Bytes written to temporary storage (0 when everything stays in memory).
+    input_reads
+        Times the input is read (default: once per pass); 1 when the first pass keeps
+        what it read for the others (in ``bytes_written`` of temporary storage).
     per_slab
         Bytes held per slab for the whole run (dask's bookkeeping of its tasks).
     notes
@@ -95,6 +98,7 @@ class SweepPlan:
     bytes_written: int = 0
     per_slab: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    input_reads: int | None = None
 
     @property
     def plane_voxels(self) -> int:
@@ -125,8 +129,9 @@ class SweepPlan:
 
     @property
     def bytes_read_ratio(self) -> float:
-        """Bytes read ÷ input bytes: each pass reads the input once."""
-        return float(len(self.passes))
+        """Bytes read ÷ input bytes: each pass reads the input once (or ``input_reads``
+        times)."""
+        return float(self.input_reads or len(self.passes))
 
     def explain(self) -> str:
         """The plan as text: passes, slabs, projected peak vs budget, I/O."""

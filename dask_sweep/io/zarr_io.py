@@ -547,7 +547,11 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
     check is done here, a plane at a time, and zarr is told to skip its own: for
     unsigned integers numpy 2.4 checks with masks and masked copies of the chunk
     (:func:`encode_temporaries`), so a 4 MiB ``uint8`` chunk holds 1.2x it instead
-    of 5x and is written about 3x faster (``float32``: 1.6x faster).
+    of 5x and is written about 3x faster (``float32``: 1.6x faster).  For a zarr v3
+    array of the ``bytes`` codec and compressors (:func:`_encoder`) the chunks are
+    encoded here by the array's own codecs, on two threads, and stored a batch at a
+    time: 15-31 % faster than through zarr's pipeline (one-plane uint8 chunks, 64³ uint8
+    and int32 ones, on tmpfs), byte for byte the same.
     """
     if not _checks_itself(target) or not isinstance(index, tuple) or len(index) > target.ndim:
         return False
@@ -566,6 +570,10 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
     gone = {block for block in itertools.product(*blocks) if _all_fill(value[tuple(
         slice(k * c - o, min((k + 1) * c, n) - o)
         for k, c, o, n in zip(block, grid, origin, shape))], fill)}
+    encode = _encoder(target) if value.dtype == np.dtype(target.dtype) else None
+    if encode is not None:
+        _write_encoded(target, encode, blocks, gone, value, origin)
+        return True
     keep = target.with_config({"write_empty_chunks": True})
     if not gone:
         keep[index] = value
@@ -580,6 +588,92 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
             keep[sel] = value[tuple(slice(x.start - o, x.stop - o)
                                     for x, o in zip(sel, origin))]
     return True
+
+
+def _encoder(target: Any):
+    """``encode(chunk) -> Buffer``: a whole chunk (its full shape, the array's dtype)
+    encoded as zarr encodes it, for an unsharded zarr v3 array whose codecs are the
+    ``bytes`` serializer and bytes-to-bytes codecs (compressors: zstd, blosc, gzip...);
+    else ``None`` (zarr writes the chunks itself).
+
+    The codecs are the array's own, called as zarr's pipeline calls them one chunk at a
+    time, so the stored bytes are zarr's; only the pipeline around them is skipped.
+    """
+    try:
+        from zarr.abc.codec import BytesBytesCodec
+        from zarr.codecs import BytesCodec
+        from zarr.core.buffer import default_buffer_prototype
+
+        meta = target.metadata
+        codecs = list(meta.codecs) if meta.zarr_format == 3 else []
+        if not codecs or type(codecs[0]) is not BytesCodec or not all(
+                isinstance(c, BytesBytesCodec) and hasattr(c, "_encode_sync")
+                for c in codecs[1:]):
+            return None
+        proto = default_buffer_prototype()
+        spec = meta.get_chunk_spec((0,) * target.ndim, target._async_array.config, proto)
+    except Exception:  # noqa: BLE001 - another zarr: its own pipeline writes
+        return None
+    serializer, rest = codecs[0], codecs[1:]
+    nd = proto.nd_buffer
+
+    def encode(chunk: np.ndarray):
+        buf = serializer._encode_sync(nd.from_ndarray_like(np.ascontiguousarray(chunk)), spec)
+        for c in rest:
+            buf = c._encode_sync(buf, spec)
+        return buf
+
+    return encode
+
+
+#: Chunks encoded at once by :func:`write_whole_chunks` (numcodecs' compressors release
+#: the GIL: zstd on two threads took 0.05 s for what one took 0.09 s in), and held
+#: encoded until they are stored, a batch at a time.
+_ENCODERS = 2
+_POOL = None
+
+
+def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
+                   origin: list[int]) -> None:
+    """Store the chunks of ``value`` not in ``gone`` (encoded here, on threads), delete
+    those in ``gone``; in batches of zarr's ``async.concurrency``."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+    from zarr.core.sync import sync
+
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_ENCODERS, "dask-sweep-encode")
+    grid, shape = target.chunks, target.shape
+    fill = target.fill_value
+    dtype = np.dtype(target.dtype)
+    meta, root = target.metadata, target.store_path
+
+    def chunk_of(block) -> np.ndarray:
+        part = value[tuple(slice(k * c - o, min((k + 1) * c, n) - o)
+                           for k, c, o, n in zip(block, grid, origin, shape))]
+        if part.shape == tuple(grid):
+            return part
+        whole = np.full(grid, fill, dtype)  # an edge chunk is stored whole, padded
+        whole[tuple(slice(0, m) for m in part.shape)] = part
+        return whole
+
+    batch = max(1, int(zarr.config.get("async.concurrency", 10) or 10))
+    todo = list(itertools.product(*blocks))
+    for i in range(0, len(todo), batch):
+        part = todo[i:i + batch]
+        kept = [b for b in part if b not in gone]
+        bufs = list(_POOL.map(lambda b: encode(chunk_of(b)), kept))
+
+        async def store(kept=kept, bufs=bufs, part=part) -> None:
+            await asyncio.gather(
+                *((root / meta.encode_chunk_key(b)).set(buf) for b, buf in zip(kept, bufs)),
+                *((root / meta.encode_chunk_key(b)).delete() for b in part if b in gone))
+
+        sync(store())
+        del bufs
 
 
 def _all_fill(chunk: np.ndarray, fill: Any) -> bool:

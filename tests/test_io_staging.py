@@ -255,3 +255,21 @@ def test_staged_sweeps_equal_stock_dask(tmp_path_factory, rows, ky, kx, depth, c
     np.testing.assert_array_equal(out[:], want)
     if "staged raw" in text:
         assert not [f for f in os.listdir(d) if f.startswith("dask-sweep-stage")]
+
+
+def test_a_sweep_run_again_after_a_failure_writes_every_row(tmp_path):
+    """A row half staged by a failed run is staged again by the next (planes, not a
+    count); a sweep ending with a row incomplete is an error, not missing chunks."""
+    t = _Target((6, 4, 4), "u1")
+    t.axis = 0
+    w = StagedWriter(t.put, [0, 3, 6], [[0, 4], [0, 4]], (6, 4, 4), "u1", 0, str(tmp_path))
+    v = np.arange(96, dtype="u1").reshape(6, 4, 4) + 1
+    w.write_planes(0, v[0:2])  # ... and the run fails here
+    for a in range(6):  # run again, one plane per step
+        w.write_planes(a, v[a:a + 1])
+    w.end_of_sweep()
+    np.testing.assert_array_equal(t.data, v)
+    w.write_planes(0, v[0:1])
+    with pytest.raises(SinkError, match=r"chunk rows \[0\].*incomplete"):
+        w.end_of_sweep()
+    w.close()

@@ -107,7 +107,9 @@ class StagedWriter:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[int, list] = {}  # row -> [fd, planes staged]
+        # row -> [fd, the planes staged (a set: a sweep run again after a failure stages
+        # them again)]
+        self._open: dict[int, list] = {}
         self._copy = False
         self._pool: ThreadPoolExecutor | None = None  # the background writer
         self._pending: Future | None = None  # the row it is writing
@@ -189,13 +191,21 @@ class StagedWriter:
             pending.result()  # a background write's error is raised here
 
     def end_of_sweep(self) -> None:
-        """Wait for the row being written in the background (the sweep's last step)."""
+        """Wait for the row being written in the background (the sweep's last step);
+        every row must have been written by then."""
         try:
             self._wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+        with self._lock:
+            left = sorted(self._open)
+        if left:
+            raise SinkError(
+                f"dask_sweep: the sweep ended with chunk rows {left} of its staged output "
+                "incomplete (planes never written to them): their chunks were not written."
+            )
 
     def _stage(self, r: int, lo: int, hi: int, a: int, planes: np.ndarray) -> bool:
         """Planes ``[lo, hi)`` into row ``r``'s file; whether the row is complete."""
@@ -204,7 +214,7 @@ class StagedWriter:
             if r not in self._open:
                 fd, path = tempfile.mkstemp(prefix="dask-sweep-stage-", dir=self.directory)
                 os.unlink(path)  # the descriptor keeps it; nothing is left on disk after
-                self._open[r] = [fd, 0]
+                self._open[r] = [fd, set()]
             fd = self._open[r][0]
         cut = [slice(None)] * len(self.shape)
         cut[self.axis] = slice(lo - a, hi - a)
@@ -225,8 +235,8 @@ class StagedWriter:
                 ) from e
             start += (r1 - r0) * per
         with self._lock:
-            self._open[r][1] += hi - lo
-            return self._open[r][1] == r1 - r0
+            self._open[r][1].update(range(lo, hi))
+            return len(self._open[r][1]) == r1 - r0
 
     def _flush(self, r: int) -> None:
         """Write chunk row ``r`` box by box from its file, then free the file."""

@@ -72,7 +72,11 @@ def test_the_store_is_zarrs_own(tmp_path, fmt, codec, dtype, fill):
         assert write_whole_chunks(ours, (slice(a, b),), v[a:b])
         theirs[a:b] = v[a:b]
     np.testing.assert_array_equal(ours[:], v)
-    assert _files(str(tmp_path / "ours")) == _files(str(tmp_path / "theirs"))
+    mine, zarrs = _files(str(tmp_path / "ours")), _files(str(tmp_path / "theirs"))
+    if codec == "gzip":  # gzip stamps its header with the time (bytes 4-8, MTIME)
+        mine, zarrs = ({k: b[:4] + bytes(4) + b[8:] for k, b in d.items()}
+                       for d in (mine, zarrs))
+    assert mine == zarrs
 
 
 def test_only_whole_chunks_of_a_checked_array_are_taken(tmp_path):

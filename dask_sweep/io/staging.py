@@ -47,7 +47,7 @@ import numpy as np
 
 from dask_sweep.errors import SinkError
 
-__all__ = ["StagedWriter"]
+__all__ = ["StagedWriter", "pread_all", "pwrite_all", "unlinked_file"]
 
 
 class StagedWriter:
@@ -212,9 +212,7 @@ class StagedWriter:
         r0, r1 = self.rows[r], self.rows[r + 1]
         with self._lock:
             if r not in self._open:
-                fd, path = tempfile.mkstemp(prefix="dask-sweep-stage-", dir=self.directory)
-                os.unlink(path)  # the descriptor keeps it; nothing is left on disk after
-                self._open[r] = [fd, set()]
+                self._open[r] = [unlinked_file(self.directory, "dask-sweep-stage-"), set()]
             fd = self._open[r][0]
         cut = [slice(None)] * len(self.shape)
         cut[self.axis] = slice(lo - a, hi - a)
@@ -225,7 +223,7 @@ class StagedWriter:
             piece = np.ascontiguousarray(np.moveaxis(planes[tuple(cut)], self.axis, 0),
                                          dtype=self.dtype)
             try:
-                _pwrite_all(fd, memoryview(piece).cast("B"), start + (lo - r0) * per)
+                pwrite_all(fd, piece, start + (lo - r0) * per)
             except OSError as e:
                 raise SinkError(
                     f"dask_sweep: staging chunk row {r} (planes {r0}-{r1}, "
@@ -248,7 +246,7 @@ class StagedWriter:
         def one(k: int) -> None:
             box = self.boxes[k]
             buf = np.empty((r1 - r0, *(s.stop - s.start for s in box)), self.dtype)
-            _pread_all(fd, memoryview(buf).cast("B"), starts[k])
+            pread_all(fd, buf, starts[k], f"staged chunk row {r}")
             origin = [0] * len(self.shape)
             for d, s in zip(self.inplane, box):
                 origin[d] = s.start
@@ -287,17 +285,27 @@ class StagedWriter:
             pass
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+def unlinked_file(directory: str, prefix: str) -> int:
+    """A descriptor of a new file in ``directory``, already unlinked: nothing is left on
+    disk once it is closed, even by a crash."""
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.unlink(path)
+    return fd
 
 
-def _pread_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        got = os.preadv(fd, [data[done:]], offset + done)
+def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write the bytes of C-contiguous ``data`` at ``offset`` (all of them)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def pread_all(fd: int, out: np.ndarray, offset: int, what: str = "staged data") -> None:
+    """Fill C-contiguous ``out`` from ``offset``; a short read is a ``SinkError``."""
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise SinkError("dask_sweep: a staged chunk row was read back short "
-                            f"({done + got} of {len(data)} bytes): was the disk full?")
+            raise SinkError(f"dask_sweep: {what} was read back short ({done} of "
+                            f"{len(view)} bytes): was the disk full?")
         done += got

@@ -26,7 +26,6 @@ import atexit
 import math
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from dask_sweep.config import temporary_directory
 from dask_sweep.io.accounting import REGISTRY
+from dask_sweep.io.staging import pread_all, pwrite_all, unlinked_file
 
 _CREATED: set[str] = set()
 _LOCK = threading.Lock()
@@ -186,15 +186,10 @@ class KeptMasks:
             return
         with self._lock:
             if self._fd is None:
-                fd, path = tempfile.mkstemp(prefix="dask-sweep-mask-", dir=self.directory)
-                os.unlink(path)
-                self._fd = fd
+                self._fd = unlinked_file(self.directory, "dask-sweep-mask-")
             fd = self._fd
-        data = memoryview(np.ascontiguousarray(bits, dtype=np.uint8)).cast("B")
         try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], self.offsets[i] + done)
+            pwrite_all(fd, np.ascontiguousarray(bits, dtype=np.uint8), self.offsets[i])
         except OSError:
             return  # a full disk: the consumer reads the input again
         with self._lock:
@@ -210,14 +205,7 @@ class KeptMasks:
             self._readers += 1
         try:
             out = np.empty(self.shapes[i], np.uint8)
-            view = memoryview(out).cast("B")
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], self.offsets[i] + done)
-                if got <= 0:
-                    raise OSError(f"dask_sweep: a kept mask in {self.directory} was read "
-                                  f"back short ({done + got} of {len(view)} bytes)")
-                done += got
+            pread_all(fd, out, self.offsets[i], f"a kept mask in {self.directory}")
         finally:
             with self._lock:
                 self._readers -= 1

@@ -220,7 +220,9 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             "stock dask already computes each stage once, in one task"
         )
     why = tileable(plan)
-    last = bool(why) and _staged(plan, settings, where_slots, dry=True) is None
+    # the only attempt: no tiles and nothing to stage after it
+    last = bool(why) and not (_can_stage(where_slots)
+                              and staged(plan, settings.memory_limit) is not None)
     try:
         # where tiles (or staging) may follow, a refusal need not replay its whole floor
         plan_, trace = _size(plan, settings, where_slots, exact=last)
@@ -250,19 +252,19 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
                       budget=whole.budget) from None
 
 
-def _staged(plan: Plan, settings: SweepSettings, where: Slots,
-            dry: bool = False) -> tuple[Plan, Trace] | Plan | BudgetError | None:
+def _can_stage(where: Slots) -> bool:
+    """Staging keeps state in this process: local schedulers (threads or synchronous)."""
+    return where.kind == "local" and dask.config.get("scheduler", None) not in (
+        "processes", "multiprocessing")
+
+
+def _staged(plan: Plan, settings: SweepSettings,
+            where: Slots) -> tuple[Plan, Trace] | BudgetError | None:
     """The sized plan with its deep compressed chunk rows staged on local disk
     (:func:`~dask_sweep.patterns.to_plan.staged`), or the refusal of its smallest form,
-    or None when nothing can be staged (``dry``: the plan unsized, None when nothing
-    can be staged).  Staging keeps state in this process: local schedulers (threads
-    or synchronous) only."""
-    if where.kind != "local" or dask.config.get("scheduler", None) in (
-            "processes", "multiprocessing"):
+    or None when nothing can be staged here."""
+    if not _can_stage(where) or staged(plan, settings.memory_limit) is None:
         return None
-    alt = staged(plan, settings.memory_limit, where.threads)
-    if alt is None or dry:
-        return alt
     # calls at once in the background; one; then one chunk per call, in the step
     forms = [(where.threads, False), (1, False), (1, True)]
     for threads, least in forms[0 if where.threads > 1 else 1:]:

@@ -22,6 +22,11 @@ Each run is a fresh process.  Printed per layout, measured side by side:
     python benchmarks/bench_reference.py --shape 256 2048 2048 --memory-limit 1GiB
     python benchmarks/bench_reference.py --shape 256 2048 2048 --memory-limit 192MiB \
         --layouts slab tiff --modes sweep
+    python benchmarks/bench_reference.py --shape 256 2048 2048 --memory-limit 192MiB \
+        --layouts slab --modes sweep --out-chunks 128 128 128 --out-codec zstd
+
+``--out-chunks`` / ``--out-codec`` set the output's chunks and codec (default: the
+layout's chunks, uncompressed): deep zstd chunks on a slab input are staged on disk.
 """
 
 from __future__ import annotations
@@ -102,8 +107,10 @@ def _input_bytes_on_disk(path: str) -> int:
                for f in names if f != "zarr.json")
 
 
-def run_one(layout: str, src: str, dst: str, mode: str, budget: str) -> dict:
-    """One measurement in this (fresh) process."""
+def run_one(layout: str, src: str, dst: str, mode: str, budget: str, out_chunks: str = "",
+            codec: str = "raw") -> dict:
+    """One measurement in this (fresh) process; ``out_chunks`` ("d,y,x") and ``codec``
+    ("raw" or zarr's default, "zstd") of the output, else the layout's chunks, raw."""
     # dask imports distributed at its first compute (to look for a client): a one-time
     # cost of the process, paid here, before any clock starts, by every mode alike
     import dask.array as da
@@ -116,8 +123,11 @@ def run_one(layout: str, src: str, dst: str, mode: str, budget: str) -> dict:
 
     x = _open(layout, src, counted=mode == "stock")
     chunks = (1, *x.shape[1:]) if layout != "cube" else tuple(min(128, s) for s in x.shape)
+    if out_chunks:
+        chunks = tuple(min(int(c), s) for c, s in zip(out_chunks.split(","), x.shape))
+    kw = {"compressors": None} if codec == "raw" else {}
     out = zarr.create_array(dst, shape=x.shape, chunks=chunks, dtype="u1", overwrite=True,
-                            compressors=None, fill_value=0)
+                            fill_value=0, **kw)
     res = {"mode": mode, "layout": layout, "input_bytes": int(np.prod(x.shape))}
     if mode == "scipy":
         import time
@@ -178,8 +188,10 @@ def _fmt(n) -> str:
     return format_bytes(n) if n is not None else "-"
 
 
-def compare(shape, layouts, modes, budget: str, workdir: str | None, show_plan: bool) -> list:
-    """Run every mode on every layout, print the ratios, return the rows."""
+def compare(shape, layouts, modes, budget: str, workdir: str | None, show_plan: bool,
+            out: tuple[str, str] = ("", "raw")) -> list:
+    """Run every mode on every layout, print the ratios, return the rows (``out``: the
+    output's chunks and codec, see :func:`run_one`)."""
     from dask_sweep.config import parse_bytes
 
     tmp = workdir or tempfile.mkdtemp(prefix="dask-sweep-ref-")
@@ -190,7 +202,8 @@ def compare(shape, layouts, modes, budget: str, workdir: str | None, show_plan: 
             src = os.path.join(tmp, f"in-{layout}")
             if not os.path.exists(src):
                 make_volume(layout, src, shape)
-            base = _spawn([layout, src, os.path.join(tmp, "o-scipy.zarr"), "scipy", budget])
+            base = _spawn([layout, src, os.path.join(tmp, "o-scipy.zarr"), "scipy", budget,
+                           *out])
             once = sum(base["stage_cpu"].values())
             bound = once / cores
             stages = ", ".join(f"{k} {v:.1f}s" for k, v in base["stage_cpu"].items())
@@ -201,7 +214,8 @@ def compare(shape, layouts, modes, budget: str, workdir: str | None, show_plan: 
             print(f"   {'':6} {'wall':>8} {'÷bound':>7} {'CPU':>8} {'÷once':>6} "
                   f"{'peak':>11} {'÷budget':>8} {'read÷in':>8} {'floor':>11} same")
             for mode in modes:
-                r = _spawn([layout, src, os.path.join(tmp, f"o-{mode}.zarr"), mode, budget])
+                r = _spawn([layout, src, os.path.join(tmp, f"o-{mode}.zarr"), mode, budget,
+                            *out])
                 r["layout"] = layout
                 if show_plan and mode == "sweep":
                     print(r["explain"])
@@ -229,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-limit", default="64MiB")
     ap.add_argument("--workdir", default=None, help="keep volumes here (default: a temp dir)")
     ap.add_argument("--no-plan", action="store_true", help="do not print the sweep's plan")
-    ap.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--out-chunks", type=int, nargs=3, default=None,
+                    help="the output's chunks (default: the layout's), e.g. 128 128 128")
+    ap.add_argument("--out-codec", default="raw", choices=["raw", "zstd"],
+                    help="the output's codec: none, or zarr's default (zstd)")
+    ap.add_argument("--_worker", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._worker:
         print(json.dumps(run_one(*a._worker)))
         return 0
-    compare(a.shape, a.layouts, a.modes, a.memory_limit, a.workdir, not a.no_plan)
+    out = (",".join(map(str, a.out_chunks)) if a.out_chunks else "", a.out_codec)
+    compare(a.shape, a.layouts, a.modes, a.memory_limit, a.workdir, not a.no_plan, out)
     return 0
 
 

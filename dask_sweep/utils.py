@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+import numpy as np
+
+from dask_sweep.errors import SinkError
+
 
 def format_bytes(n: float) -> str:
     """Human-readable binary size.
@@ -15,3 +22,29 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} PiB"  # pragma: no cover
+
+
+def unlinked_file(directory: str, prefix: str) -> int:
+    """A descriptor of a new file in ``directory``, already unlinked: nothing is left on
+    disk once it is closed, even by a crash."""
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=directory)
+    os.unlink(path)
+    return fd
+
+
+def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write the bytes of C-contiguous ``data`` at ``offset`` (all of them)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def pread_all(fd: int, out: np.ndarray, offset: int, what: str = "staged data") -> None:
+    """Fill C-contiguous ``out`` from ``offset``; a short read is a ``SinkError``."""
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise SinkError(f"dask_sweep: {what} was read back short ({done} of "
+                            f"{len(view)} bytes): was the disk full?")
+        done += got

@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.errors import SinkError
+from dask_sweep.utils import pread_all, pwrite_all, unlinked_file
 
-__all__ = ["StagedWriter", "pread_all", "pwrite_all", "unlinked_file"]
+__all__ = ["StagedWriter"]
 
 
 class StagedWriter:
@@ -283,29 +283,3 @@ class StagedWriter:
             self.close(wait=False)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-def unlinked_file(directory: str, prefix: str) -> int:
-    """A descriptor of a new file in ``directory``, already unlinked: nothing is left on
-    disk once it is closed, even by a crash."""
-    fd, path = tempfile.mkstemp(prefix=prefix, dir=directory)
-    os.unlink(path)
-    return fd
-
-
-def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    """Write the bytes of C-contiguous ``data`` at ``offset`` (all of them)."""
-    view, done = memoryview(data).cast("B"), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def pread_all(fd: int, out: np.ndarray, offset: int, what: str = "staged data") -> None:
-    """Fill C-contiguous ``out`` from ``offset``; a short read is a ``SinkError``."""
-    view, done = memoryview(out).cast("B"), 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise SinkError(f"dask_sweep: {what} was read back short ({done} of "
-                            f"{len(view)} bytes): was the disk full?")
-        done += got

@@ -33,7 +33,7 @@ import numpy as np
 
 from dask_sweep.config import temporary_directory
 from dask_sweep.io.accounting import REGISTRY
-from dask_sweep.io.staging import pread_all, pwrite_all, unlinked_file
+from dask_sweep.utils import pread_all, pwrite_all, unlinked_file
 
 _CREATED: set[str] = set()
 _LOCK = threading.Lock()

@@ -217,16 +217,23 @@ def test_non_bool_inputs_and_output_dtype(rng):
     assert int(n.compute()) == rn
 
 
-@pytest.mark.parametrize("room", [True, False])
-def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, room):
-    """Pass 1 keeps the masks it reads (one bit per voxel, on local disk) and pass 2
-    reads them there: each chunk is read once.  Without room on disk for them, each
-    chunk is read once per pass, in chain order."""
+@pytest.mark.parametrize("keep", ["labels", "masks", ""])
+def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, keep):
+    """Pass 1 keeps its local labels (where the page cache holds them), else the masks it
+    reads (one bit per voxel), on local disk, and pass 2 takes them there: each chunk is
+    read once, and labelled once with the labels kept.  Without room on disk, each chunk
+    is read and labelled once per pass, in chain order."""
     zarr = pytest.importorskip("zarr")
+    import dask_sweep.multipass.label as mp
     from dask_sweep.io import read_zarr, track
 
-    if not room:
+    if keep != "labels":
+        monkeypatch.setattr(label_mod, "labels_fit", lambda *a: False)
+    if not keep:
         monkeypatch.setattr(label_mod, "masks_fit", lambda *a: False)
+    calls = []
+    real = mp._labelled
+    monkeypatch.setattr(mp, "_labelled", lambda *a: calls.append(1) or real(*a))
     mask = (rng.random((16, 12, 10)) < 0.5).astype("u1")
     z = zarr.create_array(
         str(tmp_path / "v.zarr"), shape=mask.shape, chunks=(2, 12, 10), dtype="u1"
@@ -234,9 +241,10 @@ def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, room)
     z[:] = mask
     x = read_zarr(tmp_path / "v.zarr")
     plan = plan_label(x, memory_limit=_budget_for(mask.shape, 2))
-    reads = 1 if room else 2
-    assert plan.inline and plan.bytes_read_ratio == reads
-    assert plan.bytes_written == (16 * 12 * 2 if room else 0)  # 10 bits: 2 bytes a line
+    reads = 1 if keep else 2
+    assert plan.inline and plan.bytes_read_ratio == reads and plan.kept == keep
+    # labels: up to 4 B a voxel; masks: 10 bits, 2 bytes a line
+    assert plan.bytes_written == {"labels": 4 * mask.size, "masks": 16 * 12 * 2, "": 0}[keep]
     assert plan.projected_peak <= plan.budget
     with track() as stats:
         lab, n = label(x, memory_limit=_budget_for(mask.shape, 2))
@@ -245,6 +253,34 @@ def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, room)
     c = next(iter(stats.sources.values()))
     assert c.bytes_read == reads * mask.nbytes
     assert c.reads_per_chunk.histogram == {reads: 8}
+    assert len(calls) == len(plan.slabs) * (1 if keep == "labels" else 2)
+
+
+@pytest.mark.parametrize("keep", ["labels", "masks"])
+def test_split_rows_keep_for_pass_2(tmp_path, rng, monkeypatch, keep):
+    """Slabs within chunk rows: the rows are read once, and with the labels kept pass 2
+    reads no row at all."""
+    zarr = pytest.importorskip("zarr")
+    from dask_sweep.io import read_zarr, track
+
+    if keep != "labels":
+        monkeypatch.setattr(label_mod, "labels_fit", lambda *a: False)
+    mask = (rng.random((24, 128, 128)) < 0.4).astype("u1")
+    z = zarr.create_array(
+        str(tmp_path / "v.zarr"), shape=mask.shape, chunks=(12, 128, 128), dtype="u1"
+    )
+    z[:] = mask
+    x = read_zarr(tmp_path / "v.zarr")
+    budget = "2MiB"
+    plan = plan_label(x, memory_limit=budget)
+    assert len(plan.slabs) > 2 and plan.kept == keep, plan.explain()
+    with track() as stats:
+        got, gn = dask.compute(*label(x, memory_limit=budget))
+    ref, rn = ndi.label(mask)
+    np.testing.assert_array_equal(got, ref)
+    assert int(gn) == rn
+    c = next(iter(stats.sources.values()))
+    assert c.reads_per_chunk.histogram == {1: 2}
 
 
 def test_budget_error_at_call_time_before_io(tmp_path, rng):
@@ -264,16 +300,20 @@ def test_budget_error_at_call_time_before_io(tmp_path, rng):
     assert isinstance(e.value, MemoryError)
 
 
-def test_explain_text(rng):
+@pytest.mark.parametrize("keep", ["labels", "masks"])
+def test_explain_text(rng, monkeypatch, keep):
+    if keep == "masks":
+        monkeypatch.setattr(label_mod, "labels_fit", lambda *a: False)
     mask = rng.random((20, 8, 8)) < 0.5
     text = explain_label(da.from_array(mask, chunks=(2, 8, 8)), memory_limit="6KiB")
     for part in (
         "pass 1 label-local",
         "pass 2 relabel",
         "projected peak",
-        "bytes read / input bytes = 1.00",  # pass 2 reads the masks pass 1 kept
-        "bytes written = 160 B",  # 20 x 8 planes of one byte (8 bits)
-        "pass 1 keeps the masks it reads",
+        "bytes read / input bytes = 1.00",  # pass 2 takes what pass 1 kept
+        # up to 4 B a voxel; or 20 x 8 lines of one byte (8 bits)
+        f"bytes written = {'5.00 KiB' if keep == 'labels' else '160 B'}",
+        f"pass 1 keeps {'its local labels' if keep == 'labels' else 'the masks it reads'}",
         "slabs of 2-2 rows",
         "numbering",
         "spilled",
@@ -512,3 +552,23 @@ def test_kept_masks_are_read_back_once_and_freed(tmp_path):
     copy = pickle.loads(pickle.dumps(kept))
     copy.put(0, np.packbits(masks[0], axis=-1))
     assert copy.take(0) is None and copy._fd is None
+
+
+def test_kept_labels_narrowest_dtype(tmp_path):
+    """Local labels are kept in the narrowest unsigned dtype holding their count (a
+    sparse file: each entry reserves 4 B per voxel) and come back as uint32."""
+    from dask_sweep.multipass.spill import KeptLabels
+
+    shapes = [(2, 3, 5)] * 3
+    kept = KeptLabels(shapes, str(tmp_path))
+    assert kept.nbytes == 3 * 4 * 30
+    labs = [np.arange(30, dtype=np.uint32).reshape(2, 3, 5) * k for k in (1, 9, 3000)]
+    for i, (lab, n) in enumerate(zip(labs, (29, 261, 87000))):
+        kept.put_labels(i, lab, n)
+    assert [kept._kept[i][0] for i in range(3)] == [np.uint8, np.uint16, np.uint32]
+    assert all(kept.holds(i) for i in range(3))
+    for i, lab in enumerate(labs):
+        got = kept.take_labels(i)
+        assert got.dtype == np.uint32 and not kept.holds(i)
+        np.testing.assert_array_equal(got, lab)
+    assert kept.take_labels(0) is None and kept._fd is None

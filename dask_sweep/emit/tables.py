@@ -40,7 +40,7 @@ from dask_sweep.multipass.label import (
     pass2_split,
     resolve,
 )
-from dask_sweep.multipass.spill import KeptMasks
+from dask_sweep.multipass.spill import KeptArrays, KeptLabels, KeptMasks
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET
 from dask_sweep.plan.tables import SweepPlan
 
@@ -69,7 +69,7 @@ def label_graph(
     nz = (0,) * (image.ndim - 1)
     block = numbering_block(settings.memory_limit)
     tune = settings.tune_malloc  # freed slabs leave the process at once
-    kept = _kept_masks(plan, image, split)
+    kept = _kept(plan, image, split)
     if split is not None:
         return _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve,
                             token, kept)
@@ -93,16 +93,18 @@ def label_graph(
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
 
 
-def _kept_masks(plan: SweepPlan, image: Any, split: list | None) -> KeptMasks | None:
-    """Where pass 1 keeps the masks it reads for pass 2, when the plan says so (its
-    ``input_reads`` is 1): per chunk row when slabs lie within rows, else per slab."""
-    if plan.input_reads != 1:
+def _kept(plan: SweepPlan, image: Any, split: list | None) -> KeptArrays | None:
+    """Where pass 1 keeps what pass 2 needs, as the plan says (``plan.kept``): the local
+    labels per slab; or the masks read, per chunk row when slabs lie within rows, else
+    per slab."""
+    slabs = [(b - a, *image.shape[1:]) for a, b in plan.slabs]
+    if plan.kept == "labels":
+        return KeptLabels(slabs, temporary_directory())
+    if plan.kept != "masks":
         return None
     if split is not None:
-        shapes = [(int(h), *image.shape[1:]) for h in image.chunks[0]]
-    else:
-        shapes = [(b - a, *image.shape[1:]) for a, b in plan.slabs]
-    return KeptMasks(shapes, image.shape[-1], temporary_directory())
+        slabs = [(int(h), *image.shape[1:]) for h in image.chunks[0]]
+    return KeptMasks(slabs, image.shape[-1], temporary_directory())
 
 
 def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
@@ -150,18 +152,21 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
         )
     }
     dsk[(num,)] = Task((num,), count, TaskRef(res))
-    last: dict = {}
+    of_row: dict = {}
     for s, (r, _, _) in enumerate(split):
-        last[r] = s
+        of_row.setdefault(r, []).append(s)
+    labels = kept if isinstance(kept, KeptLabels) else None
     for r, reader in enumerate(readers):
-        gate = [TaskRef((out, last[r - 1], *nz))] if r >= 1 else []
+        gate = [TaskRef((out, of_row[r - 1][-1], *nz))] if r >= 1 else []
         dsk[(rowk, r)] = Task(
-            (rowk, r), kept_row, kept, r, reader, shapes[r], chunks, tune, TaskRef(res), *gate
+            (rowk, r), kept_row, kept, r, reader, shapes[r], chunks, tune, tuple(of_row[r]),
+            TaskRef(res), *gate
         )
     for s, (r, a, b) in enumerate(split):
         key = (out, s, *nz)
         dsk[key] = Task(
-            key, pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune
+            key, pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune,
+            labels,
         )
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
 

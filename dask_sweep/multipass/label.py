@@ -284,7 +284,8 @@ def _ids(n: int) -> np.dtype:
 
 
 def face_pairs(
-    upper: np.ndarray, lower: np.ndarray, cross: np.ndarray, inplane: np.ndarray | None = None
+    upper: np.ndarray, lower: np.ndarray, cross: np.ndarray, inplane: np.ndarray | None = None,
+    width: int | None = None,
 ) -> np.ndarray:
     """Unique ``(upper id, lower id)`` pairs linked across a face, sorted, int64.
 
@@ -293,14 +294,14 @@ def face_pairs(
     labelling with that structure (then most offsets are redundant; see
     :mod:`~dask_sweep.multipass.label_kernels`), else None.  Faces of up to two
     axes (inputs of up to three) go through the compiled kernel; higher ranks
-    through numpy.
+    through numpy.  ``width``: more than the largest id in ``lower``, when known.
     """
     if cross.ndim <= 2:
         lead = (1,) * (2 - cross.ndim)
         u = np.ascontiguousarray(upper.reshape(lead + upper.shape))
         d = np.ascontiguousarray(lower.reshape(u.shape))
         w = np.zeros((3, 3), dtype=bool) if inplane is None else _as_3x3(inplane)
-        return K.face_pairs_2d(u, d, _as_3x3(cross), w)
+        return K.face_pairs_2d(u, d, _as_3x3(cross), w, width=width)
     keys = []
     width = int(lower.max(initial=0)) + 1
     for off in np.argwhere(cross):
@@ -320,10 +321,15 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
-def kept_row(kept: spill.KeptMasks | None, r: int, reader: BlockInput, shape: tuple,
-             chunks: tuple, tune: bool, *_after: Any):
+def kept_row(kept: spill.KeptArrays | None, r: int, reader: BlockInput, shape: tuple,
+             chunks: tuple, tune: bool, slabs: tuple = (), *_after: Any):
     """Chunk row ``r``'s packed mask as pass 1 kept it (:class:`~.spill.KeptMasks`), else
-    read again (:func:`read_row`)."""
+    read again (:func:`read_row`); None when pass 1 kept the local labels of all its
+    ``slabs`` (:class:`~.spill.KeptLabels`): pass 2 needs no mask."""
+    if isinstance(kept, spill.KeptLabels):
+        if all(kept.holds(s) for s in slabs):
+            return None
+        kept = None
     bits = kept.take(r) if kept is not None else None
     if bits is None:
         return read_row(reader, shape, chunks, tune)
@@ -471,7 +477,7 @@ def local_step(
     tune: bool,
     *blocks: Any,
     planes: _Planes | None = None,
-    kept: spill.KeptMasks | None = None,
+    kept: spill.KeptArrays | None = None,
     s: int = 0,
 ) -> _Local:
     """Local label of one slab (faces are copies: a view would pin the label slab).
@@ -479,16 +485,18 @@ def local_step(
     ``_after`` is ignored: the dependency on a later link step only limits how
     many finished slabs wait for the link chain.  ``tune``: fix glibc's malloc
     thresholds first (``sweep.tune-malloc``).  ``planes``: where the faces are
-    copied to (default new arrays).  ``kept``: where slab ``s``'s mask is kept, packed,
-    for pass 2.
+    copied to (default new arrays).  ``kept``: where slab ``s``'s mask (packed) or
+    its local labels are kept for pass 2.
     """
     if tune:
         tune_allocator()
     mask = _read_mask(reader, blocks)
-    if kept is not None:
+    if isinstance(kept, spill.KeptMasks):
         kept.put(s, np.packbits(mask, axis=-1))
     lab, n, renumbered = _labelled(mask, structure, True)
     del mask
+    if isinstance(kept, spill.KeptLabels):
+        kept.put_labels(s, lab, n)  # a narrower copy (<= 2 B per voxel) beside the labels
     if lab.shape[0] == 0:
         raise SweepError(f"{NAME}: internal error, an empty slab.")
     idt = _ids(n)  # the face kernel is compiled for int32 faces (int64 beyond)
@@ -514,7 +522,8 @@ def face_step(
     """
     a, b = upper.bottom, lower.top
     upper.bottom = lower.top = None
-    pairs = face_pairs(a, b, structure[2], structure[1])
+    # lower's top face holds ids 1..len(top_ids) (see local_step)
+    pairs = face_pairs(a, b, structure[2], structure[1], width=len(lower.top_ids) + 1)
     if planes is not None:
         planes.give(a, b)
     return pairs
@@ -691,7 +700,7 @@ def resolve(
     tune: bool,
     on_slab: Any = None,
     split: Any = None,
-    kept: spill.KeptMasks | None = None,
+    kept: spill.KeptArrays | None = None,
 ) -> Resolved:
     """Pass 1 and the numbering of inline-read slabs, in one task.
 
@@ -712,10 +721,12 @@ def resolve(
         uses = [0] * len(readers)
         for r, _, _ in layout:
             uses[r] += 1
-        rows = [_SharedRow(rd, sh, chunks, u, kept, r)
+        rows = [_SharedRow(rd, sh, chunks, u, kept if isinstance(kept, spill.KeptMasks)
+                           else None, r)
                 for r, (rd, sh, u) in enumerate(zip(readers, shapes, uses))]
         readers = [_RowSlab(rows[r], a, b) for r, a, b in layout]
-        kept = None  # kept by the rows
+        if isinstance(kept, spill.KeptMasks):
+            kept = None  # kept by the rows
     n = len(readers)
     linked: list = [None] * n
     planes = _Planes(2 * max(1, threads) + 2)  # the faces the plan counts
@@ -762,21 +773,19 @@ def pass2(
     dtype: np.dtype,
     tune: bool,
     *blocks: Any,
-    kept: spill.KeptMasks | None = None,
+    kept: spill.KeptArrays | None = None,
 ) -> np.ndarray:
-    """Pass 2 of slab ``s``: read (its mask as pass 1 kept it, when ``kept`` has it),
-    label again, map through its lookup table (taken from ``src``, the numbering
-    step's or the resolve step's result, and dropped there)."""
+    """Pass 2 of slab ``s``: its local labels as pass 1 kept them, else its mask (as
+    pass 1 kept it, else read) labelled again, mapped through its lookup table (taken
+    from ``src``, the numbering step's or the resolve step's result, and dropped there)."""
     if tune:
         tune_allocator()
-    if isinstance(src, Resolved):
-        lut, src.luts[s] = src.luts[s], None
-    else:
-        lut, src.lut = src.lut, None
-    if isinstance(lut, str):
-        path = lut
-        lut = spill.take(path)
-        spill.remove_dir(os.path.dirname(path))
+    lut = _take_lut(src, s)
+    if isinstance(kept, spill.KeptLabels):
+        lab = kept.take_labels(s)
+        if lab is not None:
+            return _mapped(lab, lut, s, dtype)
+        kept = None
     check = not (isinstance(src, Resolved) and src.raster)
     mask = kept.take_mask(s) if kept is not None else None
     if mask is None:
@@ -785,18 +794,31 @@ def pass2(
 
 
 def pass2_split(
-    row: _Row, a: int, b: int, structure: np.ndarray, src: Resolved, s: int, dtype: np.dtype,
-    tune: bool,
+    row: _Row | None, a: int, b: int, structure: np.ndarray, src: Resolved, s: int,
+    dtype: np.dtype, tune: bool, kept: spill.KeptLabels | None = None,
 ) -> np.ndarray:
-    """Pass 2 of slab ``s``, planes ``a:b`` of a packed chunk row."""
+    """Pass 2 of slab ``s``, planes ``a:b`` of a packed chunk row (None when pass 1
+    kept the row's local labels in ``kept``)."""
     if tune:
         tune_allocator()
-    lut, src.luts[s] = src.luts[s], None
+    lut = _take_lut(src, s)
+    lab = kept.take_labels(s) if kept is not None else None
+    if lab is not None:
+        return _mapped(lab, lut, s, dtype)
+    return relabel(row.planes(a, b), structure, lut, s, dtype, not src.raster)
+
+
+def _take_lut(src: _Numbered | Resolved, s: int) -> np.ndarray:
+    """Slab ``s``'s lookup table, taken from ``src`` (a hand-over) or its spill file."""
+    if isinstance(src, Resolved):
+        lut, src.luts[s] = src.luts[s], None
+    else:
+        lut, src.lut = src.lut, None
     if isinstance(lut, str):
         path = lut
         lut = spill.take(path)
         spill.remove_dir(os.path.dirname(path))
-    return relabel(row.planes(a, b), structure, lut, s, dtype, not src.raster)
+    return lut
 
 
 def relabel(
@@ -826,6 +848,11 @@ def relabel(
             f"{len(lut) - 1} in the first: the input changed between the passes "
             "(is it deterministic?)."
         )
+    return _mapped(lab, lut, s, dtype)
+
+
+def _mapped(lab: np.ndarray, lut: np.ndarray, s: int, dtype: Any) -> np.ndarray:
+    """Slab ``s``'s local labels (consumed) through its table, as ``dtype``."""
     if lut.dtype != dtype:
         top = int(lut.max(initial=0))
         if top > np.iinfo(dtype).max:

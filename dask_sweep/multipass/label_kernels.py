@@ -82,6 +82,7 @@ def face_pairs_2d(
     cross: np.ndarray,
     inplane: np.ndarray,
     cap: int | None = None,
+    width: int | None = None,
 ) -> np.ndarray:
     """Unique ``(upper id, lower id)`` pairs, sorted, as an int64 ``(k, 2)`` array.
 
@@ -96,6 +97,8 @@ def face_pairs_2d(
         structure's middle part), which make most crossing offsets redundant.
     cap
         Initial buffer size in keys (default: a quarter of the plane, at least 1024).
+    width
+        More than the largest id in ``low``, when known (default: found by a scan).
     """
     straight = bool(cross[1, 1])
     offs = np.argwhere(cross).astype(np.int64) - 1
@@ -105,7 +108,7 @@ def face_pairs_2d(
     )
     offs = np.ascontiguousarray(np.concatenate([offs[~reducible], offs[reducible]]))
     nr = int((~reducible).sum())
-    width = int(low.max(initial=0)) + 1
+    width = int(low.max(initial=0)) + 1 if width is None else int(width)
     # A quarter of the plane: the buffer is compacted (sorted, unique) when full and
     # doubled only when compaction leaves it more than half full.
     buf = np.empty(cap or max(1024, up.size // 4), dtype=np.int64)

@@ -15,9 +15,11 @@ is deleted when it is read; a directory is removed by :func:`remove_dir` once
 its last file is read, and whatever a partial computation left behind is
 removed when the process exits.
 
-:class:`KeptMasks` keeps the input masks a first pass read (one bit per voxel) in
-an unlinked local file, so that the second pass reads them there instead of the
-input: every input byte is read once.
+:class:`KeptArrays` keeps what a first pass made for the second in an unlinked local
+file, so that the second pass reads it there instead of the input: every input byte
+is read once.  :class:`KeptLabels` keeps label's local labels (the second pass only
+maps them), where the page cache can hold them (:func:`labels_fit`);
+:class:`KeptMasks` keeps its input masks (one bit per voxel), labelled again.
 """
 
 from __future__ import annotations
@@ -139,37 +141,33 @@ def _cleanup() -> None:  # pragma: no cover - runs at interpreter exit
         shutil.rmtree(path, ignore_errors=True)
 
 
-class KeptMasks:
-    """Packed masks (``uint8``, one bit per voxel) written once and read back once each.
+class KeptArrays:
+    """Arrays written once and read back once each, in one unlinked local file.
 
-    Entry ``i`` is a mask of shape ``shapes[i]`` (its last axis ``width`` long), packed
-    along the last axis (:func:`numpy.packbits`); all live in one unlinked file in
-    ``directory`` (nothing is left on disk, even by a crash), opened at the first
+    Entry ``i`` may hold up to ``sizes[i]`` bytes, at its own offset (a sparse file:
+    only what is written takes disk space).  The file lives in ``directory``
+    (nothing is left on disk, even by a crash); it is opened at the first
     :meth:`put` and closed, its space freed, when every entry put has been taken.
     The state lives in this object: a copy made by pickling (another process: a
     ``distributed`` worker, the processes scheduler) keeps nothing and finds
-    nothing, and its consumer reads the input again.
+    nothing, and its consumer computes what it needs again.
     """
 
-    def __init__(self, shapes: list[tuple[int, ...]], width: int, directory: str) -> None:
-        self.shapes = [tuple(int(n) for n in s[:-1]) + (math.ceil(s[-1] / 8),)
-                       for s in shapes]
-        self.width = int(width)
-        sizes = [math.prod(s) for s in self.shapes]
-        self.offsets = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
+    def __init__(self, sizes: list[int], directory: str) -> None:
+        self.offsets = [0, *np.cumsum([int(n) for n in sizes], dtype=np.int64).tolist()]
         self.directory = directory
         self._reset(False)
 
     @property
     def nbytes(self) -> int:
-        """Disk bytes when every entry is kept."""
+        """Disk bytes when every entry is kept at its largest."""
         return int(self.offsets[-1])
 
     def _reset(self, copy: bool) -> None:
         self._copy = copy
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._kept: set[int] = set()
+        self._kept: dict[int, tuple] = {}  # entry -> (dtype, shape) as put
         self._readers = 0
 
     def __getstate__(self) -> dict:
@@ -180,32 +178,37 @@ class KeptMasks:
         self.__dict__.update(state)
         self._reset(True)
 
-    def put(self, i: int, bits: np.ndarray) -> None:
-        """Keep entry ``i`` (its packed mask); a failed write keeps nothing."""
-        if self._copy or tuple(bits.shape) != self.shapes[i]:
+    def holds(self, i: int) -> bool:
+        """Whether entry ``i`` is kept here (put and not yet taken)."""
+        with self._lock:
+            return i in self._kept
+
+    def put(self, i: int, arr: np.ndarray) -> None:
+        """Keep entry ``i``; a failed write (a full disk) keeps nothing."""
+        if self._copy or arr.nbytes > self.offsets[i + 1] - self.offsets[i]:
             return
         with self._lock:
             if self._fd is None:
-                self._fd = unlinked_file(self.directory, "dask-sweep-mask-")
+                self._fd = unlinked_file(self.directory, "dask-sweep-kept-")
             fd = self._fd
         try:
-            pwrite_all(fd, np.ascontiguousarray(bits, dtype=np.uint8), self.offsets[i])
+            pwrite_all(fd, np.ascontiguousarray(arr), self.offsets[i])
         except OSError:
-            return  # a full disk: the consumer reads the input again
+            return  # the consumer computes it again
         with self._lock:
-            self._kept.add(i)
+            self._kept[i] = (arr.dtype, arr.shape)
 
     def take(self, i: int) -> np.ndarray | None:
         """Entry ``i`` read back (once), or None when it was not kept here."""
         with self._lock:
             if i not in self._kept:
                 return None
-            self._kept.discard(i)
+            dtype, shape = self._kept.pop(i)
             fd = self._fd
             self._readers += 1
         try:
-            out = np.empty(self.shapes[i], np.uint8)
-            pread_all(fd, out, self.offsets[i], f"a kept mask in {self.directory}")
+            out = np.empty(shape, dtype)
+            pread_all(fd, out, self.offsets[i], f"a kept array in {self.directory}")
         finally:
             with self._lock:
                 self._readers -= 1
@@ -213,13 +216,6 @@ class KeptMasks:
                     os.close(fd)  # every entry taken: the file's space is freed
                     self._fd = None
         return out
-
-    def take_mask(self, i: int) -> np.ndarray | None:
-        """Entry ``i`` read back and unpacked (bool), or None when it was not kept."""
-        bits = self.take(i)
-        if bits is None:
-            return None
-        return np.unpackbits(bits, axis=-1, count=self.width).view(bool)
 
     def close(self) -> None:
         with self._lock:
@@ -235,11 +231,62 @@ class KeptMasks:
             pass
 
 
+class KeptMasks(KeptArrays):
+    """Masks of the given ``shapes``, kept packed along the last axis (one bit per voxel,
+    :func:`numpy.packbits`; the last axis is ``width`` long)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], width: int, directory: str) -> None:
+        self.shapes = [tuple(int(n) for n in s[:-1]) + (math.ceil(s[-1] / 8),)
+                       for s in shapes]
+        self.width = int(width)
+        super().__init__([math.prod(s) for s in self.shapes], directory)
+
+    def put(self, i: int, bits: np.ndarray) -> None:
+        """Keep entry ``i``, a packed mask of ``shapes[i]``."""
+        if tuple(bits.shape) == self.shapes[i]:
+            super().put(i, bits.astype(np.uint8, copy=False))
+
+    def take_mask(self, i: int) -> np.ndarray | None:
+        """Entry ``i`` read back and unpacked (bool), or None when it was not kept."""
+        bits = self.take(i)
+        if bits is None:
+            return None
+        return np.unpackbits(bits, axis=-1, count=self.width).view(bool)
+
+
+class KeptLabels(KeptArrays):
+    """Local labels of slabs of the given ``shapes`` (``1..n``), kept in the narrowest
+    unsigned dtype that holds ``n`` (up to 4 B per voxel reserved)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], directory: str) -> None:
+        super().__init__([4 * math.prod(s) for s in shapes], directory)
+
+    def put_labels(self, i: int, lab: np.ndarray, n: int) -> None:
+        dt = next(d for d in (np.uint8, np.uint16, np.uint32) if n <= np.iinfo(d).max)
+        self.put(i, lab.astype(dt, copy=False))
+
+    def take_labels(self, i: int) -> np.ndarray | None:
+        """Entry ``i`` read back as ``uint32``, or None when it was not kept."""
+        lab = self.take(i)
+        return None if lab is None else lab.astype(np.uint32, copy=False)
+
+
 def masks_fit(nbytes: int, directory: str | None = None) -> bool:
-    """Whether ``nbytes`` of kept masks fit in a quarter of the free space of
+    """Whether ``nbytes`` of kept arrays fit in a quarter of the free space of
     ``directory`` (default dask's temporary directory)."""
     try:
         free = shutil.disk_usage(directory or temporary_directory()).free
     except OSError:
         return False
     return nbytes <= free // 4
+
+
+def labels_fit(voxels: int, directory: str | None = None) -> bool:
+    """Whether the local labels of ``voxels`` are worth keeping: their largest size
+    (4 B per voxel) fits in a quarter of the free space of ``directory`` and their
+    usual one (2 B per voxel: under 65 536 labels per slab) in half of the memory
+    available, so they are read back from the page cache, not from the disk: more
+    bytes through a disk than the masks' could cost more than labelling again."""
+    import psutil
+
+    return masks_fit(4 * voxels, directory) and 2 * voxels <= psutil.virtual_memory().available // 2

@@ -29,7 +29,7 @@ from dask_sweep.multipass.label import (
     smallest_linked,
     structure_rank,  # noqa: F401
 )
-from dask_sweep.multipass.spill import masks_fit
+from dask_sweep.multipass.spill import labels_fit, masks_fit
 from dask_sweep.ndimage._common import as_dask_array
 from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
 from dask_sweep.passes.tables import table_reserve as _reserve
@@ -125,10 +125,15 @@ def _plan(image, structure, output, memory_limit):
         readers, inline = make_readers(image, bounds)
         if inline or not guess:
             break
-    # pass 1 keeps the masks it reads (one bit per voxel, on local disk) for pass 2, so the
-    # input is read once: inline reads, where a quarter of the free space holds them
-    kept = int(np.prod(image.shape[:-1], dtype=np.int64)) * -(-image.shape[-1] // 8)
-    keep = inline and image.ndim >= 2 and masks_fit(kept)
+    # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
+    # reads): its local labels where the page cache holds them (pass 2 only maps them),
+    # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
+    voxels = int(np.prod(image.shape, dtype=np.int64))
+    keep = ""
+    if inline and image.ndim >= 2:
+        bits = int(np.prod(image.shape[:-1], dtype=np.int64)) * -(-image.shape[-1] // 8)
+        keep = "labels" if labels_fit(voxels) else "masks" if masks_fit(bits) else ""
+    kept = 4 * voxels if keep == "labels" else bits if keep else 0
     plan = SweepPlan(
         func=_FUNC,
         shape=tuple(image.shape),
@@ -138,9 +143,10 @@ def _plan(image, structure, output, memory_limit):
         passes=passes,
         budget=settings.memory_limit,
         inline=inline,
-        bytes_written=kept if keep else 0,
+        bytes_written=kept,
         per_slab=per_slab,
         input_reads=1 if keep else None,
+        kept=keep,
     )
     reserve = _reserve(plan)  # tables kept in memory: what the slab footprints leave
     plan = label_notes(plan, out_dtype, split, reserve)

@@ -198,7 +198,7 @@ def label_footprints(
             p2,
             threads,
             numbering + settings.runtime_overhead + threads * read_fixed,
-            "read, local label again, lookup table, emit",
+            "the labels pass 1 kept, else read and label again; lookup table, emit",
             CONSUMER * out if consumer else 0.0,
         ),
     )
@@ -347,7 +347,16 @@ def label_notes(
             f"and labelled in {len(split)} slabs within the rows",
         )
     kept = ()
-    if plan.input_reads == 1:
+    if plan.kept == "labels":
+        kept = (
+            "pass 1 keeps its local labels (1-4 B per voxel, by the slab's label count) "
+            "in an unlinked file in dask's temporary-directory (up to "
+            f"{format_bytes(plan.bytes_written)}; its page cache holds them), and pass 2 "
+            "maps them there: the input is read and labelled once (read and labelled "
+            "again where they could not be kept: a full disk, or pass 2 in another "
+            "process)",
+        )
+    elif plan.kept:
         kept = (
             "pass 1 keeps the masks it reads, one bit per voxel, in an unlinked file in "
             f"dask's temporary-directory ({format_bytes(plan.bytes_written)}), and pass 2 "

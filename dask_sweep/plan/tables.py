@@ -81,6 +81,9 @@ class SweepPlan:
     input_reads
         Times the input is read (default: once per pass); 1 when the first pass keeps
         what it read for the others (in ``bytes_written`` of temporary storage).
+    kept
+        What the first pass keeps for the others: ``"labels"`` (label's local labels,
+        only mapped again), ``"masks"`` (its input masks, labelled again) or ``""``.
     per_slab
         Bytes held per slab for the whole run (dask's bookkeeping of its tasks).
     notes
@@ -99,6 +102,7 @@ class SweepPlan:
     per_slab: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
     input_reads: int | None = None
+    kept: str = ""
 
     @property
     def plane_voxels(self) -> int:

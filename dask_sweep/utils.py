@@ -34,6 +34,8 @@ def unlinked_file(directory: str, prefix: str) -> int:
 
 def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     """Write the bytes of C-contiguous ``data`` at ``offset`` (all of them)."""
+    if not data.size:
+        return
     view, done = memoryview(data).cast("B"), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
@@ -41,6 +43,8 @@ def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
 
 def pread_all(fd: int, out: np.ndarray, offset: int, what: str = "staged data") -> None:
     """Fill C-contiguous ``out`` from ``offset``; a short read is a ``SinkError``."""
+    if not out.size:
+        return
     view, done = memoryview(out).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)

@@ -96,12 +96,19 @@ def test_labels_feed_later_stages_and_sinks(tmp_path):
     assert r.values[2] == rn
 
 
-def test_label_reads_input_once_per_pass():
+@pytest.mark.parametrize("keep", [True, False])
+def test_label_reads_input_once_per_pass(monkeypatch, keep):
+    """Pass 1 keeps its local labels where the page cache holds them, and the pass reading
+    the labels computes no input; else each pass reads the input once."""
+    from dask_sweep.multipass import spill
+
+    if not keep:
+        monkeypatch.setattr(spill, "labels_fit", lambda *a: False)
     vol = blobs((64, 32, 32), seed=11)
     lab, n = dsl.label(dsl.source(vol) > 0)
     r = dsl.run(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
     assert r.report.passes == 2
-    assert r.report.bytes_read == 2 * vol.nbytes
+    assert r.report.bytes_read == (1 if keep else 2) * vol.nbytes
     assert not r.report.notes  # measured reads equal the projection
     # the table pass reports every slab: backwards, with its reads next to the projection
     c = dsl.explain(lab, n, memory_limit=BUDGET, target_slab_bytes=thin(vol.shape, 1, 8))
@@ -121,8 +128,9 @@ def test_windowed_input_is_stored_once(tmp_path):
         assert os.listdir(tmp_path) == []  # explain writes nothing
         r = dsl.run(lab, n, **kw)
     assert not r.report.notes
-    # the source once (the mask's sweep), the stored bool mask twice
-    assert r.report.bytes_read == 3 * vol.nbytes
+    # the source once (the mask's sweep), the stored bool mask once (pass 1 keeps its
+    # labels for the pass reading them)
+    assert r.report.bytes_read == 2 * vol.nbytes
     assert os.listdir(tmp_path) == []  # removed at the end of the run
     ref, rn = ndi.label(ndi.gaussian_filter(vol, 1) > 60)
     np.testing.assert_array_equal(r.values[0], ref)
@@ -299,7 +307,7 @@ def test_thick_source_rows_are_stored_in_thin_rows():
     ref, rn = ndi.label(x)
     np.testing.assert_array_equal(r.values[0], ref)
     assert r.values[1] == rn
-    assert r.report.read_ratio == 3.0  # the source once, the stored copy twice
+    assert r.report.read_ratio == 2.0  # the source once, the stored copy once
 
 
 # --------------------------------------------------------------------------- bad input
@@ -337,7 +345,7 @@ def test_explain_shows_table_pass():
     assert "pass 0 of 2: label table pass" in e
     assert "last slab to first" in e
     assert "pass 1 of 2: sweep" in e
-    assert "bytes read" in e and "2.00 x input" in e
+    assert "bytes read" in e and "1.00 x input" in e  # pass 1 keeps its labels
 
 
 # --------------------------------------------------------------------------- composition
@@ -373,8 +381,8 @@ def test_two_algorithms_share_one_stored_input(tmp_path):
     np.testing.assert_array_equal(r.values[0], ref)
     np.testing.assert_allclose(r.values[1], ndi.distance_transform_edt(m), rtol=1e-12)
     assert r.values[2] == rn
-    # source once, the stored mask twice per algorithm
-    assert r.report.bytes_read == 5 * vol.nbytes
+    # source once, the stored mask once for label (it keeps its labels), twice for EDT
+    assert r.report.bytes_read == 4 * vol.nbytes
     assert os.listdir(tmp_path) == []
 
 

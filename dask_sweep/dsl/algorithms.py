@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from dask_sweep.config import temporary_directory
 from dask_sweep.dsl.core import Scalar, Stream, Tables
 from dask_sweep.dsl.lower import lower_streams, walk_streams
 from dask_sweep.errors import BudgetError, PlanError
@@ -51,7 +52,7 @@ from dask_sweep.multipass import edt as E
 from dask_sweep.multipass import label as L
 from dask_sweep.multipass import label_kernels as LK
 from dask_sweep.multipass import spill as _spill
-from dask_sweep.passes.tables import plan_edt_stream, plan_label_stream
+from dask_sweep.passes.tables import label_notes, plan_edt_stream, plan_label_stream
 from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.runtime.executor import compute_stage
 from dask_sweep.utils import format_bytes
@@ -684,10 +685,14 @@ class _Label(_Algorithm):
             func=f"dsl label({self.stream.label})",
             slab_budget=slab_budget,
         )
+        voxels = int(np.prod(self.stream.shape, dtype=np.int64))
+        if self.stream.ndim >= 2 and _spill.labels_fit(voxels):
+            # pass 1 keeps its local labels, so reading the output computes no input
+            plan = label_notes(dataclasses.replace(
+                plan, kept="labels", input_reads=1, bytes_written=4 * voxels), self.out_dtype)
         # Tables kept in memory: at most half of what the passes leave (they stay during
         # the next pass, which needs room for its own stages), at most the worst case of
         # the lookup tables (one label per two voxels).
-        voxels = int(np.prod(self.stream.shape, dtype=np.int64))
         worst = self.out_dtype.itemsize * (voxels // 2 + len(plan.slabs))
         keep = _keep(worst, plan, self.resident)
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
@@ -701,10 +706,19 @@ class _Label(_Algorithm):
         held = work * (1 + ahead) - self.out_dtype.itemsize * rows * plane
         return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
 
+    def bytes_per_row(self) -> tuple[int, ...]:
+        if self.stream.shape[0] and self.prepared.plan.kept == "labels":
+            return (0,) * len(self.prepared.plan.slabs)  # the labels pass 1 kept
+        return super().bytes_per_row()
+
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
         plan = self.prepared.plan
         counters: list[list] = [[] for _ in plan.slabs]
         readers = [_SlabIn(slabs_in, a, b, c) for (a, b), c in zip(plan.slabs, counters)]
+        kept = None
+        if plan.kept == "labels":
+            kept = _spill.KeptLabels([(b - a, *self.stream.shape[1:]) for a, b in plan.slabs],
+                                     temporary_directory())
         res = L.resolve(
             readers,
             self.structure,
@@ -714,6 +728,7 @@ class _Label(_Algorithm):
             settings.threads,
             settings.tune_malloc,
             on_slab=None if on_slab is None else lambda s: on_slab(s, sum(counters[s])),
+            kept=kept,
         )
         dirs = sorted({os.path.dirname(x) for x in res.luts if isinstance(x, str)})
         return res, dirs
@@ -722,6 +737,10 @@ class _Label(_Algorithm):
         return L.Resolved([], 0)
 
     def apply(self, value: _TableValue, s: int, a: int, b: int, counter: list) -> np.ndarray:
+        kept = getattr(value.tables, "kept", None)
+        lab = kept.take_labels(s) if kept is not None else None
+        if lab is not None:  # what pass 1 kept: the input is not computed again
+            return L.map_labels(lab, _spill.load(value.tables.luts[s]), s, self.out_dtype)
         x = value.slabs_in.planes(a, b, counter)
         mask = x if x.dtype == bool else x != 0
         del x

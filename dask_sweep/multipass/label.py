@@ -100,6 +100,7 @@ __all__ = [
     "pass2",
     "pass2_split",
     "read_row",
+    "map_labels",
     "relabel",
     "resolve",
     "smallest_linked",
@@ -682,12 +683,14 @@ class Resolved:
 
     Pass-2 task ``s`` takes ``luts[s]`` and drops it (a hand-over).  ``raster``:
     pass 1 labelled every slab in scipy's numbering, so pass 2 need not check.
+    ``kept``: where pass 1 kept what pass 2 needs, when it did.
     """
 
-    __slots__ = ("luts", "num", "raster")
+    __slots__ = ("luts", "num", "raster", "kept")
 
-    def __init__(self, luts: list, num: int, raster: bool = False) -> None:
-        self.luts, self.num, self.raster = luts, num, raster
+    def __init__(self, luts: list, num: int, raster: bool = False,
+                 kept: spill.KeptArrays | None = None) -> None:
+        self.luts, self.num, self.raster, self.kept = luts, num, raster, kept
 
 
 def resolve(
@@ -757,7 +760,7 @@ def resolve(
         linked[s] = None
         luts.append(numbered.lut)
         numbered.lut = None
-    return Resolved(luts, int(numbered.cum), not renumbered)
+    return Resolved(luts, int(numbered.cum), not renumbered, kept)
 
 
 def count(src: _Numbered | Resolved) -> np.ndarray:
@@ -784,7 +787,7 @@ def pass2(
     if isinstance(kept, spill.KeptLabels):
         lab = kept.take_labels(s)
         if lab is not None:
-            return _mapped(lab, lut, s, dtype)
+            return map_labels(lab, lut, s, dtype)
         kept = None
     check = not (isinstance(src, Resolved) and src.raster)
     mask = kept.take_mask(s) if kept is not None else None
@@ -804,7 +807,7 @@ def pass2_split(
     lut = _take_lut(src, s)
     lab = kept.take_labels(s) if kept is not None else None
     if lab is not None:
-        return _mapped(lab, lut, s, dtype)
+        return map_labels(lab, lut, s, dtype)
     return relabel(row.planes(a, b), structure, lut, s, dtype, not src.raster)
 
 
@@ -848,10 +851,10 @@ def relabel(
             f"{len(lut) - 1} in the first: the input changed between the passes "
             "(is it deterministic?)."
         )
-    return _mapped(lab, lut, s, dtype)
+    return map_labels(lab, lut, s, dtype)
 
 
-def _mapped(lab: np.ndarray, lut: np.ndarray, s: int, dtype: Any) -> np.ndarray:
+def map_labels(lab: np.ndarray, lut: np.ndarray, s: int, dtype: Any) -> np.ndarray:
     """Slab ``s``'s local labels (consumed) through its table, as ``dtype``."""
     if lut.dtype != dtype:
         top = int(lut.max(initial=0))

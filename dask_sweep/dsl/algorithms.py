@@ -8,7 +8,8 @@ computed for::
                                             algorithm's slabs; label: backward)
                                                   │ tables (luts / carry planes)
     level p+1:  algorithm output = a source ◄─────┘  slab s: input slab s again,
-                      │                              local label / distances,
+                      │                              local label / distances (or the
+                      │                              local labels pass 1 kept),
                       └─► later stages, sinks        through table s
 
 The input reaches both passes in one of two ways, decided at compile time:
@@ -974,7 +975,9 @@ def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:
         out = [
             f"  input {tables.stream.label!r} {algo.store_why}: stored once "
             f"({format_bytes(store.nbytes)}, Zarr chunks of {store.chunks[0]} planes) by the "
-            "sweep before, read back by this pass and by the output"
+            "sweep before, read back by this pass"
+            + (" (the output maps the labels it keeps)" if p.plan.kept == "labels"
+               else " and by the output")
         ]
     else:
         out = [

@@ -59,10 +59,15 @@ def volumes(draw):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(volumes(), st.sampled_from(["sync", "threads"]))
-def test_matches_scipy(case, scheduler):
+@given(volumes(), st.sampled_from(["sync", "threads"]), st.booleans())
+def test_matches_scipy(case, scheduler, keep_labels):
+    """Against scipy; pass 2 maps the local labels pass 1 kept, or (where they would not
+    fit the page cache) labels the masks pass 1 kept again."""
+    from unittest import mock
+
     mask, chunks0, structure, rows = case
-    _check(mask, chunks0, structure, rows, scheduler)
+    with mock.patch.object(label_mod, "labels_fit", lambda *a: keep_labels):
+        _check(mask, chunks0, structure, rows, scheduler)
 
 
 @pytest.mark.parametrize("structure", [None, np.ones((3, 3, 3), bool)])

@@ -34,6 +34,7 @@ whether the outputs are identical.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -189,6 +190,9 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
 
     shutil.rmtree(dst, ignore_errors=True)
     fell: list[str] = []
+    # the imports' garbage is collected before any clock starts, in every mode alike: a
+    # full collection (40-60 ms here) otherwise falls into whichever run allocates first
+    gc.collect()
     if mode == "scipy":
         with PeakRSS() as m:
             v = _read_all(layout, src)

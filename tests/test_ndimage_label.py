@@ -484,6 +484,31 @@ def test_face_pairs_skipping_redundant_offsets_equal_brute_force(ndim, seed, den
     assert got.tolist() == [list(p) for p in _pairs_brute_force(upper, lower, structure[2])]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 3), st.integers(0, 2**31), st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]),
+       st.sampled_from(["rank", "random"]))
+def test_run_kernel_equals_scipy(ndim, seed, density, kind):
+    """The run kernel labels as scipy does (ids, count) for any symmetric structure that
+    joins neighbours along the last axis, and says None for the others."""
+    from dask_sweep.multipass.label_kernels import label_slab
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(1, 12, size=ndim))
+    mask = rng.random(shape) < density
+    if kind == "rank":
+        structure = ndi.generate_binary_structure(ndim, int(rng.integers(1, ndim + 1)))
+    else:
+        s = rng.random((3,) * ndim) < 0.5
+        structure = s | s[(slice(None, None, -1),) * ndim]
+    ref, n = ndi.label(mask, structure)
+    got = label_slab(mask, structure)
+    if got is None:
+        assert kind == "random"
+        return
+    assert got[0].dtype == np.uint32 and got[1] == n
+    np.testing.assert_array_equal(got[0], ref)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31), st.integers(1, 6))
 def test_face_pairs_kernel_resumes_when_its_buffer_fills(seed, cap):

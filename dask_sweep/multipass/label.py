@@ -217,8 +217,8 @@ def structure_rank(structure: np.ndarray) -> int | None:
 _CONNECTIVITY = {2: (4, 26), 3: (6, 18, 26)}
 
 # One slab at a time is labelled by cc3d in a process: it holds the GIL throughout,
-# so a second labelling would not run meanwhile, only hold its memory.  The slabs'
-# footprints count one labelling at a time.
+# so a second labelling would not run meanwhile, only hold its memory.  (The slabs'
+# footprints count every slab in flight labelling at once, as the run kernel does.)
 _LABELLING = threading.Lock()
 
 
@@ -230,9 +230,11 @@ def local_label(
     ``mask`` is bool.  For the structures of :func:`structure_rank`, axes of
     length 1 are dropped (no neighbour lies along them: the structure becomes
     the one of the same rank in fewer axes); then 2-D and 3-D slabs are labelled
-    by ``cc3d`` (connected-components-3d, 3-5x faster than scipy here) in
-    ``uint32``, and 1-D ones as runs (cc3d refuses some inputs with an axis of
-    length 1).  cc3d numbers labels in raster order of their first voxel, as
+    in ``uint32``: with face connectivity (scipy's default) by the run kernel
+    :func:`~.label_kernels.label_slab` (scipy's numbering by construction, without
+    the GIL, so slabs in flight are labelled at once), else by ``cc3d``
+    (connected-components-3d, 3-5x faster than scipy here; it holds the GIL); 1-D
+    ones as runs (cc3d refuses some inputs with an axis of length 1).  cc3d numbers labels in raster order of their first voxel, as
     scipy; that is checked on every slab (one scan,
     :func:`~.label_kernels.raster_order`), and the labels would be renumbered
     in place if it differed.  Anything else, and a slab cc3d refuses, is
@@ -260,6 +262,9 @@ def _labelled(mask: np.ndarray, structure: np.ndarray, check: bool) -> tuple:
         return lab.reshape(mask.shape), int(lab[-1] if m[-1] else lab.max(initial=0)), False
     if len(core) > 3:
         return (*ndi.label(mask, structure), False)
+    if rank == 1:  # faces (scipy's default): runs, without the GIL, in scipy's numbering
+        lab, n = K.label_slab(m, ndi.generate_binary_structure(len(core), 1))
+        return lab.reshape(mask.shape), n, False
     import cc3d
 
     conn = _CONNECTIVITY[len(core)][min(rank, len(core)) - 1]

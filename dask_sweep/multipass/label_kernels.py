@@ -228,6 +228,109 @@ def smallest_linked(n: int, labels: np.ndarray, bs: np.ndarray, dtype) -> np.nda
     return parent
 
 
+@numba.njit(cache=False, nogil=True)
+def _label_runs(m, dz, dy, ext, out, par):  # pragma: no cover - compiled
+    """Connected components of ``m`` (uint8, 3-D) into ``out`` (uint32), in raster order.
+
+    Works on runs (foreground stretches along the last axis, each joined by the
+    structure's own neighbour along it).  A run meets, in each earlier row ``(dz, dy)``
+    the structure reaches, the voxels from its start ``- ext`` to its end ``+ ext``
+    (``ext`` 1 where the structure reaches diagonally along the last axis); it takes the
+    provisional id of the first labelled one and unites the others (a union-find in
+    ``par`` whose roots are their sets' smallest ids), or starts a new id.  Ids are made
+    in raster order, so a set's root is its first voxel's, and numbering roots in order
+    is scipy's numbering.  Returns the count, or -1 when ``par`` is too small.
+    """
+    Z, Y, X = m.shape
+    k = dz.shape[0]
+    nxt = 1
+    for z in range(Z):
+        for y in range(Y):
+            x = 0
+            while x < X:
+                if m[z, y, x] == 0:
+                    out[z, y, x] = 0
+                    x += 1
+                    continue
+                s = x
+                while x < X and m[z, y, x] != 0:
+                    x += 1
+                lab = 0
+                for r in range(k):
+                    zz, yy = z + dz[r], y + dy[r]
+                    if zz < 0 or yy < 0 or yy >= Y:
+                        continue
+                    prev = 0
+                    for xx in range(max(0, s - ext[r]), min(X, x + ext[r])):
+                        b = out[zz, yy, xx]
+                        if b == 0 or b == prev:
+                            continue
+                        prev = b
+                        if lab == 0:
+                            lab = b
+                        elif b != lab:
+                            ra, rb = _find(par, lab), _find(par, b)
+                            if ra < rb:
+                                par[rb] = ra
+                            elif rb < ra:
+                                par[ra] = rb
+                if lab == 0:
+                    if nxt == par.shape[0]:
+                        return -1
+                    par[nxt] = nxt
+                    lab = nxt
+                    nxt += 1
+                for xx in range(s, x):
+                    out[z, y, xx] = lab
+    # final ids in place: parents come first (par[i] <= i), so par[par[i]] is final
+    n = 0
+    par[0] = 0
+    for i in range(1, nxt):
+        p = par[i]
+        if p == i:
+            n += 1
+            par[i] = n
+        else:
+            par[i] = par[p]
+    flat = out.reshape(-1)
+    for i in range(flat.shape[0]):
+        flat[i] = par[flat[i]]
+    return n
+
+
+def label_slab(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``scipy.ndimage.label(mask, structure)`` of a 2-D or 3-D mask as ``uint32`` labels,
+    without the GIL (slabs are labelled on several threads at once); None when the
+    structure does not join neighbours along the last axis (not a run labelling).
+
+    ``structure`` is symmetric, ``(3,) * mask.ndim``.  Runs start at most every other
+    voxel, so the union-find's table holds at most one 4 B entry per two voxels.
+    """
+    s = np.asarray(structure, dtype=bool)
+    m = np.ascontiguousarray(mask).view(np.uint8)
+    if m.ndim == 2:
+        m, s = m[None], np.stack([np.zeros_like(s), s, np.zeros_like(s)])
+    if not s[1, 1, 2]:
+        return None
+    rows = [(a - 1, b - 1) for a in range(3) for b in range(3)
+            if (a - 1, b - 1) < (0, 0) and s[a, b].any()]
+    dz = np.array([r[0] for r in rows], dtype=np.int64)
+    dy = np.array([r[1] for r in rows], dtype=np.int64)
+    # a row the structure reaches only straight (dx 0) or also diagonally (dx -1, 0, 1);
+    # a row reached only diagonally is no run overlap: refused
+    ext = np.array([int(s[r[0] + 1, r[1] + 1, 0]) for r in rows], dtype=np.int64)
+    if any(not s[r[0] + 1, r[1] + 1, 1] or s[r[0] + 1, r[1] + 1, 0] != s[r[0] + 1, r[1] + 1, 2]
+           for r in rows):
+        return None
+    out = np.empty(m.shape, dtype=np.uint32)
+    z, y, x = m.shape
+    par = np.empty(z * y * ((x + 1) // 2) + 1, dtype=np.uint32)
+    n = _label_runs(m, dz, dy, ext, out, par)
+    if n < 0:  # pragma: no cover - runs start at most every other voxel
+        raise RuntimeError("label_slab: the union-find table overflowed")
+    return out.reshape(mask.shape), int(n)
+
+
 _warm = False
 
 
@@ -245,6 +348,7 @@ def warm() -> None:
         for dt, lt in _LUT_TYPES:
             apply_lut(np.ones(2, dtype=dt), lut.astype(lt))
         raster_order(np.ones(2, dtype=np.uint32), 1)
+        label_slab(np.ones((1, 1, 2), bool), np.ones((3, 3, 3), bool))
         one = np.ones(1, dtype=np.int64)
         smallest_linked(1, one, one, np.int32)
         _warm = True

@@ -235,8 +235,9 @@ def imwrite(
     sweeping = HOST.analyse is not None and (
         memory_limit is not None or HOST.active_pass() is not None)
     kind = format or _sink_kind(os.path.abspath(os.fspath(path)))
+    planned = False  # the sweep plans this write (found while fitting the layout)
     if isinstance(array, da.Array) and compute:
-        _fit_layout(array, path, kind, options, settings, sweeping, resume)
+        planned = _fit_layout(array, path, kind, options, settings, sweeping, resume)
     sink = open_sink(
         path,
         array.shape,
@@ -254,7 +255,7 @@ def imwrite(
         sink.slab_rows = _block_aligned_rows(array, sink)
     if not compute:
         return write_graph(array, sink, lag=lag)
-    swept = _swept_store(array, sink, settings) if sweeping else None
+    swept = _swept_store(array, sink, settings, planned) if sweeping else None
     try:
         if swept is not None:
             # the pass that planned the write (explicit budget, else the active one's)
@@ -309,12 +310,14 @@ class SinkTarget:
                 self.recorded_planes)
 
 
-def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):
+def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
+                 planned: bool = False):
     """A ``da.store`` into ``sink`` that a sweep with ``settings`` (default: the active
     pass's) writes entirely in its slab tasks, or ``None`` (no sweep on, a graph it
     leaves to dask, or over the budget).  A resumed write sweeps only the rows not
     recorded (``dask_sweep.passes.resume``), or is left to the slab chain if the
-    sweep cannot skip them."""
+    sweep cannot skip them.  ``planned``: the sweep already planned this write on the
+    sink's layout (:func:`_fit_layout`), so it is not planned again here."""
     import dask.array as da
 
     if settings is None:
@@ -325,6 +328,8 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):
 
     target = SinkTarget(sink)
     store = da.store(array, target, lock=False, compute=False)
+    if planned and not target.recorded_planes:
+        return store
     plan = _plan_store(store, sink, settings)
     if not isinstance(plan, Plan):
         return None
@@ -372,9 +377,10 @@ class _Draft:
 
 
 def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
-                sweeping: bool, resume: bool) -> None:
+                sweeping: bool, resume: bool) -> bool:
     """Choose (Zarr, default) or check (explicit ``chunks``/``shards``) the output's rows
-    along axis 0 so that the write keeps the budget, before anything is created.
+    along axis 0 so that the write keeps the budget, before anything is created; whether
+    the sweep plans the write on the rows chosen.
 
     A slab holds whole chunk rows: the sweep's output ring (a recognised pipeline,
     sweep on) or the chained writer's slabs (:data:`~.base.CHAIN_SLABS`) must fit.
@@ -387,12 +393,12 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
 
     shape, dtype = tuple(array.shape), array.dtype
     if len(shape) < 1 or shape[0] == 0:
-        return
+        return False
     given = options.get("shards") or options.get("chunks")
     if kind == "zarr" and given is None:
         if resume and (old := _recorded_chunks(path)) is not None:
             options["chunks"] = old  # a resumed write keeps its layout
-            return
+            return False
         auto = _auto_chunks(shape, dtype, settings)
         rows, choose = auto[0], True
     elif kind in ("zarr", "hdf5") and given is not None:
@@ -400,6 +406,7 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
     else:
         rows, choose = 1, False  # one page per slice; contiguous HDF5
     p = os.path.abspath(os.fspath(path))
+    swept: set[int] = set()  # rows the sweep plans
 
     def refusal(r: int) -> BudgetError | None:
         import dask.array as da
@@ -408,19 +415,22 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
             target = SinkTarget(_Draft(p, shape, dtype, r))
             got = _plan_store(da.store(array, target, lock=False, compute=False), target.sink,
                               settings)
-            if isinstance(got, (Plan, BudgetError)):
-                return got if isinstance(got, BudgetError) else None
+            if isinstance(got, Plan):
+                swept.add(r)
+                return None
+            if isinstance(got, BudgetError):
+                return got
         return _chain_refusal(array, r, settings)
 
     why = refusal(rows)
     if why is None:
         if choose:
             options["chunks"] = (rows, *auto[1:])
-        return
+        return rows in swept
     smaller = next((r for r in _thinner(rows, array.chunks[0]) if refusal(r) is None), None)
     if smaller is not None and choose:
         options["chunks"] = (smaller, *auto[1:])
-        return
+        return smaller in swept
     if smaller is not None:
         name = "shards" if options.get("shards") else "chunks"
         fix = (smaller, *given[1:])
@@ -436,6 +446,7 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
         warnings.warn(f"{why} Writing {p} anyway.", RuntimeWarning, stacklevel=3)
     if choose:
         options["chunks"] = (1, *auto[1:])
+    return False
 
 
 def _thinner(rows: int, blocks: tuple[int, ...]) -> list[int]:

@@ -79,6 +79,33 @@ def test_the_store_is_zarrs_own(tmp_path, fmt, codec, dtype, fill):
     assert mine == zarrs
 
 
+@pytest.mark.parametrize("where", ["group", "dots", "memory"])
+def test_stored_where_zarr_stores(tmp_path, where):
+    """Chunks encoded here are stored where zarr stores them: an array inside a group,
+    "." chunk key separators, a store that is not a local directory (zarr's own
+    store calls); nothing is left under a temporary name."""
+    rng = np.random.default_rng(1)
+    v = _volume("u2", 0, rng)
+
+    def make(name):
+        kw = dict(shape=v.shape, chunks=(4, 3, 4), dtype="u2")
+        if where == "memory":
+            return zarr.create_array(zarr.storage.MemoryStore(), **kw)
+        if where == "dots":
+            kw["chunk_key_encoding"] = {"name": "default", "separator": "."}
+            return zarr.create_array(str(tmp_path / name), **kw)
+        return zarr.open_group(str(tmp_path / name), mode="w").create_array("sub/arr", **kw)
+
+    ours, theirs = make("ours"), make("theirs")
+    for a in (0, 4, 8):
+        assert write_whole_chunks(ours, (slice(a, min(a + 4, 10)),), v[a:a + 4])
+    theirs[:] = v
+    np.testing.assert_array_equal(ours[:], v)
+    if where != "memory":
+        mine, zarrs = _files(str(tmp_path / "ours")), _files(str(tmp_path / "theirs"))
+        assert mine == zarrs and not any(k.endswith(".partial") for k in mine)
+
+
 def test_only_whole_chunks_of_a_checked_array_are_taken(tmp_path):
     v = np.ones((8, 6), "u1")
     z = zarr.create_array(str(tmp_path / "a"), shape=(8, 6), chunks=(4, 3), dtype="u1")

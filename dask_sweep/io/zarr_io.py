@@ -11,8 +11,10 @@ index and cannot be told apart from a chunk that was never written.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -638,7 +640,7 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
     """Store the chunks of ``value`` not in ``gone`` (encoded here, on threads), delete
     those in ``gone``; in batches of zarr's ``async.concurrency``."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     import zarr
     from zarr.core.sync import sync
@@ -660,8 +662,30 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
         whole[tuple(slice(0, m) for m in part.shape)] = part
         return whole
 
-    batch = max(1, int(zarr.config.get("async.concurrency", 10) or 10))
     todo = list(itertools.product(*blocks))
+    from dask_sweep.io.planes import _local_root
+
+    local = _local_root(target.store)
+    if local is not None:
+        # a local directory: each encoding thread stores its chunk itself, as zarr's
+        # LocalStore does (parents made, written to a temporary name, renamed over), with
+        # no round trip to zarr's event loop per batch; two chunks in flight at most
+        base = os.path.join(local, *filter(None, root.path.split("/")))
+
+        def one(b) -> None:
+            fn = os.path.join(base, *meta.encode_chunk_key(b).split("/"))
+            if b in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(fn)
+                return
+            _put_file(fn, encode(chunk_of(b)).as_buffer_like())
+
+        futures = [_POOL.submit(one, b) for b in todo]
+        wait(futures)  # every chunk done or failed before an error is raised
+        for f in futures:
+            f.result()
+        return
+    batch = max(1, int(zarr.config.get("async.concurrency", 10) or 10))
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
         kept = [b for b in part if b not in gone]
@@ -674,6 +698,21 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
 
         sync(store())
         del bufs
+
+
+def _put_file(fn: str, data: Any) -> None:
+    """Write ``data`` to ``fn`` whole or not at all: to a temporary name, renamed over
+    (zarr's ``LocalStore`` writes so too)."""
+    os.makedirs(os.path.dirname(fn), exist_ok=True)
+    tmp = f"{fn}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, fn)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _all_fill(chunk: np.ndarray, fill: Any) -> bool:

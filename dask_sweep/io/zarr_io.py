@@ -551,9 +551,10 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
     (:func:`encode_temporaries`), so a 4 MiB ``uint8`` chunk holds 1.2x it instead
     of 5x and is written about 3x faster (``float32``: 1.6x faster).  For a zarr v3
     array of the ``bytes`` codec and compressors (:func:`_encoder`) the chunks are
-    encoded here by the array's own codecs, on two threads, and stored a batch at a
-    time: 0.83-0.93x the time of zarr's pipeline (``benchmarks/bench_zarr_writes.py``,
-    512³: one-plane uint8 chunks, 64³ uint8 and int32 ones, on tmpfs), the same files.
+    encoded here by the array's own codecs, on two threads, each storing its chunks
+    itself in a local directory (else a batch at a time through zarr's store): 0.67-0.74x
+    the time of zarr's pipeline (``benchmarks/bench_zarr_writes.py``, 512³: one-plane
+    uint8 chunks, 64³ uint8 and int32 ones, on tmpfs), the same files.
     """
     if not _checks_itself(target) or not isinstance(index, tuple) or len(index) > target.ndim:
         return False
@@ -629,8 +630,7 @@ def _encoder(target: Any):
 
 
 #: Chunks encoded at once by :func:`write_whole_chunks` (numcodecs' compressors release
-#: the GIL: zstd on two threads took 0.05 s for what one took 0.09 s in), and held
-#: encoded until they are stored, a batch at a time.
+#: the GIL, so the two threads encode side by side; see bench_zarr_writes.py).
 _ENCODERS = 2
 _POOL = None
 

@@ -165,3 +165,41 @@ def test_a_sweep_writes_a_zarr_target_in_calls_of_whole_chunks(tmp_path, monkeyp
             assert s.stop - s.start <= most, index  # a piece, a strip
     assert len(calls) > 3
     assert w.temps_of(10**9) == w.temps_of(4 * 8 * 24)  # a call writes at most call_bytes
+
+
+@pytest.mark.parametrize("codec", ["default", "none", "gzip", "blosc", "zstd-checksum"])
+@pytest.mark.parametrize("where", ["plain", "group", "dots"])
+def test_regions_read_as_zarr_reads_them(tmp_path, codec, where):
+    """Regions of a local array read and decoded by dask_sweep equal zarr's reads: any
+    start and stop, edge chunks, chunks never stored (the fill value)."""
+    from dask_sweep.io.zarr_io import read_region
+
+    rng = np.random.default_rng(3)
+    v = _volume("i2", -3, rng)
+    kw = dict(shape=v.shape, chunks=(4, 3, 4), dtype="i2", fill_value=-3)
+    if codec != "default":
+        kw["compressors"] = _codecs(codec)
+    if where == "dots":
+        kw["chunk_key_encoding"] = {"name": "default", "separator": "."}
+    if where == "group":
+        z = zarr.open_group(str(tmp_path / "g"), mode="w").create_array("sub/arr", **kw)
+    else:
+        z = zarr.create_array(str(tmp_path / "a"), **kw)
+    z[:] = v  # chunks equal to the fill value are not stored
+    for _ in range(40):
+        idx = tuple(slice(int(a), int(a) + int(rng.integers(0, n - a + 1)))
+                    for a, n in ((rng.integers(0, n), n) for n in v.shape))
+        got = read_region(z, idx)
+        assert got is not None and got.dtype == v.dtype
+        np.testing.assert_array_equal(got, z[idx])
+
+
+def test_regions_of_other_arrays_are_left_to_zarr(tmp_path):
+    from dask_sweep.io.zarr_io import read_region
+
+    kw = dict(shape=(8, 6), chunks=(4, 3), dtype="u1")
+    idx = (slice(0, 8), slice(0, 6))
+    assert read_region(zarr.create_array(zarr.storage.MemoryStore(), **kw), idx) is None
+    assert read_region(zarr.create_array(str(tmp_path / "v2"), zarr_format=2, **kw), idx) is None
+    sharded = zarr.create_array(str(tmp_path / "s"), shards=(8, 6), **kw)
+    assert read_region(sharded, idx) is None

@@ -29,28 +29,9 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.io.accounting import REGISTRY
-from dask_sweep.io.zarr_io import _raw_chunk_dtype
+from dask_sweep.io.zarr_io import _local_root, _raw_chunk_dtype
 
 __all__ = ["ZarrPlanes", "zarr_planes"]
-
-
-def _local_root(store) -> str | None:
-    """The directory of a plain local store, else ``None``.
-
-    ``LocalStore``, or an ``FsspecStore`` on the local file system (what
-    ``da.from_zarr("path")`` opens).  A wrapper store (counting, strict,
-    caching) is respected: its reads go through zarr, so that it sees them.
-    """
-    from zarr.storage import FsspecStore, LocalStore
-
-    if type(store) is LocalStore:
-        return str(store.root)
-    if type(store) is FsspecStore:
-        fs = getattr(store.fs, "sync_fs", store.fs)  # fsspec's async wrapper
-        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-        if "file" in protocol or "local" in protocol:
-            return str(store.path)
-    return None
 
 
 def zarr_planes(arr: Any) -> ZarrPlanes | None:

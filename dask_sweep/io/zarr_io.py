@@ -593,31 +593,59 @@ def write_whole_chunks(target: Any, index: tuple, value: np.ndarray) -> bool:
     return True
 
 
-def _encoder(target: Any):
-    """``encode(chunk) -> Buffer``: a whole chunk (its full shape, the array's dtype)
-    encoded as zarr encodes it, for an unsharded zarr v3 array whose codecs are the
-    ``bytes`` serializer and bytes-to-bytes codecs (compressors: zstd, blosc, gzip...);
-    else ``None`` (zarr writes the chunks itself).
+def _local_root(store) -> str | None:
+    """The directory of a plain local store, else ``None``.
 
-    The codecs are the array's own, called as zarr's pipeline calls them one chunk at a
-    time, so the stored bytes are zarr's; only the pipeline around them is skipped.
+    ``LocalStore``, or an ``FsspecStore`` on the local file system (what
+    ``da.from_zarr("path")`` opens).  A wrapper store (counting, strict,
+    caching) is respected: its reads go through zarr, so that it sees them.
     """
+    from zarr.storage import FsspecStore, LocalStore
+
+    if type(store) is LocalStore:
+        return str(store.root)
+    if type(store) is FsspecStore:
+        fs = getattr(store.fs, "sync_fs", store.fs)  # fsspec's async wrapper
+        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "file" in protocol or "local" in protocol:
+            return str(store.path)
+    return None
+
+
+def _codec_chain(arr: Any):
+    """``(serializer, compressors, chunk spec, buffer prototype)`` of an unsharded zarr v3
+    array whose codecs are the ``bytes`` serializer and bytes-to-bytes codecs
+    (compressors: zstd, blosc, gzip...); else ``None`` (zarr's pipeline does the work)."""
     try:
         from zarr.abc.codec import BytesBytesCodec
         from zarr.codecs import BytesCodec
         from zarr.core.buffer import default_buffer_prototype
 
-        meta = target.metadata
+        meta = arr.metadata
         codecs = list(meta.codecs) if meta.zarr_format == 3 else []
         if not codecs or type(codecs[0]) is not BytesCodec or not all(
                 isinstance(c, BytesBytesCodec) and hasattr(c, "_encode_sync")
-                for c in codecs[1:]):
+                and hasattr(c, "_decode_sync") for c in codecs[1:]):
             return None
         proto = default_buffer_prototype()
-        spec = meta.get_chunk_spec((0,) * target.ndim, target._async_array.config, proto)
-    except Exception:  # noqa: BLE001 - another zarr: its own pipeline writes
+        spec = meta.get_chunk_spec((0,) * arr.ndim, arr._async_array.config, proto)
+    except Exception:  # noqa: BLE001 - another zarr: its own pipeline works
         return None
-    serializer, rest = codecs[0], codecs[1:]
+    return codecs[0], codecs[1:], spec, proto
+
+
+def _encoder(target: Any):
+    """``encode(chunk) -> Buffer``: a whole chunk (its full shape, the array's dtype)
+    encoded as zarr encodes it, for the arrays of :func:`_codec_chain`; else ``None``
+    (zarr writes the chunks itself).
+
+    The codecs are the array's own, called as zarr's pipeline calls them one chunk at a
+    time, so the stored bytes are zarr's; only the pipeline around them is skipped.
+    """
+    chain = _codec_chain(target)
+    if chain is None:
+        return None
+    serializer, rest, spec, proto = chain
     nd = proto.nd_buffer
 
     def encode(chunk: np.ndarray):
@@ -629,10 +657,66 @@ def _encoder(target: Any):
     return encode
 
 
+def read_region(arr: Any, idx: tuple) -> np.ndarray | None:
+    """``arr[idx]`` (``idx``: one slice of step 1 per axis) of a zarr array in a local
+    directory with the codecs of :func:`_codec_chain`, its chunks read and decoded by
+    the array's own codecs on two threads, each copied into place as it is done; else
+    ``None`` (zarr reads it).  The values are zarr's: a chunk not stored is the fill
+    value."""
+    from concurrent.futures import wait
+
+    local = _local_root(arr.store)
+    chain = _codec_chain(arr) if local is not None else None
+    if chain is None:
+        return None
+    serializer, rest, spec, proto = chain
+    grid, shape = arr.chunks, arr.shape
+    sel = [s.indices(n)[:2] for s, n in zip(idx, shape)]
+    out = np.empty([max(0, b - a) for a, b in sel], dtype=np.dtype(arr.dtype))
+    if not out.size:
+        return out
+    base = os.path.join(local, *filter(None, arr.store_path.path.split("/")))
+    key = arr.metadata.encode_chunk_key
+
+    def one(block) -> None:
+        cut = tuple(slice(max(a, k * c), min(b, (k + 1) * c)) for k, c, (a, b) in
+                    zip(block, grid, sel))
+        dst = out[tuple(slice(x.start - a, x.stop - a) for x, (a, _) in zip(cut, sel))]
+        try:
+            with open(os.path.join(base, *key(block).split("/")), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            dst[...] = arr.fill_value
+            return
+        buf = proto.buffer.from_bytes(data)
+        for c in reversed(rest):
+            buf = c._decode_sync(buf, spec)
+        chunk = serializer._decode_sync(buf, spec).as_ndarray_like()
+        dst[...] = chunk[tuple(slice(x.start - k * c, x.stop - k * c)
+                               for x, k, c in zip(cut, block, grid))]
+
+    blocks = itertools.product(*(range(a // c, -(-b // c)) for (a, b), c in zip(sel, grid)))
+    futures = [_pool().submit(one, b) for b in blocks]
+    wait(futures)  # every chunk done or failed before an error is raised
+    for f in futures:
+        f.result()
+    return out
+
+
 #: Chunks encoded at once by :func:`write_whole_chunks` (numcodecs' compressors release
 #: the GIL, so the two threads encode side by side; see bench_zarr_writes.py).
 _ENCODERS = 2
 _POOL = None
+
+
+def _pool():
+    """The threads encoding and decoding whole chunks (made at the first use)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(_ENCODERS, "dask-sweep-codec")
+    return _POOL
 
 
 def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
@@ -640,14 +724,12 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
     """Store the chunks of ``value`` not in ``gone`` (encoded here, on threads), delete
     those in ``gone``; in batches of zarr's ``async.concurrency``."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor, wait
+    from concurrent.futures import wait
 
     import zarr
     from zarr.core.sync import sync
 
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_ENCODERS, "dask-sweep-encode")
+    pool = _pool()
     grid, shape = target.chunks, target.shape
     fill = target.fill_value
     dtype = np.dtype(target.dtype)
@@ -663,8 +745,6 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
         return whole
 
     todo = list(itertools.product(*blocks))
-    from dask_sweep.io.planes import _local_root
-
     local = _local_root(target.store)
     if local is not None:
         # a local directory: each encoding thread stores its chunk itself, as zarr's
@@ -680,7 +760,7 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
                 return
             _put_file(fn, encode(chunk_of(b)).as_buffer_like())
 
-        futures = [_POOL.submit(one, b) for b in todo]
+        futures = [pool.submit(one, b) for b in todo]
         wait(futures)  # every chunk done or failed before an error is raised
         for f in futures:
             f.result()
@@ -689,7 +769,7 @@ def _write_encoded(target: Any, encode, blocks, gone: set, value: np.ndarray,
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
         kept = [b for b in part if b not in gone]
-        bufs = list(_POOL.map(lambda b: encode(chunk_of(b)), kept))
+        bufs = list(pool.map(lambda b: encode(chunk_of(b)), kept))
 
         async def store(kept=kept, bufs=bufs, part=part) -> None:
             await asyncio.gather(

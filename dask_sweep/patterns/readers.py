@@ -24,6 +24,7 @@ from dask.array.core import concatenate3
 
 from dask_sweep.io.accounting import REGISTRY
 from dask_sweep.io.planes import zarr_planes
+from dask_sweep.io.zarr_io import read_region
 
 __all__ = [
     "ConstantReader", "ExternalReader", "InlineReader", "PlaneReader", "SlabReader",
@@ -260,7 +261,8 @@ def constant_reader(hlg, name: str, numblocks, axis: int) -> ConstantReader | No
 
 class ZarrRowsReader:
     """Chunk rows of any other zarr array under ``da.from_zarr`` (compressed, sharded,
-    remote), the rows of a step in one zarr call.
+    remote), the rows of a step in one zarr call (a local array of plain codecs: its
+    chunks read and decoded here, :func:`~dask_sweep.io.zarr_io.read_region`).
 
     dask's ``getter`` reads each block with ``np.asarray(arr[block])``; one call for
     several rows returns the same values, and zarr decodes the chunks it meets at once
@@ -301,7 +303,10 @@ class ZarrRowsReader:
         return self._read((slice(a, b), *(slice(lo, hi) for lo, hi in rest)))
 
     def _read(self, idx: tuple) -> np.ndarray:
-        out = np.asarray(self.arr[idx])
+        # local chunks decoded by the array's codecs on two threads, else zarr's call
+        out = read_region(self.arr, idx)
+        if out is None:
+            out = np.asarray(self.arr[idx])
         REGISTRY.read(str(getattr(self.arr, "store_path", self.name)), int(out.nbytes),
                       _chunks_met(idx, self.arr.chunks))
         return out

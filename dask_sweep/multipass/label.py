@@ -93,6 +93,7 @@ __all__ = [
     "link_step",
     "local_label",
     "local_step",
+    "map_labels",
     "normalize_output",
     "normalize_structure",
     "number_step",
@@ -100,7 +101,6 @@ __all__ = [
     "pass2",
     "pass2_split",
     "read_row",
-    "map_labels",
     "relabel",
     "resolve",
     "smallest_linked",
@@ -234,8 +234,9 @@ def local_label(
     :func:`~.label_kernels.label_slab` (scipy's numbering by construction, without
     the GIL, so slabs in flight are labelled at once), else by ``cc3d``
     (connected-components-3d, 3-5x faster than scipy here; it holds the GIL); 1-D
-    ones as runs (cc3d refuses some inputs with an axis of length 1).  cc3d numbers labels in raster order of their first voxel, as
-    scipy; that is checked on every slab (one scan,
+    ones as runs (cc3d refuses some inputs with an axis of length 1).  cc3d numbers
+    labels in raster order of their first voxel, as scipy; that is checked on every
+    slab (one scan,
     :func:`~.label_kernels.raster_order`), and the labels would be renumbered
     in place if it differed.  Anything else, and a slab cc3d refuses, is
     labelled by :func:`scipy.ndimage.label` (``int32``).  ``check=False`` skips

@@ -170,6 +170,10 @@ class ZarrSource(Source):
         if raw is not None:
             return self._read_raw(arr, region, raw)
         try:
+            if self._store is None:  # a local directory: chunks decoded on our threads
+                out = read_region(arr, tuple(region), root=self.root, strict=self.strict)
+                if out is not None:
+                    return out
             return np.asarray(arr[region])
         except MissingChunkError as e:
             key = e.args[0]
@@ -657,15 +661,18 @@ def _encoder(target: Any):
     return encode
 
 
-def read_region(arr: Any, idx: tuple) -> np.ndarray | None:
+def read_region(arr: Any, idx: tuple, root: str | None = None,
+                strict: bool = False) -> np.ndarray | None:
     """``arr[idx]`` (``idx``: one slice of step 1 per axis) of a zarr array in a local
     directory with the codecs of :func:`_codec_chain`, its chunks read and decoded by
     the array's own codecs on two threads, each copied into place as it is done; else
     ``None`` (zarr reads it).  The values are zarr's: a chunk not stored is the fill
-    value."""
+    value, or, ``strict``, a :class:`~dask_sweep.io.stores.MissingChunkError` naming
+    its key.  ``root``: the store's directory when ``arr`` is opened on a wrapper of it.
+    """
     from concurrent.futures import wait
 
-    local = _local_root(arr.store)
+    local = root or _local_root(arr.store)
     chain = _codec_chain(arr) if local is not None else None
     if chain is None:
         return None
@@ -686,6 +693,9 @@ def read_region(arr: Any, idx: tuple) -> np.ndarray | None:
             with open(os.path.join(base, *key(block).split("/")), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            if strict:
+                raise MissingChunkError("/".join(filter(None, (arr.store_path.path,
+                                                               key(block))))) from None
             dst[...] = arr.fill_value
             return
         buf = proto.buffer.from_bytes(data)

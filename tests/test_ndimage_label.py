@@ -263,8 +263,8 @@ def test_zarr_source_read_once_kept_for_pass_2(tmp_path, rng, monkeypatch, keep)
 
 @pytest.mark.parametrize("keep", ["labels", "masks"])
 def test_split_rows_keep_for_pass_2(tmp_path, rng, monkeypatch, keep):
-    """Slabs within chunk rows: the rows are read once, and with the labels kept pass 2
-    reads no row at all."""
+    """Slabs within chunk rows: each row is read once (pass 2 maps the kept labels, or
+    unpacks the kept masks), and the labels equal scipy's."""
     zarr = pytest.importorskip("zarr")
     from dask_sweep.io import read_zarr, track
 

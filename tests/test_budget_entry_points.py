@@ -382,6 +382,20 @@ def zstd_source(budget: str, src: str, out: str):
 
 
 @_case
+def zstd_imread(budget: str, src: str, out: str):
+    """dask-image's uniform filter of ``io.imread`` of a zstd Zarr volume (its chunks read
+    and decoded by dask_sweep's codec threads), written by ``io.imwrite`` with the budget
+    given to it."""
+    from dask_image import ndfilters
+
+    from dask_sweep.io import imread
+    from dask_sweep.io import imwrite as write
+
+    y = ndfilters.uniform_filter(imread(src), 3)
+    return lambda: write(y, out, memory_limit=budget, chunks=(1, *y.shape[1:]))
+
+
+@_case
 def tiled_opaque(budget: str, src: str, out: str):
     """dask-image's uniform filter of float32 (not block-invariant: dask's blocks kept) on
     zstd 64³ chunks, stored into zstd 64³ chunks: a row of blocks does not fit, so the
@@ -608,10 +622,17 @@ def test_a_zarr_targets_encoding_is_counted_whole(tmp_path):
     np.testing.assert_array_equal(zarr.open_array(out)[40:44], y[40:44].compute())
 
 
-@pytest.mark.parametrize("case", ["zstd_source", "dsl_into_zarr"])
-def test_zstd_volumes_keep_the_budget(tmp_path, case):
-    """A compressed source (read a step's rows per zarr call) and a zarr array given to
-    the DSL (whole chunks written as the plugin writes them): growth within 24 MiB."""
+@pytest.mark.parametrize(("case", "budget"), [("zstd_source", 24), ("zstd_imread", 32),
+                                              ("dsl_into_zarr", 24)])
+def test_zstd_volumes_keep_the_budget(tmp_path, case, budget):
+    """A compressed source (a step's rows read by the codec threads, through dask's
+    ``from_zarr`` or dask_sweep's ``imread``) and a zarr array given to the DSL (whole
+    chunks written as the plugin writes them): growth within the budget.
+
+    ``imread`` of zstd written by ``imwrite`` grows about 1 MiB beyond its projection
+    (the same before its chunks were read by the codec threads): 15.1-16.0 MiB at 16 MiB,
+    22.9-24.0 MiB at 24 MiB, 28.0-28.5 MiB at 32 MiB; measured at 32 MiB here, the thin
+    margins are an open item of issue 11."""
     import zarr
 
     vol = _volume(PLUGIN_SHAPE, 4)
@@ -619,9 +640,9 @@ def test_zstd_volumes_keep_the_budget(tmp_path, case):
     z = zarr.create_array(src, shape=vol.shape, chunks=(1, *vol.shape[1:]), dtype=vol.dtype)
     z[:] = vol  # zarr's default codec (zstd)
     out = str(tmp_path / "out.zarr")
-    rep = _measured(case, budget="24MiB", src=src, out=out)
-    assert rep["growth"] <= 24 * MiB, rep
-    assert rep.get("budget", 24 * MiB) == 24 * MiB, rep
+    rep = _measured(case, budget=f"{budget}MiB", src=src, out=out)
+    assert rep["growth"] <= budget * MiB, rep
+    assert rep.get("budget", budget * MiB) == budget * MiB, rep
     import scipy.ndimage as ndi
 
     np.testing.assert_array_equal(zarr.open_array(out)[60:68],

@@ -102,9 +102,9 @@ def _kept(plan: SweepPlan, image: Any, split: list | None) -> KeptArrays | None:
         return KeptLabels(slabs, temporary_directory())
     if plan.kept != "masks":
         return None
-    if split is not None:
-        slabs = [(int(h), *image.shape[1:]) for h in image.chunks[0]]
-    return KeptMasks(slabs, image.shape[-1], temporary_directory())
+    rows = [(int(h), *image.shape[1:]) for h in image.chunks[0]]
+    return KeptMasks(rows if split is not None else slabs, image.shape[-1],
+                     temporary_directory())
 
 
 def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):

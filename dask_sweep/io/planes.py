@@ -30,6 +30,7 @@ import numpy as np
 
 from dask_sweep.io.accounting import REGISTRY
 from dask_sweep.io.zarr_io import _local_root, _raw_chunk_dtype
+from dask_sweep.utils import pwrite_all
 
 __all__ = ["ZarrPlanes", "zarr_planes"]
 
@@ -218,10 +219,7 @@ class ZarrPlanes:
                     fd = os.open(fn, os.O_WRONLY | os.O_CREAT, 0o644)
                     os.ftruncate(fd, c0 * per_plane)  # zero bytes: the fill value
                 try:
-                    view = memoryview(np.ascontiguousarray(data)).cast("B")
-                    done = 0
-                    while done < len(view):
-                        done += os.pwrite(fd, view[done:], p0 * per_plane + done)
+                    pwrite_all(fd, np.ascontiguousarray(data), p0 * per_plane)
                 finally:
                     os.close(fd)
                 nbytes += (p1 - p0) * per_plane

@@ -55,6 +55,34 @@ class TestTiffStackSink(SinkConformance):
         return TiffStackSource(path).read()
 
 
+class TestTiffStackSinkUncompressed(TestTiffStackSink):
+    """Uncompressed slices are written as a template header and their pixels."""
+
+    def make_sink(self, path, shape, dtype, **kwargs):
+        return TiffStackSink(path, shape, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "<u2", ">u2", "i4", "f4", "f8"])
+@pytest.mark.parametrize("plane", [(5, 7), (64, 48), (1, 1)])
+def test_tiff_stack_files_are_tifffiles_bytes(tmp_path, dtype, plane):
+    """Every slice file is byte for byte what ``tifffile.imwrite`` writes for it, whether
+    its header comes from a template (uncompressed, native numbers) or not."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    data = (rng.random((4, *plane)) * 200).astype(dtype)
+    sink = TiffStackSink(tmp_path / "s", data.shape, data.dtype, slab_rows=2)
+    sink.write_slab(0, data[:2])
+    sink.write_slab(2, data[2:])
+    out = sink.finalize()
+    for k in range(4):
+        ref = tmp_path / f"ref{k}.tif"
+        tifffile.imwrite(ref, data[k], photometric="minisblack" if len(plane) == 2 else None)
+        with open(os.path.join(out, sink.filename(k)), "rb") as f, open(ref, "rb") as g:
+            assert f.read() == g.read(), (dtype, plane, k)
+    np.testing.assert_array_equal(TiffStackSource(out).read(), data)
+
+
 class TestBigTiffSink(SinkConformance):
     output_name = "out.tif"
     dtype = "float32"

@@ -100,8 +100,9 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
                                                                     monkeypatch):
     """Tilings are tried from the fewest tiles up, and most are refused: a tile shape is
     sized once (a refusal too: tilings share shapes), and a refusal costs one attempt at
-    one plane per step, stopped at its first step over the budget (a 512^3 rolling mean
-    planned in 14.4 s, then 6.4 s, now 2.2 s); the plans are the same."""
+    one chunk row per step and one at one plane per step (a step within a row may need
+    more than a whole row, or less), each stopped at its first step over the budget (a
+    512^3 rolling mean planned in 14.4 s, then 6.4 s, now 2.2 s); the plans are the same."""
     from dask_sweep.passes import slabs, tiling
 
     z = zarr.create_array(tmp_path / "c.zarr", shape=(24, 96, 96), chunks=(8, 16, 16),
@@ -135,12 +136,14 @@ def test_tilings_size_a_tile_shape_once_and_refuse_it_at_its_floor(tmp_path, rng
     attempts.clear()
     with pytest.raises(BudgetError) as fast:
         slabs.choose_steps(tight, 1 << 20, floor_first=True)
-    # the attempt stopped at its first step over the budget; the floor quoted is whole
-    assert str(fast.value) == str(slow.value) and attempts == [1, None]
+    # the attempts (a row, a plane) stopped at their first step over the budget; the
+    # floor quoted is whole
+    assert slabs.grain(plan) > 1
+    assert str(fast.value) == str(slow.value) and attempts == [1, 1, None]
     attempts.clear()
     with pytest.raises(BudgetError) as lower:
         slabs.choose_steps(tight, 1 << 20, floor_first=True, exact=False)
-    assert attempts == [1] and 1 < lower.value.projected < slow.value.projected
+    assert attempts == [1, 1] and 1 < lower.value.projected < slow.value.projected
 
 
 def test_tiles_alike_but_for_faces_no_kernel_pads_are_sized_once(tmp_path, rng):

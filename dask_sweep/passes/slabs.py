@@ -211,9 +211,13 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
 
     lowest = None
     if floor_first and hi > 1:
-        lowest = attempt(1)
-        if not fits(lowest):
-            refuse()
+        # one row per step, and one plane: a step within a row can need more than a
+        # whole row (a row held for its planes beside a partial output row), or less
+        rowwise = attempt(g) if 1 < g <= hi else None
+        if rowwise is None or not fits(rowwise):
+            lowest = attempt(1)
+            if not fits(lowest):
+                refuse()
     if 1 < g <= hi:
         _, best = thickest(lambda u: attempt(u * g), fits, hi // g)
         if fits(best):

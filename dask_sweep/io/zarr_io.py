@@ -485,7 +485,17 @@ class ZarrSink(Sink):
         stop = start + len(data)
         dtype = _raw_chunk_dtype(arr)
         if dtype is None:
-            arr[start:stop] = data
+            # encoded by the array's codecs on dask_sweep's two threads where it can (as a
+            # sweep writes users' zarr targets: two chunks in flight, the same files;
+            # zarr's pipeline held more, by the chunks it has in flight)
+            encode = _encoder(arr) if data.dtype == np.dtype(arr.dtype) else None
+            if encode is None or _local_root(arr.store) is None:
+                arr[start:stop] = data
+            else:
+                blocks = [range(start // self.chunks[0], -(-stop // self.chunks[0])),
+                          *(range(-(-n // c)) for n, c in zip(self.shape[1:], self.chunks[1:]))]
+                origin = [start] + [0] * (len(self.shape) - 1)
+                _write_encoded(arr, encode, blocks, set(), data, origin)
             return len(self._blocks(start, stop))
         # Uncompressed, unsharded: a stored chunk *is* its C-order little-endian
         # bytes, so whole chunks are written straight from the slab (zarr's own

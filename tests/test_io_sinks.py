@@ -166,11 +166,15 @@ class TestZarrSinkUncompressed(TestZarrSink):
         return ZarrSink(path, shape, dtype, chunks=(2, 20, 48), compressors=None, **kwargs)
 
 
+@pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("zarr_format", [2, 3])
 @pytest.mark.parametrize("dtype", ["u1", ">u2", "<i4", "f8", "bool"])
-def test_zarr_direct_chunk_writes_match_zarr_bytes(tmp_path, zarr_format, dtype):
-    """The direct path stores exactly the files zarr itself would store."""
+def test_zarr_direct_chunk_writes_match_zarr_bytes(tmp_path, zarr_format, dtype, compressed):
+    """The direct paths (raw chunks written in place; compressed ones encoded on
+    dask_sweep's codec threads) store exactly the files zarr itself would store."""
     import os
+
+    codec = {} if compressed else {"compressors": None}
 
     shape, chunks = (11, 13, 7), (2, 5, 7)
     rng = np.random.default_rng(1)
@@ -182,9 +186,9 @@ def test_zarr_direct_chunk_writes_match_zarr_bytes(tmp_path, zarr_format, dtype)
         shape,
         dtype,
         chunks=chunks,
-        compressors=None,
         zarr_format=zarr_format,
         slab_rows=4,
+        **codec,
     )
     for a, b in sink.slabs():
         sink.write_slab(a, data[a:b])
@@ -194,9 +198,9 @@ def test_zarr_direct_chunk_writes_match_zarr_bytes(tmp_path, zarr_format, dtype)
         shape=shape,
         chunks=chunks,
         dtype=dtype,
-        compressors=None,
         zarr_format=zarr_format,
         config={"write_empty_chunks": True},
+        **codec,
     )
     ref[...] = data
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...], data)

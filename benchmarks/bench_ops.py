@@ -231,6 +231,8 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
 
 
 def _spawn(args: list[str]) -> dict:
+    # the previous run's output flushed first: its write-back would fall into this run
+    os.sync()
     p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True,
                        text=True)
     if p.returncode and "BudgetError" in p.stderr:

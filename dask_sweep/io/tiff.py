@@ -563,7 +563,6 @@ class TiffStackSink(Sink):
             cached[key] = _template_head(plane.shape, plane.dtype)
         return cached[key]
 
-
     def _files(self, start: int, stop: int) -> list[str]:
         return [os.path.join(self.partial_path, self.filename(i)) for i in range(start, stop)]
 

@@ -192,6 +192,26 @@ def test_no_tiling_when_output_blocks_straddle_every_cut(cube):
             y.compute()
 
 
+def test_a_tiling_that_fits_a_chunk_row_per_step_is_not_refused_at_one_plane(tmp_path, rng):
+    """Compressed 16-plane chunk rows: a step of one plane still holds the row it is cut
+    from beside a partial output row, so it can need more than a step of the whole row.
+    The tile search used to refuse a tile shape whose one-plane floor did not fit (64
+    tiles here); it tries one chunk row per step first (32 tiles, the same values)."""
+    z = zarr.create_array(tmp_path / "c.zarr", shape=(32, 128, 128), chunks=(16, 16, 16),
+                          dtype="u1")
+    z[:] = (rng.random(z.shape) * 255).astype("u1")
+    y = (da.from_zarr(z) > 128).astype("u1")
+    out = zarr.create_array(tmp_path / "o.zarr", shape=z.shape, chunks=z.chunks, dtype="u1")
+    store = y.to_zarr(out, compute=False)
+    settings = dict(memory_limit="256KiB", runtime_overhead=0, fallback="raise")
+    (plan, _), = dask_sweep.explain(store, **settings).result.plans
+    assert plan.info["tiling"]["tiles"] == 32
+    assert all(p.steps == (16, 32) for p, _ in plan.info["tile_plans"])  # a row per step
+    with dask_sweep.enable(**settings):
+        dask.compute(store)
+    np.testing.assert_array_equal(out[...], (z[...] > 128).astype("u1"))
+
+
 def _pipe_with_elementwise(x):
     y = (x.astype("f4") * 0.5).map_overlap(ndi.gaussian_filter, depth=4, sigma=1, boundary="none")
     y = y.map_overlap(ndi.grey_erosion, depth=1, size=3, boundary="reflect")

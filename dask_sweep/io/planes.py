@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.io.accounting import REGISTRY
-from dask_sweep.io.zarr_io import _local_root, _raw_chunk_dtype
+from dask_sweep.io.zarr_io import _local_root, _pool, _raw_chunk_dtype
 from dask_sweep.utils import pwrite_all
 
 __all__ = ["ZarrPlanes", "zarr_planes"]
@@ -51,6 +51,18 @@ def zarr_planes(arr: Any) -> ZarrPlanes | None:
         return None
     path = os.path.join(root, *[p for p in str(arr.path).split("/") if p])
     return ZarrPlanes(path, arr, raw)
+
+
+#: Below this many bytes a read or write of planes stays in the calling thread; above it
+#: the chunk files are read or written on two threads (page-cache copies, the GIL released).
+PARALLEL_BYTES = 4 << 20
+
+
+def _run(fn, items: list, nbytes: int) -> list:
+    """``fn`` over ``items``: on the codec threads when there is enough to share."""
+    if len(items) < 2 or nbytes < PARALLEL_BYTES or os.environ.get("DS_NOPAR"):
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
 
 
 class ZarrPlanes:
@@ -99,6 +111,13 @@ class ZarrPlanes:
                         for q in range(s // c, -(-e // c))])
         return out
 
+    def temps(self, nbytes: int) -> int:
+        """What a read or write of ``nbytes`` of planes holds beside them: a copy of the
+        part of one chunk each thread works on (at most a whole chunk) where the planes
+        are cut from, or copied to, a chunk that is not one contiguous part of them."""
+        chunk = int(np.prod(self.chunks, dtype=np.int64)) * self.raw.itemsize
+        return min(int(nbytes), (2 if nbytes >= PARALLEL_BYTES else 1) * chunk)
+
     @property
     def plane_bytes_in_chunk(self) -> int:
         return int(np.prod(self.chunks[1:], dtype=np.int64)) * self.raw.itemsize
@@ -130,54 +149,57 @@ class ZarrPlanes:
         c0 = self.chunks[0]
         per_plane = self.plane_bytes_in_chunk
         origin = [r[0] for r in region] if region else [0] * (len(self.shape) - 1)
-        nbytes = nchunks = 0
         inplane = self._inplane_blocks(region)
-        for q0 in range(a // c0, -(-b // c0)):
+        items = [(q0, combo) for q0 in range(a // c0, -(-b // c0))
+                 for combo in itertools.product(*inplane)]
+
+        def one(item) -> int:
+            q0, combo = item
             p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
             dst0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
-            for combo in itertools.product(*inplane):
-                block = (q0, *(q for q, _, _ in combo))
-                dst = out[(dst0, *(slice(s - o, e - o) for (_, s, e), o in
-                                    zip(combo, origin)))]
-                whole = all(e - s == c and s == q * c for (q, s, e), c in
-                            zip(combo, self.chunks[1:]))
-                fn = self._file(block)
-                try:
-                    fd = os.open(fn, os.O_RDONLY)
-                except FileNotFoundError:
-                    dst[...] = self.fill_value
-                    continue
-                try:
-                    want = (p1 - p0) * per_plane
-                    cut = tuple(slice(s - q * c, e - q * c)
-                                for (q, s, e), c in zip(combo, self.chunks[1:]))
-                    r0, r1 = self._rows(*combo[0]) if combo else (0, 1)
-                    if whole and dst.flags.c_contiguous and self.raw == self.dtype:
-                        got = os.preadv(fd, [memoryview(dst).cast("B")], p0 * per_plane)
-                    elif combo and r1 - r0 < self.chunks[1]:  # a few rows of each plane, apart
-                        row = per_plane // self.chunks[1]
-                        buf = np.empty((p1 - p0, r1 - r0, *self.chunks[2:]), self.raw)
-                        want, got = (p1 - p0) * (r1 - r0) * row, 0
-                        for k in range(p1 - p0):
-                            got += os.preadv(fd, [memoryview(buf[k]).cast("B")],
-                                             (p0 + k) * per_plane + r0 * row)
-                        dst[...] = buf[(slice(None), slice(None), *cut[1:])]
-                    else:
-                        buf = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
-                        got = os.preadv(fd, [memoryview(buf).cast("B")], p0 * per_plane)
-                        dst[...] = buf[(slice(None), *cut)]
-                finally:
-                    os.close(fd)
-                if got != want:
-                    from dask_sweep.errors import SourceError
+            block = (q0, *(q for q, _, _ in combo))
+            dst = out[(dst0, *(slice(s - o, e - o) for (_, s, e), o in zip(combo, origin)))]
+            whole = all(e - s == c and s == q * c for (q, s, e), c in
+                        zip(combo, self.chunks[1:]))
+            fn = self._file(block)
+            try:
+                fd = os.open(fn, os.O_RDONLY)
+            except FileNotFoundError:
+                dst[...] = self.fill_value
+                return 0
+            try:
+                want = (p1 - p0) * per_plane
+                cut = tuple(slice(s - q * c, e - q * c)
+                            for (q, s, e), c in zip(combo, self.chunks[1:]))
+                r0, r1 = self._rows(*combo[0]) if combo else (0, 1)
+                if whole and dst.flags.c_contiguous and self.raw == self.dtype:
+                    got = os.preadv(fd, [memoryview(dst).cast("B")], p0 * per_plane)
+                elif combo and r1 - r0 < self.chunks[1]:  # a few rows of each plane, apart
+                    row = per_plane // self.chunks[1]
+                    buf = np.empty((p1 - p0, r1 - r0, *self.chunks[2:]), self.raw)
+                    want, got = (p1 - p0) * (r1 - r0) * row, 0
+                    for k in range(p1 - p0):
+                        got += os.preadv(fd, [memoryview(buf[k]).cast("B")],
+                                         (p0 + k) * per_plane + r0 * row)
+                    dst[...] = buf[(slice(None), slice(None), *cut[1:])]
+                else:
+                    buf = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
+                    got = os.preadv(fd, [memoryview(buf).cast("B")], p0 * per_plane)
+                    dst[...] = buf[(slice(None), *cut)]
+            finally:
+                os.close(fd)
+            if got != want:
+                from dask_sweep.errors import SourceError
 
-                    raise SourceError(
-                        f"Chunk file {fn} of zarr array {self.path} is truncated or corrupt: "
-                        f"expected {want} bytes of uncompressed {self.raw} at offset "
-                        f"{p0 * per_plane}, read {got}."
-                    )
-                nbytes += want
-                nchunks += 1
+                raise SourceError(
+                    f"Chunk file {fn} of zarr array {self.path} is truncated or corrupt: "
+                    f"expected {want} bytes of uncompressed {self.raw} at offset "
+                    f"{p0 * per_plane}, read {got}."
+                )
+            return want
+
+        done = _run(one, items, out.nbytes)
+        nbytes, nchunks = sum(done), sum(1 for d in done if d)
         REGISTRY.read(self.path, nbytes, nchunks)
         return out
 
@@ -191,39 +213,43 @@ class ZarrPlanes:
         org = list(origin[1:]) if origin is not None else [0] * (len(self.shape) - 1)
         region = [(o, o + n) for o, n in zip(org, planes.shape[1:])]
         inplane = self._inplane_blocks(region)
-        nbytes = nchunks = 0
-        for q0 in range(a // c0, -(-b // c0)):
+        items = [(q0, combo) for q0 in range(a // c0, -(-b // c0))
+                 for combo in itertools.product(*inplane)]
+
+        def one(item) -> int:
+            q0, combo = item
             p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
             src0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
-            for combo in itertools.product(*inplane):
-                block = (q0, *(q for q, _, _ in combo))
-                src = planes[(src0, *(slice(s - o, e - o) for (_, s, e), o in
-                                       zip(combo, org)))]
-                sub = tuple(slice(s - q * c, e - q * c) for (q, s, e), c in
-                            zip(combo, self.chunks[1:]))
-                full = all(x.start == 0 and x.stop == c for x, c in zip(sub, self.chunks[1:]))
-                if full and src.flags.c_contiguous and self.raw == self.dtype:
-                    data = src
-                else:
-                    # an edge or partly covered chunk: the rest of its planes is the
-                    # fill value (edge padding) or, if the file holds data, that data
-                    data = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
-                    if not full:
-                        self._fill_from_file(block, p0, p1, data)
-                    data[(slice(None), *sub)] = src
-                fn = self._file(block)
-                try:
-                    fd = os.open(fn, os.O_WRONLY)
-                except FileNotFoundError:
-                    os.makedirs(os.path.dirname(fn), exist_ok=True)
-                    fd = os.open(fn, os.O_WRONLY | os.O_CREAT, 0o644)
-                    os.ftruncate(fd, c0 * per_plane)  # zero bytes: the fill value
-                try:
-                    pwrite_all(fd, np.ascontiguousarray(data), p0 * per_plane)
-                finally:
-                    os.close(fd)
-                nbytes += (p1 - p0) * per_plane
-                nchunks += 1
+            block = (q0, *(q for q, _, _ in combo))
+            src = planes[(src0, *(slice(s - o, e - o) for (_, s, e), o in
+                                   zip(combo, org)))]
+            sub = tuple(slice(s - q * c, e - q * c) for (q, s, e), c in
+                        zip(combo, self.chunks[1:]))
+            full = all(x.start == 0 and x.stop == c for x, c in zip(sub, self.chunks[1:]))
+            if full and src.flags.c_contiguous and self.raw == self.dtype:
+                data = src
+            else:
+                # an edge or partly covered chunk: the rest of its planes is the
+                # fill value (edge padding) or, if the file holds data, that data
+                data = np.empty((p1 - p0, *self.chunks[1:]), self.raw)
+                if not full:
+                    self._fill_from_file(block, p0, p1, data)
+                data[(slice(None), *sub)] = src
+            fn = self._file(block)
+            try:
+                fd = os.open(fn, os.O_WRONLY)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(fn), exist_ok=True)
+                fd = os.open(fn, os.O_WRONLY | os.O_CREAT, 0o644)
+                os.ftruncate(fd, c0 * per_plane)  # zero bytes: the fill value
+            try:
+                pwrite_all(fd, np.ascontiguousarray(data), p0 * per_plane)
+            finally:
+                os.close(fd)
+            return (p1 - p0) * per_plane
+
+        nchunks = len(items)
+        nbytes = sum(_run(one, items, planes.nbytes))
         REGISTRY.write(self.path, nbytes, nchunks)
 
     def _fill_from_file(self, block, p0: int, p1: int, data: np.ndarray) -> None:

@@ -58,6 +58,8 @@ class TileReader:
             self.free = True
             self.what = getattr(inner, "what", None) or "by their byte ranges in the chunk files"
         self.made = getattr(inner, "made", False)
+        if getattr(inner, "read_temps", None) is not None:  # chunk parts cut while reading
+            self.read_temps = inner.read_temps
         # a zarr array read a step's rows per call reads exactly the tile's region
         self.reads_rows = getattr(inner, "reads_rows", False)
         self.carries = getattr(inner, "carries", False)

@@ -192,6 +192,10 @@ class PlaneReader:
         """Bytes read per plane of an in-plane ``region`` (a tile's halo: its rows only)."""
         return self.planes.region_bytes(region)
 
+    def read_temps(self, nbytes: int) -> int:
+        """What reading ``nbytes`` of planes holds beside them (chunk parts being cut)."""
+        return self.planes.temps(nbytes)
+
     def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
         return self.planes.read(r, r + 1)
 

@@ -194,6 +194,10 @@ class PlaneStoreWriter:
         self.planes = planes
         self.offset = offset  # where the stored array starts in the target (``region``)
 
+    def temps_of(self, nbytes: int) -> int:
+        """What a write of ``nbytes`` of planes holds beside them (chunk parts copied)."""
+        return self.planes.temps(nbytes)
+
     def write_planes(self, a: int, planes, origin=None) -> None:
         o = origin if origin is not None else (0,) * planes.ndim
         org = tuple(x + y for x, y in zip(o, self.offset))

@@ -192,7 +192,8 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
         return int(out_bytes * st.temps)
     if isinstance(st, Source):
         if getattr(st.reader, "free", False):
-            return 0
+            temps = getattr(st.reader, "read_temps", None)
+            return temps(out_bytes) if temps is not None else 0
         # a row assembled from dask's blocks: the blocks and the row, for a moment.  In an
         # in-plane tile the whole chunks met (``in_bytes``) are held twice over: zarr's
         # buffers as it decodes them into the tile's region (one call alone held 1.33x:

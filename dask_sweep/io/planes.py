@@ -59,8 +59,9 @@ PARALLEL_BYTES = 4 << 20
 
 
 def _run(fn, items: list, nbytes: int) -> list:
-    """``fn`` over ``items``: on the codec threads when there is enough to share."""
-    if len(items) < 2 or nbytes < PARALLEL_BYTES or os.environ.get("DS_NOPAR"):
+    """``fn`` over ``items``: on the codec threads when there is enough to share (not
+    with ``DASK_SWEEP_NO_THREADS=1``, as the kernels' threads)."""
+    if len(items) < 2 or nbytes < PARALLEL_BYTES or os.environ.get("DASK_SWEEP_NO_THREADS"):
         return [fn(x) for x in items]
     return list(_pool().map(fn, items))
 

@@ -474,11 +474,15 @@ class ZarrSink(Sink):
         )
         return HANDLES.get(key, opener)
 
-    def _blocks(self, start: int, stop: int) -> list[tuple[int, ...]]:
+    def _ranges(self, start: int, stop: int) -> list[range]:
+        """Per axis, the indices of the blocks (shards, else chunks) rows ``[start, stop)``
+        meet."""
         grid = self.shards or self.chunks
         rows = range(start // grid[0], -(-stop // grid[0]))
-        others = [range(-(-n // c)) for n, c in zip(self.shape[1:], grid[1:])]
-        return list(itertools.product(rows, *others))
+        return [rows, *(range(-(-n // c)) for n, c in zip(self.shape[1:], grid[1:]))]
+
+    def _blocks(self, start: int, stop: int) -> list[tuple[int, ...]]:
+        return list(itertools.product(*self._ranges(start, stop)))
 
     def _write(self, start: int, data: np.ndarray) -> int:
         arr = self._open_partial()
@@ -491,11 +495,9 @@ class ZarrSink(Sink):
             encode = _encoder(arr) if data.dtype == np.dtype(arr.dtype) else None
             if encode is None or _local_root(arr.store) is None:
                 arr[start:stop] = data
-            else:
-                blocks = [range(start // self.chunks[0], -(-stop // self.chunks[0])),
-                          *(range(-(-n // c)) for n, c in zip(self.shape[1:], self.chunks[1:]))]
+            else:  # (unsharded: the blocks are the chunks)
                 origin = [start] + [0] * (len(self.shape) - 1)
-                _write_encoded(arr, encode, blocks, set(), data, origin)
+                _write_encoded(arr, encode, self._ranges(start, stop), set(), data, origin)
             return len(self._blocks(start, stop))
         # Uncompressed, unsharded: a stored chunk *is* its C-order little-endian
         # bytes, so whole chunks are written straight from the slab (zarr's own

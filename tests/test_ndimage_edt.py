@@ -18,7 +18,7 @@ def _budget_for(shape, rows, itemsize=1, threads=2, boundary=True):
     """A memory limit that makes slabs of ``rows`` rows (boundary planes in memory or not)."""
     plane = int(np.prod(shape[1:]))
     longest = max(shape[1:], default=1)
-    fixed = 3 * 4 * plane + threads * 32 * longest + 4 * plane * shape[0] * boundary
+    fixed = 3 * 4 * plane + threads * 32 * longest + 3 * 4 * plane * shape[0] * boundary
     return int(rows * plane * (2 * itemsize + 17) + fixed)
 
 
@@ -99,13 +99,14 @@ def test_boundary_planes_spill_to_disk_and_are_cleaned(tmp_path, rng):
     x = da.from_array(mask, chunks=(1, 8, 8))
     with dask.config.set({"temporary-directory": str(tmp_path)}):
         plan = plan_edt(x, memory_limit=3000)
-        assert plan.bytes_written == 4 * 64 * (len(plan.slabs) - 1) > 0
+        assert plan.bytes_written == 3 * 4 * 64 * (len(plan.slabs) - 1) > 0  # F, D, B
         assert "spilled" in plan.explain()
         y = distance_transform_edt(x, memory_limit=3000)
         with track() as stats:
             got = y.compute(scheduler="threads")
     np.testing.assert_allclose(got, ndi.distance_transform_edt(mask), rtol=1e-12)
-    assert stats.bytes_written == plan.bytes_written
+    # planes of short distances are written in 1 byte a voxel: a quarter of the bound
+    assert stats.bytes_written == plan.bytes_written // 4
     assert os.listdir(tmp_path) == []  # planes read back, deleted, directory removed
 
 
@@ -126,15 +127,17 @@ def test_graph_chains_and_inline_reads(rng, tmp_path):
     def keys(prefix):
         return {k[1]: k for k in dsk if isinstance(k, tuple) and k[0].startswith(prefix)}
 
-    fwd, bwd, spill = keys("edt-fwd-"), keys("edt-bwd-"), keys("edt-spill-")
-    assert len(fwd) == len(bwd) == 8 and len(spill) == 7
-    for s in range(1, 8):
-        assert fwd[s - 1] in dsk[fwd[s]].dependencies  # forward chain
-        assert spill[s - 1] in dsk[bwd[s]].dependencies  # boundary plane read back
-    for s in range(7):
-        deps = {d[0].split("-")[1] for d in dsk[bwd[s]].dependencies}
-        assert "bcarry" in deps  # slab s waits for slab s+1 of the backward chain
-    assert fwd[7] in dsk[bwd[7]].dependencies  # "any background?" from the last forward plane
+    fwd, out = keys("edt-fwd-"), keys("distance-transform-edt-")
+    (tab,) = [k for k in dsk if isinstance(k, str) and k.startswith("edt-tables-")]
+    assert len(fwd) == len(out) == 8
+    assert set(dsk[tab].dependencies) == set(fwd.values())  # the backward chain: one task
+    for s in range(8):
+        if s:
+            assert fwd[s - 1] in dsk[fwd[s]].dependencies  # forward chain
+        # an output block waits for the tables and F of the slab before, never for
+        # another block: a consumer can take each block as it comes
+        want = {tab, fwd[s - 1]} if s else {tab}
+        assert set(dsk[out[s]].dependencies) == want
     np.testing.assert_allclose(y.compute(), ndi.distance_transform_edt(mask), rtol=1e-12)
 
 
@@ -170,7 +173,8 @@ def test_explain_text(rng):
     text = explain_edt(rng.random((20, 8, 8)) < 0.5, sampling=(1, 2, 3), memory_limit="64KiB")
     for part in (
         "pass 1 forward",
-        "pass 2 backward",
+        "pass 2 distances",
+        "blocks independent",
         "projected peak",
         "bytes read / input bytes = 2.00",
         "sampling (1.0, 2.0, 3.0)",

@@ -94,7 +94,7 @@ def test_plans_count_the_tasks_bookkeeping_per_slab():
     with dask.config.set({"sweep.task-overhead": "1KiB"}):
         counted = plan_label(x, memory_limit="1MiB")
         edt = plan_edt(x, memory_limit="1MiB")
-    assert counted.per_slab == 3 << 10 and edt.per_slab == 7 << 10
+    assert counted.per_slab == 3 << 10 and edt.per_slab == 4 << 10
     assert len(counted.slabs) <= len(plain.slabs)
     assert counted.projected_peak <= counted.budget
     assert counted.projected_peak >= counted.per_slab * len(counted.slabs)

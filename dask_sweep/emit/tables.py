@@ -8,8 +8,9 @@
                            (label-T, s, 0, ..): pass 2, one task per slab; label-num-T
     label, input that      (label-local-T, s), (label-face-T, s), (label-link-T, s):
       dask computes        pass 1 backward; (label-number-T, s) forward; pass 2 as above
-    EDT                    (edt-fwd-T, s) forward chain [+ (edt-spill-T, s)], then
-                           (edt-bwd-T, s) backward chain -> (distance-transform-edt-T, s, ..)
+    EDT                    (edt-fwd-T, s) forward chain; edt-tables-T: the backward
+                           chain over its planes, one task; (distance-transform-edt-T,
+                           s, ..): pass 2, one task per slab
 
 The output layer carries the bytes its last pass holds while a sweep consumes
 it (:data:`~dask_sweep.plan.ir.FEEDING`), so that sweep plans for the rest.
@@ -17,8 +18,6 @@ it (:data:`~dask_sweep.plan.ir.FEEDING`), so that sweep plans for the rest.
 
 from __future__ import annotations
 
-import operator
-import os
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from dask.base import tokenize
 
 from dask_sweep.config import SweepSettings, temporary_directory
 from dask_sweep.multipass import spill as _spill
-from dask_sweep.multipass.edt import backward_step, forward_step
+from dask_sweep.multipass.edt import distance_step, forward_step, tables_step
 from dask_sweep.multipass.label import (
     count,
     face_step,
@@ -210,56 +209,44 @@ def edt_graph(
 ) -> Any:
     """``ndimage.distance_transform_edt``'s output as a dask array, from its plan and readers.
 
-    A forward chain of one int32 plane per slab (spilled to ``.npy`` files when the
-    plan says so), then a backward chain that emits each slab's block, last first.
+    A forward chain (its F and D planes spilled to ``.npy`` files when the plan says
+    so), one task for the backward chain over the D planes, then a distance task per
+    slab.
     """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    # spill paths must be unique per call
+    # spill paths must be unique per call; an input dask computes leaves its masks there
     spill_dir = _spill.new_dir("edt") if spill else None
-    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill_dir)
-    fwd, spl, bwd = f"edt-fwd-{token}", f"edt-spill-{token}", f"edt-bwd-{token}"
-    bcar, out = f"edt-bcarry-{token}", f"distance-transform-edt-{token}"
+    mask_dir = None if plan.inline else _spill.new_dir("edt", "-masks")
+    token = tokenize(image.name, samp, plan.slabs, settings.threads, spill_dir, mask_dir)
+    fwd, tab = f"edt-fwd-{token}", f"edt-tables-{token}"
+    out = f"distance-transform-edt-{token}"
     n = len(readers)
     nz = (0,) * (image.ndim - 1)
+    tune = settings.tune_malloc
     dsk: dict = {}
     for s, r in enumerate(readers):
         ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         prev = TaskRef((fwd, s - 1)) if s else None
-        dsk[(fwd, s)] = Task((fwd, s), forward_step, r, prev, settings.tune_malloc, *ext)
-        if spill and s + 1 < n:
-            path = os.path.join(spill_dir, f"F-{s:08d}.npy")
-            dsk[(spl, s)] = Task((spl, s), _spill.spill, path, TaskRef((fwd, s)))
-    for s in range(n - 1, -1, -1):
-        r = readers[s]
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
-        f_in = None if s == 0 else TaskRef(((spl if spill else fwd), s - 1))
-        b_in = TaskRef((bcar, s + 1)) if s + 1 < n else None
-        last = TaskRef((fwd, n - 1)) if s + 1 == n else None
-        dsk[(bwd, s)] = Task(
-            (bwd, s),
-            backward_step,
-            r,
-            f_in,
-            b_in,
-            last,
-            plan.slabs[s][0],
-            samp,
-            tuple(image.shape),
-            settings.threads,
-            spill_dir,
-            settings.tune_malloc,
-            *ext,
+        dsk[(fwd, s)] = Task(
+            (fwd, s), forward_step, r, prev, s, s + 1 == n, spill_dir, mask_dir, tune, *ext
         )
-        dsk[(out, s, *nz)] = Task((out, s, *nz), operator.getitem, TaskRef((bwd, s)), 0)
-        if s > 0:
-            dsk[(bcar, s)] = Task((bcar, s), operator.getitem, TaskRef((bwd, s)), 1)
+    rows = tuple(b - a for a, b in plan.slabs)
+    plane = int(np.prod(image.shape[1:], dtype=np.int64))
+    dsk[tab] = Task(tab, tables_step, rows, plane, spill_dir,
+                    *(TaskRef((fwd, s)) for s in range(n)))
+    for s, r in enumerate(readers):
+        # an input dask computes is not asked for again: pass 2 reads pass 1's masks
+        prev = TaskRef((fwd, s - 1)) if s else None
+        dsk[(out, s, *nz)] = Task(
+            (out, s, *nz), distance_step, r, prev, TaskRef(tab), s, plan.slabs[s], samp,
+            tuple(image.shape), settings.threads, (spill_dir, mask_dir), tune,
+        )
     deps = () if plan.inline else (image,)
     # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
     layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes,
                                                        FEEDING_BUDGET: plan.budget})
     graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
-    rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
     return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))

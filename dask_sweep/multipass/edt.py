@@ -1,4 +1,4 @@
-"""Exact Euclidean distance transform in two streaming passes, equal to scipy's.
+"""Exact Euclidean distance transform in two passes over slabs, equal to scipy's.
 
 Algorithm
 ---------
@@ -13,33 +13,42 @@ the 1-D distance is ``min(up, down)`` with
 
 Each scan carries one int32 plane between slabs::
 
-    forward chain (pass 1)               backward chain (pass 2)
-    slab 0  --F0-->                      <--B1--  slab 0   -> out 0
-    slab 1  --F1-->        F0, F1, ...   <--B2--  slab 1   -> out 1
-    slab 2  --F2--> (has background?)  ---------> slab 2   -> out 2 (first)
+    pass 1: forward chain          tables: one task          pass 2: any order
+    slab 0 -> F0                   B(n-1) = D(n-1)           slab i, F(i-1), B(i+1) -> out i
+    slab 1 -> F1, D1       ...     B(i) = D(i) chained
+    slab 2 -> D2, any background?    onto B(i+1)
 
-Pass 1 reads each slab and produces only ``F[i]`` (up-distance at the slab's
-last row).  Pass 2 walks the slabs backwards; slab *i* re-reads its input,
-recomputes ``up`` inside the slab from ``F[i-1]`` (recomputing is cheaper than
-writing a float volume), scans ``down`` from ``B[i+1]``, squares with the
-sampling, applies the in-plane envelopes and the square root, and emits its
-output block.  Output blocks therefore appear from the last slab to the first.
+Pass 1 (:func:`forward_step`, a chain) reads each slab and produces ``F[i]``
+(up-distance at the slab's last row, carried from ``F[i-1]``) and ``D[i]`` (the
+slab's own down edge).  :func:`tables_step` chains the ``D`` planes backwards into
+``B[i]`` (down-distance at the slab's first row), over planes only.  Pass 2
+(:func:`distance_step`) turns each slab into its output block on its own: it reads
+the slab again (or, for an input dask computes, the packed mask pass 1 wrote),
+recomputes ``up`` and ``down`` inside the slab from ``F[i-1]`` and ``B[i+1]``
+(recomputing is cheaper than writing a float volume), squares with the sampling,
+applies the in-plane envelopes and the square root.  The output blocks are
+independent tasks, so a consumer (a store) takes each as it comes under any
+scheduler's order: a chain emitting them would run ahead of its consumers (dask's
+order, for one, runs such a chain to its end before the first store).  Pass 1
+stays a chain: an input dask computes is then computed in slab order, one slab's
+worth at a time.
 
-The boundary planes ``F[0..n-2]`` are all alive when pass 2 starts.  They stay
-in memory when they fit the budget next to a slab; otherwise each is written
+The planes ``F``, ``D`` and ``B`` (``3 x 4 x plane voxels x (slabs - 1)`` bytes)
+stay in memory when they fit the budget next to a slab; otherwise each is written
 to a ``.npy`` file under dask's ``temporary-directory`` and read back (and
-deleted) by pass 2: ``4 x plane voxels x (slabs - 1)`` bytes written.  The
-input is read twice (bytes read / input bytes = 2).
+deleted) by the step that needs it last.  An inline input is read twice (bytes
+read / input bytes = 2); one dask computes is computed once.
 
 No background at all: scipy then reports the distance to a virtual background
 voxel at index ``(-1, 0, ..., 0)``, i.e. ``sqrt(((i+1) s0)^2 + (j s1)^2 + ...)``;
-this is matched (the last forward plane tells pass 2 whether any background
-exists).
+this is matched (pass 1 tells whether any slab has background).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,12 +61,13 @@ from dask_sweep.runtime.memory import tune_allocator
 
 __all__ = [
     "INF",
-    "backward_step",
     "chain_edges",
+    "distance_step",
     "distances",
     "forward_step",
     "normalize_sampling",
     "slab_edges",
+    "tables_step",
     "warm",
 ]
 
@@ -103,55 +113,141 @@ def _foreground(reader: SlabInput, blocks: tuple) -> np.ndarray:
     return np.ascontiguousarray(fg).reshape(fg.shape[0], -1)
 
 
+def _put(plane: np.ndarray, directory: str | None, name: str) -> np.ndarray | str:
+    """``plane`` itself, or (``directory`` given) the path of the file it was written to,
+    in the narrowest unsigned type that holds it exactly (``INF``: the type's largest
+    value; read back by :func:`_get`).
+
+    Distances are mostly short, so most planes take 1 byte a voxel, not 4: writing
+    to the page cache costs 2.5 ms a MiB here (0.4 GiB/s), most of a spilled run's
+    first pass.
+    """
+    if directory is None:
+        return plane
+    top = K.finite_max(plane)
+    for t in (np.uint8, np.uint16):
+        big = np.iinfo(t).max
+        if top < big:
+            narrow = np.empty(plane.shape, t)
+            K.narrow_into(plane, narrow, big)
+            plane = narrow
+            break
+    return spill.spill(os.path.join(directory, name), plane)
+
+
+def _get(obj: np.ndarray | str, keep: bool = False) -> np.ndarray:
+    """A plane :func:`_put` returned, as int32 (a file is deleted unless ``keep``)."""
+    if not isinstance(obj, str):
+        return obj
+    narrow = spill.load(obj) if keep else spill.take(obj)
+    if narrow.dtype == np.int32:
+        return narrow
+    plane = np.empty(narrow.shape, np.int32)
+    K.widen_into(narrow, plane, np.iinfo(narrow.dtype).max)
+    return plane
+
+
 def forward_step(
-    reader: SlabInput, carry: np.ndarray | None, tune: bool, *blocks: Any
-) -> np.ndarray:
-    """Pass 1 of a slab: the up-distance carried past its last row (``carry``: the one
-    before it; ``tune``: ``sweep.tune-malloc``)."""
+    reader: SlabInput,
+    prev: tuple | None,
+    s: int,
+    last: bool,
+    spill_dir: str | None,
+    mask_dir: str | None,
+    tune: bool,
+    *blocks: Any,
+) -> tuple:
+    """Pass 1 of slab ``s`` (a chain): ``(F, D, has_background)``.
+
+    ``F``: the up-distance carried past the slab's last row (from ``prev``, the step
+    before's result); ``D``: the slab's own down edge (the backward chain of
+    :func:`tables_step` needs it).  With ``spill_dir``, ``F`` and ``D`` are files
+    there, named by path (the next step reads ``F`` and leaves it to the slab after's
+    distance step).  Only the last step says whether there is any background (its
+    ``F`` is not needed).  With ``mask_dir`` (an input dask computes, which pass 2 does
+    not compute again), the packed foreground is written there.
+    """
     if tune:
         tune_allocator()  # sweep.tune-malloc: freed slabs leave the process at once
     fg = _foreground(reader, blocks)
-    if carry is None:
-        carry = np.full(fg.shape[1], K.INF, dtype=np.int32)
-    out = np.empty_like(carry)
-    K.forward_carry(fg, carry, out)
-    return out
+    if mask_dir is not None:
+        spill.spill(os.path.join(mask_dir, f"M-{s:08d}.npy"), np.packbits(fg))
+    plane = fg.shape[1]
+    carry = np.full(plane, K.INF, np.int32) if prev is None else _get(prev[0], keep=True)
+    f = np.empty(plane, np.int32)
+    K.forward_carry(fg, carry, f)
+    d = None
+    if s > 0:  # D of slab 0 is not needed
+        d = np.empty(plane, np.int32)
+        K.down_edge(fg, d)
+        d = _put(d, spill_dir, f"D-{s:08d}.npy")
+    del fg, carry
+    if last:
+        return None, d, bool((f < K.INF).any()) if plane else False
+    return _put(f, spill_dir, f"F-{s:08d}.npy"), d, None
 
 
-def backward_step(
+def tables_step(
+    rows: tuple[int, ...], plane: int, spill_dir: str | None, *steps: tuple
+) -> tuple[list, bool]:
+    """The backward chain over the slabs' down edges: ``(B, has_background)``.
+
+    ``B[s]``: the down-distance at slab ``s``'s first row (``B[0]`` is not needed),
+    a plane or, with ``spill_dir``, the path of its file; ``steps``: every forward
+    step's result, in order.
+    """
+    n = len(steps)
+    B: list = [None] * n
+    carry = None
+    for s in range(n - 1, 0, -1):
+        carry = chain_edges(carry, _get(steps[s][1]), rows[s], plane)
+        B[s] = _put(carry, spill_dir, f"B-{s:08d}.npy")
+    return B, bool(steps[-1][2])
+
+
+# One distance step at a time in a process: a step already runs its in-plane
+# envelopes on every thread, and the plan counts one slab of it; the steps are
+# independent tasks (so that a consumer, e.g. a store, takes each block as it comes
+# under any scheduler's order), which a scheduler would otherwise run at once.
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def distance_step(
     reader: SlabInput,
-    f_in: Any,
-    b_carry: tuple | None,
-    last_f: np.ndarray | None,
-    row0: int,
+    prev: tuple | None,
+    tables: tuple[list, bool],
+    s: int,
+    slab: tuple[int, int],
     sampling: tuple[float, ...],
     shape: tuple[int, ...],
     threads: int,
-    spill_dir: str | None,
+    dirs: tuple[str | None, ...],
     tune: bool,
     *blocks: Any,
-) -> tuple[np.ndarray, tuple]:
-    """One slab of pass 2: returns ``(output block, (down-distance plane, has_background))``."""
-    if tune:
-        tune_allocator()
-    if isinstance(f_in, str):
-        f_in = spill.take(f_in)
+) -> np.ndarray:
+    """Pass 2 of slab ``s``: its output block, from its foreground (read again, or the
+    packed mask pass 1 wrote), ``F`` of the slab before (``prev``, its forward step)
+    and ``B`` of the slab after (``tables``)."""
+    B, has_bg = tables
     plane = int(np.prod(shape[1:], dtype=np.int64))
-    if b_carry is None:  # the last slab starts the chain
-        has_bg = bool((last_f < K.INF).any()) if plane else False
-        b_in = np.full(plane, K.INF, dtype=np.int32)
-    else:
-        b_in, has_bg = b_carry
-    if f_in is None:
-        f_in = np.full(plane, K.INF, dtype=np.int32)
-    b_out = np.empty(plane, dtype=np.int32)
-    # the mask is handed over (no name here), so distances() frees it before the envelopes
-    d2 = distances(
-        _foreground(reader, blocks), f_in, b_in, b_out, has_bg, row0, sampling, shape, threads
-    )
-    if row0 == 0:
-        spill.remove_dir(spill_dir)  # every plane has been read back and deleted
-    return d2, (b_out, has_bg)
+    with _ONE_AT_A_TIME:
+        if tune:
+            tune_allocator()
+        f_in = _get(prev[0]) if prev is not None else np.full(plane, K.INF, np.int32)
+        b_in = _get(B[s + 1]) if s + 1 < len(B) else np.full(plane, K.INF, np.int32)
+        if dirs[1] is not None:  # the mask pass 1 wrote
+            packed = spill.take(os.path.join(dirs[1], f"M-{s:08d}.npy"))
+            rows = slab[1] - slab[0]
+            fg = np.unpackbits(packed, count=rows * plane).view(bool).reshape(rows, plane)
+            del packed
+        else:
+            fg = _foreground(reader, blocks)
+        # the mask is handed over (no name here), so distances() frees it before the envelopes
+        d2 = distances(fg, f_in, b_in, np.empty(plane, np.int32), has_bg, slab[0], sampling,
+                       shape, threads)
+    for d in dirs:
+        spill.remove_dir(d)  # removed once its last file was read
+    return d2
 
 
 def distances(
@@ -200,7 +296,7 @@ def slab_edges(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     up = np.empty(plane, dtype=np.int32)
     down = np.empty(plane, dtype=np.int32)
     K.forward_carry(fg, none, up)
-    K.forward_carry(fg[::-1], none, down)
+    K.down_edge(fg, down)
     return up, down
 
 
@@ -237,6 +333,11 @@ def warm(ndim: int) -> None:
     fg[1, 0] = False
     up, down = slab_edges(fg)
     chain_edges(chain_edges(None, up, 3, up.size), down, 3, up.size)
+    for t in (np.uint8, np.uint16):  # a spilled plane's narrowing, both ways
+        narrow = np.empty(up.shape, t)
+        K.narrow_into(up, narrow, np.iinfo(t).max)
+        K.widen_into(narrow, up, np.iinfo(t).max)
+    K.finite_max(up)
     distances(fg, up, down, np.empty_like(up), True, 0, (1.0,) * ndim, shape, 1)
     _warmed.add(ndim)
 

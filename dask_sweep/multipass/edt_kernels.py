@@ -41,6 +41,47 @@ def forward_carry(fg: np.ndarray, carry_in: np.ndarray, carry_out: np.ndarray) -
 
 
 @numba.njit(cache=False, nogil=True)
+def down_edge(fg: np.ndarray, out: np.ndarray) -> None:
+    """Rows from the first row of a slab down to the nearest background inside it
+    (``INF``: none): the first background row's index, found in row order (the
+    reversed scan, on a reversed view of the slab, took 6x as long)."""
+    rows, n = fg.shape
+    for p in range(n):
+        out[p] = INF
+    for i in range(rows):
+        for p in range(n):
+            if out[p] == INF and not fg[i, p]:
+                out[p] = i
+
+
+@numba.njit(cache=False, nogil=True)
+def finite_max(plane: np.ndarray) -> int:
+    """The largest value of ``plane`` below ``INF`` (-1: none)."""
+    top = -1
+    for p in range(plane.shape[0]):
+        v = plane[p]
+        if v < INF and v > top:
+            top = v
+    return top
+
+
+@numba.njit(cache=False, nogil=True)
+def narrow_into(plane: np.ndarray, out: np.ndarray, big: int) -> None:
+    """``plane`` into a narrower unsigned ``out`` whose ``big`` stands for ``INF``."""
+    for p in range(plane.shape[0]):
+        v = plane[p]
+        out[p] = big if v >= INF else v
+
+
+@numba.njit(cache=False, nogil=True)
+def widen_into(narrow: np.ndarray, out: np.ndarray, big: int) -> None:
+    """The inverse of :func:`narrow_into`."""
+    for p in range(narrow.shape[0]):
+        v = narrow[p]
+        out[p] = INF if v == big else v
+
+
+@numba.njit(cache=False, nogil=True)
 def chain_carry(carry: np.ndarray, edge: np.ndarray, rows: int, out: np.ndarray) -> None:
     """A scan's carry after a slab of ``rows`` rows whose own edge distance is ``edge``.
 

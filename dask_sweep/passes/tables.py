@@ -399,7 +399,7 @@ def row_slabs(func, chunks0, plane, passes, budget, target, per_slab):
 def edt_footprints(
     shape: tuple[int, ...], item: int, settings: SweepSettings
 ) -> tuple[Footprint, Footprint]:
-    """The drop-in's two passes (a forward chain, then a backward chain that emits)."""
+    """The drop-in's two passes (a forward chain, then a distance step per slab)."""
     plane = int(np.prod(shape[1:], dtype=np.int64))
     longest = max(shape[1:], default=1)
     # Reading a slab of several blocks holds the blocks and their concatenation (2 x).
@@ -407,26 +407,28 @@ def edt_footprints(
     # memory beyond the arrays
     fwd = Footprint(
         "forward",
-        2 * item + 1,
+        2 * item + 1 + 0.125,  # + the packed mask of an input dask computes
         1,
-        2 * 4 * plane + settings.runtime_overhead,
-        "read, foreground mask, carry up-distance",
+        # the carry read, F, the down edge D, a plane of INF, a spilled plane's narrowing
+        5 * 4 * plane + settings.runtime_overhead,
+        "read, foreground mask, up-distance chained into F, the slab's own down edge D",
     )
-    # + squared distances = the output block (8) and the previous output block still
-    # held by its consumer (8); line buffers per thread.
+    # + squared distances = the output block (8) and the block before it still
+    # held by its consumer (8); F, B and a scratch plane; line buffers per thread.
+    # One slab at a time in a process (multipass.edt.distance_step).
     bwd = Footprint(
-        "backward",
+        "distances",
         2 * item + 1 + 16,
         1,
         3 * 4 * plane + settings.threads * 32 * longest + settings.runtime_overhead,
-        "read, up/down distances, in-plane envelopes, sqrt, emit",
+        "read again, up/down distances from F and B, in-plane envelopes, sqrt (any order)",
     )
     return fwd, bwd
 
 
-# forward, spill, backward and its two parts, plus two of a consumer's per output
-# block (an external input's own tasks are not counted)
-EDT_TASKS_PER_SLAB = 7
+# forward, distances, plus two of a consumer's per output block (an external
+# input's own tasks are not counted)
+EDT_TASKS_PER_SLAB = 4
 
 
 def edt_plan(
@@ -442,14 +444,16 @@ def edt_plan(
 ) -> tuple[SweepPlan, bool]:
     """The drop-in's plan on ``slabs``, and whether its boundary planes are spilled.
 
-    The boundary planes ``F`` (one int32 plane per slab but the last) are kept in
-    memory, counted as fixed bytes of both passes, when they fit next to a slab;
-    otherwise each goes to a ``.npy`` file, written once and read once.
+    The boundary planes ``F``, ``D`` and ``B`` (an int32 plane of each per slab but
+    one) are kept in memory, counted as fixed bytes of both passes, when they fit
+    next to a slab; otherwise each goes to a ``.npy`` file.  An input dask computes
+    (not ``inline``) is computed once: pass 1 writes its packed masks for pass 2.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     per_slab = settings.task_overhead * EDT_TASKS_PER_SLAB
     fwd, bwd = passes
-    boundary = 4 * plane * (len(slabs) - 1)
+    n = len(slabs)
+    boundary = 3 * 4 * plane * (n - 1)  # F, D and B
     common = dict(
         func=func,
         shape=tuple(shape),
@@ -459,23 +463,31 @@ def edt_plan(
         budget=settings.memory_limit,
         inline=inline,
         per_slab=per_slab,
+        input_reads=2 if inline else 1,
     )
-    spill = SweepPlan(passes=passes, **common).projected_peak + boundary > settings.memory_limit
+    kept = tuple(dataclasses.replace(p, fixed=p.fixed + boundary) for p in (fwd, bwd))
+    spill = SweepPlan(passes=kept, **common).projected_peak > settings.memory_limit
+    planes = f"boundary planes F, D, B: 3 x {n - 1} x {format_bytes(4 * plane)}"
     if spill:
-        note = (
-            f"boundary planes F: {len(slabs) - 1} x {format_bytes(4 * plane)} spilled to "
-            f".npy files in a temporary directory (written once, read once)"
-        )
+        note = (f"{planes} spilled to .npy files in a temporary directory (written once, "
+                "read back by the steps that need them; 1, 2 or 4 B per voxel by the "
+                "plane's longest distance: the bytes written are at most those below)")
         written = boundary
     else:
-        note = (
-            f"boundary planes F: {len(slabs) - 1} x {format_bytes(4 * plane)} kept in "
-            "memory (counted as fixed bytes)"
-        )
-        fwd = dataclasses.replace(fwd, fixed=fwd.fixed + boundary)
-        bwd = dataclasses.replace(bwd, fixed=bwd.fixed + boundary)
+        note = f"{planes} kept in memory (counted as fixed bytes)"
+        fwd, bwd = kept
         written = 0
-    notes = (note, f"sampling {sampling}; output float64, blocks emitted last slab first")
+    reads = "read again by pass 2"
+    if not inline:  # pass 2 reads the packed masks pass 1 wrote, not the input
+        written += sum(-(-(b - a) * plane // 8) for a, b in slabs)
+        reads = ("computed once: pass 1 writes its packed foreground (1 bit per voxel) "
+                 "to a temporary file that pass 2 reads")
+    notes = (
+        note,
+        f"the input is {reads}; backward chain: over the D planes only, one task",
+        f"sampling {sampling}; output float64, blocks independent (any order, one at a "
+        "time in a process)",
+    )
     plan = SweepPlan(passes=(fwd, bwd), bytes_written=written, notes=notes, **common)
     return plan, spill
 

@@ -146,6 +146,17 @@ def plugin(mode: str, budget: str, src: str, out: str):
 
 
 @_case
+def reduced(budget: str, src: str, scheduler: str):
+    """The windowed pipeline summed: a reduction the sweep leaves to dask, which takes
+    the sweep's blocks one by one, on ``scheduler``."""
+    import dask_sweep
+
+    dask_sweep.enable(memory_limit=budget, fallback="raise")
+    total = _windowed(src).sum()
+    return lambda: {"sum": int(total.compute(scheduler=scheduler))}
+
+
+@_case
 def many_keys(budget: str, src: str, out: str):
     """The windowed pipeline on 8 x 32 x 32 chunks, written to Zarr chunks of that
     shape: 8 192 blocks, each a key the scheduler keeps for the whole run."""
@@ -571,6 +582,17 @@ def test_plugin_keeps_its_budget(plugin_data, mode):
     rep = _measured("plugin", env=env, mode=mode, budget="24MiB", src=src, out=out)
     assert rep["growth"] <= budget, rep
     np.testing.assert_array_equal(_read(out), ref)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_blocks_a_reduction_takes_live_one_step(plugin_data, scheduler):
+    """On one thread, dask.order would run the sweep's chain to its end before the
+    first partial sum (64 MiB of blocks alive, 2.8x the budget): each step waits for
+    the consumers of the step before's blocks (emit.graph.consumers_first)."""
+    src, ref, _ = plugin_data
+    rep = _measured("reduced", budget="24MiB", src=src, scheduler=scheduler)
+    assert rep["growth"] <= 24 * MiB, rep
+    assert rep["sum"] == int(ref.sum())
 
 
 def test_the_scheduler_bookkeeping_of_many_keys_is_in_the_budget(plugin_data):

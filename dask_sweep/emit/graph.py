@@ -91,6 +91,77 @@ def is_step(key) -> bool:
     return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith("sweep-step-")
 
 
+def consumers_first(graph: Any) -> dict:
+    """The optimised graph with each sweep step waiting for the tasks that took the
+    output blocks of the step before it.
+
+    A chain of steps whose blocks are consumed outside the sweep (a reduction, a
+    store the sweep did not take over) is run by ``dask.order`` to its end before
+    the first consumer when one thread runs it (the synchronous scheduler, a
+    one-thread pool): every block then waits in memory.  The edge makes step
+    ``t + 1`` wait for the consumers of step ``t``'s blocks, so a block lives one
+    step, as the plan counts, under any order.  A consumer is gated on only when
+    everything it needs is at hand by then (the blocks of steps up to ``t`` and
+    work no sweep feeds); one that also needs later blocks (the array returned
+    whole, a filter across steps) is left as dask ordered it.
+    """
+    dsk = dict(graph)
+    steps = [k for k in dsk if is_step(k)]
+    if not steps:
+        return dsk
+    deps: dict = {}
+    for k, node in dsk.items():
+        d = getattr(node, "dependencies", None)
+        if d is None:  # not a task spec graph: leave it as it is
+            return dsk
+        deps[k] = d
+    users: dict = {}
+    for k, ds in deps.items():
+        for d in ds:
+            users.setdefault(d, []).append(k)
+    fed: set = set()  # everything a sweep step feeds, steps included
+    stack = list(steps)
+    while stack:
+        k = stack.pop()
+        if k not in fed:
+            fed.add(k)
+            stack.extend(users.get(k, ()))
+
+    def at_hand(k, name: str, t: int) -> bool:
+        if is_step(k):
+            return k[0] == name and k[1] <= t
+        return k not in fed
+
+    def ready_by(k, name: str, t: int) -> bool:
+        """Whether all ``k`` needs is at hand after step ``t``: steps up to ``t``,
+        what they alone feed, work no step feeds."""
+        return all(at_hand(d, name, t) or (all(at_hand(e, name, t) for e in deps.get(d, ()))
+                                          and d in fed)
+                   for d in deps[k])
+
+    gates: dict = {}
+    for k in steps:
+        name, t = k[0], k[1]
+        nxt = (name, t + 1)
+        if nxt not in dsk or k not in deps[nxt]:
+            continue  # the chain's last step (or the next is a new segment)
+        takers = set()
+        for x in users.get(k, ()):
+            if is_step(x):
+                continue
+            if deps[x] == {k}:  # the block cut from the step: its consumers take it
+                takers.update(y for y in users.get(x, ()) if not is_step(y)
+                              and ready_by(y, name, t))
+            elif ready_by(x, name, t):  # a consumer fused with the cut
+                takers.add(x)
+        if takers:
+            gates[nxt] = takers
+    for k, takers in gates.items():
+        task = dsk[k]
+        dsk[k] = Task(k, task.func, *task.args, *(TaskRef(c) for c in sorted(takers, key=str)))
+    return dsk
+
+
 def plan_in(dsk, task) -> Plan | None:
     """The plan a ``sweep-step`` task carries (the chain's head) or refers to, else ``None``."""
     args = getattr(task, "args", ())

@@ -27,7 +27,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.emit.graph import StepPriority, emit, emit_tiled
+from dask_sweep.emit.graph import StepPriority, consumers_first, emit, emit_tiled
 from dask_sweep.errors import BudgetError, NotSweepable, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
 from dask_sweep.io.staging import StagedWriter
@@ -605,7 +605,7 @@ def _then(optimizer, dsk, keys, **kwargs):
     out = optimizer(dsk, keys, **kwargs)
     if not prio or (isinstance(out, HighLevelGraph) and _priorities(out)):
         return out
-    graph = dict(out)
+    graph = consumers_first(out)
     name = f"sweep-annotated-{tokenize(sorted(map(str, prio)))}"
     layer = MaterializedLayer(graph, annotations={"priority": _KeyPriority(prio)})
     return HighLevelGraph({name: layer}, {name: set()})

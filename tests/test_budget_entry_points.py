@@ -405,6 +405,27 @@ def ndimage_edt_scheduler(budget: str, src: str, out: str, scheduler: str, upstr
 
 
 @_case
+def label_reduced(budget: str, src: str, scheduler: str):
+    """``ndimage.label`` (26-connectivity) with slabs cut within the chunk rows, its
+    labels reduced by ``max`` (each block taken by a partial max) on ``scheduler``."""
+    import dask
+    import numpy as np
+
+    from dask_sweep.ndimage import label, plan_label
+
+    full = np.ones((3, 3, 3))
+    lab, n = label(_mask(src), full, memory_limit=budget)
+    plan = plan_label(_mask(src), full, memory_limit=budget)
+
+    def run():
+        top, count = dask.compute(lab.max(), n, scheduler=scheduler)
+        return {"max": int(top), "n": int(count), "slabs": len(plan.slabs),
+                "projected": plan.projected_peak}
+
+    return run
+
+
+@_case
 def zstd_source(budget: str, src: str, out: str):
     """dask-image's uniform filter of a zstd Zarr volume of one-plane chunks (read a
     step's rows per zarr call), stored into zstd chunks of its own."""
@@ -1071,6 +1092,20 @@ def test_ndimage_edt_keeps_its_budget_in_any_order(mask_data, upstream):
     assert rep["inline"] is not upstream
     assert rep["growth"] <= 48 * MiB and rep["projected"] <= 48 * MiB, rep
     _edt_windows(ndi.uniform_filter(vol, 3) if upstream else vol, _read(out))
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_ndimage_label_within_rows_keeps_its_budget_reduced(mask_data, scheduler):
+    """Slabs within chunk rows: each pass-2 slab is a task of its own, so a reduction
+    takes each block as it comes (a chain of row reads through the blocks held all of
+    them: 207 MiB at 32 MiB on a 512^3 volume)."""
+    import scipy.ndimage as ndi
+
+    src, vol, _ = mask_data
+    rep = _measured("label_reduced", budget="28MiB", src=src, scheduler=scheduler)
+    assert rep["slabs"] > 64 and rep["growth"] <= 28 * MiB, rep  # 64 chunk rows
+    n = ndi.label(vol > 128, np.ones((3, 3, 3)))[1]
+    assert rep["n"] == rep["max"] == n
 
 
 def test_dsl_label_keeps_its_budget(mask_data):

@@ -30,7 +30,6 @@ from dask_sweep.multipass.edt import distance_step, forward_step, tables_step
 from dask_sweep.multipass.label import (
     count,
     face_step,
-    kept_row,
     link_step,
     local_step,
     number_step,
@@ -130,14 +129,11 @@ def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, ou
 
 def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, token,
                  kept=None):
-    """The graph of slabs within chunk rows: pass 1 as one task, then per row a read
-    task (the packed mask) and per slab a pass-2 task.
-
-    Row ``r`` is read once the last slab of row ``r - 1`` is done (the row it
-    replaces), so at most two packed rows are held at a time, as the plan counts.
-    """
+    """The graph of slabs within chunk rows: pass 1 as one task, then per slab a
+    pass-2 task that reads its own planes (kept labels, its part of the row's kept
+    mask, else the row again), independent of the others."""
     num, out = f"label-num-{token}", f"label-{token}"
-    res, rowk = f"label-resolve-{token}", f"label-row-{token}"
+    res = f"label-resolve-{token}"
     nz = (0,) * (image.ndim - 1)
     tune = settings.tune_malloc
     chunks0 = image.chunks[0]
@@ -151,21 +147,14 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
         )
     }
     dsk[(num,)] = Task((num,), count, TaskRef(res))
-    of_row: dict = {}
-    for s, (r, _, _) in enumerate(split):
-        of_row.setdefault(r, []).append(s)
-    labels = kept if isinstance(kept, KeptLabels) else None
-    for r, reader in enumerate(readers):
-        gate = [TaskRef((out, of_row[r - 1][-1], *nz))] if r >= 1 else []
-        dsk[(rowk, r)] = Task(
-            (rowk, r), kept_row, kept, r, reader, shapes[r], chunks, tune, tuple(of_row[r]),
-            TaskRef(res), *gate
-        )
+    parts: dict = {}
+    for r, _, _ in split:
+        parts[r] = parts.get(r, 0) + 1
     for s, (r, a, b) in enumerate(split):
         key = (out, s, *nz)
         dsk[key] = Task(
-            key, pass2_split, TaskRef((rowk, r)), a, b, st, TaskRef(res), s, out_dtype, tune,
-            labels,
+            key, pass2_split, kept, r, readers[r], shapes[r], chunks, parts[r], a, b, st,
+            TaskRef(res), s, out_dtype, tune,
         )
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
 

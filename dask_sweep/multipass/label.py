@@ -89,7 +89,6 @@ __all__ = [
     "face_pairs",
     "face_step",
     "final_ids",
-    "kept_row",
     "link_step",
     "local_label",
     "local_step",
@@ -326,21 +325,6 @@ def face_pairs(
         return np.empty((0, 2), dtype=np.int64)
     k = np.unique(np.concatenate(keys))
     return np.stack([k // width, k % width], axis=1)
-
-
-def kept_row(kept: spill.KeptArrays | None, r: int, reader: BlockInput, shape: tuple,
-             chunks: tuple, tune: bool, slabs: tuple = (), *_after: Any):
-    """Chunk row ``r``'s packed mask as pass 1 kept it (:class:`~.spill.KeptMasks`), else
-    read again (:func:`read_row`); None when pass 1 kept the local labels of all its
-    ``slabs`` (:class:`~.spill.KeptLabels`): pass 2 needs no mask."""
-    if isinstance(kept, spill.KeptLabels):
-        if all(kept.holds(s) for s in slabs):
-            return None
-        kept = None
-    bits = kept.take(r) if kept is not None else None
-    if bits is None:
-        return read_row(reader, shape, chunks, tune)
-    return _Row(bits, shape[-1])
 
 
 def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
@@ -803,18 +787,37 @@ def pass2(
 
 
 def pass2_split(
-    row: _Row | None, a: int, b: int, structure: np.ndarray, src: Resolved, s: int,
-    dtype: np.dtype, tune: bool, kept: spill.KeptLabels | None = None,
+    kept: spill.KeptArrays | None, r: int, reader: BlockInput, shape: tuple, chunks: tuple,
+    parts: int, a: int, b: int, structure: np.ndarray, src: Resolved, s: int,
+    dtype: np.dtype, tune: bool,
 ) -> np.ndarray:
-    """Pass 2 of slab ``s``, planes ``a:b`` of a packed chunk row (None when pass 1
-    kept the row's local labels in ``kept``)."""
+    """Pass 2 of slab ``s``, planes ``a:b`` of chunk row ``r`` (``parts`` slabs).
+
+    From the local labels pass 1 kept (:class:`~.spill.KeptLabels`), else from the
+    slab's planes of the row's packed mask it kept (:class:`~.spill.KeptMasks`, read
+    by byte range), else from the row read again (:func:`read_row`: another process,
+    a full disk).  Each slab is a task of its own, so that a consumer of the labels
+    takes each block as it comes under any order (a chain of row reads through the
+    blocks was run by ``dask.order`` to its end first, holding every block).
+    """
     if tune:
         tune_allocator()
     lut = _take_lut(src, s)
-    lab = kept.take_labels(s) if kept is not None else None
-    if lab is not None:
-        return map_labels(lab, lut, s, dtype)
-    return relabel(row.planes(a, b), structure, lut, s, dtype, not src.raster)
+    if isinstance(kept, spill.KeptLabels):
+        lab = kept.take_labels(s)
+        if lab is not None:
+            return map_labels(lab, lut, s, dtype)
+        kept = None
+    mask = kept.take_mask(r, a, b, parts) if kept is not None else None
+    if mask is None:
+        with _ROW_READS:  # one row's blocks read at a time, as the plan counts
+            mask = read_row(reader, shape, chunks, False).planes(a, b)
+    return relabel(mask, structure, lut, s, dtype, not src.raster)
+
+
+# A row read again in pass 2 (its mask not kept) holds a block's read beside the
+# packed row; the plan counts one such read at a time in a process.
+_ROW_READS = threading.Lock()
 
 
 def _take_lut(src: _Numbered | Resolved, s: int) -> np.ndarray:

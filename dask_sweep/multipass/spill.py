@@ -168,11 +168,12 @@ class KeptArrays:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._kept: dict[int, tuple] = {}  # entry -> (dtype, shape) as put
+        self._parts: dict[int, int] = {}  # entry -> parts still to read (take_rows)
         self._readers = 0
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_lock", "_fd", "_kept", "_readers")}
+                if k not in ("_lock", "_fd", "_kept", "_parts", "_readers")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -200,15 +201,28 @@ class KeptArrays:
 
     def take(self, i: int) -> np.ndarray | None:
         """Entry ``i`` read back (once), or None when it was not kept here."""
+        return self.take_rows(i, 0, None, 1)
+
+    def take_rows(self, i: int, a: int, b: int | None, parts: int) -> np.ndarray | None:
+        """Rows ``a:b`` (along the first axis) of entry ``i``, or None when it was not
+        kept here; the entry is taken once ``parts`` such reads have been made."""
         with self._lock:
             if i not in self._kept:
                 return None
-            dtype, shape = self._kept.pop(i)
+            dtype, shape = self._kept[i]
+            left = self._parts.get(i, parts) - 1
+            if left > 0:
+                self._parts[i] = left
+            else:
+                self._kept.pop(i)
+                self._parts.pop(i, None)
             fd = self._fd
             self._readers += 1
         try:
-            out = np.empty(shape, dtype)
-            pread_all(fd, out, self.offsets[i], f"a kept array in {self.directory}")
+            b = shape[0] if b is None else b
+            out = np.empty((b - a, *shape[1:]), dtype)
+            row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+            pread_all(fd, out, self.offsets[i] + a * row, f"a kept array in {self.directory}")
         finally:
             with self._lock:
                 self._readers -= 1
@@ -246,9 +260,11 @@ class KeptMasks(KeptArrays):
         if tuple(bits.shape) == self.shapes[i]:
             super().put(i, bits.astype(np.uint8, copy=False))
 
-    def take_mask(self, i: int) -> np.ndarray | None:
-        """Entry ``i`` read back and unpacked (bool), or None when it was not kept."""
-        bits = self.take(i)
+    def take_mask(self, i: int, a: int = 0, b: int | None = None,
+                  parts: int = 1) -> np.ndarray | None:
+        """Planes ``a:b`` of entry ``i`` read back and unpacked (bool), or None when it
+        was not kept; the entry is taken once ``parts`` such reads have been made."""
+        bits = self.take_rows(i, a, b, parts)
         if bits is None:
             return None
         return np.unpackbits(bits, axis=-1, count=self.width).view(bool)

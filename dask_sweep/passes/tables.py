@@ -212,7 +212,7 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
     are unpacked from it.
     ``split[s]`` is ``(row, a, b)``: slab ``s`` is planes ``a:b`` of chunk row
     ``row``.  The passes hold up to two packed rows (one consumed, the next being
-    read) and one block's read.
+    read; in pass 2, one per slab in flight) and one block's read.
 
     Raises
     ------
@@ -229,14 +229,16 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
     aligned = all(c % 8 == 0 for c in last[:-1])
     block = max(chunks0) * int(np.prod([max(c) for c in chunks[1:-1]], dtype=np.int64))
     block *= max(last) if aligned else shape[-1]
-    # (+ dask's bookkeeping of the rows' read tasks)
-    rows_fixed = 2 * packed + block * (2 * item + 2) + settings.task_overhead * len(chunks0)
+    # Pass 1 holds two packed rows (one consumed, the next being read); in pass 2 each
+    # slab in flight reads its planes, or (its row's mask not kept: another process, a
+    # full disk) its whole row again, block by block, one row at a time in a process.
+    rows_fixed = max(2, settings.threads) * packed + block * (2 * item + 2)
     passes = tuple(
         dataclasses.replace(p, fixed=p.fixed + rows_fixed)
         for p in label_footprints(shape, item, settings, out_dtype, True, read=0,
                                   consumer=consumer)
     )
-    # A pass-2 task per slab, plus a consumer's two (the rows' read tasks are fixed).
+    # A pass-2 task per slab, plus a consumer's two.
     per_slab = settings.task_overhead * 3
     count = len(chunks0)
     while True:

@@ -7,7 +7,8 @@
     label, inline input    label-resolve-T: pass 1 and the numbering, one task
                            (label-T, s, 0, ..): pass 2, one task per slab; label-num-T
     label, input that      (label-local-T, s), (label-face-T, s), (label-link-T, s):
-      dask computes        pass 1 backward; (label-number-T, s) forward; pass 2 as above
+      dask computes        pass 1 backward (writes the masks); (label-number-T, s)
+                           forward; pass 2 as above, reading the masks, after the numbering
     EDT                    (edt-fwd-T, s) forward chain; edt-tables-T: the backward
                            chain over its planes, one task; (distance-transform-edt-T,
                            s, ..): pass 2, one task per slab
@@ -81,13 +82,21 @@ def label_graph(
         }
         first = [res] * len(readers)
     else:
-        dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token)
+        # an input dask computes is computed once: pass 1 writes its masks for pass 2
+        masks = (_spill.new_dir("label", "-masks"), int(image.shape[-1]))
+        dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token,
+                                  masks[0])
     dsk[(num,)] = Task((num,), count, TaskRef(first[-1]))
     for s, r in enumerate(readers):  # pass 2: independent slabs
-        ext = [] if r.inline else [TaskRef(k) for k in r.block_keys()]
         key = (out, s, *nz)
-        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune, *ext,
-                        kept=kept)
+        if plan.inline:
+            dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune,
+                            kept=kept)
+            continue
+        # each slab waits for the whole numbering chain, not only its own step: blocks
+        # hanging off a chain are all computed before their consumers by dask.order
+        dsk[key] = Task(key, pass2, r, st, TaskRef(first[s]), s, out_dtype, tune,
+                        TaskRef(first[-1]), masks=masks)
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
 
 
@@ -159,7 +168,8 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
     return _label_arrays(dsk, plan, image, out, num, out_dtype)
 
 
-def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tuple[dict, list]:
+def _stage_graph(readers, st, out_dtype, reserve, block, settings, token,
+                 mask_dir: str) -> tuple[dict, list]:
     """Pass 1 and the numbering as per-slab tasks, for an input dask computes (external).
 
     The input blocks are then dependencies of the local tasks, one slab's worth at a
@@ -174,7 +184,8 @@ def _stage_graph(readers, st, out_dtype, reserve, block, settings, token) -> tup
         r = readers[s]
         ext = [TaskRef(k) for k in r.block_keys()]
         after = TaskRef((lnk, s + ahead)) if s + ahead < n else None
-        dsk[(loc, s)] = Task((loc, s), local_step, r, st, after, settings.tune_malloc, *ext)
+        dsk[(loc, s)] = Task((loc, s), local_step, r, st, after, settings.tune_malloc, *ext,
+                             s=s, mask_dir=mask_dir)
         pairs = prev = None
         if s + 1 < n:
             dsk[(fac, s)] = Task((fac, s), face_step, TaskRef((loc, s)), TaskRef((loc, s + 1)), st)

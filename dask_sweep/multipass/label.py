@@ -470,6 +470,7 @@ def local_step(
     planes: _Planes | None = None,
     kept: spill.KeptArrays | None = None,
     s: int = 0,
+    mask_dir: str | None = None,
 ) -> _Local:
     """Local label of one slab (faces are copies: a view would pin the label slab).
 
@@ -477,11 +478,14 @@ def local_step(
     many finished slabs wait for the link chain.  ``tune``: fix glibc's malloc
     thresholds first (``sweep.tune-malloc``).  ``planes``: where the faces are
     copied to (default new arrays).  ``kept``: where slab ``s``'s mask (packed) or
-    its local labels are kept for pass 2.
+    its local labels are kept for pass 2; ``mask_dir``: where its packed mask is
+    written for pass 2 (an input dask computes, which pass 2 does not ask for again).
     """
     if tune:
         tune_allocator()
     mask = _read_mask(reader, blocks)
+    if mask_dir is not None:
+        spill.spill(_mask_path(mask_dir, s), np.packbits(mask, axis=-1))
     if isinstance(kept, spill.KeptMasks):
         kept.put(s, np.packbits(mask, axis=-1))
     lab, n, renumbered = _labelled(mask, structure, True)
@@ -767,13 +771,21 @@ def pass2(
     tune: bool,
     *blocks: Any,
     kept: spill.KeptArrays | None = None,
+    masks: tuple[str, int] | None = None,
 ) -> np.ndarray:
     """Pass 2 of slab ``s``: its local labels as pass 1 kept them, else its mask (as
-    pass 1 kept it, else read) labelled again, mapped through its lookup table (taken
-    from ``src``, the numbering step's or the resolve step's result, and dropped there)."""
+    pass 1 kept it or wrote it to ``masks``: a directory and the last axis's length,
+    else read) labelled again, mapped through its lookup table (taken from ``src``,
+    the numbering step's or the resolve step's result, and dropped there)."""
     if tune:
         tune_allocator()
     lut = _take_lut(src, s)
+    if masks is not None:
+        path = _mask_path(masks[0], s)
+        mask = np.unpackbits(spill.take(path), axis=-1, count=masks[1]).view(bool)
+        spill.remove_dir(masks[0])  # removed once its last file was read
+        check = not (isinstance(src, Resolved) and src.raster)
+        return relabel(mask, structure, lut, s, dtype, check)
     if isinstance(kept, spill.KeptLabels):
         lab = kept.take_labels(s)
         if lab is not None:
@@ -784,6 +796,10 @@ def pass2(
     if mask is None:
         mask = _read_mask(reader, blocks)
     return relabel(mask, structure, lut, s, dtype, check)
+
+
+def _mask_path(directory: str, s: int) -> str:
+    return os.path.join(directory, f"M-{s:08d}.npy")
 
 
 def pass2_split(

@@ -129,11 +129,13 @@ def _plan(image, structure, output, memory_limit):
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
     voxels = int(np.prod(image.shape, dtype=np.int64))
+    bits = int(np.prod(image.shape[:-1], dtype=np.int64)) * -(-image.shape[-1] // 8)
     keep = ""
     if inline and image.ndim >= 2:
-        bits = int(np.prod(image.shape[:-1], dtype=np.int64)) * -(-image.shape[-1] // 8)
         keep = "labels" if labels_fit(voxels) else "masks" if masks_fit(bits) else ""
     kept = 4 * voxels if keep == "labels" else bits if keep else 0
+    if not inline:  # computed once: pass 1 writes its packed masks to files for pass 2
+        kept = bits
     plan = SweepPlan(
         func=_FUNC,
         shape=tuple(image.shape),
@@ -145,7 +147,7 @@ def _plan(image, structure, output, memory_limit):
         inline=inline,
         bytes_written=kept,
         per_slab=per_slab,
-        input_reads=1 if keep else None,
+        input_reads=1 if keep or not inline else None,
         kept=keep,
     )
     reserve = _reserve(plan)  # tables kept in memory: what the slab footprints leave

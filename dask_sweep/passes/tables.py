@@ -358,6 +358,13 @@ def label_notes(
             "again where they could not be kept: a full disk, or pass 2 in another "
             "process)",
         )
+    elif not plan.inline:
+        kept = (
+            "an input dask computes is computed once: pass 1 writes the masks it "
+            "computes, one bit per voxel, to .npy files in dask's temporary-directory "
+            f"({format_bytes(plan.bytes_written)}), and pass 2 reads them (so the input's "
+            "blocks are not held between the passes)",
+        )
     elif plan.kept:
         kept = (
             "pass 1 keeps the masks it reads, one bit per voxel, in an unlinked file in "

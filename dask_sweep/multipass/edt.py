@@ -171,7 +171,7 @@ def forward_step(
         tune_allocator()  # sweep.tune-malloc: freed slabs leave the process at once
     fg = _foreground(reader, blocks)
     if mask_dir is not None:
-        spill.spill(os.path.join(mask_dir, f"M-{s:08d}.npy"), np.packbits(fg))
+        spill.put_mask(mask_dir, s, fg)
     plane = fg.shape[1]
     carry = np.full(plane, K.INF, np.int32) if prev is None else _get(prev[0], keep=True)
     f = np.empty(plane, np.int32)
@@ -236,10 +236,7 @@ def distance_step(
         f_in = _get(prev[0]) if prev is not None else np.full(plane, K.INF, np.int32)
         b_in = _get(B[s + 1]) if s + 1 < len(B) else np.full(plane, K.INF, np.int32)
         if dirs[1] is not None:  # the mask pass 1 wrote
-            packed = spill.take(os.path.join(dirs[1], f"M-{s:08d}.npy"))
-            rows = slab[1] - slab[0]
-            fg = np.unpackbits(packed, count=rows * plane).view(bool).reshape(rows, plane)
-            del packed
+            fg = spill.take_mask(dirs[1], s, plane)
         else:
             fg = _foreground(reader, blocks)
         # the mask is handed over (no name here), so distances() frees it before the envelopes

@@ -485,7 +485,7 @@ def local_step(
         tune_allocator()
     mask = _read_mask(reader, blocks)
     if mask_dir is not None:
-        spill.spill(_mask_path(mask_dir, s), np.packbits(mask, axis=-1))
+        spill.put_mask(mask_dir, s, mask)
     if isinstance(kept, spill.KeptMasks):
         kept.put(s, np.packbits(mask, axis=-1))
     lab, n, renumbered = _labelled(mask, structure, True)
@@ -780,26 +780,19 @@ def pass2(
     if tune:
         tune_allocator()
     lut = _take_lut(src, s)
+    check = not (isinstance(src, Resolved) and src.raster)
     if masks is not None:
-        path = _mask_path(masks[0], s)
-        mask = np.unpackbits(spill.take(path), axis=-1, count=masks[1]).view(bool)
-        spill.remove_dir(masks[0])  # removed once its last file was read
-        check = not (isinstance(src, Resolved) and src.raster)
-        return relabel(mask, structure, lut, s, dtype, check)
+        return relabel(spill.take_mask(masks[0], s, masks[1]), structure, lut, s, dtype,
+                       check)
     if isinstance(kept, spill.KeptLabels):
         lab = kept.take_labels(s)
         if lab is not None:
             return map_labels(lab, lut, s, dtype)
         kept = None
-    check = not (isinstance(src, Resolved) and src.raster)
     mask = kept.take_mask(s) if kept is not None else None
     if mask is None:
         mask = _read_mask(reader, blocks)
     return relabel(mask, structure, lut, s, dtype, check)
-
-
-def _mask_path(directory: str, s: int) -> str:
-    return os.path.join(directory, f"M-{s:08d}.npy")
 
 
 def pass2_split(

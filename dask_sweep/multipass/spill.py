@@ -105,6 +105,20 @@ def take(obj: np.ndarray | str) -> np.ndarray:
     return arr
 
 
+def put_mask(directory: str, s: int, mask: np.ndarray) -> None:
+    """Slab ``s``'s boolean ``mask`` written packed (one bit per voxel, along the last
+    axis) to ``directory``, for a later pass that does not compute its input again."""
+    spill(os.path.join(directory, f"M-{s:08d}.npy"), np.packbits(mask, axis=-1))
+
+
+def take_mask(directory: str, s: int, width: int) -> np.ndarray:
+    """Slab ``s``'s mask :func:`put_mask` wrote (its last axis ``width`` long), read back
+    and deleted; the directory is removed with its last file."""
+    bits = take(os.path.join(directory, f"M-{s:08d}.npy"))
+    remove_dir(directory)
+    return np.unpackbits(bits, axis=-1, count=width).view(bool)
+
+
 def load(obj: np.ndarray | str) -> np.ndarray:
     """The array itself, or the spilled array read back (its file is kept for later reads)."""
     if not isinstance(obj, str):

@@ -488,7 +488,7 @@ def edt_plan(
         written = 0
     reads = "read again by pass 2"
     if not inline:  # pass 2 reads the packed masks pass 1 wrote, not the input
-        written += sum(-(-(b - a) * plane // 8) for a, b in slabs)
+        written += sum((b - a) * -(-plane // 8) for a, b in slabs)  # packed by row
         reads = ("computed once: pass 1 writes its packed foreground (1 bit per voxel) "
                  "to a temporary file that pass 2 reads")
     notes = (

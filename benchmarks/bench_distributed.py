@@ -62,10 +62,9 @@ def _reset_and_baseline():
 
 
 def _cpu() -> float:
-    import psutil
+    import time
 
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
+    return time.process_time()
 
 
 def _peak():
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
                   f"{'met' if ratio <= 0.6 else 'not met'})")
             # the busiest worker's CPU against the one worker's: the wall ratio free cores
             # would give (steps are CPU-bound), whatever else loads the machine
-            cpu_ratio = max(runs[ws[-1]]["cpu"].values()) / max(runs[1]["cpu"].values())
+            cpu_ratio = max(runs[ws[-1]]["cpu"].values()) / max(1e-9, *runs[1]["cpu"].values())
             print(f"CPU ratio, busiest of {ws[-1]} workers / 1 worker: {cpu_ratio:.2f}")
         sweeps = [r for k, r in runs.items() if k != "stock"]
         within = all(v <= r["budget"] for r in sweeps if "budget" in r for v in r["above"].values())

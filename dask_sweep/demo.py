@@ -146,7 +146,7 @@ def compare(shape=(128, 512, 512), layouts=("slab", "cube"), apis=("map_overlap"
                 if show_plan:
                     print(sw["explain"])
                 same = sw["checksum"] == stock["checksum"] == base["checksum"]
-                floor = base["cpu"]
+                floor = max(base["cpu"], 1e-9)
                 for r in (stock, sw):
                     r["layout"] = layout
                     print(f"   {r['mode']:<5} {api:<11}: wall {r['wall']:6.2f}s  "
@@ -155,7 +155,7 @@ def compare(shape=(128, 512, 512), layouts=("slab", "cube"), apis=("map_overlap"
                           f"read {r['bytes_read'] / r['input_bytes']:5.2f}x input "
                           f"({r['bytes_read'] / r['stored_bytes']:4.2f}x the stored chunks)")
                 print(f"   sweep / stock: wall {sw['wall'] / stock['wall']:.2f}x, "
-                      f"cpu {sw['cpu'] / stock['cpu']:.2f}x, peak RSS "
+                      f"cpu {sw['cpu'] / max(stock['cpu'], 1e-9):.2f}x, peak RSS "
                       f"{sw['peak_rss'] / max(1, stock['peak_rss']):.2f}x; sweep peak / budget "
                       f"{sw['peak_rss'] / sw['memory_limit']:.2f}; identical output: {same}")
                 rows += [base, stock, sw]

@@ -61,3 +61,18 @@ def test_benchmark_runs_small(name, tmp_path):
     # correctness columns and flags ("same", "identical output: ...", "equal: ...")
     wrong = [ln for ln in p.stdout.splitlines() if re.search(r"\bFalse\b", ln)]
     assert not wrong, wrong
+
+
+def test_peak_rss_measures_the_cpu_of_a_short_run():
+    # the demo divides by the CPU of scipy's run: a few milliseconds on a small volume,
+    # which a 10 ms clock tick measured as 0 (a ZeroDivisionError in CI)
+    import time
+
+    from dask_sweep.diagnostics import PeakRSS
+
+    with PeakRSS() as m:
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.002:
+            pass
+    assert 0.001 < m.cpu < 1.0
+    assert m.wall >= 0.002

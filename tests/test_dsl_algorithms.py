@@ -219,6 +219,35 @@ def test_edt_equals_scipy(shape, sampling, planes):
     assert r.value.dtype == np.float64
 
 
+def test_edt_spills_tables_beyond_budget(tmp_path):
+    """Planes beyond the room left go to narrowed .npy files, are read back, removed."""
+    vol = np.random.default_rng(2).random((48, 30, 30)) > 0.05
+    vol[:, :, :2] = True  # a stripe far from background: carries up to 17 rows, uint8
+    d = dsl.distance_transform_edt(dsl.source(vol), (1.5, 1.0, 0.5))
+    kw = dict(target_slab_bytes=thin(vol.shape, 1, 2))
+    limit = 48 << 20
+    for _ in range(6):  # the passes' footprint depends a little on the budget
+        passes = dsl.explain(d, memory_limit=limit, **kw).compiled.passes
+        # the algorithm's pass, and the pass that reads its output (next to the tables
+        # kept): room for both with 8 kB of tables, fewer than there are
+        kept = passes[0].algo.prepared.extra["reserve"]
+        limit = max(passes[0].projected_peak, max(passes[1].step_peaks) - kept) + 8_000
+    with dask.config.set({"temporary-directory": str(tmp_path)}):
+        prepared = dsl.explain(d, memory_limit=limit, **kw).compiled.passes[0].algo.prepared
+        tables = 3 * 4 * 900 * len(prepared.plan.slabs)  # F, D, B: int32 planes
+        reserve = prepared.extra["reserve"]
+        assert reserve < tables / 2
+        r = dsl.run(d, memory_limit=limit, **kw)
+    from dask_sweep.multipass.spill import REGISTRY
+
+    spilled = [c for k, c in REGISTRY._counters.items() if k.startswith(str(tmp_path))]
+    assert spilled and all(c.bytes_written == c.bytes_read > 0 for c in spilled)
+    # what was not kept went to disk at 1 byte a voxel (+ the .npy header), not int32's 4
+    assert 0 < sum(c.bytes_written for c in spilled) < 0.3 * (tables - reserve)
+    np.testing.assert_allclose(r.value, ndi.distance_transform_edt(vol, (1.5, 1.0, 0.5)))
+    assert os.listdir(tmp_path) == []  # spill directories removed at the end of the run
+
+
 @pytest.mark.parametrize("fill", [0, 1])
 def test_edt_all_or_no_background(fill):
     vol = np.full((12, 5, 6), fill, np.uint8)

@@ -285,6 +285,7 @@ class _Algorithm:
     store: SpillStore | None = None  # the input, stored once when recomputing costs halos
     store_why = ""
     resident = 0  # bytes of earlier algorithms' tables held while this one runs
+    keep_tables = True  # False: every table spilled (the reading pass needs the room)
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -297,6 +298,7 @@ class _Algorithm:
         share: float = 1.0,
         stores: dict | None = None,
         resident: int = 0,
+        keep_tables: bool = True,
     ) -> _Algorithm:
         """A copy of the algorithm with its slabs planned for these settings (no I/O).
 
@@ -305,9 +307,12 @@ class _Algorithm:
         ``stores``: ``{id(stream): SpillStore}`` shared by the algorithms of one
         compile, so an input two algorithms read is stored once.
         ``resident``: bytes of earlier algorithms' tables, in memory meanwhile.
+        ``keep_tables=False``: spill every table (the compiler's last resort when
+        tables kept in memory leave a later pass too little room).
         """
         self = copy.copy(self)  # this compile's copy: the user's objects are never changed
         self.resident = resident
+        self.keep_tables = keep_tables
         if axis != 0:
             raise PlanError(
                 f"dask_sweep.dsl: {self.name}() sweeps along axis 0 (its slabs are whole "
@@ -695,7 +700,7 @@ class _Label(_Algorithm):
         # the next pass, which needs room for its own stages), at most the worst case of
         # the lookup tables (one label per two voxels).
         worst = self.out_dtype.itemsize * (voxels // 2 + len(plan.slabs))
-        keep = _keep(worst, plan, self.resident)
+        keep = _keep(worst, plan, self.resident) if self.keep_tables else 0
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         rows = plan.max_rows
         # reading one slab of the output: the relabel pass's per-voxel bytes for one slab,
@@ -832,7 +837,7 @@ class _EDT(_Algorithm):
         )
         plane = int(np.prod(self.stream.shape[1:], dtype=np.int64))
         tables = 3 * 4 * plane * len(plan.slabs)  # F, the down edges, B
-        keep = _keep(tables, plan, self.resident)
+        keep = _keep(tables, plan, self.resident) if self.keep_tables else 0
         plan = dataclasses.replace(plan, bytes_written=max(0, tables - keep))
         dist = plan.passes[1]
         rows = plan.max_rows
@@ -859,7 +864,6 @@ class _EDT(_Algorithm):
 
         n = len(slabs)
         F: list = [None] * n  # up-distance at each slab's last row (forward chain)
-        B: list = [None] * n  # down-distance at each slab's first row (backward chain)
         downs: list = [None] * n  # each slab's own down edge, until the backward chain
         has_bg = False
         threads = max(1, settings.threads)
@@ -868,8 +872,15 @@ class _EDT(_Algorithm):
 
         def keep(arr: np.ndarray, name: str):
             nonlocal kept, sdir
-            out, kept, sdir = _spill.keep_or_spill(arr, kept, reserve, sdir, "edt", name)
+            out, kept, sdir = _spill.keep_or_spill(arr, kept, reserve, sdir, "edt", name,
+                                                   write=E.spill_plane)
             return out
+
+        def take(d):
+            nonlocal kept
+            if not isinstance(d, str):
+                kept -= d.nbytes
+            return E.get_plane(d)
 
         carry = None
         with ThreadPoolExecutor(threads) as pool:
@@ -885,17 +896,7 @@ class _EDT(_Algorithm):
                 del up, down
                 if on_slab is not None:
                     on_slab(s, nbytes)
-        carry = None
-        for s in range(n - 1, 0, -1):  # backward: B of the first slab is not used
-            a, b = slabs[s]
-            d = downs[s]
-            downs[s] = None
-            if isinstance(d, str):
-                d = _spill.take(d)
-            else:
-                kept -= d.nbytes
-            carry = E.chain_edges(carry, d, b - a, plane)
-            B[s] = keep(carry, f"B-{s:08d}.npy")
+        B = E.backward_chain(downs, tuple(b - a for a, b in slabs), plane, keep, take)
         return (F, B, has_bg), [sdir] if sdir else []
 
     def empty_tables(self) -> Any:
@@ -906,8 +907,8 @@ class _EDT(_Algorithm):
         shape = self.stream.shape
         plane = int(np.prod(shape[1:], dtype=np.int64))
         none = np.full(plane, E.INF, dtype=np.int32)
-        f_in = _spill.load(F[s - 1]) if s > 0 else none
-        b_in = _spill.load(B[s + 1]) if s + 1 < len(B) else none
+        f_in = E.get_plane(F[s - 1], keep=True) if s > 0 else none
+        b_in = E.get_plane(B[s + 1], keep=True) if s + 1 < len(B) else none
         x = value.slabs_in.planes(a, b, counter)
         fg = np.ascontiguousarray(x if x.dtype == bool else x != 0).reshape(b - a, plane)
         del x

@@ -201,10 +201,13 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     # Algorithms first, in level order: their slabs are the rows of their output
     # streams, which later passes read.  Slabs sized for the whole budget may leave the
     # reading pass too little room (it holds a slab of output next to its own stages):
-    # then the slabs are sized for 3/4, 9/16... of the budget, until all fit.
-    share = 1.0
+    # then the slabs are sized for 3/4, 9/16... of the budget, until all fit; if none
+    # does, the same again with every table spilled (the tables kept in memory stay
+    # next to the reading pass, whose slabs may already be as thin as they go).
     first: BudgetError | None = None
-    while True:
+    attempts = [(keep, 0.75**k) for keep in (True, False) for k in range(16)] if tables \
+        else [(True, 1.0)]
+    for keep, share in attempts:
         algos: dict[int, Any] = {}  # this compile's prepared copies, by Tables.uid
         token = PREPARED.set(algos)
         try:
@@ -212,7 +215,7 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
             for t in sorted(tables, key=lambda t: t.pass_index):
                 # the tables of algorithms before this one stay in memory meanwhile
                 resident = sum(a.kept_bytes() for a in algos.values())
-                algos[t.uid] = t.algo.prepare(axis, s, share, stores, resident)
+                algos[t.uid] = t.algo.prepare(axis, s, share, stores, resident, keep)
             # inputs stored once are written by the sweep of their level
             stored = [Target(x, store, {}) for x, store in _stored_inputs(tables, algos)]
             passes = _lower_all(
@@ -221,11 +224,11 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
             break
         except BudgetError as e:
             first = first or e
-            if not tables or share <= 1 / 64:
-                raise first from None
-            share *= 0.75
         finally:
             PREPARED.reset(token)
+    else:
+        assert first is not None
+        raise first from None
     # the pipeline's input: its own sources (an algorithm's output re-reads those)
     total_in = sum(
         x.nbytes for x in streams if x.kind == "source" and not hasattr(x.source, "algo")

@@ -61,12 +61,16 @@ from dask_sweep.runtime.memory import tune_allocator
 
 __all__ = [
     "INF",
+    "backward_chain",
     "chain_edges",
     "distance_step",
     "distances",
     "forward_step",
+    "get_plane",
     "normalize_sampling",
+    "put_plane",
     "slab_edges",
+    "spill_plane",
     "tables_step",
     "warm",
 ]
@@ -113,17 +117,14 @@ def _foreground(reader: SlabInput, blocks: tuple) -> np.ndarray:
     return np.ascontiguousarray(fg).reshape(fg.shape[0], -1)
 
 
-def _put(plane: np.ndarray, directory: str | None, name: str) -> np.ndarray | str:
-    """``plane`` itself, or (``directory`` given) the path of the file it was written to,
-    in the narrowest unsigned type that holds it exactly (``INF``: the type's largest
-    value; read back by :func:`_get`).
+def spill_plane(path: str, plane: np.ndarray) -> str:
+    """Write an int32 carry plane to ``path`` in the narrowest unsigned type that holds
+    it exactly (``INF``: the type's largest value; read back by :func:`get_plane`).
 
     Distances are mostly short, so most planes take 1 byte a voxel, not 4: writing
     to the page cache costs 2.5 ms a MiB here (0.4 GiB/s), most of a spilled run's
     first pass.
     """
-    if directory is None:
-        return plane
     top = K.finite_max(plane)
     for t in (np.uint8, np.uint16):
         big = np.iinfo(t).max
@@ -132,11 +133,16 @@ def _put(plane: np.ndarray, directory: str | None, name: str) -> np.ndarray | st
             K.narrow_into(plane, narrow, big)
             plane = narrow
             break
-    return spill.spill(os.path.join(directory, name), plane)
+    return spill.spill(path, plane)
 
 
-def _get(obj: np.ndarray | str, keep: bool = False) -> np.ndarray:
-    """A plane :func:`_put` returned, as int32 (a file is deleted unless ``keep``)."""
+def put_plane(plane: np.ndarray, directory: str | None, name: str) -> np.ndarray | str:
+    """``plane`` itself, or (``directory`` given) the path :func:`spill_plane` wrote."""
+    return plane if directory is None else spill_plane(os.path.join(directory, name), plane)
+
+
+def get_plane(obj: np.ndarray | str, keep: bool = False) -> np.ndarray:
+    """A plane :func:`put_plane` returned, as int32 (a file is deleted unless ``keep``)."""
     if not isinstance(obj, str):
         return obj
     narrow = spill.load(obj) if keep else spill.take(obj)
@@ -145,6 +151,26 @@ def _get(obj: np.ndarray | str, keep: bool = False) -> np.ndarray:
     plane = np.empty(narrow.shape, np.int32)
     K.widen_into(narrow, plane, np.iinfo(narrow.dtype).max)
     return plane
+
+
+def backward_chain(
+    downs: list, rows: tuple[int, ...], plane: int, put: Any, take: Any = get_plane
+) -> list:
+    """``B[s]``, the down-distance at slab ``s``'s first row, chained backwards from
+    each slab's own down edge ``downs[s]`` (``B[0]`` and ``downs[0]`` are not needed).
+
+    ``take(downs[s])`` gives an edge as int32 (each is released once taken);
+    ``put(carry, name)`` keeps or spills each ``B[s]``.  The drop-in's table task and
+    the DSL's tables both run this chain.
+    """
+    n = len(downs)
+    B: list = [None] * n
+    carry = None
+    for s in range(n - 1, 0, -1):
+        edge, downs[s] = take(downs[s]), None
+        carry = chain_edges(carry, edge, rows[s], plane)
+        B[s] = put(carry, f"B-{s:08d}.npy")
+    return B
 
 
 def forward_step(
@@ -173,35 +199,29 @@ def forward_step(
     if mask_dir is not None:
         spill.put_mask(mask_dir, s, fg)
     plane = fg.shape[1]
-    carry = np.full(plane, K.INF, np.int32) if prev is None else _get(prev[0], keep=True)
+    carry = np.full(plane, K.INF, np.int32) if prev is None else get_plane(prev[0], keep=True)
     f = np.empty(plane, np.int32)
     K.forward_carry(fg, carry, f)
     d = None
     if s > 0:  # D of slab 0 is not needed
         d = np.empty(plane, np.int32)
         K.down_edge(fg, d)
-        d = _put(d, spill_dir, f"D-{s:08d}.npy")
+        d = put_plane(d, spill_dir, f"D-{s:08d}.npy")
     del fg, carry
     if last:
         return None, d, bool((f < K.INF).any()) if plane else False
-    return _put(f, spill_dir, f"F-{s:08d}.npy"), d, None
+    return put_plane(f, spill_dir, f"F-{s:08d}.npy"), d, None
 
 
 def tables_step(
     rows: tuple[int, ...], plane: int, spill_dir: str | None, *steps: tuple
 ) -> tuple[list, bool]:
-    """The backward chain over the slabs' down edges: ``(B, has_background)``.
-
-    ``B[s]``: the down-distance at slab ``s``'s first row (``B[0]`` is not needed),
-    a plane or, with ``spill_dir``, the path of its file; ``steps``: every forward
-    step's result, in order.
+    """The backward chain over the slabs' down edges (:func:`backward_chain`):
+    ``(B, has_background)``, each ``B[s]`` a plane or, with ``spill_dir``, the path of
+    its file; ``steps``: every forward step's result, in order.
     """
-    n = len(steps)
-    B: list = [None] * n
-    carry = None
-    for s in range(n - 1, 0, -1):
-        carry = chain_edges(carry, _get(steps[s][1]), rows[s], plane)
-        B[s] = _put(carry, spill_dir, f"B-{s:08d}.npy")
+    B = backward_chain([st[1] for st in steps], rows, plane,
+                       lambda carry, name: put_plane(carry, spill_dir, name))
     return B, bool(steps[-1][2])
 
 
@@ -233,8 +253,8 @@ def distance_step(
     with _ONE_AT_A_TIME:
         if tune:
             tune_allocator()
-        f_in = _get(prev[0]) if prev is not None else np.full(plane, K.INF, np.int32)
-        b_in = _get(B[s + 1]) if s + 1 < len(B) else np.full(plane, K.INF, np.int32)
+        f_in = get_plane(prev[0]) if prev is not None else np.full(plane, K.INF, np.int32)
+        b_in = get_plane(B[s + 1]) if s + 1 < len(B) else np.full(plane, K.INF, np.int32)
         if dirs[1] is not None:  # the mask pass 1 wrote
             fg = spill.take_mask(dirs[1], s, plane)
         else:

@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 
@@ -72,19 +73,20 @@ def spill(path: str, arr: np.ndarray) -> str:
 
 
 def keep_or_spill(
-    arr: np.ndarray, kept: int, reserve: int, directory: str | None, kind: str, name: str
+    arr: np.ndarray, kept: int, reserve: int, directory: str | None, kind: str, name: str,
+    write: Callable[[str, np.ndarray], str] | None = None,
 ) -> tuple[np.ndarray | str, int, str | None]:
     """Keep ``arr`` in memory while ``kept + arr.nbytes`` fits ``reserve``, else spill it.
 
     Returns ``(the array or its path, bytes kept now, the spill directory)``; the
     directory is made up (:func:`new_dir`) at the first spill and carried along
     the producing chain with the running total.  ``kind`` names the directory,
-    ``name`` the file.
+    ``name`` the file; ``write(path, arr)`` writes it (default :func:`spill`).
     """
     if kept + arr.nbytes <= reserve:
         return arr, kept + arr.nbytes, directory
     directory = directory or new_dir(kind)
-    return spill(os.path.join(directory, name), arr), kept, directory
+    return (write or spill)(os.path.join(directory, name), arr), kept, directory
 
 
 def take(obj: np.ndarray | str) -> np.ndarray:

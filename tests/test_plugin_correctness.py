@@ -194,6 +194,56 @@ def test_float64_uniform_keeps_dask_blocks(rng):
     assert_sweep_equal(y, **SMALL)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(3, 14), st.integers(2, 11), st.integers(2, 9)),
+    chunks=st.tuples(st.integers(1, 6), st.integers(1, 11), st.integers(2, 9)),
+    depth=st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.integers(0, 2),
+                    st.integers(0, 2)),
+    boundary=st.sampled_from(["none", "reflect", "nearest", 0, -1.5]),
+    dtype=st.sampled_from(["f4", "f8"]),
+    call=st.sampled_from([
+        (ndi.uniform_filter, dict(size=3)),
+        (ndi.uniform_filter, dict(size=(5, 1, 3), mode="nearest")),
+        (ndi.uniform_filter, dict(size=4, mode="constant", cval=2.5)),
+        (ndi.uniform_filter, dict(size=3, axes=(0, 2))),
+        (ndi.gaussian_filter, dict(sigma=1.5)),  # radius 6 > depth: dask's blocks
+        (ndi.maximum_filter, dict(size=(3, 5, 3))),
+    ]),
+)
+def test_separable_filters_on_dask_blocks_are_bit_identical(shape, chunks, depth, boundary,
+                                                              dtype, call):
+    """A separable filter kept on dask's blocks (a float running sum, a footprint wider
+    than the depth) runs as its 1-D passes with each axis's halo cropped after its pass:
+    the same bits as dask's block, halo and trim, at any chunking, depth and boundary."""
+    rng = np.random.default_rng(sum(shape) * 31 + sum(chunks))
+    vol = (rng.random(shape) * 100 - 20).astype(dtype)
+    depth = {0: depth[0], 1: depth[1], 2: depth[2]}
+    if boundary != "none":
+        depth[0] = max(depth[0])  # dask pads symmetric depths only
+    if any(max(np.atleast_1d(d)) > s for d, s in zip(depth.values(), shape)):
+        return  # dask itself refuses a depth larger than the array
+    fn, kw = call
+    x = da.from_array(vol, chunks=chunks)
+    y = x.map_overlap(fn, depth=depth, boundary=boundary, **kw)
+    text = str(dask_sweep.explain(y, **SMALL))
+    if "kept dask's blocks" in text:
+        assert "scipy's 1-D passes" in text, text
+    assert_sweep_equal(y, expect_swept=None, **SMALL)
+
+
+def test_float_uniform_on_blocks_runs_as_cropped_passes(rng):
+    # float64 sums round by where a line starts: dask's blocks, not one global filter
+    # (float32's few-term sums are exact in scipy's double buffers, mostly)
+    vol = rng.random((24, 20, 18))
+    x = da.from_array(vol, chunks=(1, 20, 18))  # a TIFF stack's one-plane blocks
+    y = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
+    assert not np.array_equal(y.compute(), ndi.uniform_filter(vol, 3))
+    text = str(dask_sweep.explain(y, **SMALL))
+    assert "not block-invariant); scipy's 1-D passes" in text, text
+    assert_sweep_equal(y, **SMALL)
+
+
 def test_footprint_larger_than_depth_keeps_dask_blocks(rng):
     x = da.from_array((rng.random((30, 20, 20)) * 9).astype("u1"), chunks=(5, 10, 20))
     y = x.map_overlap(ndi.gaussian_filter, depth=2, sigma=2, boundary="none")

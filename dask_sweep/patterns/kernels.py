@@ -183,6 +183,53 @@ def separable_passes(func, kw: dict, ndim: int):
     return None
 
 
+class SeparableBlockFn:
+    """One dask block of a separable filter that is *not* block-invariant (a running
+    sum on floats), bit for bit: scipy's 1-D passes on dask's padded block, each
+    pass's axis cropped to what dask's trim keeps as soon as that pass is done.
+
+    A later pass runs along another axis, line by line, so it never reads what the
+    crop removed; only the lines of the kept block are filtered in-plane (a 1-plane
+    chunk padded by 1 filtered 9 plane-passes for 1 plane, now 5).
+
+    Parameters
+    ----------
+    passes
+        :func:`separable_passes` of the call: ``(axis, fn)`` in scipy's order.
+    chunks, depth, boundary
+        The output's chunks, and the input's halo ``(lo, hi)`` and boundary per axis,
+        as ``map_overlap`` was given them (its trim removes the halo where there is
+        one: every side but the array's faces under ``"none"``).
+    """
+
+    def __init__(self, passes, chunks, depth, boundary) -> None:
+        self.passes = tuple(passes)
+        self.nblocks = tuple(len(c) for c in chunks)
+        self.depth = tuple(depth)
+        self.boundary = tuple(boundary)
+        self.kind = "separable"
+
+    def _crop(self, x: np.ndarray, idx: tuple[int, ...], ax: int) -> np.ndarray:
+        lo, hi = self.depth[ax]
+        if self.boundary[ax] == "none":
+            lo = lo if idx[ax] > 0 else 0
+            hi = hi if idx[ax] < self.nblocks[ax] - 1 else 0
+        sl = [slice(None)] * x.ndim
+        sl[ax] = slice(lo, x.shape[ax] - hi)
+        return x[tuple(sl)]
+
+    def __call__(self, idx, region):
+        t = region
+        cropped = set()
+        for ax, fn in self.passes:
+            t = self._crop(fn(t), idx, ax)
+            cropped.add(ax)
+        for ax in range(t.ndim):
+            if ax not in cropped:
+                t = self._crop(t, idx, ax)
+        return np.ascontiguousarray(t)
+
+
 def fast_binary(func, kw: dict, ndim: int, axis: int):
     """``(passes, fn)`` of a binary erosion / dilation as boolean runs or shifts, or ``None``.
 
@@ -250,3 +297,24 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
         passes=passes, in_dtype=np.dtype(in_dtype),
     )
     return st, ""
+
+
+def separable_block_fn(spec) -> SeparableBlockFn | None:
+    """:class:`SeparableBlockFn` for a one-input ``map_overlap`` of a known separable
+    scipy call (dask's blocks kept: not block-invariant for its dtype), or ``None``."""
+    if spec.kernel is None or len(spec.inputs) != 1:
+        return None
+    func, kwargs = spec.kernel
+    entry = REGISTRY.get(func)
+    ndim = len(spec.meta.shape)
+    if entry is None or set(kwargs) - entry[2]:
+        return None
+    try:
+        passes = separable_passes(func, kwargs, ndim)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if passes is None or fast_binary(func, kwargs, ndim, 0) is not None:
+        return None
+    depth = tuple(spec.depth[0][ax] for ax in range(ndim))
+    boundary = tuple(spec.boundary[0][ax] for ax in range(ndim))
+    return SeparableBlockFn(passes, spec.meta.chunks, depth, boundary)

@@ -14,7 +14,7 @@ from dask_sweep.errors import NotSweepable
 from dask_sweep.io.planes import zarr_planes
 from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
-from dask_sweep.patterns.kernels import kernel_stage
+from dask_sweep.patterns.kernels import kernel_stage, separable_block_fn
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
@@ -405,18 +405,22 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 kind="elementwise", sweep_axis=axis,
             )
         else:
-            st = None
+            st, sep = None, None
             if settings.reblock and spec.kernel is not None:
                 st, why = kernel_stage(spec, ins, axis, stages[ins[0]].dtype)
-                if st is None:
-                    notes.append(f"{spec.label}: kept dask's blocks ({why})")
+                if st is None:  # dask's blocks, computed as dask does (or as its passes)
+                    sep = separable_block_fn(spec)
+                    how = ("; scipy's 1-D passes, each axis's halo cropped after its pass"
+                           if sep is not None else "")
+                    notes.append(f"{spec.label}: kept dask's blocks ({why}){how}")
             if st is None:
                 st = Blocked(
                     label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
                     chunks=spec.meta.chunks,
                     depth=tuple(tuple(d[ax] for ax in range(len(spec.meta.shape))) for d in spec.depth),
                     boundary=tuple(tuple(b[ax] for ax in range(len(spec.meta.shape))) for b in spec.boundary),
-                    block_fn=OverlapBlockFn(spec.func_eval, spec.trim_eval, spec.func_positions),
+                    block_fn=sep or OverlapBlockFn(spec.func_eval, spec.trim_eval,
+                                                   spec.func_positions),
                     kind="map_overlap", sweep_axis=axis,
                 )
         index[n] = len(stages)

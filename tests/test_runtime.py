@@ -236,3 +236,39 @@ def test_graph_builder_layers_take_their_dependencies_from_their_references():
     # a collection made earlier holds only what existed then
     assert "late" not in early.__dask_graph__().layers
     assert dask.compute(early, b.delayed(late)) == ({"k": ("a", 0), "x": 1}, 40)
+
+
+def test_slab_tasks_trim_the_heap_after_running_even_on_error(monkeypatch):
+    """Temporaries below the mmap threshold are reused from the heap within a task (not
+    faulted in again) and returned at its end, also when it raises."""
+    from dask_sweep.emit import graph
+    from dask_sweep.multipass import edt, label
+    from dask_sweep.runtime import memory
+
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+
+    monkeypatch.setattr(memory, "_libc", Libc())
+    monkeypatch.setattr(memory, "_done", True)
+
+    @memory.trims
+    def task(x):
+        if x is None:
+            raise ValueError("boom")
+        return x + 1
+
+    assert task(1) == 2 and calls == [0]
+    with pytest.raises(ValueError):
+        task(None)
+    assert calls == [0, 0]
+    # the sweep's steps and the drop-ins' slab tasks are wrapped (and keep their names,
+    # which dask shows in its task keys' functions and the dashboard)
+    for fn in (graph._step, label.local_step, label.pass2, label.pass2_split, label.read_row,
+               label.resolve, edt.forward_step, edt.distance_step):
+        assert fn.__wrapped__ is not None and fn.__name__ == fn.__wrapped__.__name__
+    monkeypatch.setattr(memory, "_done", False)  # untuned (sweep.tune-malloc: false)
+    task(1)
+    assert calls == [0, 0]

@@ -47,7 +47,7 @@ from dask_sweep.dsl.lower import pipeline_token
 from dask_sweep.dsl.stages import combine_partials
 from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
-from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.runtime.memory import trim, tune_allocator
 from dask_sweep.utils import format_bytes
 
 __all__ = ["RunReport", "RunResult", "StepRecord", "run", "to_dask"]
@@ -493,6 +493,7 @@ def _run_pass(
                 out.sink.write_planes(a, planes)
         # the emitted planes must not live on into the next step's compute
         planes = emitted = None
+        trim()  # the step's temporaries the heap kept (sweep.tune-malloc)
         dt = time.perf_counter() - t0
         read = _bytes_read(plan) - read0
         # Peak resident memory during the step above the run's start, less the pages

@@ -33,9 +33,10 @@ from dask.highlevelgraph import MaterializedLayer
 
 from dask_sweep.plan.ir import Plan, Source
 from dask_sweep.runtime.executor import Trace, run_step
-from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.runtime.memory import trims, tune_allocator
 
 
+@trims
 def _step(plan, prev, t, ext_keys, ext_values, *after):
     if plan is None:  # a later step of a segment: the plan came with the previous step
         plan = prev[2]

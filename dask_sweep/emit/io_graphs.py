@@ -23,6 +23,8 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from dask_sweep.runtime.memory import trims
+
 __all__ = ["source_array", "write_graph"]
 
 
@@ -120,6 +122,7 @@ def _after(value: Any, _marker: Any) -> Any:
     return value
 
 
+@trims
 def _write_slab(
     sink: Any, start: int, stop: int, row0: int, blocks: list, prev: dict | None
 ) -> dict:

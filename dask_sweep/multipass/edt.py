@@ -57,7 +57,7 @@ import numpy as np
 from dask_sweep.errors import SweepConfigError
 from dask_sweep.multipass import SlabInput, spill
 from dask_sweep.multipass import edt_kernels as K
-from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.runtime.memory import trims, tune_allocator
 
 __all__ = [
     "INF",
@@ -173,6 +173,7 @@ def backward_chain(
     return B
 
 
+@trims
 def forward_step(
     reader: SlabInput,
     prev: tuple | None,
@@ -232,6 +233,7 @@ def tables_step(
 _ONE_AT_A_TIME = threading.Lock()
 
 
+@trims
 def distance_step(
     reader: SlabInput,
     prev: tuple | None,

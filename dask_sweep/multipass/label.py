@@ -80,7 +80,7 @@ from scipy import ndimage as ndi
 from dask_sweep.errors import SweepConfigError, SweepError
 from dask_sweep.multipass import BlockInput, SlabInput, spill
 from dask_sweep.multipass import label_kernels as K
-from dask_sweep.runtime.memory import tune_allocator
+from dask_sweep.runtime.memory import trims, tune_allocator
 
 __all__ = [
     "NAME",
@@ -327,6 +327,7 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
+@trims
 def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
     """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
 
@@ -461,6 +462,7 @@ class _Planes:
                     self.free.append(p)
 
 
+@trims
 def local_step(
     reader: SlabInput,
     structure: np.ndarray,
@@ -687,6 +689,7 @@ class Resolved:
         self.luts, self.num, self.raster, self.kept = luts, num, raster, kept
 
 
+@trims
 def resolve(
     readers: list[SlabInput],
     structure: np.ndarray,
@@ -762,6 +765,7 @@ def count(src: _Numbered | Resolved) -> np.ndarray:
     return np.array(src.cum if isinstance(src, _Numbered) else src.num, dtype=np.intp)
 
 
+@trims
 def pass2(
     reader: SlabInput,
     structure: np.ndarray,
@@ -795,6 +799,7 @@ def pass2(
     return relabel(mask, structure, lut, s, dtype, check)
 
 
+@trims
 def pass2_split(
     kept: spill.KeptArrays | None, r: int, reader: BlockInput, shape: tuple, chunks: tuple,
     parts: int, a: int, b: int, structure: np.ndarray, src: Resolved, s: int,

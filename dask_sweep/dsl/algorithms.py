@@ -896,6 +896,7 @@ class _EDT(_Algorithm):
                 del up, down
                 if on_slab is not None:
                     on_slab(s, nbytes)
+        carry = None
         B = E.backward_chain(downs, tuple(b - a for a, b in slabs), plane, keep, take)
         return (F, B, has_bg), [sdir] if sdir else []
 

@@ -207,7 +207,6 @@ class SeparableBlockFn:
         self.nblocks = tuple(len(c) for c in chunks)
         self.depth = tuple(depth)
         self.boundary = tuple(boundary)
-        self.kind = "separable"
 
     def _crop(self, x: np.ndarray, idx: tuple[int, ...], ax: int) -> np.ndarray:
         lo, hi = self.depth[ax]

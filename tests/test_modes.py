@@ -343,3 +343,25 @@ def test_dasks_overlap_tests_pass_in_expression_mode_with_the_sweep_on(tmp_path)
     tail = p.stdout[-3000:]
     assert p.returncode == 0, tail
     assert re.search(r"\b\d+ passed", tail) and not re.search(r"\b\d+ failed", tail), tail
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tiff-stack"])
+def test_imread_and_imwrite_in_the_mode(tmp_path, rng, fmt):
+    """``dask_sweep.io.imread`` gives a collection of the process's mode (it built a
+    graph-mode ``Array`` with ``meta=``, which the expression mode's refuses), swept
+    and written like any other."""
+    from dask_sweep.io import imread, imwrite
+
+    vol = (rng.random((20, 17, 15)) * 255).astype("u1")
+    src = str(tmp_path / ("in.zarr" if fmt == "zarr" else "in"))
+    imwrite(vol, src, format=fmt)
+    x = imread(src if fmt == "zarr" else os.path.join(src, "*.tif"))
+    assert x.shape == vol.shape and x.dtype == vol.dtype
+    assert type(x).__module__.startswith("dask.array._array_expr") == EXPR
+    y = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
+    assert explain(y).startswith("sweep 0:"), explain(y)
+    assert_sweep_equal(y, **SMALL)
+    out = str(tmp_path / "out.zarr")
+    with dask_sweep.enable(**SMALL):
+        imwrite(y, out)
+    np.testing.assert_array_equal(imread(out).compute(), y.compute(scheduler="sync"))

@@ -40,8 +40,14 @@ def source_array(source: Any, chunks: tuple, name: str):
         reader, local = source._block_reader(region)
         key = (name, *idx)
         dsk[key] = Task(key, _read_block, reader, local)
-    graph = HighLevelGraph.from_collections(name, MaterializedLayer(dsk), dependencies=())
     meta = np.empty((0,) * source.ndim, dtype=source.dtype)
+    if getattr(da, "ARRAY_EXPR_ENABLED", None) is True:
+        # dask's array-expression mode: an expression over these tasks (its blocks are
+        # aliased under a name of its own)
+        from dask.array._array_expr._collection import from_graph
+
+        return from_graph(dsk, meta, chunks, list(dsk), name)
+    graph = HighLevelGraph.from_collections(name, MaterializedLayer(dsk), dependencies=())
     return da.Array(graph, name, chunks, meta=meta)
 
 
@@ -51,7 +57,10 @@ def _read_block(source: Any, region: tuple) -> np.ndarray:
 
 def write_graph(array, sink: Any, *, lag: int = 2):
     """:func:`dask_sweep.io.write_graph`'s tasks (it checks the shapes, then calls this)."""
-    (array,) = dask.optimize(array)
+    if getattr(array, "expr", None) is not None:  # array-expression mode: lowered first
+        array = array.optimize()
+    else:
+        (array,) = dask.optimize(array)
     todo = [s for s in sink.todo_slabs() if s[1] > s[0]]
     name = f"imwrite-{tokenize(array.name, sink.path, sink.manifest(), todo)}"
     graph = convert_legacy_graph(dict(array.__dask_graph__()))

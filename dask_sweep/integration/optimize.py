@@ -722,6 +722,7 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
 def _serve_io() -> None:
     """Hand io (a leaf: it imports nothing of the plugin) the sweep's settings and plans."""
     from dask_sweep.emit import io_graphs
+    from dask_sweep.integration.expr_store import store
     from dask_sweep.io.host import HOST
 
     HOST.settings = active_settings
@@ -730,6 +731,7 @@ def _serve_io() -> None:
     HOST.enable = enable
     HOST.source_array = io_graphs.source_array
     HOST.write_graph = io_graphs.write_graph
+    HOST.store = store
 
 
 _serve_io()

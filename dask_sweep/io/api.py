@@ -318,7 +318,6 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
     recorded (``dask_sweep.passes.resume``), or is left to the slab chain if the
     sweep cannot skip them.  ``planned``: the sweep already planned this write on the
     sink's layout (:func:`_fit_layout`), so it is not planned again here."""
-    import dask.array as da
 
     if settings is None:
         p = HOST.active_pass()
@@ -327,7 +326,7 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
         settings = p.settings()
 
     target = SinkTarget(sink)
-    store = da.store(array, target, lock=False, compute=False)
+    store = HOST.store(array, target, lock=False, compute=False)
     if planned and not target.recorded_planes:
         return store
     plan = _plan_store(store, sink, settings)
@@ -409,11 +408,10 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
     swept: set[int] = set()  # rows the sweep plans
 
     def refusal(r: int) -> BudgetError | None:
-        import dask.array as da
 
         if sweeping:
             target = SinkTarget(_Draft(p, shape, dtype, r))
-            got = _plan_store(da.store(array, target, lock=False, compute=False), target.sink,
+            got = _plan_store(HOST.store(array, target, lock=False, compute=False), target.sink,
                               settings)
             if isinstance(got, Plan):
                 swept.add(r)

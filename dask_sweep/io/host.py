@@ -46,6 +46,8 @@ class Host:
     source_array: Callable[..., Any] = _no_graphs
     #: ``write_graph(array, sink, lag=)``: the delayed chain of a sink's slab writes
     write_graph: Callable[..., Any] = _no_graphs
+    #: ``store(array, target, lock=, compute=)``: ``da.store`` in either dask array mode
+    store: Callable[..., Any] = _no_graphs
 
 
 HOST = Host()

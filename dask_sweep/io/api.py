@@ -318,7 +318,6 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
     recorded (``dask_sweep.passes.resume``), or is left to the slab chain if the
     sweep cannot skip them.  ``planned``: the sweep already planned this write on the
     sink's layout (:func:`_fit_layout`), so it is not planned again here."""
-
     if settings is None:
         p = HOST.active_pass()
         if p is None:
@@ -408,7 +407,6 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
     swept: set[int] = set()  # rows the sweep plans
 
     def refusal(r: int) -> BudgetError | None:
-
         if sweeping:
             target = SinkTarget(_Draft(p, shape, dtype, r))
             got = _plan_store(HOST.store(array, target, lock=False, compute=False), target.sink,

@@ -327,7 +327,6 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
-@trims
 def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
     """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
 

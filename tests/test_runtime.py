@@ -275,3 +275,32 @@ def test_slab_tasks_trim_the_heap_after_running_even_on_error(monkeypatch):
     monkeypatch.setattr(memory, "_done", False)  # untuned (sweep.tune-malloc: false)
     task(1)
     assert calls == [0, 0]
+
+
+def test_kernels_are_cached_on_disk_and_compiled_per_process_where_no_cache_can_be(
+        monkeypatch):
+    """The kernels ask numba for its disk cache; where numba refuses it (no writable
+    location: it raises when the kernel is defined) they are compiled per process."""
+    import numba
+
+    from dask_sweep.multipass import label_kernels
+    from dask_sweep.runtime import jit
+
+    assert label_kernels._scan._cache.__class__.__name__ != "NullCache"
+    real = numba.njit
+    asked = []
+
+    def refusing(*args, cache=False, **kwargs):
+        asked.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available")
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(jit.numba, "njit", refusing)
+
+    def f(x):
+        return x + 1
+
+    k = jit.kernel(f)
+    assert asked == [True, False] and k(1) == 2
+    assert k._cache.__class__.__name__ == "NullCache"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
+from dask_sweep.runtime.jit import kernel
 
-@numba.njit(cache=True, nogil=True)
+
+@kernel
 def _bilateral3(x, r, inv2ss, inv2sr):  # pragma: no cover - compiled
     nz, ny, nx = x.shape
     out = np.empty((nz, ny, nx), dtype=np.float32)

@@ -14,14 +14,15 @@ All kernels release the GIL so a slab task can run them on several threads.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from dask_sweep.runtime.jit import kernel
 
 #: Saturation value of a row distance: "no background voxel in this direction".
 INF = 1 << 30
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def forward_carry(fg: np.ndarray, carry_in: np.ndarray, carry_out: np.ndarray) -> None:
     """Rows from the last row of a slab up to the nearest background above it.
 
@@ -40,7 +41,7 @@ def forward_carry(fg: np.ndarray, carry_in: np.ndarray, carry_out: np.ndarray) -
                 carry_out[p] = 0
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def down_edge(fg: np.ndarray, out: np.ndarray) -> None:
     """Rows from the first row of a slab down to the nearest background inside it
     (``INF``: none): the first background row's index, found in row order (the
@@ -54,7 +55,7 @@ def down_edge(fg: np.ndarray, out: np.ndarray) -> None:
                 out[p] = i
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def finite_max(plane: np.ndarray) -> int:
     """The largest value of ``plane`` below ``INF`` (-1: none)."""
     top = -1
@@ -65,7 +66,7 @@ def finite_max(plane: np.ndarray) -> int:
     return top
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def narrow_into(plane: np.ndarray, out: np.ndarray, big: int) -> None:
     """``plane`` into a narrower unsigned ``out`` whose ``big`` stands for ``INF``."""
     for p in range(plane.shape[0]):
@@ -73,7 +74,7 @@ def narrow_into(plane: np.ndarray, out: np.ndarray, big: int) -> None:
         out[p] = big if v >= INF else v
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def widen_into(narrow: np.ndarray, out: np.ndarray, big: int) -> None:
     """The inverse of :func:`narrow_into`."""
     for p in range(narrow.shape[0]):
@@ -81,7 +82,7 @@ def widen_into(narrow: np.ndarray, out: np.ndarray, big: int) -> None:
         out[p] = INF if v == big else v
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def chain_carry(carry: np.ndarray, edge: np.ndarray, rows: int, out: np.ndarray) -> None:
     """A scan's carry after a slab of ``rows`` rows whose own edge distance is ``edge``.
 
@@ -97,7 +98,7 @@ def chain_carry(carry: np.ndarray, edge: np.ndarray, rows: int, out: np.ndarray)
             out[p] = v if v < INF else INF
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def axis0_squared(
     fg: np.ndarray,
     f_in: np.ndarray,
@@ -154,7 +155,7 @@ def axis0_squared(
                 d2[i, p] = x * x
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def envelope_axis1(a: np.ndarray, s: float) -> None:
     """In place: ``a[i, q, j] = min_r a[i, r, j] + ((q - r) * s)**2`` (exact).
 

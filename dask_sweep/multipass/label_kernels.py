@@ -25,11 +25,12 @@ block without a second array), without the GIL.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from dask_sweep.runtime.jit import kernel
 
-@numba.njit(cache=False, nogil=True)
+
+@kernel
 def _scan(up, low, offs, nr, straight, width, buf, k, prev, start):  # pragma: no cover
     """Emit keys from flat voxel ``start`` on; stop when ``buf`` is full.
 
@@ -124,7 +125,7 @@ def face_pairs_2d(
     return np.stack([keys // width, keys % width], axis=1)
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def _apply_lut(lab, lut, out):  # pragma: no cover - compiled
     for i in range(lab.shape[0]):
         out[i] = lut[lab[i]]
@@ -140,7 +141,7 @@ _LUT_TYPES = {
 }
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def _first_seen(lab, n, rank):  # pragma: no cover - compiled
     nxt = 1
     for i in range(lab.shape[0]):
@@ -184,7 +185,7 @@ def apply_lut(lab: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return out.reshape(lab.shape)
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def _find(parent, x):  # pragma: no cover - compiled
     root = x
     while parent[root] != root:
@@ -196,7 +197,7 @@ def _find(parent, x):  # pragma: no cover - compiled
     return root
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def _union_by_shared(parent, first, labels, bs):  # pragma: no cover - compiled
     for i in range(labels.shape[0]):
         lab, b = labels[i], bs[i]
@@ -228,7 +229,7 @@ def smallest_linked(n: int, labels: np.ndarray, bs: np.ndarray, dtype) -> np.nda
     return parent
 
 
-@numba.njit(cache=False, nogil=True)
+@kernel
 def _label_runs(m, dz, dy, ext, out, par):  # pragma: no cover - compiled
     """Connected components of ``m`` (uint8, 3-D) into ``out`` (uint32), in raster order.
 
@@ -338,7 +339,9 @@ def warm() -> None:
     """Compile the kernel now, on a tiny face (once per process).
 
     Called when a labelling is planned, so that numba's compiler (tens of MiB of
-    resident memory, about a second) runs before the sweep, not inside its budget.
+    resident memory, about a second) runs before the sweep, not inside its budget;
+    once the kernels are in numba's disk cache (:mod:`dask_sweep.runtime.jit`) this
+    loads them (~0.1 s).
     """
     global _warm
     if not _warm:

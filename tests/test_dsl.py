@@ -34,6 +34,8 @@ FILTERS = [
     ("gaussian", dict(sigma=(1, 2, 0.5)), ndi.gaussian_filter, dict(sigma=(1, 2, 0.5))),
     ("uniform", dict(size=3), ndi.uniform_filter, dict(size=3)),
     ("median", dict(size=3), ndi.median_filter, dict(size=3)),
+    ("median", dict(size=(5, 3, 1), mode="nearest"), ndi.median_filter,
+     dict(size=(5, 3, 1), mode="nearest")),
     ("minimum", dict(size=(3, 1, 5)), ndi.minimum_filter, dict(size=(3, 1, 5))),
     ("maximum", dict(size=3), ndi.maximum_filter, dict(size=3)),
     ("erosion", dict(size=3), ndi.grey_erosion, dict(size=3)),

@@ -23,6 +23,8 @@ CASES = [
     (ndi.grey_erosion, dict(size=3), 1, "uf"),
     (ndi.grey_dilation, dict(size=3), 1, "uf"),
     (ndi.median_filter, dict(size=3), 1, "uf"),
+    (ndi.median_filter, dict(size=(5, 3, 1), mode="constant", cval=7), 2, "ui"),
+    (ndi.median_filter, dict(footprint=np.ones((3, 5, 3), bool), mode="mirror"), 2, "ui"),
     (ndi.correlate, dict(weights=np.arange(27.0).reshape(3, 3, 3) / 50), 1, "f"),
     (ndi.binary_erosion, dict(iterations=2), 2, "b"),
     (ndi.binary_opening, dict(), 2, "b"),
@@ -165,3 +167,64 @@ def test_window_kept_planes_are_scipy_bit_for_bit(op, dtype, size, planes, extra
     np.testing.assert_array_equal(got, fn(x)[c0 : c0 + planes])
     assert got.dtype == fn(x).dtype
     _faces_are_scipy(kept_planes, fn, x, planes, threads)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    dtype=st.sampled_from(["u1", "i1", "u2", "i2"]),
+    sides=st.sampled_from([(3, 3, 3), (5, 5, 5), (1, 3, 5), (7, 1, 1), (3, 7, 3), (5, 5)]),
+    mode=st.sampled_from(["reflect", "mirror", "nearest", "constant", "wrap", "grid-mirror"]),
+    cval=st.sampled_from([0, 5, -3, 0.5]),
+    shape=st.tuples(st.integers(1, 14), st.integers(1, 9), st.integers(1, 21)),
+    cut=st.tuples(st.integers(0, 13), st.integers(0, 14)),
+    smooth=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_median_of_the_kept_planes_is_scipy_bit_for_bit(dtype, sides, mode, cval, shape, cut,
+                                                         smooth, seed):
+    """``MedianPlanes.planes`` equals scipy's median over the whole window, cropped: any
+    box, mode, cval, dtype, window and kept range (axes thinner than the box included)."""
+    from dask_sweep.runtime.rank import MedianPlanes
+
+    shape = shape[: len(sides)]
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    if smooth:  # runs of close values: the median moves little, ties abound
+        x = (x // 16).astype(dtype)
+    kw = {"size": sides, "mode": mode, "cval": cval}
+    fn = MedianPlanes.of(kw, len(sides), dtype)
+    representable = float(np.asarray(cval).astype(dtype)) == cval
+    if mode == "wrap" or (mode == "constant" and not representable):
+        assert fn is None  # left to scipy
+        return
+    c0 = min(cut[0], shape[0])
+    t = min(cut[1], shape[0] - c0)
+    want = ndi.median_filter(x, **kw)[c0:c0 + t]
+    got = fn.planes(x, 0, c0, t)
+    np.testing.assert_array_equal(got, want, strict=True)
+    np.testing.assert_array_equal(fn(x), ndi.median_filter(x, **kw), strict=True)
+
+
+def test_median_kept_planes_compute_no_halo_planes(monkeypatch):
+    """dask-image's median on 8/16-bit integers runs the histogram kernel on the kept
+    planes (never scipy's call on the window), swept bit for bit as stock dask."""
+    from dask_image import ndfilters
+
+    from dask_sweep.runtime import rank
+
+    rng = np.random.default_rng(5)
+    calls = []
+    monkeypatch.setattr(rank.MedianPlanes, "__call__", lambda self, x: calls.append(x.shape))
+    rows = rank._median_rows
+    monkeypatch.setattr(rank, "_median_rows", lambda p, out, *a: calls.append("rows")
+                        or rows(p, out, *a))
+    for dtype in ("u1", "i2"):
+        vol = (rng.random((30, 24, 19)) * 120).astype(dtype)
+        x = da.from_array(vol, chunks=(7, 12, 19))
+        for mode in ("reflect", "nearest", "constant"):
+            calls.clear()
+            y = ndfilters.median_filter(x, size=5, mode=mode)
+            assert "kernel " in str(dask_sweep.explain(y))
+            assert_sweep_equal(y, target_slab_bytes="4KiB", threads=2)
+            assert calls and set(calls) == {"rows"}, calls

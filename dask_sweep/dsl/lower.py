@@ -7,11 +7,13 @@ import functools
 from typing import Any
 
 import numpy as np
+import scipy.ndimage as ndi
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Tables
 from dask_sweep.patterns.kernels import separable_passes
 from dask_sweep.plan.ir import Kernel, Pointwise, Source, Stage
+from dask_sweep.runtime.rank import MedianPlanes
 
 
 def walk_streams(roots: list[Stream], cross: bool = False) -> list[Stream]:
@@ -83,7 +85,7 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
                 shape=x.shape,
                 dtype=x.dtype,
                 inputs=ins,
-                fn=x.fn,
+                fn=_kept_only(x.fn, x.ndim, x.inputs[0].dtype),
                 depth=x.depth,
                 boundary=("none",) * x.ndim,  # the kernel's own mode acts at the faces
                 temps=x.temps,
@@ -98,6 +100,14 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
         index[id(x)] = len(stages)
         stages.append(st)
     return stages, index
+
+
+def _kept_only(fn: Any, ndim: int, in_dtype: Any) -> Any:
+    """A median of 8/16-bit integers as :class:`~dask_sweep.runtime.rank.MedianPlanes`
+    (the kept planes only, as the plugin runs it), else ``fn``."""
+    if isinstance(fn, functools.partial) and fn.func is ndi.median_filter and not fn.args:
+        return MedianPlanes.of(fn.keywords, ndim, in_dtype) or fn
+    return fn
 
 
 def _passes(fn: Any, ndim: int) -> tuple | None:

@@ -27,6 +27,7 @@ import scipy.ndimage as ndi
 
 from dask_sweep.plan.ir import Kernel
 from dask_sweep.runtime.morphology import BoolRun, BoolShifts
+from dask_sweep.runtime.rank import MedianPlanes
 
 ALL = frozenset("biuf")
 EXACT_SUM = frozenset("biu")
@@ -286,6 +287,8 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
     if any(b != "none" and depth[ax] * 2 > spec.meta.shape[ax] for ax, b in enumerate(bnd)):
         return None, "boundary padding deeper than the array"
     fn, passes = functools.partial(func, **kwargs), separable_passes(func, kwargs, ndim)
+    if func is ndi.median_filter:  # a box on 8/16-bit integers: the kept planes only
+        fn = MedianPlanes.of(kwargs, ndim, in_dtype) or fn
     fast = fast_binary(func, kwargs, ndim, axis)
     if fast is not None:
         passes, fn = fast[0], fast[1] or fn

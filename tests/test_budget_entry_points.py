@@ -813,11 +813,13 @@ def test_enable_passes_every_setting_on():
     assert names == set(given), "a new setting: add it here"
 
 
+@pytest.mark.parametrize("expressions", [False, True])
 @pytest.mark.parametrize("name", ["stack", "out.zarr"])
-def test_imwrite_keeps_its_budget(plugin_data, name):
+def test_imwrite_keeps_its_budget(plugin_data, name, expressions):
     src, ref, d = plugin_data
-    out = str(d / f"imwrite-{name}")
-    rep = _measured("imwrite", budget="24MiB", src=src, out=out)
+    out = str(d / f"imwrite-{name}-{expressions}")
+    env = {"DASK_ARRAY__QUERY_PLANNING": "True"} if expressions else None
+    rep = _measured("imwrite", env=env, budget="24MiB", src=src, out=out)
     assert rep["growth"] <= 24 * MiB, rep
     np.testing.assert_array_equal(_read(out), ref)
 

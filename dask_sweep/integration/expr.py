@@ -96,6 +96,9 @@ def install() -> bool:
 
     optimize_until._dask_sweep = True
     E.optimize_until = optimize_until
+    from dask_sweep.io.host import HOST
+
+    HOST.analyse = analyse_collection  # imwrite plans its store in either mode
     return True
 
 

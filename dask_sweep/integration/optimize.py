@@ -727,7 +727,8 @@ def _serve_io() -> None:
 
     HOST.settings = active_settings
     HOST.active_pass = active_pass
-    HOST.analyse = analyse
+    # graph mode's; integration.expr.install hands in one for both modes
+    HOST.analyse = lambda x, settings: analyse(x.__dask_graph__(), x.__dask_keys__(), settings)
     HOST.enable = enable
     HOST.source_array = io_graphs.source_array
     HOST.write_graph = io_graphs.write_graph

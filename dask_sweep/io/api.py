@@ -343,8 +343,7 @@ def _plan_store(store, sink, settings: SweepSettings):
     if HOST.analyse is None:
         return None
     try:
-        res = HOST.analyse(store.__dask_graph__(), store.__dask_keys__(),
-                      settings.with_(fallback="raise"))
+        res = HOST.analyse(store, settings.with_(fallback="raise"))
     except BudgetError as e:
         return e
     except Exception:  # noqa: BLE001 - whatever the analysis trips on, the chain path works

@@ -38,7 +38,8 @@ class Host:
     settings: Callable[..., SweepSettings] = SweepSettings.resolve
     #: the active sweep pass (``enable``, ``array_optimize``, ``optimizations``) or ``None``
     active_pass: Callable[[], Any] = _no_pass
-    #: ``analyse(graph, keys, settings)``: the plugin's plans for a graph
+    #: ``analyse(collection, settings)``: the plugin's plans for a dask collection (a
+    #: graph-mode array or, once the expression hook is installed, an expression)
     analyse: Callable[..., Any] | None = None
     #: ``enable(**settings)``: a context in which computes are swept with these settings
     enable: Callable[..., Any] | None = None

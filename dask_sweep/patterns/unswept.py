@@ -138,8 +138,8 @@ def unswept(hlg: HighLevelGraph, regions, fallbacks) -> list[Fallback]:
     for name, layer in hlg.layers.items():
         if name in covered or not deps.get(name):
             continue  # a region's, a refusal's, or a root (a source, a constant)
-        if name.startswith("finalize-") or name.startswith("store-map-"):
-            continue
+        if name.startswith(("finalize-", "store-map-", "storedone-")):
+            continue  # (storedone-: the expression-mode store's task that waits for the writes)
         kinds.setdefault(_kind(name, layer), []).append(name)
     quiet = bool(regions or fallbacks)  # elementwise work around them is theirs to explain
     out = []

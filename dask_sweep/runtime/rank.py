@@ -108,6 +108,9 @@ def _box(kw: dict, ndim: int) -> tuple[int, ...] | None:
     return tuple(int(s) for s in sides)
 
 
+_WARM: set = set()
+
+
 class MedianPlanes:
     """``scipy.ndimage.median_filter(x, **kwargs)``, and its kept planes alone.
 
@@ -140,7 +143,20 @@ class MedianPlanes:
         if _PAD[mode] == "constant" and float(np.asarray(cval).astype(dt)) != float(cval):
             return None  # scipy selects cval as a float, then casts it
         sides = _box(kwargs, ndim)
-        return None if sides is None else cls(kwargs, sides)
+        if sides is None:
+            return None
+        out = cls(kwargs, sides)
+        out.warm(dt)
+        return out
+
+    def warm(self, dtype: Any) -> None:
+        """Compile (or load from numba's cache) the kernel for ``dtype`` now, once per
+        process: it is found while planning, so numba's compiler and LLVM (tens of MiB of
+        resident memory) come before the run, not inside its budget."""
+        key = (np.dtype(dtype).str, len(self.sides), int(np.prod(self.sides)) < 65535)
+        if key not in _WARM:
+            self.planes(np.zeros(self.sides, dtype), 0, 0, 1)
+            _WARM.add(key)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return ndi.median_filter(x, **self.kwargs)

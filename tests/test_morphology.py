@@ -30,8 +30,20 @@ def test_shifts_equal_scipy(rng, op, border, shape):
         x = rng.random(shape) < density
         for s in _structures(len(shape), rng):
             want = SCIPY[op](x, structure=s, border_value=border)
-            got = BoolShifts(op, s, border)(x)
-            np.testing.assert_array_equal(got, want, err_msg=f"{op} {border} {s.astype(int)}")
+            f = BoolShifts(op, s, border)
+            np.testing.assert_array_equal(f(x), want, err_msg=f"{op} {border} {s.astype(int)}")
+            for axis in range(len(shape)):  # the kept planes alone, at every cut
+                for c0 in range(shape[axis]):
+                    for t in range(shape[axis] - c0 + 1):
+                        keep = (slice(None),) * axis + (slice(c0, c0 + t),)
+                        np.testing.assert_array_equal(f.planes(x, axis, c0, t), want[keep])
+            ax = len(shape) - 2  # a piece's rows too (the in-plane axis pieces are cut on)
+            for r0 in range(shape[ax]):
+                for n in (1, shape[ax] - r0):
+                    keep = [slice(1, shape[0]), slice(None), slice(None)][: len(shape)]
+                    keep[ax] = slice(r0, r0 + n)
+                    got = f.planes(x, 0, 1, shape[0] - 1, rows=(ax, r0, n))
+                    np.testing.assert_array_equal(got, want[tuple(keep)])
 
 
 @pytest.mark.parametrize("op", ["and", "or"])

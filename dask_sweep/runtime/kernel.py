@@ -258,7 +258,11 @@ def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int):
             crop[tl] = slice(s - hs, s - hs + (e - s))
             dst[tl] = slice(s, e)
         xs = x[tuple(idx)]
-        if getattr(st.fn, "cropped", False):
+        if getattr(st.fn, "cropped_rows", False) and tl is not None:
+            # the kept planes and the piece's kept rows only (not its halo's either)
+            y = st.fn.planes(xs, axis, c0, t, rows=(tl, s - hs, e - s))
+            crop[axis] = crop[tl] = slice(None)
+        elif getattr(st.fn, "cropped", False):
             # the function computes the kept planes only (its windows, not the halo's)
             y = st.fn.planes(xs, axis, c0, t)
             crop[axis] = slice(None)

@@ -7,7 +7,9 @@ of the volume, which numpy does a plane at a time at memory speed:
 * a **box** structure is the product of its sides, so the AND over the box is
   an AND over each axis in turn (:class:`BoolRun`, one separable pass per
   axis, the sweep-axis pass computed for the kept planes only);
-* any other structure is an AND over its offsets (:class:`BoolShifts`).
+* any other structure is an AND over its offsets (:class:`BoolShifts`): the kept
+  planes (and rows) of a step only, in a numba loop that stops at a voxel's first
+  deciding neighbour (nearest offsets first), as scipy's own loop does.
 
 Outside the array every neighbour is scipy's ``border_value``.  Dilation uses
 the reflected structure, as scipy does.  ``tests/test_morphology.py`` checks
@@ -17,6 +19,67 @@ both against scipy over structures, borders, shapes and slabs.
 from __future__ import annotations
 
 import numpy as np
+
+from dask_sweep.runtime.jit import kernel
+
+
+@kernel
+def _shift_planes(x, out, c0, y0, offs, lin, is_or, border):  # pragma: no cover - compiled
+    """``out[q, j, i]``: AND (``is_or``: OR) of ``x[c0 + q + o0, y0 + j + o1, i + o2]``
+    over the offsets ``offs`` (nearest first), ``border`` outside ``x``; a voxel stops at
+    its first deciding neighbour.  Voxels whose every neighbour lies inside read the
+    C-contiguous ``x`` at the linear offsets ``lin`` (no bounds to check)."""
+    t, ny, nx = out.shape
+    nz, my, mx = x.shape
+    flat = x.ravel()
+    k = offs.shape[0]
+    lo = np.zeros(3, np.int64)
+    hi = np.zeros(3, np.int64)
+    for i in range(k):
+        for a in range(3):
+            lo[a] = min(lo[a], offs[i, a])
+            hi[a] = max(hi[a], offs[i, a])
+    for q in range(t):
+        z = c0 + q
+        zin = z + lo[0] >= 0 and z + hi[0] < nz
+        for j in range(ny):
+            y = y0 + j
+            yin = zin and y + lo[1] >= 0 and y + hi[1] < my
+            for i0 in range(nx):
+                res = not is_or
+                if yin and i0 + lo[2] >= 0 and i0 + hi[2] < mx:
+                    base = (z * my + y) * mx + i0
+                    for i in range(k):
+                        if (flat[base + lin[i]] != 0) == is_or:  # a hit decides an OR
+                            res = is_or
+                            break
+                else:
+                    for i in range(k):
+                        zz = z + offs[i, 0]
+                        yy = y + offs[i, 1]
+                        xx = i0 + offs[i, 2]
+                        if zz < 0 or zz >= nz or yy < 0 or yy >= my or xx < 0 or xx >= mx:
+                            v = border
+                        else:
+                            v = x[zz, yy, xx] != 0
+                        if v == is_or:  # a miss decides an AND
+                            res = is_or
+                            break
+                out[q, j, i0] = res
+
+
+_WARM: set = set()
+
+
+def _warm(ndim: int) -> None:
+    """Compile (or load from numba's cache) :func:`_shift_planes` now, once per process:
+    a structure is made while planning, so numba's compiler comes before the run, not
+    inside its budget."""
+    if ndim in _WARM or ndim not in (2, 3):
+        return
+    _WARM.add(ndim)
+    BoolShifts("or", np.ones((3,) * ndim, bool), False).planes(np.zeros((3,) * ndim, bool),
+                                                                0, 1, 1)
 
 
 class BoolRun:
@@ -93,12 +156,17 @@ class BoolRun:
 
 
 class BoolShifts:
-    """Binary erosion (AND) or dilation (OR) over a structure's offsets, on a whole block.
+    """Binary erosion (AND) or dilation (OR) over a structure's offsets.
 
     ``fn(x)`` equals ``scipy.ndimage.binary_erosion(x, structure,
     border_value=border)`` (or ``binary_dilation``) for structures with odd
-    sides and origin 0.
+    sides and origin 0; :meth:`planes` computes a step's kept planes (and a
+    piece's kept rows) only.
     """
+
+    #: the kernel may ask for its kept planes only (:meth:`planes`), and rows
+    cropped = True
+    cropped_rows = True
 
     def __init__(self, op: str, structure, border: bool) -> None:
         st = np.asarray(structure, dtype=bool)
@@ -112,27 +180,49 @@ class BoolShifts:
         if op == "or":
             offsets = -offsets  # scipy dilates with the reflected structure
         self.offsets = [tuple(int(v) for v in o) for o in offsets]
+        _warm(st.ndim)
 
     def __repr__(self) -> str:
         return f"BoolShifts({self.op!r}, {len(self.offsets)} offsets, border={self.border})"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=bool)
+        return self._combine(x, (0,) * np.ndim(x), np.shape(x))
+
+    def planes(self, x: np.ndarray, axis: int, c0: int, t: int,
+               rows: tuple[int, int, int] | None = None) -> np.ndarray:
+        """Planes ``[c0, c0 + t)`` along ``axis`` of ``self(x)``, combining only theirs
+        (a 1-plane step of a radius-3 ball combined 7 planes and kept one); with
+        ``rows=(ax, r0, n)``, only rows ``[r0, r0 + n)`` along in-plane axis ``ax``."""
+        starts = [0] * np.ndim(x)
+        starts[axis] = c0
+        lens = list(np.shape(x))
+        lens[axis] = t
+        if rows is not None:
+            starts[rows[0]], lens[rows[0]] = rows[1], rows[2]
+        return self._combine(x, tuple(starts), tuple(lens))
+
+    def _combine(self, x: np.ndarray, starts: tuple, lens: tuple) -> np.ndarray:
+        """The output's box at ``starts`` of sides ``lens`` (in ``x``'s coordinates)."""
+        x = np.asarray(x)
         if len(self.shape) != x.ndim:
             raise ValueError("structure and input must have the same rank")
+        if x.dtype.itemsize == 1 and x.ndim in (2, 3) and not starts[-1] \
+                and lens[-1] == x.shape[-1]:
+            return self._compiled(x, starts, lens)
+        x = x.astype(bool, copy=False)
         ident = self.op == "and"
-        out = np.full(x.shape, ident, dtype=bool)
+        out = np.full(lens, ident, dtype=bool)
         combine = np.logical_and if ident else np.logical_or
         for off in self.offsets:
             dst, src, seen = [], [], True
-            for o, n in zip(off, x.shape):
-                # out[p] sees x[p + o]: p in [max(0, -o), min(n, n - o))
-                lo, hi = max(0, -o), min(n, n - o)
+            for o, n, s0, m in zip(off, x.shape, starts, lens):
+                # out[q] sees x[s0 + q + o]: q in [max(0, -(s0 + o)), min(m, n - s0 - o))
+                lo, hi = max(0, -(s0 + o)), min(m, n - s0 - o)
                 if hi <= lo:
                     seen = False
                     break
                 dst.append(slice(lo, hi))
-                src.append(slice(lo + o, hi + o))
+                src.append(slice(lo + s0 + o, hi + s0 + o))
             if not seen:  # every voxel sees the border at this offset
                 if self.border != ident:
                     out[...] = self.border
@@ -140,13 +230,26 @@ class BoolShifts:
             combine(out[tuple(dst)], x[tuple(src)], out=out[tuple(dst)])
             if self.border != ident:
                 # voxels whose neighbour at this offset is outside see the border
-                for ax, (o, n) in enumerate(zip(off, x.shape)):
+                for ax, d in enumerate(dst):
                     edge = [slice(None)] * x.ndim
-                    if o > 0:
-                        edge[ax] = slice(n - o, n)
-                    elif o < 0:
-                        edge[ax] = slice(0, -o)
-                    else:
-                        continue
-                    out[tuple(edge)] = self.border
+                    if d.start > 0:
+                        edge[ax] = slice(0, d.start)
+                        out[tuple(edge)] = self.border
+                    if d.stop < lens[ax]:
+                        edge[ax] = slice(d.stop, lens[ax])
+                        out[tuple(edge)] = self.border
         return out
+
+    def _compiled(self, x: np.ndarray, starts: tuple, lens: tuple) -> np.ndarray:
+        """:meth:`_combine` by :func:`_shift_planes` (1-byte input, whole last axis)."""
+        offs = np.array(self.offsets, dtype=np.int64).reshape(len(self.offsets), x.ndim)
+        offs = offs[np.argsort((offs ** 2).sum(axis=1), kind="stable")]
+        x3 = np.ascontiguousarray(x).view(np.uint8)  # (a piece of a window: a copy)
+        if x.ndim == 2:  # as planes of one row
+            x3 = x3[:, None, :]
+            offs = np.insert(offs, 1, 0, axis=1)
+            starts, lens = (starts[0], 0, 0), (lens[0], 1, lens[1])
+        out = np.empty(lens, dtype=bool)
+        lin = (offs[:, 0] * x3.shape[1] + offs[:, 1]) * x3.shape[2] + offs[:, 2]
+        _shift_planes(x3, out, starts[0], starts[1], offs, lin, self.op == "or", self.border)
+        return out.reshape(lens if x.ndim == 3 else (lens[0], lens[2]))

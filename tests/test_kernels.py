@@ -204,6 +204,12 @@ def test_median_of_the_kept_planes_is_scipy_bit_for_bit(dtype, sides, mode, cval
     got = fn.planes(x, 0, c0, t)
     np.testing.assert_array_equal(got, want, strict=True)
     np.testing.assert_array_equal(fn(x), ndi.median_filter(x, **kw), strict=True)
+    for ax in range(1, x.ndim):  # a piece's kept rows
+        r0 = min(cut[0], shape[ax] - 1)
+        n = min(cut[1], shape[ax] - r0)
+        keep = (slice(None),) * ax + (slice(r0, r0 + n),)
+        got = fn.planes(x, 0, c0, t, rows=(ax, r0, n))
+        np.testing.assert_array_equal(got, want[keep], strict=True)
 
 
 def test_median_kept_planes_compute_no_halo_planes(monkeypatch):

@@ -120,6 +120,7 @@ class MedianPlanes:
     """
 
     cropped = True
+    cropped_rows = True
 
     def __init__(self, kwargs: dict, sides: tuple[int, ...]) -> None:
         self.kwargs = dict(kwargs)
@@ -161,8 +162,10 @@ class MedianPlanes:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return ndi.median_filter(x, **self.kwargs)
 
-    def planes(self, x: np.ndarray, axis: int, c0: int, t: int) -> np.ndarray:
-        """Planes ``[c0, c0 + t)`` along ``axis`` of ``self(x)``."""
+    def planes(self, x: np.ndarray, axis: int, c0: int, t: int,
+               rows: tuple[int, int, int] | None = None) -> np.ndarray:
+        """Planes ``[c0, c0 + t)`` along ``axis`` of ``self(x)``; with ``rows=(ax, r0,
+        n)`` only rows ``[r0, r0 + n)`` along in-plane axis ``ax`` (a piece's kept rows)."""
         h = [s // 2 for s in self.sides]
         n = x.shape[axis]
         a, b = max(0, c0 - h[axis]), min(n, c0 + t + h[axis])
@@ -173,20 +176,28 @@ class MedianPlanes:
         sub = x[tuple(sl)]
         # numpy pads as scipy extends only up to the length of an axis (once reflected)
         deep = any(max(p) > (m - (self.mode == "mirror")) for p, m in zip(pads, sub.shape))
+        keep = [slice(None)] * x.ndim
+        keep[axis] = slice(c0, c0 + t)
+        r0, nrows = 0, x.shape[1] if x.ndim == 3 else 1
+        if rows is not None:
+            if x.ndim != 3 or rows[0] != 1:
+                return np.ascontiguousarray(self.planes(x, axis, c0, t)[
+                    (slice(None),) * rows[0] + (slice(rows[1], rows[1] + rows[2]),)])
+            r0, nrows = rows[1], rows[2]
+            keep[1] = slice(r0, r0 + nrows)
         if axis != 0 or deep or t == 0:
-            keep = [slice(None)] * x.ndim
-            keep[axis] = slice(c0, c0 + t)
             return np.ascontiguousarray(self(x)[tuple(keep)])
         mode = _PAD[self.mode]
         kw = {"constant_values": self.cval} if mode == "constant" else {}
         p = np.pad(sub, pads, mode=mode, **kw)
-        out = np.empty((t, *x.shape[1:]), dtype=x.dtype)
         if x.ndim == 2:
+            out = np.empty((t, *x.shape[1:]), dtype=x.dtype)
             p3, o3, hy = p[:, None, :], out[:, None, :], 0
             hz, hx = h
         else:
-            p3, o3 = p, out
+            out = np.empty((t, nrows, x.shape[2]), dtype=x.dtype)
             hz, hy, hx = h
+            p3, o3 = p[:, r0:r0 + nrows + 2 * hy], out
         info = np.iinfo(x.dtype)
         offset = -int(info.min)
         bins = int(info.max) + offset + 1

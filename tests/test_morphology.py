@@ -32,6 +32,9 @@ def test_shifts_equal_scipy(rng, op, border, shape):
             want = SCIPY[op](x, structure=s, border_value=border)
             f = BoolShifts(op, s, border)
             np.testing.assert_array_equal(f(x), want, err_msg=f"{op} {border} {s.astype(int)}")
+            flipped = x[..., ::-1]  # a window that is not contiguous
+            np.testing.assert_array_equal(
+                f(flipped), SCIPY[op](flipped, structure=s, border_value=border))
             for axis in range(len(shape)):  # the kept planes alone, at every cut
                 for c0 in range(shape[axis]):
                     for t in range(shape[axis] - c0 + 1):

@@ -148,6 +148,19 @@ def layout(st: Kernel, p_out: int, p_in: int, threads: int) -> tuple[int, int]:
         inflight = min(nthreads, -(-rows // r)) * r * per_row
         return r, padded_copy + int(max(inflight, second))
     h = st.depth[t] if t is not None else 0
+    if getattr(st.fn, "cropped_rows", False) and t is not None:
+        # fn reads the whole window and computes a piece's kept rows: a piece holds its
+        # output rows, fn's copies of its input rows (with their halo) and fn's fixed
+        # temporaries (a histogram): at most one piece per thread, the pieces in flight a
+        # quarter of the step's output (thin pieces, not thin steps)
+        copies = getattr(st.fn, "row_copies", 0)
+        per_row = (p_out * _line_bytes(st, st.dtype)
+                   + copies * p_in * _line_bytes(st, in_dt) * grow)
+        r = max(1, min(-(-rows // nthreads),
+                       int(out_bytes // 4 // max(1.0, nthreads * per_row))))
+        n = -(-rows // r)
+        piece = r * per_row + copies * 2 * h * p_in * _line_bytes(st, in_dt) * grow
+        return r, padded_copy + int(min(nthreads, n) * (piece + getattr(st.fn, "fixed", 0)))
     # one piece: a contiguous copy of its input lines and fn's output (+ its temporaries)
     per_row = p_in * grow * (
         _line_bytes(st, in_dt) + _line_bytes(st, st.dtype) * (1 + st.temps)
@@ -257,12 +270,14 @@ def _pieces(st: Kernel, x, axis: int, c0: int, t: int, threads: int):
             idx[tl] = slice(hs, he)
             crop[tl] = slice(s - hs, s - hs + (e - s))
             dst[tl] = slice(s, e)
-        xs = x[tuple(idx)]
         if getattr(st.fn, "cropped_rows", False) and tl is not None:
-            # the kept planes and the piece's kept rows only (not its halo's either)
-            y = st.fn.planes(xs, axis, c0, t, rows=(tl, s - hs, e - s))
-            crop[axis] = crop[tl] = slice(None)
-        elif getattr(st.fn, "cropped", False):
+            # the kept planes and the piece's kept rows only, read from the whole window
+            # (no copy of the piece, no halo rows computed)
+            y = st.fn.planes(x, axis, c0, t, rows=(tl, s, e - s))
+            out[tuple(dst)] = y
+            return
+        xs = x[tuple(idx)]
+        if getattr(st.fn, "cropped", False):
             # the function computes the kept planes only (its windows, not the halo's)
             y = st.fn.planes(xs, axis, c0, t)
             crop[axis] = slice(None)

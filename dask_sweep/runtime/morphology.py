@@ -24,14 +24,15 @@ from dask_sweep.runtime.jit import kernel
 
 
 @kernel
-def _shift_planes(x, out, c0, y0, offs, lin, is_or, border):  # pragma: no cover - compiled
+def _shift_planes(x, flat, out, c0, y0, offs, lin, is_or, border):  # pragma: no cover
     """``out[q, j, i]``: AND (``is_or``: OR) of ``x[c0 + q + o0, y0 + j + o1, i + o2]``
     over the offsets ``offs`` (nearest first), ``border`` outside ``x``; a voxel stops at
-    its first deciding neighbour.  Voxels whose every neighbour lies inside read the
-    C-contiguous ``x`` at the linear offsets ``lin`` (no bounds to check)."""
+    its first deciding neighbour.  Voxels whose every neighbour lies inside read ``flat``
+    (``x`` raveled, when it is C-contiguous; else empty) at the linear offsets ``lin``,
+    with no bounds to check."""
     t, ny, nx = out.shape
     nz, my, mx = x.shape
-    flat = x.ravel()
+    linear = flat.size == x.size
     k = offs.shape[0]
     lo = np.zeros(3, np.int64)
     hi = np.zeros(3, np.int64)
@@ -47,7 +48,7 @@ def _shift_planes(x, out, c0, y0, offs, lin, is_or, border):  # pragma: no cover
             yin = zin and y + lo[1] >= 0 and y + hi[1] < my
             for i0 in range(nx):
                 res = not is_or
-                if yin and i0 + lo[2] >= 0 and i0 + hi[2] < mx:
+                if linear and yin and i0 + lo[2] >= 0 and i0 + hi[2] < mx:
                     base = (z * my + y) * mx + i0
                     for i in range(k):
                         if (flat[base + lin[i]] != 0) == is_or:  # a hit decides an OR
@@ -78,8 +79,10 @@ def _warm(ndim: int) -> None:
     if ndim in _WARM or ndim not in (2, 3):
         return
     _WARM.add(ndim)
-    BoolShifts("or", np.ones((3,) * ndim, bool), False).planes(np.zeros((3,) * ndim, bool),
-                                                                0, 1, 1)
+    f = BoolShifts("or", np.ones((3,) * ndim, bool), False)
+    x = np.zeros((3, 3, 6)[3 - ndim:], bool)
+    f.planes(x, 0, 1, 1)
+    f.planes(x[..., ::2], 0, 1, 1)  # a window that is not contiguous
 
 
 class BoolRun:
@@ -164,9 +167,11 @@ class BoolShifts:
     piece's kept rows) only.
     """
 
-    #: the kernel may ask for its kept planes only (:meth:`planes`), and rows
+    #: the kernel may ask for its kept planes only (:meth:`planes`), and rows; a piece
+    #: reads the window in place (no copy of its rows)
     cropped = True
     cropped_rows = True
+    row_copies = 0
 
     def __init__(self, op: str, structure, border: bool) -> None:
         st = np.asarray(structure, dtype=bool)
@@ -180,6 +185,9 @@ class BoolShifts:
         if op == "or":
             offsets = -offsets  # scipy dilates with the reflected structure
         self.offsets = [tuple(int(v) for v in o) for o in offsets]
+        offs = np.array(self.offsets, dtype=np.int64).reshape(len(self.offsets), st.ndim)
+        offs = offs[np.argsort((offs ** 2).sum(axis=1), kind="stable")]  # nearest first
+        self._offs = offs if st.ndim == 3 else np.insert(offs, 1, 0, axis=1)
         _warm(st.ndim)
 
     def __repr__(self) -> str:
@@ -242,14 +250,14 @@ class BoolShifts:
 
     def _compiled(self, x: np.ndarray, starts: tuple, lens: tuple) -> np.ndarray:
         """:meth:`_combine` by :func:`_shift_planes` (1-byte input, whole last axis)."""
-        offs = np.array(self.offsets, dtype=np.int64).reshape(len(self.offsets), x.ndim)
-        offs = offs[np.argsort((offs ** 2).sum(axis=1), kind="stable")]
-        x3 = np.ascontiguousarray(x).view(np.uint8)  # (a piece of a window: a copy)
+        offs = self._offs
+        x3 = x.view(np.uint8)
         if x.ndim == 2:  # as planes of one row
             x3 = x3[:, None, :]
-            offs = np.insert(offs, 1, 0, axis=1)
             starts, lens = (starts[0], 0, 0), (lens[0], 1, lens[1])
         out = np.empty(lens, dtype=bool)
         lin = (offs[:, 0] * x3.shape[1] + offs[:, 1]) * x3.shape[2] + offs[:, 2]
-        _shift_planes(x3, out, starts[0], starts[1], offs, lin, self.op == "or", self.border)
+        flat = x3.reshape(-1) if x3.flags.c_contiguous else np.zeros(0, np.uint8)
+        _shift_planes(x3, flat, out, starts[0], starts[1], offs, lin, self.op == "or",
+                      self.border)
         return out.reshape(lens if x.ndim == 3 else (lens[0], lens[2]))

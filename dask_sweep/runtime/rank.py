@@ -122,9 +122,18 @@ class MedianPlanes:
     cropped = True
     cropped_rows = True
 
-    def __init__(self, kwargs: dict, sides: tuple[int, ...]) -> None:
+    #: a piece copies (and pads) its input rows once
+    row_copies = 1
+
+    def __init__(self, kwargs: dict, sides: tuple[int, ...], dtype: Any = np.uint8) -> None:
         self.kwargs = dict(kwargs)
         self.sides = sides
+        # a box's count fits 16 bits but for boxes of 65 535 voxels or more
+        self._count = np.uint16 if int(np.prod(sides)) < 65535 else np.int32
+        info = np.iinfo(dtype)
+        bins = int(info.max) - int(info.min) + 1
+        #: the histograms a piece holds (128 KiB for 16-bit values)
+        self.fixed = (bins + 256) * np.dtype(self._count).itemsize + (bins // 256 + 2) * 4
         self.mode = kwargs.get("mode", "reflect")
         self.cval = kwargs.get("cval", 0.0)
 
@@ -146,7 +155,7 @@ class MedianPlanes:
         sides = _box(kwargs, ndim)
         if sides is None:
             return None
-        out = cls(kwargs, sides)
+        out = cls(kwargs, sides, dt)
         out.warm(dt)
         return out
 
@@ -165,45 +174,40 @@ class MedianPlanes:
     def planes(self, x: np.ndarray, axis: int, c0: int, t: int,
                rows: tuple[int, int, int] | None = None) -> np.ndarray:
         """Planes ``[c0, c0 + t)`` along ``axis`` of ``self(x)``; with ``rows=(ax, r0,
-        n)`` only rows ``[r0, r0 + n)`` along in-plane axis ``ax`` (a piece's kept rows)."""
+        n)`` only rows ``[r0, r0 + n)`` along in-plane axis ``ax`` (a piece's kept rows).
+        Only the input the kept voxels' boxes reach is copied (and padded as scipy
+        extends it at the faces of ``x``)."""
         h = [s // 2 for s in self.sides]
-        n = x.shape[axis]
-        a, b = max(0, c0 - h[axis]), min(n, c0 + t + h[axis])
-        sl = [slice(None)] * x.ndim
-        sl[axis] = slice(a, b)
-        pads = [(h_, h_) for h_ in h]
-        pads[axis] = (h[axis] - (c0 - a), h[axis] - (b - c0 - t))
+        lo, n = [0] * x.ndim, list(x.shape)  # the output's box in x: start, length
+        lo[axis], n[axis] = c0, t
+        if rows is not None:
+            lo[rows[0]], n[rows[0]] = rows[1], rows[2]
+        keep = tuple(slice(a, a + k) for a, k in zip(lo, n))
+        if not all(n):
+            return np.empty(n, dtype=x.dtype)
+        sl, pads = [], []
+        for ax in range(x.ndim):
+            a, b = max(0, lo[ax] - h[ax]), min(x.shape[ax], lo[ax] + n[ax] + h[ax])
+            sl.append(slice(a, b))
+            pads.append((h[ax] - (lo[ax] - a), h[ax] - (b - lo[ax] - n[ax])))
         sub = x[tuple(sl)]
         # numpy pads as scipy extends only up to the length of an axis (once reflected)
         deep = any(max(p) > (m - (self.mode == "mirror")) for p, m in zip(pads, sub.shape))
-        keep = [slice(None)] * x.ndim
-        keep[axis] = slice(c0, c0 + t)
-        r0, nrows = 0, x.shape[1] if x.ndim == 3 else 1
-        if rows is not None:
-            if x.ndim != 3 or rows[0] != 1:
-                return np.ascontiguousarray(self.planes(x, axis, c0, t)[
-                    (slice(None),) * rows[0] + (slice(rows[1], rows[1] + rows[2]),)])
-            r0, nrows = rows[1], rows[2]
-            keep[1] = slice(r0, r0 + nrows)
-        if axis != 0 or deep or t == 0:
-            return np.ascontiguousarray(self(x)[tuple(keep)])
+        if axis != 0 or deep:
+            return np.ascontiguousarray(self(x)[keep])
         mode = _PAD[self.mode]
         kw = {"constant_values": self.cval} if mode == "constant" else {}
         p = np.pad(sub, pads, mode=mode, **kw)
+        out = np.empty(n, dtype=x.dtype)
         if x.ndim == 2:
-            out = np.empty((t, *x.shape[1:]), dtype=x.dtype)
-            p3, o3, hy = p[:, None, :], out[:, None, :], 0
-            hz, hx = h
+            p3, o3, (hz, hx), hy = p[:, None, :], out[:, None, :], h, 0
         else:
-            out = np.empty((t, nrows, x.shape[2]), dtype=x.dtype)
-            hz, hy, hx = h
-            p3, o3 = p[:, r0:r0 + nrows + 2 * hy], out
+            p3, o3, (hz, hy, hx) = p, out, h
         info = np.iinfo(x.dtype)
         offset = -int(info.min)
         bins = int(info.max) + offset + 1
         rank = int(np.prod(self.sides)) // 2
-        count = np.uint16 if 2 * rank < 65535 else np.int32  # a box's count fits: 128 KiB
-        fine = np.zeros(bins + 256, count)  # + a block: m may sit just past the top bin
+        fine = np.zeros(bins + 256, self._count)  # + a block: m may sit just past the top
         coarse = np.zeros(bins // 256 + 2, np.int32)
         _median_rows(p3, o3, hz, hy, hx, rank, offset, fine, coarse)
         return out

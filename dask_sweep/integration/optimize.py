@@ -41,6 +41,7 @@ from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Source
 from dask_sweep.runtime.executor import Trace
+from dask_sweep.runtime.kernel import warm_kernels
 from dask_sweep.utils import format_bytes
 
 
@@ -533,6 +534,7 @@ class SweepPass:
     def __init__(self, memory_limit: int | str | None = None, **settings: Any) -> None:
         self.overrides = dict(memory_limit=memory_limit, **settings)
         SweepSettings.resolve(**self.overrides)  # validate now, not at compute time
+        warm_kernels()  # numba's LLVM starts now, not inside a run's budget
 
     def settings(self) -> SweepSettings:
         return SweepSettings.resolve(**self.overrides)

@@ -72,7 +72,7 @@ def _shift_planes(x, flat, out, c0, y0, offs, lin, is_or, border):  # pragma: no
 _WARM: set = set()
 
 
-def _warm(ndim: int) -> None:
+def warm(ndim: int) -> None:
     """Compile (or load from numba's cache) :func:`_shift_planes` now, once per process:
     a structure is made while planning, so numba's compiler comes before the run, not
     inside its budget."""
@@ -188,7 +188,7 @@ class BoolShifts:
         offs = np.array(self.offsets, dtype=np.int64).reshape(len(self.offsets), st.ndim)
         offs = offs[np.argsort((offs ** 2).sum(axis=1), kind="stable")]  # nearest first
         self._offs = offs if st.ndim == 3 else np.insert(offs, 1, 0, axis=1)
-        _warm(st.ndim)
+        warm(st.ndim)
 
     def __repr__(self) -> str:
         return f"BoolShifts({self.op!r}, {len(self.offsets)} offsets, border={self.border})"

@@ -204,6 +204,24 @@ def _swept_store(y, out: str, chunks: tuple, budget: str):
 
 
 @_case
+def numba_kernel(budget: str, src: str, out: str, op: str):
+    """dask-image's median (the histogram kernel) or a ball dilation (the shifts'
+    kernel), the first numba kernels of the process, stored into Zarr under ``enable``
+    (``fallback="raise"``: swept, or the case fails)."""
+    import dask.array as da
+    import numpy as np
+    from dask_image import ndfilters, ndmorph
+
+    x = da.from_zarr(src)
+    if op == "median":
+        y = ndfilters.median_filter(x, size=3)
+    else:
+        ball = np.add.outer(np.add.outer(*[np.arange(-2, 3) ** 2] * 2), np.arange(-2, 3) ** 2)
+        y = ndmorph.binary_dilation(x > 128, structure=ball <= 4).astype(np.uint8)
+    return _swept_store(y, out, (8, *y.shape[1:]), budget)
+
+
+@_case
 def uint8_store(budget: str, src: str, out: str):
     """A uniform filter of uint8 noise stored into zarr's default (zstd) chunks of whole
     planes (zarr's emptiness check of a uint8 chunk would hold five copies of it)."""
@@ -822,6 +840,27 @@ def test_imwrite_keeps_its_budget(plugin_data, name, expressions):
     rep = _measured("imwrite", env=env, budget="24MiB", src=src, out=out)
     assert rep["growth"] <= 24 * MiB, rep
     np.testing.assert_array_equal(_read(out), ref)
+
+
+@pytest.mark.parametrize("op", ["median", "ball"])
+def test_the_first_numba_kernel_of_a_process_keeps_the_budget(plugin_data, op):
+    """Loading a process's first numba kernel starts LLVM (~50 MiB): ``enable`` does it,
+    so a run that uses one (the median's histogram, a ball's shifts) keeps 24 MiB."""
+    import scipy.ndimage as ndi
+    import zarr
+
+    src, _, d = plugin_data
+    out = str(d / f"numba-{op}.zarr")
+    rep = _measured("numba_kernel", budget="24MiB", src=src, out=out, op=op)
+    assert rep["growth"] <= 24 * MiB, rep
+    vol = zarr.open_array(src, mode="r")[:12]
+    got = zarr.open_array(out, mode="r")[:10]
+    if op == "median":
+        want = ndi.median_filter(vol, size=3)[:10]
+    else:
+        r2 = np.add.outer(np.add.outer(*[np.arange(-2, 3) ** 2] * 2), np.arange(-2, 3) ** 2)
+        want = ndi.binary_dilation(vol > 128, structure=r2 <= 4)[:10]
+    np.testing.assert_array_equal(got, want.astype(got.dtype))
 
 
 def test_imwrite_refuses_chunks_over_the_budget_before_writing(tmp_path):

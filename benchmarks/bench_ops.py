@@ -191,7 +191,9 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
     from dask_sweep.io import imread, imwrite, track
 
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.rmtree(dst + ".partial", ignore_errors=True)  # an interrupted run's TIFF stack
+    # what an interrupted run's write left (its TIFF stack and its record of progress)
+    shutil.rmtree(dst + ".partial", ignore_errors=True)
+    shutil.rmtree(dst + ".progress", ignore_errors=True)
     fell: list[str] = []
     # the imports' garbage is collected before any clock starts, in every mode alike: a
     # full collection (40-60 ms here) otherwise falls into whichever run allocates first

@@ -9,7 +9,9 @@ of the volume, which numpy does a plane at a time at memory speed:
   axis, the sweep-axis pass computed for the kept planes only);
 * any other structure is an AND over its offsets (:class:`BoolShifts`): the kept
   planes (and rows) of a step only, in a numba loop that stops at a voxel's first
-  deciding neighbour (nearest offsets first), as scipy's own loop does.
+  deciding neighbour (nearest first), as scipy's own loop does; a structure whose rows
+  are few runs along the last axis (a ball) looks each run up at once in a map of every
+  row's next deciding voxel.
 
 Outside the array every neighbour is scipy's ``border_value``.  Dilation uses
 the reflected structure, as scipy does.  ``tests/test_morphology.py`` checks
@@ -69,6 +71,81 @@ def _shift_planes(x, flat, out, c0, y0, offs, lin, is_or, border):  # pragma: no
                 out[q, j, i0] = res
 
 
+@kernel
+def _hit_dist(x, z0, z1, y0, y1, is_or, dist):  # pragma: no cover - compiled
+    """``dist[z - z0, y - y0, i]``: how far along the last axis from ``i`` the next
+    deciding voxel of row ``(z, y)`` of ``x`` lies (nonzero for an OR, zero for an
+    AND), capped at 255."""
+    mx = x.shape[2]
+    for z in range(z0, z1):
+        for y in range(y0, y1):
+            d = 255
+            for i in range(mx - 1, -1, -1):
+                if (x[z, y, i] != 0) == is_or:
+                    d = 0
+                elif d < 255:
+                    d += 1
+                dist[z - z0, y - y0, i] = d
+
+
+@kernel
+def _run_planes(dist, nz, my, out, c0, y0, zd, yd, runs, is_or, border):  # pragma: no cover
+    """``out[q, j, i]``: whether any run ``(dz, dy, a, b)`` of the structure, placed at
+    ``(c0 + q, y0 + j, i)``, meets a deciding voxel (``dist`` of rows ``zd..``, ``yd..``
+    of the ``nz x my`` input), ``border`` outside it: one look-up a run, nearest first."""
+    t, ny, nx = out.shape
+    k = runs.shape[0]
+    border_hits = border == is_or
+    for q in range(t):
+        z = c0 + q
+        for j in range(ny):
+            y = y0 + j
+            for i in range(nx):
+                hit = False
+                for r in range(k):
+                    zz = z + runs[r, 0]
+                    yy = y + runs[r, 1]
+                    if zz < 0 or zz >= nz or yy < 0 or yy >= my:
+                        if border_hits:
+                            hit = True
+                            break
+                        continue
+                    lo = i + runs[r, 2]
+                    hi = i + runs[r, 3]
+                    if lo < 0 or hi >= nx:
+                        if border_hits:
+                            hit = True
+                            break
+                        lo = max(lo, 0)
+                        hi = min(hi, nx - 1)
+                        if lo > hi:
+                            continue
+                    if dist[zz - zd, yy - yd, lo] <= hi - lo:
+                        hit = True
+                        break
+                out[q, j, i] = is_or if hit else not is_or
+
+
+def _structure_runs(offsets) -> np.ndarray:
+    """Offsets ``(dz, dy, dx)`` as runs ``(dz, dy, a, b)`` of consecutive ``dx``, the
+    nearest rows first."""
+    rows = {}
+    for dz, dy, dx in offsets:
+        rows.setdefault((dz, dy), []).append(dx)
+    runs = []
+    for (dz, dy), xs in rows.items():
+        xs = sorted(xs)
+        a = prev = xs[0]
+        for v in xs[1:]:
+            if v != prev + 1:
+                runs.append((dz, dy, a, prev))
+                a = v
+            prev = v
+        runs.append((dz, dy, a, prev))
+    runs.sort(key=lambda r: (r[0] ** 2 + r[1] ** 2, abs(r[2] + r[3])))
+    return np.array(runs, dtype=np.int64).reshape(-1, 4)
+
+
 _WARM: set = set()
 
 
@@ -79,10 +156,11 @@ def warm(ndim: int) -> None:
     if ndim in _WARM or ndim not in (2, 3):
         return
     _WARM.add(ndim)
-    f = BoolShifts("or", np.ones((3,) * ndim, bool), False)
     x = np.zeros((3, 3, 6)[3 - ndim:], bool)
-    f.planes(x, 0, 1, 1)
-    f.planes(x[..., ::2], 0, 1, 1)  # a window that is not contiguous
+    for st in (np.ones((3,) * ndim, bool), np.ones((1,) * (ndim - 1) + (3,), bool)):
+        f = BoolShifts("or", st, False)  # by runs, by offsets
+        f.planes(x, 0, 1, 1)
+        f.planes(x[..., ::2], 0, 1, 1)  # a window that is not contiguous
 
 
 class BoolRun:
@@ -167,11 +245,9 @@ class BoolShifts:
     piece's kept rows) only.
     """
 
-    #: the kernel may ask for its kept planes only (:meth:`planes`), and rows; a piece
-    #: reads the window in place (no copy of its rows)
+    #: the kernel may ask for its kept planes only (:meth:`planes`), and rows
     cropped = True
     cropped_rows = True
-    row_copies = 0
 
     def __init__(self, op: str, structure, border: bool) -> None:
         st = np.asarray(structure, dtype=bool)
@@ -188,6 +264,13 @@ class BoolShifts:
         offs = np.array(self.offsets, dtype=np.int64).reshape(len(self.offsets), st.ndim)
         offs = offs[np.argsort((offs ** 2).sum(axis=1), kind="stable")]  # nearest first
         self._offs = offs if st.ndim == 3 else np.insert(offs, 1, 0, axis=1)
+        # a ball's rows are runs along the last axis: one look-up a run (25 for 123
+        # offsets at radius 3) in a map of each row's next deciding voxel, which a piece
+        # holds for its rows (1 byte a voxel); a few offsets are read one by one
+        self._runs = _structure_runs(self._offs)
+        self.by_runs = 2 * len(self._runs) <= len(self._offs) and max(st.shape) < 255
+        #: copies of its input rows a piece holds (the runs' map)
+        self.row_copies = 1 if self.by_runs else 0
         warm(st.ndim)
 
     def __repr__(self) -> str:
@@ -249,15 +332,25 @@ class BoolShifts:
         return out
 
     def _compiled(self, x: np.ndarray, starts: tuple, lens: tuple) -> np.ndarray:
-        """:meth:`_combine` by :func:`_shift_planes` (1-byte input, whole last axis)."""
+        """:meth:`_combine` by :func:`_run_planes` or :func:`_shift_planes` (1-byte
+        input, whole last axis)."""
         offs = self._offs
         x3 = x.view(np.uint8)
         if x.ndim == 2:  # as planes of one row
             x3 = x3[:, None, :]
             starts, lens = (starts[0], 0, 0), (lens[0], 1, lens[1])
         out = np.empty(lens, dtype=bool)
-        lin = (offs[:, 0] * x3.shape[1] + offs[:, 1]) * x3.shape[2] + offs[:, 2]
-        flat = x3.reshape(-1) if x3.flags.c_contiguous else np.zeros(0, np.uint8)
-        _shift_planes(x3, flat, out, starts[0], starts[1], offs, lin, self.op == "or",
-                      self.border)
+        is_or = self.op == "or"
+        if self.by_runs:
+            nz, my, mx = x3.shape
+            (c0, y0), (t, ny) = starts[:2], lens[:2]
+            z0, z1 = max(0, c0 + offs[:, 0].min()), min(nz, c0 + t + offs[:, 0].max())
+            ya, yb = max(0, y0 + offs[:, 1].min()), min(my, y0 + ny + offs[:, 1].max())
+            dist = np.empty((max(0, z1 - z0), max(0, yb - ya), mx), np.uint8)
+            _hit_dist(x3, z0, z1, ya, yb, is_or, dist)
+            _run_planes(dist, nz, my, out, c0, y0, z0, ya, self._runs, is_or, self.border)
+        else:
+            flat = x3.reshape(-1) if x3.flags.c_contiguous else np.zeros(0, np.uint8)
+            lin = (offs[:, 0] * x3.shape[1] + offs[:, 1]) * x3.shape[2] + offs[:, 2]
+            _shift_planes(x3, flat, out, starts[0], starts[1], offs, lin, is_or, self.border)
         return out.reshape(lens if x.ndim == 3 else (lens[0], lens[2]))

@@ -21,6 +21,7 @@ both against scipy over structures, borders, shapes and slabs.
 from __future__ import annotations
 
 import numpy as np
+import scipy.ndimage as ndi
 
 from dask_sweep.runtime.jit import kernel
 
@@ -157,7 +158,7 @@ def warm(ndim: int) -> None:
         return
     _WARM.add(ndim)
     x = np.zeros((3, 3, 6)[3 - ndim:], bool)
-    for st in (np.ones((3,) * ndim, bool), np.ones((1,) * (ndim - 1) + (3,), bool)):
+    for st in (np.ones((3,) * ndim, bool), ndi.generate_binary_structure(ndim, 1)):
         f = BoolShifts("or", st, False)  # by runs, by offsets
         f.planes(x, 0, 1, 1)
         f.planes(x[..., ::2], 0, 1, 1)  # a window that is not contiguous
@@ -268,6 +269,7 @@ class BoolShifts:
         # offsets at radius 3) in a map of each row's next deciding voxel, which a piece
         # holds for its rows (1 byte a voxel); a few offsets are read one by one
         self._runs = _structure_runs(self._offs)
+        self._reach = (self._offs[:, :2].min(axis=0), self._offs[:, :2].max(axis=0))
         self.by_runs = 2 * len(self._runs) <= len(self._offs) and max(st.shape) < 255
         #: copies of its input rows a piece holds (the runs' map)
         self.row_copies = 1 if self.by_runs else 0
@@ -341,11 +343,15 @@ class BoolShifts:
             starts, lens = (starts[0], 0, 0), (lens[0], 1, lens[1])
         out = np.empty(lens, dtype=bool)
         is_or = self.op == "or"
-        if self.by_runs:
+        # the runs' map costs a pass over the window's planes: on a step thinner than
+        # twice the reach along the sweep axis (a 1-plane step of a radius-3 ball maps 7
+        # planes) the offsets are cheaper
+        if self.by_runs and lens[0] >= 2 * max(-int(self._reach[0][0]), int(self._reach[1][0])):
             nz, my, mx = x3.shape
             (c0, y0), (t, ny) = starts[:2], lens[:2]
-            z0, z1 = max(0, c0 + offs[:, 0].min()), min(nz, c0 + t + offs[:, 0].max())
-            ya, yb = max(0, y0 + offs[:, 1].min()), min(my, y0 + ny + offs[:, 1].max())
+            (lz, ly), (hz, hy) = self._reach
+            z0, z1 = max(0, c0 + int(lz)), min(nz, c0 + t + int(hz))
+            ya, yb = max(0, y0 + int(ly)), min(my, y0 + ny + int(hy))
             dist = np.empty((max(0, z1 - z0), max(0, yb - ya), mx), np.uint8)
             _hit_dist(x3, z0, z1, ya, yb, is_or, dist)
             _run_planes(dist, nz, my, out, c0, y0, z0, ya, self._runs, is_or, self.border)

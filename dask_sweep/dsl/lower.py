@@ -103,8 +103,8 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
 
 
 def _kept_only(fn: Any, ndim: int, in_dtype: Any) -> Any:
-    """A median of 8/16-bit integers as :class:`~dask_sweep.runtime.rank.MedianPlanes`
-    (the kept planes only, as the plugin runs it), else ``fn``."""
+    """A median over a box as :class:`~dask_sweep.runtime.rank.MedianPlanes` (the kept
+    voxels only, as the plugin runs it), else ``fn``."""
     if isinstance(fn, functools.partial) and fn.func is ndi.median_filter and not fn.args:
         return MedianPlanes.of(fn.keywords, ndim, in_dtype) or fn
     return fn

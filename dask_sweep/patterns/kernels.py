@@ -287,7 +287,7 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
     if any(b != "none" and depth[ax] * 2 > spec.meta.shape[ax] for ax, b in enumerate(bnd)):
         return None, "boundary padding deeper than the array"
     fn, passes = functools.partial(func, **kwargs), separable_passes(func, kwargs, ndim)
-    if func is ndi.median_filter:  # a box on 8/16-bit integers: the kept planes only
+    if func is ndi.median_filter:  # over a box: the kept voxels only
         fn = MedianPlanes.of(kwargs, ndim, in_dtype) or fn
     fast = fast_binary(func, kwargs, ndim, axis)
     if fast is not None:

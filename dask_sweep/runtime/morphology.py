@@ -151,9 +151,9 @@ _WARM: set = set()
 
 
 def warm(ndim: int) -> None:
-    """Compile (or load from numba's cache) :func:`_shift_planes` now, once per process:
-    a structure is made while planning, so numba's compiler comes before the run, not
-    inside its budget."""
+    """Compile (or load from numba's cache) the kernels for ``ndim`` now, once per
+    process, for whole and sliced windows: a structure is made while planning, so
+    numba's compiler comes before the run, not inside its budget."""
     if ndim in _WARM or ndim not in (2, 3):
         return
     _WARM.add(ndim)

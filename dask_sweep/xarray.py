@@ -77,12 +77,12 @@ class SweepAccessor:
 
     def compute(self, **kwargs: Any) -> xr.DataArray | xr.Dataset:
         """``obj.compute(**kwargs)`` with the sweep on (kwargs go to xarray / dask)."""
-        with enable(**self._in_force()):
+        with enable(**self._in_force(), _warm=False):
             return self._obj.compute(**kwargs)
 
     def persist(self, **kwargs: Any) -> xr.DataArray | xr.Dataset:
         """``obj.persist(**kwargs)`` with the sweep on: the swept result held in memory."""
-        with enable(**self._in_force()):
+        with enable(**self._in_force(), _warm=False):
             return self._obj.persist(**kwargs)
 
     def to_zarr(self, store: Any = None, **kwargs: Any) -> Any:
@@ -91,7 +91,7 @@ class SweepAccessor:
         With ``compute=False`` xarray returns a ``Delayed``; it is swept only if it is
         computed with the sweep on (``with dask_sweep.enable(...)``).
         """
-        with enable(**self._in_force()):
+        with enable(**self._in_force(), _warm=False):
             return self._obj.to_zarr(store, **kwargs)
 
 

@@ -534,7 +534,6 @@ class SweepPass:
     def __init__(self, memory_limit: int | str | None = None, **settings: Any) -> None:
         self.overrides = dict(memory_limit=memory_limit, **settings)
         SweepSettings.resolve(**self.overrides)  # validate now, not at compute time
-        warm_kernels()  # numba's LLVM starts now, not inside a run's budget
 
     def settings(self) -> SweepSettings:
         return SweepSettings.resolve(**self.overrides)
@@ -575,6 +574,7 @@ def sweep(dsk: Any = None, keys: Any = None, /, **settings: Any):
     HighLevelGraph or SweepPass
     """
     if dsk is None:
+        warm_kernels()  # switched on by the user: numba's LLVM starts now, not in a run
         return SweepPass(**settings)
     if not hasattr(dsk, "keys") or keys is None:
         from dask_sweep.errors import SweepConfigError
@@ -696,7 +696,11 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
     """Switch the sweep on for a ``with`` block (or until ``disable()``).
 
     Parameters are those of :class:`sweep`.  The current ``sweep.*`` config is
-    captured now, so the settings travel to a remote scheduler.
+    captured now, so the settings travel to a remote scheduler.  Switching on (here or
+    with ``sweep(...)``) loads dask_sweep's compiled kernels (numba: about 50 MiB and
+    0.15 s once per process, from numba's disk cache), so that no run's budget pays for
+    them; a sweep switched on only through the config or ``array_optimize=optimize``
+    loads them in the first run that needs one (a median, a ball's morphology).
 
     Examples
     --------
@@ -705,7 +709,10 @@ class enable:  # noqa: N801 - used as ``with dask_sweep.enable(...):``
     ...     y.compute()
     """
 
-    def __init__(self, memory_limit: int | str | None = None, **kwargs: Any) -> None:
+    def __init__(self, memory_limit: int | str | None = None, *, _warm: bool = True,
+                 **kwargs: Any) -> None:
+        if _warm:  # numba's LLVM starts now (~50 MiB, 0.15 s), not inside a run's budget;
+            warm_kernels()  # not for dask_sweep's own enables around a compute
         s = SweepSettings.resolve(memory_limit=memory_limit, **kwargs)
         self.pass_ = SweepPass(**dataclasses.asdict(s))  # every setting, captured now
         prev = dask.config.get("array_optimize", None) or dask_default_optimize

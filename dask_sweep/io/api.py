@@ -259,7 +259,7 @@ def imwrite(
     try:
         if swept is not None:
             # the pass that planned the write (explicit budget, else the active one's)
-            with HOST.enable(**dataclasses.asdict(settings)):
+            with HOST.enable(**dataclasses.asdict(settings), _warm=False):
                 dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
         if settings.tune_malloc:

@@ -157,11 +157,12 @@ def warm(ndim: int) -> None:
     if ndim in _WARM or ndim not in (2, 3):
         return
     _WARM.add(ndim)
-    x = np.zeros((3, 3, 6)[3 - ndim:], bool)
+    x = np.zeros((4, 3, 6)[3 - ndim:], bool)
     for st in (np.ones((3,) * ndim, bool), ndi.generate_binary_structure(ndim, 1)):
-        f = BoolShifts("or", st, False)  # by runs, by offsets
-        f.planes(x, 0, 1, 1)
-        f.planes(x[..., ::2], 0, 1, 1)  # a window that is not contiguous
+        f = BoolShifts("or", st, False)  # by runs (on 2 planes: a step thick enough)
+        for t in (1, 2):  # and by offsets
+            f.planes(x, 0, 1, t)
+            f.planes(x[..., ::2], 0, 1, t)  # a window that is not contiguous
 
 
 class BoolRun:

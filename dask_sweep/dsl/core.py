@@ -34,6 +34,7 @@ import scipy.ndimage as ndi
 
 from dask_sweep.errors import PlanError, SweepConfigError
 from dask_sweep.patterns.kernels import kernel_radius
+from dask_sweep.runtime.rank import MedianPlanes
 
 Range = tuple[float, float] | None
 _ids = itertools.count()
@@ -606,6 +607,10 @@ class Stream:
                 "stream.window(fn, footprint=...) with the radius per axis."
             )
         call = partial(func, **kw) if output is None else partial(func, output=output, **kw)
+        if func is ndi.median_filter and output is None:
+            # the kept voxels only, as the plugin runs it; its numba kernel loaded now,
+            # when the stream is made, not inside a run's budget
+            call = MedianPlanes.of(kw, self.ndim, self.dtype) or call
         dt = self.dtype if output is None else np.dtype(output)
         r = self.vrange if keeps_range else None
         if r is None and dt.kind in "iub":

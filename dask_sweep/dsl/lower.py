@@ -7,13 +7,11 @@ import functools
 from typing import Any
 
 import numpy as np
-import scipy.ndimage as ndi
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Tables
 from dask_sweep.patterns.kernels import separable_passes
 from dask_sweep.plan.ir import Kernel, Pointwise, Source, Stage
-from dask_sweep.runtime.rank import MedianPlanes
 
 
 def walk_streams(roots: list[Stream], cross: bool = False) -> list[Stream]:
@@ -85,7 +83,7 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
                 shape=x.shape,
                 dtype=x.dtype,
                 inputs=ins,
-                fn=_kept_only(x.fn, x.ndim, x.inputs[0].dtype),
+                fn=x.fn,
                 depth=x.depth,
                 boundary=("none",) * x.ndim,  # the kernel's own mode acts at the faces
                 temps=x.temps,
@@ -100,14 +98,6 @@ def lower_streams(order: list[Stream], axis: int, s: SweepSettings) -> tuple[lis
         index[id(x)] = len(stages)
         stages.append(st)
     return stages, index
-
-
-def _kept_only(fn: Any, ndim: int, in_dtype: Any) -> Any:
-    """A median over a box as :class:`~dask_sweep.runtime.rank.MedianPlanes` (the kept
-    voxels only, as the plugin runs it), else ``fn``."""
-    if isinstance(fn, functools.partial) and fn.func is ndi.median_filter and not fn.args:
-        return MedianPlanes.of(fn.keywords, ndim, in_dtype) or fn
-    return fn
 
 
 def _passes(fn: Any, ndim: int) -> tuple | None:

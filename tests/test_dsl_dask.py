@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import dask
 import dask.array as da
 import numpy as np
@@ -134,10 +132,15 @@ def test_failed_run_records_the_slabs_it_wrote(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         s.to(str(out), chunks=(4, 24, 24)).run(**{**SMALL, "target_slab_bytes": "4KiB"})
     assert not out.exists()
-    names = os.listdir(f"{out}.progress")
-    done = [n for n in names if n.startswith("slab-") and n.endswith(".json")]
-    assert done  # the slabs written before the failure were synced and recorded
-    assert not [n for n in names if n.endswith(".written")]
+    from dask_sweep.io.base import _LOG_LINE, recorded_slabs
+
+    # the slabs written before the failure were synced and recorded, none left unsynced
+    done = recorded_slabs(out)
+    assert done
+    logs = b"".join(p.read_bytes() for p in out.parent.glob(f"{out.name}.progress/log-*"))
+    written = {(int(m.group(2)), int(m.group(3))) for m in _LOG_LINE.finditer(logs)
+               if m.group(1) == b"W"}
+    assert written <= set(done)
 
 
 def test_graph_keys_are_deterministic():

@@ -15,6 +15,7 @@ from dask_image import ndfilters
 
 import dask_sweep
 from dask_sweep.io import imread, imwrite
+from dask_sweep.io.base import recorded_slabs
 
 
 def _slow(b):
@@ -98,12 +99,6 @@ def test_a_resumed_write_does_not_recompute_recorded_slabs(tmp_path, rng):
     np.testing.assert_array_equal(imread(path).compute(), vol * 2 + 1)
 
 
-def _recorded(path):
-    names = os.listdir(path + ".progress")
-    return sorted(tuple(int(v) for v in n[5:-5].split("-")) for n in names
-                  if n.startswith("slab-") and n.endswith(".json"))
-
-
 def test_a_resumed_windowed_write_warms_up_and_equals_one_run(tmp_path, rng):
     vol = (rng.random((96, 12, 12)) * 100).astype("f4")
     x = da.from_array(vol, chunks=(4, 12, 12))  # 24 blocks
@@ -119,7 +114,7 @@ def test_a_resumed_windowed_write_warms_up_and_equals_one_run(tmp_path, rng):
     with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes="2KiB", fallback="raise"):
         with pytest.raises(RuntimeError, match="interrupted"):
             imwrite(pipeline(_counting(calls, fail_from=14)), path, **kw)
-        recorded = _recorded(path)
+        recorded = recorded_slabs(path)
         calls.clear()
         imwrite(pipeline(_counting(calls)), path, resume=True, **kw)
     np.testing.assert_array_equal(imread(path).compute(), want)

@@ -179,3 +179,32 @@ def test_an_analysis_failure_leaves_the_graph_to_dask(pipeline, monkeypatch):
     with dask_sweep.enable(memory_limit="64MiB", fallback="raise"):
         with pytest.raises(KeyError):
             pipeline.compute(scheduler="sync")
+
+
+def test_steps_wait_for_consumers_after_an_optimiser_that_keeps_layers(rng):
+    """An ``array_optimize`` installed before ours that returns the graph's layers (with
+    their annotations) still gets the edges that make each step wait for the consumers
+    of the step before's blocks (once skipped: the blocks of a reduction could all wait
+    in memory on one thread), and keeps the sweep's priorities."""
+    from dask.array.optimization import optimize as dask_optimize
+
+    from dask_sweep.emit.graph import is_step
+    from dask_sweep.integration.optimize import SweepPass, _Chained, _priorities
+
+    x = da.from_array(rng.random((40, 16, 16)), chunks=(4, 16, 16))
+    s = (x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect") + 1).sum(axis=(1, 2))
+    sweep = SweepPass(memory_limit="64MiB", target_slab_bytes="4KiB")
+
+    def gates(graph):
+        return {k for k, node in dict(graph).items() if is_step(k)
+                for d in node.dependencies if not is_step(d)
+                and str(d[0] if isinstance(d, tuple) else d).startswith("sum")}
+
+    keep = _Chained(sweep, lambda dsk, keys, **kw: dsk)(s.__dask_graph__(), s.__dask_keys__())
+    dflt = _Chained(sweep, dask_optimize)(s.__dask_graph__(), s.__dask_keys__())
+    assert gates(keep) and gates(keep) == gates(dflt)
+    assert _priorities(keep) and _priorities(keep) == _priorities(
+        sweep(s.__dask_graph__(), s.__dask_keys__()))
+    with dask.config.set(array_optimize=_Chained(sweep, lambda dsk, keys, **kw: dsk)):
+        np.testing.assert_allclose(s.compute(scheduler="sync"),
+                                   (x.compute() * 2 + 1).sum(axis=(1, 2)))

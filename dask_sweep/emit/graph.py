@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from dask._task_spec import DataNode, List, Task, TaskRef
+from dask._task_spec import DataNode, List, Task, TaskRef, convert_legacy_graph
 from dask.base import tokenize
 from dask.highlevelgraph import MaterializedLayer
 
@@ -110,12 +110,10 @@ def consumers_first(graph: Any) -> dict:
     steps = [k for k in dsk if is_step(k)]
     if not steps:
         return dsk
-    deps: dict = {}
-    for k, node in dsk.items():
-        d = getattr(node, "dependencies", None)
-        if d is None:  # not a task spec graph: leave it as it is
-            return dsk
-        deps[k] = d
+    if any(getattr(node, "dependencies", None) is None for node in dsk.values()):
+        # legacy tuples (an optimiser that kept the graph's layers as they were built)
+        dsk = convert_legacy_graph(dsk)
+    deps = {k: node.dependencies for k, node in dsk.items()}
     users: dict = {}
     for k, ds in deps.items():
         for d in ds:

@@ -605,12 +605,36 @@ def _then(optimizer, dsk, keys, **kwargs):
     """
     prio = _priorities(dsk)
     out = optimizer(dsk, keys, **kwargs)
-    if not prio or (isinstance(out, HighLevelGraph) and _priorities(out)):
+    if not prio:
         return out
+    if isinstance(out, HighLevelGraph) and _priorities(out):
+        # an optimiser that keeps layers (and their annotations): gate the steps in them
+        return _gated_layers(out)
     graph = consumers_first(out)
     name = f"sweep-annotated-{tokenize(sorted(map(str, prio)))}"
     layer = MaterializedLayer(graph, annotations={"priority": _KeyPriority(prio)})
     return HighLevelGraph({name: layer}, {name: set()})
+
+
+def _gated_layers(hlg: HighLevelGraph) -> HighLevelGraph:
+    """``hlg`` with :func:`consumers_first`'s edges, each layer keeping its annotations
+    (the layers' dependencies follow the new edges)."""
+    graph = consumers_first(hlg)
+    owner = {k: name for name, layer in hlg.layers.items() for k in layer}
+    layers = {
+        name: MaterializedLayer(
+            {k: graph[k] for k in layer},
+            annotations=getattr(layer, "annotations", None),
+            collection_annotations=getattr(layer, "collection_annotations", None),
+        )
+        for name, layer in hlg.layers.items()
+    }
+    deps: dict = {name: set(hlg.dependencies.get(name, ())) for name in layers}
+    for k, node in graph.items():
+        for d in getattr(node, "dependencies", ()):
+            if d in owner and owner[d] != owner[k]:
+                deps[owner[k]].add(owner[d])
+    return HighLevelGraph(layers, deps)
 
 
 class _KeyPriority:

@@ -247,3 +247,32 @@ def test_median_kept_planes_compute_no_halo_planes(monkeypatch):
             assert "kernel " in str(dask_sweep.explain(y))
             assert_sweep_equal(y, target_slab_bytes="4KiB", threads=2)
             assert calls and set(calls) == {"rows"}, calls
+
+
+def test_a_plan_loads_numba_only_where_the_budget_has_room_for_it():
+    """In a process that has not loaded numba's kernels (no ``enable()``), a median's plan
+    at 24 MiB runs scipy's call and says why; at 512 MiB it uses the kernel and counts
+    LLVM's load (64 MiB) in its floor; both equal scipy."""
+    import subprocess
+    import sys
+
+    code = """
+import dask, dask.array as da, numpy as np, scipy.ndimage as ndi
+from dask_image import ndfilters
+import dask_sweep
+from dask_sweep.runtime import jit
+v = np.random.default_rng(0).integers(0, 255, (24, 32, 32), dtype=np.uint8)
+y = ndfilters.median_filter(da.from_array(v, chunks=(8, 32, 32)), size=3)
+for budget in ("24MiB", "512MiB"):
+    with dask.config.set({"sweep.memory-limit": budget, "optimizations": [dask_sweep.sweep]}):
+        print(budget, jit.loaded(), "|", dask_sweep.explain(y))
+        np.testing.assert_array_equal(y.compute(), ndi.median_filter(v, size=3))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    small, large = p.stdout.split("512MiB", 1)
+    assert small.startswith("24MiB False") and "numba's kernel is not loaded" in small
+    assert "numba's kernels load in this run: 64.00 MiB counted" in large
+    assert large.startswith(" False") and "floor (smallest budget" in large
+    assert "67." in large.split("floor (smallest budget", 1)[1].split("\n")[0]

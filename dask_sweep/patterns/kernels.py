@@ -230,15 +230,9 @@ class SeparableBlockFn:
         return np.ascontiguousarray(t)
 
 
-def fast_binary(func, kw: dict, ndim: int, axis: int):
-    """``(passes, fn)`` of a binary erosion / dilation as boolean runs or shifts, or ``None``.
-
-    One iteration, no mask, origin 0, a structure with odd sides: a box becomes
-    one :class:`~dask_sweep.runtime.morphology.BoolRun` per axis (the sweep
-    axis first: the order of ANDs does not matter), any other structure a
-    :class:`~dask_sweep.runtime.morphology.BoolShifts`.  Both equal scipy bit
-    for bit (``tests/test_morphology.py``).
-    """
+def _binary_parts(func, kw: dict, ndim: int):
+    """``(op, structure, border)`` of a binary erosion / dilation the sweep computes
+    itself (one iteration, no mask, origin 0, odd sides), else ``None``."""
     if func not in (ndi.binary_erosion, ndi.binary_dilation):
         return None
     if kw.get("iterations", 1) != 1 or kw.get("mask") is not None:
@@ -252,17 +246,43 @@ def fast_binary(func, kw: dict, ndim: int, axis: int):
     if structure.ndim != ndim or any(n % 2 == 0 for n in structure.shape):
         return None
     op = "and" if func is ndi.binary_erosion else "or"
-    border = bool(kw.get("border_value", 0))
+    return op, structure, bool(kw.get("border_value", 0))
+
+
+def fast_binary(func, kw: dict, ndim: int, axis: int, jit: bool = True):
+    """``(passes, fn)`` of a binary erosion / dilation as boolean runs or shifts, or ``None``.
+
+    One iteration, no mask, origin 0, a structure with odd sides: a box becomes
+    one :class:`~dask_sweep.runtime.morphology.BoolRun` per axis (the sweep
+    axis first: the order of ANDs does not matter), any other structure a
+    :class:`~dask_sweep.runtime.morphology.BoolShifts` (numba: not without ``jit``).
+    Both equal scipy bit for bit (``tests/test_morphology.py``).
+    """
+    parts = _binary_parts(func, kw, ndim)
+    if parts is None:
+        return None
+    op, structure, border = parts
     if structure.all():
         order = [axis] + [ax for ax in range(ndim) if ax != axis]
         passes = tuple((ax, BoolRun(op, structure.shape[ax] // 2, ax, border))
                        for ax in order if structure.shape[ax] > 1)
         return passes, None
-    return None, BoolShifts(op, structure, border)
+    return (None, BoolShifts(op, structure, border)) if jit else None
 
 
-def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kernel | None, str]:
-    """A re-blockable :class:`Kernel` for a map_overlap spec, or why not."""
+#: Why a stage runs scipy's call although dask_sweep has a faster kernel for it.
+NO_JIT = ("scipy's call per step: numba's kernel is not loaded in this process, and loading "
+          "it (about 50 MiB) is over a quarter of the budget; dask_sweep.enable() or "
+          "sweep(...) load it first")
+
+
+def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype,
+                 jit: bool = True) -> tuple[Kernel | None, str]:
+    """A re-blockable :class:`Kernel` for a map_overlap spec, or why not.
+
+    With ``jit=False`` the stage does not use numba's kernels (a median over a box, binary
+    morphology with a structure that is not a box): scipy's call, computed on the window,
+    and the second item says so."""
     func, kwargs = spec.kernel
     entry = REGISTRY.get(func)
     name = getattr(func, "__name__", repr(func))
@@ -287,18 +307,24 @@ def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype) -> tuple[Kerne
     if any(b != "none" and depth[ax] * 2 > spec.meta.shape[ax] for ax, b in enumerate(bnd)):
         return None, "boundary padding deeper than the array"
     fn, passes = functools.partial(func, **kwargs), separable_passes(func, kwargs, ndim)
+    note = ""
     if func is ndi.median_filter:  # over a box: the kept voxels only
-        fn = MedianPlanes.of(kwargs, ndim, in_dtype) or fn
-    fast = fast_binary(func, kwargs, ndim, axis)
+        if jit:
+            fn = MedianPlanes.of(kwargs, ndim, in_dtype) or fn
+        elif MedianPlanes.handles(kwargs, ndim, in_dtype):
+            note = f"{spec.label}: {NO_JIT}"
+    fast = fast_binary(func, kwargs, ndim, axis, jit)
     if fast is not None:
         passes, fn = fast[0], fast[1] or fn
+    elif not jit and (parts := _binary_parts(func, kwargs, ndim)) and not parts[1].all():
+        note = f"{spec.label}: {NO_JIT}"
     st = Kernel(
         label=spec.label, shape=spec.meta.shape, dtype=spec.meta.dtype, inputs=ins,
         fn=fn, depth=tuple(depth), boundary=bnd,
         temps=3.0 if func in (ndi.median_filter,) else 2.0, sweep_axis=axis,
         passes=passes, in_dtype=np.dtype(in_dtype),
     )
-    return st, ""
+    return st, note
 
 
 def separable_block_fn(spec) -> SeparableBlockFn | None:

@@ -19,6 +19,10 @@ from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elemen
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
 from dask_sweep.plan.ir import Blocked, Output, Plan, Pointwise, Source, Stage
+from dask_sweep.runtime import jit as numba_jit
+from dask_sweep.runtime.morphology import BoolShifts
+from dask_sweep.runtime.rank import MedianPlanes
+from dask_sweep.utils import format_bytes
 
 
 class OverlapBlockFn:
@@ -340,6 +344,9 @@ def staged(plan: Plan, budget: int, threads: int = 1, least: bool = False) -> Pl
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                    notes: list[str]) -> Plan:
     metas = {n: array_meta(hlg.layers[n]) for n in region.sources}
+    # numba's kernels (a median, a ball) where they are loaded or their loading fits
+    was_loaded = numba_jit.loaded()
+    jit, jitted = numba_jit.affordable(settings.memory_limit), False
     index: dict[str, int] = {}
     stages: list[Stage] = []
     for src in region.sources:
@@ -407,7 +414,11 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
         else:
             st, sep = None, None
             if settings.reblock and spec.kernel is not None:
-                st, why = kernel_stage(spec, ins, axis, stages[ins[0]].dtype)
+                st, why = kernel_stage(spec, ins, axis, stages[ins[0]].dtype, jit=jit)
+                if st is not None:
+                    if why:
+                        notes.append(why)
+                    jitted = jitted or isinstance(st.fn, (MedianPlanes, BoolShifts))
                 if st is None:  # dask's blocks, computed as dask does (or as its passes)
                     sep = separable_block_fn(spec)
                     how = ("; scipy's 1-D passes, each axis's halo cropped after its pass"
@@ -446,10 +457,15 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 )
             outputs.append(Output(stage=index[m], name=store, chunks=meta.chunks,
                                   sink=StoreWriter(ev, refs)))
+    overhead = settings.runtime_overhead
+    if jitted and not was_loaded:
+        # numba's first kernel starts LLVM inside this run
+        overhead += numba_jit.LOAD_BYTES
+        notes.append(f"numba's kernels load in this run: {format_bytes(numba_jit.LOAD_BYTES)} "
+                     "counted (dask_sweep.enable() or sweep(...) load them before)")
     return Plan(stages=tuple(stages), outputs=tuple(outputs), axis=axis,
                 budget=settings.memory_limit, threads=settings.threads, notes=tuple(notes),
-                info={"tune_malloc": settings.tune_malloc,
-                      "runtime_overhead": settings.runtime_overhead})
+                info={"tune_malloc": settings.tune_malloc, "runtime_overhead": overhead})
 
 
 def _bounds(chunks) -> tuple[int, ...]:

@@ -184,30 +184,35 @@ class MedianPlanes:
         self.mode = kwargs.get("mode", "reflect")
         self.cval = kwargs.get("cval", 0.0)
 
-    @classmethod
-    def of(cls, kwargs: dict, ndim: int, dtype: Any) -> MedianPlanes | None:
-        """For a median call this class computes, else ``None``."""
+    @staticmethod
+    def handles(kwargs: dict, ndim: int, dtype: Any) -> bool:
+        """Whether this class computes a median call (without loading its kernel)."""
         dt = np.dtype(dtype)
         # 8/16-bit integers by histograms; floats and 32-bit integers by selection (scipy
         # compares in double: exact for these, not for 64-bit integers)
         if dt.kind not in "iuf" or dt.itemsize > (8 if dt.kind == "f" else 4) \
                 or ndim not in (2, 3):
-            return None
+            return False
         if kwargs.get("output") is not None or set(kwargs) - {
                 "size", "footprint", "mode", "cval", "origin", "axes"}:
-            return None
+            return False
         mode = kwargs.get("mode", "reflect")
         if not isinstance(mode, str) or mode not in _PAD:
-            return None
+            return False
         cval = kwargs.get("cval", 0.0)
         if _PAD[mode] == "constant" and dt.kind != "f" \
                 and float(np.asarray(cval).astype(dt)) != float(cval):
-            return None  # scipy selects cval as a float, then casts it (rounding a float
+            return False  # scipy selects cval as a float, then casts it (rounding a float
             # cval first keeps the order, and the value selected is rounded anyway)
-        sides = _box(kwargs, ndim)
-        if sides is None:
+        return _box(kwargs, ndim) is not None
+
+    @classmethod
+    def of(cls, kwargs: dict, ndim: int, dtype: Any) -> MedianPlanes | None:
+        """For a median call this class computes (its kernel loaded), else ``None``."""
+        if not cls.handles(kwargs, ndim, dtype):
             return None
-        out = cls(kwargs, sides, dt)
+        dt = np.dtype(dtype)
+        out = cls(kwargs, _box(kwargs, ndim), dt)
         out.warm(dt)
         return out
 

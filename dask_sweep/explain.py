@@ -24,7 +24,7 @@ import dask
 from dask_sweep.config import SweepSettings
 from dask_sweep.passes.slabs import describe_peak, floor
 from dask_sweep.plan import printer
-from dask_sweep.plan.ir import Source
+from dask_sweep.plan.ir import DROPIN_PLAN, EXPR_ANNOTATIONS, Source
 from dask_sweep.utils import format_bytes
 
 
@@ -37,6 +37,7 @@ class Explanation(printer.Printout):
         self.with_floor = with_floor
         self._floors: dict = {}
         self.shown = None  # the settings in force (the analysis ran with fallback silent)
+        self.dropins: dict = {}  # layer -> a drop-in's own plan (left to dask as it is)
 
     @property
     def plans(self):
@@ -90,7 +91,9 @@ class Explanation(printer.Printout):
         out: list[str] = []
         s = self.result.settings
         if not self.result.plans:
-            out.append("dask_sweep: nothing swept; the graph runs as stock dask.")
+            out.append("dask_sweep: nothing swept by the plugin; the graph runs as dask built "
+                       "it." if self.dropins else
+                       "dask_sweep: nothing swept; the graph runs as stock dask.")
         for n, (plan, trace) in enumerate(self.result.plans):
             ax = plan.axis
             in_bytes = sum(
@@ -140,7 +143,12 @@ class Explanation(printer.Printout):
             for note in plan.notes:
                 out.append(f"  note: {note}")
         for fb in self.result.fallbacks:
-            out.append(f"left to stock dask: {fb.where}: {fb.reason}")
+            if fb.where not in self.dropins:
+                out.append(f"left to stock dask: {fb.where}: {fb.reason}")
+        for where, plan in self.dropins.items():
+            out.append(f"drop-in {where}: its own sweep, planned when it was called "
+                       "(its tasks run as they are):")
+            out.extend("  " + line for line in plan.explain().splitlines())
         if s is not None:
             shown = self.shown or s
             seg = "auto" if shown.segments is None else shown.segments
@@ -161,9 +169,14 @@ class Explanation(printer.Printout):
                 plan, trace, _output, floor_bytes))
         if not self.result.plans:
             parts.append("<p>nothing swept; the graph runs as stock dask.</p>")
-        if self.result.fallbacks:
+        left = [fb for fb in self.result.fallbacks if fb.where not in self.dropins]
+        for where, plan in self.dropins.items():
+            parts.append(f"<p>drop-in <code>{e(where)}</code>: its own sweep, planned when "
+                         f"it was called (its tasks run as they are):</p>"
+                         f"<pre>{e(plan.explain())}</pre>")
+        if left:
             parts.append("<p>left to stock dask:</p><ul>")
-            for fb in self.result.fallbacks:
+            for fb in left:
                 parts.append(f"<li><code>{e(fb.where)}</code>: {e(fb.reason)}</li>")
             parts.append("</ul>")
         return parts
@@ -220,7 +233,24 @@ def explain(x: Any, **settings: Any) -> Explanation:
 
     # a HighLevelGraph counts its tasks cheaply; an expression would be lowered and
     # materialised only to count them (seconds for thousands of blocks): not counted
-    ntasks = len(x.__dask_graph__()) if array_expr_of(x) is None else None
+    graph = x.__dask_graph__() if array_expr_of(x) is None else None
+    ntasks = len(graph) if graph is not None else None
     out = Explanation(analyse_collection(x, s.with_(fallback="silent")), ntasks)
     out.shown = shown
+    out.dropins = _dropin_plans(x, graph)
     return out
+
+
+def _dropin_plans(x, graph) -> dict:
+    """``{layer: plan}`` of the drop-ins' outputs (``ndimage.label``, ...) in ``x``'s graph
+    (or expression): their own sweeps, left to dask as they are, which ``explain`` prints."""
+    if graph is not None:
+        anns = {n: getattr(lay, "collection_annotations", None) or {}
+                for n, lay in graph.layers.items()}
+    else:  # an expression: a drop-in's output is a FromGraph (see emit.io_graphs.array_of)
+        from dask_sweep.patterns.expr import array_expr_of
+
+        anns = {node._name: EXPR_ANNOTATIONS.get(node.operand("name_prefix"), {})
+                for node in array_expr_of(x).walk()
+                if type(node).__name__ == "FromGraph"}
+    return {n: a[DROPIN_PLAN] for n, a in anns.items() if a.get(DROPIN_PLAN) is not None}

@@ -96,9 +96,16 @@ class DaskRows:
 
 def _dask_reader(array: Any, axis: int) -> Any:
     """The plugin's inline reader of a dask array's rows, or ``None`` (see DaskRows)."""
+    from dask_sweep.patterns.expr import array_expr_of, expression_graph
     from dask_sweep.patterns.readers import make_reader
 
-    reader = make_reader(array.__dask_graph__(), array.name, array.numblocks, axis)
+    expr = array_expr_of(array)
+    if expr is None:
+        graph, name = array.__dask_graph__(), array.name
+    else:  # dask's array-expression mode: the recogniser's layers of the lowered tree
+        root = expr.lower_completely()
+        graph, name = expression_graph(root).hlg, root._name
+    reader = make_reader(graph, name, array.numblocks, axis)
     if getattr(reader, "external", False):  # some values come from dask: not inline
         return None
     if getattr(reader, "free", False) or getattr(reader, "tasks", None):
@@ -194,7 +201,9 @@ def source(data: Any, *, range: Range = None, name: str | None = None, **options
                 f"dask_sweep.io.Source or a path. Got {type(data).__name__} instead."
             )
         spec = SourceSpec(src, "file", f"{type(src).__name__} {src.path}")
-    if np.ndim(data) == 0 and spec.kind != "file":
+    # (``np.ndim`` of an array expression raises: dask's expression mode)
+    ndim = data.ndim if hasattr(data, "ndim") else np.ndim(data)
+    if ndim == 0 and spec.kind != "file":
         raise SweepConfigError("dsl.source() expects a volume with at least one axis.")
     obj = spec.obj
     vr = range if range is not None else dtype_range(obj.dtype)

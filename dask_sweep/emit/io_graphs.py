@@ -23,16 +23,15 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from dask_sweep.plan.ir import EXPR_ANNOTATIONS, EXPR_ANNOTATIONS_KEPT
 from dask_sweep.runtime.memory import trims
 
-__all__ = ["source_array", "write_graph"]
+__all__ = ["array_of", "source_array", "write_graph"]
 
 
 def source_array(source: Any, chunks: tuple, name: str):
     """``source`` as a lazy dask array in blocks ``chunks``, layer ``name``: one task per
     block, each reading its region (through the source's per-block reader)."""
-    import dask.array as da
-
     starts = [np.cumsum((0,) + c) for c in chunks]
     dsk = {}
     for idx in np.ndindex(*[len(c) for c in chunks]):
@@ -41,13 +40,33 @@ def source_array(source: Any, chunks: tuple, name: str):
         key = (name, *idx)
         dsk[key] = Task(key, _read_block, reader, local)
     meta = np.empty((0,) * source.ndim, dtype=source.dtype)
+    graph = HighLevelGraph.from_collections(name, MaterializedLayer(dsk), dependencies=())
+    return array_of(graph, name, chunks, meta)
+
+
+def array_of(graph: HighLevelGraph, name: str, chunks: tuple, meta: np.ndarray):
+    """The dask array of layer ``name`` of ``graph`` (with its dependencies), in either
+    of dask's array modes.
+
+    In dask's array-expression mode, an expression over the graph's tasks (its blocks
+    are aliased under a name of its own); the layer's collection annotations (a
+    drop-in's :data:`~dask_sweep.plan.ir.FEEDING`) are kept in
+    :data:`~dask_sweep.plan.ir.EXPR_ANNOTATIONS` for the recogniser.
+    """
+    import dask.array as da
+
     if getattr(da, "ARRAY_EXPR_ENABLED", None) is True:
-        # dask's array-expression mode: an expression over these tasks (its blocks are
-        # aliased under a name of its own)
         from dask.array._array_expr._collection import from_graph
 
-        return from_graph(dsk, meta, chunks, list(dsk), name)
-    graph = HighLevelGraph.from_collections(name, MaterializedLayer(dsk), dependencies=())
+        layer = graph.layers[name]
+        ann = getattr(layer, "collection_annotations", None)
+        if ann:  # what the recogniser reads of a drop-in's output (see EXPR_ANNOTATIONS)
+            EXPR_ANNOTATIONS[name] = dict(ann)
+            EXPR_ANNOTATIONS.move_to_end(name)
+            while len(EXPR_ANNOTATIONS) > EXPR_ANNOTATIONS_KEPT:
+                EXPR_ANNOTATIONS.popitem(last=False)
+        keys = [k for k in layer if isinstance(k, tuple) and k[0] == name]
+        return from_graph(dict(graph), meta, chunks, keys, name)
     return da.Array(graph, name, chunks, meta=meta)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from dask._task_spec import DataNode, List, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
@@ -77,10 +78,11 @@ class GraphBuilder:
         return HighLevelGraph(dict(self.layers), {n: set(d) for n, d in self.deps.items()})
 
     def array(self, name: str, chunks: tuple, dtype: Any):
-        """A dask array over the blocks ``(name, i, j, ...)`` built so far."""
-        import dask.array as da
+        """A dask array over the blocks ``(name, i, j, ...)`` built so far (either of
+        dask's array modes)."""
+        from dask_sweep.emit.io_graphs import array_of
 
-        return da.Array(self._graph(), name, chunks, dtype=dtype)
+        return array_of(self._graph(), name, chunks, np.empty((0,) * len(chunks), dtype))
 
     def delayed(self, key: str):
         """A ``Delayed`` of task ``key``."""

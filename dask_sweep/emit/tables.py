@@ -26,6 +26,7 @@ from dask._task_spec import Task, TaskRef
 from dask.base import tokenize
 
 from dask_sweep.config import SweepSettings, temporary_directory
+from dask_sweep.emit.io_graphs import array_of
 from dask_sweep.multipass import spill as _spill
 from dask_sweep.multipass.edt import distance_step, forward_step, tables_step
 from dask_sweep.multipass.label import (
@@ -40,7 +41,7 @@ from dask_sweep.multipass.label import (
     resolve,
 )
 from dask_sweep.multipass.spill import KeptArrays, KeptLabels, KeptMasks
-from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET
+from dask_sweep.plan.ir import DROPIN_PLAN, FEEDING, FEEDING_BUDGET
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["edt_graph", "label_graph"]
@@ -115,7 +116,6 @@ def _kept(plan: SweepPlan, image: Any, split: list | None) -> KeptArrays | None:
 
 
 def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, out_dtype: np.dtype):
-    import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     deps = () if plan.inline else (image,)
@@ -125,14 +125,15 @@ def _label_arrays(dsk: dict, plan: SweepPlan, image: Any, out: str, num: str, ou
     blocks = {k: v for k, v in dsk.items() if isinstance(k, tuple) and k[0] == out}
     rest = {k: v for k, v in dsk.items() if k not in blocks}
     g_num = HighLevelGraph.from_collections(num, MaterializedLayer(rest), dependencies=deps)
-    count = da.Array(g_num, num, (), meta=np.empty((), dtype=np.intp))
+    count = array_of(g_num, num, (), np.empty((), dtype=np.intp))
     # what pass 2 holds while a sweep consumes the labels: that sweep plans for the rest
     layer = MaterializedLayer(blocks, collection_annotations={FEEDING: plan.feeding_bytes,
-                                                       FEEDING_BUDGET: plan.budget})
+                                                       FEEDING_BUDGET: plan.budget,
+                                                       DROPIN_PLAN: plan})
     g_out = HighLevelGraph.from_collections(out, layer, dependencies=(*deps, count))
     rows = tuple(b - a for a, b in plan.slabs)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
-    labels = da.Array(g_out, out, chunks, meta=np.empty((0,) * image.ndim, dtype=out_dtype))
+    labels = array_of(g_out, out, chunks, np.empty((0,) * image.ndim, dtype=out_dtype))
     return labels, count
 
 
@@ -213,7 +214,6 @@ def edt_graph(
     so), one task for the backward chain over the D planes, then a distance task per
     slab.
     """
-    import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     # spill paths must be unique per call; an input dask computes leaves its masks there
@@ -246,7 +246,8 @@ def edt_graph(
     deps = () if plan.inline else (image,)
     # what the last pass holds while a sweep consumes the distances: that sweep plans for the rest
     layer = MaterializedLayer(dsk, collection_annotations={FEEDING: plan.feeding_bytes,
-                                                       FEEDING_BUDGET: plan.budget})
+                                                       FEEDING_BUDGET: plan.budget,
+                                                       DROPIN_PLAN: plan})
     graph = HighLevelGraph.from_collections(out, layer, dependencies=deps)
     chunks = (rows,) + tuple((m,) for m in image.shape[1:])
-    return da.Array(graph, out, chunks, meta=np.empty((0,) * image.ndim, dtype=np.float64))
+    return array_of(graph, out, chunks, np.empty((0,) * image.ndim, dtype=np.float64))

@@ -28,6 +28,7 @@ or a visibly incomplete one, and ``resume=True`` continues from the records::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -363,6 +364,12 @@ _LOG_LINE = re.compile(rb"^([WDF]) (\d+) (\d+)\n", re.M)
 _LOG_LOCK = threading.Lock()
 
 
+@functools.cache
+def _host() -> str:
+    """This machine's name, as a log's name holds it (a process writes only its own)."""
+    return socket.gethostname().replace(os.sep, "_")
+
+
 class Sink(ABC):
     """An output written slab by slab along axis 0, resumable, published atomically.
 
@@ -657,8 +664,7 @@ class Sink(ABC):
     def _log_path(self) -> str:
         """This process's log for this write (a process writes only its own log, so no
         two writers share a file, on any file system)."""
-        host = socket.gethostname().replace(os.sep, "_")
-        return os.path.join(self.progress_path, f"log-{host}-{os.getpid()}-{self._write_id}")
+        return os.path.join(self.progress_path, f"log-{_host()}-{os.getpid()}-{self._write_id}")
 
     def _log(self, kind: str, slabs: Sequence[tuple[int, int]]) -> None:
         """Append ``kind`` records of ``slabs`` to this process's log (not synced: a

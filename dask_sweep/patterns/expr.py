@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph, Layer
 
+from dask_sweep.plan.ir import EXPR_ANNOTATIONS
+
 
 def expression_mode() -> bool:
     """Whether ``dask.array`` runs on expressions (``array.query-planning``; fixed at import).
@@ -225,7 +227,7 @@ def expression_graph(root) -> ExprGraph:
     """The recogniser's view of a lowered expression ``root`` (a collection's or compute's)."""
     from dask._expr import _ExprSequence
     from dask.array._array_expr._blockwise import Blockwise
-    from dask.array._array_expr._io import FromArray
+    from dask.array._array_expr._io import FromArray, FromGraph
     from dask.array._array_expr._overlap import MapOverlap
 
     tops = list(root.operands) if isinstance(root, _ExprSequence) else [root]
@@ -265,6 +267,9 @@ def expression_graph(root) -> ExprGraph:
                         deps[lname] = set(hlg.dependencies.get(lname, ()))
                 layer = hlg.layers[name]
                 node_deps = set(hlg.dependencies.get(name, ()))
+        if isinstance(node, FromGraph) and node.operand("name_prefix") in EXPR_ANNOTATIONS:
+            # a drop-in's output: what it holds while a sweep reads it (emit.io_graphs)
+            ann = {**EXPR_ANNOTATIONS[node.operand("name_prefix")], **(ann or {})}
         if layer is None:
             layer = ExprLayer(node, ann)
         else:

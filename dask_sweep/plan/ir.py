@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -239,6 +240,15 @@ FEEDING = "dask_sweep_feeding"
 # ... and the budget it was given: a sweep that reads the output runs the drop-in's last
 # pass inside its steps, so it plans within that budget too.
 FEEDING_BUDGET = "dask_sweep_feeding_budget"
+# ... and its own plan (a :class:`~dask_sweep.plan.tables.SweepPlan`), which ``explain``
+# prints for that layer (the plugin leaves the drop-in's tasks as they are).
+DROPIN_PLAN = "dask_sweep_plan"
+
+# In dask's array-expression mode a drop-in's output is an expression over its tasks,
+# which holds no layer annotations: they are kept here by the output's layer name (the
+# expression's name prefix; recent outputs only) for the recogniser to find.
+EXPR_ANNOTATIONS: OrderedDict = OrderedDict()
+EXPR_ANNOTATIONS_KEPT = 4096
 
 
 def partial_shape(ndim: int, axis: int, n: int, k: int) -> tuple[int, ...]:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import dask
@@ -27,6 +28,8 @@ from dask_sweep.plan.ir import EXPR_ANNOTATIONS, EXPR_ANNOTATIONS_KEPT
 from dask_sweep.runtime.memory import trims
 
 __all__ = ["array_of", "source_array", "write_graph"]
+
+_KEEP_LOCK = threading.Lock()
 
 
 def source_array(source: Any, chunks: tuple, name: str):
@@ -61,10 +64,11 @@ def array_of(graph: HighLevelGraph, name: str, chunks: tuple, meta: np.ndarray):
         layer = graph.layers[name]
         ann = getattr(layer, "collection_annotations", None)
         if ann:  # what the recogniser reads of a drop-in's output (see EXPR_ANNOTATIONS)
-            EXPR_ANNOTATIONS[name] = dict(ann)
-            EXPR_ANNOTATIONS.move_to_end(name)
-            while len(EXPR_ANNOTATIONS) > EXPR_ANNOTATIONS_KEPT:
-                EXPR_ANNOTATIONS.popitem(last=False)
+            with _KEEP_LOCK:  # drop-ins may be called from several threads
+                EXPR_ANNOTATIONS[name] = dict(ann)
+                EXPR_ANNOTATIONS.move_to_end(name)
+                while len(EXPR_ANNOTATIONS) > EXPR_ANNOTATIONS_KEPT:
+                    EXPR_ANNOTATIONS.popitem(last=False)
         keys = [k for k in layer if isinstance(k, tuple) and k[0] == name]
         return from_graph(dict(graph), meta, chunks, keys, name)
     return da.Array(graph, name, chunks, meta=meta)

@@ -682,38 +682,8 @@ class Sink(ABC):
                 os.close(fd)
 
     def _progress(self) -> tuple[set, set] | None:
-        """``(done, pending)`` slabs from every log: *pending* were written and not yet
-        synced (nor failed); ``None`` when there is no record of progress."""
-        try:
-            names = sorted(n for n in os.listdir(self.progress_path) if n.startswith("log-"))
-        except FileNotFoundError:
-            return None
-        done: set = set()
-        pending: dict = {}  # slab -> the logs whose last word on it is "written"
-        failed: dict = {}  # slab -> the logs that saw its sync fail
-        for name in names:
-            try:
-                with open(os.path.join(self.progress_path, name), "rb") as f:
-                    text = f.read()
-            except FileNotFoundError:  # removed by a resume's restart meanwhile
-                continue
-            for m in _LOG_LINE.finditer(text):
-                kind, slab = m.group(1), (int(m.group(2)), int(m.group(3)))
-                if kind == b"D":
-                    done.add(slab)
-                elif kind == b"W":
-                    pending.setdefault(slab, set()).add(name)
-                else:
-                    failed.setdefault(slab, set()).add(name)
-                    pending.get(slab, set()).discard(name)
-        # A failed sync voids every mark of its slab made before it, whichever process
-        # wrote it (the kernel may have dropped those pages): a log's "written" after its
-        # own "failed" counts again (the slab written anew); another log's failure wins.
-        left = {
-            s for s, logs in pending.items()
-            if logs and s not in done and not failed.get(s, set()) - logs
-        }
-        return done, left
+        """``(done, pending)`` slabs from every log (:func:`_read_progress`)."""
+        return _read_progress(self.progress_path)
 
     def _restart_logs(self) -> None:
         """Keep only the done records of an interrupted run (in one new log, then the
@@ -925,17 +895,43 @@ def recorded_slabs(path: str | os.PathLike) -> list[tuple[int, int]]:
     >>> recorded_slabs("/nonexistent/out.zarr")
     []
     """
-    folder = os.fspath(path) + ".progress"
+    state = _read_progress(os.fspath(path) + ".progress")
+    return sorted(state[0]) if state else []
+
+
+def _read_progress(folder: str) -> tuple[set, set] | None:
+    """``(done, pending)`` slabs from every log in ``folder``: *pending* were written
+    and not yet synced (nor failed); ``None`` when there is no record of progress."""
     try:
-        names = [n for n in os.listdir(folder) if n.startswith("log-")]
+        names = sorted(n for n in os.listdir(folder) if n.startswith("log-"))
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    done = set()
-    for n in names:
-        with contextlib.suppress(FileNotFoundError), open(os.path.join(folder, n), "rb") as f:
-            done |= {(int(m.group(2)), int(m.group(3)))
-                     for m in _LOG_LINE.finditer(f.read()) if m.group(1) == b"D"}
-    return sorted(done)
+        return None
+    done: set = set()
+    pending: dict = {}  # slab -> the logs whose last word on it is "written"
+    failed: dict = {}  # slab -> the logs that saw its sync fail
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                text = f.read()
+        except FileNotFoundError:  # removed by a resume's restart meanwhile
+            continue
+        for m in _LOG_LINE.finditer(text):
+            kind, slab = m.group(1), (int(m.group(2)), int(m.group(3)))
+            if kind == b"D":
+                done.add(slab)
+            elif kind == b"W":
+                pending.setdefault(slab, set()).add(name)
+            else:
+                failed.setdefault(slab, set()).add(name)
+                pending.get(slab, set()).discard(name)
+    # A failed sync voids every mark of its slab made before it, whichever process
+    # wrote it (the kernel may have dropped those pages): a log's "written" after its
+    # own "failed" counts again (the slab written anew); another log's failure wins.
+    left = {
+        s for s, logs in pending.items()
+        if logs and s not in done and not failed.get(s, set()) - logs
+    }
+    return done, left
 
 
 def _covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

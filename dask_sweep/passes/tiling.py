@@ -118,13 +118,17 @@ class TileWriter:
 
     def temps_of(self, nbytes: int) -> int:
         """What a write holds beyond the planes (the plan counts it): the interior copied
-        contiguous, beside it, then the inner writer's own temporaries."""
+        contiguous (unless the inner writer takes views), then the inner writer's own
+        temporaries."""
         inner = getattr(self.inner, "temps_of", None)
         own = inner(nbytes) if inner else getattr(self.inner, "write_temps", 0.0) * nbytes
-        return int(own) + nbytes
+        return int(own) + (0 if getattr(self.inner, "takes_views", False) else nbytes)
 
     def write_planes(self, a: int, planes) -> None:
-        self.inner.write_planes(a, np.ascontiguousarray(planes[self.cut]), origin=self.origin)
+        interior = planes[self.cut]
+        if not getattr(self.inner, "takes_views", False):  # one copy, not one per chunk
+            interior = np.ascontiguousarray(interior)
+        self.inner.write_planes(a, interior, origin=self.origin)
 
 
 def _inplane_depth(st, axis: int) -> list[int]:

@@ -194,6 +194,9 @@ class PlaneStoreWriter:
     alignment, and zarr's encoding pipeline is skipped.
     """
 
+    #: it copies what it writes chunk by chunk: a strided view of the planes will do
+    takes_views = True
+
     def __init__(self, planes, offset: tuple[int, ...]) -> None:
         self.planes = planes
         self.offset = offset  # where the stored array starts in the target (``region``)

@@ -36,3 +36,34 @@ def test_local_cluster(rng):
         with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes="8KiB"):
             got = y.compute()
     np.testing.assert_array_equal(got, expected, strict=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_plan_counts_numba_on_its_workers(rng, monkeypatch):
+    """``enable`` loads numba's kernels in this process, not in the workers: a plan made
+    for a cluster (on its scheduler) counts the load (64 MiB) where it fits a quarter of
+    the budget, and runs scipy's median below; both equal scipy on a cluster."""
+    from dask_image import ndfilters
+
+    from dask_sweep.integration import optimize
+    from dask_sweep.integration.cluster import Slots
+
+    v = (rng.random((24, 20, 20)) * 255).astype("u1")
+    y = ndfilters.median_filter(da.from_array(v, chunks=(4, 20, 20)), size=3)
+    want = ndi.median_filter(v, size=3)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None):
+        for budget in ("64MiB", "512MiB"):
+            with dask_sweep.enable(memory_limit=budget):
+                np.testing.assert_array_equal(y.compute(), want)
+    # what the scheduler plans (explain, on the client, describes the local scheduler)
+    monkeypatch.setattr(optimize, "slots", lambda threads: Slots("distributed", 2, 2, 4 << 30))
+    from dask_sweep.runtime.kernel import warm_kernels
+
+    warm_kernels()  # as enable() does: loaded here, not in the workers
+    for budget, says in (("64MiB", "numba's kernel is not loaded"),
+                         ("512MiB", "numba's kernels load in this run")):
+        res = analyse(y.__dask_graph__(), y.__dask_keys__(),
+                      SweepPass(memory_limit=budget).settings())
+        notes = " ".join(res.plans[0][0].notes)
+        assert says in notes, (budget, notes)

@@ -210,7 +210,10 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
     ------
     NotSweepable, BudgetError
     """
-    plan = region_to_plan(dsk, region, axis, settings, notes)
+    # a distributed worker may not have loaded numba's kernels (``enable`` loads them in
+    # this process only): its first run counts the load
+    plan = region_to_plan(dsk, region, axis, settings, notes,
+                          jit_loaded=False if where_slots.kind == "distributed" else None)
     if where_slots.kind != "distributed":
         # the local scheduler holds every key of the graph for the whole run
         plan = plan.with_info(graph_keys=_kept_keys(dsk, region, plan),

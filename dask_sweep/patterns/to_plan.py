@@ -345,11 +345,18 @@ def staged(plan: Plan, budget: int, threads: int = 1, least: bool = False) -> Pl
 
 
 def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
-                   notes: list[str]) -> Plan:
+                   notes: list[str], jit_loaded: bool | None = None) -> Plan:
+    """The region's plan (not yet sized).
+
+    ``jit_loaded``: whether the processes that run it have loaded numba's kernels (default:
+    this process has, :func:`dask_sweep.runtime.jit.loaded`); where not, a numba kernel is
+    used only if its load fits the budget, and counted.
+    """
     metas = {n: array_meta(hlg.layers[n]) for n in region.sources}
     # numba's kernels (a median, a ball) where they are loaded or their loading fits
-    was_loaded = numba_jit.loaded()
-    jit, jitted = numba_jit.affordable(settings.memory_limit), False
+    was_loaded = numba_jit.loaded() if jit_loaded is None else jit_loaded
+    jit = numba_jit.affordable(settings.memory_limit, already=was_loaded)
+    jitted = False
     index: dict[str, int] = {}
     stages: list[Stage] = []
     for src in region.sources:

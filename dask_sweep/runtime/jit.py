@@ -40,8 +40,9 @@ def loaded() -> bool:
     return any(k.signatures for k in _KERNELS)
 
 
-def affordable(budget: int) -> bool:
+def affordable(budget: int, already: bool | None = None) -> bool:
     """Whether a sweep with a budget of ``budget`` bytes may run numba kernels: they are
-    loaded already (``dask_sweep.enable()`` loads them), or loading them takes at most a
-    quarter of the budget (the plan then counts :data:`LOAD_BYTES`)."""
-    return loaded() or 4 * LOAD_BYTES <= budget
+    loaded already where it runs (``already``; default: in this process, as
+    ``dask_sweep.enable()`` does), or loading them takes at most a quarter of the budget
+    (the plan then counts :data:`LOAD_BYTES`)."""
+    return (loaded() if already is None else already) or 4 * LOAD_BYTES <= budget

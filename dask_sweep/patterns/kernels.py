@@ -271,9 +271,9 @@ def fast_binary(func, kw: dict, ndim: int, axis: int, jit: bool = True):
 
 
 #: Why a stage runs scipy's call although dask_sweep has a faster kernel for it.
-NO_JIT = ("scipy's call per step: numba's kernel is not loaded in this process, and loading "
-          "it (about 50 MiB) is over a quarter of the budget; dask_sweep.enable() or "
-          "sweep(...) load it first")
+NO_JIT = ("scipy's call per step: numba's kernel is not loaded where the sweep runs (this "
+          "process, or a cluster's workers), and loading it (about 50 MiB) is over a quarter "
+          "of the budget; dask_sweep.enable() or sweep(...) load it first in this process")
 
 
 def kernel_stage(spec, ins: tuple[int, ...], axis: int, in_dtype,

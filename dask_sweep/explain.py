@@ -168,7 +168,9 @@ class Explanation(printer.Printout):
                 f"sweep {n}: axis {plan.axis}, {plan.extent} planes, {len(plan.steps)} steps",
                 plan, trace, _output, floor_bytes))
         if not self.result.plans:
-            parts.append("<p>nothing swept; the graph runs as stock dask.</p>")
+            parts.append("<p>nothing swept by the plugin; the graph runs as dask built it.</p>"
+                         if self.dropins else
+                         "<p>nothing swept; the graph runs as stock dask.</p>")
         left = [fb for fb in self.result.fallbacks if fb.where not in self.dropins]
         for where, plan in self.dropins.items():
             parts.append(f"<p>drop-in <code>{e(where)}</code>: its own sweep, planned when "

@@ -387,6 +387,8 @@ def test_the_drop_ins_in_the_mode(tmp_path, rng):
     # the drop-in's last pass holds beside it (a layer annotation; kept for expressions)
     text = explain(labels)
     assert "its own sweep" in text and "dask_sweep.ndimage.label: input shape" in text, text
+    html = dask_sweep.explain(labels, **SMALL)._repr_html_()
+    assert "by the plugin" in html and "dask_sweep.ndimage.label: input shape" in html
     smooth = labels.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
     assert "held by the drop-in feeding this sweep" in explain(smooth), explain(smooth)
     np.testing.assert_array_equal(distance_transform_edt(x > 128, memory_limit="16MiB")

@@ -232,15 +232,16 @@ def test_separable_filters_on_dask_blocks_are_bit_identical(shape, chunks, depth
     assert_sweep_equal(y, expect_swept=None, **SMALL)
 
 
-def test_float_uniform_on_blocks_runs_as_cropped_passes(rng):
+def test_float_uniform_on_one_plane_blocks_carries_its_sums(rng):
     # float64 sums round by where a line starts: dask's blocks, not one global filter
-    # (float32's few-term sums are exact in scipy's double buffers, mostly)
+    # (float32's few-term sums are exact in scipy's double buffers, mostly); the sweep
+    # carries the sums between steps, restarted at each block's line
     vol = rng.random((24, 20, 18))
     x = da.from_array(vol, chunks=(1, 20, 18))  # a TIFF stack's one-plane blocks
     y = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="none")
     assert not np.array_equal(y.compute(), ndi.uniform_filter(vol, 3))
     text = str(dask_sweep.explain(y, **SMALL))
-    assert "not block-invariant); scipy's 1-D passes" in text, text
+    assert "running sums carried" in text, text
     assert_sweep_equal(y, **SMALL)
 
 

@@ -35,11 +35,11 @@ from dask_sweep.io.zarr_io import encode_temporaries
 from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
-from dask_sweep.passes.tiling import tile, tileable
+from dask_sweep.passes.tiling import on_blocks, tile, tileable
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
-from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Source
+from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Running, Source
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.runtime.kernel import warm_kernels
 from dask_sweep.utils import format_bytes
@@ -100,7 +100,7 @@ def _one_block_each(region, plan: Plan) -> bool:
     A sweep of it would run the same single task, minus dask's tolerance of a
     function that returns another shape than it declares.
     """
-    if any(isinstance(st, Kernel) for st in plan.stages):
+    if any(isinstance(st, (Kernel, Running)) for st in plan.stages):
         return False  # a known kernel runs on slabs of the block: bounded memory
     # a source's dask blocks, not its rows (a reader of single planes has one per plane)
     return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values()) and all(
@@ -223,7 +223,8 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
             "every array is a single block and no stage can be cut into slabs: "
             "stock dask already computes each stage once, in one task"
         )
-    why = tileable(plan)
+    tiles_of = on_blocks(plan)  # a running sum crosses whole planes: dask's blocks in tiles
+    why = tileable(tiles_of)
     # the only attempt: no tiles and nothing to stage after it
     last = bool(why) and not (_can_stage(where_slots)
                               and staged(plan, settings.memory_limit) is not None)
@@ -236,7 +237,8 @@ def _plan_region(dsk, region, axis: int, settings: SweepSettings, notes: list[st
     tiled = None
     if not why:
         try:
-            tiles = tile(_tile_share(plan, settings, where_slots), settings.target_slab_bytes)
+            tiles = tile(_tile_share(tiles_of, settings, where_slots),
+                         settings.target_slab_bytes)
             return tiles[0][0].with_info(tile_plans=tiles), tiles[0][1]
         except BudgetError as e:
             tiled = e

@@ -20,7 +20,8 @@ Memory: segments running at once on one worker share its budget, so each is
 sized for ``budget / concurrent``; the count is the largest (up to the
 scheduler's slots, or ``sweep.segments``) whose segments fit that share and are
 long enough for the warm-up to stay a small part of them.  Sweeps that carry
-state along the whole axis (a periodic boundary along the sweep axis) or read
+state along the axis (a periodic boundary along the sweep axis, a float uniform
+filter's running sums) or read
 sources that dask computes in its own order stay one chain.  (A source that
 carries upstream values from row to row starts each segment with none: the
 segment's first row recomputes them.)
@@ -31,7 +32,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import replace
 
-from dask_sweep.plan.ir import Plan, Source
+from dask_sweep.plan.ir import Plan, Running, Source
 from dask_sweep.runtime.executor import periodic_inputs
 
 WARMUP_SHARE = 4
@@ -43,6 +44,9 @@ def why_one_chain(plan: Plan) -> str:
     """Why ``plan`` cannot be cut into segments ('' when it can)."""
     if any(periodic_inputs(st) for st in plan.stages):
         return "a periodic boundary along the sweep axis needs the far end first"
+    for st in plan.stages:
+        if isinstance(st, Running):
+            return f"{st.label!r} carries its running sums from step to step"
     for st in plan.stages:
         if isinstance(st, Source) and st.external:
             return f"source {st.label!r} is computed by dask, in its own order"

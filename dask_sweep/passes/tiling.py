@@ -37,7 +37,7 @@ import numpy as np
 
 from dask_sweep.errors import BudgetError
 from dask_sweep.passes.slabs import choose_steps
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Source
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Running, Source
 
 
 def _met(chunks, s: int, e: int) -> range:
@@ -153,6 +153,21 @@ def _periodic_inplane(st, axis: int) -> list[bool]:
     depth = _inplane_depth(st, axis)
     return [isinstance(b[ax], str) and b[ax] == "periodic"
             for b in bounds for ax in range(len(depth)) if ax != axis and depth[ax]]
+
+
+def on_blocks(plan: Plan) -> Plan:
+    """``plan`` with each running-sum stage on dask's blocks again (tiles cut its planes,
+    and its sums run along whole planes; :class:`~dask_sweep.plan.ir.Running`)."""
+    if not any(isinstance(st, Running) for st in plan.stages):
+        return plan
+    stages = tuple(st.blocked if isinstance(st, Running) else st for st in plan.stages)
+    labels = [st.label for st in plan.stages if isinstance(st, Running)]
+    notes = [n for n in plan.notes if not any(n.startswith(f"{x}: dask's blocks computed on any")
+                                              for x in labels)]
+    notes += [f"{x}: kept dask's blocks (in-plane tiles cut the planes its running sums "
+              "cross); scipy's 1-D passes, each axis's halo cropped after its pass"
+              for x in labels]
+    return replace(plan, stages=stages, notes=tuple(notes))
 
 
 def tileable(plan: Plan) -> str:

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import scipy.ndimage as ndi
 
-from dask_sweep.plan.ir import Kernel
+from dask_sweep.plan.ir import Kernel, Running
 from dask_sweep.runtime.morphology import BoolRun, BoolShifts
 from dask_sweep.runtime.rank import MedianPlanes
+from dask_sweep.runtime.running import PAD_MODES
+from dask_sweep.runtime.running import reach as running_reach
 
 ALL = frozenset("biuf")
 EXACT_SUM = frozenset("biu")
@@ -346,3 +349,33 @@ def separable_block_fn(spec) -> SeparableBlockFn | None:
     depth = tuple(spec.depth[0][ax] for ax in range(ndim))
     boundary = tuple(spec.boundary[0][ax] for ax in range(ndim))
     return SeparableBlockFn(passes, spec.meta.chunks, depth, boundary)
+
+
+def running_stage(spec, blocked, axis: int):
+    """A :class:`~dask_sweep.plan.ir.Running` stage standing in for ``blocked`` (a float
+    ``uniform_filter`` on dask's blocks), or ``None`` where its conditions do not hold:
+    one input, the sweep axis first and filtered first, no ``output=``, every boundary
+    ``'none'`` with a symmetric halo, a mode other than ``'wrap'``."""
+    sep = blocked.block_fn
+    if (axis != 0 or not isinstance(sep, SeparableBlockFn) or len(blocked.inputs) != 1
+            or spec.kernel is None or spec.kernel[0] is not ndi.uniform_filter):
+        return None
+    kw = spec.kernel[1]
+    if kw.get("output") is not None or np.dtype(blocked.dtype).kind != "f":
+        return None
+    if not sep.passes or sep.passes[0][0] != 0:
+        return None
+    first = sep.passes[0][1].keywords
+    if first["mode"] not in PAD_MODES or any(b != "none" for b in blocked.boundary[0]):
+        return None
+    if any(lo != hi for lo, hi in blocked.depth[0]):
+        return None
+    depth = tuple(lo for lo, _ in blocked.depth[0])
+    ndim = len(blocked.shape)
+    inplane = SeparableBlockFn(sep.passes[1:], blocked.chunks,
+                               ((0, 0), *((d, d) for d in depth[1:])), ("none",) * ndim)
+    st = Running(label=blocked.label, shape=blocked.shape, dtype=blocked.dtype,
+                 inputs=blocked.inputs, size=int(first["size"]), mode=first["mode"],
+                 cval=float(first["cval"]), inplane=inplane, chunks=blocked.chunks,
+                 depth=depth, blocked=blocked, sweep_axis=axis)
+    return replace(st, reach=running_reach(st))

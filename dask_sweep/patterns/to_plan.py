@@ -14,7 +14,7 @@ from dask_sweep.errors import NotSweepable
 from dask_sweep.io.planes import zarr_planes
 from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
-from dask_sweep.patterns.kernels import kernel_stage, separable_block_fn
+from dask_sweep.patterns.kernels import kernel_stage, running_stage, separable_block_fn
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
@@ -444,6 +444,13 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                                                    spec.func_positions),
                     kind="map_overlap", sweep_axis=axis,
                 )
+                run = running_stage(spec, st, axis) if sep is not None else None
+                if run is not None:
+                    st = run
+                    notes[-1] = (f"{spec.label}: dask's blocks computed on any slab ({why}): "
+                                 "scipy's running sums carried from step to step, restarted "
+                                 "where each block's line starts; in-plane passes on dask's "
+                                 "in-plane blocks")
         index[n] = len(stages)
         stages.append(st)
     outputs = []

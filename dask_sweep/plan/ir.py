@@ -202,6 +202,51 @@ class Kernel(Stage):
 
 
 @dataclass(frozen=True, eq=False)
+class Running(Stage):
+    """scipy's uniform filter on floats, as dask computes it block by block, on any slab.
+
+    Its sum runs along each line of a block, so it is carried from step to step
+    (``State.carry``) and restarted where each of dask's blocks starts its line
+    (:mod:`dask_sweep.runtime.running`).  The sweep axis is the first; every boundary
+    is ``'none'`` (scipy's ``mode`` acts at the faces of each block's line).
+
+    Parameters
+    ----------
+    size, mode, cval
+        The sweep-axis pass: ``uniform_filter1d(size=, mode=, cval=)``.
+    inplane
+        The in-plane passes on dask's in-plane blocks (a
+        :class:`~dask_sweep.patterns.kernels.SeparableBlockFn` without a sweep-axis halo).
+    chunks
+        dask's blocks (of the input and the output).
+    depth
+        The halo dask gives each block, per axis.
+    reach
+        Input planes a step needs before and after its own (``runtime.running.reach``).
+    blocked
+        The same stage on dask's blocks, for in-plane tiles.
+    """
+
+    size: int = 1
+    mode: str = "reflect"
+    cval: float = 0.0
+    inplane: Any = None
+    chunks: tuple[tuple[int, ...], ...] = ()
+    depth: tuple[int, ...] = ()
+    reach: tuple[int, int] = (0, 0)
+    blocked: Blocked | None = None
+    sweep_axis: int = 0
+    kind: str = "running"
+
+    def window(self, i: int) -> tuple[int, int]:
+        return self.reach
+
+    def restarts(self) -> tuple[int, ...]:
+        """Where the carried sums start afresh: dask's block boundaries."""
+        return tuple(np.cumsum((0,) + tuple(self.chunks[self.sweep_axis])).tolist())
+
+
+@dataclass(frozen=True, eq=False)
 class Pointwise(Stage):
     """``fn(*input_planes, *values)`` on the same planes of every input: any slab will do.
 

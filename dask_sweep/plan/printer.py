@@ -17,11 +17,12 @@ and the notebook view come from here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
 
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Pointwise, Reduce, Source
+from dask_sweep.plan.ir import Blocked, Identity, Kernel, Pointwise, Reduce, Running, Source
 from dask_sweep.utils import format_bytes
 
 
@@ -95,6 +96,12 @@ def stage_what(st, axis: int, reach: tuple[int, int] | None = None,
         bnd = set(st.boundary)
         return (f"kernel  window -{d}/+{d}, halo {st.depth}, boundary "
                 f"{bnd.pop() if len(bnd) == 1 else st.boundary}, any slab{far}")
+    if isinstance(st, Running):
+        lo, hi = st.reach
+        nb = math.prod(len(c) for c in st.chunks[1:])
+        return (f"running window -{lo}/+{hi}, any slab: scipy's sums carried between steps, "
+                f"restarted at dask's {len(st.chunks[0])} block starts; in-plane passes on "
+                f"its {nb} in-plane blocks{far}")
     if isinstance(st, Reduce):
         return f"reduce  {st.k}-vector partial per step, combined by {st.combine}{far}"
     if isinstance(st, Pointwise):

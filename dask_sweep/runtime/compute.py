@@ -15,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 from dask.array.core import concatenate3
 
-from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Reduce, Source, partial_shape
+from dask_sweep.plan.ir import Blocked, Kernel, Pointwise, Reduce, Running, Source, partial_shape
 from dask_sweep.runtime.boundary import pad_axis
 from dask_sweep.runtime.kernel import compute_kernel, kernel_temp_bytes
 from dask_sweep.runtime.parallel import pmap
 from dask_sweep.runtime.ring import Shape
+from dask_sweep.runtime.running import temp_bytes as running_temps
 
 
 def _bounds(chunks) -> list[int]:
@@ -185,6 +186,8 @@ def temp_bytes(st, out_bytes: int, in_bytes: int, threads: int) -> int:
     """Temporaries a stage holds while computing ``out_bytes`` from ``in_bytes``."""
     if isinstance(st, Kernel):
         return kernel_temp_bytes(st, out_bytes, in_bytes, threads)
+    if isinstance(st, Running):
+        return running_temps(st, out_bytes, threads)
     if isinstance(st, Blocked):
         # padded input copy + per-block region copies + output blocks + assembly
         return 3 * out_bytes

@@ -22,8 +22,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dask_sweep.plan.ir import Blocked, Identity, Kernel, Plan, Pointwise, Reduce, Source
+from dask_sweep.plan.ir import (
+    Blocked,
+    Identity,
+    Kernel,
+    Plan,
+    Pointwise,
+    Reduce,
+    Running,
+    Source,
+)
 from dask_sweep.runtime import compute as C
+from dask_sweep.runtime import running as R
 from dask_sweep.runtime.axis_pass import scratch_bytes
 from dask_sweep.runtime.ring import Ring, concat, take
 
@@ -36,10 +46,16 @@ class State:
     done: list[int]  # per output: planes emitted so far
     memos: dict = field(default_factory=dict)  # per source: upstream values for later rows
     wrap: dict = field(default_factory=dict)  # (stage, input) -> (tail, head) planes
+    carry: dict = field(default_factory=dict)  # stage -> (next plane, running sums)
 
     def copy(self) -> State:
         return State([r.copy() for r in self.rings], list(self.done), dict(self.memos),
-                     dict(self.wrap))
+                     dict(self.wrap), dict(self.carry))
+
+    def carried_bytes(self) -> int:
+        """Bytes held beside the rings: periodic boundary planes and running sums."""
+        return (sum(int(t.nbytes) + int(h.nbytes) for t, h in self.wrap.values())
+                + sum(int(c[1].nbytes) for c in self.carry.values()))
 
 
 @dataclass
@@ -134,8 +150,7 @@ class _Step:
         self.consumers = plan.consumers()
 
     def held(self) -> int:
-        extra = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
-        return sum(r.nbytes for r in self.state.rings) + extra
+        return sum(r.nbytes for r in self.state.rings) + self.state.carried_bytes()
 
     def ensure(self, j: int, a: int, b: int) -> None:
         """Make stage ``j``'s ring hold planes ``[a, b)``, computing what is missing."""
@@ -182,7 +197,14 @@ class _Step:
                     transient += int(x.nbytes)  # joined from pieces: a new array
                 ins.append(x)
             in_bytes = sum(int(x.nbytes) for x in ins)
-            out = compute_stage(st, a, b, axis, ins, plan.threads, self.dry, periodic)
+            if isinstance(st, Running):  # its sums carry from step to step
+                out, carry = R.compute_running(st, a, b, ins[0], wins[0][0],
+                                               self.state.carry.pop(j, None),
+                                               plan.threads, self.dry)
+                if carry is not None:
+                    self.state.carry[j] = carry
+            else:
+                out = compute_stage(st, a, b, axis, ins, plan.threads, self.dry, periodic)
             if not self.dry:
                 out = self._own(out, st)
         if self.trace is not None:
@@ -238,6 +260,9 @@ class _Step:
             wrap = sum(int(t.nbytes) + int(h.nbytes) for t, h in self.state.wrap.values())
             if wrap:
                 rings.append(("periodic boundary planes", wrap))
+            sums = self.state.carried_bytes() - wrap
+            if sums:
+                rings.append(("running sums carried", sums))
             tr.peak_parts = rings + [(w, int(v)) for w, v in parts if v]
 
     def _wrap(self, j, pos, i, a, b, lo, hi, x):
@@ -424,6 +449,7 @@ def _grid_period(plan: Plan) -> int | None:
     if any(periodic_inputs(st) for st in plan.stages):
         return None
     grids = [st.grid(plan.axis) for st in plan.stages] + [o.grid(plan.axis) for o in plan.outputs]
+    grids += [st.restarts() for st in plan.stages if isinstance(st, Running)]
     period = 1
     for g in grids:
         if g is None:
@@ -448,7 +474,8 @@ def _signature(state: State, a: int) -> tuple:
         buf = None if r.buf is None else (r.buf.shape, r.base - a)
         rings.append((r.start - a, r.stop - a, r.span, buf,
                       tuple((s - a, e - a, v.shape) for s, e, v in r.pieces)))
-    return tuple(rings), tuple(d - a for d in state.done)
+    carry = tuple(sorted((j, z - a) for j, (z, _) in state.carry.items()))
+    return tuple(rings), tuple(d - a for d in state.done), carry
 
 
 def _steady(plan: Plan, state: State, trace: Trace, t: int, seg: range, period: int,
@@ -499,6 +526,7 @@ def _steady(plan: Plan, state: State, trace: Trace, t: int, seg: range, period: 
         r.base += shift
         r.pieces = [(s + shift, e + shift, v) for s, e, v in r.pieces]
     state.done = [d + shift for d in state.done]
+    state.carry = {j: (z + shift, v) for j, (z, v) in state.carry.items()}
     seen.clear()  # the recorded steps now lie behind the jump
     return reps * per
 

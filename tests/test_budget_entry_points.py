@@ -526,6 +526,25 @@ def tiled_opaque(budget: str, src: str, out: str):
 
 
 @_case
+def running_sums(budget: str, src: str, out: str):
+    """dask-image's uniform filter of float32 on raw 64³ chunks into raw 64³ chunks:
+    its running sums carried from step to step, whole planes, no tiles."""
+    import dask
+    import dask.array as da
+    import zarr
+    from dask_image import ndfilters
+
+    import dask_sweep
+
+    y = ndfilters.uniform_filter(da.from_zarr(src), 5)
+    z = zarr.create_array(out, shape=y.shape, chunks=(64, 64, 64), dtype=y.dtype,
+                          compressors=None)
+    store = da.store(y, z, lock=False, compute=False)
+    dask_sweep.enable(memory_limit=budget, fallback="raise")
+    return lambda: dask.compute(store)
+
+
+@_case
 def dsl_into_zarr(budget: str, src: str, out: str):
     """``dsl.run`` of a uniform filter into a zstd zarr array the user created."""
     import zarr
@@ -820,6 +839,33 @@ def test_an_opaque_stage_tiled_on_its_blocks_keeps_the_budget(tmp_path):
     block = vol[0:65, 63:129, 63:129]
     np.testing.assert_array_equal(zarr.open_array(out)[0:64, 64:128, 64:128],
                                   ndi.uniform_filter(block, 3)[:-1, 1:-1, 1:-1])
+
+
+def test_running_sums_carried_between_steps_keep_the_budget(tmp_path):
+    """A float uniform filter on 64³ chunks whose row of blocks (16 MiB) is over the
+    budget sweeps whole planes with its sums carried (no tiles, every byte read once)
+    and keeps a 12 MiB budget."""
+    import dask.array as da
+    import zarr
+    from dask_image import ndfilters
+
+    import dask_sweep
+
+    vol = (np.random.default_rng(6).standard_normal((128, 256, 256)) * 1e3).astype("f4")
+    src = str(tmp_path / "in.zarr")
+    zarr.create_array(src, shape=vol.shape, chunks=(64, 64, 64), dtype="f4",
+                      compressors=None)[:] = vol
+    y = ndfilters.uniform_filter(da.from_zarr(src), 5)
+    probe = zarr.create_array(str(tmp_path / "probe.zarr"), shape=y.shape,
+                              chunks=(64, 64, 64), dtype="f4", compressors=None)
+    text = str(dask_sweep.explain(da.store(y, probe, lock=False, compute=False),
+                                  memory_limit="12MiB"))
+    assert "running sums carried" in text and "tiled" not in text, text
+    assert "bytes read / input bytes = 1.000" in text, text
+    out = str(tmp_path / "out.zarr")
+    rep = _measured("running_sums", budget="12MiB", src=src, out=out)
+    assert rep["growth"] <= 12 * MiB, rep
+    np.testing.assert_array_equal(zarr.open_array(out)[:], y.compute(optimize_graph=False))
 
 
 @pytest.mark.parametrize("dtype", ["u1", "u2", "f4", "bool"])

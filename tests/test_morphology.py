@@ -51,6 +51,37 @@ def test_shifts_equal_scipy(rng, op, border, shape):
 
 @pytest.mark.parametrize("op", ["and", "or"])
 @pytest.mark.parametrize("border", [0, 1])
+@pytest.mark.parametrize("shape", [(9, 7, 6), (2, 5, 4), (1, 3, 8), (11, 9, 300)])
+def test_shifts_of_the_runs_map_equal_scipy(rng, op, border, shape):
+    """The kernel reading its runs' map (:class:`HitMap`'s planes, a stage of their own)
+    equals scipy at every cut of planes and rows, in a window cut along the last axis (an
+    in-plane tile's), and with runs longer than the map's cap of 255."""
+    ball = (np.sum(np.mgrid[-2:3, -2:3, -2:3] ** 2, 0) <= 4)
+    for density in (0.002, 0.3, 0.97):
+        x = rng.random(shape) < density
+        for s in (ball, np.ones((3, 3, 3), bool), np.ones((1, 3, 5), bool)):
+            want = SCIPY[op](x, structure=s, border_value=border)
+            pair = BoolShifts(op, s, border).of_map()
+            assert pair is not None
+            hit, f = pair
+            m = hit(x)
+            assert m.dtype == np.uint8 and ((m == 0) == (x if op == "or" else ~x)).all()
+            for c0 in range(shape[0]):
+                for t in range(1, shape[0] - c0 + 1):
+                    np.testing.assert_array_equal(f.planes(m, 0, c0, t), want[c0:c0 + t])
+            for r0 in range(0, shape[1], 2):
+                got = f.planes(m, 0, 0, shape[0], rows=(1, r0, 1))
+                np.testing.assert_array_equal(got, want[:, r0:r0 + 1])
+            for r0, n in ((1, shape[2] - 2), (0, 1)):  # pieces along the last axis
+                got = f.planes(m, 0, 0, shape[0], rows=(2, r0, n))
+                np.testing.assert_array_equal(got, want[:, :, r0:r0 + n])
+            cut = x[:, :, 1:]  # a tile's map: its own rows only
+            np.testing.assert_array_equal(f.planes(hit(cut), 0, 0, shape[0]),
+                                          SCIPY[op](cut, structure=s, border_value=border))
+
+
+@pytest.mark.parametrize("op", ["and", "or"])
+@pytest.mark.parametrize("border", [0, 1])
 def test_box_runs_equal_scipy(rng, op, border):
     for shape in [(9, 7, 6), (3, 2, 8), (1, 1, 5)]:
         for sides in [(3, 3, 3), (5, 1, 3), (7, 3, 1)]:

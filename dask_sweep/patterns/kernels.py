@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 import scipy.ndimage as ndi
 
-from dask_sweep.plan.ir import Kernel, Running
+from dask_sweep.plan.ir import Kernel, Pointwise, Running
 from dask_sweep.runtime.morphology import BoolRun, BoolShifts
 from dask_sweep.runtime.rank import MedianPlanes
 from dask_sweep.runtime.running import PAD_MODES
@@ -379,3 +379,22 @@ def running_stage(spec, blocked, axis: int):
                  cval=float(first["cval"]), inplane=inplane, chunks=blocked.chunks,
                  depth=depth, blocked=blocked, sweep_axis=axis)
     return replace(st, reach=running_reach(st))
+
+
+def mapped_shifts(st: Kernel, in_dtype) -> tuple[Pointwise, Kernel] | None:
+    """A ball's morphology as two stages: its runs' map, a plane at a time, then the
+    kernel reading the map's window (:meth:`BoolShifts.of_map`), so each plane is mapped
+    once, not once per step whose window holds it.  ``None`` where the kernel goes by
+    offsets, reads a padded boundary (the map of a padding is not the padding's map) or
+    is not 3-D; the kernel's ``inputs`` are the caller's to point at the map."""
+    if not isinstance(st.fn, BoolShifts) or len(st.shape) != 3 or st.sweep_axis != 0:
+        return None
+    if np.dtype(in_dtype).itemsize != 1 or any(b != "none" for b in st.boundary):
+        return None
+    pair = st.fn.of_map()
+    if pair is None:
+        return None
+    hit, kernel = pair
+    mp = Pointwise(label=f"{st.label}: runs' map", shape=st.shape, dtype=np.dtype("u1"),
+                   inputs=st.inputs, fn=hit, cast=False, temps=1.0)
+    return mp, replace(st, fn=kernel, in_dtype=np.dtype("u1"))

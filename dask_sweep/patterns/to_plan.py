@@ -14,7 +14,12 @@ from dask_sweep.errors import NotSweepable
 from dask_sweep.io.planes import zarr_planes
 from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
-from dask_sweep.patterns.kernels import kernel_stage, running_stage, separable_block_fn
+from dask_sweep.patterns.kernels import (
+    kernel_stage,
+    mapped_shifts,
+    running_stage,
+    separable_block_fn,
+)
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
@@ -429,6 +434,10 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                     if why:
                         notes.append(why)
                     jitted = jitted or isinstance(st.fn, (MedianPlanes, BoolShifts))
+                    pair = mapped_shifts(st, stages[ins[0]].dtype)
+                    if pair is not None:  # the runs' map: a stage of its own
+                        stages.append(pair[0])
+                        st = dataclasses.replace(pair[1], inputs=(len(stages) - 1,))
                 if st is None:  # dask's blocks, computed as dask does (or as its passes)
                     sep = separable_block_fn(spec)
                     how = ("; scipy's 1-D passes, each axis's halo cropped after its pass"

@@ -163,6 +163,40 @@ def warm(ndim: int) -> None:
         for t in (1, 2):  # and by offsets
             f.planes(x, 0, 1, t)
             f.planes(x[..., ::2], 0, 1, t)  # a window that is not contiguous
+    if ndim == 3:  # the runs' map as a stage: its planes, and a window of them (read-only
+        # when it is a view of a ring: another signature for numba)
+        k = BoolShifts("or", np.ones((3, 3, 3), bool), False, mapped=True)
+        for v in (x, x.copy()):
+            m = HitMap("or")(v)
+            for t in (1, 2):
+                k.planes(m, 0, 1, t)
+            v.setflags(write=False)
+            m.setflags(write=False)
+            HitMap("or")(v)
+            k.planes(m, 0, 1, 1)
+
+
+class HitMap:
+    """The runs' map of a :class:`BoolShifts` as planes of their own: per voxel, how far
+    along the last axis the next deciding voxel of its row lies (capped at 255; 0: the
+    voxel decides, nonzero for a dilation, zero for an erosion).
+
+    A row's map depends on that row only, so a plane's map is computed once, where the
+    kernel would map every plane of its window at each step (seven planes for one kept
+    plane of a radius-3 ball at one plane a step).
+    """
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def __repr__(self) -> str:
+        return f"HitMap({self.op!r})"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x3 = np.ascontiguousarray(x).view(np.uint8)
+        dist = np.empty(x3.shape, np.uint8)
+        _hit_dist(x3, 0, x3.shape[0], 0, x3.shape[1], self.op == "or", dist)
+        return dist
 
 
 class BoolRun:
@@ -251,13 +285,14 @@ class BoolShifts:
     cropped = True
     cropped_rows = True
 
-    def __init__(self, op: str, structure, border: bool) -> None:
+    def __init__(self, op: str, structure, border: bool, mapped: bool = False) -> None:
         st = np.asarray(structure, dtype=bool)
         if any(s % 2 == 0 for s in st.shape):
             raise ValueError("structures with even sides are not handled")
         self.op = op
         self.border = bool(border)
         self.shape = st.shape
+        self._st = st
         centre = np.array(st.shape) // 2
         offsets = np.argwhere(st) - centre
         if op == "or":
@@ -272,12 +307,21 @@ class BoolShifts:
         self._runs = _structure_runs(self._offs)
         self._reach = (self._offs[:, :2].min(axis=0), self._offs[:, :2].max(axis=0))
         self.by_runs = 2 * len(self._runs) <= len(self._offs) and max(st.shape) < 255
+        #: its input is the runs' map (:class:`HitMap`'s planes), not the mask
+        self.mapped = bool(mapped) and self.by_runs and st.ndim == 3
         #: copies of its input rows a piece holds (the runs' map)
-        self.row_copies = 1 if self.by_runs else 0
+        self.row_copies = 1 if self.by_runs and not self.mapped else 0
         warm(st.ndim)
 
     def __repr__(self) -> str:
-        return f"BoolShifts({self.op!r}, {len(self.offsets)} offsets, border={self.border})"
+        m = ", of the runs' map" if self.mapped else ""
+        return f"BoolShifts({self.op!r}, {len(self.offsets)} offsets, border={self.border}{m})"
+
+    def of_map(self) -> tuple[HitMap, BoolShifts] | None:
+        """``(map, kernel)``: the runs' map as planes of their own, and this kernel
+        reading them; ``None`` where it goes by offsets."""
+        k = BoolShifts(self.op, self._st, self.border, mapped=True)
+        return (HitMap(self.op), k) if k.mapped else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._combine(x, (0,) * np.ndim(x), np.shape(x))
@@ -300,6 +344,11 @@ class BoolShifts:
         x = np.asarray(x)
         if len(self.shape) != x.ndim:
             raise ValueError("structure and input must have the same rank")
+        if self.mapped and (starts[-1] or lens[-1] != x.shape[-1]):
+            # a window cut along the last axis (an in-plane tile's piece): the map's
+            # zeros are the deciding voxels, all the offsets path needs
+            x = (x == 0) if self.op == "or" else (x != 0)
+            return BoolShifts(self.op, self._st, self.border)._combine(x, starts, lens)
         if x.dtype.itemsize == 1 and x.ndim in (2, 3) and not starts[-1] \
                 and lens[-1] == x.shape[-1]:
             return self._compiled(x, starts, lens)
@@ -347,7 +396,11 @@ class BoolShifts:
         # the runs' map costs a pass over the window's planes: on a step thinner than
         # twice the reach along the sweep axis (a 1-plane step of a radius-3 ball maps 7
         # planes) the offsets are cheaper
-        if self.by_runs and lens[0] >= 2 * max(-int(self._reach[0][0]), int(self._reach[1][0])):
+        if self.mapped:  # the map's planes came from their own stage, once each
+            x3 = np.ascontiguousarray(x3)
+            _run_planes(x3, x3.shape[0], x3.shape[1], out, starts[0], starts[1], 0, 0,
+                        self._runs, is_or, self.border)
+        elif self.by_runs and lens[0] >= 2 * max(-int(self._reach[0][0]), int(self._reach[1][0])):
             nz, my, mx = x3.shape
             (c0, y0), (t, ny) = starts[:2], lens[:2]
             (lz, ly), (hz, hy) = self._reach

@@ -276,3 +276,23 @@ for budget in ("24MiB", "512MiB"):
     assert "numba's kernels load in this run: 64.00 MiB counted" in large
     assert large.startswith(" False") and "floor (smallest budget" in large
     assert "67." in large.split("floor (smallest budget", 1)[1].split("\n")[0]
+
+
+def test_a_float_medians_nan_check_holds_no_piece_sized_masks():
+    """The check for NaN and mixed signed zeros of a median's piece (``rank._ambiguous``)
+    allocates a plane's mask at most, not masks of the piece (a quarter of a float32
+    piece each, beyond the plan's model of its temporaries)."""
+    import tracemalloc
+
+    from dask_sweep.runtime.rank import _ambiguous
+
+    p = np.random.default_rng(0).standard_normal((20, 256, 256)).astype("f4")
+    p[3, 4, 5] = 0.0
+    p[17, 1, 2] = -0.0
+    for want, piece in ((True, p), (False, np.abs(p)), (True, np.where(p > 3, np.nan, p))):
+        tracemalloc.start()
+        got = _ambiguous(piece)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got == want
+        assert peak <= piece[0].nbytes, peak  # one plane's mask, not the piece's

@@ -94,11 +94,6 @@ def _plane_voxels(st: Running) -> int:
     return int(np.prod(st.shape[1:], dtype=np.int64))
 
 
-def carry_bytes(st: Running) -> int:
-    """The double-precision sums carried between steps (one per column)."""
-    return 8 * _plane_voxels(st)
-
-
 def temp_bytes(st: Running, out_bytes: int, threads: int) -> int:
     """Temporaries of one step: the sweep-axis pass's planes (the in-plane passes read
     them), the new sums and a difference (double planes), and per thread an in-plane

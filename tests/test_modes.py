@@ -410,3 +410,15 @@ def test_the_dsl_over_a_collection_of_the_mode(rng):
     assert type(y).__module__.startswith("dask.array._array_expr") == EXPR
     np.testing.assert_allclose(y.compute(), ndi.gaussian_filter(vol * 2, 1), rtol=0,
                                atol=1e-12)
+
+
+def test_float_uniform_carries_its_sums_in_the_mode(rng):
+    """dask-image's float uniform filter runs on any slab with its running sums carried
+    (``Running``) in either mode, dask's bits."""
+    from dask_image import ndfilters
+
+    v = (rng.standard_normal((40, 24, 20)) * 1e3).astype("f4")
+    y = ndfilters.uniform_filter(da.from_array(v, chunks=(9, 12, 20)), 5)
+    with dask_sweep.enable(**SMALL):
+        assert "running sums carried" in str(dask_sweep.explain(y))
+    assert_sweep_equal(y, **SMALL)

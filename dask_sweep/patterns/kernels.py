@@ -27,9 +27,9 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dask_sweep.plan.ir import Kernel, Pointwise, Running
+from dask_sweep.runtime.boundary import SCIPY_PAD
 from dask_sweep.runtime.morphology import BoolRun, BoolShifts
 from dask_sweep.runtime.rank import MedianPlanes
-from dask_sweep.runtime.running import PAD_MODES
 from dask_sweep.runtime.running import reach as running_reach
 
 ALL = frozenset("biuf")
@@ -366,7 +366,7 @@ def running_stage(spec, blocked, axis: int):
     if not sep.passes or sep.passes[0][0] != 0:
         return None
     first = sep.passes[0][1].keywords
-    if first["mode"] not in PAD_MODES or any(b != "none" for b in blocked.boundary[0]):
+    if first["mode"] not in SCIPY_PAD or any(b != "none" for b in blocked.boundary[0]):
         return None
     if any(lo != hi for lo, hi in blocked.depth[0]):
         return None

@@ -19,6 +19,12 @@ from dask_sweep.runtime.ring import Shape
 
 _NP_MODE = {"reflect": "symmetric", "nearest": "edge", "periodic": "wrap"}
 
+#: scipy.ndimage's modes (how a filter extends its lines) as ``np.pad`` spells them; numpy
+#: extends as scipy does up to the length of an axis.  'wrap' is not here: the kernels that
+#: use this table read only the planes near an end.
+SCIPY_PAD = {"reflect": "symmetric", "grid-mirror": "symmetric", "mirror": "reflect",
+             "nearest": "edge", "constant": "constant", "grid-constant": "constant"}
+
 
 def pad_axis(x: np.ndarray, axis: int, lo: int, hi: int, boundary) -> np.ndarray:
     """Pad ``x`` along ``axis`` as dask's ``overlap.boundaries`` would."""

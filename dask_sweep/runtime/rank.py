@@ -20,11 +20,8 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
+from dask_sweep.runtime.boundary import SCIPY_PAD
 from dask_sweep.runtime.jit import kernel
-
-# scipy's filter modes as numpy's pad modes (scipy's "reflect" repeats the edge value)
-_PAD = {"reflect": "symmetric", "grid-mirror": "symmetric", "mirror": "reflect",
-        "nearest": "edge", "constant": "constant", "grid-constant": "constant"}
 
 
 @kernel
@@ -214,10 +211,10 @@ class MedianPlanes:
                 "size", "footprint", "mode", "cval", "origin", "axes"}:
             return False
         mode = kwargs.get("mode", "reflect")
-        if not isinstance(mode, str) or mode not in _PAD:
+        if not isinstance(mode, str) or mode not in SCIPY_PAD:
             return False
         cval = kwargs.get("cval", 0.0)
-        if _PAD[mode] == "constant" and dt.kind != "f" \
+        if SCIPY_PAD[mode] == "constant" and dt.kind != "f" \
                 and float(np.asarray(cval).astype(dt)) != float(cval):
             return False  # scipy selects cval as a float, then casts it (rounding a float
             # cval first keeps the order, and the value selected is rounded anyway)
@@ -269,7 +266,7 @@ class MedianPlanes:
         deep = any(max(p) > (m - (self.mode == "mirror")) for p, m in zip(pads, sub.shape))
         if axis != 0 or deep:
             return np.ascontiguousarray(self(x)[keep])
-        mode = _PAD[self.mode]
+        mode = SCIPY_PAD[self.mode]
         kw = {"constant_values": self.cval} if mode == "constant" else {}
         p = np.pad(sub, pads, mode=mode, **kw)
         out = np.empty(n, dtype=x.dtype)

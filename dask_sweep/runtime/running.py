@@ -32,13 +32,9 @@ from __future__ import annotations
 import numpy as np
 
 from dask_sweep.plan.ir import Running
+from dask_sweep.runtime.boundary import SCIPY_PAD
 from dask_sweep.runtime.parallel import pmap
 from dask_sweep.runtime.ring import Shape
-
-# scipy's extension modes as numpy.pad spells them ('wrap' would reach the far end of
-# a block's line from its last planes: not carried, see ``Running``)
-PAD_MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge",
-             "grid-mirror": "symmetric", "constant": "constant", "grid-constant": "constant"}
 
 
 def block_lines(st: Running) -> list[tuple[int, int, int, int]]:
@@ -56,7 +52,7 @@ def extension(length: int, size: int, mode: str) -> np.ndarray:
     s1 = size // 2
     s2 = size - s1 - 1
     idx = np.arange(length)
-    pad = PAD_MODES[mode]
+    pad = SCIPY_PAD[mode]
     if pad == "constant":
         return np.pad(idx, (s1, s2), mode="constant", constant_values=-1)
     return np.pad(idx, (s1, s2), mode=pad)

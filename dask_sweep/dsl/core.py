@@ -26,7 +26,7 @@ import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import partial, partialmethod
 from typing import Any
 
 import numpy as np
@@ -129,29 +129,14 @@ class Scalar:
             f"({x.label} {_SYM[op]} {y.label})", (x, y), f, _interval(op, x.vrange, y.vrange), kind
         )
 
-    def __add__(self, o):
-        return self._binop(o, "add")
-
-    def __radd__(self, o):
-        return self._binop(o, "add", True)
-
-    def __sub__(self, o):
-        return self._binop(o, "sub")
-
-    def __rsub__(self, o):
-        return self._binop(o, "sub", True)
-
-    def __mul__(self, o):
-        return self._binop(o, "mul")
-
-    def __rmul__(self, o):
-        return self._binop(o, "mul", True)
-
-    def __truediv__(self, o):
-        return self._binop(o, "truediv")
-
-    def __rtruediv__(self, o):
-        return self._binop(o, "truediv", True)
+    __add__ = partialmethod(_binop, op="add")
+    __radd__ = partialmethod(_binop, op="add", reflected=True)
+    __sub__ = partialmethod(_binop, op="sub")
+    __rsub__ = partialmethod(_binop, op="sub", reflected=True)
+    __mul__ = partialmethod(_binop, op="mul")
+    __rmul__ = partialmethod(_binop, op="mul", reflected=True)
+    __truediv__ = partialmethod(_binop, op="truediv")
+    __rtruediv__ = partialmethod(_binop, op="truediv", reflected=True)
 
     def compute(self, **settings: Any) -> Any:
         """Run the passes this scalar needs and return its value.
@@ -391,29 +376,14 @@ class Stream:
         out.vrange = r
         return out
 
-    def __add__(self, o):
-        return self._arith(o, "add")
-
-    def __radd__(self, o):
-        return self._arith(o, "add", True)
-
-    def __sub__(self, o):
-        return self._arith(o, "sub")
-
-    def __rsub__(self, o):
-        return self._arith(o, "sub", True)
-
-    def __mul__(self, o):
-        return self._arith(o, "mul")
-
-    def __rmul__(self, o):
-        return self._arith(o, "mul", True)
-
-    def __truediv__(self, o):
-        return self._arith(o, "truediv")
-
-    def __rtruediv__(self, o):
-        return self._arith(o, "truediv", True)
+    __add__ = partialmethod(_arith, op="add")
+    __radd__ = partialmethod(_arith, op="add", reflected=True)
+    __sub__ = partialmethod(_arith, op="sub")
+    __rsub__ = partialmethod(_arith, op="sub", reflected=True)
+    __mul__ = partialmethod(_arith, op="mul")
+    __rmul__ = partialmethod(_arith, op="mul", reflected=True)
+    __truediv__ = partialmethod(_arith, op="truediv")
+    __rtruediv__ = partialmethod(_arith, op="truediv", reflected=True)
 
     def __neg__(self) -> Stream:
         return self._arith(-1, "mul")
@@ -429,17 +399,10 @@ class Stream:
         )
         return out
 
-    def __gt__(self, o):
-        return self._compare(o, "gt")
-
-    def __lt__(self, o):
-        return self._compare(o, "lt")
-
-    def __ge__(self, o):
-        return self._compare(o, "ge")
-
-    def __le__(self, o):
-        return self._compare(o, "le")
+    __gt__ = partialmethod(_compare, op="gt")
+    __lt__ = partialmethod(_compare, op="lt")
+    __ge__ = partialmethod(_compare, op="ge")
+    __le__ = partialmethod(_compare, op="le")
 
     def _logic(self, other: Any, op: str) -> Stream:
         for s in (self, other):
@@ -457,14 +420,9 @@ class Stream:
             vrange=(0, 1),
         )
 
-    def __and__(self, o):
-        return self._logic(o, "and_")
-
-    def __or__(self, o):
-        return self._logic(o, "or_")
-
-    def __xor__(self, o):
-        return self._logic(o, "xor")
+    __and__ = partialmethod(_logic, op="and_")
+    __or__ = partialmethod(_logic, op="or_")
+    __xor__ = partialmethod(_logic, op="xor")
 
     def __invert__(self) -> Stream:
         if self.dtype.kind != "b":

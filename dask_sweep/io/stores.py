@@ -35,7 +35,39 @@ class MissingChunkError(FileNotFoundError):
     """A chunk key zarr asked for does not exist in the store."""
 
 
-class CountingStore(WrapperStore[Store]):
+class _CheckingStore(WrapperStore[Store]):
+    """Reads pass through :meth:`_seen` (``key``, the value or ``None``)."""
+
+    def _seen(self, key: str, value: Buffer | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        value = await self._store.get(key, prototype, byte_range)
+        self._seen(key, value)
+        return value
+
+    async def get_partial_values(
+        self,
+        prototype: BufferPrototype,
+        key_ranges: Iterable[tuple[str, ByteRequest | None]],
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            self._seen(key, value)
+        return values
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        # WrapperStore forwards this to the wrapped store, which would bypass get().
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+
+class CountingStore(_CheckingStore):
     """A zarr store that counts the keys and bytes fetched from the store it wraps.
 
     Parameters
@@ -74,34 +106,9 @@ class CountingStore(WrapperStore[Store]):
     def __str__(self) -> str:
         return f"counting-{self._store}"
 
-    def _count(self, key: str, value: Buffer | None) -> None:
+    def _seen(self, key: str, value: Buffer | None) -> None:
         if value is not None and not is_metadata_key(key):
             REGISTRY.read(self.name, len(value), (key,))
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        value = await self._store.get(key, prototype, byte_range)
-        self._count(key, value)
-        return value
-
-    async def get_partial_values(
-        self,
-        prototype: BufferPrototype,
-        key_ranges: Iterable[tuple[str, ByteRequest | None]],
-    ) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values):
-            self._count(key, value)
-        return values
-
-    async def _get_many(
-        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
-    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
-        # WrapperStore forwards this to the wrapped store, which would bypass get().
-        for key, prototype, byte_range in requests:
-            yield key, await self.get(key, prototype, byte_range)
 
     async def set(self, key: str, value: Buffer) -> None:
         await self._store.set(key, value)
@@ -124,34 +131,12 @@ class CountingStore(WrapperStore[Store]):
         return REGISTRY.get(self.name).bytes_written
 
 
-class StrictStore(WrapperStore[Store]):
+class StrictStore(_CheckingStore):
     """Raise :class:`MissingChunkError` when zarr asks for a chunk key that is absent."""
 
     def _with_store(self, store: Store) -> StrictStore:
         return type(self)(store)
 
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        value = await self._store.get(key, prototype, byte_range)
+    def _seen(self, key: str, value: Buffer | None) -> None:
         if value is None and not is_metadata_key(key):
             raise MissingChunkError(key)
-        return value
-
-    async def get_partial_values(
-        self,
-        prototype: BufferPrototype,
-        key_ranges: Iterable[tuple[str, ByteRequest | None]],
-    ) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values):
-            if value is None and not is_metadata_key(key):
-                raise MissingChunkError(key)
-        return values
-
-    async def _get_many(
-        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
-    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
-        for key, prototype, byte_range in requests:
-            yield key, await self.get(key, prototype, byte_range)

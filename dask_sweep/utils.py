@@ -52,3 +52,30 @@ def pread_all(fd: int, out: np.ndarray, offset: int, what: str = "staged data") 
             raise SinkError(f"dask_sweep: {what} was read back short ({done} of "
                             f"{len(view)} bytes): was the disk full?")
         done += got
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Merge ``(start, stop)`` ranges into disjoint sorted ones (empty ones dropped).
+
+    >>> merge_ranges([(4, 6), (0, 2), (1, 3), (5, 5)])
+    [(0, 3), (4, 6)]
+    """
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        elif b > a:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def range_gaps(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """What sorted ``ranges`` leave uncovered of ``[0, n)``."""
+    gaps, pos = [], 0
+    for a, b in ranges:
+        if a > pos:
+            gaps.append((pos, a))
+        pos = max(pos, b)
+    if pos < n:
+        gaps.append((pos, n))
+    return gaps

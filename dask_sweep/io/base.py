@@ -46,6 +46,7 @@ import numpy as np
 
 from dask_sweep.errors import SinkError, SourceError
 from dask_sweep.io.accounting import REGISTRY
+from dask_sweep.utils import merge_ranges, range_gaps
 
 __all__ = [
     "Sink",
@@ -760,7 +761,7 @@ class Sink(ABC):
 
     def todo_slabs(self) -> list[tuple[int, int]]:
         """The slabs of :meth:`slabs` whose rows are not all recorded as done."""
-        done = _covered(self.done_slabs())
+        done = merge_ranges(self.done_slabs())
         return [(a, b) for a, b in self.slabs() if not _within(done, a, b)]
 
     def finalize(self) -> str:
@@ -776,8 +777,8 @@ class Sink(ABC):
             return self.path
         self.sync()
         _GROUPS.pop(self._group_key(), None)
-        done = _covered(self.done_slabs())
-        missing = _gaps(done, self.shape[0])
+        done = merge_ranges(self.done_slabs())
+        missing = range_gaps(done, self.shape[0])
         if missing:
             text = ", ".join(f"{a}:{b}" for a, b in missing[:5])
             raise SinkError(
@@ -934,30 +935,8 @@ def _read_progress(folder: str) -> tuple[set, set] | None:
     return done, left
 
 
-def _covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merge row ranges into disjoint sorted intervals."""
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
 def _within(intervals: list[tuple[int, int]], a: int, b: int) -> bool:
     return a == b or any(x <= a and b <= y for x, y in intervals)
-
-
-def _gaps(intervals: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    gaps, pos = [], 0
-    for a, b in intervals:
-        if a > pos:
-            gaps.append((pos, a))
-        pos = max(pos, b)
-    if pos < n:
-        gaps.append((pos, n))
-    return gaps
 
 
 def _write_json(path: str, obj: dict, fsync: bool) -> None:

@@ -26,16 +26,7 @@ from dask_sweep.passes.segments import why_one_chain
 from dask_sweep.passes.slabs import size_rings
 from dask_sweep.plan.ir import Plan
 from dask_sweep.runtime.executor import Trace
-
-
-def _merge(ranges) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted((int(a), int(b)) for a, b in ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        elif b > a:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+from dask_sweep.utils import merge_ranges, range_gaps
 
 
 def recorded_planes(plan: Plan) -> list[tuple[int, int]] | None:
@@ -46,11 +37,11 @@ def recorded_planes(plan: Plan) -> list[tuple[int, int]] | None:
         rec = getattr(target, "recorded_planes", None)
         if rec is None or getattr(o.sink, "region", None):
             return None
-        rec = _merge(rec)
+        rec = merge_ranges(rec)
         if common is None:
             common = rec
         else:  # planes recorded by all outputs
-            common = _merge((max(a, c), min(b, d)) for a, b in common for c, d in rec
+            common = merge_ranges((max(a, c), min(b, d)) for a, b in common for c, d in rec
                             if max(a, c) < min(b, d))
     return common
 
@@ -66,13 +57,7 @@ def skip_recorded(plan: Plan, trace: Trace) -> tuple[Plan, Trace]:
     if not done or plan.axis != 0 or why_one_chain(plan):
         return plan, trace
     n = plan.extent
-    todo, at = [], 0
-    for a, b in done:
-        if a > at:
-            todo.append((at, a))
-        at = max(at, b)
-    if at < n:
-        todo.append((at, n))
+    todo = range_gaps(done, n)
     grids = set.intersection(*(set(o.grid(plan.axis)) for o in plan.outputs))
     if any(a not in grids or b not in grids for a, b in todo):
         return plan, trace  # a record off the outputs' grid: sweep everything

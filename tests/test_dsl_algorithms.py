@@ -169,7 +169,7 @@ def test_label_spills_tables_beyond_budget(tmp_path):
         c = dsl.explain(lab, memory_limit=limit, **kw)
         assert c.compiled.passes[0].algo.prepared.extra["reserve"] <= 16_000
         r = dsl.run(lab, n, memory_limit=limit, **kw)
-    from dask_sweep.ndimage._spill import REGISTRY
+    from dask_sweep.multipass.spill import REGISTRY
 
     spilled = [c for d, c in REGISTRY._counters.items() if d.startswith(str(tmp_path))]
     assert spilled and all(c.bytes_written == c.bytes_read > 0 for c in spilled)

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dask_sweep.errors import BudgetError, SweepConfigError, SweepError
+from dask_sweep.multipass.label import face_pairs as _face_pairs
+from dask_sweep.multipass.label import final_ids as _final_ids
+from dask_sweep.multipass.label import smallest_linked as _smallest_linked
 from dask_sweep.ndimage import explain_label, label, plan_label
-from dask_sweep.ndimage.label import _face_pairs, _final_ids, _smallest_linked
 
 label_mod = importlib.import_module("dask_sweep.ndimage.label")
 
@@ -513,7 +515,7 @@ def test_run_kernel_equals_scipy(ndim, seed, density, kind):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31), st.integers(1, 6))
 def test_face_pairs_kernel_resumes_when_its_buffer_fills(seed, cap):
-    from dask_sweep.ndimage._label_kernels import face_pairs_2d
+    from dask_sweep.multipass.label_kernels import face_pairs_2d
 
     rng = np.random.default_rng(seed)
     up = rng.integers(0, 9, (7, 6)).astype(np.int32)

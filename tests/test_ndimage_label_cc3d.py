@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dask_sweep import dsl
-from dask_sweep.ndimage import _label_kernels as K
+from dask_sweep.multipass import label_kernels as K
 from dask_sweep.ndimage import label
 from dask_sweep.ndimage.label import local_label, structure_rank
 

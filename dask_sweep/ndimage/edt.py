@@ -17,13 +17,7 @@ import numpy as np
 from dask_sweep.emit.tables import edt_graph
 from dask_sweep.errors import SweepConfigError
 from dask_sweep.integration.optimize import active_settings
-from dask_sweep.multipass.edt import (  # noqa: F401 - INF .. slab_edges kept importable here
-    INF,
-    chain_edges,
-    normalize_sampling,
-    slab_edges,
-    warm,
-)
+from dask_sweep.multipass.edt import normalize_sampling, warm
 from dask_sweep.ndimage._common import as_dask_array
 from dask_sweep.passes.tables import (
     EDT_TASKS_PER_SLAB,

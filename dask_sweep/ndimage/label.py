@@ -21,12 +21,9 @@ from dask_sweep.integration.optimize import active_settings
 from dask_sweep.multipass import label_kernels as K
 from dask_sweep.multipass import spill as _spill  # noqa: F401 - kept importable from here
 from dask_sweep.multipass.label import (
-    face_pairs,
-    final_ids,
     local_label,  # noqa: F401 - kept importable from here
     normalize_output,
     normalize_structure,
-    smallest_linked,
     structure_rank,  # noqa: F401
 )
 from dask_sweep.multipass.spill import labels_fit, masks_fit
@@ -39,9 +36,6 @@ from dask_sweep.plan.tables import SweepPlan
 __all__ = ["explain_label", "label", "plan_label"]
 
 _FUNC = "dask_sweep.ndimage.label"
-
-# Names code written against earlier versions imports from here (the algorithm moved).
-_face_pairs, _final_ids, _smallest_linked = face_pairs, final_ids, smallest_linked
 
 
 # --------------------------------------------------------------------------- plan

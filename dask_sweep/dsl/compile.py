@@ -472,11 +472,6 @@ def step_reads(plan: Plan, trace: Trace) -> list[int]:
     ]
 
 
-def step_peaks(plan: Plan, start: int = 0) -> list[int]:
-    """Projected peak bytes of every step from ``start`` (see :func:`project`)."""
-    return project(plan)[1][start:]
-
-
 WRITE_TEMPS = 5.0
 """Bytes an encoded write holds beyond its data, as a multiple of the piece written.
 
@@ -577,4 +572,4 @@ def open_sink(t: Target, g: int) -> SinkWriter:
     return SinkWriter(sink)
 
 
-__all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "project", "step_peaks", "step_reads"]
+__all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "project", "step_reads"]

@@ -56,10 +56,8 @@ def _scheduler_here():
     """The ``distributed`` scheduler this optimiser call runs inside, else ``None``."""
     if not threading.current_thread().name.startswith("Dask-Offload"):
         return None
-    try:
-        from distributed import Scheduler
-    except ImportError:  # pragma: no cover
-        return None
+    from distributed import Scheduler
+
     # closed schedulers linger in the weak set until collected (a notebook that made a
     # cluster before this one): only a running one can be running this optimiser
     live = [s for s in list(Scheduler._instances)

@@ -547,11 +547,7 @@ class SweepPass:
         return analyse(dsk, keys, self.settings())
 
     def __call__(self, dsk, keys, **kwargs):
-        try:
-            result = self.analyse(dsk, keys)
-        except SweepError:
-            raise
-        return rewrite(dsk, result, keys)
+        return rewrite(dsk, self.analyse(dsk, keys), keys)
 
     def __repr__(self) -> str:
         given = {k: v for k, v in self.overrides.items() if v is not None}

@@ -37,10 +37,8 @@ __all__ = ["ZarrPlanes", "zarr_planes"]
 
 def zarr_planes(arr: Any) -> ZarrPlanes | None:
     """A :class:`ZarrPlanes` for a zarr array stored raw in local files, else ``None``."""
-    try:
-        import zarr
-    except ImportError:  # pragma: no cover
-        return None
+    import zarr
+
     if not isinstance(arr, zarr.Array) or arr.ndim < 1:
         return None
     if getattr(arr, "shards", None):

@@ -32,6 +32,18 @@ def notify_step(record: Any) -> None:
             callback(record)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss() -> int:
+    """This process's resident bytes (Linux: one small read of /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return int(psutil.Process().memory_info().rss)
+
+
 def reset_hwm() -> bool:
     """Reset the kernel's resident high-water mark (``VmHWM``) of this process (Linux)."""
     try:
@@ -68,7 +80,6 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
-        self.proc = psutil.Process(os.getpid())
         self.baseline = 0
         self.peak = 0
         self._stop = threading.Event()
@@ -76,14 +87,14 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = self.proc.memory_info().rss
-            if rss > self.peak:
-                self.peak = rss
+            now = rss()
+            if now > self.peak:
+                self.peak = now
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRSS:
         self.hwm = reset_hwm()
-        self.baseline = self.proc.memory_info().rss
+        self.baseline = rss()
         self.peak = self.baseline
         self.wall0 = time.perf_counter()
         # the process CPU clock (all threads, ns resolution): psutil's ticks are 10 ms,

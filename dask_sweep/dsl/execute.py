@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_sweep.diagnostics import notify_step
+from dask_sweep.diagnostics import notify_step, rss
 from dask_sweep.dsl.algorithms import Tables, _TableValue, run_tables
 from dask_sweep.dsl.compile import (
     AlgoPass,
@@ -60,19 +60,12 @@ def _bytes_read(plan: Plan) -> int:
     )
 
 
-def _rss() -> int:
-    """Resident memory of this process (bytes)."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
 class _Sampler:
     """Samples resident memory every few ms; :meth:`mark` returns the max since the last mark."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
-        self.peak = _rss()
+        self.peak = rss()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._t = threading.Thread(target=self._loop, daemon=True, name="dsl-rss")
@@ -80,13 +73,13 @@ class _Sampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            r = _rss()
+            r = rss()
             with self._lock:
                 if r > self.peak:
                     self.peak = r
 
     def mark(self) -> int:
-        r = _rss()
+        r = rss()
         with self._lock:
             peak, self.peak = max(self.peak, r), r
         return peak

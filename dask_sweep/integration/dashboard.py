@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.http.utils import RequestHandler
 
+from dask_sweep.diagnostics import rss as _rss
 from dask_sweep.utils import format_bytes
 
 TOPIC = "dask-sweep"
@@ -48,19 +48,6 @@ MAX_SWEEPS = 64
 
 
 # ----------------------------------------------------------------------------- worker side
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int:
-    """This process's resident bytes (Linux: one small read of /proc/self/statm)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
 
 
 class StepReporter:

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask_sweep.utils import format_bytes as _fmt
+
 # ----------------------------------------------------------------------------- exit codes
 
 EXIT_OK = 0
@@ -772,12 +774,6 @@ def _settings(a: argparse.Namespace) -> dict:
     if getattr(a, "axis", None) is not None:
         s["axis"] = a.axis
     return s
-
-
-def _fmt(n: float) -> str:
-    from dask_sweep.utils import format_bytes
-
-    return format_bytes(n)
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -21,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from dask_sweep.utils import format_bytes as _fmt_bytes
+
 STAGES = ("gaussian sigma=2", "grey_erosion size=3", "uniform size=5")
 
 
@@ -108,12 +110,6 @@ def _spawn(args: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"run {args[2:]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _fmt_bytes(n):
-    from dask_sweep.utils import format_bytes
-
-    return format_bytes(n)
 
 
 def compare(shape=(128, 512, 512), layouts=("slab", "cube"), apis=("map_overlap",),

@@ -46,7 +46,7 @@ import numpy as np
 
 from dask_sweep.errors import SinkError, SourceError
 from dask_sweep.io.accounting import REGISTRY
-from dask_sweep.utils import merge_ranges, range_gaps
+from dask_sweep.utils import merge_ranges, pwrite_all, range_gaps
 
 __all__ = [
     "Sink",
@@ -956,17 +956,9 @@ def write_at(path: str, offset: int, data: np.ndarray) -> None:
     ``pwrite`` loop, which hands the bytes to the kernel without the page
     faults of writing through a memory map.
     """
-    buf = memoryview(np.ascontiguousarray(data)).cast("B")
-    if not hasattr(os, "pwrite"):  # e.g. Windows
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(buf)
-        return
     fd = os.open(path, os.O_WRONLY)
     try:
-        done = 0
-        while done < len(buf):
-            done += os.pwrite(fd, buf[done:], offset + done)
+        pwrite_all(fd, np.ascontiguousarray(data), offset)
     finally:
         os.close(fd)
 

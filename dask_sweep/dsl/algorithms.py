@@ -329,13 +329,13 @@ class _Algorithm:
             slabs_in = self._stored(axis, settings, stores)
             self.store_why = "has windowed stages (their halos would be recomputed per slab)"
         slab_budget = max(1, int(settings.memory_limit * share) - resident)
+
+        def plan_of(slabs_in):
+            rows = _common_rows(slabs_in.stages, self.stream.shape[axis])
+            return self._plan(rows, *slabs_in.cost(), settings, slab_budget)
+
         try:
-            plan, extra = self._plan(
-                _common_rows(slabs_in.stages, self.stream.shape[axis]),
-                *slabs_in.cost(),
-                settings,
-                slab_budget,
-            )
+            plan, extra = plan_of(slabs_in)
         except BudgetError:
             if self.store is not None:
                 raise
@@ -345,12 +345,7 @@ class _Algorithm:
             rows = max(_common_rows(slabs_in.stages, self.stream.shape[axis]))
             slabs_in = self._stored(axis, settings, stores)
             self.store_why = f"comes in rows of {rows} planes, thicker than a slab can be"
-            plan, extra = self._plan(
-                _common_rows(slabs_in.stages, self.stream.shape[axis]),
-                *slabs_in.cost(),
-                settings,
-                slab_budget,
-            )
+            plan, extra = plan_of(slabs_in)
         self.prepared = _Prepared(plan, slabs_in, extra)
         return self
 

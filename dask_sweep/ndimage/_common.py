@@ -51,14 +51,12 @@ def as_dask_array(image, name: str, func: str, budget: int | None = None):
                 f"{func}: expected {name} to be a numeric array. Got an object array "
                 f"(from {type(image).__name__}) instead."
             )
-        if arr.ndim == 0:
-            raise SweepConfigError(
-                f"{func}: expected {name} with at least one axis. Got a 0-d array instead."
-            )
-        row_bytes = max(1, arr[0:1].nbytes if arr.shape[0] else 1)
-        cap = _NUMPY_CHUNK_BYTES if budget is None else min(_NUMPY_CHUNK_BYTES, budget // 64)
-        rows = max(1, cap // row_bytes)
-        image = da.from_array(arr, chunks=(rows,) + arr.shape[1:])
+        if arr.ndim:
+            row_bytes = max(1, arr[0:1].nbytes if arr.shape[0] else 1)
+            cap = _NUMPY_CHUNK_BYTES if budget is None else min(_NUMPY_CHUNK_BYTES, budget // 64)
+            image = da.from_array(arr, chunks=(max(1, cap // row_bytes),) + arr.shape[1:])
+        else:
+            image = arr
     if image.ndim == 0:
         raise SweepConfigError(
             f"{func}: expected {name} with at least one axis. Got a 0-d array instead."

@@ -516,28 +516,9 @@ def plan_edt_stream(
 
     Pass 1 ("edges") computes every slab's own up/down distances (any order,
     ``threads`` slabs in flight), the carries are chained over those planes
-    only, and pass 2 ("distances") turns any slab into its output block.
-
-    Parameters
-    ----------
-    shape, dtype, chunks0
-        The input's shape, dtype and the row grid its slabs may be cut on.
-    sampling
-        Normalised sampling.
-    settings
-        The run's settings.
-    read, read_fixed
-        Bytes per voxel, and fixed bytes (halos), of computing one slab of the input.
-    func
-        The name errors and ``explain`` give.
-    slab_budget
-        The budget the slabs are sized for (default the whole ``memory_limit``):
-        less when the pass that reads the output needs room of its own.
-
-    Raises
-    ------
-    BudgetError
-        When even one row of ``chunks0`` does not fit the budget.
+    only, and pass 2 ("distances") turns any slab into its output block.  The
+    parameters are :func:`plan_label_stream`'s, with ``sampling`` (normalised) for
+    ``out_dtype``.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     longest = max(shape[1:], default=1)

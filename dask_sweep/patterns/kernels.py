@@ -77,7 +77,7 @@ def _size_radius(kw, ndim, key="size"):
     if shp is not None:
         if len(shp) != ndim:
             return None
-        return [s // 2 if s % 2 else s // 2 for s in shp]
+        return [s // 2 for s in shp]
     size = kw.get(key)
     if size is None:
         return None

@@ -194,6 +194,8 @@ def run_one(layout: str, src: str, dst: str, op: str, mode: str, budget: str) ->
     # what an interrupted run's write left (its TIFF stack and its record of progress)
     shutil.rmtree(dst + ".partial", ignore_errors=True)
     shutil.rmtree(dst + ".progress", ignore_errors=True)
+    # the deletion's own file-system work (freeing blocks, discards) done before any clock
+    os.sync()
     fell: list[str] = []
     # the imports' garbage is collected before any clock starts, in every mode alike: a
     # full collection (40-60 ms here) otherwise falls into whichever run allocates first

@@ -253,7 +253,7 @@ def test_run_time_overshoot_replans_remaining_steps(monkeypatch):
         calls["n"] += 1
         return calls["n"] * (64 << 20)
 
-    monkeypatch.setattr(dsl_execute, "_rss", fake_rss)
+    monkeypatch.setattr(dsl_execute, "rss", fake_rss)
     r = out.run(memory_limit="4MiB", target_slab_bytes="64KiB", **NO)
     assert r.report.replans, str(r.report)
     assert len(r.report.steps) > n_steps

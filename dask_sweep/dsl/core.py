@@ -91,7 +91,23 @@ def _fmt_range(r: Range) -> str:
 # --------------------------------------------------------------------------- scalars
 
 
-class Scalar:
+class _Arithmetic:
+    """``+ - * /`` and their reflections, all through ``self._arith(other, op, reflected)``."""
+
+    def _operator(self, other: Any, op: str, reflected: bool = False) -> Any:
+        return self._arith(other, op, reflected)  # type: ignore[attr-defined]
+
+    __add__ = partialmethod(_operator, op="add")
+    __radd__ = partialmethod(_operator, op="add", reflected=True)
+    __sub__ = partialmethod(_operator, op="sub")
+    __rsub__ = partialmethod(_operator, op="sub", reflected=True)
+    __mul__ = partialmethod(_operator, op="mul")
+    __rmul__ = partialmethod(_operator, op="mul", reflected=True)
+    __truediv__ = partialmethod(_operator, op="truediv")
+    __rtruediv__ = partialmethod(_operator, op="truediv", reflected=True)
+
+
+class Scalar(_Arithmetic):
     """A value known after a reduction pass (or a constant), usable by later stages.
 
     Arithmetic on scalars gives scalars; arithmetic between a scalar and a
@@ -118,7 +134,7 @@ class Scalar:
         """Index of the first pass in which this value is known."""
         return max((d.ready_pass for d in self.deps), default=0)
 
-    def _binop(self, other: Any, op: str, reflected: bool = False) -> Any:
+    def _arith(self, other: Any, op: str, reflected: bool = False) -> Any:
         if isinstance(other, Stream):
             return NotImplemented
         o = as_scalar(other)
@@ -128,15 +144,6 @@ class Scalar:
         return Scalar(
             f"({x.label} {_SYM[op]} {y.label})", (x, y), f, _interval(op, x.vrange, y.vrange), kind
         )
-
-    __add__ = partialmethod(_binop, op="add")
-    __radd__ = partialmethod(_binop, op="add", reflected=True)
-    __sub__ = partialmethod(_binop, op="sub")
-    __rsub__ = partialmethod(_binop, op="sub", reflected=True)
-    __mul__ = partialmethod(_binop, op="mul")
-    __rmul__ = partialmethod(_binop, op="mul", reflected=True)
-    __truediv__ = partialmethod(_binop, op="truediv")
-    __rtruediv__ = partialmethod(_binop, op="truediv", reflected=True)
 
     def compute(self, **settings: Any) -> Any:
         """Run the passes this scalar needs and return its value.
@@ -241,7 +248,7 @@ def as_scalar(x: Any) -> Scalar:
 # --------------------------------------------------------------------------- streams
 
 
-class Stream:
+class Stream(_Arithmetic):
     """A lazy volume produced plane by plane along the sweep axis.
 
     Build streams with :func:`source` and the methods below; run them through
@@ -375,15 +382,6 @@ class Stream:
                 )
         out.vrange = r
         return out
-
-    __add__ = partialmethod(_arith, op="add")
-    __radd__ = partialmethod(_arith, op="add", reflected=True)
-    __sub__ = partialmethod(_arith, op="sub")
-    __rsub__ = partialmethod(_arith, op="sub", reflected=True)
-    __mul__ = partialmethod(_arith, op="mul")
-    __rmul__ = partialmethod(_arith, op="mul", reflected=True)
-    __truediv__ = partialmethod(_arith, op="truediv")
-    __rtruediv__ = partialmethod(_arith, op="truediv", reflected=True)
 
     def __neg__(self) -> Stream:
         return self._arith(-1, "mul")

@@ -160,14 +160,9 @@ def on_blocks(plan: Plan) -> Plan:
     and its sums run along whole planes; :class:`~dask_sweep.plan.ir.Running`)."""
     if not any(isinstance(st, Running) for st in plan.stages):
         return plan
+    swap = {st.note: st.blocked_note for st in plan.stages if isinstance(st, Running)}
     stages = tuple(st.blocked if isinstance(st, Running) else st for st in plan.stages)
-    labels = [st.label for st in plan.stages if isinstance(st, Running)]
-    notes = [n for n in plan.notes if not any(n.startswith(f"{x}: dask's blocks computed on any")
-                                              for x in labels)]
-    notes += [f"{x}: kept dask's blocks (in-plane tiles cut the planes its running sums "
-              "cross); scipy's 1-D passes, each axis's halo cropped after its pass"
-              for x in labels]
-    return replace(plan, stages=stages, notes=tuple(notes))
+    return replace(plan, stages=stages, notes=tuple(swap.get(n, n) for n in plan.notes))
 
 
 def tileable(plan: Plan) -> str:

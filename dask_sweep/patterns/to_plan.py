@@ -455,11 +455,15 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
                 )
                 run = running_stage(spec, st, axis) if sep is not None else None
                 if run is not None:
-                    st = run
-                    notes[-1] = (f"{spec.label}: dask's blocks computed on any slab ({why}): "
-                                 "scipy's running sums carried from step to step, restarted "
-                                 "where each block's line starts; in-plane passes on dask's "
-                                 "in-plane blocks")
+                    st = dataclasses.replace(
+                        run,
+                        note=f"{spec.label}: dask's blocks computed on any slab ({why}): "
+                             "scipy's running sums carried from step to step, restarted "
+                             "where each block's line starts; in-plane passes on dask's "
+                             "in-plane blocks",
+                        blocked_note=f"{spec.label}: kept dask's blocks (in-plane tiles cut "
+                                     f"the planes its running sums cross){how}")
+                    notes[-1] = st.note
         index[n] = len(stages)
         stages.append(st)
     outputs = []

@@ -225,6 +225,9 @@ class Running(Stage):
         Input planes a step needs before and after its own (``runtime.running.reach``).
     blocked
         The same stage on dask's blocks, for in-plane tiles.
+    note, blocked_note
+        What ``explain`` says of the stage, and of it on dask's blocks in tiles
+        (:func:`~dask_sweep.passes.tiling.on_blocks` swaps one for the other).
     """
 
     size: int = 1
@@ -235,6 +238,8 @@ class Running(Stage):
     depth: tuple[int, ...] = ()
     reach: tuple[int, int] = (0, 0)
     blocked: Blocked | None = None
+    note: str = ""
+    blocked_note: str = ""
     sweep_axis: int = 0
     kind: str = "running"
 

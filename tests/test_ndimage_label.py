@@ -605,3 +605,27 @@ def test_kept_labels_narrowest_dtype(tmp_path):
         assert got.dtype == np.uint32 and not kept.holds(i)
         np.testing.assert_array_equal(got, lab)
     assert kept.take_labels(0) is None and kept._fd is None
+
+
+def test_kept_labels_are_compressed_and_incompressible_pieces_kept_as_they_are(tmp_path):
+    """Runs of equal ids are kept in a fraction of their bytes; a piece that would not
+    shrink (ids in random order) is written as it is; both come back exactly."""
+    from dask_sweep.multipass.spill import KeptLabels
+
+    rng = np.random.default_rng(3)
+    shape = (4, 96, 128)
+    runs = np.repeat(np.arange(1, 4 * 96 * 128 // 64 + 1, dtype=np.uint32), 64).reshape(shape)
+    noise = rng.integers(0, 60000, shape, dtype=np.uint32)
+    kept = KeptLabels([shape, shape], str(tmp_path))
+    kept.PIECE = 8192  # several pieces per slab
+    kept.put_labels(0, runs, int(runs.max()))
+    kept.put_labels(1, noise, 60000)
+    _, _, _, sizes0 = kept._kept[0]
+    _, _, step, sizes1 = kept._kept[1]
+    assert len(sizes0) > 1 and all(0 < n < 8192 // 4 for n in sizes0)
+    assert all(n == -step * 2 for n in sizes1[:-1])  # uint16, as they are
+    for i, lab in enumerate((runs, noise)):
+        got = kept.take_labels(i)
+        assert got.dtype == np.uint32
+        np.testing.assert_array_equal(got, lab)
+    assert kept._fd is None

@@ -351,7 +351,8 @@ def label_notes(
     kept = ()
     if plan.kept == "labels":
         kept = (
-            "pass 1 keeps its local labels (1-4 B per voxel, by the slab's label count) "
+            "pass 1 keeps its local labels (1-4 B per voxel, by the slab's label count, "
+            "compressed: runs of equal ids take a fraction of that) "
             "in an unlinked file in dask's temporary-directory (up to "
             f"{format_bytes(plan.bytes_written)}; its page cache holds them), and pass 2 "
             "maps them there: the input is read and labelled once (read and labelled "

@@ -23,8 +23,9 @@ writes the result (one core, as scipy does).  Each run is a fresh process;
 printed per case: both wall times and their ratio, the sweep's peak resident
 growth ÷ budget (kernel high-water mark) and bytes read ÷ input bytes, and
 whether the outputs are identical.  With ``--repeat N`` each side runs N times,
-alternating (scipy first in odd pairs, the sweep first in even ones), and the runs of median wall time are compared (the ratio's range and the
-largest peak are printed too): a shared machine's wall times vary by tens of percent.
+alternating (scipy first in the first pair, the sweep first in the next, and so on), and
+the runs of median wall time are compared (the ratio's range and the largest peak are
+printed too): a shared machine's wall times vary by tens of percent.
 
 ::
 

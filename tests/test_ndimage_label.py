@@ -624,6 +624,8 @@ def test_kept_labels_are_compressed_and_incompressible_pieces_kept_as_they_are(t
     _, _, step, sizes1 = kept._kept[1]
     assert len(sizes0) > 1 and all(0 < n < 8192 // 4 for n in sizes0)
     assert all(n == -step * 2 for n in sizes1[:-1])  # uint16, as they are
+    with pytest.raises(TypeError, match="take_labels"):
+        kept.take(0)  # not a raw array: never read as one
     for i, lab in enumerate((runs, noise)):
         got = kept.take_labels(i)
         assert got.dtype == np.uint32

@@ -344,6 +344,9 @@ class KeptLabels(KeptArrays):
         with self._lock:
             self._kept[i] = (np.dtype(dt), lab.shape, step, sizes)
 
+    def take_rows(self, i: int, a: int, b: int | None, parts: int) -> np.ndarray | None:
+        raise TypeError("kept labels are compressed whole: read them with take_labels")
+
     def take_labels(self, i: int) -> np.ndarray | None:
         """Entry ``i`` read back as ``uint32``, or None when it was not kept."""
         got = self._claim(i, 1)

@@ -282,3 +282,70 @@ def test_empty_is_not_made_on_demand():
     e = da.empty((8, 6, 6), chunks=4)
     assert make_reader(e.__dask_graph__(), e.name, e.numblocks, 0).__class__.__name__ != \
         "ConstantReader"
+
+
+def test_a_step_evaluates_a_drop_ins_rows_at_once():
+    """A row evaluated inside a step runs its drop-in's shared first pass once, then the
+    rows' blocks at once: two blocks meeting at a barrier finish only if they run
+    together; the shared task runs once, and what a later row needs is carried."""
+    import threading
+
+    from dask._task_spec import Task, TaskRef
+
+    from dask_sweep.patterns.readers import SubgraphReader
+
+    barrier = threading.Barrier(2, timeout=10)
+    calls = []
+
+    def shared():
+        calls.append("shared")
+        return 10
+
+    def block(base, s):
+        barrier.wait()  # raises BrokenBarrierError if the other block does not come
+        return np.full((1, 3), base + s)
+
+    tasks = {"first": Task("first", shared)}
+    for s in range(4):
+        tasks[("out", s, 0)] = Task(("out", s, 0), block, TaskRef("first"), s)
+    reader = SubgraphReader("out", (4, 1), 0, tasks, last_use={"first": 3})
+    got, memo = reader.read_rows_at_once(0, 2, {}, None, 2)
+    np.testing.assert_array_equal(got, [[10] * 3, [11] * 3])
+    assert calls == ["shared"] and set(memo) == {"first"}  # carried to rows 2 and 3
+    got, memo = reader.read_rows_at_once(2, 4, {}, memo, 2)
+    np.testing.assert_array_equal(got, [[12] * 3, [13] * 3])
+    assert calls == ["shared"] and memo == {}
+
+
+def test_a_sweep_reading_labels_runs_as_many_of_their_slabs_as_pass_2_counts(tmp_path):
+    """Label's pass 2 is budgeted with two slabs in flight: a step that reads several of
+    its slabs maps two at once, within the budget, and the labels are scipy's."""
+    import tracemalloc
+
+    import distributed  # noqa: F401 - dask imports it at a process's first compute (11 MiB)
+
+    import dask_sweep
+
+    vol = ndi.uniform_filter(np.random.default_rng(4).random((64, 192, 192)), 3) > 0.5
+    x = da.from_array(vol, chunks=(4, 192, 192))
+    with dask_sweep.enable(memory_limit="10MiB", threads=2):
+        lab, n = label(x)
+        assert plan_label(x).passes[-1].in_flight == 2
+        # chunks of 16 planes: the steps read several of label's 4-plane slabs
+        z = zarr.create_array(str(tmp_path / "l.zarr"), shape=vol.shape, dtype="i4",
+                              chunks=(16, 96, 96), compressors=None, fill_value=0)
+        out = da.store(lab, z, lock=False, compute=False)
+        plan = dask_sweep.explain(out).plans[0]
+        src = plan.stages[0]
+        assert src.reader.rows_at_once == 2
+        rows = set(src.row_bounds)
+        assert any(len(rows & set(range(a + 1, b))) for a, b in
+                   zip((0, *plan.steps), plan.steps))  # a step spans several slabs
+        tracemalloc.start()
+        try:
+            dask.compute(out, scheduler="threads")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak <= 10 << 20, peak
+    np.testing.assert_array_equal(z[:], ndi.label(vol)[0])

@@ -141,6 +141,38 @@ class SubgraphReader:
         return list(self.needs.get(r, ()))
 
     carries = True  # values for later rows travel in the sweep state
+    rows_at_once = 1  # rows of one step whose blocks may be evaluated at once
+
+    def read_rows_at_once(self, r0: int, r1: int, externals: dict, memo: dict | None,
+                  threads: int) -> tuple[np.ndarray, dict]:
+        """Rows ``[r0, r1)`` as one array, their blocks evaluated on ``threads`` threads.
+
+        What the blocks share upstream (a drop-in's first pass) is evaluated first, on
+        this thread, once; then the blocks, which depend on nothing else, at once.
+        """
+        from dask_sweep.runtime.parallel import pmap
+
+        memo = dict(memo or {})
+        for r in range(r0, r1):
+            memo.update((k, externals[k]) for k in self.needs.get(r, ()))
+        tasks = self.tasks
+        keys = [(self.name, *idx) for r in range(r0, r1)
+                for idx in _row_indices(self.numblocks, self.axis, r)]
+        for k in keys:
+            t = tasks[k]
+            for d in (t.dependencies if isinstance(t, GraphNode) else ()):
+                _evaluate(d, tasks, memo)
+
+        def block(k):
+            t = tasks[k]
+            return t({d: memo[d] for d in t.dependencies}) if isinstance(t, GraphNode) else t
+
+        memo.update(zip(keys, pmap(block, keys, threads)))
+        rows = [_assemble(self.numblocks, self.axis, r,
+                          lambda idx: memo[(self.name, *idx)]) for r in range(r0, r1)]
+        keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) >= r1}
+        memo.clear()
+        return np.concatenate(rows, axis=self.axis), keep
 
     def read_row(self, r: int, externals: dict, memo: dict | None = None, blocks=None):
         memo = dict(memo or {})

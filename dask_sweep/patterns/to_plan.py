@@ -23,7 +23,7 @@ from dask_sweep.patterns.kernels import (
 from dask_sweep.patterns.layers import BlockwiseEval, array_meta, is_pure_elementwise
 from dask_sweep.patterns.readers import make_reader
 from dask_sweep.patterns.recognise import Region
-from dask_sweep.plan.ir import Blocked, Output, Plan, Pointwise, Source, Stage
+from dask_sweep.plan.ir import DROPIN_PLAN, Blocked, Output, Plan, Pointwise, Source, Stage
 from dask_sweep.runtime import jit as numba_jit
 from dask_sweep.runtime.morphology import BoolShifts
 from dask_sweep.runtime.rank import MedianPlanes
@@ -367,6 +367,11 @@ def region_to_plan(hlg: HighLevelGraph, region: Region, axis: int, settings,
     for src in region.sources:
         m = metas[src]
         reader = make_reader(hlg, src, m.numblocks, axis)
+        dropin = (getattr(hlg.layers[src], "collection_annotations", None) or {}).get(DROPIN_PLAN)
+        if dropin is not None and hasattr(reader, "rows_at_once"):
+            # a drop-in's last pass is budgeted with `in_flight` slabs at once (FEEDING):
+            # a step reading several of its rows runs that many at once
+            reader.rows_at_once = max(1, min(settings.threads, dropin.passes[-1].in_flight))
         plane = m.dtype.itemsize
         for ax, s in enumerate(m.shape):
             if ax != axis:

@@ -40,6 +40,10 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
         return st.reader.read_planes(a, b)
     if getattr(st.reader, "reads_rows", False):  # the step's rows in one call
         return st.reader.read_rows(r0, r1)
+    at_once = getattr(st.reader, "rows_at_once", 1)
+    if at_once > 1 and r1 - r0 > 1:  # a drop-in's slabs, as many at once as it counted
+        out, memos[j] = st.reader.read_rows_at_once(r0, r1, externals, memos.get(j), at_once)
+        return out
     rows = []
     for r in range(r0, r1):
         if getattr(st.reader, "carries", False):

@@ -144,7 +144,7 @@ class SubgraphReader:
     rows_at_once = 1  # rows of one step whose blocks may be evaluated at once
 
     def read_rows_at_once(self, r0: int, r1: int, externals: dict, memo: dict | None,
-                  threads: int) -> tuple[np.ndarray, dict]:
+                          threads: int) -> tuple[np.ndarray, dict]:
         """Rows ``[r0, r1)`` as one array, their blocks evaluated on ``threads`` threads.
 
         What the blocks share upstream (a drop-in's first pass) is evaluated first, on

@@ -144,48 +144,45 @@ class SubgraphReader:
     rows_at_once = 1  # rows of one step whose blocks may be evaluated at once
 
     def read_rows_at_once(self, r0: int, r1: int, externals: dict, memo: dict | None,
-                          threads: int) -> tuple[np.ndarray, dict]:
-        """Rows ``[r0, r1)`` as one array, their blocks evaluated on ``threads`` threads.
+                          threads: int = 1, blocks=None) -> tuple[np.ndarray, dict]:
+        """Rows ``[r0, r1)`` (or ``blocks`` of them) as one array, and the upstream values
+        later rows still need.
 
-        What the blocks share upstream (a drop-in's first pass) is evaluated first, on
-        this thread, once; then the blocks, which depend on nothing else, at once.
+        With ``threads`` > 1, what the rows' blocks share upstream (a drop-in's first
+        pass) is evaluated first, on this thread, once; then the blocks, which depend on
+        nothing else, on ``threads`` threads at once.
         """
-        from dask_sweep.runtime.parallel import pmap
-
         memo = dict(memo or {})
         for r in range(r0, r1):
             memo.update((k, externals[k]) for k in self.needs.get(r, ()))
         tasks = self.tasks
-        keys = [(self.name, *idx) for r in range(r0, r1)
-                for idx in _row_indices(self.numblocks, self.axis, r)]
-        for k in keys:
-            t = tasks[k]
-            for d in (t.dependencies if isinstance(t, GraphNode) else ()):
-                _evaluate(d, tasks, memo)
+        if threads > 1 and blocks is None:
+            from dask_sweep.runtime.parallel import pmap
 
-        def block(k):
-            t = tasks[k]
-            return t({d: memo[d] for d in t.dependencies}) if isinstance(t, GraphNode) else t
+            keys = [(self.name, *idx) for r in range(r0, r1)
+                    for idx in _row_indices(self.numblocks, self.axis, r)]
+            for k in keys:
+                t = tasks[k]
+                for d in (t.dependencies if isinstance(t, GraphNode) else ()):
+                    _evaluate(d, tasks, memo)
 
-        memo.update(zip(keys, pmap(block, keys, threads)))
-        rows = [_assemble(self.numblocks, self.axis, r,
-                          lambda idx: memo[(self.name, *idx)]) for r in range(r0, r1)]
-        keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) >= r1}
-        memo.clear()
-        return np.concatenate(rows, axis=self.axis), keep
+            def block(k):
+                t = tasks[k]
+                return t({d: memo[d] for d in t.dependencies}) if isinstance(t, GraphNode) else t
 
-    def read_row(self, r: int, externals: dict, memo: dict | None = None, blocks=None):
-        memo = dict(memo or {})
-        memo.update((k, externals[k]) for k in self.needs.get(r, ()))
-        tasks = self.tasks
+            memo.update(zip(keys, pmap(block, keys, threads)))
         # A module-level evaluator, not a recursive closure: a closure that calls
         # itself is a reference cycle holding ``memo`` (every block this row read)
         # until the cyclic GC happens to run, so memory grew by a row per step.
-        out = _assemble(self.numblocks, self.axis, r,
-                        lambda idx: _evaluate((self.name, *idx), tasks, memo), blocks)
-        keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) > r}
+        rows = [_assemble(self.numblocks, self.axis, r,
+                          lambda idx: _evaluate((self.name, *idx), tasks, memo), blocks)
+                for r in range(r0, r1)]
+        keep = {k: v for k, v in memo.items() if self.last_use.get(k, -1) >= r1}
         memo.clear()
-        return out, keep
+        return (rows[0] if len(rows) == 1 else np.concatenate(rows, axis=self.axis)), keep
+
+    def read_row(self, r: int, externals: dict, memo: dict | None = None, blocks=None):
+        return self.read_rows_at_once(r, r + 1, externals, memo, 1, blocks)
 
 
 def _evaluate(key, tasks: dict, memo: dict):

@@ -49,6 +49,14 @@ def test_read_any_planes_and_regions(tmp_path_factory, shape, chunks, a, n, seed
     last = -(-region[1][1] // chunks[2]) - region[1][0] // chunks[2]
     assert io.bytes_read == p.region_bytes(region) * (b - a) == (
         (b - a) * rows * last * chunks[2] * np.dtype(dtype).itemsize)
+    # each region's chunks are worked out once and kept: reads of other regions (and of
+    # whole planes) in between, and of every plane one by one, find their own again
+    other = [(0, e) for _, e in region]
+    np.testing.assert_array_equal(p.read(a, b, other), vol[(slice(a, b), *(slice(0, e)
+                                                                            for _, e in region))])
+    np.testing.assert_array_equal(np.concatenate([p.read(k, k + 1, region)
+                                                  for k in range(a, b)]), want)
+    np.testing.assert_array_equal(p.read(a, b), vol[a:b])
 
 
 @settings(max_examples=40, deadline=None)

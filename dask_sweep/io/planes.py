@@ -80,6 +80,7 @@ class ZarrPlanes:
         self.fill_value = fv.item() if isinstance(fv, np.generic) else (fv or 0)
         meta = arr.metadata
         self._keys = {}  # block index -> relative file path, filled lazily
+        self._layouts = {}  # in-plane region -> its chunks (see _layout), filled lazily
         self._encode = meta.encode_chunk_key
         # new chunk files start as zero bytes: only right when that is the fill value
         self.writable = not np.any(np.asarray(self.fill_value, dtype=self.dtype)
@@ -87,7 +88,7 @@ class ZarrPlanes:
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_keys"] = {}
+        d["_keys"], d["_layouts"] = {}, {}
         return d
 
     def __setstate__(self, d):
@@ -138,28 +139,57 @@ class ZarrPlanes:
         rows = sum(b - a for a, b in (self._rows(q, s, e) for q, s, e in inplane[0]))
         return rows * row * int(np.prod([len(b) for b in inplane[1:]], dtype=np.int64))
 
-    def read(self, a: int, b: int, region=None, out: np.ndarray | None = None) -> np.ndarray:
-        """Planes ``[a, b)`` (of the in-plane ``region``, ``[(start, stop), ...]``)."""
+    def _layout(self, region) -> list[tuple]:
+        """The chunks an in-plane ``region`` meets, worked out once per region: for each,
+        ``(block index in the plane, slices of the region, slices of the chunk, whether
+        the chunk is whole, the rows of it a read fetches)``.  A thin sweep reads and
+        writes every plane through this, so nothing here is redone per plane."""
+        key = None if region is None else tuple((int(s), int(e)) for s, e in region)
+        lay = self._layouts.get(key)
+        if lay is not None:
+            return lay
         import itertools
 
+        origin = [s for s, _ in key] if key else [0] * (len(self.shape) - 1)
+        lay = []
+        for combo in itertools.product(*self._inplane_blocks(key)):
+            lay.append((
+                tuple(q for q, _, _ in combo),
+                tuple(slice(s - o, e - o) for (_, s, e), o in zip(combo, origin)),
+                tuple(slice(s - q * c, e - q * c) for (q, s, e), c in
+                      zip(combo, self.chunks[1:])),
+                all(e - s == c and s == q * c for (q, s, e), c in zip(combo, self.chunks[1:])),
+                self._rows(*combo[0]) if combo else (0, 1),
+            ))
+        if len(self._layouts) >= 64:  # a handful of tiles' regions in practice
+            self._layouts.clear()
+        self._layouts[key] = lay
+        return lay
+
+    def _row_items(self, a: int, b: int, region) -> list[tuple]:
+        """``(block, planes [p0, p1) of it, the planes' slice in [a, b), layout entry)``
+        for every chunk planes ``[a, b)`` of ``region`` meet."""
+        c0 = self.chunks[0]
+        lay = self._layout(region)
+        items = []
+        for q0 in range(a // c0, -(-b // c0)):
+            p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
+            at = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
+            items.extend(((q0, *e[0]), p0, p1, at, e) for e in lay)
+        return items
+
+    def read(self, a: int, b: int, region=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Planes ``[a, b)`` (of the in-plane ``region``, ``[(start, stop), ...]``)."""
         shape = [b - a] + [(e - s) for s, e in (region or [(0, n) for n in self.shape[1:]])]
         if out is None:
             out = np.empty(shape, self.dtype)
-        c0 = self.chunks[0]
         per_plane = self.plane_bytes_in_chunk
-        origin = [r[0] for r in region] if region else [0] * (len(self.shape) - 1)
-        inplane = self._inplane_blocks(region)
-        items = [(q0, combo) for q0 in range(a // c0, -(-b // c0))
-                 for combo in itertools.product(*inplane)]
+        rows_in_chunk = self.chunks[1] if len(self.chunks) > 1 else 1
+        same = self.raw == self.dtype
 
         def one(item) -> int:
-            q0, combo = item
-            p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
-            dst0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
-            block = (q0, *(q for q, _, _ in combo))
-            dst = out[(dst0, *(slice(s - o, e - o) for (_, s, e), o in zip(combo, origin)))]
-            whole = all(e - s == c and s == q * c for (q, s, e), c in
-                        zip(combo, self.chunks[1:]))
+            block, p0, p1, at, (_, dst_in, cut, whole, (r0, r1)) = item
+            dst = out[(at, *dst_in)]
             fn = self._file(block)
             try:
                 fd = os.open(fn, os.O_RDONLY)
@@ -168,13 +198,10 @@ class ZarrPlanes:
                 return 0
             try:
                 want = (p1 - p0) * per_plane
-                cut = tuple(slice(s - q * c, e - q * c)
-                            for (q, s, e), c in zip(combo, self.chunks[1:]))
-                r0, r1 = self._rows(*combo[0]) if combo else (0, 1)
-                if whole and dst.flags.c_contiguous and self.raw == self.dtype:
+                if whole and same and dst.flags.c_contiguous:
                     got = os.preadv(fd, [memoryview(dst).cast("B")], p0 * per_plane)
-                elif combo and r1 - r0 < self.chunks[1]:  # a few rows of each plane, apart
-                    row = per_plane // self.chunks[1]
+                elif r1 - r0 < rows_in_chunk:  # a few rows of each plane, apart
+                    row = per_plane // rows_in_chunk
                     buf = np.empty((p1 - p0, r1 - r0, *self.chunks[2:]), self.raw)
                     want, got = (p1 - p0) * (r1 - r0) * row, 0
                     for k in range(p1 - p0):
@@ -197,35 +224,23 @@ class ZarrPlanes:
                 )
             return want
 
-        done = _run(one, items, out.nbytes)
+        done = _run(one, self._row_items(a, b, region), out.nbytes)
         nbytes, nchunks = sum(done), sum(1 for d in done if d)
         REGISTRY.read(self.path, nbytes, nchunks)
         return out
 
     def write(self, a: int, planes: np.ndarray, origin=None) -> None:
         """Write ``planes`` as planes ``[a, a + len)`` (at in-plane ``origin``)."""
-        import itertools
-
-        b = a + planes.shape[0]
-        c0 = self.chunks[0]
         per_plane = self.plane_bytes_in_chunk
         org = list(origin[1:]) if origin is not None else [0] * (len(self.shape) - 1)
         region = [(o, o + n) for o, n in zip(org, planes.shape[1:])]
-        inplane = self._inplane_blocks(region)
-        items = [(q0, combo) for q0 in range(a // c0, -(-b // c0))
-                 for combo in itertools.product(*inplane)]
+        same = self.raw == self.dtype
+        c0 = self.chunks[0]
 
         def one(item) -> int:
-            q0, combo = item
-            p0, p1 = max(a, q0 * c0) - q0 * c0, min(b, (q0 + 1) * c0) - q0 * c0
-            src0 = slice(q0 * c0 + p0 - a, q0 * c0 + p1 - a)
-            block = (q0, *(q for q, _, _ in combo))
-            src = planes[(src0, *(slice(s - o, e - o) for (_, s, e), o in
-                                   zip(combo, org)))]
-            sub = tuple(slice(s - q * c, e - q * c) for (q, s, e), c in
-                        zip(combo, self.chunks[1:]))
-            full = all(x.start == 0 and x.stop == c for x, c in zip(sub, self.chunks[1:]))
-            if full and src.flags.c_contiguous and self.raw == self.dtype:
+            block, p0, p1, at, (_, src_in, sub, full, _rows) = item
+            src = planes[(at, *src_in)]
+            if full and same and src.flags.c_contiguous:
                 data = src
             else:
                 # an edge or partly covered chunk: the rest of its planes is the
@@ -247,9 +262,9 @@ class ZarrPlanes:
                 os.close(fd)
             return (p1 - p0) * per_plane
 
-        nchunks = len(items)
+        items = self._row_items(a, a + planes.shape[0], region)
         nbytes = sum(_run(one, items, planes.nbytes))
-        REGISTRY.write(self.path, nbytes, nchunks)
+        REGISTRY.write(self.path, nbytes, len(items))
 
     def _fill_from_file(self, block, p0: int, p1: int, data: np.ndarray) -> None:
         fn = self._file(block)

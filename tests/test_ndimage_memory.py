@@ -67,6 +67,31 @@ def test_label_peak_within_projection(blobs, scheduler):
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_label_at_its_floor_labels_one_slab_at_a_time(blobs, scheduler):
+    # Below the floor of two slabs in flight (with their faces), pass 1 labels one at
+    # a time rather than refusing; the budget is kept all the same.
+    x, vol, _ = blobs
+    st = np.ones((3, 3, 3))
+    assert plan_label(x, st, memory_limit="3MiB").passes[0].in_flight == 2
+    limit = "1100KiB"
+    plan = plan_label(x, st, memory_limit=limit)
+    assert plan.passes[0].in_flight == 1 and plan.projected_peak <= plan.budget
+    assert "1 slab(s)" in plan.explain()
+    lab, n = label(x, st, memory_limit=limit)
+    res = {}
+
+    def run():
+        res["lab"], res["n"] = dask.compute(lab, n, scheduler=scheduler)
+
+    peak = _traced_peak(lambda: dask.compute(lab.max(), n, scheduler=scheduler))
+    run()
+    want, count = ndi.label(vol, st)
+    assert res["n"] == count
+    np.testing.assert_array_equal(res["lab"], want)
+    assert peak <= 2 * plan.projected_peak, (peak, plan.projected_peak)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_edt_peak_within_projection_while_storing(blobs, scheduler):
     x, vol, out = blobs
     limit = "2MiB"

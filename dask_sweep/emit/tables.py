@@ -64,7 +64,9 @@ def label_graph(
     input dask computes: per-slab tasks of each step (:func:`_stage_graph`); slabs
     within chunk rows: :func:`_split_graph`.
     """
-    token = tokenize(image.name, st, out_dtype, plan.slabs, settings.threads, reserve)
+    # pass 1's threads: the plan's (one where the budget leaves no room for more)
+    threads = plan.passes[0].in_flight
+    token = tokenize(image.name, st, out_dtype, plan.slabs, threads, reserve)
     num, out = f"label-num-{token}", f"label-{token}"
     nz = (0,) * (image.ndim - 1)
     block = numbering_block(settings.memory_limit)
@@ -77,7 +79,7 @@ def label_graph(
         res = f"label-resolve-{token}"
         dsk: dict = {
             res: Task(
-                res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
+                res, resolve, readers, st, out_dtype, reserve, block, threads, tune,
                 kept=kept,
             )
         }
@@ -86,7 +88,7 @@ def label_graph(
         # an input dask computes is computed once: pass 1 writes its masks for pass 2
         masks = (_spill.new_dir("label", "-masks"), int(image.shape[-1]))
         dsk, first = _stage_graph(readers, st, out_dtype, reserve, block, settings, token,
-                                  masks[0])
+                                  masks[0], threads)
     dsk[(num,)] = Task((num,), count, TaskRef(first[-1]))
     for s, r in enumerate(readers):  # pass 2: independent slabs
         key = (out, s, *nz)
@@ -152,8 +154,8 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
     block = numbering_block(settings.memory_limit)
     dsk: dict = {
         res: Task(
-            res, resolve, readers, st, out_dtype, reserve, block, settings.threads, tune,
-            None, (split, shapes, chunks), kept,
+            res, resolve, readers, st, out_dtype, reserve, block, plan.passes[0].in_flight,
+            tune, None, (split, shapes, chunks), kept,
         )
     }
     dsk[(num,)] = Task((num,), count, TaskRef(res))
@@ -170,16 +172,17 @@ def _split_graph(plan, image, readers, split, st, out_dtype, settings, reserve, 
 
 
 def _stage_graph(readers, st, out_dtype, reserve, block, settings, token,
-                 mask_dir: str) -> tuple[dict, list]:
+                 mask_dir: str, threads: int) -> tuple[dict, list]:
     """Pass 1 and the numbering as per-slab tasks, for an input dask computes (external).
 
     The input blocks are then dependencies of the local tasks, one slab's worth at a
-    time; returns the graph and the key each pass-2 slab waits for.
+    time; returns the graph and the key each pass-2 slab waits for.  ``threads``: local
+    slabs in flight (pass 1's, as planned).
     """
     loc, fac, lnk = f"label-local-{token}", f"label-face-{token}", f"label-link-{token}"
     numb = f"label-number-{token}"
     n = len(readers)
-    ahead = max(1, settings.threads)  # finished local slabs waiting for the link chain
+    ahead = max(1, threads)  # finished local slabs waiting for the link chain
     dsk: dict = {}
     for s in range(n - 1, -1, -1):  # pass 1: backward
         r = readers[s]

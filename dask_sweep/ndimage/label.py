@@ -28,7 +28,12 @@ from dask_sweep.multipass.label import (
 )
 from dask_sweep.multipass.spill import labels_fit, masks_fit
 from dask_sweep.ndimage._common import as_dask_array
-from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
+from dask_sweep.passes.tables import (
+    label_footprints,
+    label_notes,
+    label_split,
+    row_slabs,
+)
 from dask_sweep.passes.tables import table_reserve as _reserve
 from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
@@ -77,48 +82,19 @@ def _plan(image, structure, output, memory_limit):
     image = as_dask_array(image, "input", _FUNC, settings.memory_limit)
     st = normalize_structure(structure, image.ndim)
     out_dtype = normalize_output(output)
-    plane = int(np.prod(image.shape[1:], dtype=np.int64))
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
-    split = None
-    for guess in (True, False):
-        # Inline reads: one resolve task, then a pass-2 task per slab; external: four
-        # tasks more per slab.  Plus two of a consumer's per output block.
-        per_slab = settings.task_overhead * (3 if guess else 7)
+    # pass 1 on all the threads, else (a budget too small for their slabs in flight and
+    # faces) on one
+    local = sorted({max(1, settings.threads), 1}, reverse=True)
+    for k, threads in enumerate(local):
         try:
-            # room for a sweep consuming the labels (a write), unless that costs whole rows
-            for consumer in (True, False):
-                passes = label_footprints(image.shape, item, settings, out_dtype, guess,
-                                          consumer=consumer)
-                try:
-                    bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
-                                              settings.memory_limit, target, per_slab)
-                    break
-                except BudgetError:
-                    if not consumer:
-                        raise
+            passes, per_slab, slabs, split, readers, inline = _slabs(
+                image, item, settings, out_dtype, target, threads)
+            break
         except BudgetError:
-            if not guess or image.ndim < 2:
+            if k == len(local) - 1:
                 raise
-            # A chunk row is thicker than a slab can be: try slabs within the rows,
-            # each row read once per pass (inline reads only).
-            rows = [[i] for i in range(len(image.chunks[0]))]
-            readers, inline = make_readers(image, rows)
-            if not inline:
-                raise
-            try:
-                passes, per_slab, slabs, split = label_split(
-                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target
-                )
-            except BudgetError:  # no room for a consumer: the labels alone
-                passes, per_slab, slabs, split = label_split(
-                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    consumer=False,
-                )
-            break
-        readers, inline = make_readers(image, bounds)
-        if inline or not guess:
-            break
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
@@ -147,6 +123,54 @@ def _plan(image, structure, output, memory_limit):
     reserve = _reserve(plan)  # tables kept in memory: what the slab footprints leave
     plan = label_notes(plan, out_dtype, split, reserve)
     return plan, (image, st, out_dtype, settings, reserve, split), readers
+
+
+def _slabs(image, item, settings, out_dtype, target, local_threads):
+    """Slabs and footprints with pass 1 on ``local_threads``: whole chunk rows, else (rows
+    too thick for a slab, inline reads) slabs within the rows; room for a sweep consuming
+    the labels where that does not cost whole rows.  Returns ``(passes, per_slab, slabs,
+    split, readers, inline)``."""
+    plane = int(np.prod(image.shape[1:], dtype=np.int64))
+    split = None
+    for guess in (True, False):
+        # Inline reads: one resolve task, then a pass-2 task per slab; external: four
+        # tasks more per slab.  Plus two of a consumer's per output block.
+        per_slab = settings.task_overhead * (3 if guess else 7)
+        try:
+            for consumer in (True, False):
+                passes = label_footprints(image.shape, item, settings, out_dtype, guess,
+                                          consumer=consumer, local_threads=local_threads)
+                try:
+                    bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
+                                              settings.memory_limit, target, per_slab)
+                    break
+                except BudgetError:
+                    if not consumer:
+                        raise
+        except BudgetError:
+            if not guess or image.ndim < 2:
+                raise
+            # A chunk row is thicker than a slab can be: try slabs within the rows,
+            # each row read once per pass (inline reads only).
+            rows = [[i] for i in range(len(image.chunks[0]))]
+            readers, inline = make_readers(image, rows)
+            if not inline:
+                raise
+            try:
+                passes, per_slab, slabs, split = label_split(
+                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
+                    local_threads=local_threads,
+                )
+            except BudgetError:  # no room for a consumer: the labels alone
+                passes, per_slab, slabs, split = label_split(
+                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
+                    consumer=False, local_threads=local_threads,
+                )
+            break
+        readers, inline = make_readers(image, bounds)
+        if inline or not guess:
+            break
+    return passes, per_slab, slabs, split, readers, inline
 
 
 # --------------------------------------------------------------------------- public

@@ -144,6 +144,7 @@ def label_footprints(
     read: float | None = None,
     read_fixed: int = 0,
     consumer: bool = True,
+    local_threads: int | None = None,
 ) -> tuple[Footprint, Footprint]:
     """The two passes' footprints.
 
@@ -158,11 +159,15 @@ def label_footprints(
     unpacks its slabs from bit-packed rows (``read=0``; it adds the rows to ``fixed``).
 
     One slab at a time is labelled (``multipass.label._LABELLING``); the model still counts
-    every slab in flight at its largest phase.
+    every slab in flight at its largest phase.  ``local_threads``: the threads of pass 1
+    (default ``settings.threads``; ``ndimage.label`` plans with one where the budget is
+    too small for more).  Pass 2's slabs are tasks: as many run at once as the scheduler
+    has threads.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize
     threads = max(1, settings.threads)
+    local_threads = max(1, local_threads or threads)
     # Local labelling holds the largest of its phases: reading (the blocks and their
     # concatenation, 2 x item, then the mask next to the slab: + 1), and labelling
     # (mask 1, labels 4, the labeller's own tables LOCAL_TABLES).
@@ -171,11 +176,11 @@ def label_footprints(
     local = max(read + 1 + 0.125, 1 + 4 + LOCAL_TABLES)
     # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
     # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
-    p1 = local + 2.0 / threads
+    p1 = local + 2.0 / local_threads
     # Faces of finished slabs waiting for their face step (top + bottom, 4 + 4, one
     # more than the threads), the face kernel's keys (<= 1/4 plane x 8 B, doubled when
     # full) and the pairs (<= 16 B per voxel of one plane).
-    face = plane * (8 * (threads + 1) + 4 + 16)
+    face = plane * (8 * (local_threads + 1) + 4 + 16)
     # Relabel: the lookup table (out per label, <= 1/2 per voxel) next to the local
     # labelling, then the labels mapped through it: in place for int32 (the labels'
     # buffer becomes the output block), else into a new block (out).  For an external
@@ -189,7 +194,7 @@ def label_footprints(
         Footprint(
             "label-local",
             p1,
-            threads,
+            local_threads,
             face + settings.runtime_overhead + threads * read_fixed,
             "read, local label (cc3d or scipy; slabs in flight), backward link chain",
         ),
@@ -204,7 +209,8 @@ def label_footprints(
     )
 
 
-def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True):
+def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True,
+                local_threads=None):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
 
     Each chunk row is read once per pass, block by block, into a mask packed to
@@ -236,7 +242,7 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
     passes = tuple(
         dataclasses.replace(p, fixed=p.fixed + rows_fixed)
         for p in label_footprints(shape, item, settings, out_dtype, True, read=0,
-                                  consumer=consumer)
+                                  consumer=consumer, local_threads=local_threads)
     )
     # A pass-2 task per slab, plus a consumer's two.
     per_slab = settings.task_overhead * 3

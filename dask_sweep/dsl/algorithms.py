@@ -726,7 +726,7 @@ class _Label(_Algorithm):
             self.out_dtype,
             self.prepared.extra["reserve"],
             L.numbering_block(settings.memory_limit),
-            settings.threads,
+            plan.passes[0].in_flight,  # pass 1's threads, as planned
             settings.tune_malloc,
             on_slab=None if on_slab is None else lambda s: on_slab(s, sum(counters[s])),
             kept=kept,

@@ -316,9 +316,17 @@ def plan_label_stream(
         When even one row of ``chunks0`` does not fit the budget.
     """
     item = np.dtype(dtype).itemsize
-    passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
-                              consumer=False)
-    plan = _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
+    # pass 1 on all the threads, else (a budget too small for their slabs) on one
+    local = sorted({max(1, settings.threads), 1}, reverse=True)
+    for k, threads in enumerate(local):
+        passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
+                                  consumer=False, local_threads=threads)
+        try:
+            plan = _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
+            break
+        except BudgetError:
+            if k == len(local) - 1:
+                raise
     return label_notes(plan, out_dtype)
 
 

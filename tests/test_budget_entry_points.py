@@ -1111,7 +1111,7 @@ def test_labels_written_into_zstd_chunks_are_staged_within_the_budget(tmp_path):
     np.testing.assert_array_equal(_read(out), ndi.label(vol > 128)[0])
 
 
-@pytest.mark.parametrize("budget,background", [("16MiB", False), ("24MiB", True)])
+@pytest.mark.parametrize("budget,background", [("14MiB", False), ("24MiB", True)])
 def test_rows_staged_on_disk_keep_the_budget(plugin_data, tmp_path, budget, background):
     """Chunk rows staged on local disk, written in the step that completes them (the
     smallest form) or in the background beside the next steps: within the budget."""

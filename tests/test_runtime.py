@@ -130,6 +130,36 @@ def test_executor_equals_one_call_and_reads_as_projected(steps):
     assert trace.peak <= dry.peak + 1  # the real run within the projection
 
 
+@pytest.mark.parametrize("segments", [(), (9,)])
+def test_a_warm_up_is_computed_a_step_at_a_time(segments):
+    """The first step of a chain computes the window's lead too: a step's planes at a
+    time, so what feeds the kernel holds no more then than in any later step."""
+    import functools
+
+    import scipy.ndimage as ndi
+
+    n, depth = 20, 3
+    src = Source("src", (n, 4, 3), np.dtype("f8"), row_bounds=tuple(range(n + 1)),
+                 reader=_Rows(n, 1), bytes_per_row=(96,) * n)
+    double = Pointwise("double", (n, 4, 3), np.dtype("f8"), inputs=(0,), fn=lambda a: 2 * a)
+    # narrow, as a threshold's mask: the lead in float64 planes would outweigh its ring
+    less = Pointwise("less", (n, 4, 3), np.dtype("u1"), inputs=(1,),
+                     fn=lambda a: (a - 1).astype("u1"))
+    k = Kernel("box", (n, 4, 3), np.dtype("u1"), inputs=(2,),
+               fn=functools.partial(ndi.uniform_filter, size=(2 * depth + 1, 1, 1),
+                                    mode="nearest"),
+               depth=(depth, 0, 0), boundary=("none",) * 3)
+    plan = Plan((src, double, less, k), (Output(3, "out", ((1,) * n, (4,), (3,))),), 0,
+                steps=tuple(range(1, n + 1)), segments=segments)
+    got, trace, sized = _run(plan)
+    vol = (2 * np.arange(20.0)[:, None, None] * np.ones((1, 4, 3)) - 1).astype("u1")
+    np.testing.assert_array_equal(got, ndi.uniform_filter(vol, (7, 1, 1), mode="nearest"))
+    dry = dry_run(sized, skip=False)
+    starts = [0, *segments]
+    later = [p for t, p in enumerate(dry.step_peaks) if t not in starts]
+    assert all(dry.step_peaks[t] <= max(later) for t in starts), dry.step_peaks
+
+
 def test_segments_start_unanchored_and_warm_up():
     from dataclasses import replace
 

@@ -148,6 +148,7 @@ class _Step:
         self.n = plan.extent
         self.grids = [st.grid(plan.axis) for st in plan.stages]
         self.consumers = plan.consumers()
+        self.width = 0  # planes of the step (0: unknown, a side evaluation)
 
     def held(self) -> int:
         return sum(r.nbytes for r in self.state.rings) + self.state.carried_bytes()
@@ -158,7 +159,21 @@ class _Step:
         if ring.stop is None:  # a side evaluation starts where it is asked
             ring.start = ring.stop = ring.base = _round_down(self.grids[j], a)
         if b > ring.stop:
-            self._compute(j, ring.stop, _round_up(self.grids[j], b))
+            stop = _round_up(self.grids[j], b)
+            w = self.width
+            if (w and stop - ring.stop > w and self.grids[j] is None
+                    and not isinstance(self.plan.stages[j], Source)):
+                # a warm-up (a sweep's or a segment's first step computes the windows'
+                # lead too): a step's planes at a time, so that the stages feeding this
+                # ring hold one step's planes, not the lead's as well (same values:
+                # the stage runs on any slab)
+                lo = ring.stop
+                while lo < stop:
+                    hi = min(stop, lo + w)
+                    self._compute(j, lo, hi)
+                    lo = hi
+            else:
+                self._compute(j, ring.stop, stop)
 
     def pull(self, j: int, a: int, b: int):
         self.ensure(j, a, b)
@@ -345,6 +360,7 @@ def run_step(
         trace.rows_read.append([])
         trace.step_peaks.append(0)
     ex = _Step(plan, state, externals or {}, dry, trace)
+    ex.width = plan.steps[step] - (plan.steps[step - 1] if step else 0)
     emitted = []
     bounds = [(state.done[k], output_upper(plan, k, step)) for k in range(len(plan.outputs))]
     upto = plan.steps[step]

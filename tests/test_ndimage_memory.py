@@ -91,6 +91,30 @@ def test_label_at_its_floor_labels_one_slab_at_a_time(blobs, scheduler):
     assert peak <= 2 * plan.projected_peak, (peak, plan.projected_peak)
 
 
+def test_label_refusal_quotes_its_floor(tmp_path):
+    # Slabs within thick chunk rows: thinner slabs need less but are more, each with
+    # dask's bookkeeping; the refusal quotes the smallest total, which is accepted.
+    import re
+
+    import zarr
+
+    from dask_sweep.errors import BudgetError
+
+    z = zarr.create_array(str(tmp_path / "m.zarr"), shape=(64, 96, 96), chunks=(32, 96, 96),
+                          dtype="u1")
+    x = da.from_zarr(z) > 0
+    with dask.config.set({"sweep.task-overhead": "4KiB"}):
+        with pytest.raises(BudgetError, match="its floor is a projected") as e:
+            plan_label(x, memory_limit="200KiB")
+        floor = e.value.projected
+        slabs = int(re.search(r"bookkeeping of (\d+) slabs", str(e.value)).group(1))
+        assert slabs < 64  # not one plane a slab: two need less, with their bookkeeping
+        plan = plan_label(x, memory_limit=floor)
+        assert plan.projected_peak <= floor
+        with pytest.raises(BudgetError):
+            plan_label(x, memory_limit=floor - 1024)
+
+
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_edt_peak_within_projection_while_storing(blobs, scheduler):
     x, vol, out = blobs

@@ -251,17 +251,23 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
         room = settings.memory_limit - per_slab * count
         try:
             cut = choose_slabs(func, (1,) * max(chunks0), plane, passes, room, target)
-        except BudgetError as e:
-            # quote the whole budget, and what dask's bookkeeping of the slabs takes of it
-            book = per_slab * count
+        except BudgetError:
+            # quote the floor: the smallest slabs' passes and dask's bookkeeping of as
+            # many slabs as they make (thinner slabs need less, but are more)
+            def total(k: int) -> tuple[int, int, int]:
+                n = sum(math.ceil(h / k) for h in chunks0)
+                need = max(p.bytes_for(k * plane) for p in passes)
+                return need + per_slab * n, need, n
+
+            floor, need, n = min((total(k) for k in range(1, max(chunks0) + 1)),
+                                 key=lambda t: t[0])
             raise BudgetError(
-                f"{func}: even one plane per slab needs a projected "
-                f"{format_bytes(e.projected + book)} ({format_bytes(e.projected)} for the "
-                f"slab's passes + {format_bytes(book)} of dask's bookkeeping of {count} "
-                f"slabs), over the memory budget of {format_bytes(settings.memory_limit)}. "
-                "Raise memory_limit (or give the input fewer, thicker chunk rows along axis "
-                "0, so there are fewer slabs).",
-                stage=func, projected=e.projected + book, budget=settings.memory_limit,
+                f"{func}: its floor is a projected {format_bytes(floor)} "
+                f"({format_bytes(need)} for the slab's passes + {format_bytes(floor - need)} "
+                f"of dask's bookkeeping of {n} slabs), over the memory budget of "
+                f"{format_bytes(settings.memory_limit)}. Raise memory_limit (or give the "
+                "input fewer, thicker chunk rows along axis 0, so there are fewer slabs).",
+                stage=func, projected=floor, budget=settings.memory_limit,
             ) from None
         k = max(b - a for a, b in cut)
         new = sum(math.ceil(h / k) for h in chunks0)

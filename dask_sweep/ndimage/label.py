@@ -28,12 +28,7 @@ from dask_sweep.multipass.label import (
 )
 from dask_sweep.multipass.spill import labels_fit, masks_fit
 from dask_sweep.ndimage._common import as_dask_array
-from dask_sweep.passes.tables import (
-    label_footprints,
-    label_notes,
-    label_split,
-    row_slabs,
-)
+from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
 from dask_sweep.passes.tables import table_reserve as _reserve
 from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
@@ -137,6 +132,7 @@ def _slabs(image, item, settings, out_dtype, target, local_threads):
         # tasks more per slab.  Plus two of a consumer's per output block.
         per_slab = settings.task_overhead * (3 if guess else 7)
         try:
+            # room for a sweep consuming the labels (a write), unless that costs whole rows
             for consumer in (True, False):
                 passes = label_footprints(image.shape, item, settings, out_dtype, guess,
                                           consumer=consumer, local_threads=local_threads)

@@ -28,7 +28,13 @@ from dask_sweep.multipass.label import (
 )
 from dask_sweep.multipass.spill import labels_fit, masks_fit
 from dask_sweep.ndimage._common import as_dask_array
-from dask_sweep.passes.tables import label_footprints, label_notes, label_split, row_slabs
+from dask_sweep.passes.tables import (
+    label_footprints,
+    label_notes,
+    label_split,
+    on_fewest_threads,
+    row_slabs,
+)
 from dask_sweep.passes.tables import table_reserve as _reserve
 from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
@@ -79,17 +85,8 @@ def _plan(image, structure, output, memory_limit):
     out_dtype = normalize_output(output)
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
-    # pass 1 on all the threads, else (a budget too small for their slabs in flight and
-    # faces) on one
-    local = sorted({max(1, settings.threads), 1}, reverse=True)
-    for k, threads in enumerate(local):
-        try:
-            passes, per_slab, slabs, split, readers, inline = _slabs(
-                image, item, settings, out_dtype, target, threads)
-            break
-        except BudgetError:
-            if k == len(local) - 1:
-                raise
+    passes, per_slab, slabs, split, readers, inline = on_fewest_threads(
+        settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads))
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does

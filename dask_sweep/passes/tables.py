@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,8 @@ from dask_sweep.errors import BudgetError
 from dask_sweep.multipass.label import BLOCK_BYTES, numbering_block
 from dask_sweep.plan.tables import Footprint, SweepPlan
 from dask_sweep.utils import format_bytes
+
+T = TypeVar("T")
 
 
 def choose_slabs(
@@ -209,6 +211,20 @@ def label_footprints(
     )
 
 
+def on_fewest_threads(settings: SweepSettings, attempt: Callable[[int], T]) -> T:
+    """``attempt(threads)`` for label's pass 1 on all of ``settings.threads``, else (a
+    budget too small for their slabs in flight and faces: :class:`BudgetError`) on one;
+    the last refusal is raised.  Both front ends plan label through this."""
+    choices = sorted({max(1, settings.threads), 1}, reverse=True)
+    for k, threads in enumerate(choices):
+        try:
+            return attempt(threads)
+        except BudgetError:
+            if k == len(choices) - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True,
                 local_threads=None):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
@@ -322,17 +338,12 @@ def plan_label_stream(
         When even one row of ``chunks0`` does not fit the budget.
     """
     item = np.dtype(dtype).itemsize
-    # pass 1 on all the threads, else (a budget too small for their slabs) on one
-    local = sorted({max(1, settings.threads), 1}, reverse=True)
-    for k, threads in enumerate(local):
+    def attempt(threads: int) -> SweepPlan:
         passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
                                   consumer=False, local_threads=threads)
-        try:
-            plan = _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
-            break
-        except BudgetError:
-            if k == len(local) - 1:
-                raise
+        return _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
+
+    plan = on_fewest_threads(settings, attempt)
     return label_notes(plan, out_dtype)
 
 

@@ -1,11 +1,13 @@
 """Bit-identity of the sweep against stock dask over a broad grid, and with hypothesis."""
 
+import re
+
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dask_sweep
@@ -295,6 +297,9 @@ def test_reductions_of_swept_stages(rng, name):
     slab=st.sampled_from(["1B", "2KiB", "1MiB"]),
     seed=st.integers(0, 2**16),
 )
+# short stage names: the runs' map is named only in the table, its label cut there
+@example(shape=(12, 3, 3), chunks=(6, 2, 5), radius=2, op="binary_dilation", border=False,
+         density=0.01, slab="1B", seed=0)
 def test_ball_morphology_of_dask_image_is_bit_identical(shape, chunks, radius, op, border,
                                                         density, slab, seed):
     """dask-image's erosion / dilation with a ball: its runs' map a stage of its own
@@ -310,5 +315,6 @@ def test_ball_morphology_of_dask_image_is_bit_identical(shape, chunks, radius, o
     with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes=slab):  # numba loaded
         text = str(dask_sweep.explain(y))
     assert "sweep 0" in text, text
-    assert ("runs' map" in text) == (radius >= 2), text
+    # the stage's label may be cut in the table ("binary_dilation: runs…")
+    assert bool(re.search(r"binary_\w+: runs", text)) == (radius >= 2), text
     assert_sweep_equal(y, expect_swept=None, memory_limit="64MiB", target_slab_bytes=slab)

@@ -23,8 +23,6 @@ import numpy as np
 
 from dask_sweep.utils import format_bytes as _fmt_bytes
 
-STAGES = ("gaussian sigma=2", "grey_erosion size=3", "uniform size=5")
-
 
 def make_volume(path: str, shape, chunks, seed: int = 0) -> None:
     """Write a smooth random uint8 volume (blobs + noise) to a Zarr array, slab by slab."""

@@ -941,7 +941,7 @@ def distance_transform_edt(stream: Any, sampling: Any = None) -> Stream:
 
     s = source(stream)
     samp = E.normalize_sampling(sampling, s.ndim, "dask_sweep.dsl.distance_transform_edt")
-    _warm_edt(len(samp))
+    E.warm(len(samp))  # compile the EDT kernels now, not inside a pass's budget
     algo = _EDT(s, samp)
     tables = Tables(f"edt-tables({s.label})", s, algo)
     diag = math.sqrt(sum(((n + 1) * d) ** 2 for n, d in zip(s.shape, samp)))
@@ -955,11 +955,6 @@ def distance_transform_edt(stream: Any, sampling: Any = None) -> Stream:
         scalars=(tables,),
         source=AlgoSource(algo, tables),
     )
-
-
-def _warm_edt(ndim: int) -> None:
-    """Compile the EDT kernels now (on a tiny slab), not inside a pass's budget."""
-    E.warm(ndim)
 
 
 def explain_lines(tables: Tables, algo: _Algorithm) -> list[str]:

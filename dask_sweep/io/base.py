@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -235,7 +236,7 @@ class Source(ABC):
             range(s.start // c, -(-s.stop // c)) if s.stop > s.start else range(0)
             for s, c in zip(region, self.chunks)
         ]
-        return _product(ranges)
+        return itertools.product(*ranges)
 
     def read(self, region: tuple[slice, ...] = ()) -> np.ndarray:
         """Read ``region`` (a tuple of unit-step slices) into a new numpy array.
@@ -341,12 +342,6 @@ class Source(ABC):
 
     def __dask_tokenize__(self) -> str:
         return self.token
-
-
-def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
-    import itertools
-
-    return itertools.product(*ranges)
 
 
 def _fmt_region(region: Region) -> str:

@@ -21,9 +21,9 @@ from dask_sweep.multipass.edt import normalize_sampling, warm
 from dask_sweep.ndimage._common import as_dask_array
 from dask_sweep.passes.tables import (
     EDT_TASKS_PER_SLAB,
-    choose_slabs,
     edt_footprints,
     edt_plan,
+    row_slabs,
 )
 from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
@@ -46,12 +46,8 @@ def _plan(image, sampling, memory_limit):
     target = max(1, settings.target_slab_bytes // item)
     chunks0 = tuple(image.chunks[0])
     per_slab = settings.task_overhead * EDT_TASKS_PER_SLAB
-    slabs = choose_slabs(_FUNC, chunks0, plane, passes, settings.memory_limit, target, per_slab)
-    edges = np.cumsum((0, *chunks0))
-    bounds = [
-        list(range(int(np.searchsorted(edges, a)), int(np.searchsorted(edges, b))))
-        for a, b in slabs
-    ]
+    bounds, slabs = row_slabs(_FUNC, chunks0, plane, passes, settings.memory_limit, target,
+                              per_slab)
     readers, inline = make_readers(image, bounds)
     plan, spill = edt_plan(
         _FUNC, tuple(image.shape), image.dtype, chunks0, slabs, passes, samp, settings, inline

@@ -26,6 +26,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.layers import ArrayOverlapLayer
 
+from dask_sweep.patterns.expr import _flatten
 from dask_sweep.patterns.layers import (
     BlockwiseEval,
     array_meta,
@@ -248,7 +249,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         if overlaps and not fallbacks:
             fallbacks.append(Fallback(overlaps[0], "overlap without trim (trim=False) is not swept"))
         if not stores:
-            return [], fallbacks + _unswept(hlg, [], fallbacks)
+            return [], fallbacks + unswept(hlg, [], fallbacks)
     internal = set().union(*(s.internal for s in stages.values()))
     for name in layers:
         if name in stages or name in internal:
@@ -363,17 +364,4 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
             fallbacks.append(Fallback(members[0], bad))
             continue
         regions.append(region)
-    return regions, fallbacks + _unswept(hlg, regions, fallbacks)
-
-
-def _unswept(hlg, regions, fallbacks) -> list[Fallback]:
-    """Reasons for the layers no region took and no refusal names (patterns/unswept.py)."""
-    return unswept(hlg, regions, fallbacks)
-
-
-def _flatten(keys):
-    if isinstance(keys, list):
-        for k in keys:
-            yield from _flatten(k)
-    else:
-        yield keys
+    return regions, fallbacks + unswept(hlg, regions, fallbacks)

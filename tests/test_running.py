@@ -8,6 +8,8 @@ steps, chunks, sizes, modes and dtypes.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 import dask_sweep
 from dask_sweep.plan.ir import Running
+from dask_sweep.runtime import running
 from dask_sweep.runtime.running import extension
 from dask_sweep.testing import strategies as sst
 
@@ -58,19 +61,22 @@ def _assert_dask_bits(y, **config) -> str:
     mode=st.sampled_from(["reflect", "mirror", "nearest", "constant", "wrap"]),
     slab=st.sampled_from(["1B", "600B", "3KiB", "1MiB"]),
     seed=st.integers(0, 2**16),
+    bands=st.booleans(),
 )
-def test_carried_sums_equal_dasks_blocks(data, shape, dtype, size, mode, slab, seed):
+def test_carried_sums_equal_dasks_blocks(data, shape, dtype, size, mode, slab, seed, bands):
     """dask-image's uniform filter on any chunking, size (one per axis, even ones too)
     and mode, at steps of every thickness (one plane to the whole volume), equals stock
     dask to the bit; every case but 'wrap' and a size of 1 along the sweep axis carries
-    its sums."""
+    its sums.  ``bands``: the threads share every step's sums in bands of rows (as on
+    large planes), through the lines of all the blocks a step meets."""
     chunks = data.draw(sst.chunkings(shape))
     vol = _values(np.random.default_rng(seed), shape, dtype)
     sizes = (size,) * 3 if np.ndim(size) == 0 else size
     if any(s // 2 > n for s, n in zip(sizes, shape)):
         return  # dask-image's halo deeper than the array: dask refuses it
     y = ndfilters.uniform_filter(da.from_array(vol, chunks=chunks), size, mode=mode, cval=1.5)
-    text = _assert_dask_bits(y, memory_limit="64MiB", target_slab_bytes=slab)
+    with mock.patch.object(running, "BAND_VOXELS", 1 if bands else running.BAND_VOXELS):
+        text = _assert_dask_bits(y, memory_limit="64MiB", target_slab_bytes=slab, threads=2)
     if mode != "wrap" and sizes[0] > 1 and "sweep 0" in text:
         assert CARRIED in text, text
 

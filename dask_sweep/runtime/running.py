@@ -90,17 +90,34 @@ def _plane_voxels(st: Running) -> int:
     return int(np.prod(st.shape[1:], dtype=np.int64))
 
 
+#: Voxels of a step (planes x plane) from which its sums are cut in bands of rows, one
+#: per thread: below it, handing work to a thread costs more than it saves.
+BAND_VOXELS = 1 << 17
+
+
+def _plane_pieces(st: Running, planes: int, threads: int) -> tuple[int, int]:
+    """``(blocks, pieces)``: dask's in-plane blocks, and the pieces of ``planes``
+    planes each takes, so that every thread has a block's piece (the in-plane passes
+    run line by line within a plane: any planes are the same bits)."""
+    blocks = 1
+    for ax in range(1, len(st.shape)):
+        blocks *= len(st.chunks[ax])
+    return blocks, max(1, min(planes, -(-threads // blocks)))
+
+
 def temp_bytes(st: Running, out_bytes: int, threads: int) -> int:
     """Temporaries of one step: the sweep-axis pass's planes (the in-plane passes read
-    them), the new sums and a difference (double planes), and per thread an in-plane
-    block's region and its two pass results."""
+    them), the new sums and a difference (double planes, cut among the threads in
+    bands of rows), and per thread an in-plane block's region of its piece of the
+    planes and its two pass results."""
     item = np.dtype(st.dtype).itemsize
     t = out_bytes // max(1, _plane_voxels(st) * item)
-    widest, blocks = 1, 1
+    widest = 1
     for ax in range(1, len(st.shape)):
         widest *= max(st.chunks[ax]) + 2 * st.depth[ax]
-        blocks *= len(st.chunks[ax])
-    inplane = 3 * min(threads, blocks) * t * widest * item if st.inplane.passes else 0
+    blocks, pieces = _plane_pieces(st, t, threads)
+    inplane = (3 * min(threads, blocks * pieces) * -(-t // pieces) * widest * item
+               if st.inplane.passes else 0)
     return out_bytes + 16 * _plane_voxels(st) + inplane
 
 
@@ -115,6 +132,7 @@ def compute_running(st: Running, a: int, b: int, x, x0: int, carry, threads: int
         return (Shape((b - a, *st.shape[1:]), st.dtype),
                 (b, Shape(tuple(st.shape[1:]), np.dtype("f8"))))
     zpass = np.empty((b - a, *x.shape[1:]), dtype=st.dtype)
+    lines = []  # (r0, r1, p, q, sums after plane p - 1 or None) of each block met
     for z0, z1, r0, r1 in block_lines(st):
         p, q = max(a, z0), min(b, z1)
         if p >= q:
@@ -125,7 +143,9 @@ def compute_running(st: Running, a: int, b: int, x, x0: int, carry, threads: int
                 raise RuntimeError(  # pragma: no cover - the planner keeps one chain
                     f"{st.label!r}: the running sum for plane {p} was not carried")
             sums = carry[1]
-        carry = (q, _line(st, x, x0, r0, r1, p, q, sums, zpass[p - a:q - a], threads))
+        lines.append((r0, r1, p, q, sums))
+    if lines:
+        carry = (lines[-1][3], _lines(st, x, x0, lines, a, zpass, threads))
     if carry is not None and carry[0] >= st.shape[0]:
         carry = None  # the sweep's end: nothing to carry
     if not st.inplane.passes:
@@ -135,40 +155,38 @@ def compute_running(st: Running, a: int, b: int, x, x0: int, carry, threads: int
     return out, carry
 
 
-def _line(st: Running, x, x0, r0, r1, p, q, sums, out, threads):
-    """Planes ``[p, q)`` of the sweep-axis pass along the line ``[r0, r1)`` of their
-    block, into ``out``; returns the sums after plane ``q - 1``.  ``sums`` holds them
-    after plane ``p - 1``, or is ``None`` when ``p`` starts the block."""
+def _lines(st: Running, x, x0, lines, a, zpass, threads) -> np.ndarray:
+    """The sweep-axis pass of the step's planes along each of its blocks' ``lines``,
+    into ``zpass`` (from plane ``a``); returns the sums after the last line's last
+    plane.  Columns are independent, whichever block: with enough voxels, the
+    threads take bands of rows through every line of the step."""
     size = st.size
-    ext = extension(r1 - r0, size, st.mode)
     cval = float(st.cval)
-
-    def plane(pos, sl):  # the extended line at ``pos``: a plane of x, or the constant
-        k = int(ext[pos])
-        if k < 0:
-            return cval
-        j = r0 + k - x0
-        if not 0 <= j < x.shape[0]:
-            raise RuntimeError(  # pragma: no cover - the window is the stage's reach
-                f"{st.label!r}: plane {r0 + k} is outside the step's window")
-        return x[j][sl]
-
-    # columns are independent: on large planes, threads take bands of rows
     rows = x.shape[1] if x.ndim > 1 else 1
-    bands = min(threads, rows) if threads > 1 and x[0].size * (q - p) >= 1 << 20 else 1
+    planes = sum(q - p for _, _, p, q, _ in lines)
+    bands = min(threads, rows) if threads > 1 and x[0].size * planes >= BAND_VOXELS else 1
     edges = np.linspace(0, rows, bands + 1).astype(int)
-    new = np.zeros(x.shape[1:], dtype=np.float64) if sums is None else sums.copy()
+    last = np.empty(x.shape[1:], dtype=np.float64)  # the carry: the last line's sums
 
-    def band(k):
-        with np.errstate(all="ignore"):  # inf - inf is NaN in scipy's C too, silently
-            _band(k)
+    def line(r0, r1, p, q, sums, sl, t):
+        """Planes ``[p, q)`` of the line ``[r0, r1)`` in the rows ``sl``, summing into
+        ``t`` (the sums after plane ``p - 1``, or zeros when ``p`` starts the block)."""
+        ext = extension(r1 - r0, size, st.mode)
+        out = zpass[p - a:q - a]
 
-    def _band(k):
-        sl = (slice(edges[k], edges[k + 1]),) if x.ndim > 1 else ()
-        t = new[sl]
+        def plane(pos):  # the extended line at ``pos``: a plane of x, or the constant
+            k = int(ext[pos])
+            if k < 0:
+                return cval
+            j = r0 + k - x0
+            if not 0 <= j < x.shape[0]:
+                raise RuntimeError(  # pragma: no cover - the window is the stage's reach
+                    f"{st.label!r}: plane {r0 + k} is outside the step's window")
+            return x[j][sl]
+
         if sums is None:  # the line's first window, summed in scipy's order
             for pos in range(size):
-                t += plane(pos, sl)
+                t += plane(pos)
             first = 0
             if r0 == p:  # the line has no halo here: its first voxel is kept
                 np.divide(t, size, out=out[0][sl], casting="unsafe")
@@ -176,22 +194,35 @@ def _line(st: Running, x, x0, r0, r1, p, q, sums, out, threads):
             first = p - r0 - 1
         diff = np.empty(t.shape, dtype=np.float64)
         for i in range(first + 1, q - r0):
-            np.subtract(plane(i + size - 1, sl), plane(i - 1, sl), out=diff, dtype=np.float64)
+            np.subtract(plane(i + size - 1), plane(i - 1), out=diff, dtype=np.float64)
             t += diff
             if r0 + i >= p:
                 np.divide(t, size, out=out[r0 + i - p][sl], casting="unsafe")
 
+    def band(k):
+        sl = (slice(edges[k], edges[k + 1]),) if x.ndim > 1 else ()
+        with np.errstate(all="ignore"):  # inf - inf is NaN in scipy's C too, silently
+            # one line after another in the band's rows of the carry: the last leaves it
+            t = last[sl] if sl else last
+            for r0, r1, p, q, sums in lines:
+                t[...] = 0 if sums is None else sums[sl]
+                line(r0, r1, p, q, sums, sl, t)
+
     pmap(band, list(range(bands)), threads)
-    return new
+    return last
 
 
 def _inplane(st: Running, zpass: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """scipy's in-plane passes on dask's in-plane blocks of ``zpass``."""
+    """scipy's in-plane passes on dask's in-plane blocks of ``zpass``, each block cut
+    into pieces of planes where there are fewer blocks than threads."""
     bounds = [np.cumsum((0, *c)).tolist() for c in st.chunks[1:]]
     nblocks = [len(b) - 1 for b in bounds]
+    _, pieces = _plane_pieces(st, zpass.shape[0], threads)
+    cuts = np.linspace(0, zpass.shape[0], pieces + 1).astype(int).tolist()
 
-    def one(idx):
-        src, dst = [slice(None)], [slice(None)]
+    def one(job):
+        (z0, z1), idx = job
+        src, dst = [slice(z0, z1)], [slice(z0, z1)]
         for k, q in enumerate(idx):
             s, e = bounds[k][q], bounds[k][q + 1]
             d = st.depth[k + 1]
@@ -199,4 +230,5 @@ def _inplane(st: Running, zpass: np.ndarray, out: np.ndarray, threads: int) -> N
             dst.append(slice(s, e))
         out[tuple(dst)] = st.inplane((0, *idx), zpass[tuple(src)])
 
-    pmap(one, list(np.ndindex(*nblocks)), threads)
+    jobs = [(c, idx) for idx in np.ndindex(*nblocks) for c in zip(cuts, cuts[1:])]
+    pmap(one, jobs, threads)

@@ -349,3 +349,40 @@ def test_a_sweep_reading_labels_runs_as_many_of_their_slabs_as_pass_2_counts(tmp
             tracemalloc.stop()
     assert peak <= 10 << 20, peak
     np.testing.assert_array_equal(z[:], ndi.label(vol)[0])
+
+
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_a_tiff_stacks_rows_are_read_into_one_slab(tmp_path, rng, per_chunk, monkeypatch):
+    """A step of several rows of ``imread`` slices reads them in place into its slab
+    (``InlineReader.read_rows_stacked``), with stock dask's values and bytes read once."""
+    import tifffile
+    from dask_image import ndfilters
+
+    import dask_sweep
+    from dask_sweep.io import imread, open_source
+    from dask_sweep.patterns import readers
+
+    vol = (rng.random((23, 30, 17)) * 1000).astype("f4")
+    (tmp_path / "s").mkdir()
+    for k, plane in enumerate(vol):
+        tifffile.imwrite(tmp_path / "s" / f"z{k:03d}.tif", plane)
+    x = imread(str(tmp_path / "s" / "*.tif"), slices_per_chunk=per_chunk)
+    reader = make_reader(x.__dask_graph__(), x.name, x.numblocks, 0)
+    assert reader.stacks_rows
+    np.testing.assert_array_equal(reader.read_rows_stacked(2, 5),
+                                  vol[2 * per_chunk:min(23, 5 * per_chunk)])
+    stacked = []
+    real = readers.InlineReader.read_rows_stacked
+    monkeypatch.setattr(readers.InlineReader, "read_rows_stacked",
+                        lambda self, a, b: stacked.append(b - a) or real(self, a, b))
+    y = ndfilters.uniform_filter(x, 3) + 1
+    expected = y.compute(scheduler="sync", optimize_graph=False)
+    with track() as io, dask_sweep.enable(memory_limit="64MiB", target_slab_bytes="8KiB",
+                                          fallback="raise"):
+        got = y.compute(scheduler="threads")
+    np.testing.assert_array_equal(got.view("u4"), expected.view("u4"))
+    assert stacked and max(stacked) > 1, stacked
+    assert io.bytes_read == vol.nbytes
+    # in-plane blocks of their own: each row is joined from its blocks, as before
+    x2 = open_source(str(tmp_path / "s" / "*.tif")).to_dask((per_chunk, 15, 17), align=False)
+    assert not make_reader(x2.__dask_graph__(), x2.name, x2.numblocks, 0).stacks_rows

@@ -78,6 +78,11 @@ def _read_block(source: Any, region: tuple) -> np.ndarray:
     return source.read(region)
 
 
+# a sweep reading a step's rows of these tasks reads them into one slab
+# (patterns.readers.InlineReader.read_rows_stacked)
+_read_block.reads_source = True
+
+
 def write_graph(array, sink: Any, *, lag: int = 2):
     """:func:`dask_sweep.io.write_graph`'s tasks (it checks the shapes, then calls this)."""
     if getattr(array, "expr", None) is not None:  # array-expression mode: lowered first

@@ -230,6 +230,11 @@ class Source(ABC):
     def _read(self, region: Region) -> np.ndarray:
         """Read a normalised, in-bounds region (subclasses)."""
 
+    def _read_into(self, region: Region, out: np.ndarray) -> None:
+        """Read a normalised, in-bounds region into ``out`` (its shape and dtype
+        checked); formats that can read in place override it."""
+        out[...] = self._read(region)
+
     def _chunk_ids(self, region: Region) -> Iterator[tuple[int, ...]]:
         """Indices of the disk blocks a region touches (for the accounting)."""
         ranges = [
@@ -238,27 +243,42 @@ class Source(ABC):
         ]
         return itertools.product(*ranges)
 
-    def read(self, region: tuple[slice, ...] = ()) -> np.ndarray:
-        """Read ``region`` (a tuple of unit-step slices) into a new numpy array.
+    def read(self, region: tuple[slice, ...] = (), out: np.ndarray | None = None) -> np.ndarray:
+        """Read ``region`` (a tuple of unit-step slices) into a new numpy array, or into
+        ``out``.
 
         Parameters
         ----------
         region
             One slice per axis (missing trailing axes mean the whole axis).
+        out
+            An array of the region's shape and ``self.dtype`` to read into (a sweep's
+            slab: the planes of its rows read in place, not read and then copied).
 
         Returns
         -------
         numpy.ndarray
-            The data, of shape given by the region and dtype ``self.dtype``.
+            The data, of shape given by the region and dtype ``self.dtype`` (``out``
+            when given).
 
         Raises
         ------
         SourceError
             When the file is missing, truncated, corrupt or inconsistent.
+        ValueError
+            When ``out``'s shape or dtype is not the region's.
         """
         region = _normalize_region(region, self.shape)
-        out = self._read(region)
         expected = tuple(s.stop - s.start for s in region)
+        if out is not None:
+            if out.shape != expected or out.dtype != self.dtype:
+                raise ValueError(
+                    f"read of {self.path} at {_fmt_region(region)}: out= must have shape "
+                    f"{expected} and dtype {self.dtype}, not {out.shape} and {out.dtype}."
+                )
+            self._read_into(region, out)
+        else:
+            out = self._read(region)
         if out.shape != expected or out.dtype != self.dtype:
             raise SourceError(
                 f"Expected a block of shape {expected} and dtype {self.dtype} from {self.path} "

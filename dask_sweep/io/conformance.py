@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,22 @@ class SourceConformance:
         # an in-plane window straddling disk blocks
         region = (slice(2, 7), slice(5, 40), slice(1, data.shape[2] - 3))
         np.testing.assert_array_equal(source.read(region), data[region])
+
+    def test_read_into_out(self, source: Source, data: np.ndarray) -> None:
+        # into a slab's planes (contiguous), into a strided view, and refused when the
+        # shape or dtype is not the region's (the error names the source)
+        slab = np.full((8, *data.shape[1:]), 7, dtype=data.dtype)
+        assert source.read((slice(3, 6),), out=slab[2:5]) is not None
+        np.testing.assert_array_equal(slab[2:5], data[3:6])
+        assert (slab[:2] == 7).all() and (slab[5:] == 7).all()
+        strided = np.zeros((3, data.shape[1], 2 * data.shape[2]), dtype=data.dtype)
+        source.read((slice(0, 3),), out=strided[:, :, ::2])
+        np.testing.assert_array_equal(strided[:, :, ::2], data[:3])
+        with pytest.raises(ValueError, match="out= must have shape"):
+            source.read((slice(0, 3),), out=slab[:2])
+        other = np.dtype("f8") if data.dtype != np.dtype("f8") else np.dtype("f4")
+        with pytest.raises(ValueError, match=re.escape(str(source.path))):
+            source.read((slice(0, 2),), out=np.empty((2, *data.shape[1:]), other))
 
     def test_to_dask_equals_data(self, source: Source, data: np.ndarray) -> None:
         x = source.to_dask()

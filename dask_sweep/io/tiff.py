@@ -236,11 +236,16 @@ class TiffStackSource(Source):
 
     def _read(self, region: Region) -> np.ndarray:
         out = np.empty(tuple(s.stop - s.start for s in region), dtype=self.dtype)
+        self._read_into(region, out)
+        return out
+
+    def _read_into(self, region: Region, out: np.ndarray) -> None:
         inplane = region[1:]
         whole = all(r.start == 0 and r.stop == n for r, n in zip(inplane, self.shape[1:]))
         for j, z in enumerate(range(region[0].start, region[0].stop)):
             f = self.files[z]
-            if whole and self._raw is not None and self._raw[z] is not None:
+            if (whole and self._raw is not None and self._raw[z] is not None
+                    and out[j].flags.c_contiguous):
                 if self._read_raw(z, out[j]):
                     continue
             with _open_checked(f, f"Slice {z + self._offset}:") as tif:
@@ -253,7 +258,6 @@ class TiffStackSource(Source):
                         f"Slice {z + self._offset} ({f}) could not be decoded: {e}"
                     ) from e
             out[j] = plane[inplane]
-        return out
 
     def _read_raw(self, z: int, dst: np.ndarray) -> bool:
         """Read slice ``z``'s stored pixels straight into ``dst`` (C-contiguous).

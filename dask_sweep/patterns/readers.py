@@ -43,6 +43,22 @@ class InlineReader:
         self.tasks = tasks  # block key -> GraphNode
         self.shared = shared  # small root keys the tasks read (e.g. the zarr array)
         self._cache: dict | None = None
+        # rows of whole-plane blocks, each read from a dask_sweep.io source (a TIFF
+        # stack's slices): a step's rows are read into one slab, not read and joined
+        self.stacks_rows = axis == 0 and all(n == 1 for n in numblocks[1:]) and bool(tasks) \
+            and all(_source_read(t) is not None for t in tasks.values())
+
+    def read_rows_stacked(self, r0: int, r1: int) -> np.ndarray:
+        """Chunk rows ``[r0, r1)`` read into one new array (``stacks_rows`` readers)."""
+        zeros = (0,) * (len(self.numblocks) - 1)
+        reads = [_source_read(self.tasks[(self.name, r, *zeros)]) for r in range(r0, r1)]
+        shapes = [tuple(s.stop - s.start for s in region) for _, region in reads]
+        out = np.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=reads[0][0].dtype)
+        p = 0
+        for (source, region), shape in zip(reads, shapes):
+            source.read(region, out=out[p:p + shape[0]])
+            p += shape[0]
+        return out
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -70,6 +86,18 @@ class InlineReader:
 
     def read_row(self, r: int, externals: dict, blocks=None) -> np.ndarray:
         return _assemble(self.numblocks, self.axis, r, self.block, blocks)
+
+
+def _source_read(t) -> tuple[Any, tuple] | None:
+    """``(source, region)`` of a task reading a block of a ``dask_sweep.io`` source."""
+    if not isinstance(t, Task) or not getattr(t.func, "reads_source", False):
+        return None
+    if len(t.args) != 2 or t.kwargs or not isinstance(t.args[1], tuple):
+        return None
+    source, region = t.args
+    if not all(isinstance(s, slice) for s in region) or not hasattr(source, "dtype"):
+        return None
+    return source, region
 
 
 class BlockwiseReader(InlineReader):

@@ -44,6 +44,8 @@ def compute_source(st: Source, a: int, b: int, axis: int, externals: dict, dry: 
     if at_once > 1 and r1 - r0 > 1:  # a drop-in's slabs, as many at once as it counted
         out, memos[j] = st.reader.read_rows_at_once(r0, r1, externals, memos.get(j), at_once)
         return out
+    if r1 - r0 > 1 and getattr(st.reader, "stacks_rows", False):
+        return st.reader.read_rows_stacked(r0, r1)  # read in place, not read and joined
     rows = []
     for r in range(r0, r1):
         if getattr(st.reader, "carries", False):

@@ -29,6 +29,8 @@ fit, the planner falls back to the stage on dask's blocks (``Running.blocked``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dask_sweep.plan.ir import Running
@@ -47,15 +49,20 @@ def block_lines(st: Running) -> list[tuple[int, int, int, int]]:
             for k, (z0, z1) in enumerate(zip(bounds, bounds[1:]))]
 
 
+@functools.lru_cache(maxsize=64)
 def extension(length: int, size: int, mode: str) -> np.ndarray:
-    """Index into its line of each extended position (``-1``: the constant)."""
+    """Index into its line of each extended position (``-1``: the constant); read-only
+    (kept for the next step's lines of the same length)."""
     s1 = size // 2
     s2 = size - s1 - 1
     idx = np.arange(length)
     pad = SCIPY_PAD[mode]
     if pad == "constant":
-        return np.pad(idx, (s1, s2), mode="constant", constant_values=-1)
-    return np.pad(idx, (s1, s2), mode=pad)
+        ext = np.pad(idx, (s1, s2), mode="constant", constant_values=-1)
+    else:
+        ext = np.pad(idx, (s1, s2), mode=pad)
+    ext.setflags(write=False)
+    return ext
 
 
 def reach(st: Running) -> tuple[int, int]:
@@ -168,7 +175,7 @@ def _lines(st: Running, x, x0, lines, a, zpass, threads) -> np.ndarray:
     edges = np.linspace(0, rows, bands + 1).astype(int)
     last = np.empty(x.shape[1:], dtype=np.float64)  # the carry: the last line's sums
 
-    def line(r0, r1, p, q, sums, sl, t):
+    def line(r0, r1, p, q, sums, sl, t, diff):
         """Planes ``[p, q)`` of the line ``[r0, r1)`` in the rows ``sl``, summing into
         ``t`` (the sums after plane ``p - 1``, or zeros when ``p`` starts the block)."""
         ext = extension(r1 - r0, size, st.mode)
@@ -192,7 +199,6 @@ def _lines(st: Running, x, x0, lines, a, zpass, threads) -> np.ndarray:
                 np.divide(t, size, out=out[0][sl], casting="unsafe")
         else:
             first = p - r0 - 1
-        diff = np.empty(t.shape, dtype=np.float64)
         for i in range(first + 1, q - r0):
             np.subtract(plane(i + size - 1), plane(i - 1), out=diff, dtype=np.float64)
             t += diff
@@ -204,9 +210,10 @@ def _lines(st: Running, x, x0, lines, a, zpass, threads) -> np.ndarray:
         with np.errstate(all="ignore"):  # inf - inf is NaN in scipy's C too, silently
             # one line after another in the band's rows of the carry: the last leaves it
             t = last[sl] if sl else last
+            diff = np.empty(t.shape, dtype=np.float64)
             for r0, r1, p, q, sums in lines:
                 t[...] = 0 if sums is None else sums[sl]
-                line(r0, r1, p, q, sums, sl, t)
+                line(r0, r1, p, q, sums, sl, t, diff)
 
     pmap(band, list(range(bands)), threads)
     return last

@@ -81,6 +81,15 @@ def test_carried_sums_equal_dasks_blocks(data, shape, dtype, size, mode, slab, s
         assert CARRIED in text, text
 
 
+@pytest.mark.parametrize("chunks", [(1, 1, 4), (1, 1, 5), (2, 5)])
+def test_a_last_block_longer_than_the_others(rng, chunks):
+    """dask blocks of one plane, then a long last one (hypothesis's find): the dry run
+    took the grid for a repeating one and jumped steps off its rows."""
+    vol = _values(rng, (sum(chunks), 1, 3), "f4")
+    y = ndfilters.uniform_filter(da.from_array(vol, chunks=(chunks, 1, 3)), (1, 1, 2))
+    _assert_dask_bits(y, memory_limit="64MiB", target_slab_bytes="1B", threads=2)
+
+
 @pytest.mark.parametrize("boundary", ["none", "reflect", 0.5])
 def test_map_overlaps_own_halo_and_boundary(rng, boundary):
     """``map_overlap(ndi.uniform_filter)`` with a halo deeper than the window, and with

@@ -215,18 +215,23 @@ def test_a_sized_plan_is_frozen_and_its_copies_independent():
 @given(
     n=st.integers(30, 400), rows=st.integers(1, 9), steps=st.integers(1, 17),
     depth=st.integers(0, 6), out=st.integers(1, 12), segments=st.integers(1, 3),
+    long_last=st.booleans(),
 )
 def test_dry_runs_that_jump_repeats_equal_step_by_step_ones(n, rows, steps, depth, out,
-                                                            segments):
-    """Skipping the steps that repeat themselves changes nothing in the trace."""
+                                                            segments, long_last):
+    """Skipping the steps that repeat themselves changes nothing in the trace; a grid
+    whose last row is longer than the others (``long_last``) does not repeat."""
     from dataclasses import replace
 
     from dask_sweep.passes.segments import cut
     from dask_sweep.passes.slabs import size_rings
 
     plan = _plan(n=n, rows=rows, steps=steps, depth=depth)
-    oc = tuple([out] * (n // out) + ([n % out] if n % out else []))
-    plan = replace(plan, outputs=(replace(plan.outputs[0], chunks=(oc, (4,), (3,))),))
+    oc = [out] * (n // out) + ([n % out] if n % out else [])
+    k = max(1, (n - n // 3) // out)
+    if long_last and n - k * out > out:  # regular rows, then a third of the volume in one
+        oc = [out] * k + [n - k * out]
+    plan = replace(plan, outputs=(replace(plan.outputs[0], chunks=(tuple(oc), (4,), (3,))),))
     plan, _ = size_rings(cut(plan, segments))
     fast, slow = dry_run(plan), dry_run(plan, skip=False)
     for field in ("peak", "bytes_read", "rows_read", "held_after", "step_peaks", "ring_peak",

@@ -476,6 +476,8 @@ def _grid_period(plan: Plan) -> int | None:
         w = inner[1] - inner[0]
         if inner[0] != 0 or w <= 0 or any(b - a != w for a, b in zip(inner, inner[1:])):
             return None
+        if g[-1] - inner[-1] > w:  # a last row longer than the others: not a repeat
+            return None
         period = period * w // math.gcd(period, w)
     return period
 

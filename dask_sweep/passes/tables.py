@@ -163,8 +163,8 @@ def label_footprints(
     One slab at a time is labelled (``multipass.label._LABELLING``); the model still counts
     every slab in flight at its largest phase.  ``local_threads``: the threads of pass 1
     (default ``settings.threads``; ``ndimage.label`` and ``dsl.label`` plan with one
-    where the budget is too small for more).  Pass 2's slabs are tasks: as many run at once as the scheduler
-    has threads.
+    where the budget is too small for more).  Pass 2's slabs are tasks: as many run at
+    once as the scheduler has threads.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize

@@ -223,3 +223,44 @@ def test_imwrite_with_sweep_on_writes_inside_the_slab_tasks(tmp_path):
         store.compute()
     sink.finalize()
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[:], y.compute())
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tiff-stack"])
+def test_imwrite_plans_a_swept_write_once(volume, tmp_path, monkeypatch, fmt):
+    # the plan made while choosing the output's chunks is the one the write runs
+    from dask_sweep.integration import optimize
+
+    y = _chain(imread(str(volume)))
+    ref = y.compute()
+    planned = []
+    plan_region = optimize._plan_region
+    monkeypatch.setattr(optimize, "_plan_region",
+                        lambda *a, **k: planned.append(1) or plan_region(*a, **k))
+    out = str(tmp_path / ("o.zarr" if fmt == "zarr" else "o"))
+    with dask_sweep.enable(memory_limit="8MiB", target_slab_bytes="4KiB", fallback="raise"):
+        imwrite(y, out, format=fmt)
+    assert len(planned) == 1
+    np.testing.assert_array_equal(imread(out if fmt == "zarr" else f"{out}/*.tif").compute(),
+                                  ref, strict=True)
+
+
+def test_a_reused_analysis_serves_only_its_own_graph(volume):
+    from dask_sweep.integration import optimize
+
+    x = imread(str(volume))
+    y, other = _chain(x), _chain(x) + 1
+    settings = dask_sweep.sweep(memory_limit="8MiB").settings()
+    mine = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(), settings)
+    assert mine.plans
+    with optimize.reuse(y, mine):
+        again = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
+                                 settings.with_(fallback="silent"))
+        assert again.plans[0][0] is mine.plans[0][0] and again.settings.fallback == "silent"
+        # another graph, or other settings, are analysed afresh
+        fresh = optimize.analyse(other.__dask_graph__(), other.__dask_keys__(), settings)
+        assert fresh.plans and fresh.plans[0][0] is not mine.plans[0][0]
+        wider = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
+                                 settings.with_(memory_limit=16 << 20))
+        assert wider.plans[0][0] is not mine.plans[0][0]
+    assert optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
+                            settings).plans[0][0] is not mine.plans[0][0]

@@ -15,9 +15,12 @@ compute / persist / store.  There is one slot, so everything here chains:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,6 +39,7 @@ from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import on_blocks, tile, tileable
+from dask_sweep.patterns.expr import _flatten, array_expr_of
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
@@ -122,7 +126,11 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     A graph the analysis trips on (a bug here, not a budget or a refusal) is
     left to stock dask with a warning, unless ``fallback="raise"``: a user's
     computation must not fail because an optimisation could not be applied.
+    Within :func:`reuse`, the graph it names gets the analysis already made.
     """
+    done = _reused(dsk, keys, settings)
+    if done is not None:
+        return done
     try:
         return _analyse(dsk, keys, settings)
     except SweepError:
@@ -137,6 +145,51 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         res = SweepResult(settings=settings)
         res.fallbacks.append(Fallback("graph", note))
         return res
+
+
+# (output keys, layer names, result) of the graph :func:`reuse` hands its analysis to
+_REUSE: ContextVar[tuple | None] = ContextVar("dask_sweep_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reuse(collection: Any, result: SweepResult) -> Iterator[None]:
+    """Within this block the pass takes ``result`` as its analysis of ``collection``'s graph.
+
+    For ``imwrite``, which plans a write while choosing its output's chunks and then
+    computes the very same graph: its second plan would repeat the first (tens of
+    milliseconds of dry runs).  Only a graph with the collection's output keys and
+    layer names gets it, under settings equal but for ``fallback`` (a plan that was
+    found under ``"raise"`` is the one any fallback finds); anything else is analysed.
+    Graph mode only: an expression's graph is made by the optimisation that sweeps it.
+    """
+    if array_expr_of(collection) is not None:
+        yield
+        return
+    graph = collection.__dask_graph__()
+    mark = _REUSE.set((frozenset(_flatten(collection.__dask_keys__())),
+                       frozenset(getattr(graph, "layers", ())), result))
+    try:
+        yield
+    finally:
+        _REUSE.reset(mark)
+
+
+def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
+    given = _REUSE.get()
+    if given is None or not isinstance(dsk, HighLevelGraph):
+        return None
+    wanted, layers, result = given
+    same = (result.settings is not None
+            and result.settings.with_(fallback=settings.fallback) == settings)
+    # dask.compute adds a layer that gathers the outputs (``finalize-...``) and asks for it
+    extra = set(dsk.layers) - layers
+    gathered = all(n.startswith("finalize-") and set(dsk.dependencies.get(n, ())) <= layers
+                   for n in extra)
+    names = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
+    asked = frozenset(_flatten(keys)) == wanted or (extra and names <= extra)
+    if not same or not layers <= set(dsk.layers) or not gathered or not asked:
+        return None
+    return SweepResult(list(result.plans), list(result.fallbacks), settings)
 
 
 def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
@@ -494,8 +547,6 @@ def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGra
     for n, ds in deps.items():
         for d in ds:
             users.setdefault(d, set()).add(n)
-    from dask_sweep.patterns.recognise import _flatten
-
     wanted = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
     roots = [n for n in layers if n in wanted or (not users.get(n) and n not in sources)]
     stack = list(roots)
@@ -764,6 +815,7 @@ def _serve_io() -> None:
     # graph mode's; integration.expr.install hands in one for both modes
     HOST.analyse = lambda x, settings: analyse(x.__dask_graph__(), x.__dask_keys__(), settings)
     HOST.enable = enable
+    HOST.reuse = reuse
     HOST.source_array = io_graphs.source_array
     HOST.write_graph = io_graphs.write_graph
     HOST.store = store

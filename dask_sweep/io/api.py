@@ -29,7 +29,6 @@ from dask_sweep.io.hdf5 import HDF5Sink, HDF5Source, split_hdf5_path
 from dask_sweep.io.host import HOST
 from dask_sweep.io.tiff import BigTiffSink, TiffSource, TiffStackSink, TiffStackSource
 from dask_sweep.io.zarr_io import ZarrSink, ZarrSource, split_zarr_path
-from dask_sweep.plan.ir import Plan
 from dask_sweep.runtime.memory import tune_allocator
 from dask_sweep.utils import format_bytes
 
@@ -235,7 +234,7 @@ def imwrite(
     sweeping = HOST.analyse is not None and (
         memory_limit is not None or HOST.active_pass() is not None)
     kind = format or _sink_kind(os.path.abspath(os.fspath(path)))
-    planned = False  # the sweep plans this write (found while fitting the layout)
+    planned = None  # the sweep's plan of this write, made while fitting the layout
     if isinstance(array, da.Array) and compute:
         planned = _fit_layout(array, path, kind, options, settings, sweeping, resume)
     sink = open_sink(
@@ -255,11 +254,16 @@ def imwrite(
         sink.slab_rows = _block_aligned_rows(array, sink)
     if not compute:
         return write_graph(array, sink, lag=lag)
-    swept = _swept_store(array, sink, settings, planned) if sweeping else None
+    result = None  # the analysis the sweep made of the write, when it is reused
+    if planned is not None and planned.target.bind(sink):
+        swept, result = planned.store, planned.result
+    else:
+        swept = _swept_store(array, sink, settings) if sweeping else None
     try:
         if swept is not None:
             # the pass that planned the write (explicit budget, else the active one's)
-            with HOST.enable(**dataclasses.asdict(settings), _warm=False):
+            with (HOST.enable(**dataclasses.asdict(settings), _warm=False),
+                  HOST.reuse(swept, result) if result is not None else contextlib.nullcontext()):
                 dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
         if settings.tune_malloc:
@@ -292,6 +296,18 @@ class SinkTarget:
         # rows an interrupted run recorded: the sweep does not recompute them (resume)
         self.recorded_planes = tuple(sink.done_slabs())
 
+    def bind(self, sink: Sink) -> bool:
+        """Point a target planned on a draft of ``sink`` (:class:`_Draft`) at ``sink``
+        itself, if it has the draft's shape, dtype and row grid and nothing recorded;
+        whether it did (the plan made on the draft then writes ``sink``)."""
+        fits = (tuple(sink.shape), np.dtype(sink.dtype), sink.row_step) == (
+            tuple(self.shape), np.dtype(self.dtype), self.chunks[0])
+        if not isinstance(self.sink, _Draft) or not fits or self.recorded_planes \
+                or tuple(sink.done_slabs()):
+            return False
+        self.sink = sink
+        return True
+
     def __setitem__(self, index: tuple, value) -> None:
         rows = index[0]
         whole = all(
@@ -310,14 +326,12 @@ class SinkTarget:
                 self.recorded_planes)
 
 
-def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
-                 planned: bool = False):
+def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):
     """A ``da.store`` into ``sink`` that a sweep with ``settings`` (default: the active
     pass's) writes entirely in its slab tasks, or ``None`` (no sweep on, a graph it
     leaves to dask, or over the budget).  A resumed write sweeps only the rows not
     recorded (``dask_sweep.passes.resume``), or is left to the slab chain if the
-    sweep cannot skip them.  ``planned``: the sweep already planned this write on the
-    sink's layout (:func:`_fit_layout`), so it is not planned again here."""
+    sweep cannot skip them."""
     if settings is None:
         p = HOST.active_pass()
         if p is None:
@@ -326,20 +340,19 @@ def _swept_store(array, sink: Sink, settings: SweepSettings | None = None,
 
     target = SinkTarget(sink)
     store = HOST.store(array, target, lock=False, compute=False)
-    if planned and not target.recorded_planes:
-        return store
-    plan = _plan_store(store, sink, settings)
-    if not isinstance(plan, Plan):
+    res = _plan_store(store, sink, settings)
+    if res is None or isinstance(res, BudgetError):
         return None
-    if target.recorded_planes and "skip" not in plan.info:
+    if target.recorded_planes and "skip" not in res.plans[0][0].info:
         return None
     return store
 
 
 def _plan_store(store, sink, settings: SweepSettings):
-    """The sweep's plan writing ``store`` (a ``da.store`` into ``SinkTarget(sink)``) in
-    its slab tasks; else the :class:`BudgetError` that refused it, or ``None`` (left
-    to dask: not recognised, tiled, or not written by the sweep itself)."""
+    """The sweep's analysis of ``store`` (a ``da.store`` into ``SinkTarget(sink)``) when
+    it writes the store in its slab tasks, with one plan; else the :class:`BudgetError`
+    that refused it, or ``None`` (left to dask: not recognised, tiled, or not written
+    by the sweep itself)."""
     if HOST.analyse is None:
         return None
     try:
@@ -357,7 +370,7 @@ def _plan_store(store, sink, settings: SweepSettings):
     if not any(getattr(getattr(o.sink, "target", None), "sink", None) is sink
                for o in plan.outputs):
         return None
-    return plan
+    return res
 
 
 class _Draft:
@@ -373,11 +386,21 @@ class _Draft:
         return {"draft": self.row_step, "shape": self.shape, "dtype": self.dtype.str}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A write the sweep planned on a draft of its sink: the store, its target, the
+    analysis (reused once the target is bound to the sink created for it)."""
+
+    store: Any
+    target: SinkTarget
+    result: Any
+
+
 def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
-                sweeping: bool, resume: bool) -> bool:
+                sweeping: bool, resume: bool) -> _Planned | None:
     """Choose (Zarr, default) or check (explicit ``chunks``/``shards``) the output's rows
-    along axis 0 so that the write keeps the budget, before anything is created; whether
-    the sweep plans the write on the rows chosen.
+    along axis 0 so that the write keeps the budget, before anything is created; the
+    sweep's plan of the write on the rows chosen, if it plans it.
 
     A slab holds whole chunk rows: the sweep's output ring (a recognised pipeline,
     sweep on) or the chained writer's slabs (:data:`~.base.CHAIN_SLABS`) must fit.
@@ -390,12 +413,12 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
 
     shape, dtype = tuple(array.shape), array.dtype
     if len(shape) < 1 or shape[0] == 0:
-        return False
+        return None
     given = options.get("shards") or options.get("chunks")
     if kind == "zarr" and given is None:
         if resume and (old := _recorded_chunks(path)) is not None:
             options["chunks"] = old  # a resumed write keeps its layout
-            return False
+            return None
         auto = _auto_chunks(shape, dtype, settings)
         rows, choose = auto[0], True
     elif kind in ("zarr", "hdf5") and given is not None:
@@ -403,29 +426,29 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
     else:
         rows, choose = 1, False  # one page per slice; contiguous HDF5
     p = os.path.abspath(os.fspath(path))
-    swept: set[int] = set()  # rows the sweep plans
+    swept: dict[int, _Planned] = {}  # rows the sweep plans
 
     def refusal(r: int) -> BudgetError | None:
         if sweeping:
             target = SinkTarget(_Draft(p, shape, dtype, r))
-            got = _plan_store(HOST.store(array, target, lock=False, compute=False), target.sink,
-                              settings)
-            if isinstance(got, Plan):
-                swept.add(r)
-                return None
+            store = HOST.store(array, target, lock=False, compute=False)
+            got = _plan_store(store, target.sink, settings)
             if isinstance(got, BudgetError):
                 return got
+            if got is not None:
+                swept[r] = _Planned(store, target, got)
+                return None
         return _chain_refusal(array, r, settings)
 
     why = refusal(rows)
     if why is None:
         if choose:
             options["chunks"] = (rows, *auto[1:])
-        return rows in swept
+        return swept.get(rows)
     smaller = next((r for r in _thinner(rows, array.chunks[0]) if refusal(r) is None), None)
     if smaller is not None and choose:
         options["chunks"] = (smaller, *auto[1:])
-        return smaller in swept
+        return swept.get(smaller)
     if smaller is not None:
         name = "shards" if options.get("shards") else "chunks"
         fix = (smaller, *given[1:])
@@ -441,7 +464,7 @@ def _fit_layout(array, path, kind: str, options: dict, settings: SweepSettings,
         warnings.warn(f"{why} Writing {p} anyway.", RuntimeWarning, stacklevel=3)
     if choose:
         options["chunks"] = (1, *auto[1:])
-    return False
+    return None
 
 
 def _thinner(rows: int, blocks: tuple[int, ...]) -> list[int]:

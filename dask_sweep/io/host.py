@@ -12,7 +12,8 @@ ones, nothing is swept, and making a dask array of a source is an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,11 @@ from dask_sweep.config import SweepSettings
 
 def _no_pass() -> Any:
     return None
+
+
+@contextlib.contextmanager
+def _no_reuse(*_: Any) -> Iterator[None]:
+    yield
 
 
 def _no_graphs(*_: Any, **__: Any) -> Any:
@@ -43,6 +49,9 @@ class Host:
     analyse: Callable[..., Any] | None = None
     #: ``enable(**settings)``: a context in which computes are swept with these settings
     enable: Callable[..., Any] | None = None
+    #: ``reuse(collection, result)``: a context in which computing ``collection`` takes
+    #: ``result`` (what ``analyse`` returned for it) instead of planning it again
+    reuse: Callable[..., Any] = _no_reuse
     #: ``source_array(source, chunks, name)``: a source's read tasks as a dask array
     source_array: Callable[..., Any] = _no_graphs
     #: ``write_graph(array, sink, lag=)``: the delayed chain of a sink's slab writes

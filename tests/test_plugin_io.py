@@ -252,7 +252,7 @@ def test_a_reused_analysis_serves_only_its_own_graph(volume):
     settings = dask_sweep.sweep(memory_limit="8MiB").settings()
     mine = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(), settings)
     assert mine.plans
-    with optimize.reuse(y, mine):
+    with optimize.reuse(mine):
         again = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
                                  settings.with_(fallback="silent"))
         assert again.plans[0][0] is mine.plans[0][0] and again.settings.fallback == "silent"

@@ -132,8 +132,9 @@ def analyse_expression(root, settings):
     result.fallbacks[:0] = view.fallbacks
     note = version_note()
     if note:
-        result.plans = [(replace(plan, notes=(*plan.notes, note)), trace)
-                        for plan, trace in result.plans]
+        # (once: an analysis handed back by ``reuse`` has it already)
+        result.plans = [(plan if note in plan.notes else replace(plan, notes=(*plan.notes, note)),
+                         trace) for plan, trace in result.plans]
     return result, view
 
 

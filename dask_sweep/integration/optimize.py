@@ -39,7 +39,7 @@ from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import on_blocks, tile, tileable
-from dask_sweep.patterns.expr import _flatten, array_expr_of
+from dask_sweep.patterns.expr import _flatten
 from dask_sweep.patterns.layers import array_meta
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
@@ -56,6 +56,8 @@ class SweepResult:
     plans: list[tuple[Plan, Trace]] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
     settings: SweepSettings | None = None
+    #: the graph analysed: its output keys and layer names (what :func:`reuse` matches)
+    graph: tuple[frozenset, frozenset] | None = field(default=None, repr=False)
 
 
 def _periodic_on(spec, ax: int) -> bool:
@@ -132,7 +134,10 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     if done is not None:
         return done
     try:
-        return _analyse(dsk, keys, settings)
+        res = _analyse(dsk, keys, settings)
+        if isinstance(dsk, HighLevelGraph):
+            res.graph = (frozenset(_flatten(keys)), frozenset(dsk.layers))
+        return res
     except SweepError:
         raise
     except Exception as e:
@@ -147,27 +152,22 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         return res
 
 
-# (output keys, layer names, result) of the graph :func:`reuse` hands its analysis to
-_REUSE: ContextVar[tuple | None] = ContextVar("dask_sweep_reuse", default=None)
+# the analysis :func:`reuse` hands to the pass
+_REUSE: ContextVar[SweepResult | None] = ContextVar("dask_sweep_reuse", default=None)
 
 
 @contextlib.contextmanager
-def reuse(collection: Any, result: SweepResult) -> Iterator[None]:
-    """Within this block the pass takes ``result`` as its analysis of ``collection``'s graph.
+def reuse(result: SweepResult) -> Iterator[None]:
+    """Within this block the pass takes ``result`` as its analysis of the graph it was made of.
 
     For ``imwrite``, which plans a write while choosing its output's chunks and then
     computes the very same graph: its second plan would repeat the first (tens of
-    milliseconds of dry runs).  Only a graph with the collection's output keys and
-    layer names gets it, under settings equal but for ``fallback`` (a plan that was
-    found under ``"raise"`` is the one any fallback finds); anything else is analysed.
-    Graph mode only: an expression's graph is made by the optimisation that sweeps it.
+    milliseconds of dry runs).  Only a graph with the analysed graph's output keys and
+    layer names (in either dask array mode: an expression's lowered graph) gets it,
+    under settings equal but for ``fallback`` (a plan that was found under ``"raise"``
+    is the one any fallback finds); anything else is analysed.
     """
-    if array_expr_of(collection) is not None:
-        yield
-        return
-    graph = collection.__dask_graph__()
-    mark = _REUSE.set((frozenset(_flatten(collection.__dask_keys__())),
-                       frozenset(getattr(graph, "layers", ())), result))
+    mark = _REUSE.set(result if result.graph is not None else None)
     try:
         yield
     finally:
@@ -175,10 +175,10 @@ def reuse(collection: Any, result: SweepResult) -> Iterator[None]:
 
 
 def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
-    given = _REUSE.get()
-    if given is None or not isinstance(dsk, HighLevelGraph):
+    result = _REUSE.get()
+    if result is None or not isinstance(dsk, HighLevelGraph):
         return None
-    wanted, layers, result = given
+    wanted, layers = result.graph
     same = (result.settings is not None
             and result.settings.with_(fallback=settings.fallback) == settings)
     # dask.compute adds a layer that gathers the outputs (``finalize-...``) and asks for it
@@ -189,7 +189,7 @@ def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
     asked = frozenset(_flatten(keys)) == wanted or (extra and names <= extra)
     if not same or not layers <= set(dsk.layers) or not gathered or not asked:
         return None
-    return SweepResult(list(result.plans), list(result.fallbacks), settings)
+    return SweepResult(list(result.plans), list(result.fallbacks), settings, result.graph)
 
 
 def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:

@@ -263,7 +263,7 @@ def imwrite(
         if swept is not None:
             # the pass that planned the write (explicit budget, else the active one's)
             with (HOST.enable(**dataclasses.asdict(settings), _warm=False),
-                  HOST.reuse(swept, result) if result is not None else contextlib.nullcontext()):
+                  HOST.reuse(result) if result is not None else contextlib.nullcontext()):
                 dask.compute(swept, scheduler=scheduler)
             return sink.finalize()
         if settings.tune_malloc:
@@ -295,6 +295,10 @@ class SinkTarget:
         self.chunks = (sink.row_step, *sink.shape[1:])
         # rows an interrupted run recorded: the sweep does not recompute them (resume)
         self.recorded_planes = tuple(sink.done_slabs())
+        # fixed when made: a draft's keys stay those of its plan once it is bound (an
+        # expression is named again when it is lowered)
+        self._token = ("dask-sweep-sink-target", sink.path, sink.manifest(),
+                       self.recorded_planes)
 
     def bind(self, sink: Sink) -> bool:
         """Point a target planned on a draft of ``sink`` (:class:`_Draft`) at ``sink``
@@ -322,8 +326,7 @@ class SinkTarget:
         self.sink.write_slab(rows.start or 0, np.asarray(value), commit=False)
 
     def __dask_tokenize__(self) -> tuple:
-        return ("dask-sweep-sink-target", self.sink.path, self.sink.manifest(),
-                self.recorded_planes)
+        return self._token
 
 
 def _swept_store(array, sink: Sink, settings: SweepSettings | None = None):

@@ -49,8 +49,8 @@ class Host:
     analyse: Callable[..., Any] | None = None
     #: ``enable(**settings)``: a context in which computes are swept with these settings
     enable: Callable[..., Any] | None = None
-    #: ``reuse(collection, result)``: a context in which computing ``collection`` takes
-    #: ``result`` (what ``analyse`` returned for it) instead of planning it again
+    #: ``reuse(result)``: a context in which computing the graph ``result`` (what
+    #: ``analyse`` returned) was made of takes it instead of planning it again
     reuse: Callable[..., Any] = _no_reuse
     #: ``source_array(source, chunks, name)``: a source's read tasks as a dask array
     source_array: Callable[..., Any] = _no_graphs

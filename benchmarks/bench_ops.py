@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,6 +250,12 @@ def _spawn(args: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _floor(refusal: str) -> str:
+    """The floor a refusal quotes (its error names it), else the refusal's start."""
+    m = re.search(r"(?:floor is a projected|needs at least) ([\d.]+ [KMGT]?i?B)", refusal)
+    return f"its floor is {m.group(1)}" if m else refusal[:160]
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run of median wall time (peaks and reads from that run), with the walls of all
     the runs (``walls``) for the range."""
@@ -293,7 +300,7 @@ def compare(sizes, dtypes, layouts, ops, fraction: float, workdir: str | None,
                         case = f"{op} {dtype} {n}^3 {layout}"
                         if "refused" in sw:
                             print(f"{case:<34} {base['wall']:6.2f}s refused at "
-                                  f"{format_bytes(vol * fraction)}: {sw['refused'][-160:]}",
+                                  f"{format_bytes(vol * fraction)}: {_floor(sw['refused'])}",
                                   flush=True)
                             rows.append({"case": case, "scipy": base, "sweep": sw, "same": None})
                             continue

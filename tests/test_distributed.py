@@ -67,3 +67,21 @@ def test_a_cluster_plan_counts_numba_on_its_workers(rng, monkeypatch):
                       SweepPass(memory_limit=budget).settings())
         notes = " ".join(res.plans[0][0].notes)
         assert says in notes, (budget, notes)
+
+
+@pytest.mark.timeout(120)
+def test_imwrite_of_a_swept_pipeline_on_a_cluster(rng, tmp_path):
+    """The scheduler plans the write for its workers (the plan ``imwrite`` made on the
+    client, for the local threads, is not reused there); the same values."""
+    from dask_sweep.io import imread, imwrite
+
+    y = _pipeline(rng)
+    expected = y.compute(scheduler="sync")
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1,
+                            dashboard_address=None):
+        with dask_sweep.enable(memory_limit="64MiB", target_slab_bytes="8KiB", fallback="raise"):
+            for fmt, out in (("zarr", "o.zarr"), ("tiff-stack", "o")):
+                imwrite(y, str(tmp_path / out), format=fmt)
+    for got in (imread(str(tmp_path / "o.zarr")), imread(str(tmp_path / "o" / "*.tif"))):
+        np.testing.assert_array_equal(got.compute(scheduler="sync"), expected, strict=True)
+

@@ -244,8 +244,9 @@ def test_imwrite_plans_a_swept_write_once(volume, tmp_path, monkeypatch, fmt):
                                   ref, strict=True)
 
 
-def test_a_reused_analysis_serves_only_its_own_graph(volume):
+def test_a_reused_analysis_serves_only_its_own_graph(volume, monkeypatch):
     from dask_sweep.integration import optimize
+    from dask_sweep.integration.cluster import Slots
 
     x = imread(str(volume))
     y, other = _chain(x), _chain(x) + 1
@@ -262,5 +263,10 @@ def test_a_reused_analysis_serves_only_its_own_graph(volume):
         wider = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
                                  settings.with_(memory_limit=16 << 20))
         assert wider.plans[0][0] is not mine.plans[0][0]
+        # a distributed scheduler plans its workers' chains itself
+        with monkeypatch.context() as m:
+            m.setattr(optimize, "slots", lambda threads: Slots("distributed", 2, 1, 1 << 30))
+            there = optimize.analyse(y.__dask_graph__(), y.__dask_keys__(), settings)
+        assert there.plans[0][0] is not mine.plans[0][0]
     assert optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
                             settings).plans[0][0] is not mine.plans[0][0]

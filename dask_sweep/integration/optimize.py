@@ -58,6 +58,8 @@ class SweepResult:
     settings: SweepSettings | None = None
     #: the graph analysed: its output keys and layer names (what :func:`reuse` matches)
     graph: tuple[frozenset, frozenset] | None = field(default=None, repr=False)
+    #: the scheduler's slots the plans were made for (``None``: nothing was planned)
+    slots: Slots | None = field(default=None, repr=False)
 
 
 def _periodic_on(spec, ax: int) -> bool:
@@ -165,7 +167,9 @@ def reuse(result: SweepResult) -> Iterator[None]:
     milliseconds of dry runs).  Only a graph with the analysed graph's output keys and
     layer names (in either dask array mode: an expression's lowered graph) gets it,
     under settings equal but for ``fallback`` (a plan that was found under ``"raise"``
-    is the one any fallback finds); anything else is analysed.
+    is the one any fallback finds), for the same scheduler (a plan made on the client for
+    the local threads does not serve a ``distributed`` scheduler planning its workers'
+    chains); anything else is analysed.
     """
     mark = _REUSE.set(result if result.graph is not None else None)
     try:
@@ -189,7 +193,10 @@ def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
     asked = frozenset(_flatten(keys)) == wanted or (extra and names <= extra)
     if not same or not layers <= set(dsk.layers) or not gathered or not asked:
         return None
-    return SweepResult(list(result.plans), list(result.fallbacks), settings, result.graph)
+    if result.plans and slots(settings.threads) != result.slots:
+        return None
+    return SweepResult(list(result.plans), list(result.fallbacks), settings, result.graph,
+                       result.slots)
 
 
 def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
@@ -199,7 +206,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         return res
     regions, res.fallbacks = find_regions(dsk, keys)
     res.fallbacks = [_feeding_copy(dsk, fb, settings) for fb in res.fallbacks]
-    where_slots = slots(settings.threads) if regions else None
+    where_slots = res.slots = slots(settings.threads) if regions else None
     for region in regions:
         axis, note = _choose_axis(region, settings)
         where = (region.outputs or list(region.stores) or ["region"])[0]

@@ -41,12 +41,11 @@ from dask_sweep.config import SweepSettings
 from dask_sweep.dsl.algorithms import PREPARED
 from dask_sweep.dsl.core import Reduction, Scalar, Stream, Tables, Target, _engine
 from dask_sweep.dsl.lower import deps, lower_streams, walk_streams
-from dask_sweep.dsl.stages import Reduce, partial_shape
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.integration.optimize import active_settings
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
 from dask_sweep.passes.slabs import choose_steps, size_rings
-from dask_sweep.plan.ir import Output, Plan, Source
+from dask_sweep.plan.ir import Output, Plan, Reduce, Source, partial_shape
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
 

@@ -44,8 +44,7 @@ from dask_sweep.dsl.compile import (
 )
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.lower import pipeline_token
-from dask_sweep.dsl.stages import combine_partials
-from dask_sweep.plan.ir import Plan, Source
+from dask_sweep.plan.ir import Plan, Source, combine_partials
 from dask_sweep.runtime.executor import Trace, run_step
 from dask_sweep.runtime.memory import trim, tune_allocator
 from dask_sweep.utils import format_bytes

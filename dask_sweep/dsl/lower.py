@@ -1,5 +1,17 @@
 """From the pipeline's streams to the plan IR's stages (shared by the compiler and the
-multi-pass algorithms, which lower the streams of their inputs themselves)."""
+multi-pass algorithms, which lower the streams of their inputs themselves).
+
+Maps and zips lower to the IR's :class:`~dask_sweep.plan.ir.Pointwise`, windows to its
+:class:`~dask_sweep.plan.ir.Kernel`, reductions to its :class:`~dask_sweep.plan.ir.Reduce`.
+A pointwise stage reads the same planes ``[a, b)`` of each of its inputs, so a zip of
+branches with different total windows needs no special machinery: each branch is asked
+for ``[a, b)``, the wider window pulls further ahead from the shared source, and the
+source's ring holds the planes the other branch has not consumed yet::
+
+    source ring  [a-12 ........................ b+12)
+                  │ gaussian(3) pulls [a-12, b+12)   ─► [a, b) ─┐
+                  └ gaussian(1) pulls [a-4,  b+4)    ─► [a, b) ─┴► zip ─► [a, b)
+"""
 
 from __future__ import annotations
 

@@ -319,6 +319,13 @@ def partial_shape(ndim: int, axis: int, n: int, k: int) -> tuple[int, ...]:
     return tuple(s)
 
 
+def combine_partials(planes: np.ndarray, axis: int, how: str) -> np.ndarray:
+    """Fold :class:`Reduce` partial planes (any number of steps) into one vector."""
+    kax = 0 if axis != 0 else 1
+    other = tuple(d for d in range(planes.ndim) if d != kax)
+    return planes.sum(axis=other) if how == "sum" else planes.min(axis=other)
+
+
 @dataclass(frozen=True, eq=False)
 class Reduce(Stage):
     """Per-slab partials of a reduction (a histogram, a sum and a count...), laid out as planes.

@@ -48,6 +48,7 @@ import numpy as np
 from dask_sweep.config import temporary_directory
 from dask_sweep.dsl.core import Scalar, Stream, Tables
 from dask_sweep.dsl.lower import lower_streams, walk_streams
+from dask_sweep.dsl.sources import Rows
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.multipass import edt as E
 from dask_sweep.multipass import label as L
@@ -494,18 +495,11 @@ class SpillSpec:
         return SpillRows(self.store, self.row_bounds(axis))
 
 
-class SpillRows:
-    """Rows of a stored input, counted like any source's."""
+class SpillRows(Rows):
+    """Rows of a stored input (:class:`SpillStore`), counted like any source's."""
 
-    def __init__(self, store: SpillStore, row_bounds: tuple[int, ...]) -> None:
-        self.store = store
-        self.row_bounds = row_bounds
-        self.bytes_read = 0
-
-    def read_row(self, r: int, externals: dict) -> np.ndarray:
-        out = self.store.read(self.row_bounds[r], self.row_bounds[r + 1])
-        self.bytes_read += out.nbytes
-        return out
+    def _read(self, r: int, a: int, b: int) -> np.ndarray:
+        return self.data.read(a, b)
 
 
 class _TableValue:

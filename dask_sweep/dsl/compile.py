@@ -23,7 +23,7 @@
    stage reaches ahead and behind); a zip of branches with different reaches
    is aligned by the pull executor, buffering in the shared rings.
 
-4. **Slabs and budget.**  :func:`_choose_steps` replays each pass dry and
+4. **Slabs and budget.**  The plugin's sizer (:func:`~dask_sweep.passes.slabs.choose_steps`) replays each pass dry and
    picks the thickest steps whose projected peak (rings + the slab being
    computed + kernel temporaries, or the step's writes + the sink's encoding
    temporaries; plus ``sweep.runtime-overhead``) fits ``memory_limit``; a pass that does not fit even at one grid row per step is
@@ -44,7 +44,7 @@ from dask_sweep.dsl.lower import deps, lower_streams, walk_streams
 from dask_sweep.errors import BudgetError, PlanError
 from dask_sweep.integration.optimize import active_settings
 from dask_sweep.io.zarr_io import write_temporaries, write_whole_chunks
-from dask_sweep.passes.slabs import choose_steps, size_rings
+from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.plan.ir import Output, Plan, Reduce, Source, partial_shape
 from dask_sweep.runtime.executor import Trace
 from dask_sweep.utils import format_bytes
@@ -66,10 +66,6 @@ class PassPlan:
     lead: list[tuple[int, int]]  # per stage: planes of the sources it spans behind/ahead
     input_bytes: int = 0
     output_bytes: int = 0
-
-    def bound(self, env: dict) -> Plan:
-        """The plan with the scalars of earlier passes bound into its stages."""
-        return bind_plan(self.plan, env)
 
 
 def bind_plan(plan: Plan, env: dict) -> Plan:
@@ -125,16 +121,6 @@ class Compiled:
         return _engine("explain_compiled")(self)
 
 
-
-def resolve_settings(settings: dict) -> tuple[SweepSettings, dict]:
-    """Split DSL-only options from the ``sweep.*`` settings and resolve those.
-
-    Given settings win, then the active sweep pass's (``enable(...)``), then ``sweep.*``.
-    """
-    extra = {k: settings.pop(k) for k in list(settings) if k in DSL_SETTINGS}
-    return active_settings(**settings), extra  # explicit > enable(...) > sweep.* config
-
-
 def _all_scalars(roots: list[Any]) -> list[Scalar]:
     out: list[Scalar] = []
     seen: set[int] = set()
@@ -166,7 +152,9 @@ def compile_pipeline(items: list[Any], *, sinks: dict | None = None, **settings:
     ------
     PlanError, BudgetError
     """
-    s, extra = resolve_settings(dict(settings))
+    # DSL-only options apart; the rest: given > enable(...) > sweep.* config
+    extra = {k: settings.pop(k) for k in list(settings) if k in DSL_SETTINGS}
+    s = active_settings(**settings)
     axis = 0 if s.axis is None else s.axis
     targets = [t for t in items if isinstance(t, Target)]
     roots = [t.stream for t in targets] + [x for x in items if isinstance(x, Scalar)]
@@ -393,7 +381,7 @@ def _lower_pass(
         info={"tune_malloc": s.tune_malloc, "runtime_overhead": s.runtime_overhead + extra},
     )
     try:
-        plan, trace, peaks = _choose_steps(plan, s.target_slab_bytes)
+        plan, trace = choose_steps(plan, s.target_slab_bytes)  # the thickest steps that fit
     except BudgetError as e:
         reach = plan.reach()
         lead = plan.lead()
@@ -428,7 +416,7 @@ def _lower_pass(
         index=p,
         plan=plan,
         trace=trace,
-        step_peaks=peaks,
+        step_peaks=list(trace.step_peaks),
         step_reads=step_reads(plan, trace),
         outputs=outs,
         reach=plan.reach(),
@@ -436,31 +424,6 @@ def _lower_pass(
         input_bytes=in_bytes,
         output_bytes=out_bytes,
     )
-
-
-def project(plan: Plan) -> tuple[Trace, list[int]]:
-    """Replay ``plan`` dry: its trace and the projected peak of every step.
-
-    A step's peak is the larger of two moments, plus ``plan.info["runtime_overhead"]``:
-    computing (the rings + the slab being computed + its inputs and temporaries)
-    and writing (the rings carried to the next step + the planes the step emits +
-    the sink's encoding temporaries for one write piece); see
-    :func:`dask_sweep.passes.slabs.size_rings`.
-    """
-    _, trace = size_rings(plan)
-    return trace, list(trace.step_peaks)
-
-
-def _choose_steps(plan: Plan, target_slab_bytes: int) -> tuple[Plan, Trace, list[int]]:
-    """The thickest steps whose projected peak fits the budget (the plugin's sizer).
-
-    Raises
-    ------
-    BudgetError
-        When one plane per step does not fit.
-    """
-    plan, trace = choose_steps(plan, target_slab_bytes)
-    return plan, trace, list(trace.step_peaks)
 
 
 def step_reads(plan: Plan, trace: Trace) -> list[int]:
@@ -571,4 +534,4 @@ def open_sink(t: Target, g: int) -> SinkWriter:
     return SinkWriter(sink)
 
 
-__all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "project", "step_reads"]
+__all__ = ["AlgoPass", "Compiled", "PassPlan", "compile_pipeline", "step_reads"]

@@ -39,11 +39,11 @@ from dask_sweep.dsl.compile import (
     bind_plan,
     compile_pipeline,
     open_sink,
-    project,
     step_reads,
 )
 from dask_sweep.dsl.core import Constant, Reduction, Scalar, Stream, Target
 from dask_sweep.dsl.lower import pipeline_token
+from dask_sweep.passes.slabs import size_rings
 from dask_sweep.plan.ir import Plan, Source, combine_partials
 from dask_sweep.runtime.executor import Trace, run_step
 from dask_sweep.runtime.memory import trim, tune_allocator
@@ -445,7 +445,7 @@ def _run_pass(
     axis: int,
     bound: list,
 ) -> dict:
-    plan = pp.bound(env)
+    plan = bind_plan(pp.plan, env)  # the scalars of earlier passes bound into its stages
     bound.append(plan)  # the caller closes its readers, whatever happens
     peaks = list(pp.step_peaks)
     reads = list(pp.step_reads)
@@ -534,7 +534,9 @@ def _run_pass(
             else:
                 old_n = len(plan.steps) - t - 1
                 plan = new
-                trace, new_peaks = project(plan)
+                # replayed dry: the projected peak of every remaining step
+                trace = size_rings(plan)[1]
+                new_peaks = list(trace.step_peaks)
                 peaks = peaks[: t + 1] + new_peaks[t + 1 :]
                 reads = reads[: t + 1] + step_reads(plan, trace)[t + 1 :]
                 strikes = 0

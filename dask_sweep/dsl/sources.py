@@ -21,45 +21,48 @@ from dask_sweep.errors import SweepConfigError
 from dask_sweep.plan.ir import bounds
 
 
-class NumpyRows:
-    """Rows of an in-memory array (views: the array is in memory anyway).
+class Rows:
+    """Rows ``row_bounds[r]:row_bounds[r + 1]`` of ``data`` along ``axis``.
 
     Every reader counts the bytes it returned (``bytes_read``), which the local
     runner compares, step by step, with the rows the plan projected.
     """
 
-    def __init__(self, array: np.ndarray, row_bounds: tuple[int, ...], axis: int) -> None:
-        self.array = array
+    def __init__(self, data: Any, row_bounds: tuple[int, ...], axis: int = 0) -> None:
+        self.data = data
         self.row_bounds = row_bounds
         self.axis = axis
         self.bytes_read = 0
 
     def read_row(self, r: int, externals: dict) -> np.ndarray:
-        a, b = self.row_bounds[r], self.row_bounds[r + 1]
-        idx = (slice(None),) * self.axis + (slice(a, b),)
-        out = self.array[idx]
+        out = self._read(r, self.row_bounds[r], self.row_bounds[r + 1])
         self.bytes_read += out.nbytes
         return out
 
+    def _index(self, a: int, b: int) -> tuple[slice, ...]:
+        return (slice(None),) * self.axis + (slice(a, b),)
 
-class FileRows:
+    def _read(self, r: int, a: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NumpyRows(Rows):
+    """Rows of an in-memory array (views: the array is in memory anyway)."""
+
+    def _read(self, r: int, a: int, b: int) -> np.ndarray:
+        return self.data[self._index(a, b)]
+
+
+class FileRows(Rows):
     """Rows of a :class:`dask_sweep.io.Source` (Zarr, HDF5, TIFF), whole chunks each."""
 
-    def __init__(self, src: Any, row_bounds: tuple[int, ...], axis: int) -> None:
-        self.src = src
-        self.row_bounds = row_bounds
-        self.axis = axis
-        self.bytes_read = 0
-
-    def read_row(self, r: int, externals: dict) -> np.ndarray:
-        region = [slice(0, n) for n in self.src.shape]
-        region[self.axis] = slice(self.row_bounds[r], self.row_bounds[r + 1])
-        out = self.src.read(tuple(region))
-        self.bytes_read += out.nbytes
-        return out
+    def _read(self, r: int, a: int, b: int) -> np.ndarray:
+        region = [slice(0, n) for n in self.data.shape]
+        region[self.axis] = slice(a, b)
+        return self.data.read(tuple(region))
 
 
-class DaskRows:
+class DaskRows(Rows):
     """Rows of a dask array, read inside the slab task by the plugin's own readers.
 
     :func:`dask_sweep.patterns.readers.make_reader` evaluates the array's read
@@ -72,26 +75,18 @@ class DaskRows:
 
     def __init__(self, array: Any, row_bounds: tuple[int, ...], axis: int,
                  inner: Any = None) -> None:
-        self.array = array
-        self.row_bounds = row_bounds
-        self.axis = axis
+        super().__init__(array, row_bounds, axis)
         self.inner = inner
-        self.bytes_read = 0
 
-    def read_row(self, r: int, externals: dict) -> np.ndarray:
-        a, b = self.row_bounds[r], self.row_bounds[r + 1]
+    def _read(self, r: int, a: int, b: int) -> np.ndarray:
         if getattr(self.inner, "free", False):
-            out = self.inner.read_planes(a, b)
-        elif getattr(self.inner, "carries", False):
+            return self.inner.read_planes(a, b)
+        if getattr(self.inner, "carries", False):
             # upstream values shared with the next row are recomputed there (no memo)
-            out = np.asarray(self.inner.read_row(r, {}, None)[0])
-        elif self.inner is not None:
-            out = np.asarray(self.inner.read_row(r, {}))
-        else:
-            idx = (slice(None),) * self.axis + (slice(a, b),)
-            out = np.asarray(self.array[idx].compute(scheduler="sync"))
-        self.bytes_read += out.nbytes
-        return out
+            return np.asarray(self.inner.read_row(r, {}, None)[0])
+        if self.inner is not None:
+            return np.asarray(self.inner.read_row(r, {}))
+        return np.asarray(self.data[self._index(a, b)].compute(scheduler="sync"))
 
 
 def _dask_reader(array: Any, axis: int) -> Any:

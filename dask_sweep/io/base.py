@@ -75,6 +75,18 @@ def _fspath(path: Any) -> str:
     return os.path.abspath(os.fspath(path))
 
 
+def split_at_suffix(path: Any, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """Split ``path`` after its first element (not the root) ending in one of
+    ``suffixes``: the container and the ``/``-joined path inside it (without one,
+    the path itself and ``""``)."""
+    p = _fspath(path)
+    parts = p.split(os.sep)
+    for i, part in enumerate(parts):
+        if part.lower().endswith(suffixes) and i > 0:
+            return os.sep.join(parts[: i + 1]), "/".join(x for x in parts[i + 1 :] if x)
+    return p, ""
+
+
 def _mtime(path: str) -> int:
     try:
         return os.stat(path).st_mtime_ns
@@ -655,7 +667,7 @@ class Sink(ABC):
             nchunks = self._write(start, data)
             if self.fsync and not commit:
                 for f in self._files(start, stop):
-                    _start_writeback(f)
+                    fadvise(f, "DONTNEED")  # write-back started now
         except SinkError:
             raise
         except Exception as e:
@@ -742,7 +754,7 @@ class Sink(ABC):
                 rows = ", ".join(f"{a}:{b}" for a, b in slabs[:4])
                 raise SinkError(f"Failed to sync rows {rows} of {self.path}: {e}") from e
             for f in files:
-                _start_writeback(f)  # synced now: this drops its clean pages from the cache
+                fadvise(f, "DONTNEED")  # synced now: this drops its clean pages from the cache
         # The records themselves are not synced: they only ever follow the synced
         # data, and a record lost in a crash just makes resume redo the slab.  (A slab
         # recorded by two processes' syncs is recorded twice: harmless.)
@@ -1000,13 +1012,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _start_writeback(file: str | int) -> None:
-    """Ask the kernel to start writing a file's dirty pages now, without waiting.
+def fadvise(file: str | int, advice: str) -> None:
+    """``posix_fadvise`` of a whole file (a path or an open descriptor), where it exists;
+    ``advice`` names the ``POSIX_FADV_*`` constant.  A file that cannot be opened is left
+    alone (a missing chunk is reported when it is read).
 
-    On Linux ``POSIX_FADV_DONTNEED`` starts write-back of dirty pages (and drops
-    clean ones), so the disk works while the next slab is produced and the
-    later ``fsync`` in :meth:`Sink.commit_slab` has little left to wait for.
-    ``file`` is a path or an open descriptor.
+    ``"DONTNEED"`` starts write-back of a file's dirty pages now, without waiting (and
+    drops its clean ones), so the disk works while the next slab is produced and the
+    later ``fsync`` in :meth:`Sink.commit_slab` has little left to wait for;
+    ``"WILLNEED"`` starts reading it into the page cache.
     """
     if not hasattr(os, "posix_fadvise"):
         return
@@ -1015,7 +1029,7 @@ def _start_writeback(file: str | int) -> None:
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, getattr(os, f"POSIX_FADV_{advice}"))
     except OSError:
         pass
     finally:

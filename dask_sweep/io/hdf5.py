@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dask_sweep.errors import SinkError, SourceError
-from dask_sweep.io.base import HANDLES, Region, Sink, Source, _fspath, write_at
+from dask_sweep.io.base import HANDLES, Region, Sink, Source, split_at_suffix, write_at
 
 __all__ = ["HDF5Sink", "HDF5Source", "read_hdf5", "split_hdf5_path"]
 
@@ -35,12 +35,7 @@ def split_hdf5_path(path: Any) -> tuple[str, str]:
     >>> split_hdf5_path("/data/f.h5/grp/ds")
     ('/data/f.h5', 'grp/ds')
     """
-    p = _fspath(path)
-    parts = p.split(os.sep)
-    for i, part in enumerate(parts):
-        if part.lower().endswith(_SUFFIXES) and i > 0:
-            return os.sep.join(parts[: i + 1]), "/".join(x for x in parts[i + 1 :] if x)
-    return p, ""
+    return split_at_suffix(path, _SUFFIXES)
 
 
 def _datasets(f) -> list[str]:

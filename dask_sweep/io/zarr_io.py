@@ -28,6 +28,8 @@ from dask_sweep.io.base import (
     Source,
     _fmt_region,
     _fspath,
+    fadvise,
+    split_at_suffix,
 )
 from dask_sweep.io.stores import MissingChunkError, StrictStore
 
@@ -46,12 +48,7 @@ def split_zarr_path(path: Any) -> tuple[str, str]:
     >>> split_zarr_path("/data/vol.ome.zarr/0")
     ('/data/vol.ome.zarr', '0')
     """
-    p = _fspath(path)
-    parts = p.split(os.sep)
-    for i, part in enumerate(parts):
-        if part.lower().endswith(".zarr") and i > 0:
-            return os.sep.join(parts[: i + 1]), "/".join(x for x in parts[i + 1 :] if x)
-    return p, ""
+    return split_at_suffix(path, (".zarr",))
 
 
 def _join(*parts: str | None) -> str:
@@ -264,17 +261,7 @@ class ZarrSource(Source):
             nxt = (slice(b, min(self.shape[0], b + h)), *region[1:])
         for block in self._chunk_ids(nxt):
             key = arr.metadata.encode_chunk_key(block)
-            path = os.path.join(self.path, *key.split("/"))
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue  # missing chunks are reported when they are read
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fadvise(os.path.join(self.path, *key.split("/")), "WILLNEED")
 
     def _locate_failure(self, region: Region, error: Exception) -> SourceError:
         """Name the shard/chunk whose decoding failed (slow path, errors only)."""

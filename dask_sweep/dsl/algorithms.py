@@ -57,6 +57,7 @@ from dask_sweep.multipass import spill as _spill
 from dask_sweep.passes.tables import label_notes, plan_edt_stream, plan_label_stream
 from dask_sweep.plan.ir import Source, Stage
 from dask_sweep.runtime.executor import compute_stage
+from dask_sweep.runtime.ring import take
 from dask_sweep.utils import format_bytes
 
 __all__ = ["StreamSlabs", "Tables", "distance_transform_edt", "label"]
@@ -209,7 +210,7 @@ class StreamSlabs:
             for pos, i in enumerate(st.inputs):
                 lo, hi = st.window(pos)
                 ia, ib = max(0, ja - lo), min(self.n, jb + hi)
-                ins.append(_take(vals[i], ia - need[i][0], ib - need[i][0], self.axis))
+                ins.append(take(vals[i], ia - need[i][0], ib - need[i][0], self.axis))
             vals[j] = compute_stage(st, ja, jb, self.axis, ins, self.threads, False)
             del ins
             for i in st.inputs:
@@ -235,11 +236,6 @@ def _rows(rb: tuple[int, ...], a: int, b: int) -> tuple[int, int]:
     return max(0, r0), max(r0 + 1, r1)
 
 
-def _take(x: np.ndarray, a: int, b: int, axis: int) -> np.ndarray:
-    idx = (slice(None),) * axis + (slice(a, b),)
-    return x[idx]
-
-
 def _read(st: Source, a: int, b: int, axis: int) -> tuple[np.ndarray, int]:
     """Planes ``[a, b)`` of a source (whole rows read) and the bytes read."""
     r0, r1 = _rows(st.row_bounds, a, b)
@@ -247,7 +243,7 @@ def _read(st: Source, a: int, b: int, axis: int) -> tuple[np.ndarray, int]:
     nbytes = sum(p.nbytes for p in parts)
     x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
     del parts
-    return _take(x, a - st.row_bounds[r0], b - st.row_bounds[r0], axis), nbytes
+    return take(x, a - st.row_bounds[r0], b - st.row_bounds[r0], axis), nbytes
 
 
 class _SlabIn:
@@ -556,7 +552,7 @@ class AlgoRows:
         self.row_bounds = row_bounds
         self.value = value
         self.ahead = ahead
-        self.delivered = 0  # bytes read for the rows returned so far
+        self.bytes_read = 0  # for the rows returned so far (rows computed ahead: when returned)
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict = {}
         self._next = 0  # the row a sequential reader asks for next
@@ -567,11 +563,6 @@ class AlgoRows:
     def bind(self, env: dict, ahead: int | None = None) -> AlgoRows:
         ahead = self.ahead if ahead is None else ahead
         return AlgoRows(self.algo, self.uid, self.row_bounds, env[self.uid], ahead)
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes read for the rows returned so far (rows computed ahead count when returned)."""
-        return self.delivered
 
     def close(self) -> None:
         """Stop computing ahead (the pass ended early, e.g. on an error)."""
@@ -594,7 +585,7 @@ class AlgoRows:
         last = len(self.row_bounds) - 2
         if self.ahead < 1:
             out, nbytes = self._slab(r)
-            self.delivered += nbytes
+            self.bytes_read += nbytes
             return out
         sequential, self._next = r == self._next, r + 1
         if not sequential:  # rows out of order: what was computed ahead is not needed
@@ -610,7 +601,7 @@ class AlgoRows:
                     self._futures[q] = self._pool.submit(self._slab, q)
         fut = self._futures.pop(r, None)
         out, nbytes = fut.result() if fut is not None else self._slab(r)
-        self.delivered += nbytes
+        self.bytes_read += nbytes
         if r == last:
             self.close()
         return out
@@ -832,11 +823,10 @@ class _EDT(_Algorithm):
         rows = plan.max_rows
         # one slab's work beyond its output planes (counted by the next pass), the
         # carries and line buffers (the fixed part less the runtime overhead), the tables
-        # nothing computed ahead: a slab's envelopes already run on every thread
-        ahead = 0
         work = dist.per_voxel * rows * plane + dist.fixed - settings.runtime_overhead
-        held = work * (1 + ahead) - 8 * rows * plane
-        return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": ahead}
+        held = work - 8 * rows * plane
+        # nothing computed ahead: a slab's envelopes already run on every thread
+        return plan, {"reserve": keep, "held": int(max(0, held)), "ahead": 0}
 
     def tables(self, slabs_in: StreamSlabs, settings: Any, on_slab: Any = None):
         plan = self.prepared.plan

@@ -31,7 +31,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from dask_sweep.config import SweepSettings
 from dask_sweep.emit.graph import StepPriority, consumers_first, emit, emit_tiled
-from dask_sweep.errors import BudgetError, NotSweepable, SweepError
+from dask_sweep.errors import BudgetError, NotSweepable, SweepConfigError, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
 from dask_sweep.io.staging import StagedWriter
 from dask_sweep.io.zarr_io import encode_temporaries
@@ -91,7 +91,8 @@ def _choose_axis(region, settings: SweepSettings) -> tuple[int | None, str]:
     ndim = region.ndim
     if settings.axis is not None:
         if settings.axis >= ndim:
-            raise dask_sweep_config_error(settings.axis, ndim)
+            raise SweepConfigError(f"Expected sweep.axis < {ndim} (the arrays have {ndim} "
+                                   f"dimensions). Got {settings.axis}.")
         if not _sweepable(region, settings.axis):
             return None, (f"chained periodic boundaries along the configured sweep axis "
                           f"{settings.axis}")
@@ -115,14 +116,6 @@ def _one_block_each(region, plan: Plan) -> bool:
     return all(all(n == 1 for n in st.meta.numblocks) for st in region.stages.values()) and all(
         all(len(c) <= 1 for c in st.chunks) if st.chunks else len(st.row_bounds) <= 2
         for st in plan.stages if isinstance(st, Source))
-
-
-def dask_sweep_config_error(axis, ndim):
-    from dask_sweep.errors import SweepConfigError
-
-    return SweepConfigError(
-        f"Expected sweep.axis < {ndim} (the arrays have {ndim} dimensions). Got {axis}."
-    )
 
 
 def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
@@ -638,8 +631,6 @@ def sweep(dsk: Any = None, keys: Any = None, /, **settings: Any):
         warm_kernels()  # switched on by the user: numba's LLVM starts now, not in a run
         return SweepPass(**settings)
     if not hasattr(dsk, "keys") or keys is None:
-        from dask_sweep.errors import SweepConfigError
-
         raise SweepConfigError(
             "dask_sweep.sweep takes settings as keywords, e.g. sweep(memory_limit='512MiB'); "
             f"got a positional {type(dsk).__name__}."

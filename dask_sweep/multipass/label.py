@@ -327,15 +327,13 @@ def face_pairs(
     return np.stack([k // width, k % width], axis=1)
 
 
-def read_row(reader: BlockInput, shape: tuple, chunks: tuple, tune: bool, *_after: Any):
+def read_row(reader: BlockInput, shape: tuple, chunks: tuple) -> _Row:
     """A chunk row's mask, one bit per voxel, packed along the last axis (C order).
 
     ``shape`` is the row's, ``chunks`` the input's in-plane chunks.  Blocks whose
     last-axis offsets are whole bytes are packed one by one; otherwise a strip of
-    blocks along the last axis is joined first.  ``_after`` only orders the task.
+    blocks along the last axis is joined first.
     """
-    if tune:
-        tune_allocator()
     nbytes = math.ceil(shape[-1] / 8)
     bits = np.zeros((*shape[:-1], nbytes), dtype=np.uint8)
     starts = [np.cumsum((0, *c))[:-1] for c in chunks]
@@ -394,7 +392,7 @@ class _SharedRow:
     def take(self, a: int, b: int) -> np.ndarray:
         with self.lock:
             if self.row is None:
-                self.row = read_row(self.reader, self.shape, self.chunks, False)
+                self.row = read_row(self.reader, self.shape, self.chunks)
                 if self.kept is not None:  # for pass 2, instead of the input
                     self.kept.put(self.r, self.row.bits)
             out = self.row.planes(a, b)
@@ -824,7 +822,7 @@ def pass2_split(
     mask = kept.take_mask(r, a, b, parts) if kept is not None else None
     if mask is None:
         with _ROW_READS:  # one row's blocks read at a time, as the plan counts
-            mask = read_row(reader, shape, chunks, False).planes(a, b)
+            mask = read_row(reader, shape, chunks).planes(a, b)
     return relabel(mask, structure, lut, s, dtype, not src.raster)
 
 

@@ -848,12 +848,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _planes(lo: int, hi: int | None = None) -> str:
-    hi = lo if hi is None else hi
-    n = f"{lo}" if lo == hi else f"{lo}-{hi}"
-    return f"{n} plane{'s' * (hi != 1)}"
-
-
 def _disk_bytes(src: Any) -> int:
     """Bytes the source's files take on disk (an HDF5 dataset: its storage)."""
     kind = getattr(src, "kind", "")
@@ -928,6 +922,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     from dask_sweep.config import SweepSettings
     from dask_sweep.errors import BudgetError
     from dask_sweep.io import open_source
+    from dask_sweep.plan.printer import planes, step_widths
 
     src = open_source(a.path)
     rows = [("path", src.path), ("shape", " x ".join(map(str, src.shape))),
@@ -940,17 +935,16 @@ def cmd_info(a: argparse.Namespace) -> int:
     settings = _settings(a)
     budget = SweepSettings.resolve(**settings).memory_limit
     chunk_row = int(src.chunks[0]) * (nbytes // max(1, src.shape[0])) if src.shape else nbytes
-    rows.append(("chunk row", f"{_planes(src.chunks[0])}, {_fmt(chunk_row)} (read whole)"))
+    rows.append(("chunk row", f"{planes(src.chunks[0])}, {_fmt(chunk_row)} (read whole)"))
     try:
         e = dsl.explain(dsl.source(src).to(), **settings)
         pp = e.compiled.passes[0]
         steps = pp.plan.steps
-        widths = [b - a_ for a_, b in zip((0, *steps[:-1]), steps)]
         read = pp.trace.bytes_read
         rows.append((
             f"sweep at {_fmt(budget)}",
             f"axis {pp.plan.axis}, {len(steps)} step{'s' * (len(steps) != 1)} of "
-            f"{_planes(min(widths), max(widths))}; "
+            f"{step_widths(pp.plan)}; "
             f"reads {_fmt(read)} = {read / max(1, nbytes):.2f} x input per pass "
             f"(projected peak {_fmt(pp.trace.peak)})",
         ))

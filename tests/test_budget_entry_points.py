@@ -1097,6 +1097,27 @@ def test_ndimage_label_keeps_its_budget(mask_data, labels_ref, mode):
     np.testing.assert_array_equal(_read(out), labels_ref[0])
 
 
+def test_label_of_a_mask_with_a_pair_on_every_face_voxel_keeps_its_budget(tmp_path):
+    """Alternate columns along the sweep axis (a checkerboard plane repeated): half a
+    million components, every one crossing every face, the most the face and link steps
+    hold (thin fibres crossing each face, as in electron microscopy, come near).  Growth
+    was 88.8 MiB at 76 MiB before (pairs in int64 with copies beside them, five face
+    planes counted as four, the face pool held through the numbering); labels scipy's."""
+    import scipy.ndimage as ndi
+
+    yy, xx = np.ogrid[:1024, :1024]
+    vol = np.broadcast_to(np.where((yy + xx) % 2 == 0, 255, 0).astype(np.uint8),
+                          (16, 1024, 1024))
+    src = _store(tmp_path / "columns.zarr", vol, 4)
+    out = str(tmp_path / "labels.zarr")
+    rep = _measured("ndimage_label", mode="explicit-over-enable", budget="76MiB", src=src,
+                    out=out)
+    assert rep["growth"] <= 76 * MiB, rep
+    ref, n = ndi.label(vol > 128)
+    assert rep["n"] == n == 1024 * 1024 // 2
+    np.testing.assert_array_equal(_read(out), ref)
+
+
 @pytest.mark.parametrize("stored", ["mask", "volume"])
 def test_label_of_a_zstd_array_keeps_its_budget(mask_data, labels_ref, tmp_path, stored):
     """A compressed source of ``ndimage.label``, read through the sweeps' zarr reader
@@ -1366,8 +1387,9 @@ def test_ndimage_label_within_rows_keeps_its_budget_reduced(mask_data, scheduler
     import scipy.ndimage as ndi
 
     src, vol, _ = mask_data
-    rep = _measured("label_reduced", budget="28MiB", src=src, scheduler=scheduler)
-    assert rep["slabs"] > 64 and rep["growth"] <= 28 * MiB, rep  # 64 chunk rows
+    # (at 26-28 MiB, pass 1 on one thread labels whole chunk rows)
+    rep = _measured("label_reduced", budget="30MiB", src=src, scheduler=scheduler)
+    assert rep["slabs"] > 64 and rep["growth"] <= 30 * MiB, rep  # 64 chunk rows
     n = ndi.label(vol > 128, np.ones((3, 3, 3)))[1]
     assert rep["n"] == rep["max"] == n
 

@@ -487,6 +487,35 @@ def test_face_pairs_skipping_redundant_offsets_equal_brute_force(ndim, seed, den
     assert got.tolist() == [list(p) for p in _pairs_brute_force(upper, lower, structure[2])]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([np.int32, np.int64]), st.integers(1, 64),
+       st.sampled_from([0.3, 0.6, 0.9]))
+def test_face_pairs_through_a_small_buffer_equal_brute_force(seed, dtype, cap, density):
+    """A buffer far smaller than the pairs: compacted (sorted, deduplicated in place) and
+    grown many times, then the pairs written over it (int32 faces: int32 pairs)."""
+    from dask_sweep.multipass.label_kernels import face_pairs_2d
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(1, 40, 2))
+    # ids 1..many, so most keys are distinct (every voxel its own label on one side)
+    up = np.where(rng.random(shape) < density, rng.integers(1, 500, shape), 0).astype(dtype)
+    low = np.where(rng.random(shape) < density, rng.integers(1, 500, shape), 0).astype(dtype)
+    cross = np.asarray(rng.random((3, 3)) < 0.5)
+    got = face_pairs_2d(up, low, cross, np.zeros((3, 3), bool), cap=cap)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    assert got.tolist() == [list(p) for p in _pairs_brute_force(up, low, cross)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-5, 2**40), max_size=60))
+def test_unique_inplace_is_sorted_unique_at_the_front(values):
+    from dask_sweep.multipass.label_kernels import unique_inplace
+
+    a = np.array(values, dtype=np.int64)
+    k = unique_inplace(a)
+    assert a[:k].tolist() == sorted(set(values))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(2, 3), st.integers(0, 2**31), st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]),
        st.sampled_from(["rank", "random"]))

@@ -293,7 +293,8 @@ def face_pairs(
     upper: np.ndarray, lower: np.ndarray, cross: np.ndarray, inplane: np.ndarray | None = None,
     width: int | None = None,
 ) -> np.ndarray:
-    """Unique ``(upper id, lower id)`` pairs linked across a face, sorted, int64.
+    """Unique ``(upper id, lower id)`` pairs linked across a face, sorted (int32 pairs
+    of int32 faces, else int64).
 
     ``cross`` is ``structure[2]``: which in-plane offsets connect a voxel to the
     plane below it.  ``inplane`` is ``structure[1]`` when both planes come from
@@ -320,11 +321,15 @@ def face_pairs(
         b = lower[tuple(sl)]
         both = (a > 0) & (b > 0)
         if both.any():
-            keys.append(np.unique(a[both].astype(np.int64) * width + b[both]))
+            v = a[both].astype(np.int64) * width + b[both]
+            keys.append(v[: K.unique_inplace(v)])
     if not keys:
         return np.empty((0, 2), dtype=np.int64)
-    k = np.unique(np.concatenate(keys))
-    return np.stack([k // width, k % width], axis=1)
+    k = np.concatenate(keys)
+    k = k[: K.unique_inplace(k)]
+    out = np.empty((len(k), 2), dtype=np.int64)
+    K.split_keys(k, width, out, len(k))
+    return out
 
 
 def read_row(reader: BlockInput, shape: tuple, chunks: tuple) -> _Row:
@@ -403,16 +408,17 @@ class _SharedRow:
 
 
 class _Local:
-    """A slab's local labelling: label count, both faces and the labels on its top face.
+    """A slab's local labelling: label count, both faces and the labels on its top face
+    (``1..top_count``: labels are numbered in raster order of their first voxel).
 
     The faces are handed over: the face task above takes ``top``, the one below
     ``bottom``, each dropping its plane (the object may live until the link step).
     """
 
-    __slots__ = ("n", "top", "bottom", "top_ids", "renumbered")
+    __slots__ = ("n", "top", "bottom", "top_count", "renumbered")
 
-    def __init__(self, n, top, bottom, top_ids, renumbered=False) -> None:
-        self.n, self.top, self.bottom, self.top_ids = n, top, bottom, top_ids
+    def __init__(self, n, top, bottom, top_count, renumbered=False) -> None:
+        self.n, self.top, self.bottom, self.top_count = n, top, bottom, top_count
         self.renumbered = renumbered
 
 
@@ -501,8 +507,7 @@ def local_step(
     del lab
     # Labels are numbered in raster order of their first voxel, so those on the top
     # face are exactly 1..max (no sort of the plane needed).
-    ids = np.arange(1, int(top.max(initial=0)) + 1, dtype=idt)
-    return _Local(int(n), top, bottom, ids, renumbered)
+    return _Local(int(n), top, bottom, int(top.max(initial=0)), renumbered)
 
 
 def face_step(
@@ -516,8 +521,8 @@ def face_step(
     """
     a, b = upper.bottom, lower.top
     upper.bottom = lower.top = None
-    # lower's top face holds ids 1..len(top_ids) (see local_step)
-    pairs = face_pairs(a, b, structure[2], structure[1], width=len(lower.top_ids) + 1)
+    # lower's top face holds ids 1..top_count (see local_step)
+    pairs = face_pairs(a, b, structure[2], structure[1], width=lower.top_count + 1)
     if planes is not None:
         planes.give(a, b)
     return pairs
@@ -528,8 +533,8 @@ def smallest_linked(n: int, pairs: np.ndarray) -> np.ndarray:
 
     ``pairs`` are ``(label, b)``: labels sharing a ``b`` are joined.
     """
-    p = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    return K.smallest_linked(n, p[:, 0].copy(), p[:, 1].copy(), _ids(n))
+    p = np.asarray(pairs).reshape(-1, 2)
+    return K.smallest_linked(n, p[:, 0], p[:, 1], _ids(n))  # views: no copies
 
 
 class _Linked:
@@ -559,22 +564,30 @@ def link_step(
     """
     n = local.n
     if prev is None or pairs is None or not len(pairs):
-        pairs = np.empty((0, 2), np.int64)
+        pairs = np.empty((0, 2), _ids(n))
     if prev is None:
         kept, sdir = 0, None
     else:
-        ids, bs = prev.top_map
+        bs = prev.top_map
         kept, sdir = prev.kept, prev.sdir
         prev.top_map = None
         if len(pairs):
-            # the lower ids are on slab s+1's top face, hence in ``ids``
-            pairs[:, 1] = bs[np.searchsorted(ids, pairs[:, 1])]
-            w = int(pairs[:, 1].max()) + 1  # unique rows as one int64 key each
-            keys = np.unique(pairs[:, 0] * w + pairs[:, 1])
-            pairs = np.stack([keys // w, keys % w], axis=1)
+            # the lower ids are on slab s+1's top face: 1..m, their B at 0..m-1
+            pairs[:, 1] = bs[pairs[:, 1] - 1]
+            del bs
+            # unique rows as one int64 key each, sorted in place, written back as rows
+            w = int(pairs[:, 1].max()) + 1
+            keys = np.multiply(pairs[:, 0], np.int64(w), dtype=np.int64)
+            keys += pairs[:, 1]
+            k = K.unique_inplace(keys)
+            pairs = pairs[:k]
+            K.split_keys(keys, w, pairs, k)
+            del keys
     B = smallest_linked(n, pairs)
-    top_map = (local.top_ids, B[local.top_ids])
-    table = np.concatenate([B, pairs.ravel().astype(B.dtype)])
+    top_map = B[1 : local.top_count + 1].copy()  # B of the labels on this slab's top face
+    table = np.empty(len(B) + pairs.size, dtype=B.dtype)
+    table[: len(B)] = B
+    table[len(B) :] = pairs.reshape(-1)
     del B, pairs
     stored, kept, sdir = spill.keep_or_spill(
         table, kept, reserve, sdir, "label", f"B-{s:08d}.npy"
@@ -660,8 +673,13 @@ def number_step(
     pairs = table[n + 1 :].reshape(-1, 2)
     lut, cum = final_ids(B, keys, vals, cum, block)
     if len(pairs):
-        nkeys, first = np.unique(pairs[:, 1], return_index=True)
-        nvals = lut[pairs[first, 0]]
+        # one label per B value below: labels sharing a B below are joined (one root,
+        # one final id), so any of them stands for it (not np.unique: a sort of copies)
+        rep = np.full(int(pairs[:, 1].max()) + 1, -1, dtype=pairs.dtype)
+        rep[pairs[:, 1]] = pairs[:, 0]
+        nkeys = np.flatnonzero(rep >= 0)
+        nvals = lut[rep[nkeys]]
+        del rep
     else:
         nkeys = nvals = np.empty(0, dtype=np.int64)
     del table, B, pairs, keys, vals
@@ -744,9 +762,13 @@ def resolve(
             renumbered |= here.renumbered
             pairs = None if below is None else face_step(here, below, structure, planes)
             prev = linked[s] = link_step(here, pairs, prev, reserve, s)
+            pairs = None  # not held beside the next face's
             if on_slab is not None:
                 on_slab(s)  # the caller's per-slab measurement (the DSL's run report)
             below = here
+    # the faces are done with: not held through the numbering
+    here = below = None
+    planes.free.clear()
     luts: list = []
     numbered = None
     for s in range(n):

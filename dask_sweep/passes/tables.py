@@ -37,6 +37,7 @@ import numpy as np
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import BudgetError
 from dask_sweep.multipass.label import BLOCK_BYTES, numbering_block
+from dask_sweep.multipass.label_kernels import PAIR_BYTES
 from dask_sweep.plan.tables import Footprint, SweepPlan
 from dask_sweep.utils import format_bytes
 
@@ -179,10 +180,13 @@ def label_footprints(
     # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
     # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
     p1 = local + 2.0 / local_threads
-    # Faces of finished slabs waiting for their face step (top + bottom, 4 + 4, one
-    # more than the threads), the face kernel's keys (<= 1/4 plane x 8 B, doubled when
-    # full) and the pairs (<= 16 B per voxel of one plane).
-    face = plane * (8 * (local_threads + 1) + 4 + 16)
+    # Face planes (4 B per voxel): top and bottom of the slab being linked and of each
+    # slab in flight, and the top of the one below it: 2 x threads + 3; the face kernel
+    # and the link step (PAIR_BYTES per voxel of a plane at worst: one distinct pair per
+    # voxel, measured on alternate columns, where every voxel of a face is a pair).
+    # The numbering, after pass 1, holds less: a slab's table, int64 lookup table and
+    # the B values below, about 16 B per voxel of a plane and 8 per voxel of a slab.
+    face = plane * (4 * (2 * local_threads + 3) + PAIR_BYTES)
     # Relabel: the lookup table (out per label, <= 1/2 per voxel) next to the local
     # labelling, then the labels mapped through it: in place for int32 (the labels'
     # buffer becomes the output block), else into a new block (out).  For an external

@@ -405,8 +405,9 @@ def warm() -> None:
     """
     global _warm
     if not _warm:
-        one = np.ones((2, 2), dtype=np.int32)
-        face_pairs_2d(one, one, np.ones((3, 3), bool), np.ones((3, 3), bool))
+        for dt in (np.int32, np.int64):  # int32 pairs written over their keys, else int64
+            one = np.ones((2, 2), dtype=dt)
+            face_pairs_2d(one, one, np.ones((3, 3), bool), np.ones((3, 3), bool))
         lut = np.zeros(2, dtype=np.int32)
         for dt, lt in _LUT_TYPES:
             apply_lut(np.ones(2, dtype=dt), lut.astype(lt))
@@ -414,7 +415,8 @@ def warm() -> None:
         label_slab(np.ones((1, 1, 2), bool), np.ones((3, 3, 3), bool))
         one = np.ones(1, dtype=np.int64)
         smallest_linked(1, one, one, np.int32)
-        pairs = np.ones((1, 2), dtype=np.int32)  # link steps pass views of int32 pairs
-        smallest_linked(1, pairs[:, 0], pairs[:, 1], np.int32)
+        for dt in (np.int32, np.int64):  # link steps pass views of the pairs
+            pairs = np.ones((1, 2), dtype=dt)
+            smallest_linked(1, pairs[:, 0], pairs[:, 1], np.int32)
         unique_inplace(np.arange(3, dtype=np.int64))
         _warm = True

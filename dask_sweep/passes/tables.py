@@ -184,8 +184,9 @@ def label_footprints(
     # slab in flight, and the top of the one below it: 2 x threads + 3; the face kernel
     # and the link step (PAIR_BYTES per voxel of a plane at worst: one distinct pair per
     # voxel, measured on alternate columns, where every voxel of a face is a pair).
-    # The numbering, after pass 1, holds less: a slab's table, int64 lookup table and
-    # the B values below, about 16 B per voxel of a plane and 8 per voxel of a slab.
+    # The numbering, after pass 1, holds less: a slab's pairs, the B values linked up
+    # and down (<= 24 B per voxel of a plane), its B, int64 lookup table and the B values
+    # below (<= 8 B per voxel of a slab: one label per two voxels at most).
     face = plane * (4 * (2 * local_threads + 3) + PAIR_BYTES)
     # Relabel: the lookup table (out per label, <= 1/2 per voxel) next to the local
     # labelling, then the labels mapped through it: in place for int32 (the labels'

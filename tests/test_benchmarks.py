@@ -20,6 +20,9 @@ CASES = {
                     ["identical output: True"]),
     "bench_ndimage": (["--shape", "24", "64", "64", "--memory-limit", "32MiB"],
                       ["same result: True"]),
+    # random user pipelines, each in a fresh process: no swept case over its budget
+    "bench_budget": (["--cases", "3", "--size", "24", "64", "64", "--budgets", "4MiB"],
+                     ["largest growth÷budget of a swept case", "over the budget: 0"]),
     "bench_dsl": (["--shape", "24", "64", "64", "--pipelines", "otsu"],
                   ["dsl results equal: True"]),
     "bench_io": (["--shape", "16", "64", "64", "--formats", "zarr-slab", "hdf5",

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import dask_sweep
 from dask_sweep.testing import assert_sweep_equal, swept
+from dask_sweep.testing import strategies as sst
 
 SMALL = dict(target_slab_bytes="2KiB", memory_limit="16MiB")
 
@@ -322,62 +323,12 @@ def test_ball_morphology_of_dask_image_is_bit_identical(shape, chunks, radius, o
 
 # --- pipelines as users write them, composed at random -----------------------------------
 
-def _ball(r):
-    z, y, x = np.ogrid[-r:r + 1, -r:r + 1, -r:r + 1]
-    return z * z + y * y + x * x <= r * r
-
-
-def _stage(op: str, p: int, x, first):
-    """One stage of a dask-image / dask / xarray pipeline on ``x`` (``first``: the input)."""
-    from dask_image import ndfilters, ndmorph
-
-    cut = np.asarray(100 if x.dtype.kind in "iu" else 0.3, dtype=x.dtype)
-    if op == "gaussian":
-        return ndfilters.gaussian_filter(x, p % 3 * 0.7 + 0.5)
-    if op == "uniform":
-        return ndfilters.uniform_filter(x, p % 4 + 2)
-    if op == "median":
-        return ndfilters.median_filter(x, size=p % 2 * 2 + 3)
-    if op == "maximum":
-        return ndfilters.maximum_filter(x, size=(p % 3 + 1, 2, 3))
-    if op == "sobel":
-        return ndfilters.sobel(x, axis=p % 3)
-    if op == "dilation":
-        return ndmorph.binary_dilation(x > cut, structure=_ball(p % 2 + 1),
-                                       iterations=p % 2 + 1).astype(x.dtype)
-    if op == "erosion":
-        return ndmorph.binary_erosion(x > cut, ndi.generate_binary_structure(3, p % 3 + 1),
-                                      border_value=p % 2).astype(x.dtype)
-    if op == "opening":
-        return ndmorph.binary_opening(x > cut).astype(x.dtype)
-    if op == "where":
-        return da.where(x > cut, x, first.astype(x.dtype))
-    if op == "astype":
-        return x.astype(["f4", "u1", "i2", "f8"][p % 4])
-    if op == "map_overlap":
-        return x.map_overlap(lambda b: b + np.roll(b, 1, axis=0) - np.roll(b, -1, axis=2),
-                             depth={0: p % 3, 1: 1, 2: p // 3 % 2}, dtype=x.dtype,
-                             boundary=["reflect", "nearest", 0, "none", "periodic"][p % 5])
-    if op == "rolling":
-        import xarray as xr
-
-        r = xr.DataArray(x, dims=("z", "y", "x")).rolling(z=p % 3 + 2, center=bool(p % 2),
-                                                          min_periods=1)
-        return r.mean().data
-    raise ValueError(op)
-
-
-STAGES = ["gaussian", "uniform", "median", "maximum", "sobel", "dilation", "erosion",
-          "opening", "where", "astype", "map_overlap", "rolling"]
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     shape=st.tuples(st.integers(4, 20), st.integers(3, 16), st.integers(3, 16)),
     data=st.data(),
     dtype=st.sampled_from(["u1", "u2", "f4", "f8"]),
-    stages=st.lists(st.tuples(st.sampled_from(STAGES), st.integers(0, 100)), min_size=1,
-                    max_size=4),
+    stages=sst.pipelines(),
     budget=st.sampled_from(["2KiB", "16KiB", "64KiB", "1MiB", "64MiB"]),
     slab=st.sampled_from([None, "1B", "4KiB"]),
     scheduler=st.sampled_from(["sync", "threads"]),
@@ -389,17 +340,15 @@ def test_hypothesis_user_pipelines(shape, data, dtype, stages, budget, slab, sch
     (500 such cases ran clean in stop 38's search, about half of them swept.)"""
     from hypothesis import assume
 
-    from dask_sweep.testing import strategies as sst
+    from dask_sweep.testing.pipelines import build
 
     chunks = data.draw(sst.chunkings(shape))
     rng = np.random.default_rng(sum(shape) * 31 + len(stages))
     vol = rng.random(shape)
     vol = (vol * 255).astype(dtype) if dtype[0] == "u" else vol.astype(dtype)
     x = da.from_array(vol, chunks=chunks)
-    y = x
     try:
-        for op, p in stages:
-            y = _stage(op, p, y, x)
+        y = build(x, stages)
     except ValueError:  # dask refuses, e.g. a depth deeper than the array
         assume(False)
     settings_ = {"memory_limit": budget, "fallback": "silent"}

@@ -35,6 +35,7 @@ __all__ = [
     "depths",
     "dtypes",
     "fit_depth",
+    "pipelines",
     "shapes",
     "volumes",
 ]
@@ -141,3 +142,12 @@ def dask_volumes(
     vol = draw(volumes(shape=shape, dtype=dtype))
     c = draw(chunkings(vol.shape)) if chunks is None else chunks
     return da.from_array(vol, chunks=c)
+
+
+def pipelines(max_stages: int = 4) -> st.SearchStrategy:
+    """Pipelines of :mod:`~dask_sweep.testing.pipelines` (``[(stage, p), ...]``, 1 to
+    ``max_stages`` long), for :func:`~dask_sweep.testing.pipelines.build`."""
+    from dask_sweep.testing.pipelines import STAGES
+
+    return st.lists(st.tuples(st.sampled_from(STAGES), st.integers(0, 100)), min_size=1,
+                    max_size=max_stages)

@@ -23,11 +23,12 @@
    stage reaches ahead and behind); a zip of branches with different reaches
    is aligned by the pull executor, buffering in the shared rings.
 
-4. **Slabs and budget.**  The plugin's sizer (:func:`~dask_sweep.passes.slabs.choose_steps`) replays each pass dry and
+4. **Slabs and budget.**  The plugin's sizer
+   (:func:`~dask_sweep.passes.slabs.choose_steps`) replays each pass dry and
    picks the thickest steps whose projected peak (rings + the slab being
    computed + kernel temporaries, or the step's writes + the sink's encoding
-   temporaries; plus ``sweep.runtime-overhead``) fits ``memory_limit``; a pass that does not fit even at one grid row per step is
-   refused *before any I/O*.
+   temporaries; plus ``sweep.runtime-overhead``) fits ``memory_limit``; a pass
+   that does not fit even at one grid row per step is refused *before any I/O*.
 """
 
 from __future__ import annotations

@@ -1097,7 +1097,7 @@ def test_ndimage_label_keeps_its_budget(mask_data, labels_ref, mode):
     np.testing.assert_array_equal(_read(out), labels_ref[0])
 
 
-def test_label_of_a_mask_with_a_pair_on_every_face_voxel_keeps_its_budget(tmp_path):
+def test_label_of_a_mask_with_a_pair_at_each_foreground_face_voxel_keeps_its_budget(tmp_path):
     """Alternate columns along the sweep axis (a checkerboard plane repeated): half a
     million components, every one crossing every face, the most the face and link steps
     hold (thin fibres crossing each face, as in electron microscopy, come near).  Growth

@@ -182,8 +182,8 @@ def label_footprints(
     p1 = local + 2.0 / local_threads
     # Face planes (4 B per voxel): top and bottom of the slab being linked and of each
     # slab in flight, and the top of the one below it: 2 x threads + 3; the face kernel
-    # and the link step (PAIR_BYTES per voxel of a plane at worst: one distinct pair per
-    # voxel, measured on alternate columns, where every voxel of a face is a pair).
+    # and the link step (PAIR_BYTES per voxel of a plane: the bound, one distinct pair per
+    # voxel; alternate columns, a pair at every other voxel, the worst case measured).
     # The numbering, after pass 1, holds less: a slab's pairs, the B values linked up
     # and down (<= 24 B per voxel of a plane), its B, int64 lookup table and the B values
     # below (<= 8 B per voxel of a slab: one label per two voxels at most).

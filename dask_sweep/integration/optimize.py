@@ -258,7 +258,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     if res.plans and where_slots.kind == "local" and settings.tune_malloc:
         # before the scheduler's threads allocate: glibc gives each thread that allocates
         # before the cap its own arena, whose freed pieces stay (a chain of three filters
-        # at 24 MiB grew 24.1-26.2 MiB tuned in its first task, 23.4-23.8 tuned here)
+        # at 24 MiB grew 24.1-26.2 MiB tuned in its first task, 23.3-23.5 tuned here)
         tune_allocator()
     return res
 

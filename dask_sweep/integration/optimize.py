@@ -195,11 +195,6 @@ def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
                        result.slots)
 
 
-#: A plan projected at this share of its budget or more trims the heap after each stage of a
-#: step, not only after each task (the executor; a trim walks the whole heap).
-TRIM_STAGES_ABOVE = 0.9
-
-
 def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     res = SweepResult(settings=settings)
     if not isinstance(dsk, HighLevelGraph):
@@ -258,8 +253,7 @@ def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
                 warnings.warn(f"{e} Falling back to stock dask.", RuntimeWarning, stacklevel=4)
             res.fallbacks.append(Fallback(where, str(e)))
             continue
-        plan = plan.with_info(absorbed=_absorbed(region), sources=set(region.sources),
-                              trim_stages=trace.peak >= TRIM_STAGES_ABOVE * plan.budget)
+        plan = plan.with_info(absorbed=_absorbed(region), sources=set(region.sources))
         res.plans.append((plan, trace))
     if res.plans and where_slots.kind == "local" and settings.tune_malloc:
         # before the scheduler's threads allocate: glibc gives each thread that allocates

@@ -244,13 +244,11 @@ class _Step:
         # at the end of the step: a step then holds about one stage's slab at a time.
         for i in set(st.inputs):
             self._release_one(i)
-        if not self.dry and plan.info.get("trim_stages"):
-            # and, in a plan near its budget, hand the heap's free pages back
-            # (sweep.tune-malloc): pieces under the mmap threshold (rings, per-plane
-            # temporaries) freed stage after stage left holes in glibc's arenas that a
-            # step's later stages did not fill (a chain of 19 stages planned at 95 % of
-            # 16 MiB grew 16.7-17.4 MiB trimmed once a step, 15.7 so).  Not in every plan:
-            # a trim walks the whole heap (3.7 ms in a process holding 1.6 GB of pieces)
+        if not self.dry:
+            # and hand the heap's free pages back (sweep.tune-malloc): pieces under the
+            # mmap threshold (rings, per-plane temporaries) freed stage after stage left
+            # holes in glibc's arenas that a step's later stages did not fill (a chain of
+            # 19 stages at 16 MiB grew 16.7-17.4 MiB trimmed once a step, 15.4-15.7 so)
             trim()
         if self.trace is not None:
             ring = self.state.rings[j]

@@ -208,3 +208,25 @@ def test_steps_wait_for_consumers_after_an_optimiser_that_keeps_layers(rng):
     with dask.config.set(array_optimize=_Chained(sweep, lambda dsk, keys, **kw: dsk)):
         np.testing.assert_allclose(s.compute(scheduler="sync"),
                                    (x.compute() * 2 + 1).sum(axis=(1, 2)))
+
+
+def test_glibc_is_tuned_by_a_swept_compute_not_by_explain():
+    """``sweep.tune-malloc`` applies when a graph is rewritten to run (before the local
+    scheduler's threads allocate), not when a sweep is only explained."""
+    import subprocess
+    import sys
+
+    code = (
+        "import dask.array as da, numpy as np, dask_sweep\n"
+        "from dask_sweep.runtime import memory\n"
+        "x = da.from_array(np.ones((16, 8, 8)), chunks=(4, 8, 8))\n"
+        "y = x.map_overlap(lambda b: b + 1, depth=1, boundary='reflect')\n"
+        "with dask_sweep.enable(memory_limit='64MiB'):\n"
+        "    assert 'sweep 0' in str(dask_sweep.explain(y))\n"
+        "    before = memory._done\n"
+        "    y.compute(scheduler='threads')\n"
+        "print(before, memory._done)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["False", "True"], p.stdout

@@ -151,9 +151,12 @@ def analyse_collection(x: Any, settings):
 
 def sweep_expression(root, settings):
     """``root`` with every region the analysis plans replaced by its sweep's tasks."""
+    from dask_sweep.integration.optimize import tune_before_running
+
     result, view = analyse_expression(root, settings)
     if not result.plans:
         return root
+    tune_before_running(result)
     return rewrite_expression(root, result, view)
 
 

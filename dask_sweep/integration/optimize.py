@@ -262,7 +262,7 @@ def tune_before_running(result: SweepResult) -> None:
     """Tune glibc (``sweep.tune-malloc``) when a graph is rewritten for the local scheduler,
     before its threads allocate: each thread that allocates before the arena cap keeps an
     arena of its own, whose freed pieces stay (a chain of three filters at 24 MiB grew
-    24.1-26.2 MiB tuned in its first task, 23.3-23.5 tuned at planning).  Not in the
+    24.1-26.2 MiB tuned in its first task, 23.3-23.5 tuned before the run).  Not in the
     analysis itself: ``explain`` changes nothing of the process."""
     if (result.plans and result.slots is not None and result.slots.kind == "local"
             and result.settings is not None and result.settings.tune_malloc):

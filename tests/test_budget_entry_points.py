@@ -736,7 +736,7 @@ def test_blocks_a_reduction_takes_live_one_step(plugin_data, scheduler, expressi
     """On one thread, dask.order would run the sweep's chain to its end before the
     first partial sum (64 MiB of blocks alive, 2.8x the budget): each step waits for
     the consumers of the step before's blocks (emit.graph.consumers_first; in dask's
-    array-expression mode, integration.expr.gate_consumers: 83.7 MiB before)."""
+    array-expression mode, emit.expr.gate_consumers: 83.7 MiB before)."""
     src, ref, _ = plugin_data
     env = {"DASK_ARRAY__QUERY_PLANNING": "True"} if expressions else None
     rep = _measured("reduced", env=env, budget="24MiB", src=src, scheduler=scheduler)

@@ -189,7 +189,8 @@ def test_steps_wait_for_consumers_after_an_optimiser_that_keeps_layers(rng):
     from dask.array.optimization import optimize as dask_optimize
 
     from dask_sweep.emit.graph import is_step
-    from dask_sweep.integration.optimize import SweepPass, _Chained, _priorities
+    from dask_sweep.emit.splice import priorities as _priorities
+    from dask_sweep.integration.optimize import SweepPass, _Chained
 
     x = da.from_array(rng.random((40, 16, 16)), chunks=(4, 16, 16))
     s = (x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect") + 1).sum(axis=(1, 2))

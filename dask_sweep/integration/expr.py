@@ -18,15 +18,15 @@ distributed client's ``compute`` / ``persist`` an ``_ExprSequence`` (``x.optimiz
 (simplify, tune, lower, simplify), then, when a sweep pass is active, the lowered
 tree is read by :mod:`dask_sweep.patterns.expr` (the same recogniser, planner,
 budget and ``explain`` as the graph mode) and each planned region's outputs are
-replaced by :class:`SweepOutput` nodes whose tasks are :mod:`dask_sweep.emit`'s
-(output keys keep their names; the slab chain is one :class:`SweepTasks` node;
-sources read inside the slab task simply drop out of the tree).  Nothing else
-changes, and with no sweep active the wrapper returns dask's result untouched.
+replaced by :mod:`dask_sweep.emit.expr` with nodes whose tasks are
+:mod:`dask_sweep.emit.graph`'s (output keys keep their names; sources read
+inside the slab task simply drop out of the tree).  Nothing else changes, and with no sweep active the wrapper returns dask's result untouched.
 
 The wrapper is installed when dask has the internals it relies on
 (:data:`TESTED` lists the dask versions it was checked with; another version is
 still wrapped, and a tree the analysis trips on is left to dask with a warning,
-as in the graph mode).
+as in the graph mode).  Wrapping ``optimize_until`` is the one use of dask's
+expression internals outside :mod:`dask_sweep.patterns` and :mod:`dask_sweep.emit`.
 """
 
 from __future__ import annotations
@@ -37,26 +37,13 @@ from dataclasses import replace
 from typing import Any
 
 import dask
-from dask.base import tokenize
 
+from dask_sweep.patterns.expr import internals_ok
 from dask_sweep.patterns.recognise import Fallback
 
 TESTED = ("2026.8",)  # dask versions whose expression internals this was checked against
 
 _STAGES = ("simplified-physical", "fused")  # what Expr.optimize asks for
-
-
-def _internals_ok() -> bool:
-    try:
-        import dask._expr as E
-        from dask.array._array_expr._blockwise import Blockwise  # noqa: F401
-        from dask.array._array_expr._expr import ArrayExpr  # noqa: F401
-        from dask.array._array_expr._io import FromArray  # noqa: F401
-        from dask.array._array_expr._overlap import MapOverlap, _trim  # noqa: F401
-        from dask.array._array_expr._rechunk import Rechunk  # noqa: F401
-    except ImportError:
-        return False
-    return callable(getattr(E, "optimize_until", None)) and hasattr(E, "_ExprSequence")
 
 
 def version_note() -> str:
@@ -69,7 +56,7 @@ def version_note() -> str:
 
 def install() -> bool:
     """Wrap ``dask._expr.optimize_until`` (idempotent); ``False`` if dask lacks the internals."""
-    if not _internals_ok():
+    if not internals_ok():
         return False
     import dask._expr as E
 
@@ -91,6 +78,8 @@ def install() -> bool:
         out = sweep_expression(out, p.settings())
         # the keys are final: compute and persist materialise the graph of what this
         # returns (at "simplified-physical"), "fused" has fused already
+        from dask_sweep.emit.expr import gate_consumers
+
         gate_consumers(out)
         return out
 
@@ -157,132 +146,6 @@ def sweep_expression(root, settings):
     if not result.plans:
         return root
     tune_before_running(result)
+    from dask_sweep.emit.expr import rewrite_expression
+
     return rewrite_expression(root, result, view)
-
-
-def gate_consumers(root) -> None:
-    """Make each sweep step of ``root`` wait for the consumers of the step before's blocks
-    (:func:`~dask_sweep.emit.graph.consumers_first`, as in graph mode), in place.
-
-    On one thread ``dask.order`` runs a sweep's chain to its end before the first
-    consumer outside it (a reduction's partials): every block alive at once (a summed
-    pipeline grew 83 MiB at 24 MiB).  The gates go into the steps' own tasks, in the
-    graph each :class:`SweepTasks` node owns, so no expression is renamed (a renamed
-    consumer would rename the very keys the gates point at).  Costs one extra
-    materialisation of the graph.
-    """
-    from dask_sweep.emit.graph import consumers_first
-
-    SweepTasks = classes()[0]
-    nodes = [e for e in root.walk() if isinstance(e, SweepTasks)]
-    if not nodes:
-        return
-    from dask._task_spec import convert_legacy_graph
-
-    # dask's reductions still write tuple tasks here: as task specs, with dependencies
-    graph = convert_legacy_graph(dict(root.__dask_graph__()))
-    gated = consumers_first(graph)
-    for node in nodes:
-        own = node.operand("graph")
-        for k in own:
-            if gated.get(k, own[k]) is not graph.get(k, own[k]):
-                own[k] = gated[k]
-
-
-# --- emission into the expression tree -------------------------------------------------
-
-
-def classes():
-    """``(SweepTasks, SweepOutput, SweepAlias)``: expression nodes (module-level, picklable)."""
-    from dask_sweep.integration import _expr_nodes as n
-
-    return n.SweepTasks, n.SweepOutput, n.SweepAlias
-
-
-def rewrite_expression(root, result, view):
-    """Replace each planned region's outputs in ``root`` by the sweep's nodes."""
-    from dask_sweep.emit.graph import emit, emit_tiled
-
-    SweepTasks, SweepOutput, _ = classes()
-    replace: dict = {}
-    for plan, trace in result.plans:
-        token = tokenize([o.name for o in plan.outputs], plan.steps, plan.budget)
-        if "tile_plans" in plan.info:
-            new_layers, new_deps = emit_tiled(plan.info["tile_plans"], token)
-        else:
-            new_layers, new_deps = emit(plan, trace, token)
-        names = {o.name for o in plan.outputs}
-        sweep = {n: lay for n, lay in new_layers.items() if n not in names}
-        external = set().union(*(new_deps.get(n, set()) for n in sweep)) - set(sweep)
-        graph: dict = {}
-        for lay in sweep.values():
-            graph.update(lay)
-        tasks = SweepTasks(token, graph, *(view.exprs[n] for n in sorted(external)))
-        for name in names:
-            old = view.exprs[name]
-            replace[name] = SweepOutput(name, old.chunks, old._meta, dict(new_layers[name]),
-                                        tasks)
-    return _rebuild_root(root, replace)
-
-
-def _rebuild_root(root, replace: dict):
-    from dask._expr import _ExprSequence
-    from dask.array._array_expr._expr import ArrayExpr
-
-    _, _, SweepAlias = classes()
-    memo: dict = {}
-    if isinstance(root, _ExprSequence):
-        tops = []
-        for op in root.operands:
-            new = _substitute(op, replace, memo)
-            if isinstance(op, ArrayExpr) and new._name != op._name:
-                new = SweepAlias(op._name, new)  # keys stay those dask predicted (persist)
-            tops.append(new)
-        return _ExprSequence(*tops)
-    new = _substitute(root, replace, memo)
-    if isinstance(root, ArrayExpr) and new._name != root._name:
-        new = SweepAlias(root._name, new)
-    return new
-
-
-def _substitute(expr, replace: dict, memo: dict):
-    from dask._expr import Expr
-
-    name = expr._name
-    if name in memo:
-        return memo[name]
-    if name in replace:
-        memo[name] = replace[name]
-        return memo[name]
-    ops, changed = [], False
-    for op in expr.operands:
-        if isinstance(op, Expr):
-            new = _substitute(op, replace, memo)
-            changed |= new is not op
-            ops.append(new)
-        else:
-            ops.append(op)
-    out = _remake(expr, ops) if changed else expr
-    memo[name] = out
-    return out
-
-
-def _remake(expr, ops: list):
-    """``type(expr)(*ops)``, even when dask's singleton cache would hand back ``expr``.
-
-    (An expression named explicitly, ``map_blocks(name=...)``, keeps its name
-    with new operands; the cache entry of the old one is restored afterwards.)
-    """
-    new = type(expr)(*ops)
-    if all(a is b for a, b in zip(new.operands, ops)):
-        return new
-    registry = getattr(type(expr), "_instances", None)
-    if registry is None:  # pragma: no cover - not a singleton: the constructor made it
-        return new
-    old = registry.pop(expr._name, None)
-    try:
-        new = type(expr)(*ops)
-    finally:
-        if old is not None:
-            registry[expr._name] = old
-    return new

@@ -26,18 +26,6 @@ from dask import threaded
 from dask_sweep.patterns.expr import array_expr_of, expression_mode
 
 
-def _store_map(x, target, region, lock):
-    """The ``store-map`` expression of one source (as dask's graph-mode ``store``)."""
-    from dask.array._array_expr._collection import blockwise
-    from dask.array.core import load_store_chunk
-    from dask.layers import ArraySliceDep
-
-    ind = tuple(range(x.ndim))[::-1]
-    return blockwise(load_store_chunk, ind, x, ind, target, None, ArraySliceDep(x.chunks), ind,
-                     region=region, lock=lock, return_stored=False, load_stored=False,
-                     token="store-map", meta=x._meta, align_arrays=False)
-
-
 class Stored:
     """A not yet computed expression-mode store: ``.compute()`` (or ``dask.compute``) writes.
 
@@ -111,9 +99,10 @@ def store(sources, targets, lock: Any = True, regions=None, compute: bool = True
         from dask.utils import get_scheduler_lock
 
         lock = get_scheduler_lock(scheduler=kwargs.get("scheduler"))
-    from dask_sweep.integration._expr_nodes import StoreDone
+    from dask_sweep.emit.expr import store_map
+    from dask_sweep.emit.expr_nodes import StoreDone
 
-    maps = [_store_map(s, t, r, lock).expr for s, t, r in zip(sources, targets, regions_list)]
+    maps = [store_map(s, t, r, lock).expr for s, t, r in zip(sources, targets, regions_list)]
     stored = Stored(StoreDone(*maps))
     if not compute:
         return stored

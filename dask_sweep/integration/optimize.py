@@ -26,11 +26,9 @@ from typing import Any
 
 import dask
 from dask.array.optimization import optimize as dask_default_optimize
-from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.emit.graph import StepPriority, consumers_first, emit, emit_tiled
+from dask_sweep.emit.splice import splice, then_keeping_priorities
 from dask_sweep.errors import BudgetError, NotSweepable, SweepConfigError, SweepError
 from dask_sweep.integration.cluster import WORKER_FRACTION, Slots, slots
 from dask_sweep.io.staging import StagedWriter
@@ -40,7 +38,7 @@ from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import on_blocks, tile, tileable
 from dask_sweep.patterns.expr import _flatten
-from dask_sweep.patterns.layers import array_meta
+from dask_sweep.patterns.layers import array_meta, is_layered
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
 from dask_sweep.plan.ir import FEEDING, FEEDING_BUDGET, Kernel, Plan, Running, Source
@@ -132,7 +130,7 @@ def analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
         return done
     try:
         res = _analyse(dsk, keys, settings)
-        if isinstance(dsk, HighLevelGraph):
+        if is_layered(dsk):
             res.graph = (keys, frozenset(dsk.layers))
         return res
     except SweepError:
@@ -175,7 +173,7 @@ def reuse(result: SweepResult) -> Iterator[None]:
 
 def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
     result = _REUSE.get()
-    if result is None or not isinstance(dsk, HighLevelGraph):
+    if result is None or not is_layered(dsk):
         return None
     given, layers = result.graph
     same = (result.settings is not None
@@ -197,7 +195,7 @@ def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
 
 def _analyse(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult:
     res = SweepResult(settings=settings)
-    if not isinstance(dsk, HighLevelGraph):
+    if not is_layered(dsk):
         res.fallbacks.append(Fallback("graph", "not a HighLevelGraph (a plain dict graph)"))
         return res
     regions, res.fallbacks = find_regions(dsk, keys)
@@ -366,7 +364,7 @@ def _staged(plan: Plan, settings: SweepSettings,
     return replace(sized, notes=sized.notes + tuple(notes)), trace
 
 
-def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
+def _after_feeders(dsk: Any, region, settings: SweepSettings,
                    notes: list[str]) -> tuple[str, SweepSettings, int, SweepSettings]:
     """What the drop-ins feeding this region hold while it runs (a note, also appended
     to ``notes``; empty if none), the settings with the budget that leaves (one budget
@@ -405,7 +403,7 @@ def _after_feeders(dsk: HighLevelGraph, region, settings: SweepSettings,
             settings.with_(memory_limit=budget))
 
 
-def _feeding_copy(dsk: HighLevelGraph, fb: Fallback, settings: SweepSettings) -> Fallback:
+def _feeding_copy(dsk: Any, fb: Fallback, settings: SweepSettings) -> Fallback:
     """``fb``, and the budget it breaks when it leaves a drop-in's output to stock dask.
 
     A store of a drop-in's blocks into chunks of their own is a copy with nothing to
@@ -446,7 +444,7 @@ def _absorbed(region) -> set[str]:
         region.stages) | set(region.stores)
 
 
-def _kept_keys(dsk: HighLevelGraph, region, plan: Plan) -> int:
+def _kept_keys(dsk: Any, region, plan: Plan) -> int:
     """Keys of the graph once the region is swept, less the step tasks: the layers
     it leaves (``len`` of a Blockwise layer counts without materialising it) and the
     output blocks, which keep their names.  ``len`` over-counts layers only an
@@ -531,49 +529,13 @@ def _size(plan: Plan, settings: SweepSettings, where: Slots,
     raise error  # the one-chain attempt's refusal (its floor and what sets it)
 
 
-def rewrite(dsk: HighLevelGraph, result: SweepResult, keys: Any) -> HighLevelGraph:
+def rewrite(dsk: Any, result: SweepResult, keys: Any) -> Any:
     """Replace each planned region by its sweep tasks; leave the rest as dask built it."""
     if not result.plans:
         return dsk
     tune_before_running(result)
-    layers = dict(dsk.layers)
-    deps = {k: set(v) for k, v in dsk.dependencies.items()}
-    sources = set()
-    for plan, _ in result.plans:
-        sources |= plan.info.get("sources", set())
-    for plan, trace in result.plans:
-        if "tile_plans" in plan.info:
-            new_layers, new_deps = emit_tiled(
-                plan.info["tile_plans"], tokenize([o.name for o in plan.outputs]),
-                at_once=plan.info.get("tiles_at_once", 1) > 1)
-        else:
-            new_layers, new_deps = emit(plan, trace)
-        absorbed = plan.info["absorbed"]
-        keep_names = set(new_layers)
-        for name in absorbed:
-            if name not in keep_names:
-                layers.pop(name, None)
-                deps.pop(name, None)
-        layers.update(new_layers)
-        deps.update(new_deps)
-    # drop layers nothing needs any more (e.g. source layers now read inline)
-    needed = set()
-    users: dict[str, set[str]] = {}
-    for n, ds in deps.items():
-        for d in ds:
-            users.setdefault(d, set()).add(n)
-    wanted = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
-    roots = [n for n in layers if n in wanted or (not users.get(n) and n not in sources)]
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        stack.extend(deps.get(n, ()))
-    layers = {n: v for n, v in layers.items() if n in needed}
-    deps = {n: {d for d in deps.get(n, set()) if d in needed} for n in layers}
-    return HighLevelGraph(layers, deps)
+    return splice(dsk, [plan for plan, _ in result.plans], [trace for _, trace in result.plans],
+                  keys)
 
 
 class SweepPass:
@@ -651,73 +613,12 @@ def sweep(dsk: Any = None, keys: Any = None, /, **settings: Any):
     return SweepPass(**settings)(dsk, keys)
 
 
-def _priorities(dsk) -> dict:
-    """``{key: priority}`` of the sweep layers' annotations in a HighLevelGraph."""
-    out: dict = {}
-    for layer in getattr(dsk, "layers", {}).values():
-        prio = (getattr(layer, "annotations", None) or {}).get("priority")
-        if isinstance(prio, StepPriority):
-            out.update((k, prio(k)) for k in layer)
-    return out
-
-
-def _then(optimizer, dsk, keys, **kwargs):
-    """``optimizer(dsk)``, keeping the sweep tasks' priorities for ``distributed``.
-
-    dask's default optimiser returns a plain dict, which drops layer annotations;
-    the result is wrapped back into a one-layer HighLevelGraph annotated with the
-    sweep tasks' priorities (every other task keeps distributed's default, 0).
-    """
-    prio = _priorities(dsk)
-    out = optimizer(dsk, keys, **kwargs)
-    if not prio:
-        return out
-    if isinstance(out, HighLevelGraph) and _priorities(out):
-        # an optimiser that keeps layers (and their annotations): gate the steps in them
-        return _gated_layers(out)
-    graph = consumers_first(out)
-    name = f"sweep-annotated-{tokenize(sorted(map(str, prio)))}"
-    layer = MaterializedLayer(graph, annotations={"priority": _KeyPriority(prio)})
-    return HighLevelGraph({name: layer}, {name: set()})
-
-
-def _gated_layers(hlg: HighLevelGraph) -> HighLevelGraph:
-    """``hlg`` with :func:`consumers_first`'s edges, each layer keeping its annotations
-    (the layers' dependencies follow the new edges)."""
-    graph = consumers_first(hlg)
-    owner = {k: name for name, layer in hlg.layers.items() for k in layer}
-    layers = {
-        name: MaterializedLayer(
-            {k: graph[k] for k in layer},
-            annotations=getattr(layer, "annotations", None),
-            collection_annotations=getattr(layer, "collection_annotations", None),
-        )
-        for name, layer in hlg.layers.items()
-    }
-    deps: dict = {name: set(hlg.dependencies.get(name, ())) for name in layers}
-    for k, node in graph.items():
-        for d in getattr(node, "dependencies", ()):
-            if d in owner and owner[d] != owner[k]:
-                deps[owner[k]].add(owner[d])
-    return HighLevelGraph(layers, deps)
-
-
-class _KeyPriority:
-    """A sweep task's priority by key (0 for the rest): picklable, evaluated per key."""
-
-    def __init__(self, prio: dict) -> None:
-        self.prio = prio
-
-    def __call__(self, key) -> int:
-        return self.prio.get(key, 0)
-
-
 def optimize(dsk, keys, **kwargs):
     """Drop-in ``array_optimize``: the sweep pass, then dask's default optimiser.
 
     Use as ``dask.config.set(array_optimize=dask_sweep.optimize)``.
     """
-    return _then(dask_default_optimize, SweepPass()(dsk, keys), keys, **kwargs)
+    return then_keeping_priorities(dask_default_optimize, SweepPass()(dsk, keys), keys, **kwargs)
 
 
 class _Chained:
@@ -728,14 +629,14 @@ class _Chained:
         self.then = then
 
     def __call__(self, dsk, keys, **kwargs):
-        return _then(self.then, self.first(dsk, keys), keys, **kwargs)
+        return then_keeping_priorities(self.then, self.first(dsk, keys), keys, **kwargs)
 
 
 def array_optimize_shim(dsk, keys, **kwargs):
     """Apply the ``optimizations`` list (dask < 2025.4 semantics), then dask's default."""
     for f in dask.config.get("optimizations", None) or ():
         dsk = f(dsk, keys)
-    return _then(dask_default_optimize, dsk, keys, **kwargs)
+    return then_keeping_priorities(dask_default_optimize, dsk, keys, **kwargs)
 
 
 def install_shim() -> None:

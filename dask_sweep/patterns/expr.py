@@ -30,7 +30,7 @@ and sources read inside the slab task.  Differences the translation absorbs:
   concatenates is the requested output, as the graph mode's ``finalize`` task.
 
 This module only *reads* expressions; replacing recognised subtrees by the
-sweep's tasks is :mod:`dask_sweep.integration.expr`'s.  dask 2026.8's
+sweep's tasks is :mod:`dask_sweep.emit.expr`'s.  dask 2026.8's
 expression mode has no ``from_zarr``, ``store``, ``to_zarr``, ``where`` or
 ``da.ma`` (they raise ``NotImplementedError``): a Zarr array is read with
 ``da.from_array(zarr_array, chunks=zarr_array.chunks)`` (a ``FromArray``), which
@@ -59,6 +59,20 @@ def expression_mode() -> bool:
     import dask.array as da
 
     return getattr(da, "ARRAY_EXPR_ENABLED", None) is True
+
+
+def internals_ok() -> bool:
+    """Whether dask has the expression internals this reader and the hook rely on."""
+    try:
+        import dask._expr as E
+        from dask.array._array_expr._blockwise import Blockwise  # noqa: F401
+        from dask.array._array_expr._expr import ArrayExpr  # noqa: F401
+        from dask.array._array_expr._io import FromArray  # noqa: F401
+        from dask.array._array_expr._overlap import MapOverlap, _trim  # noqa: F401
+        from dask.array._array_expr._rechunk import Rechunk  # noqa: F401
+    except ImportError:
+        return False
+    return callable(getattr(E, "optimize_until", None)) and hasattr(E, "_ExprSequence")
 
 
 def array_expr_of(x: Any):

@@ -249,3 +249,8 @@ def returns_stored(layer) -> bool:
     kwargs = getattr(getattr(layer, "task", None), "kwargs", None) or {}
     value = kwargs.get("return_stored", False)
     return bool(getattr(value, "value", value))
+
+
+def is_layered(dsk: Any) -> bool:
+    """Whether ``dsk`` is a ``HighLevelGraph`` (the recogniser reads layers, not task dicts)."""
+    return isinstance(dsk, HighLevelGraph)

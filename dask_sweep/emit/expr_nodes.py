@@ -2,7 +2,7 @@
 
 (Module-level classes, so that a rewritten expression pickles by reference
 when a distributed client sends it to the scheduler.  Imported only in
-array-expression mode, by :mod:`dask_sweep.integration.expr`.)
+array-expression mode, by :mod:`dask_sweep.emit.expr`.)
 """
 
 from __future__ import annotations

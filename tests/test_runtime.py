@@ -339,3 +339,38 @@ def test_kernels_are_cached_on_disk_and_compiled_per_process_where_no_cache_can_
     k = jit.kernel(f)
     assert asked == [True, False] and k(1) == 2
     assert k._cache.__class__.__name__ == "NullCache"
+
+
+def test_splice_replaces_the_region_and_keeps_every_other_layer(tmp_path):
+    """``emit.splice`` puts the sweep's tasks where the region was, drops the source layers
+    only the sweep reads (inline), and keeps a branch the sweep does not touch: both
+    outputs compute as stock dask's."""
+    import dask
+    import dask.array as da
+    import zarr
+    from dask.array.core import concatenate3
+    from dask.highlevelgraph import HighLevelGraph
+
+    from dask_sweep.config import SweepSettings
+    from dask_sweep.emit.splice import splice
+    from dask_sweep.integration.optimize import analyse
+
+    vol = np.arange(12 * 8 * 8, dtype="f4").reshape(12, 8, 8)
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=vol.shape, chunks=(3, 8, 8),
+                          dtype=vol.dtype)
+    z[:] = vol
+    x = da.from_zarr(z)
+    swept = x.map_overlap(lambda b: b * 2, depth=1, boundary="reflect") + 1
+    other = da.ones((4, 4), chunks=2).sum()  # a branch of its own
+    dsk = HighLevelGraph.merge(swept.__dask_graph__(), other.__dask_graph__())
+    keys = [swept.__dask_keys__(), other.__dask_keys__()]
+    result = analyse(dsk, keys, SweepSettings.resolve(memory_limit="64MiB"))
+    assert len(result.plans) == 1
+    out = splice(dsk, [p for p, _ in result.plans], [t for _, t in result.plans], keys)
+    assert set(other.dask.layers) <= set(out.layers)
+    assert x.name not in out.layers  # read inline by the slab tasks
+    assert any(n.startswith("sweep-") for n in out.layers)
+    got, stock = dask.get(dict(out), keys), dask.get(dict(dsk), keys)
+    np.testing.assert_array_equal(concatenate3(got[0]), concatenate3(stock[0]))
+    np.testing.assert_array_equal(concatenate3(got[0]), vol * 2 + 1)
+    assert got[1] == stock[1] and float(got[1][0]) == 16

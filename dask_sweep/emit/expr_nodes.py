@@ -32,10 +32,8 @@ class SweepTasks(Expr):
         return dict(self.operand("graph"))
 
 
-class SweepOutput(ArrayExpr):
-    """A region's output array, cut from the sweep's steps under its original name."""
-
-    _parameters = ["out_name", "out_chunks", "out_meta", "graph", "sweep"]
+class _Renamed(ArrayExpr):
+    """An array expression under a name it is given (its ``out_name`` operand)."""
 
     def __new__(cls, *args, **kwargs):
         # not a singleton: an array of this name already exists (the one replaced)
@@ -44,6 +42,12 @@ class SweepOutput(ArrayExpr):
     @property
     def _name(self) -> str:
         return self.operand("out_name")
+
+
+class SweepOutput(_Renamed):
+    """A region's output array, cut from the sweep's steps under its original name."""
+
+    _parameters = ["out_name", "out_chunks", "out_meta", "graph", "sweep"]
 
     def __dask_tokenize__(self):
         return ("sweep-output", self._name, self.operand("sweep")._name)
@@ -60,17 +64,10 @@ class SweepOutput(ArrayExpr):
         return dict(self.operand("graph"))
 
 
-class SweepAlias(ArrayExpr):
+class SweepAlias(_Renamed):
     """An array under its original name, aliasing the blocks of its rebuilt expression."""
 
     _parameters = ["out_name", "target"]
-
-    def __new__(cls, *args, **kwargs):
-        return Expr.__new__(cls, *args, **kwargs)
-
-    @property
-    def _name(self) -> str:
-        return self.operand("out_name")
 
     def __dask_tokenize__(self):
         return ("sweep-alias", self._name, self.target._name)

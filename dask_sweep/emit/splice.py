@@ -71,8 +71,6 @@ def splice(dsk: HighLevelGraph, plans: Sequence[Plan], traces: Sequence[Trace],
     return HighLevelGraph(layers, deps)
 
 
-
-
 def priorities(dsk) -> dict:
     """``{key: priority}`` of the sweep layers' annotations in a HighLevelGraph."""
     out: dict = {}

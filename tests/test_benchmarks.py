@@ -71,6 +71,32 @@ def test_benchmark_runs_small(name, tmp_path):
     assert not wrong, wrong
 
 
+def test_peak_rss_reads_the_kernels_mark_with_no_thread_beside_and_nests():
+    """On Linux the block reads VmHWM (nothing samples beside the measured code); a block
+    inside another samples instead, so the outer block's mark is not reset."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from dask_sweep.diagnostics import PeakRSS, reset_hwm
+
+    if not reset_hwm():
+        pytest.skip("no /proc/self/clear_refs here")
+    before = threading.active_count()
+    with PeakRSS() as outer:
+        assert threading.active_count() == before  # no sampler
+        a = np.ones(48 << 20, np.uint8)  # touched: resident
+        del a
+        with PeakRSS() as inner:
+            assert threading.active_count() == before + 1  # the inner one samples
+            b = np.ones(16 << 20, np.uint8)
+            time.sleep(0.05)
+            del b
+    assert outer.peak_above_baseline >= 40 << 20  # the inner block did not reset it
+    assert 12 << 20 <= inner.peak_above_baseline < 40 << 20
+
+
 def test_peak_rss_measures_the_cpu_of_a_short_run():
     # the demo divides by the CPU of scipy's run: a few milliseconds on a small volume,
     # which a 10 ms clock tick measured as 0 (a ZeroDivisionError in CI)

@@ -76,8 +76,8 @@ class PeakRSS:
 
     On Linux the kernel's own high-water mark is reset on entry and read on exit:
     exact, every page counted, and nothing runs beside the measured code (a thread
-    sampling every 5 ms took the GIL from the code it measured: a multi-threaded
-    0.3 s write ran 50 ms slower under it).  Elsewhere, or inside another block
+    sampling every 5 ms took the GIL from the code it measured: in one comparison a
+    multi-threaded 0.3 s write ran about 50 ms slower under it).  Elsewhere, or inside another block
     (whose mark it must not reset), the resident size is sampled in a thread, a
     floor of the peak.
 

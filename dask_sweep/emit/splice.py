@@ -19,7 +19,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from dask_sweep.emit.graph import StepPriority, consumers_first, emit, emit_tiled
-from dask_sweep.patterns.expr import _flatten
+from dask_sweep.patterns.expr import flatten_keys
 from dask_sweep.plan.ir import Plan
 from dask_sweep.runtime.executor import Trace
 
@@ -57,7 +57,7 @@ def splice(dsk: HighLevelGraph, plans: Sequence[Plan], traces: Sequence[Trace],
     for n, ds in deps.items():
         for d in ds:
             users.setdefault(d, set()).add(n)
-    wanted = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
+    wanted = {k[0] if isinstance(k, tuple) else k for k in flatten_keys(keys)}
     roots = [n for n in layers if n in wanted or (not users.get(n) and n not in sources)]
     stack = list(roots)
     while stack:

@@ -37,7 +37,7 @@ from dask_sweep.passes.resume import skip_recorded
 from dask_sweep.passes.segments import long_enough, why_one_chain
 from dask_sweep.passes.slabs import choose_steps
 from dask_sweep.passes.tiling import on_blocks, tile, tileable
-from dask_sweep.patterns.expr import _flatten
+from dask_sweep.patterns.expr import flatten_keys
 from dask_sweep.patterns.layers import array_meta, is_layered
 from dask_sweep.patterns.recognise import Fallback, find_regions
 from dask_sweep.patterns.to_plan import region_to_plan, staged
@@ -184,8 +184,8 @@ def _reused(dsk: Any, keys: Any, settings: SweepSettings) -> SweepResult | None:
                    for n in extra)
     if not same or not layers <= set(dsk.layers) or not gathered:
         return None
-    names = {k[0] if isinstance(k, tuple) else k for k in _flatten(keys)}
-    if not (extra and names <= extra) and set(_flatten(keys)) != set(_flatten(given)):
+    names = {k[0] if isinstance(k, tuple) else k for k in flatten_keys(keys)}
+    if not (extra and names <= extra) and set(flatten_keys(keys)) != set(flatten_keys(given)):
         return None
     if result.plans and slots(settings.threads) != result.slots:
         return None

@@ -229,10 +229,11 @@ def _is_finalize_rechunk(expr) -> bool:
         len(c) > 1 for c in expr.array.chunks)
 
 
-def _flatten(keys):
+def flatten_keys(keys: Any) -> Iterator[Any]:
+    """The keys of a collection's ``__dask_keys__()`` (nested lists), one by one."""
     if isinstance(keys, list):
         for k in keys:
-            yield from _flatten(k)
+            yield from flatten_keys(k)
     else:
         yield keys
 
@@ -251,7 +252,7 @@ def expression_graph(root) -> ExprGraph:
         if _is_finalize_rechunk(top):
             top = top.array  # finalize concatenates these blocks: they are the outputs
         starts.append(top)
-        keys.extend(_flatten(top.__dask_keys__()))
+        keys.extend(flatten_keys(top.__dask_keys__()))
     layers: dict = {}
     deps: dict = {}
     exprs: dict = {}

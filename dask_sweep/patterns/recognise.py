@@ -26,7 +26,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 from dask.layers import ArrayOverlapLayer
 
-from dask_sweep.patterns.expr import _flatten
+from dask_sweep.patterns.expr import flatten_keys
 from dask_sweep.patterns.layers import (
     BlockwiseEval,
     array_meta,
@@ -292,7 +292,7 @@ def find_regions(hlg: HighLevelGraph, keys: Iterable) -> tuple[list[Region], lis
         for d in ds:
             users.setdefault(d, set()).add(n)
     key_layers: dict[str, int] = {}
-    for k in _flatten(keys):
+    for k in flatten_keys(keys):
         nm = k[0] if isinstance(k, tuple) else k
         key_layers[nm] = key_layers.get(nm, 0) + 1
 

@@ -37,9 +37,11 @@ def test_dasks_overlap_tests_pass_with_the_sweep_on(tmp_path):
     shutil.copy(src, tmp_path / "test_overlap.py")
     (tmp_path / "conftest.py").write_text(CONFTEST)
     p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-         "test_overlap.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-W",
+         "ignore", "test_overlap.py"],
         cwd=tmp_path, capture_output=True, text=True,
+        # a run of its own, not a worker of this one (pytest-xdist's variables dropped)
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
     )
     tail = p.stdout[-3000:]
     assert p.returncode == 0, tail

@@ -202,11 +202,18 @@ def test_configured_with_the_optimizations_key(vol):
         np.testing.assert_array_equal(y.compute(scheduler="sync"), expected, strict=True)
 
 
+def _outside_xdist() -> dict:
+    """This process's environment without pytest-xdist's worker variables: a nested
+    pytest run is a run of its own (one process), not a worker of this one."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
 @pytest.mark.skipif(EXPR, reason="runs the expression-mode process")
 def test_expression_mode_in_a_subprocess():
-    env = dict(os.environ, DASK_ARRAY__QUERY_PLANNING="True")
+    env = dict(_outside_xdist(), DASK_ARRAY__QUERY_PLANNING="True")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-x",
+         __file__],
         env=env, capture_output=True, text=True, timeout=900,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -336,9 +343,9 @@ def test_dasks_overlap_tests_pass_in_expression_mode_with_the_sweep_on(tmp_path)
         "import pytest\nimport dask_sweep\n\n\n@pytest.fixture(autouse=True)\n"
         "def sweep_on():\n    with dask_sweep.enable(memory_limit='64MiB', fallback='raise',"
         " target_slab_bytes='4KiB'):\n        yield\n")
-    env = dict(os.environ, DASK_ARRAY__QUERY_PLANNING="True")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-                        "ignore", "test_overlap.py"], cwd=tmp_path, env=env,
+    env = dict(_outside_xdist(), DASK_ARRAY__QUERY_PLANNING="True")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                        "no:xdist", "-W", "ignore", "test_overlap.py"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     tail = p.stdout[-3000:]
     assert p.returncode == 0, tail

@@ -20,17 +20,21 @@ from dask_sweep.ndimage import explain_label, label, plan_label
 label_mod = importlib.import_module("dask_sweep.ndimage.label")
 
 
-def _budget_for(shape, rows, itemsize=1):
-    """A memory limit that makes slabs of about ``rows`` rows (2 slabs in flight)."""
+def _budget_for(shape, rows, itemsize=1, pairs=24):
+    """A memory limit that makes slabs of about ``rows`` rows (2 slabs in flight);
+    ``pairs``: the face step's bytes per voxel of a face (``pair_bytes``)."""
     plane = int(np.prod(shape[1:]))
-    pass1 = rows * plane * (2 * itemsize + 7) * 2 + plane * 56
+    pass1 = rows * plane * (2 * itemsize + 7) * 2 + plane * (32 + pairs)
     pass2 = rows * plane * (2 * itemsize + 6 + 4 + 2 + 4) * 2 + 16 * 48
     return max(pass1, pass2)
 
 
 def _check(mask, chunks0, structure=None, rows=1, scheduler="sync"):
     x = da.from_array(mask, chunks=(chunks0,) + mask.shape[1:])
-    limit = _budget_for(mask.shape, max(rows, chunks0), mask.itemsize)
+    from dask_sweep.multipass.label_kernels import pair_bytes
+
+    st_ = ndi.generate_binary_structure(mask.ndim, 1) if structure is None else structure
+    limit = _budget_for(mask.shape, max(rows, chunks0), mask.itemsize, pair_bytes(st_))
     lab, num = label(x, structure, memory_limit=limit)
     got, n = dask.compute(lab, num, scheduler=scheduler)
     ref, rn = ndi.label(mask, structure)
@@ -504,6 +508,46 @@ def test_face_pairs_through_a_small_buffer_equal_brute_force(seed, dtype, cap, d
     got = face_pairs_2d(up, low, cross, np.zeros((3, 3), bool), cap=cap)
     assert got.dtype == dtype and got.flags.c_contiguous
     assert got.tolist() == [list(p) for p in _pairs_brute_force(up, low, cross)]
+
+
+@pytest.mark.parametrize("shape", [(255, 257), (256, 256), (1, 4099)])
+def test_face_pairs_of_face_connectivity_stay_within_half_the_general_bound(shape):
+    """With face connectivity a face has at most one distinct pair per two voxels (a
+    checkerboard of isolated labels reaches it), so the face step's peak is
+    ``pair_bytes`` = 12 B per voxel, half the general bound.  Before, the keys buffer
+    could still double past the plane on planes whose size is not a multiple of four
+    (255 x 257: 1.57 MB against 0.79)."""
+    import tracemalloc
+
+    from dask_sweep.multipass.label_kernels import face_pairs_2d, pair_bytes
+
+    structure = ndi.generate_binary_structure(3, 1)
+    assert pair_bytes(structure) == 12 and pair_bytes(np.ones((3, 3, 3), bool)) == 24
+    assert pair_bytes(ndi.generate_binary_structure(2, 1)) == 12
+    # a structure that does not join a plane's neighbours: one pair per voxel can occur
+    lone = np.zeros((3, 3, 3), bool)
+    lone[:, 1, 1] = True
+    assert pair_bytes(lone) == 24
+    ii, jj = np.indices(shape)
+    black = (ii + jj) % 2 == 0
+    n = int(black.sum())
+    up = np.zeros(shape, np.int32)
+    low = np.zeros(shape, np.int32)
+    up[black] = np.arange(1, n + 1)
+    low[black] = np.random.default_rng(0).permutation(n) + 1  # every pair distinct
+    args = (up, low, structure[2], structure[1])
+    face_pairs_2d(up[:3, :3], low[:3, :3], *args[2:])  # compiled before it is measured
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        got = face_pairs_2d(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(got) == n == -(-up.size // 2)
+    assert peak <= 12 * up.size + 16 * 1024, (peak, 12 * up.size)
+    # (the straight offset alone: the pair of each black voxel)
+    assert got.tolist() == sorted(map(list, zip(up[black].tolist(), low[black].tolist())))
 
 
 @settings(max_examples=100, deadline=None)

@@ -103,9 +103,9 @@ def face_pairs_2d(
     width
         More than the largest id in ``low``, when known (default: found by a scan).
 
-    The keys buffer (8 B each) grows to at most two per voxel of the plane (a face
-    has at most one distinct pair per voxel), and the pairs are written over it: at
-    the peak ``PAIR_BYTES`` per voxel of the plane (:data:`PAIR_BYTES`).
+    The keys buffer (8 B each) grows to at most two per distinct pair the face can
+    have (:func:`distinct_pairs`), and the pairs are written over it: at the peak
+    :func:`pair_bytes` per voxel of the plane.
     """
     straight = bool(cross[1, 1])
     offs = np.argwhere(cross).astype(np.int64) - 1
@@ -116,15 +116,16 @@ def face_pairs_2d(
     offs = np.ascontiguousarray(np.concatenate([offs[~reducible], offs[reducible]]))
     nr = int((~reducible).sum())
     width = int(low.max(initial=0)) + 1 if width is None else int(width)
-    # A quarter of the plane: the buffer is compacted (sorted, unique) when full and
-    # grown only when compaction leaves it more than half full.
-    most = max(1024, 2 * up.size)
-    buf = np.empty(min(most, cap or max(1024, up.size // 4)), dtype=np.int64)
+    # A quarter of `most`: the buffer is compacted (sorted, unique) when full and grown
+    # (doubled, up to `most`: twice the distinct pairs the face can have) only when
+    # compaction leaves it more than half full, so it never outgrows `most`.
+    most = max(1024, 2 * distinct_pairs(up.shape, straight and not len(offs), inplane))
+    buf = np.empty(min(most, cap or max(1024, -(-most // 4))), dtype=np.int64)
     prev = np.full(len(offs) + 1, -1, dtype=np.int64)
     k, p = _scan(up, low, offs, nr, straight, width, buf, 0, prev, 0)
     while p < up.size:
         u = unique_inplace(buf[:k])
-        if 2 * u > len(buf):  # (at most one distinct pair per voxel: not beyond `most`)
+        if 2 * u > len(buf):  # (never at `most`: the else is a safeguard)
             grown = np.empty(min(most, 2 * len(buf)) if len(buf) < most else 2 * len(buf),
                              dtype=np.int64)
             grown[:u] = buf[:u]
@@ -145,8 +146,57 @@ def face_pairs_2d(
 #: Peak bytes of :func:`face_pairs_2d` per voxel of the plane, worst case (one distinct
 #: pair per voxel): the keys buffer at its largest, two keys per voxel (16), with its
 #: sort's buffer (half the keys: 8) or the pairs copied out of it (8); growing it holds
-#: the old beside the new (8 + 16).
+#: the old beside the new (8 + 16).  Half of it where a face has at most one distinct
+#: pair per two voxels (:func:`pair_bytes`).
 PAIR_BYTES = 24
+
+
+def _joined(inplane: np.ndarray, rows: bool, cols: bool) -> bool:
+    """Whether ``inplane`` (3 x 3) joins each voxel to its direct neighbours along the
+    rows (if ``rows``: the plane has more than one) and the columns (if ``cols``)."""
+    need = ([(0, 1), (2, 1)] if rows else []) + ([(1, 0), (1, 2)] if cols else [])
+    return all(bool(inplane[i, j]) for i, j in need)
+
+
+def distinct_pairs(shape: tuple[int, ...], straight_only: bool, inplane: np.ndarray) -> int:
+    """The most distinct pairs a face of ``shape`` (2-D) can have.
+
+    One per voxel in general.  Where the only crossing offset is the straight one
+    (face connectivity) and the plane's own structure (``inplane``, 3 x 3) joins each
+    voxel to its direct neighbours, two such neighbours that both cross join the same
+    two labels: each distinct pair takes a component of the crossing voxels under
+    4-connectivity, and a grid has at most ``ceil(voxels / 2)`` of those (a
+    checkerboard).
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    if straight_only and _joined(inplane, shape[0] > 1, shape[1] > 1):
+        return -(-n // 2)
+    return n
+
+
+def pair_bytes(structure: np.ndarray, itemsize: int = 4) -> int:
+    """Peak bytes of the face step per voxel of a face, labelling with ``structure``
+    (``(3,) * ndim`` bool), for faces of ``itemsize``-byte ids.
+
+    :func:`face_pairs_2d` (inputs of 2 or 3 axes): its keys buffer (8 B a key, up to
+    two keys per distinct pair the face can have) and, beside it, its sort's buffer or
+    the pairs (4 B a key for int32 ids, 8 for int64): 24 B for int32 faces in general
+    (:data:`PAIR_BYTES`), 12 where a face has at most one distinct pair per two voxels
+    (:func:`distinct_pairs`: face connectivity, the default).  Higher ranks go through
+    numpy: :data:`PAIR_BYTES`.
+    """
+    structure = np.asarray(structure, dtype=bool)
+    if structure.ndim not in (2, 3):
+        return PAIR_BYTES if structure.ndim > 3 else 12
+    cross, inplane = structure[2], structure[1]
+    straight_only = bool(cross[(1,) * cross.ndim]) and int(cross.sum()) == 1
+    if structure.ndim == 2:  # a 2-D input's faces are lines: one row of a 3 x 3
+        line = np.zeros((3, 3), dtype=bool)
+        line[1] = inplane
+        half = straight_only and _joined(line, False, True)
+    else:
+        half = straight_only and _joined(inplane, True, True)
+    return (12 if itemsize <= 4 else 16) * (1 if half else 2)
 
 
 @kernel

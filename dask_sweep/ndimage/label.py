@@ -85,8 +85,10 @@ def _plan(image, structure, output, memory_limit):
     out_dtype = normalize_output(output)
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
+    pairs = K.pair_bytes(st)
     passes, per_slab, slabs, split, readers, inline = on_fewest_threads(
-        settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads))
+        settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads,
+                                         pairs))
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
@@ -117,11 +119,11 @@ def _plan(image, structure, output, memory_limit):
     return plan, (image, st, out_dtype, settings, reserve, split), readers
 
 
-def _slabs(image, item, settings, out_dtype, target, local_threads):
+def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
     """Slabs and footprints with pass 1 on ``local_threads``: whole chunk rows, else (rows
     too thick for a slab, inline reads) slabs within the rows; room for a sweep consuming
     the labels where that does not cost whole rows.  Returns ``(passes, per_slab, slabs,
-    split, readers, inline)``."""
+    split, readers, inline)``.  ``pairs``: the face step's bytes per voxel of a face."""
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     split = None
     for guess in (True, False):
@@ -132,7 +134,8 @@ def _slabs(image, item, settings, out_dtype, target, local_threads):
             # room for a sweep consuming the labels (a write), unless that costs whole rows
             for consumer in (True, False):
                 passes = label_footprints(image.shape, item, settings, out_dtype, guess,
-                                          consumer=consumer, local_threads=local_threads)
+                                          consumer=consumer, local_threads=local_threads,
+                                          pair_bytes=pairs)
                 try:
                     bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
                                               settings.memory_limit, target, per_slab)
@@ -152,12 +155,12 @@ def _slabs(image, item, settings, out_dtype, target, local_threads):
             try:
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    local_threads=local_threads,
+                    local_threads=local_threads, pair_bytes=pairs,
                 )
             except BudgetError:  # no room for a consumer: the labels alone
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    consumer=False, local_threads=local_threads,
+                    consumer=False, local_threads=local_threads, pair_bytes=pairs,
                 )
             break
         readers, inline = make_readers(image, bounds)

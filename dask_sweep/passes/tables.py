@@ -148,6 +148,7 @@ def label_footprints(
     read_fixed: int = 0,
     consumer: bool = True,
     local_threads: int | None = None,
+    pair_bytes: float = PAIR_BYTES,
 ) -> tuple[Footprint, Footprint]:
     """The two passes' footprints.
 
@@ -165,7 +166,9 @@ def label_footprints(
     every slab in flight at its largest phase.  ``local_threads``: the threads of pass 1
     (default ``settings.threads``; ``ndimage.label`` and ``dsl.label`` plan with one
     where the budget is too small for more).  Pass 2's slabs are tasks: as many run at
-    once as the scheduler has threads.
+    once as the scheduler has threads.  ``pair_bytes``: the face step's peak per voxel of
+    a face (:func:`~dask_sweep.multipass.label_kernels.pair_bytes` of the structure;
+    default its worst case).
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize
@@ -182,12 +185,13 @@ def label_footprints(
     p1 = local + 2.0 / local_threads
     # Face planes (4 B per voxel): top and bottom of the slab being linked and of each
     # slab in flight, and the top of the one below it: 2 x threads + 3; the face kernel
-    # and the link step (PAIR_BYTES per voxel of a plane: the bound, one distinct pair per
-    # voxel; alternate columns, a pair at every other voxel, the worst case measured).
+    # and the link step (pair_bytes per voxel of a plane: the bound, one distinct pair per
+    # voxel, or one per two with face connectivity; alternate columns, a pair at every
+    # other voxel, the worst case measured).
     # The numbering, after pass 1, holds less: a slab's pairs, the B values linked up
     # and down (<= 24 B per voxel of a plane), its B, int64 lookup table and the B values
     # below (<= 8 B per voxel of a slab: one label per two voxels at most).
-    face = plane * (4 * (2 * local_threads + 3) + PAIR_BYTES)
+    face = plane * (4 * (2 * local_threads + 3) + pair_bytes)
     # Relabel: the lookup table (out per label, <= 1/2 per voxel) next to the local
     # labelling, then the labels mapped through it: in place for int32 (the labels'
     # buffer becomes the output block), else into a new block (out).  For an external
@@ -231,7 +235,7 @@ def on_fewest_threads(settings: SweepSettings, attempt: Callable[[int], T]) -> T
 
 
 def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True,
-                local_threads=None):
+                local_threads=None, pair_bytes=PAIR_BYTES):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
 
     Each chunk row is read once per pass, block by block, into a mask packed to
@@ -260,11 +264,16 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
     # slab in flight reads its planes, or (its row's mask not kept: another process, a
     # full disk) its whole row again, block by block, one row at a time in a process.
     rows_fixed = max(2, settings.threads) * packed + block * (2 * item + 2)
-    passes = tuple(
-        dataclasses.replace(p, fixed=p.fixed + rows_fixed)
-        for p in label_footprints(shape, item, settings, out_dtype, True, read=0,
-                                  consumer=consumer, local_threads=local_threads)
-    )
+
+    def footprints(s: SweepSettings) -> tuple[Footprint, ...]:
+        return tuple(
+            dataclasses.replace(p, fixed=p.fixed + rows_fixed)
+            for p in label_footprints(shape, item, s, out_dtype, True, read=0,
+                                      consumer=consumer, local_threads=local_threads,
+                                      pair_bytes=pair_bytes)
+        )
+
+    passes = footprints(settings)
     # A pass-2 task per slab, plus a consumer's two.
     per_slab = settings.task_overhead * 3
     count = len(chunks0)
@@ -275,13 +284,24 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
         except BudgetError:
             # quote the floor: the smallest slabs' passes and dask's bookkeeping of as
             # many slabs as they make (thinner slabs need less, but are more)
-            def total(k: int) -> tuple[int, int, int]:
+            def total(k: int, passes: tuple) -> tuple[int, int, int]:
                 n = sum(math.ceil(h / k) for h in chunks0)
                 need = max(p.bytes_for(k * plane) for p in passes)
                 return need + per_slab * n, need, n
 
-            floor, need, n = min((total(k) for k in range(1, max(chunks0) + 1)),
-                                 key=lambda t: t[0])
+            def smallest(s: SweepSettings) -> tuple[int, int, int]:
+                at = footprints(s)
+                return min((total(k, at) for k in range(1, max(chunks0) + 1)),
+                           key=lambda t: t[0])
+
+            # The numbering's block grows with the budget (1/64 of it): the floor is
+            # where the smallest total fits a budget of that total.
+            floor, need, n = smallest(settings)
+            for _ in range(16):
+                again = smallest(settings.with_(memory_limit=floor))
+                if again[0] <= floor:
+                    break
+                floor, need, n = again
             raise BudgetError(
                 f"{func}: its floor is a projected {format_bytes(floor)} "
                 f"({format_bytes(need)} for the slab's passes + {format_bytes(floor - need)} "
@@ -318,6 +338,7 @@ def plan_label_stream(
     read_fixed: int,
     func: str,
     slab_budget: int | None = None,
+    pair_bytes: float = PAIR_BYTES,
 ) -> SweepPlan:
     """The plan of labelling an input computed slab by slab in the process (the DSL's).
 
@@ -336,6 +357,9 @@ def plan_label_stream(
     slab_budget
         The budget the slabs are sized for (default the whole ``memory_limit``):
         less when the pass that reads the output needs room of its own.
+    pair_bytes
+        The face step's peak per voxel of a face (by the structure; default its worst
+        case).
 
     Raises
     ------
@@ -345,7 +369,8 @@ def plan_label_stream(
     item = np.dtype(dtype).itemsize
     def attempt(threads: int) -> SweepPlan:
         passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
-                                  consumer=False, local_threads=threads)
+                                  consumer=False, local_threads=threads,
+                                  pair_bytes=pair_bytes)
         return _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
 
     plan = on_fewest_threads(settings, attempt)

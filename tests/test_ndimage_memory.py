@@ -115,6 +115,45 @@ def test_label_refusal_quotes_its_floor(tmp_path):
             plan_label(x, memory_limit=floor - 1024)
 
 
+def test_labels_planned_alone_say_what_leaves_a_write_room(tmp_path):
+    """At a budget that fits the labels but not a sweep writing them at the same time,
+    ``explain`` says so and names a budget that leaves the write room; at that budget
+    the write is swept (fallback="raise"), with scipy's labels."""
+    import re
+
+    import zarr
+
+    import dask_sweep
+    from dask_sweep.errors import BudgetError
+
+    rng = np.random.default_rng(7)
+    # thin planes in thick chunk rows: at the labels' floor, slabs of 4-5 planes, whose
+    # pass 2 leaves no room for a writing sweep's slab beside it
+    vol = ndi.gaussian_filter(rng.random((128, 64, 64)), 2) > 0.5
+    z = zarr.create_array(str(tmp_path / "m.zarr"), shape=vol.shape, chunks=(64, 64, 64),
+                          dtype="u1", compressors=None)
+    z[:] = vol
+    x = da.from_zarr(z) > 0
+    # the overheads as users have them (this file's fixture zeroes them): the writing
+    # sweep's own floor counts its runtime overhead
+    defaults = {"sweep.runtime-overhead": "3MiB", "sweep.task-overhead": "5KiB"}
+    with dask.config.set(defaults), pytest.raises(BudgetError) as e:
+        plan_label(x, memory_limit="100KiB")
+    alone = e.value.projected  # the labels' own floor
+    with dask.config.set(defaults):
+        text = plan_label(x, memory_limit=alone).explain()
+    m = re.search(r"no room is left for a sweep that writes the labels.*?([\d.]+ [KM]iB) "
+                  "leaves it room", text)
+    assert m, text
+    room = m.group(1)
+    out = zarr.create_array(str(tmp_path / "l.zarr"), shape=vol.shape, chunks=(64, 64, 64),
+                            dtype="i4", compressors=None)
+    with dask.config.set(defaults), dask_sweep.enable(memory_limit=room, fallback="raise"):
+        assert "no room" not in plan_label(x).explain()
+        label(x)[0].to_zarr(out)
+    np.testing.assert_array_equal(out[:], ndi.label(vol)[0])
+
+
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_edt_peak_within_projection_while_storing(blobs, scheduler):
     x, vol, out = blobs

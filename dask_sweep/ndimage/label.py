@@ -11,6 +11,7 @@ arguments are checked, the budget is found (explicit argument, else
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from dask_sweep.passes.tables import (
 from dask_sweep.passes.tables import table_reserve as _reserve
 from dask_sweep.patterns.readers import make_readers
 from dask_sweep.plan.tables import SweepPlan
+from dask_sweep.utils import format_bytes
 
 __all__ = ["explain_label", "label", "plan_label"]
 
@@ -86,7 +88,7 @@ def _plan(image, structure, output, memory_limit):
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
     pairs = K.pair_bytes(st)
-    passes, per_slab, slabs, split, readers, inline = on_fewest_threads(
+    passes, per_slab, slabs, split, readers, inline, room = on_fewest_threads(
         settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads,
                                          pairs))
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
@@ -116,6 +118,14 @@ def _plan(image, structure, output, memory_limit):
     )
     reserve = _reserve(plan)  # tables kept in memory: what the slab footprints leave
     plan = label_notes(plan, out_dtype, split, reserve)
+    if room:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, (
+            "no room is left for a sweep that writes the labels as they are made "
+            "(to_zarr, da.store or imwrite under enable): it plans for what the labels "
+            "leave, and below its own floor falls back to stock dask with a warning (or "
+            # (rounded up to 64 KiB: the figure printed is one that plans)
+            f"refuses, with fallback='raise'); {format_bytes(-(-room // 65536) * 65536)} "
+            "leaves it room")))
     return plan, (image, st, out_dtype, settings, reserve, split), readers
 
 
@@ -123,13 +133,17 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
     """Slabs and footprints with pass 1 on ``local_threads``: whole chunk rows, else (rows
     too thick for a slab, inline reads) slabs within the rows; room for a sweep consuming
     the labels where that does not cost whole rows.  Returns ``(passes, per_slab, slabs,
-    split, readers, inline)``.  ``pairs``: the face step's bytes per voxel of a face."""
+    split, readers, inline, room)``, ``room`` the smallest budget that would leave a
+    consumer room where this one does not (else 0).  ``pairs``: the face step's bytes
+    per voxel of a face."""
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     split = None
+    room = 0
     for guess in (True, False):
         # Inline reads: one resolve task, then a pass-2 task per slab; external: four
         # tasks more per slab.  Plus two of a consumer's per output block.
         per_slab = settings.task_overhead * (3 if guess else 7)
+        room = 0
         try:
             # room for a sweep consuming the labels (a write), unless that costs whole rows
             for consumer in (True, False):
@@ -140,9 +154,10 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
                     bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
                                               settings.memory_limit, target, per_slab)
                     break
-                except BudgetError:
+                except BudgetError as e:
                     if not consumer:
                         raise
+                    room = e.projected
         except BudgetError:
             if not guess or image.ndim < 2:
                 raise
@@ -152,12 +167,14 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
             readers, inline = make_readers(image, rows)
             if not inline:
                 raise
+            room = 0
             try:
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
                     local_threads=local_threads, pair_bytes=pairs,
                 )
-            except BudgetError:  # no room for a consumer: the labels alone
+            except BudgetError as e:  # no room for a consumer: the labels alone
+                room = e.projected
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
                     consumer=False, local_threads=local_threads, pair_bytes=pairs,
@@ -166,7 +183,7 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
         readers, inline = make_readers(image, bounds)
         if inline or not guess:
             break
-    return passes, per_slab, slabs, split, readers, inline
+    return passes, per_slab, slabs, split, readers, inline, room
 
 
 # --------------------------------------------------------------------------- public

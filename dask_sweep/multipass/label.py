@@ -496,7 +496,7 @@ def local_step(
     lab, n, renumbered = _labelled(mask, structure, True)
     del mask
     if isinstance(kept, spill.KeptLabels):
-        kept.put_labels(s, lab, n)  # a narrower copy (<= 2 B per voxel) beside the labels
+        kept.put_labels(s, lab, n)  # narrowed and compressed a piece at a time
     if lab.shape[0] == 0:
         raise SweepError(f"{NAME}: internal error, an empty slab.")
     idt = _ids(n)  # the face kernel is compiled for int32 faces (int64 beyond)

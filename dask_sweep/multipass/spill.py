@@ -325,15 +325,25 @@ class KeptLabels(KeptArrays):
     def put_labels(self, i: int, lab: np.ndarray, n: int) -> None:
         """Keep entry ``i``: slab labels ``lab`` of ids ``0..n``; a failed write (a full
         disk) keeps nothing."""
-        dt = next(d for d in (np.uint8, np.uint16, np.uint32) if n <= np.iinfo(d).max)
-        flat = np.ascontiguousarray(lab.astype(dt, copy=False)).reshape(-1)
-        if self._copy or flat.nbytes > self.offsets[i + 1] - self.offsets[i]:
+        dt = np.dtype(next(d for d in (np.uint8, np.uint16, np.uint32)
+                           if n <= np.iinfo(d).max))
+        src = np.ascontiguousarray(lab).reshape(-1)
+        nbytes = src.size * dt.itemsize
+        if self._copy or nbytes > self.offsets[i + 1] - self.offsets[i]:
             return
-        step = max(1, min(self.PIECE, flat.nbytes // 4) // flat.itemsize)
+        step = max(1, min(self.PIECE, nbytes // 4) // dt.itemsize)
+        # narrowed a piece at a time into one small buffer (a narrow copy of the whole
+        # slab was a fresh mapping each time: its page faults cost as much as the codec)
+        buf = None if src.dtype == dt else np.empty(min(step, src.size), dt)
         fd, pos, sizes = self._open(), self.offsets[i], []
         try:
-            for a in range(0, len(flat), step):
-                piece = flat[a:a + step]
+            for a in range(0, src.size, step):
+                part = src[a:a + step]
+                if buf is None:
+                    piece = part
+                else:
+                    piece = buf[: len(part)]
+                    np.copyto(piece, part, casting="unsafe")  # ids <= n fit
                 packed = np.frombuffer(_CODEC.encode(piece), np.uint8)
                 raw = packed.nbytes >= piece.nbytes
                 pwrite_all(fd, piece if raw else packed, pos)
@@ -342,7 +352,7 @@ class KeptLabels(KeptArrays):
         except OSError:
             return  # the consumer computes it again
         with self._lock:
-            self._kept[i] = (np.dtype(dt), lab.shape, step, sizes)
+            self._kept[i] = (dt, lab.shape, step, sizes)
 
     def take_rows(self, i: int, a: int, b: int | None, parts: int) -> np.ndarray | None:
         raise TypeError("kept labels are compressed whole: read them with take_labels")
@@ -354,20 +364,25 @@ class KeptLabels(KeptArrays):
             return None
         fd, (dtype, shape, step, sizes) = got
         try:
-            flat = np.empty(math.prod(shape), dtype)
+            out = np.empty(math.prod(shape), np.uint32)
+            # narrow pieces widened into the output as they come (no narrow whole slab)
+            buf = None if dtype == out.dtype else np.empty(min(step, out.size), dtype)
             pos = self.offsets[i]
-            for a, size in zip(range(0, len(flat), step), sizes):
-                piece = flat[a:a + step]
+            for a, size in zip(range(0, out.size, step), sizes):
+                dst = out[a:a + step]
+                piece = dst if buf is None else buf[: len(dst)]
                 if size < 0:
                     pread_all(fd, piece, pos, f"kept labels in {self.directory}")
                 else:
                     packed = np.empty(size, np.uint8)
                     pread_all(fd, packed, pos, f"kept labels in {self.directory}")
                     _CODEC.decode(packed, out=piece)
+                if buf is not None:
+                    np.copyto(dst, piece)
                 pos += abs(size)
         finally:
             self._release(fd)
-        return flat.reshape(shape).astype(np.uint32, copy=False)
+        return out.reshape(shape)
 
 
 def masks_fit(nbytes: int, directory: str | None = None) -> bool:

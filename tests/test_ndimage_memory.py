@@ -117,8 +117,9 @@ def test_label_refusal_quotes_its_floor(tmp_path):
 
 def test_labels_planned_alone_say_what_leaves_a_write_room(tmp_path):
     """At a budget that fits the labels but not a sweep writing them at the same time,
-    ``explain`` says so and names a budget that leaves the write room; at that budget
-    the write is swept (fallback="raise"), with scipy's labels."""
+    ``explain`` says so and names a budget that leaves the write room (a refusal below
+    the labels' floor names it too); at that budget the write is swept
+    (fallback="raise"), with scipy's labels."""
     import re
 
     import zarr
@@ -146,6 +147,9 @@ def test_labels_planned_alone_say_what_leaves_a_write_room(tmp_path):
                   "leaves it room", text)
     assert m, text
     room = m.group(1)
+    # the refusal below the labels' floor names both figures
+    assert "To write the labels as they are made" in str(e.value)
+    assert f"at least {room}" in str(e.value)
     out = zarr.create_array(str(tmp_path / "l.zarr"), shape=vol.shape, chunks=(64, 64, 64),
                             dtype="i4", compressors=None)
     with dask.config.set(defaults), dask_sweep.enable(memory_limit=room, fallback="raise"):

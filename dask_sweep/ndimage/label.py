@@ -123,10 +123,23 @@ def _plan(image, structure, output, memory_limit):
             "no room is left for a sweep that writes the labels as they are made "
             "(to_zarr, da.store or imwrite under enable): it plans for what the labels "
             "leave, and below its own floor falls back to stock dask with a warning (or "
-            # (rounded up to 64 KiB: the figure printed is one that plans)
-            f"refuses, with fallback='raise'); {format_bytes(-(-room // 65536) * 65536)} "
-            "leaves it room")))
+            f"refuses, with fallback='raise'); {_room(room)} leaves it room")))
     return plan, (image, st, out_dtype, settings, reserve, split), readers
+
+
+def _room(room: int) -> str:
+    """``room`` as printed: rounded up to 64 KiB, so that the figure given plans."""
+    return format_bytes(-(-room // 65536) * 65536)
+
+
+def _with_room(e: BudgetError, room: int) -> BudgetError:
+    """The labels' refusal ``e``, naming what a sweep writing them beside needs."""
+    if room <= e.projected:
+        return e
+    return BudgetError(
+        f"{e} To write the labels as they are made (to_zarr, da.store or imwrite under "
+        f"enable), with room for that sweep beside them: at least {_room(room)}.",
+        stage=e.stage, projected=e.projected, budget=e.budget)
 
 
 def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
@@ -158,15 +171,15 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
                     if not consumer:
                         raise
                     room = e.projected
-        except BudgetError:
+        except BudgetError as err:
             if not guess or image.ndim < 2:
-                raise
+                raise _with_room(err, room) from None
             # A chunk row is thicker than a slab can be: try slabs within the rows,
             # each row read once per pass (inline reads only).
             rows = [[i] for i in range(len(image.chunks[0]))]
             readers, inline = make_readers(image, rows)
             if not inline:
-                raise
+                raise _with_room(err, room) from None
             room = 0
             try:
                 passes, per_slab, slabs, split = label_split(
@@ -175,10 +188,13 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
                 )
             except BudgetError as e:  # no room for a consumer: the labels alone
                 room = e.projected
-                passes, per_slab, slabs, split = label_split(
-                    _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    consumer=False, local_threads=local_threads, pair_bytes=pairs,
-                )
+                try:
+                    passes, per_slab, slabs, split = label_split(
+                        _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
+                        consumer=False, local_threads=local_threads, pair_bytes=pairs,
+                    )
+                except BudgetError as alone:
+                    raise _with_room(alone, room) from None
             break
         readers, inline = make_readers(image, bounds)
         if inline or not guess:

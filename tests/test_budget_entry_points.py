@@ -1097,12 +1097,16 @@ def test_ndimage_label_keeps_its_budget(mask_data, labels_ref, mode):
     np.testing.assert_array_equal(_read(out), labels_ref[0])
 
 
-def test_label_of_a_mask_with_a_pair_at_each_foreground_face_voxel_keeps_its_budget(tmp_path):
+@pytest.mark.parametrize("budget", ["76MiB", "62MiB"])
+def test_label_of_a_mask_with_a_pair_at_each_foreground_face_voxel_keeps_its_budget(
+        tmp_path, budget):
     """Alternate columns along the sweep axis (a checkerboard plane repeated): half a
     million components, every one crossing every face, the most the face and link steps
     hold (thin fibres crossing each face, as in electron microscopy, come near).  Growth
     was 88.8 MiB at 76 MiB before (pairs in int64 with copies beside them, five face
-    planes counted as four, the face pool held through the numbering); labels scipy's."""
+    planes counted as four, the face pool held through the numbering); labels scipy's.
+    62 MiB: just above the floor since the face step counts one pair per two voxels of
+    a face (face connectivity's bound, which this mask reaches)."""
     import scipy.ndimage as ndi
 
     yy, xx = np.ogrid[:1024, :1024]
@@ -1110,9 +1114,9 @@ def test_label_of_a_mask_with_a_pair_at_each_foreground_face_voxel_keeps_its_bud
                           (16, 1024, 1024))
     src = _store(tmp_path / "columns.zarr", vol, 4)
     out = str(tmp_path / "labels.zarr")
-    rep = _measured("ndimage_label", mode="explicit-over-enable", budget="76MiB", src=src,
+    rep = _measured("ndimage_label", mode="explicit-over-enable", budget=budget, src=src,
                     out=out)
-    assert rep["growth"] <= 76 * MiB, rep
+    assert rep["growth"] <= int(budget[:-3]) * MiB, rep
     ref, n = ndi.label(vol > 128)
     assert rep["n"] == n == 1024 * 1024 // 2
     np.testing.assert_array_equal(_read(out), ref)

@@ -550,6 +550,88 @@ def test_face_pairs_of_face_connectivity_stay_within_half_the_general_bound(shap
     assert got.tolist() == sorted(map(list, zip(up[black].tolist(), low[black].tolist())))
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 63), (1, 128, 128), (3, 1, 501), (701,)])
+def test_local_labelling_of_face_connectivity_holds_table_bytes(shape):
+    """The plan counts the local labelling of face connectivity (the run kernel, or runs
+    on one axis) at its mask, its uint32 labels and ``table_bytes`` = 2 B per voxel:
+    traced on checkerboards (a run at every other voxel, the union-find table's worst
+    case) and random masks.  Other structures keep cc3d's measured figure."""
+    import tracemalloc
+
+    from dask_sweep.multipass.label import local_label
+    from dask_sweep.multipass.label_kernels import LOCAL_TABLES, table_bytes
+
+    structure = ndi.generate_binary_structure(len(shape), 1)
+    assert table_bytes(structure) == 2.0
+    if len(shape) > 1:  # (in one axis, all ones are the faces)
+        assert table_bytes(np.ones((3,) * len(shape), bool)) == LOCAL_TABLES
+    assert table_bytes(ndi.generate_binary_structure(4, 1)) == LOCAL_TABLES
+    idx = np.indices(shape).sum(axis=0)
+    rng = np.random.default_rng(1)
+    for mask in ((idx % 2 == 0), rng.random(shape) < 0.5):
+        local_label(mask, structure)  # compiled (and imported) first
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            lab, n = local_label(mask, structure)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        want, n_want = ndi.label(mask, structure)
+        assert n == n_want and np.array_equal(lab, want)
+        assert peak <= (4 + table_bytes(structure)) * mask.size + 4096, (peak, mask.size)
+
+
+def test_source_itemsize_is_the_widest_array_the_input_is_read_from():
+    from dask_sweep.patterns.readers import decode_bytes, source_itemsize
+
+    v = da.zeros((8, 16, 16), dtype=np.uint16, chunks=4)
+    assert source_itemsize(v > 3) == 2  # the 0-d threshold does not count
+    assert source_itemsize(v.astype(np.float64) > 3) == 8
+    assert source_itemsize(da.zeros((4, 4), dtype=bool, chunks=2)) == 1
+    assert source_itemsize(v.astype(np.uint8)) == 2
+    assert decode_bytes(v > 3) == 4  # not read from Zarr: two copies
+
+
+@pytest.mark.parametrize("codec", ["zstd", "raw"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_a_chunk_row_read_holds_what_the_split_plan_counts(tmp_path, dtype, codec):
+    """label's slabs within chunk rows read each row block by block into one packed
+    bit per voxel (``read_row``); its plan counts the packed row and a block's read at
+    ``max(2 item + 2, decode_bytes + 1.5)`` B per voxel (the source's compressed bytes,
+    its chunk decoded and copied, the mask and its bits; a raw array's planes are read
+    by byte ranges, one copy fewer).  Traced on a Zarr row of 64^3 blocks of noise (the
+    worst compression), thresholded."""
+    import tracemalloc
+
+    import zarr
+
+    from dask_sweep.multipass.label import read_row
+    from dask_sweep.patterns.readers import decode_bytes, make_readers
+
+    rng = np.random.default_rng(2)
+    shape = (64, 128, 128)
+    kw = {"compressors": None} if codec == "raw" else {}
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=shape, chunks=(64, 64, 64),
+                          dtype=dtype, **kw)
+    z[:] = (rng.random(shape) * 200).astype(dtype)
+    m = da.from_zarr(str(tmp_path / "v.zarr")) > 100
+    assert decode_bytes(m) == (2 if codec == "raw" else 3) * np.dtype(dtype).itemsize
+    (reader,), inline = make_readers(m, [[0]])
+    assert inline
+    read_row(reader, shape, m.chunks[1:])  # first read: imports, caches
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        row = read_row(reader, shape, m.chunks[1:])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    counted = row.bits.nbytes + 64 ** 3 * max(2 * 1 + 2, decode_bytes(m) + 1.5)
+    assert peak <= counted, (peak, counted)
+    assert np.array_equal(row.planes(0, 64), np.asarray(m))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(-5, 2**40), max_size=60))
 def test_unique_inplace_is_sorted_unique_at_the_front(values):

@@ -671,6 +671,7 @@ class _Label(_Algorithm):
             func=f"dsl label({self.stream.label})",
             slab_budget=slab_budget,
             pair_bytes=LK.pair_bytes(self.structure),
+            table_bytes=LK.table_bytes(self.structure),
         )
         voxels = int(np.prod(self.stream.shape, dtype=np.int64))
         if self.stream.ndim >= 2 and _spill.labels_fit(voxels):

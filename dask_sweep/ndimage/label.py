@@ -37,7 +37,7 @@ from dask_sweep.passes.tables import (
     row_slabs,
 )
 from dask_sweep.passes.tables import table_reserve as _reserve
-from dask_sweep.patterns.readers import make_readers
+from dask_sweep.patterns.readers import decode_bytes, make_readers
 from dask_sweep.plan.tables import SweepPlan
 from dask_sweep.utils import format_bytes
 
@@ -87,10 +87,11 @@ def _plan(image, structure, output, memory_limit):
     out_dtype = normalize_output(output)
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
-    pairs = K.pair_bytes(st)
+    shape_bytes = (K.pair_bytes(st), K.table_bytes(st))  # by the structure
+    source = decode_bytes(image)
     passes, per_slab, slabs, split, readers, inline, room = on_fewest_threads(
         settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads,
-                                         pairs))
+                                         shape_bytes, source))
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
@@ -142,14 +143,22 @@ def _with_room(e: BudgetError, room: int) -> BudgetError:
         stage=e.stage, projected=e.projected, budget=e.budget)
 
 
-def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
+def _slabs(image, item, settings, out_dtype, target, local_threads, by_structure, source):
     """Slabs and footprints with pass 1 on ``local_threads``: whole chunk rows, else (rows
     too thick for a slab, inline reads) slabs within the rows; room for a sweep consuming
     the labels where that does not cost whole rows.  Returns ``(passes, per_slab, slabs,
     split, readers, inline, room)``, ``room`` the smallest budget that would leave a
-    consumer room where this one does not (else 0).  ``pairs``: the face step's bytes
-    per voxel of a face."""
+    consumer room where this one does not (else 0).  ``by_structure``: the face step's
+    bytes per voxel of a face and the local labeller's tables per voxel of a slab;
+    ``source``: bytes per voxel a block's source holds while it is read (its decode)."""
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
+    pairs, tables = by_structure
+    # A slab's read holds its blocks and their join (2 x item per voxel, the mask next to
+    # them) and, one block at a time, the block's source read and decoded.  Beside the
+    # labelling's phase (which holds more per voxel), that is at most the excess of one
+    # block's read over it: counted as fixed bytes per thread.
+    block = int(np.prod([max(c) for c in image.chunks], dtype=np.int64))
+    read_fixed = int(block * max(0.0, 2 * item + 1.125 + source - (5 + tables)))
     split = None
     room = 0
     for guess in (True, False):
@@ -161,8 +170,9 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
             # room for a sweep consuming the labels (a write), unless that costs whole rows
             for consumer in (True, False):
                 passes = label_footprints(image.shape, item, settings, out_dtype, guess,
+                                          read_fixed=read_fixed if guess else 0,
                                           consumer=consumer, local_threads=local_threads,
-                                          pair_bytes=pairs)
+                                          pair_bytes=pairs, table_bytes=tables)
                 try:
                     bounds, slabs = row_slabs(_FUNC, image.chunks[0], plane, passes,
                                               settings.memory_limit, target, per_slab)
@@ -184,7 +194,8 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
             try:
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    local_threads=local_threads, pair_bytes=pairs,
+                    local_threads=local_threads, pair_bytes=pairs, decode=source,
+                    table_bytes=tables,
                 )
             except BudgetError as e:  # no room for a consumer: the labels alone
                 room = e.projected
@@ -192,6 +203,7 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, pairs):
                     passes, per_slab, slabs, split = label_split(
                         _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
                         consumer=False, local_threads=local_threads, pair_bytes=pairs,
+                        decode=source, table_bytes=tables,
                     )
                 except BudgetError as alone:
                     raise _with_room(alone, room) from None

@@ -37,7 +37,7 @@ import numpy as np
 from dask_sweep.config import SweepSettings
 from dask_sweep.errors import BudgetError
 from dask_sweep.multipass.label import BLOCK_BYTES, numbering_block
-from dask_sweep.multipass.label_kernels import PAIR_BYTES
+from dask_sweep.multipass.label_kernels import LOCAL_TABLES, PAIR_BYTES
 from dask_sweep.plan.tables import Footprint, SweepPlan
 from dask_sweep.utils import format_bytes
 
@@ -127,12 +127,6 @@ def _group(func, chunks0, plane_voxels, passes, budget, target_voxels, per_slab,
 
 # --------------------------------------------------------------------------- label
 
-# Bytes per voxel of the local labeller's own tables.  cc3d (C++ allocations, not seen
-# by tracemalloc; measured as resident growth on 8 x 512 x 512 slabs): at most 2.3 B
-# per voxel beyond its uint32 output (6-connectivity, a checkerboard: one provisional
-# label per two voxels), 0.8 with 26-connectivity; scipy's <= 1.
-LOCAL_TABLES = 2.5
-
 # A sweep reading a slab of the drop-in's output holds it three times over at its peak
 # (``explain`` of a labels write: its ring, the step's slab, the write's temporaries).
 CONSUMER = 3.0
@@ -149,6 +143,7 @@ def label_footprints(
     consumer: bool = True,
     local_threads: int | None = None,
     pair_bytes: float = PAIR_BYTES,
+    table_bytes: float = LOCAL_TABLES,
 ) -> tuple[Footprint, Footprint]:
     """The two passes' footprints.
 
@@ -168,7 +163,8 @@ def label_footprints(
     where the budget is too small for more).  Pass 2's slabs are tasks: as many run at
     once as the scheduler has threads.  ``pair_bytes``: the face step's peak per voxel of
     a face (:func:`~dask_sweep.multipass.label_kernels.pair_bytes` of the structure;
-    default its worst case).
+    default its worst case); ``table_bytes``: the local labeller's tables per voxel of a
+    slab (:func:`~dask_sweep.multipass.label_kernels.table_bytes`; default cc3d's).
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     out = out_dtype.itemsize
@@ -176,10 +172,10 @@ def label_footprints(
     local_threads = max(1, local_threads or threads)
     # Local labelling holds the largest of its phases: reading (the blocks and their
     # concatenation, 2 x item, then the mask next to the slab: + 1), and labelling
-    # (mask 1, labels 4, the labeller's own tables LOCAL_TABLES).
+    # (mask 1, labels 4, the labeller's own tables: table_bytes).
     read = 2 * item if read is None else read
     # (+ the mask packed, 1/8, where pass 1 keeps it for pass 2)
-    local = max(read + 1 + 0.125, 1 + 4 + LOCAL_TABLES)
+    local = max(read + 1 + 0.125, 1 + 4 + table_bytes)
     # The link step (one at a time, next to the slabs in flight): B, 4 B per label, with
     # at most one label per 2 voxels (face connectivity's worst case) -> 2 B per voxel.
     p1 = local + 2.0 / local_threads
@@ -235,15 +231,19 @@ def on_fewest_threads(settings: SweepSettings, attempt: Callable[[int], T]) -> T
 
 
 def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer=True,
-                local_threads=None, pair_bytes=PAIR_BYTES):
+                local_threads=None, pair_bytes=PAIR_BYTES, decode=None,
+                table_bytes=LOCAL_TABLES):
     """Slabs cut within chunk rows too thick for one: ``(passes, per_slab, slabs, split)``.
 
     Each chunk row is read once per pass, block by block, into a mask packed to
     one bit per voxel (:func:`~dask_sweep.multipass.label.read_row`), and its slabs
     are unpacked from it.
     ``split[s]`` is ``(row, a, b)``: slab ``s`` is planes ``a:b`` of chunk row
-    ``row``.  The passes hold up to two packed rows (one consumed, the next being
-    read; in pass 2, one per slab in flight) and one block's read.
+    ``row``.  Pass 1 holds a packed row per thread labelling (slabs are taken in
+    order: a row is dropped by its last slab, the next read by its first), pass 2 one
+    (a row read again, one at a time in a process); each, one block's read.
+    ``decode``: bytes per voxel a block of the input's source holds while it is read
+    (:func:`~dask_sweep.patterns.readers.decode_bytes`; default three copies of ``item``).
 
     Raises
     ------
@@ -260,17 +260,27 @@ def label_split(func, shape, chunks, item, settings, out_dtype, target, consumer
     aligned = all(c % 8 == 0 for c in last[:-1])
     block = max(chunks0) * int(np.prod([max(c) for c in chunks[1:-1]], dtype=np.int64))
     block *= max(last) if aligned else shape[-1]
-    # Pass 1 holds two packed rows (one consumed, the next being read); in pass 2 each
-    # slab in flight reads its planes, or (its row's mask not kept: another process, a
-    # full disk) its whole row again, block by block, one row at a time in a process.
-    rows_fixed = max(2, settings.threads) * packed + block * (2 * item + 2)
+    # A block's read, per voxel: its source's read and decode, the mask and its bits
+    # (traced peaks of read_row beside its row, Zarr blocks of noise, 32^3-128^3: 4.1-4.5
+    # B uint8, 6.3-6.7 uint16, 12.7-13.1 float32 sources), or a strip and its join.
+    decode = 3.0 * item if decode is None else decode
+    block_read = int(block * max(2 * item + 2, decode + 1.5))
+    # Pass 1's slabs are taken in order from the rows (multipass.label._SharedRow): a row
+    # is dropped as its last slab takes its planes, so each thread labelling holds at
+    # most one row.  In pass 2 each slab in flight reads its planes, or (its row's mask
+    # not kept: another process, a full disk) its whole row again, block by block, one
+    # row at a time in a process (multipass.label._ROW_READS).
+    rows_fixed = (max(1, local_threads or settings.threads) * packed + block_read,
+                  packed + block_read)
 
     def footprints(s: SweepSettings) -> tuple[Footprint, ...]:
         return tuple(
-            dataclasses.replace(p, fixed=p.fixed + rows_fixed)
-            for p in label_footprints(shape, item, s, out_dtype, True, read=0,
-                                      consumer=consumer, local_threads=local_threads,
-                                      pair_bytes=pair_bytes)
+            dataclasses.replace(p, fixed=p.fixed + extra)
+            for p, extra in zip(
+                label_footprints(shape, item, s, out_dtype, True, read=0,
+                                 consumer=consumer, local_threads=local_threads,
+                                 pair_bytes=pair_bytes, table_bytes=table_bytes),
+                rows_fixed)
         )
 
     passes = footprints(settings)
@@ -339,6 +349,7 @@ def plan_label_stream(
     func: str,
     slab_budget: int | None = None,
     pair_bytes: float = PAIR_BYTES,
+    table_bytes: float = LOCAL_TABLES,
 ) -> SweepPlan:
     """The plan of labelling an input computed slab by slab in the process (the DSL's).
 
@@ -360,6 +371,9 @@ def plan_label_stream(
     pair_bytes
         The face step's peak per voxel of a face (by the structure; default its worst
         case).
+    table_bytes
+        The local labeller's tables per voxel of a slab (by the structure; default
+        cc3d's).
 
     Raises
     ------
@@ -370,7 +384,7 @@ def plan_label_stream(
     def attempt(threads: int) -> SweepPlan:
         passes = label_footprints(shape, item, settings, out_dtype, True, read, read_fixed,
                                   consumer=False, local_threads=threads,
-                                  pair_bytes=pair_bytes)
+                                  pair_bytes=pair_bytes, table_bytes=table_bytes)
         return _stream_plan(func, shape, dtype, chunks0, passes, settings, slab_budget)
 
     plan = on_fewest_threads(settings, attempt)

@@ -23,12 +23,13 @@ from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
 from dask.array.core import concatenate3
 
 from dask_sweep.io.accounting import REGISTRY
-from dask_sweep.io.planes import zarr_planes
+from dask_sweep.io.planes import ZarrPlanes, zarr_planes
 from dask_sweep.io.zarr_io import read_region
 
 __all__ = [
     "ConstantReader", "ExternalReader", "InlineReader", "PlaneReader", "SlabReader",
     "SubgraphReader", "ZarrRowsReader", "constant_reader", "make_reader", "make_readers",
+    "decode_bytes", "source_itemsize",
 ]
 
 
@@ -712,6 +713,48 @@ class SlabReader:
                     stack.extend(_deps(self.tasks[k]))
             sub = {k: t for k, t in self.tasks.items() if k in need}  # dependency-ordered
             yield key[2:], np.asarray(_run(sub, [key])[key])
+
+
+def source_itemsize(image) -> int:
+    """The largest item size among ``image`` and the arrays it is computed from (of more
+    than one element): what a read of its blocks decodes before it computes them (a
+    uint16 volume read for ``volume > t`` decodes 2 B per voxel of a bool block)."""
+    from dask_sweep.patterns.layers import array_meta
+
+    items = [image.dtype.itemsize]
+    expr = getattr(image, "expr", None)
+    if expr is not None and hasattr(expr, "walk"):  # dask's array-expression mode
+        for node in expr.walk():
+            dt, shape = getattr(node, "dtype", None), getattr(node, "shape", ())
+            if isinstance(dt, np.dtype) and _elements(shape) > 1:
+                items.append(dt.itemsize)
+        return max(items)
+    for layer in getattr(image.__dask_graph__(), "layers", {}).values():
+        meta = array_meta(layer)
+        if meta is not None and _elements(meta.shape) > 1:
+            items.append(meta.dtype.itemsize)
+    return max(items)
+
+
+def decode_bytes(image) -> float:
+    """Bytes per voxel a block of ``image``'s source holds while it is read and decoded:
+    copies of :func:`source_itemsize`.  Three where it reads Zarr through zarr's codec
+    pipeline (the compressed bytes, the chunk decoded, the copy into the block: traced
+    on noise in zstd chunks, 4.1 B uint8, 6.3 uint16, 12.7 float32 with the mask and its
+    bits); two otherwise (raw Zarr read by byte ranges: 3.1, 4.1, 6.1; a compressed TIFF
+    page's bytes and the page; an HDF5 chunk's; an array in memory)."""
+    hlg = image.__dask_graph__()
+    if getattr(hlg, "layers", None) is None:  # array-expression mode: not looked into
+        return float(3 * source_itemsize(image))
+    codec = any(not isinstance(reader, ZarrPlanes) for reader, _ in _zarr_layers(hlg).values())
+    return float((3 if codec else 2) * source_itemsize(image))
+
+
+def _elements(shape) -> float:
+    try:
+        return float(np.prod([float(n) for n in shape]))
+    except (TypeError, ValueError):  # unknown sizes
+        return 2.0
 
 
 def make_readers(image, slabs_blocks: Sequence[Sequence[int]]) -> tuple[list[SlabReader], bool]:

@@ -25,7 +25,7 @@ from dask_sweep.passes.tables import (
     edt_plan,
     row_slabs,
 )
-from dask_sweep.patterns.readers import make_readers
+from dask_sweep.patterns.readers import decode_bytes, make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]
@@ -42,7 +42,8 @@ def _plan(image, sampling, memory_limit):
     samp = normalize_sampling(sampling, image.ndim)
     item = image.dtype.itemsize
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
-    passes = edt_footprints(tuple(image.shape), item, settings)
+    block = int(np.prod([max(c) for c in image.chunks], dtype=np.int64))
+    passes = edt_footprints(tuple(image.shape), item, settings, (block, decode_bytes(image)))
     target = max(1, settings.target_slab_bytes // item)
     chunks0 = tuple(image.chunks[0])
     per_slab = settings.task_overhead * EDT_TASKS_PER_SLAB

@@ -390,12 +390,18 @@ def _settings(mode: str, budget: str):
 
 def _to_zarr(x, out: str):
     """A store of ``x`` into an uncompressed Zarr array that writes every chunk
-    (zarr's emptiness check would add its own temporaries to the measurement)."""
+    (zarr's emptiness check would add its own temporaries to the measurement), its
+    chunks along axis 0 dividing every block's (blocks of uneven slabs would otherwise
+    share a chunk, written by two tasks at once without a lock)."""
+    import functools
+    import math
+
     import dask.array as da
     import zarr
 
+    rows = functools.reduce(math.gcd, x.chunks[0])
     z = zarr.create_array(
-        out, shape=x.shape, chunks=(x.chunks[0][0], *x.shape[1:]), dtype=x.dtype,
+        out, shape=x.shape, chunks=(rows, *x.shape[1:]), dtype=x.dtype,
         compressors=None, config={"write_empty_chunks": True},
     )
     return da.store(x, z, lock=False, compute=False)
@@ -1140,6 +1146,35 @@ def test_label_of_a_zstd_array_keeps_its_budget(mask_data, labels_ref, tmp_path,
     assert rep["growth"] <= 32 * MiB, rep
     assert rep["n"] == labels_ref[1]
     np.testing.assert_array_equal(_read(out), labels_ref[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+def test_label_of_noise_in_zstd_blocks_keeps_the_floor_it_quotes(tmp_path, dtype):
+    """Slabs within 64^3 chunk rows of a thresholded zstd volume of noise: each block's
+    read holds the compressed bytes, the decoded chunk and its copy (12.7 B per voxel
+    of the bool block from float32, where the plan counted 4 before).  At the floor the
+    refusal below it quotes (+64 KiB), growth within the budget; labels scipy's."""
+    import dask.array as da
+    import scipy.ndimage as ndi
+    import zarr
+
+    from dask_sweep.errors import BudgetError
+    from dask_sweep.ndimage import label
+
+    rng = np.random.default_rng(5)
+    vol = (rng.random((128, 192, 192)) * 255).astype(dtype)
+    src = str(tmp_path / "noise.zarr")
+    zarr.create_array(src, shape=vol.shape, chunks=(64, 64, 64), dtype=dtype)[:] = vol
+    with pytest.raises(BudgetError) as e:
+        label(da.from_zarr(src) > 128, memory_limit="1MiB")
+    budget = ((e.value.projected >> 16) + 2) * 65536  # just above, in 64 KiB
+    label(da.from_zarr(src) > 128, memory_limit=budget)  # plans at its quoted floor
+    out = str(tmp_path / "labels.zarr")
+    rep = _measured("zstd_label", budget=budget, src=src, out=out)
+    assert rep["growth"] <= budget, rep
+    ref, n = ndi.label(vol > 128)
+    assert rep["n"] == n
+    np.testing.assert_array_equal(_read(out), ref)
 
 
 def test_labels_written_with_to_zarr_keep_the_budget(tmp_path):

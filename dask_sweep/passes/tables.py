@@ -203,7 +203,7 @@ def label_footprints(
             p1,
             local_threads,
             face + settings.runtime_overhead + threads * read_fixed,
-            "read, local label (cc3d or scipy; slabs in flight), backward link chain",
+            "read, local label (run kernel, cc3d or scipy; slabs in flight), backward link chain",
         ),
         Footprint(
             "relabel",

@@ -632,6 +632,43 @@ def test_a_chunk_row_read_holds_what_the_split_plan_counts(tmp_path, dtype, code
     assert np.array_equal(row.planes(0, 64), np.asarray(m))
 
 
+@pytest.mark.parametrize("compression", [None, "zlib"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_a_tiff_slice_read_holds_what_decode_bytes_counts(tmp_path, dtype, compression):
+    """A slab of one TIFF slice thresholded, read as label reads it: the slice's read
+    and decode (``decode_bytes``: an uncompressed slice read straight into the result,
+    two copies counted; a compressed one seven) and the mask.  Traced on noise, 256^2
+    slices (on smaller ones zlib's buffers, a few hundred KiB, are more than the
+    slice: what the runtime overhead counts)."""
+    import tracemalloc
+
+    import tifffile
+
+    from dask_sweep.io import imread
+    from dask_sweep.multipass.label import _read_mask
+    from dask_sweep.patterns.readers import decode_bytes, make_readers
+
+    rng = np.random.default_rng(3)
+    v = (rng.random((3, 256, 256)) * 200).astype(dtype)
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"z{i}.tif", v[i], compression=compression)
+    m = imread(str(tmp_path / "*.tif")) > 100
+    item = np.dtype(dtype).itemsize
+    assert decode_bytes(m) == (2 if compression is None else 7) * item
+    (reader,), inline = make_readers(m, [[1]])
+    assert inline
+    _read_mask(reader, ())  # first read: imports, caches
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        got = _read_mask(reader, ())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= (decode_bytes(m) + 1) * got.size + 4096, (peak, got.size)
+    assert np.array_equal(got[0], v[1] > 100)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(-5, 2**40), max_size=60))
 def test_unique_inplace_is_sorted_unique_at_the_front(values):

@@ -222,6 +222,14 @@ class Source(ABC):
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
+    @property
+    def decode_copies(self) -> float:
+        """Bytes a read holds per voxel of a block while it reads and decodes it, in
+        copies of the item size (the memory models count it beside the block): three
+        unless a format knows better (a chunk's compressed bytes, its decode, the copy
+        into the result)."""
+        return 3.0
+
     def _token_parts(self) -> tuple:
         """What identifies the data: path, modification time, options."""
         return (self.kind, self.path, _mtime(self.path), self.shape, str(self.dtype))

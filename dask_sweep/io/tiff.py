@@ -182,6 +182,7 @@ class TiffStackSource(Source):
         # result, no TIFF parsing per read); None: parse each file when read
         self._raw: tuple | None = None
         plane, dtype, raw0 = self._header(0)
+        self._raw0 = raw0 is not None
         self.shape = (len(self.files), *plane)
         self.dtype = dtype
         self.chunks = (1, *plane)
@@ -197,6 +198,15 @@ class TiffStackSource(Source):
     @property
     def default_chunks(self) -> tuple[int, ...]:
         return (self.slices_per_chunk, *self.shape[1:])
+
+    @property
+    def decode_copies(self) -> float:
+        """Uncompressed slices are read straight into the result (traced: one copy);
+        a compressed slice holds its bytes, their decode, tifffile's copies and zlib's
+        buffers (traced on zlib noise, 256^2 slices: 4.5 copies of uint8, 5.9 of uint16,
+        5.0 of float32; 3-3.7 and a few hundred KiB of buffers on 1024^2): 2 and 7."""
+        raw = self._raw if self._raw is not None else (self._raw0,)
+        return 2.0 if all(r is not None and r is not False for r in raw) else 7.0
 
     def _token_parts(self) -> tuple:
         return (self.kind, self.files, self._mtime, self.shape, str(self.dtype))
@@ -415,6 +425,12 @@ class TiffSource(Source):
     def memmapped(self) -> bool:
         """Whether reads go through a memory map (uncompressed contiguous data)."""
         return self._dataoffset is not None
+
+    @property
+    def decode_copies(self) -> float:
+        """A memory-mapped read copies once; compressed pages hold their bytes, their
+        decode and tifffile's copies (as :class:`TiffStackSource`'s): 2 and 7."""
+        return 2.0 if self.memmapped else 7.0
 
     @property
     def default_chunks(self) -> tuple[int, ...]:

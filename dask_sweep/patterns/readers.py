@@ -741,16 +741,16 @@ def decode_bytes(image) -> float:
     copies of :func:`source_itemsize`, the most of the sources it reads.  Zarr read
     through zarr's codec pipeline: three (the compressed bytes, the chunk decoded, the
     copy into the block: traced on noise in zstd chunks, 4.1 B uint8, 6.3 uint16, 12.7
-    float32 with the mask and its bits); raw Zarr read by byte ranges: two (3.1, 4.1,
-    6.1); dask_sweep's sources: their ``decode_copies`` (a compressed TIFF slice seven, an
-    uncompressed one two); anything else (an array in memory): two."""
+    float32 with the mask and its bits); raw Zarr read by byte ranges: one and a half
+    (3.1, 4.1, 6.1: the block read once, the mask and its bits); dask_sweep's sources:
+    their ``decode_copies`` (a compressed TIFF slice seven, an uncompressed one two);
+    none of these (an array in memory): two."""
     hlg = image.__dask_graph__()
     layers = getattr(hlg, "layers", None)
     if layers is None:  # array-expression mode: not looked into
         return float(3 * source_itemsize(image))
-    copies = [2.0]
-    copies += [2.0 if isinstance(reader, ZarrPlanes) else 3.0
-               for reader, _ in _zarr_layers(hlg).values()]
+    copies = [1.5 if isinstance(reader, ZarrPlanes) else 3.0
+              for reader, _ in _zarr_layers(hlg).values()]
     for layer in layers.values():
         if type(layer).__name__ != "MaterializedLayer":
             continue  # computed (blockwise), not read; not materialised here
@@ -758,7 +758,7 @@ def decode_bytes(image) -> float:
         src = getattr(task, "args", (None,))[0] if isinstance(task, Task) else None
         if hasattr(src, "decode_copies") and hasattr(src, "dtype"):
             copies.append(float(src.decode_copies))
-    return max(copies) * source_itemsize(image)
+    return (max(copies) if copies else 2.0) * source_itemsize(image)
 
 
 def _elements(shape) -> float:

@@ -25,7 +25,7 @@ from dask_sweep.passes.tables import (
     edt_plan,
     row_slabs,
 )
-from dask_sweep.patterns.readers import decode_bytes, make_readers
+from dask_sweep.patterns.readers import decode_excess, make_readers
 from dask_sweep.plan.tables import SweepPlan
 
 __all__ = ["distance_transform_edt", "explain_edt", "plan_edt"]
@@ -42,8 +42,9 @@ def _plan(image, sampling, memory_limit):
     samp = normalize_sampling(sampling, image.ndim)
     item = image.dtype.itemsize
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
-    block = int(np.prod([max(c) for c in image.chunks], dtype=np.int64))
-    passes = edt_footprints(tuple(image.shape), item, settings, (block, decode_bytes(image)))
+    # beside the forward pass's 2I + 1.125 per voxel, and the distances' 2I + 17
+    passes = edt_footprints(tuple(image.shape), item, settings,
+                            decode_excess(image, 1.125, 17.0))
     target = max(1, settings.target_slab_bytes // item)
     chunks0 = tuple(image.chunks[0])
     per_slab = settings.task_overhead * EDT_TASKS_PER_SLAB

@@ -37,7 +37,7 @@ from dask_sweep.passes.tables import (
     row_slabs,
 )
 from dask_sweep.passes.tables import table_reserve as _reserve
-from dask_sweep.patterns.readers import decode_bytes, make_readers
+from dask_sweep.patterns.readers import decode_bytes, decode_excess, make_readers
 from dask_sweep.plan.tables import SweepPlan
 from dask_sweep.utils import format_bytes
 
@@ -88,10 +88,9 @@ def _plan(image, structure, output, memory_limit):
     target = max(1, settings.target_slab_bytes // image.dtype.itemsize)
     item = image.dtype.itemsize
     shape_bytes = (K.pair_bytes(st), K.table_bytes(st))  # by the structure
-    source = decode_bytes(image)
     passes, per_slab, slabs, split, readers, inline, room = on_fewest_threads(
         settings, lambda threads: _slabs(image, item, settings, out_dtype, target, threads,
-                                         shape_bytes, source))
+                                         shape_bytes))
     # pass 1 keeps, on local disk, what pass 2 needs, so the input is read once (inline
     # reads): its local labels where the page cache holds them (pass 2 only maps them),
     # else its masks (one bit per voxel; labelled again) where a quarter of the disk does
@@ -143,22 +142,21 @@ def _with_room(e: BudgetError, room: int) -> BudgetError:
         stage=e.stage, projected=e.projected, budget=e.budget)
 
 
-def _slabs(image, item, settings, out_dtype, target, local_threads, by_structure, source):
+def _slabs(image, item, settings, out_dtype, target, local_threads, by_structure):
     """Slabs and footprints with pass 1 on ``local_threads``: whole chunk rows, else (rows
     too thick for a slab, inline reads) slabs within the rows; room for a sweep consuming
     the labels where that does not cost whole rows.  Returns ``(passes, per_slab, slabs,
     split, readers, inline, room)``, ``room`` the smallest budget that would leave a
     consumer room where this one does not (else 0).  ``by_structure``: the face step's
-    bytes per voxel of a face and the local labeller's tables per voxel of a slab;
-    ``source``: bytes per voxel a block's source holds while it is read (its decode)."""
+    bytes per voxel of a face and the local labeller's tables per voxel of a slab."""
     plane = int(np.prod(image.shape[1:], dtype=np.int64))
     pairs, tables = by_structure
-    # A slab's read holds its blocks and their join (2 x item per voxel, the mask next to
-    # them) and, one block at a time, the block's source read and decoded.  Beside the
-    # labelling's phase (which holds more per voxel), that is at most the excess of one
-    # block's read over it: counted as fixed bytes per thread.
-    block = int(np.prod([max(c) for c in image.chunks], dtype=np.int64))
-    read_fixed = int(block * max(0.0, 2 * item + 1.125 + source - (5 + tables)))
+    # A slab's read holds its blocks and their join (2 x item per voxel and the mask,
+    # 1.125) and one block's source decoded; the labelling's phase holds 5 + tables per
+    # voxel: one block's read beyond that margin, as fixed bytes per thread.
+    # (the split plan's rows are read block by block: it counts a block's read itself)
+    decode = decode_bytes(image)
+    (read_fixed,) = decode_excess(image, 5 + tables - (2 * item + 1.125), decode=decode)
     split = None
     room = 0
     for guess in (True, False):
@@ -194,7 +192,7 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, by_structure
             try:
                 passes, per_slab, slabs, split = label_split(
                     _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
-                    local_threads=local_threads, pair_bytes=pairs, decode=source,
+                    local_threads=local_threads, pair_bytes=pairs, decode=decode,
                     table_bytes=tables,
                 )
             except BudgetError as e:  # no room for a consumer: the labels alone
@@ -203,7 +201,7 @@ def _slabs(image, item, settings, out_dtype, target, local_threads, by_structure
                     passes, per_slab, slabs, split = label_split(
                         _FUNC, image.shape, image.chunks, item, settings, out_dtype, target,
                         consumer=False, local_threads=local_threads, pair_bytes=pairs,
-                        decode=source, table_bytes=tables,
+                        decode=decode, table_bytes=tables,
                     )
                 except BudgetError as alone:
                     raise _with_room(alone, room) from None

@@ -483,21 +483,16 @@ def row_slabs(func, chunks0, plane, passes, budget, target, per_slab):
 
 def edt_footprints(
     shape: tuple[int, ...], item: int, settings: SweepSettings,
-    decode: tuple[int, float] = (0, 0.0),
+    read_excess: tuple[int, int] = (0, 0),
 ) -> tuple[Footprint, Footprint]:
     """The drop-in's two passes (a forward chain, then a distance step per slab).
 
-    ``decode``: the input's largest block (voxels) and the bytes per voxel its source
-    holds while it is read (:func:`~dask_sweep.patterns.readers.decode_bytes`): one
-    block at a time beside the slab's blocks, counted where it holds more than a pass
-    counts per voxel of it.
+    ``read_excess``: per pass, the bytes one block's read holds beyond what the pass
+    counts per voxel of its slab (its source decoded beside the slab's blocks:
+    :func:`~dask_sweep.patterns.readers.decode_excess`), added to its fixed bytes.
     """
     plane = int(np.prod(shape[1:], dtype=np.int64))
     longest = max(shape[1:], default=1)
-    block, per_voxel = decode
-
-    def excess(counted: float) -> int:
-        return int(block * max(0.0, per_voxel - counted))
 
     # Reading a slab of several blocks holds the blocks and their concatenation (2 x).
     # fixed parts include the runtime overhead (sweep.runtime-overhead): resident
@@ -507,7 +502,7 @@ def edt_footprints(
         2 * item + 1 + 0.125,  # + the packed mask of an input dask computes
         1,
         # the carry read, F, the down edge D, a plane of INF, a spilled plane's narrowing
-        5 * 4 * plane + settings.runtime_overhead + excess(1 + 0.125),
+        5 * 4 * plane + settings.runtime_overhead + read_excess[0],
         "read, foreground mask, up-distance chained into F, the slab's own down edge D",
     )
     # + squared distances = the output block (8) and the block before it still
@@ -518,7 +513,7 @@ def edt_footprints(
         2 * item + 1 + 16,
         1,
         3 * 4 * plane + settings.threads * 32 * longest + settings.runtime_overhead
-        + excess(1 + 16),
+        + read_excess[1],
         "read again, up/down distances from F and B, in-plane envelopes, sqrt (any order)",
     )
     return fwd, bwd

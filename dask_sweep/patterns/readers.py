@@ -29,7 +29,7 @@ from dask_sweep.io.zarr_io import read_region
 __all__ = [
     "ConstantReader", "ExternalReader", "InlineReader", "PlaneReader", "SlabReader",
     "SubgraphReader", "ZarrRowsReader", "constant_reader", "make_reader", "make_readers",
-    "decode_bytes", "source_itemsize",
+    "decode_bytes", "decode_excess", "source_itemsize",
 ]
 
 
@@ -759,6 +759,19 @@ def decode_bytes(image) -> float:
         if hasattr(src, "decode_copies") and hasattr(src, "dtype"):
             copies.append(float(src.decode_copies))
     return (max(copies) if copies else 2.0) * source_itemsize(image)
+
+
+def decode_excess(image, *counted: float, decode: float | None = None) -> tuple[int, ...]:
+    """For each of ``counted`` (bytes per voxel a pass counts for the slab it reads),
+    the bytes one block's read holds beyond that: the largest block of ``image`` times
+    what :func:`decode_bytes` exceeds it by (0 where it does not).  A slab's read holds
+    its blocks and, one at a time, a block's source read and decoded; beside a phase
+    counted at ``c`` per voxel of a slab at least a block thick, that is at most
+    ``block x (decode - c)`` more.  ``decode``: :func:`decode_bytes` of ``image``,
+    when the caller has it."""
+    block = int(np.prod([max(c) for c in image.chunks], dtype=np.int64))
+    decode = decode_bytes(image) if decode is None else decode
+    return tuple(int(block * max(0.0, decode - c)) for c in counted)
 
 
 def _elements(shape) -> float:

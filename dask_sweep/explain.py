@@ -22,7 +22,7 @@ from typing import Any
 import dask
 
 from dask_sweep.config import SweepSettings
-from dask_sweep.passes.slabs import describe_peak, floor
+from dask_sweep.passes.slabs import describe_peak, floor, thinnest
 from dask_sweep.plan import printer
 from dask_sweep.plan.ir import DROPIN_PLAN, EXPR_ANNOTATIONS, Source
 from dask_sweep.utils import format_bytes
@@ -49,7 +49,7 @@ class Explanation(printer.Printout):
 
     def _floor(self, n: int):
         if n not in self._floors:
-            self._floors[n] = floor(self.result.plans[n][0])[1]
+            self._floors[n] = floor(self.result.plans[n][0])
         return self._floors[n]
 
     @staticmethod
@@ -76,7 +76,8 @@ class Explanation(printer.Printout):
         ]
 
     def floors(self) -> list[int]:
-        """Per sweep, its floor: the smallest budget it accepts (one plane per step).
+        """Per sweep, its floor: the smallest budget it accepts (one plane, or one row of
+        uneven rows, per step).
 
         A tiled sweep's floor is that of its largest tile at its tiling.
         """
@@ -84,7 +85,7 @@ class Explanation(printer.Printout):
         for n, (plan, _) in enumerate(self.result.plans):
             tiles = plan.info.get("tile_plans")
             out.append(max(floor(p)[1].peak for p, _ in tiles) if tiles
-                       else self._floor(n).peak)
+                       else self._floor(n)[1].peak)
         return out
 
     def lines(self) -> list[str]:
@@ -137,8 +138,8 @@ class Explanation(printer.Printout):
                     f"mean {tiling['reads_mean']:.2f}; bytes read / input bytes = "
                     f"{tiling['bytes_read'] / tiling['input_bytes']:.3f}")
             if self.with_floor and "tiling" not in plan.info:
-                ft = self._floor(n)
-                out.append(f"  floor (smallest budget, one plane per step): "
+                fp, ft = self._floor(n)
+                out.append(f"  floor (smallest budget, {thinnest(fp)}): "
                            f"{format_bytes(ft.peak)}; set by {describe_peak(ft)}")
             for note in plan.notes:
                 out.append(f"  note: {note}")
@@ -163,7 +164,7 @@ class Explanation(printer.Printout):
 
         parts = []
         for n, (plan, trace) in enumerate(self.result.plans):
-            floor_bytes = None if "tiling" in plan.info else self._floor(n).peak
+            floor_bytes = None if "tiling" in plan.info else self._floor(n)[1].peak
             parts.append(printer.sweep_html(
                 f"sweep {n}: axis {plan.axis}, {plan.extent} planes, {len(plan.steps)} steps",
                 plan, trace, _output, floor_bytes))

@@ -2,6 +2,7 @@
 
 import os
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -270,3 +271,29 @@ def test_a_reused_analysis_serves_only_its_own_graph(volume, monkeypatch):
         assert there.plans[0][0] is not mine.plans[0][0]
     assert optimize.analyse(y.__dask_graph__(), y.__dask_keys__(),
                             settings).plans[0][0] is not mine.plans[0][0]
+
+
+@pytest.mark.parametrize("budget", ["5MiB", "6MiB"])
+def test_labels_written_with_to_zarr_are_swept_a_slab_per_step(tmp_path, budget):
+    """``label`` cuts its chunk rows into uneven slabs (2-3 or 4-5 planes here): the sweep
+    writing them steps by whole slabs, not one plane at a time (a step's task and a
+    write per plane: on 256^3 in 64^3 chunks at 16 MiB, 256 steps against 52 slabs took
+    0.18 s against 0.10)."""
+    from dask_sweep.ndimage import label
+
+    rng = np.random.default_rng(3)
+    vol = (ndi.gaussian_filter(rng.random((64, 128, 128)), 2) > 0.5).astype("u1")
+    src = zarr.create_array(tmp_path / "in.zarr", shape=vol.shape, chunks=(32, 32, 32),
+                            dtype="u1", compressors=None)
+    src[:] = vol
+    with dask_sweep.enable(memory_limit=budget, fallback="raise"):
+        y = label(da.from_zarr(src) > 0)[0]
+        assert len(set(y.chunks[0])) > 1  # uneven slabs
+        out = zarr.create_array(tmp_path / "out.zarr", shape=y.shape, chunks=(32, 32, 32),
+                                dtype=y.dtype, compressors=None)
+        store = y.to_zarr(out, compute=False)
+        ((plan, trace),) = dask_sweep.explain(store).result.plans
+        assert plan.steps == tuple(np.cumsum(y.chunks[0]).tolist()), plan.steps
+        assert trace.peak <= plan.budget
+        dask.compute(store)
+    np.testing.assert_array_equal(out[:], ndi.label(vol)[0])

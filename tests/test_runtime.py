@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dask_sweep.errors import BudgetError
 from dask_sweep.plan.ir import Kernel, Output, Plan, Pointwise, Source
 from dask_sweep.runtime.executor import Trace, dry_run, run_step
 from dask_sweep.runtime.ring import Ring, Shape
@@ -128,6 +129,70 @@ def test_executor_equals_one_call_and_reads_as_projected(steps):
     dry = dry_run(sized)
     assert trace.bytes_read == dry.bytes_read == 20 * 96  # every row read once
     assert trace.peak <= dry.peak + 1  # the real run within the projection
+
+
+class _Bounds:
+    """A source of planes ``value = plane index`` read by rows with the given bounds."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+
+    def read_row(self, r, externals):
+        a, b = self.bounds[r], self.bounds[r + 1]
+        return np.arange(a, b, dtype="f8")[:, None, None] * np.ones((1, 64, 64))
+
+
+@pytest.mark.parametrize("widths", [(5, 5, 4, 5, 5, 4, 5, 5, 4, 5), (3, 2, 1, 3, 3, 2)])
+@pytest.mark.parametrize("direct", [True, False])
+def test_uneven_rows_are_swept_a_row_per_step(widths, direct):
+    """A drop-in's output read as a source has uneven rows (label's slabs of 4 and 5
+    planes): uniform steps of two planes or more straddle two rows and one plane per
+    step costs a task and a write per plane, so where a row per step fits, steps follow
+    the rows, whole; the floor is the lower of one plane and one row per step."""
+    from dask_sweep.passes.slabs import (
+        choose_steps,
+        floor,
+        row_steps,
+        thinnest,
+        uniform_steps,
+    )
+
+    bounds = tuple(np.cumsum((0, *widths)).tolist())
+    n, plane = bounds[-1], 64 * 64 * 8
+    src = Source("src", (n, 64, 64), np.dtype("f8"), row_bounds=bounds,
+                 reader=_Bounds(bounds), bytes_per_row=tuple(np.diff(bounds) * plane))
+    twice = Pointwise("twice", (n, 64, 64), np.dtype("f8"), inputs=(0,), fn=lambda a: 2 * a)
+    stages = (src,) if direct else (src, twice)
+    out = Output(len(stages) - 1, "out", (tuple(widths), (64,), (64,)))
+    base = Plan(stages, (out,), 0)
+    by_plane, _ = size_rings_of(base, uniform_steps(n, 1))
+    by_row, _ = size_rings_of(base, row_steps(bounds[1:], 1))
+    fp, ft = floor(base)
+    assert ft.peak == min(by_plane.peak, by_row.peak)
+    assert thinnest(fp) == ("one row per step" if by_row.peak < by_plane.peak
+                            else "one plane per step")
+    # a budget a row per step fits, and no uniform step of two planes
+    budget = by_row.peak
+    assert size_rings_of(base, uniform_steps(n, 2))[0].peak > budget
+    plan, trace = choose_steps(Plan(stages, (out,), 0, budget=budget), 64 * plane)
+    # a row per step, or fewer uniform steps where those fit too (3, 6, ... over 3, 2, 1)
+    assert plan.steps in (bounds[1:], uniform_steps(n, max(widths)))
+    assert len(plan.steps) <= len(widths) and trace.peak <= budget
+    got, run, _ = _run(plan)
+    np.testing.assert_array_equal(got[:, 0, 0], (1 if direct else 2) * np.arange(n))
+    assert run.bytes_read == n * plane and run.peak <= trace.peak + 1
+    # and refused below both, quoting the lower
+    with pytest.raises(BudgetError, match=thinnest(fp)):
+        choose_steps(Plan(stages, (out,), 0, budget=ft.peak - 1), 64 * plane)
+
+
+def size_rings_of(plan, steps):
+    from dataclasses import replace
+
+    from dask_sweep.passes.slabs import size_rings
+
+    sized, trace = size_rings(replace(plan, steps=steps))
+    return trace, sized
 
 
 @pytest.mark.parametrize("segments", [(), (9,)])

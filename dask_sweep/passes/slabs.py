@@ -169,9 +169,62 @@ def describe_peak(trace: Trace, top: int = 4) -> str:
     return ", ".join(shown)
 
 
+def uneven_rows(plan: Plan) -> tuple[int, ...] | None:
+    """The row bounds (without 0) the plan's sources share, when those rows are uneven.
+
+    A drop-in's output read as a source (label's slabs of 4 and 5 planes) has rows
+    that no uniform step follows: steps of two planes or more straddle two rows,
+    and one plane per step costs a task and a write per plane.  Steps of whole rows
+    (:func:`row_steps`) follow them.  None when the sources have no rows, several
+    grids, or rows of one width (whole multiples of it are uniform steps already).
+
+    >>> import numpy as np
+    >>> from dask_sweep.plan.ir import Output, Plan, Source
+    >>> src = Source("s", (9, 2), np.dtype("u1"), row_bounds=(0, 5, 9))
+    >>> uneven_rows(Plan((src,), (Output(0, "o", ((5, 4), (2,))),), 0))
+    (5, 9)
+    """
+    grids = {st.row_bounds for st in plan.stages if isinstance(st, Source) and st.row_bounds}
+    if len(grids) != 1:
+        return None
+    (g,) = grids
+    rows = tuple(b for b in g if b > 0)
+    if not rows or g[0] != 0 or rows[-1] != plan.extent:
+        return None
+    widths = {b - a for a, b in zip((0, *rows), rows)}
+    return rows if len(widths) > 1 else None
+
+
+def row_steps(rows: tuple[int, ...], k: int) -> tuple[int, ...]:
+    """Step bounds of ``k`` whole rows each (the last step takes what is left).
+
+    >>> row_steps((4, 9, 13, 18, 22), 2)
+    (9, 18, 22)
+    """
+    k = max(1, k)
+    out = rows[k - 1 :: k]
+    return out if out and out[-1] == rows[-1] else (*out, rows[-1])
+
+
 def floor(plan: Plan) -> tuple[Plan, Trace]:
-    """The plan at its thinnest steps (one plane each) and its trace: the smallest budget."""
-    return size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
+    """The plan at its thinnest steps and its trace: the smallest budget (``thinnest``
+    of the returned plan says which).
+
+    One plane per step, or one row per step where the sources' rows are uneven and
+    that holds less (a step within a row holds the whole row beside its planes).
+    """
+    best = size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
+    rows = uneven_rows(plan)
+    if rows is not None:
+        by_row = size_rings(replace(plan, steps=row_steps(rows, 1)))
+        if by_row[1].peak < best[1].peak:
+            best = by_row
+    return best
+
+
+def thinnest(plan: Plan) -> str:
+    """The steps of a :func:`floor` plan, in words."""
+    return "one plane per step" if len(plan.steps) >= plan.extent else "one row per step"
 
 
 def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
@@ -205,15 +258,29 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
     def fits(c: tuple[Plan, Trace]) -> bool:
         return c[1].peak <= plan.budget
 
+    # uneven rows (a drop-in's slabs): steps of whole rows are tried too, where a row
+    # is within the target (a step per plane would cost a task and a write per plane)
+    rows = uneven_rows(plan)
+    if rows is not None and max(b - a for a, b in zip((0, *rows), rows)) > hi:
+        rows = None
+
+    def by_rows(k: int, limit: int | None = plan.budget) -> tuple[Plan, Trace]:
+        return size_rings(cut(replace(plan, steps=row_steps(rows, k)), segments), limit)
+
     def refuse() -> NoReturn:  # quoting the whole floor unless told a lower bound will do
         cut_short = lowest is None or (lowest[1].cut and exact)
-        _refuse(plan, attempt(1, None)[1] if cut_short else lowest[1])
+        if not cut_short:
+            _refuse(plan, lowest[1])
+        at = [(attempt(1, None)[1], "one plane per step")]
+        if rows is not None:
+            at.append((by_rows(1, None)[1], "one row per step"))
+        _refuse(plan, *min(at, key=lambda c: c[0].peak))
 
     lowest = None
     if floor_first and hi > 1:
         # one row per step, and one plane: a step within a row can need more than a
         # whole row (a row held for its planes beside a partial output row), or less
-        rowwise = attempt(g) if 1 < g <= hi else None
+        rowwise = attempt(g) if 1 < g <= hi else by_rows(1) if rows is not None else None
         if rowwise is None or not fits(rowwise):
             lowest = attempt(1)
             if not fits(lowest):
@@ -224,16 +291,22 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
             return best
         hi = g - 1
     _, lowest = thickest(attempt, fits, hi)
+    if rows is not None:
+        widest = max(b - a for a, b in zip((0, *rows), rows))
+        _, aligned = thickest(by_rows, fits, max(1, hi // widest))
+        # the fewer steps of the two that fit (each costs a task, a write per output)
+        if fits(aligned) and (not fits(lowest) or len(aligned[0].steps) <= len(lowest[0].steps)):
+            return aligned
     if fits(lowest):
         return lowest
     refuse()
 
 
-def _refuse(plan: Plan, trace: Trace) -> NoReturn:
-    """Raise the error of a plan whose floor (``trace``: one plane per step) does not fit."""
+def _refuse(plan: Plan, trace: Trace, thinnest: str = "one plane per step") -> NoReturn:
+    """Raise the error of a plan whose floor (``trace``, at ``thinnest``) does not fit."""
     raise BudgetError(
-        f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (its floor, one "
-        f"plane per step), more than the memory budget of {format_bytes(plan.budget)}. "
+        f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (its floor, "
+        f"{thinnest}), more than the memory budget of {format_bytes(plan.budget)}. "
         f"At the peak, while {_while(trace)}: {describe_peak(trace)}. Raise "
         f"sweep.memory-limit to at least {format_bytes(trace.peak)} "
         "(dask_sweep.enable(memory_limit=...)), or use thinner chunks along the sweep axis.",

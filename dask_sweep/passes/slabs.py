@@ -269,11 +269,9 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
 
     def refuse() -> NoReturn:  # quoting the whole floor unless told a lower bound will do
         cut_short = lowest is None or (lowest[1].cut and exact)
-        if not cut_short:
-            _refuse(plan, lowest[1])
-        at = [(attempt(1, None)[1], "one plane per step")]
+        at = [(attempt(1, None)[1] if cut_short else lowest[1], "one plane per step")]
         if rows is not None:
-            at.append((by_rows(1, None)[1], "one row per step"))
+            at.append((by_rows(1, None if exact else plan.budget)[1], "one row per step"))
         _refuse(plan, *min(at, key=lambda c: c[0].peak))
 
     lowest = None

@@ -300,11 +300,11 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
     refuse()
 
 
-def _refuse(plan: Plan, trace: Trace, thinnest: str = "one plane per step") -> NoReturn:
-    """Raise the error of a plan whose floor (``trace``, at ``thinnest``) does not fit."""
+def _refuse(plan: Plan, trace: Trace, steps: str = "one plane per step") -> NoReturn:
+    """Raise the error of a plan whose floor (``trace``, at ``steps``) does not fit."""
     raise BudgetError(
         f"dask_sweep: the sweep needs at least {format_bytes(trace.peak)} (its floor, "
-        f"{thinnest}), more than the memory budget of {format_bytes(plan.budget)}. "
+        f"{steps}), more than the memory budget of {format_bytes(plan.budget)}. "
         f"At the peak, while {_while(trace)}: {describe_peak(trace)}. Raise "
         f"sweep.memory-limit to at least {format_bytes(trace.peak)} "
         "(dask_sweep.enable(memory_limit=...)), or use thinner chunks along the sweep axis.",

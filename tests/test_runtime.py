@@ -186,6 +186,35 @@ def test_uneven_rows_are_swept_a_row_per_step(widths, direct):
         choose_steps(Plan(stages, (out,), 0, budget=ft.peak - 1), 64 * plane)
 
 
+def test_a_long_sweeps_floor_is_its_smallest_budget_not_one_plane_per_step():
+    """Where the scheduler's bookkeeping of a step per plane outweighs a thicker step (4000
+    planes: 4000 steps), the floor quoted and printed is the lowest over thin steps (a
+    few planes per step), and a budget of that floor plans (the search for the thickest
+    steps that fit may pass over them: the floor's own steps are tried last)."""
+    import dask.array as da
+    import scipy.ndimage as ndi
+
+    from dask_sweep.config import SweepSettings
+    from dask_sweep.integration.optimize import analyse
+    from dask_sweep.passes.slabs import uniform_steps
+
+    x = da.zeros((4000, 32, 32), dtype="f4", chunks=(1, 32, 32))
+    y = x.map_overlap(ndi.uniform_filter, depth=1, size=3, boundary="reflect")
+    graph, keys = y.__dask_graph__(), y.__dask_keys__()
+
+    def at(budget, fallback="raise"):
+        return analyse(graph, keys, SweepSettings.resolve(
+            memory_limit=budget, runtime_overhead=0, fallback=fallback))
+
+    with pytest.raises(BudgetError, match=r"its floor, \d+ planes per step") as e:
+        at("8MiB")
+    floor = e.value.projected
+    (plan, trace), = at(floor).plans
+    assert trace.peak <= floor
+    one_plane, _ = size_rings_of(plan, uniform_steps(plan.extent, 1))
+    assert floor < one_plane.peak  # one plane per step: 4000 steps' bookkeeping
+
+
 def size_rings_of(plan, steps):
     from dataclasses import replace
 

@@ -207,24 +207,46 @@ def row_steps(rows: tuple[int, ...], k: int) -> tuple[int, ...]:
 
 
 def floor(plan: Plan) -> tuple[Plan, Trace]:
-    """The plan at its thinnest steps and its trace: the smallest budget (``thinnest``
-    of the returned plan says which).
+    """The plan at its thinnest steps and its trace: the smallest budget
+    (:func:`thinnest` of the returned plan says which steps).
 
-    One plane per step, or one row per step where the sources' rows are uneven and
-    that holds less (a step within a row holds the whole row beside its planes).
+    One plane per step; one row per step where the sources' rows are uneven and that
+    holds less (a step within a row holds the whole row beside its planes); or a few
+    planes per step where one plane a step costs more than it saves (a long sweep's
+    bookkeeping: the scheduler keeps each step's task).
     """
-    best = size_rings(replace(plan, steps=uniform_steps(plan.extent, 1)))
-    rows = uneven_rows(plan)
+    return lowest_peak(lambda steps: size_rings(replace(plan, steps=steps)), plan.extent,
+                       uneven_rows(plan))
+
+
+def lowest_peak(run: Callable[[tuple[int, ...]], tuple[Plan, Trace]], n: int,
+                rows: tuple[int, ...] | None) -> tuple[Plan, Trace]:
+    """The attempt ``run(steps)`` of the lowest peak among thin steps over ``n`` planes:
+    one plane per step, then twice as many planes while the peak falls, and one row
+    per step of ``rows`` (uneven rows) if given."""
+    best = prev = run(uniform_steps(n, 1))
+    k = 1
+    while 2 * k <= n:
+        k *= 2
+        cand = run(uniform_steps(n, k))
+        if cand[1].peak < best[1].peak:
+            best = cand
+        if cand[1].peak >= prev[1].peak:
+            break
+        prev = cand
     if rows is not None:
-        by_row = size_rings(replace(plan, steps=row_steps(rows, 1)))
-        if by_row[1].peak < best[1].peak:
-            best = by_row
+        cand = run(row_steps(rows, 1))
+        if cand[1].peak < best[1].peak:
+            best = cand
     return best
 
 
 def thinnest(plan: Plan) -> str:
     """The steps of a :func:`floor` plan, in words."""
-    return "one plane per step" if len(plan.steps) >= plan.extent else "one row per step"
+    widths = [b - a for a, b in zip((0, *plan.steps), plan.steps)]
+    if len(set(widths[:-1] or widths)) > 1:
+        return "one row per step"
+    return "one plane per step" if widths[0] == 1 else f"{widths[0]} planes per step"
 
 
 def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
@@ -267,12 +289,18 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
     def by_rows(k: int, limit: int | None = plan.budget) -> tuple[Plan, Trace]:
         return size_rings(cut(replace(plan, steps=row_steps(rows, k)), segments), limit)
 
-    def refuse() -> NoReturn:  # quoting the whole floor unless told a lower bound will do
-        cut_short = lowest is None or (lowest[1].cut and exact)
-        at = [(attempt(1, None)[1] if cut_short else lowest[1], "one plane per step")]
-        if rows is not None:
-            at.append((by_rows(1, None if exact else plan.budget)[1], "one row per step"))
-        _refuse(plan, *min(at, key=lambda c: c[0].peak))
+    def refuse() -> tuple[Plan, Trace]:
+        # quoting the whole floor unless told a lower bound will do; the floor's steps
+        # are returned where they fit (a long sweep's bookkeeping: a few planes per step
+        # can fit where one plane and the thicker steps searched do not), so that a
+        # budget of the floor quoted always plans
+        if lowest is not None and not (lowest[1].cut and exact):
+            _refuse(plan, lowest[1], thinnest(lowest[0]))
+        at = lowest_peak(lambda steps: size_rings(cut(replace(plan, steps=steps), segments)),
+                         n, rows)
+        if fits(at):
+            return at
+        _refuse(plan, at[1], thinnest(at[0]))
 
     lowest = None
     if floor_first and hi > 1:
@@ -282,7 +310,7 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
         if rowwise is None or not fits(rowwise):
             lowest = attempt(1)
             if not fits(lowest):
-                refuse()
+                return refuse()
     if 1 < g <= hi:
         _, best = thickest(lambda u: attempt(u * g), fits, hi // g)
         if fits(best):
@@ -297,7 +325,7 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
             return aligned
     if fits(lowest):
         return lowest
-    refuse()
+    return refuse()
 
 
 def _refuse(plan: Plan, trace: Trace, steps: str = "one plane per step") -> NoReturn:

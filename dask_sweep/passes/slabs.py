@@ -263,8 +263,8 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
     Raises
     ------
     BudgetError
-        When even one plane per step exceeds ``plan.budget`` (the message quotes
-        the floor and what sets it).
+        When not even the floor's steps (:func:`floor`) fit ``plan.budget`` (the
+        message quotes the floor, its steps and what sets it).
     """
     from dask_sweep.passes.segments import cut
 

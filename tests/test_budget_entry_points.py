@@ -282,11 +282,15 @@ def label_to_zarr(budget: str, src: str, out: str, codec: str = "raw"):
     kw = {"compressors": None, "config": {"write_empty_chunks": True}} if codec == "raw" else {}
     z = zarr.create_array(out, shape=lab.shape, chunks=(64, 64, 64), dtype=lab.dtype, **kw)
     store = lab.to_zarr(z, compute=False)
-    staged = "staged raw on local disk" in str(dask_sweep.explain(store))
+    said = dask_sweep.explain(store)
+    staged = "staged raw on local disk" in str(said)
+    # the write's steps against the labels' slabs (uneven: it steps by whole slabs)
+    steps = [len(plan.steps) for plan, _ in said.result.plans]
 
     def run():
         store.compute()
-        return {"staged": staged}
+        return {"staged": staged, "steps": steps, "slabs": len(lab.chunks[0]),
+                "uneven": len(set(lab.chunks[0])) > 1}
 
     return run
 
@@ -1179,7 +1183,8 @@ def test_label_of_noise_in_zstd_blocks_keeps_the_floor_it_quotes(tmp_path, dtype
 
 def test_labels_written_with_to_zarr_keep_the_budget(tmp_path):
     """``label`` under ``enable`` written with ``to_zarr`` into 64³ chunks, as users write
-    it: the write is swept beside the drop-in's second pass, on one budget.  Regressions:
+    it: the write is swept beside the drop-in's second pass, on one budget, a step per
+    slab of the labels (uneven: whole slabs, not a plane per step).  Regressions:
     each planned for the whole budget (1.9x); the sweep's reader carried the chained
     rows of pass 2 to the end; dask ran pass 2 ahead of a sweep that read it as dask
     tasks (62 MiB here)."""
@@ -1193,6 +1198,8 @@ def test_labels_written_with_to_zarr_keep_the_budget(tmp_path):
     out = str(tmp_path / "labels.zarr")
     rep = _measured("label_to_zarr", budget="32MiB", src=src, out=out)
     assert rep["growth"] <= 32 * MiB, rep
+    # the labels' slabs are uneven (2 and 3 planes): the write measured steps by them
+    assert rep["uneven"] and rep["steps"] == [rep["slabs"]], rep
     np.testing.assert_array_equal(_read(out), ndi.label(vol > 128)[0])
 
 

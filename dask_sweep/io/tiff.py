@@ -205,8 +205,9 @@ class TiffStackSource(Source):
         a compressed slice holds its bytes, their decode, tifffile's copies and zlib's
         buffers (traced on zlib noise, 256^2 slices: 4.5 copies of uint8, 5.9 of uint16,
         5.0 of float32; 3-3.7 and a few hundred KiB of buffers on 1024^2): 2 and 7."""
-        raw = self._raw if self._raw is not None else (self._raw0,)
-        return 2.0 if all(r is not None and r is not False for r in raw) else 7.0
+        # not validated: the first slice's layout stands for the stack's
+        raw = self._raw0 if self._raw is None else all(r is not None for r in self._raw)
+        return 2.0 if raw else 7.0
 
     def _token_parts(self) -> tuple:
         return (self.kind, self.files, self._mtime, self.shape, str(self.dtype))

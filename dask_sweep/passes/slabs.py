@@ -283,7 +283,8 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
     # uneven rows (a drop-in's slabs): steps of whole rows are tried too, where a row
     # is within the target (a step per plane would cost a task and a write per plane)
     rows = uneven_rows(plan)
-    if rows is not None and max(b - a for a, b in zip((0, *rows), rows)) > hi:
+    widest = 0 if rows is None else max(b - a for a, b in zip((0, *rows), rows))
+    if widest > hi:
         rows = None
 
     def by_rows(k: int, limit: int | None = plan.budget) -> tuple[Plan, Trace]:
@@ -318,7 +319,6 @@ def choose_steps(plan: Plan, target_slab_bytes: int, segments: int = 1,
         hi = g - 1
     _, lowest = thickest(attempt, fits, hi)
     if rows is not None:
-        widest = max(b - a for a, b in zip((0, *rows), rows))
         _, aligned = thickest(by_rows, fits, max(1, hi // widest))
         # the fewer steps of the two that fit (each costs a task, a write per output)
         if fits(aligned) and (not fits(lowest) or len(aligned[0].steps) <= len(lowest[0].steps)):
